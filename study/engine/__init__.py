@@ -1,0 +1,21 @@
+"""Trainers: take a population of trials, return one `Trace` per trial.
+
+Every engine has the same contract (`Engine`): same inputs, same outputs, results per trial
+that never depend on which other trials share the population. `reference` is the plain
+PyTorch loop (the oracle and the baseline).
+"""
+
+from study.engine.base import Engine, Trace, population_key
+from study.engine.reference import ReferenceEngine
+
+ENGINES: dict[str, type] = {"reference": ReferenceEngine}
+
+
+def make_engine(name: str) -> Engine:
+    """The engine registered under `name` (ValueError naming the options otherwise)."""
+    if name not in ENGINES:
+        raise ValueError(f"engine must be one of {sorted(ENGINES)}, got {name!r}")
+    return ENGINES[name]()
+
+
+__all__ = ["ENGINES", "Engine", "ReferenceEngine", "Trace", "make_engine", "population_key"]

@@ -1,0 +1,78 @@
+"""The engine contract: `Trace` (what a trial recorded) and `Engine` (who trains)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from study.trial import TrialSpec
+
+
+@dataclass(frozen=True)
+class Trace:
+    """Everything one trial recorded, float64 numpy arrays on the CPU.
+
+    Step k is the k-th update (0-based): `step_loss[k]` is the minibatch loss and
+    `grad_norm[k]` the global L2 norm of the gradient at the parameters after k updates,
+    before update k is applied. Evaluations of the full splits ran after `eval_step[i]`
+    updates (0 = the initialization). `train_acc` / `val_acc` are None for regression.
+
+    A trial stops at the first non-finite minibatch loss, gradient norm or eval loss:
+    `divergence_step` is that step (the non-finite value is the last entry recorded), and
+    None when the trial ran all `planned_steps`.
+    """
+
+    step_loss: np.ndarray
+    grad_norm: np.ndarray
+    eval_step: np.ndarray
+    train_loss: np.ndarray
+    val_loss: np.ndarray
+    train_acc: np.ndarray | None
+    val_acc: np.ndarray | None
+    divergence_step: int | None
+    planned_steps: int
+    irreducible_loss: float
+
+    def equal(self, other: Trace) -> bool:
+        """Bit-identical (NaN equal to NaN)."""
+        for f in fields(self):
+            a, b = getattr(self, f.name), getattr(other, f.name)
+            if isinstance(a, np.ndarray) or isinstance(b, np.ndarray):
+                if a is None or b is None or not np.array_equal(a, b, equal_nan=True):
+                    return False
+            elif a != b:
+                return False
+        return True
+
+
+class Engine(Protocol):
+    """Trains a population: `run(trials, device)` returns one Trace per trial, in order.
+
+    Contract: a trial's trace depends only on its own spec (never on the other trials in
+    `trials`), divergence is recorded and never raised, and trials may share nothing but
+    structure (see `population_key`).
+    """
+
+    name: str
+
+    def run(self, trials: Sequence[TrialSpec], device: torch.device) -> list[Trace]: ...
+
+
+def population_key(trial: TrialSpec) -> tuple:
+    """Trials with equal keys share structure and may train as one batched computation.
+
+    Structure = task (whole spec: same data shapes and loss), model shape and activation,
+    optimizer family, training schedule and dtype. Numbers that differ within a population:
+    learning rate and every other optimizer hyperparameter, init scheme scale, seeds.
+    """
+    model = trial.model
+    return (
+        trial.task,
+        (model.depth, model.width, model.activation),
+        trial.optimizer.family,
+        trial.train,
+    )

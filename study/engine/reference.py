@@ -1,0 +1,118 @@
+"""The reference engine: the plain loop a user would write, one trial at a time.
+
+nn.Sequential + torch.optim, shuffled minibatches from a seeded generator,
+zero_grad / backward / step. It is the oracle for the population engine and the baseline of
+the benchmark, so it stays deliberately plain: clarity over speed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from study.engine.base import Trace
+from study.models import build_module, init_parameters
+from study.seeds import seed_streams
+from study.tasks import Dataset
+from study.trial import TrialSpec
+
+
+def loss_fn(name: str):
+    """The task's training loss (mean over the batch)."""
+    return F.mse_loss if name == "mse" else F.cross_entropy
+
+
+class ReferenceEngine:
+    """Loops over trials; see the module docstring."""
+
+    name = "reference"
+
+    def run(self, trials: Sequence[TrialSpec], device: torch.device) -> list[Trace]:
+        return [train_trial(trial, torch.device(device)) for trial in trials]
+
+
+def train_trial(trial: TrialSpec, device: torch.device) -> Trace:
+    """Train one trial; see `Trace` for what is recorded and when it stops."""
+    seeds = seed_streams(trial.seed)
+    data = trial.task.generate(seeds.data)
+    dtype = trial.train.torch_dtype
+    x_train, y_train, x_val, y_val = _to_device(data, dtype, device)
+    params = init_parameters(trial.model, trial.task.input_dim, trial.task.output_dim,
+                             torch.Generator().manual_seed(seeds.init))
+    model = build_module(trial.model, params, dtype, device)
+    optimizer = trial.optimizer.build(model.parameters())
+    criterion = loss_fn(data.loss)
+
+    n = data.n_train
+    batch = trial.train.resolved_batch_size(n)
+    planned = trial.train.total_steps(n)
+    eval_at = set(trial.train.eval_steps(n))
+    order = torch.Generator().manual_seed(seeds.order)
+    classify = data.loss == "cross_entropy"
+
+    step_loss: list[float] = []
+    grad_norm: list[float] = []
+    evals: list[tuple[int, float, float, float, float]] = []
+    divergence_step = None
+
+    def evaluate(step: int) -> bool:
+        with torch.no_grad():
+            out_train, out_val = model(x_train), model(x_val)
+            row = (step, criterion(out_train, y_train).item(), criterion(out_val, y_val).item(),
+                   _accuracy(out_train, y_train) if classify else np.nan,
+                   _accuracy(out_val, y_val) if classify else np.nan)
+        evals.append(row)
+        return bool(np.isfinite(row[1]) and np.isfinite(row[2]))
+
+    step = 0
+    if not evaluate(0):
+        divergence_step = 0
+    while divergence_step is None and step < planned:
+        perm = torch.randperm(n, generator=order).to(device)
+        for start in range(0, n, batch):
+            idx = perm[start:start + batch]
+            optimizer.zero_grad()
+            loss = criterion(model(x_train[idx]), y_train[idx])
+            loss.backward()
+            norm = torch.linalg.vector_norm(
+                torch.stack([torch.linalg.vector_norm(p.grad) for p in model.parameters()])
+            )
+            step_loss.append(loss.item())
+            grad_norm.append(norm.item())
+            if not (np.isfinite(step_loss[-1]) and np.isfinite(grad_norm[-1])):
+                divergence_step = step
+                break
+            optimizer.step()
+            step += 1
+            if step in eval_at and not evaluate(step):
+                divergence_step = step
+                break
+
+    ev = np.array(evals, dtype=np.float64).reshape(-1, 5)
+    return Trace(
+        step_loss=np.asarray(step_loss, dtype=np.float64),
+        grad_norm=np.asarray(grad_norm, dtype=np.float64),
+        eval_step=ev[:, 0].astype(np.int64),
+        train_loss=ev[:, 1],
+        val_loss=ev[:, 2],
+        train_acc=ev[:, 3] if classify else None,
+        val_acc=ev[:, 4] if classify else None,
+        divergence_step=divergence_step,
+        planned_steps=planned,
+        irreducible_loss=data.irreducible_loss,
+    )
+
+
+def _accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    return (logits.argmax(dim=1) == labels).to(torch.float64).mean().item()
+
+
+def _to_device(data: Dataset, dtype: torch.dtype, device: torch.device):
+    def cast(y: torch.Tensor) -> torch.Tensor:
+        return y.to(device) if data.loss == "cross_entropy" else y.to(device=device, dtype=dtype)
+
+    return (data.x_train.to(device=device, dtype=dtype), cast(data.y_train),
+            data.x_val.to(device=device, dtype=dtype), cast(data.y_val))

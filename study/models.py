@@ -1,0 +1,127 @@
+"""Model specs and their deterministic initialization.
+
+`ModelSpec` is what conf/model/*.yaml instantiates. `init_parameters` draws a trial's
+initial weights from its init generator; both engines start from exactly these tensors (the
+reference engine copies them into `nn.Linear` layers, the population engine stacks them
+along a trial axis), so the engines differ only in how they train.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn.utils import skip_init
+
+ACTIVATIONS: dict[str, type[nn.Module]] = {
+    "relu": nn.ReLU,
+    "leaky_relu": nn.LeakyReLU,
+    "elu": nn.ELU,
+    "silu": nn.SiLU,
+    "gelu": nn.GELU,
+    "tanh": nn.Tanh,
+    "sigmoid": nn.Sigmoid,
+    "identity": nn.Identity,
+}
+
+INITS = ("default", "xavier", "he", "zero", "normal")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A fully connected network: `depth` hidden layers of `width` units, then a linear head.
+
+    `depth=0` is a linear model. `init` picks the weight scheme:
+
+    - `default`: torch's `nn.Linear` default (kaiming-uniform a=sqrt(5), uniform bias);
+    - `xavier`: Glorot normal, gain of `activation`, zero bias;
+    - `he`: Kaiming normal fan-in, gain of `activation` (relu gain for relu-like), zero bias;
+    - `zero`: every weight and bias 0 (a failure mode: symmetric units never separate);
+    - `normal`: N(0, init_scale^2) weights, zero bias.
+
+    For every scheme but `normal`, the drawn weights are multiplied by `init_scale`, so
+    `init_scale` sweeps "too small" and "too large" init around any scheme.
+    """
+
+    depth: int = 2
+    width: int = 64
+    activation: str = "relu"
+    init: str = "default"
+    init_scale: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.depth < 0:
+            raise ValueError(f"model.depth must be >= 0, got {self.depth}")
+        if self.depth > 0 and self.width < 1:
+            raise ValueError(f"model.width must be >= 1, got {self.width}")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(
+                f"model.activation must be one of {sorted(ACTIVATIONS)}, got {self.activation!r}"
+            )
+        if self.init not in INITS:
+            raise ValueError(f"model.init must be one of {list(INITS)}, got {self.init!r}")
+        if not self.init_scale >= 0:
+            raise ValueError(f"model.init_scale must be >= 0, got {self.init_scale}")
+
+    def layer_sizes(self, input_dim: int, output_dim: int) -> list[tuple[int, int]]:
+        """(fan_in, fan_out) of each linear layer, input to output."""
+        sizes = [input_dim] + [self.width] * self.depth + [output_dim]
+        return list(zip(sizes[:-1], sizes[1:], strict=True))
+
+
+def _gain(activation: str) -> float:
+    name = {"identity": "linear", "gelu": "relu", "silu": "relu", "elu": "relu"}.get(
+        activation, activation
+    )
+    return nn.init.calculate_gain(name)
+
+
+def init_parameters(
+    spec: ModelSpec, input_dim: int, output_dim: int, generator: torch.Generator
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Draw (weight [fan_out, fan_in], bias [fan_out]) per layer, float64 on the CPU.
+
+    Draws happen in layer order, weight before bias, from `generator` only (no global RNG),
+    so the same init seed gives bit-identical parameters on every device and dtype.
+    """
+    layers = []
+    for fan_in, fan_out in spec.layer_sizes(input_dim, output_dim):
+        w = torch.empty(fan_out, fan_in, dtype=torch.float64)
+        b = torch.zeros(fan_out, dtype=torch.float64)
+        if spec.init == "default":
+            nn.init.kaiming_uniform_(w, a=math.sqrt(5), generator=generator)
+            bound = 1 / math.sqrt(fan_in)
+            nn.init.uniform_(b, -bound, bound, generator=generator)
+        elif spec.init == "xavier":
+            nn.init.xavier_normal_(w, gain=_gain(spec.activation), generator=generator)
+        elif spec.init == "he":
+            std = _gain(spec.activation) / math.sqrt(fan_in)
+            nn.init.normal_(w, 0.0, std, generator=generator)
+        elif spec.init == "zero":
+            w.zero_()
+        else:  # normal
+            nn.init.normal_(w, 0.0, spec.init_scale, generator=generator)
+        if spec.init != "normal":
+            w.mul_(spec.init_scale)
+        layers.append((w, b))
+    return layers
+
+
+def build_module(
+    spec: ModelSpec, parameters: list[tuple[torch.Tensor, torch.Tensor]],
+    dtype: torch.dtype, device: torch.device | str,
+) -> nn.Sequential:
+    """The plain `nn.Sequential` a user would write, holding copies of `parameters`."""
+    modules: list[nn.Module] = []
+    for i, (w, b) in enumerate(parameters):
+        # skip_init: no draw from the global RNG; the weights come from `parameters`.
+        linear = skip_init(nn.Linear, w.shape[1], w.shape[0], dtype=dtype, device=device)
+        with torch.no_grad():
+            linear.weight.copy_(w)
+            linear.bias.copy_(b)
+        modules.append(linear)
+        if i < len(parameters) - 1:
+            modules.append(ACTIVATIONS[spec.activation]())
+    return nn.Sequential(*modules)

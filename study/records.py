@@ -1,0 +1,163 @@
+"""The only module that knows file formats: run-directory layout, Parquet, JSON, Optuna storage.
+
+`analysis` imports this module (and nothing else of `study`), so it must not import torch.
+
+Run directory (see docs/design.md):
+
+    .hydra/            composed config and overrides
+    study.journal      Optuna JournalStorage (source of truth for trials)
+    curves/*.parquet   per-step traces, long format: trial, step, split, metric, value
+    trials.parquet     one row per finished trial (derived from the storage)
+    env.json           command, versions, git commit, device
+    report.html        written by `analysis`
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+SCHEMA_VERSION = 1
+JOURNAL = "study.journal"
+CURVES_DIR = "curves"
+TRIALS = "trials.parquet"
+ENV = "env.json"
+REPORT = "report.html"
+
+# Long-format curves. split: "batch" (minibatch at each step), "train" / "val" (full-split
+# evaluations); metric: "loss", "grad_norm" (batch only), "accuracy" (classification only).
+CURVE_COLUMNS = ("trial", "step", "split", "metric", "value")
+_CURVE_SCHEMA = pa.schema([
+    ("trial", pa.int64()), ("step", pa.int64()), ("split", pa.string()),
+    ("metric", pa.string()), ("value", pa.float64()),
+])
+# trials.parquet: one row per COMPLETE trial. Fixed columns first, then the flat config
+# (`task`, `optimizer`, `task.dim`, `optimizer.lr`, `train.batch_size`, ..., `seed`), then every
+# summary metric (see study/metrics.py). Schema metadata key b"study" holds JSON with
+# "schema_version", "sweep" (name), "axes" ({axis: [values]}), "objective".
+TRIAL_COLUMNS = ("trial", "key", "status", "objective")
+
+
+class RecordError(RuntimeError):
+    """A run directory file is missing, corrupt or from an incompatible version."""
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write `data` to `path` so that readers see the old file or the new one, never half."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _atomic_parquet(table: pa.Table, path: Path) -> None:
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, compression="zstd")
+    atomic_write_bytes(path, sink.getvalue().to_pybytes())
+
+
+# ---------------------------------------------------------------------------------- curves
+def write_curves(run_dir: Path, name: str, frame: pd.DataFrame) -> Path:
+    """Write one curves file (`curves/<name>.parquet`, atomically) from a long-format frame."""
+    missing = set(CURVE_COLUMNS) - set(frame.columns)
+    if missing:
+        raise ValueError(f"curves frame lacks columns {sorted(missing)}")
+    table = pa.Table.from_pandas(frame[list(CURVE_COLUMNS)], schema=_CURVE_SCHEMA,
+                                 preserve_index=False)
+    path = Path(run_dir) / CURVES_DIR / f"{name}.parquet"
+    _atomic_parquet(table, path)
+    return path
+
+
+def read_curves(run_dir: Path, trials: Iterable[int] | None = None) -> pd.DataFrame:
+    """All curves of the run (optionally only `trials`), long format, sorted by trial/step.
+
+    Files may hold rows of trials that never finished (a worker died between writing the
+    curves and telling the storage); callers pass `trials` from trials.parquet to skip them.
+    """
+    files = sorted((Path(run_dir) / CURVES_DIR).glob("*.parquet"))
+    if not files:
+        return pd.DataFrame({c: pd.Series(dtype=t) for c, t in
+                             zip(CURVE_COLUMNS, ("int64", "int64", "str", "str", "float64"),
+                                 strict=True)})
+    filters = None if trials is None else [("trial", "in", sorted(set(int(t) for t in trials)))]
+    try:
+        frames = [pq.read_table(f, filters=filters).to_pandas() for f in files]
+    except (pa.ArrowInvalid, OSError) as err:
+        raise RecordError(f"cannot read curves under {run_dir}/{CURVES_DIR}: {err}") from err
+    frame = pd.concat(frames, ignore_index=True)
+    return frame.sort_values(["trial", "split", "metric", "step"], kind="stable",
+                             ignore_index=True)
+
+
+# ---------------------------------------------------------------------------------- trials
+def _column_to_arrow_safe(series: pd.Series) -> pd.Series:
+    """Mixed-type columns (e.g. batch sizes 8, 32, 'full') become strings."""
+    kinds = {type(v) for v in series.dropna()}
+    if len(kinds) > 1 and not kinds <= {int, float}:
+        return series.map(lambda v: v if v is None else str(v))
+    return series
+
+
+def write_trials(run_dir: Path, frame: pd.DataFrame, meta: Mapping[str, Any]) -> Path:
+    """Write trials.parquet atomically, with `meta` (JSON) in the schema metadata."""
+    frame = frame.apply(_column_to_arrow_safe)
+    table = pa.Table.from_pandas(frame, preserve_index=False)
+    payload = {"schema_version": SCHEMA_VERSION, **meta}
+    table = table.replace_schema_metadata(
+        {**(table.schema.metadata or {}), b"study": json.dumps(payload, default=str).encode()}
+    )
+    path = Path(run_dir) / TRIALS
+    _atomic_parquet(table, path)
+    return path
+
+
+def read_trials(run_dir: Path) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """trials.parquet as a frame plus its metadata (see TRIAL_COLUMNS)."""
+    path = Path(run_dir) / TRIALS
+    if not path.is_file():
+        raise RecordError(f"{path} not found: is {run_dir} a study run directory?")
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowInvalid, OSError) as err:
+        raise RecordError(f"{path} is not a readable Parquet file: {err}") from err
+    raw = (table.schema.metadata or {}).get(b"study")
+    meta = json.loads(raw) if raw else {}
+    version = meta.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise RecordError(
+            f"{path} has record schema version {version!r}; this study reads {SCHEMA_VERSION}"
+        )
+    return table.to_pandas(), meta
+
+
+# ------------------------------------------------------------------------------------- env
+def write_env(run_dir: Path, env: Mapping[str, Any]) -> Path:
+    path = Path(run_dir) / ENV
+    atomic_write_bytes(path, json.dumps(env, indent=2, default=str).encode())
+    return path
+
+
+def read_env(run_dir: Path) -> dict[str, Any]:
+    path = Path(run_dir) / ENV
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise RecordError(f"{path} is not valid JSON: {err}") from err

@@ -1,0 +1,67 @@
+"""What every task produces: a `Dataset`, and the `Task` protocol."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+import torch
+
+LossName = Literal["mse", "cross_entropy"]
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """Train and validation splits of one task draw, float64 on the CPU.
+
+    `y_*` is float64 `[N, out_dim]` for regression (loss `mse`) and int64 `[N]` class
+    indices for classification (loss `cross_entropy`). `irreducible_loss` is the loss of the
+    generating model on the validation split (the noise floor no model can beat, in the
+    task's loss units): the noise variance for regression, the Bayes posterior's
+    cross-entropy for classification.
+    """
+
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_val: torch.Tensor
+    y_val: torch.Tensor
+    loss: LossName
+    irreducible_loss: float
+
+    @property
+    def input_dim(self) -> int:
+        return int(self.x_train.shape[1])
+
+    @property
+    def n_train(self) -> int:
+        return int(self.x_train.shape[0])
+
+
+class Task(Protocol):
+    """A synthetic task: knows its loss and dimensions, draws data from a seed."""
+
+    loss: LossName
+
+    @property
+    def input_dim(self) -> int: ...
+
+    @property
+    def output_dim(self) -> int: ...
+
+    def generate(self, seed: int) -> Dataset:
+        """Draw a dataset; the same seed gives bit-identical tensors."""
+        ...
+
+
+def check_positive(owner: str, **values: float) -> None:
+    """Raise ValueError naming the first non-positive value (config validation)."""
+    for name, value in values.items():
+        if not value > 0:
+            raise ValueError(f"{owner}.{name} must be > 0, got {value}")
+
+
+def check_non_negative(owner: str, **values: float) -> None:
+    """Raise ValueError naming the first negative value (config validation)."""
+    for name, value in values.items():
+        if not value >= 0:
+            raise ValueError(f"{owner}.{name} must be >= 0, got {value}")

@@ -1,0 +1,130 @@
+"""Regression tasks with Gaussian label noise: the noise variance is the loss floor."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from study.tasks.base import Dataset, LossName, check_non_negative, check_positive
+
+
+def _feature_scales(feature_scale: float | Sequence[float], dim: int) -> torch.Tensor:
+    if isinstance(feature_scale, (int, float)):
+        scales = [float(feature_scale)] * dim
+    else:
+        scales = [float(s) for s in feature_scale]
+        if len(scales) != dim:
+            raise ValueError(f"feature_scale has {len(scales)} entries, expected dim={dim}")
+    if any(not s > 0 for s in scales):
+        raise ValueError(f"feature_scale entries must be > 0, got {scales}")
+    return torch.tensor(scales, dtype=torch.float64)
+
+
+@dataclass(frozen=True)
+class LinearRegression:
+    """y = x @ w* + noise * eps, with x_j ~ N(0, feature_scale_j^2) and w* ~ N(0, 1/dim).
+
+    `feature_scale` is one number for every feature or one per feature (unscaled inputs
+    are a failure mode: scales spanning orders of magnitude make the Hessian ill-conditioned).
+    The targets are computed from the standardized features, so the signal variance is 1
+    whatever the scales, and the loss floor is `noise**2`.
+    """
+
+    dim: int = 10
+    out_dim: int = 1
+    noise: float = 0.1
+    feature_scale: float | list[float] = 1.0
+    n_train: int = 256
+    n_val: int = 256
+    loss: LossName = field(default="mse", init=False)
+
+    def __post_init__(self) -> None:
+        check_positive("task", dim=self.dim, out_dim=self.out_dim, n_train=self.n_train,
+                       n_val=self.n_val)
+        check_non_negative("task", noise=self.noise)
+        _feature_scales(self.feature_scale, self.dim)
+
+    @property
+    def input_dim(self) -> int:
+        return self.dim
+
+    @property
+    def output_dim(self) -> int:
+        return self.out_dim
+
+    def generate(self, seed: int) -> Dataset:
+        g = torch.Generator().manual_seed(seed)
+        n = self.n_train + self.n_val
+        z = torch.randn(n, self.dim, generator=g, dtype=torch.float64)
+        w = torch.randn(self.dim, self.out_dim, generator=g, dtype=torch.float64)
+        y = z @ w / math.sqrt(self.dim) + self.noise * torch.randn(
+            n, self.out_dim, generator=g, dtype=torch.float64
+        )
+        x = z * _feature_scales(self.feature_scale, self.dim)
+        return _split(x, y, self.n_train, self.loss, self.noise**2)
+
+
+_TEACHER_ACTIVATIONS = {"tanh": torch.tanh, "relu": torch.relu, "sigmoid": torch.sigmoid}
+
+
+@dataclass(frozen=True)
+class TeacherMLP:
+    """y = teacher(x) + noise * eps for a random MLP teacher, x ~ N(0, I).
+
+    The teacher has `depth` hidden layers of `width` units with `activation`, weights
+    N(0, 1/fan_in) and zero biases (drawn from the data seed, so every trial seed has its
+    own teacher). Its outputs are rescaled to unit variance over the drawn inputs so that
+    learning rates mean the same thing across teacher shapes. The loss floor is `noise**2`.
+    """
+
+    dim: int = 10
+    out_dim: int = 1
+    width: int = 32
+    depth: int = 2
+    activation: str = "tanh"
+    noise: float = 0.1
+    n_train: int = 256
+    n_val: int = 256
+    loss: LossName = field(default="mse", init=False)
+
+    def __post_init__(self) -> None:
+        check_positive("task", dim=self.dim, out_dim=self.out_dim, width=self.width,
+                       depth=self.depth, n_train=self.n_train, n_val=self.n_val)
+        check_non_negative("task", noise=self.noise)
+        if self.activation not in _TEACHER_ACTIVATIONS:
+            raise ValueError(
+                f"task.activation must be one of {sorted(_TEACHER_ACTIVATIONS)}, "
+                f"got {self.activation!r}"
+            )
+
+    @property
+    def input_dim(self) -> int:
+        return self.dim
+
+    @property
+    def output_dim(self) -> int:
+        return self.out_dim
+
+    def generate(self, seed: int) -> Dataset:
+        g = torch.Generator().manual_seed(seed)
+        n = self.n_train + self.n_val
+        x = torch.randn(n, self.dim, generator=g, dtype=torch.float64)
+        act = _TEACHER_ACTIVATIONS[self.activation]
+        h = x
+        sizes = [self.dim] + [self.width] * self.depth
+        for fan_in, fan_out in zip(sizes[:-1], sizes[1:], strict=True):
+            w = torch.randn(fan_in, fan_out, generator=g, dtype=torch.float64) / math.sqrt(fan_in)
+            h = act(h @ w)
+        w_out = torch.randn(sizes[-1], self.out_dim, generator=g, dtype=torch.float64)
+        signal = h @ w_out
+        signal = (signal - signal.mean(0)) / signal.std(0).clamp_min(1e-12)
+        y = signal + self.noise * torch.randn(n, self.out_dim, generator=g, dtype=torch.float64)
+        return _split(x, y, self.n_train, self.loss, self.noise**2)
+
+
+def _split(x: torch.Tensor, y: torch.Tensor, n_train: int, loss: LossName,
+           floor: float) -> Dataset:
+    return Dataset(x[:n_train], y[:n_train], x[n_train:], y[n_train:], loss, float(floor))
