@@ -41,8 +41,15 @@ class TrainSpec:
                     f"train.batch_size must be a positive integer or 'full', "
                     f"got {self.batch_size!r}"
                 )
-        elif isinstance(self.batch_size, bool) or self.batch_size < 1:
+        elif isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int):
+            raise ValueError(f"train.batch_size must be an integer or 'full', "
+                             f"got {self.batch_size!r}")
+        elif self.batch_size < 1:
             raise ValueError(f"train.batch_size must be >= 1 or 'full', got {self.batch_size}")
+        for name in ("epochs", "eval_every"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+                raise ValueError(f"train.{name} must be an integer, got {value!r}")
         if self.epochs < 1:
             raise ValueError(f"train.epochs must be >= 1, got {self.epochs}")
         if self.eval_every is not None and self.eval_every < 1:

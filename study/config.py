@@ -1,0 +1,211 @@
+"""Config schemas, resolvers and validation: the Hydra edge of `study`.
+
+Only this module and the entry points see `DictConfig`. Composition catches wrong types and
+unknown options (Hydra itself, against the `StudyConfig` schema registered below);
+`validate` catches what Hydra lets through (keys appended with `+`, out-of-range values);
+`build_trial` turns a composed config into a frozen `TrialSpec`, instantiating the
+config-group options through their `_target_` after checking their keys.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from hydra.utils import get_class
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from study.trial import TrainSpec, TrialSpec
+
+GROUPS = ("task", "model", "optimizer")
+ENGINES = ("reference", "batched")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+class ConfigError(ValueError):
+    """A composed config is invalid; the message names the key and what is wrong."""
+
+
+# ------------------------------------------------------------------------------- schemas
+@dataclass
+class TrainConfig:
+    batch_size: Any = 32  # int or "full": checked by TrainSpec
+    epochs: int = 20
+    eval_every: int | None = None
+    dtype: str = "float32"
+
+
+@dataclass
+class ObjectiveConfig:
+    metric: str = "val_loss_final"
+    direction: str = "minimize"
+
+
+@dataclass
+class StorageConfig:
+    url: str | None = None  # None: JournalStorage file study.journal in the run directory
+    study_name: str | None = None  # None: the sweep's name ("single" without a sweep)
+
+
+@dataclass
+class SweepConfig:
+    name: str = "sweep"
+    seeds: list[int] = field(default_factory=lambda: [0])
+    axes: dict[str, Any] = field(default_factory=dict)
+    description: str = ""
+
+
+@dataclass
+class StudyConfig:
+    task: Any = None
+    model: Any = None
+    optimizer: Any = None
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    sweep: SweepConfig | None = None
+    seed: int = 0
+    engine: str = "reference"
+    device: str = "auto"
+    progress: bool = True
+    report: bool = True
+    resume: str | None = None
+
+
+def register() -> None:
+    """Register the schema (`study_schema`) and the resolvers; idempotent."""
+    ConfigStore.instance().store(name="study_schema", node=StudyConfig)
+    for name, fn in _RESOLVERS.items():
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, fn)
+
+
+# ----------------------------------------------------------------------------- resolvers
+def _round_sig(x: float, digits: int = 6) -> float:
+    """Round to `digits` significant digits (10**0.25 prints as 1.77828, not 1.7782794...)."""
+    return float(f"{x:.{digits}g}")
+
+
+def logspace(start: float, stop: float, num: int) -> list[float]:
+    """`num` values from `start` to `stop` (both included), evenly spaced in log10."""
+    if not (start > 0 and stop > 0) or num < 1:
+        raise ValueError(f"logspace needs start, stop > 0 and num >= 1, got {start}, {stop}, {num}")
+    if num == 1:
+        return [float(start)]
+    a, b = math.log10(start), math.log10(stop)
+    return [_round_sig(10 ** (a + (b - a) * i / (num - 1))) for i in range(num)]
+
+
+def linspace(start: float, stop: float, num: int) -> list[float]:
+    """`num` evenly spaced values from `start` to `stop` (both included)."""
+    if num < 1:
+        raise ValueError(f"linspace needs num >= 1, got {num}")
+    if num == 1:
+        return [float(start)]
+    return [_round_sig(start + (stop - start) * i / (num - 1)) for i in range(num)]
+
+
+def int_range(start: int, stop: int | None = None, step: int = 1) -> list[int]:
+    """Python's `range` as a list (stop excluded): `${range:3}` is [0, 1, 2]."""
+    return list(range(start) if stop is None else range(start, stop, step))
+
+
+def coalesce(*values: Any) -> Any:
+    """The first value that is not None (used for `hydra.run.dir` with `resume`)."""
+    return next((v for v in values if v is not None), None)
+
+
+_RESOLVERS = {"logspace": logspace, "linspace": linspace, "range": int_range,
+              "coalesce": coalesce}
+
+
+# ---------------------------------------------------------------------------- validation
+def validate(cfg: DictConfig) -> StudyConfig:
+    """Check the composed config against the schema and ranges; return it typed.
+
+    Hydra accepts `+train.epochz=3` even with a schema, so the composed config is merged
+    back into `StudyConfig` here, which rejects unknown keys.
+    """
+    try:
+        plain = plain_config(cfg)
+        typed = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(StudyConfig), plain))
+    except OmegaConfBaseException as err:
+        raise ConfigError(_omegaconf_message(err)) from None
+    if typed.engine not in ENGINES:
+        raise ConfigError(f"engine: must be one of {list(ENGINES)}, got {typed.engine!r}")
+    if typed.device not in DEVICES:
+        raise ConfigError(f"device: must be one of {list(DEVICES)}, got {typed.device!r}")
+    if typed.objective.direction not in ("minimize", "maximize"):
+        raise ConfigError(
+            f"objective.direction: must be minimize or maximize, got {typed.objective.direction!r}"
+        )
+    if typed.seed < 0:
+        raise ConfigError(f"seed: must be >= 0, got {typed.seed}")
+    if typed.sweep is not None:
+        if not typed.sweep.seeds:
+            raise ConfigError(f"sweep.seeds: sweep {typed.sweep.name!r} has no seeds (empty grid)")
+        if any(s < 0 for s in typed.sweep.seeds):
+            raise ConfigError(f"sweep.seeds: seeds must be >= 0, got {typed.sweep.seeds}")
+        if len(set(typed.sweep.seeds)) != len(typed.sweep.seeds):
+            raise ConfigError(f"sweep.seeds: duplicate seeds in {typed.sweep.seeds}")
+    return typed
+
+
+def plain_config(cfg: DictConfig) -> dict[str, Any]:
+    """`cfg` without the `hydra` node, interpolations resolved, as plain containers."""
+    raw = OmegaConf.to_container(cfg, resolve=False)
+    raw.pop("hydra", None)
+    return OmegaConf.to_container(OmegaConf.create(raw), resolve=True)
+
+
+def _omegaconf_message(err: OmegaConfBaseException) -> str:
+    key = getattr(err, "full_key", None)
+    first = str(err).splitlines()[0]
+    return f"{key}: {first}" if key else first
+
+
+def build_trial(plain: dict[str, Any], seed: int, labels: dict[str, str]) -> TrialSpec:
+    """Instantiate the groups of a validated config (see `plain_config`) into a `TrialSpec`."""
+    specs = {group: instantiate_group(plain, group) for group in GROUPS}
+    try:
+        train_spec = TrainSpec(**plain["train"])
+    except (TypeError, ValueError) as err:
+        raise ConfigError(str(err)) from None
+    return TrialSpec(specs["task"], specs["model"], specs["optimizer"], train_spec, seed,
+                     labels)
+
+
+def instantiate_group(plain: dict[str, Any], group: str) -> Any:
+    """Build `plain[group]` through its `_target_`, naming unknown keys and bad values."""
+    node = plain.get(group)
+    if not isinstance(node, dict) or "_target_" not in node:
+        raise ConfigError(f"{group}: expected a config with a _target_, got {node!r}")
+    values = dict(node)
+    target_path = values.pop("_target_")
+    try:
+        target = get_class(target_path)
+    except Exception as err:  # hydra raises ImportError / ValueError variants
+        raise ConfigError(f"{group}._target_: cannot import {target_path!r} ({err})") from None
+    known = _init_fields(target)
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(
+            f"{group}.{unknown[0]}: unknown key for {target.__name__} "
+            f"(known keys: {', '.join(sorted(known))})"
+        )
+    try:
+        return target(**values)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"{group}: {err}") from None
+
+
+def _init_fields(target: type) -> set[str]:
+    if dataclasses.is_dataclass(target):
+        return {f.name for f in dataclasses.fields(target) if f.init}
+    params = inspect.signature(target).parameters
+    return {name for name in params if name != "self"}

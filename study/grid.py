@@ -1,0 +1,140 @@
+"""Expand a sweep declaration into its grid points: every axis combination x every seed.
+
+Axes come in two kinds. A *group axis* (`task`, `model`, `optimizer`) lists config-group
+options: each combination of group options is composed by Hydra (with the user's own
+overrides), so the options' YAML files are used exactly as `python -m study task=blobs`
+would use them. A *scalar axis* (`optimizer.lr`, `train.batch_size`, `model.depth`, ...) sets
+one key of the composed, resolved config to each listed value (interpolations that refer to
+that key are not re-evaluated); every point is instantiated, so an out-of-range value fails
+before any training.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig
+
+from study.config import GROUPS, ConfigError, build_trial, plain_config, register, validate
+from study.trial import TrialSpec
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+Compose = Callable[[Sequence[str]], DictConfig]
+
+
+@dataclass(frozen=True)
+class GridPoint:
+    """One trial of a sweep: its axis values (`params`, seed included) and its spec."""
+
+    params: dict[str, Any]
+    trial: TrialSpec
+
+
+@dataclass(frozen=True)
+class SweepPlan:
+    """A sweep's declared axes and seeds, and the points they expand to (axis order)."""
+
+    name: str | None
+    axes: dict[str, list[Any]]
+    seeds: list[int]
+    points: list[GridPoint]
+
+
+def expand(cfg: DictConfig, compose: Compose, overrides: Sequence[str],
+           choices: dict[str, str]) -> SweepPlan:
+    """Expand `cfg` (composed from `overrides`) into its grid points.
+
+    `compose(overrides)` composes the config again with extra overrides (one call per
+    combination of group-axis options); `choices` are the config-group options chosen for
+    `cfg` (Hydra's runtime choices), used as labels. Without a sweep, the plan has one point:
+    the config itself with seed `cfg.seed`.
+    """
+    typed = validate(cfg)
+    base_labels = {g: choices.get(g, "") for g in GROUPS}
+    if typed.sweep is None:
+        trial = build_trial(plain_config(cfg), typed.seed, base_labels)
+        return SweepPlan(None, {}, [typed.seed], [GridPoint({"seed": typed.seed}, trial)])
+    axes = _check_axes(typed.sweep.axes)
+    group_axes = [a for a in axes if a in GROUPS]
+    scalar_axes = [a for a in axes if a not in GROUPS]
+    seeds = list(typed.sweep.seeds)
+
+    points: list[GridPoint] = []
+    for group_values in itertools.product(*(axes[a] for a in group_axes)):
+        picked = dict(zip(group_axes, group_values, strict=True))
+        base = compose([*overrides, *(f"{g}={v}" for g, v in picked.items())]) if picked else cfg
+        validate(base)
+        plain = plain_config(base)
+        labels = {**base_labels, **{g: str(v) for g, v in picked.items()}}
+        for scalar_values in itertools.product(*(axes[a] for a in scalar_axes)):
+            scalars = dict(zip(scalar_axes, scalar_values, strict=True))
+            template = build_trial(_with_values(plain, scalars), seeds[0], labels)
+            for seed in seeds:
+                trial = template if seed == seeds[0] else _reseed(template, seed)
+                points.append(GridPoint({**picked, **scalars, "seed": seed}, trial))
+    return SweepPlan(typed.sweep.name, axes, seeds, points)
+
+
+def _check_axes(raw: dict[str, Any]) -> dict[str, list[Any]]:
+    if not raw:
+        raise ConfigError("sweep.axes: the sweep declares no axes (empty grid)")
+    axes: dict[str, list[Any]] = {}
+    for name, values in raw.items():
+        if name == "seed":
+            raise ConfigError("sweep.axes.seed: seeds are declared by sweep.seeds, not an axis")
+        if not isinstance(values, list):
+            raise ConfigError(f"sweep.axes.{name}: expected a list of values, got {values!r}")
+        if not values:
+            raise ConfigError(f"sweep.axes.{name}: no values (empty grid)")
+        if len({repr(v) for v in values}) != len(values):
+            raise ConfigError(f"sweep.axes.{name}: duplicate values in {values}")
+        if "." not in name and name not in GROUPS:
+            raise ConfigError(
+                f"sweep.axes.{name}: not a config group ({', '.join(GROUPS)}) nor a dotted "
+                f"key such as optimizer.lr"
+            )
+        axes[name] = values
+    return axes
+
+
+def _with_values(plain: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
+    """A copy of `plain` with each dotted key of `values` set (the key must exist)."""
+    out = copy.deepcopy(plain)
+    for key, value in values.items():
+        *parents, leaf = key.split(".")
+        node = out
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if not isinstance(node, dict) or leaf not in node:
+            raise ConfigError(f"sweep.axes.{key}: no such key in the composed config")
+        node[leaf] = value
+    return out
+
+
+def _reseed(trial: TrialSpec, seed: int) -> TrialSpec:
+    return TrialSpec(trial.task, trial.model, trial.optimizer, trial.train, seed, trial.labels)
+
+
+def plan_from_overrides(overrides: Sequence[str] = (), conf_dir: Path = CONF_DIR) -> SweepPlan:
+    """Compose `conf/config.yaml` with `overrides` outside a Hydra app and expand it.
+
+    For tests, benchmarks and notebooks: `plan_from_overrides(["+sweep=lr_batch"])`.
+    """
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    register()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):
+        cfg = compose("config", overrides=list(overrides), return_hydra_config=True)
+        choices = dict(cfg.hydra.runtime.choices)
+
+        def recompose(extra: Sequence[str]) -> DictConfig:
+            return compose("config", overrides=list(extra))
+
+        return expand(cfg, recompose, list(overrides), choices)
