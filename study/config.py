@@ -200,7 +200,9 @@ def instantiate_group(plain: dict[str, Any], group: str) -> Any:
         )
     try:
         return target(**values)
-    except (TypeError, ValueError) as err:
+    except ValueError as err:  # the specs' own range checks name the key already
+        raise ConfigError(str(err)) from None
+    except TypeError as err:
         raise ConfigError(f"{group}: {err}") from None
 
 

@@ -46,6 +46,10 @@ _CURVE_SCHEMA = pa.schema([
 TRIAL_COLUMNS = ("trial", "key", "status", "objective")
 
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
 class RecordError(RuntimeError):
     """A run directory file is missing, corrupt or from an incompatible version."""
 
@@ -55,6 +59,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the usual permissions
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()

@@ -1,0 +1,78 @@
+"""What env.json records: how to reproduce a run and what it ran on."""
+
+from __future__ import annotations
+
+import platform
+import shlex
+import socket
+import subprocess
+import sys
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+
+_PACKAGES = ("study", "torch", "optuna", "hydra-core", "omegaconf", "numpy", "pandas",
+             "pyarrow", "matplotlib", "seaborn", "jinja2")
+
+
+def now_iso() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def git_commit(path: Path) -> dict[str, Any] | None:
+    """HEAD commit of the repository holding `path`, and whether the tree is dirty."""
+    try:
+        def git(*args: str) -> str:
+            return subprocess.run(["git", "-C", str(path), *args], capture_output=True,
+                                  text=True, check=True, timeout=10).stdout.strip()
+
+        return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain"))}
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def versions() -> dict[str, str]:
+    found = {"python": platform.python_version()}
+    for name in _PACKAGES:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return found
+
+
+def device_info(device: torch.device) -> dict[str, Any]:
+    """The device, and the numerics flags that change float32 results on it."""
+    info: dict[str, Any] = {
+        "device": str(device),
+        "torch_threads": torch.get_num_threads(),
+        "float32_matmul_precision": torch.get_float32_matmul_precision(),
+    }
+    if device.type == "cuda":
+        info.update(cuda_device=torch.cuda.get_device_name(device),
+                    cuda_version=torch.version.cuda,
+                    cudnn_allow_tf32=torch.backends.cudnn.allow_tf32,
+                    cuda_matmul_allow_tf32=torch.backends.cuda.matmul.allow_tf32)
+    return info
+
+
+def describe_environment(overrides: list[str], run_dir: Path, device: torch.device,
+                         engine: str) -> dict[str, Any]:
+    """The env.json of one invocation (timing fields are added by the caller)."""
+    command = " ".join(["python -m study", *(shlex.quote(o) for o in overrides)])
+    return {
+        "command": command,
+        "resume_command": f"{command} hydra.run.dir={shlex.quote(str(run_dir))}",
+        "argv": sys.argv,
+        "cwd": str(Path.cwd()),
+        "run_dir": str(run_dir),
+        "hostname": socket.gethostname(),
+        "platform": platform.platform(),
+        "engine": engine,
+        **device_info(device),
+        "versions": versions(),
+        "git": git_commit(Path(__file__).resolve().parent),
+    }
