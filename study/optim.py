@@ -23,9 +23,43 @@ from collections.abc import Sequence
 
 import torch
 
-from study.optimizers import Adagrad, Adam, AdamW, OptimizerSpec, RMSprop, SGD
+from study.optimizers import SGD, Adagrad, Adam, AdamW, OptimizerSpec, RMSprop
 
 Tensor = torch.Tensor
+_BLOCK = 256  # steps of per-step scalars computed at a time
+
+
+class StepScalars:
+    """A per-trial, per-step scalar computed exactly as torch does, in Python floats.
+
+    `fn(t, *hyperparameters)` gives the value at step t (1-based). It is evaluated once per
+    distinct hyperparameter row and step, `_BLOCK` steps at a time, and served as a [T, 1]
+    column in the parameter dtype (torch rounds its Python scalars to the dtype the same way).
+    Python's `**` and torch's `pow` may differ in the last bit, hence no tensor arithmetic here.
+    """
+
+    def __init__(self, fn, rows: Sequence[tuple[float, ...]], dtype: torch.dtype,
+                 device: torch.device) -> None:
+        self.fn, self.dtype, self.device = fn, dtype, device
+        self.unique = sorted(set(rows))
+        where = {row: i for i, row in enumerate(self.unique)}
+        self.inverse = torch.tensor([where[row] for row in rows], device=device)
+        self.start = 0
+        self.table: Tensor | None = None
+
+    def at(self, t: int) -> Tensor:
+        if self.table is None or not self.start <= t < self.start + _BLOCK:
+            self.start = t
+            values = [[self.fn(step, *row) for row in self.unique]
+                      for step in range(t, t + _BLOCK)]
+            table = torch.tensor(values, dtype=torch.float64).to(self.dtype)
+            self.table = table.to(self.device).index_select(1, self.inverse)
+        return self.table[t - self.start][:, None]
+
+    def select(self, index: Tensor) -> None:
+        self.inverse = self.inverse.index_select(0, index)
+        if self.table is not None:
+            self.table = self.table.index_select(1, index)
 
 
 class BatchedOptimizer:
@@ -58,6 +92,9 @@ class BatchedOptimizer:
         """A float64 column rounded to the parameter dtype (how torch rounds a Python scalar)."""
         return column.to(self.dtype)
 
+    def scalars(self, fn, rows: Sequence[tuple[float, ...]]) -> StepScalars:
+        return StepScalars(fn, rows, self.dtype, self.device)
+
     def mask(self, values: Sequence[bool]) -> Tensor:
         return torch.tensor(list(values), dtype=torch.bool, device=self.device)[:, None]
 
@@ -79,6 +116,8 @@ class BatchedOptimizer:
         for name, value in list(vars(self).items()):
             if isinstance(value, Tensor) and value.dim() >= 1:
                 setattr(self, name, value.index_select(0, index))
+            elif isinstance(value, StepScalars):
+                value.select(index)
         self.specs = [self.specs[i] for i in index.tolist()]
 
 
@@ -125,16 +164,19 @@ class BatchedAdam(BatchedOptimizer):
 
     def __init__(self, specs: Sequence[Adam], params: Tensor) -> None:
         super().__init__(specs, params)
-        self.lr = self.column([s.lr for s in specs])
-        self.beta1 = self.column([s.betas[0] for s in specs])
-        self.beta2 = self.column([s.betas[1] for s in specs])
-        self.beta2_cast = self.cast(self.beta2)
-        self.one_minus_beta1 = self.cast(1 - self.beta1)
-        self.one_minus_beta2 = self.cast(1 - self.beta2)
+        beta1 = self.column([s.betas[0] for s in specs])
+        beta2 = self.column([s.betas[1] for s in specs])
+        self.beta2 = self.cast(beta2)
+        self.one_minus_beta1 = self.cast(1 - beta1)
+        self.one_minus_beta2 = self.cast(1 - beta2)
         self.eps = self.cast(self.column([s.eps for s in specs]))
-        weight_decay = self.column([s.weight_decay for s in specs])
-        self.weight_decay = self.cast(weight_decay)
-        self.decay_factor = self.cast(1 - self.lr * weight_decay)  # AdamW: 1 - lr * wd
+        self.weight_decay = self.cast(self.column([s.weight_decay for s in specs]))
+        self.decay_factor = self.cast(self.column([1 - s.lr * s.weight_decay for s in specs]))
+        # torch: step_size = lr / (1 - beta1**t); bias_correction2_sqrt = (1 - beta2**t)**0.5
+        self.neg_step_size = self.scalars(lambda t, lr, b1: -(lr / (1 - b1**t)),
+                                          [(s.lr, s.betas[0]) for s in specs])
+        self.bias_correction2_sqrt = self.scalars(lambda t, b2: (1 - b2**t) ** 0.5,
+                                                  [(s.betas[1],) for s in specs])
         self.amsgrad = self.mask([s.amsgrad for s in specs])
         self.use_decay = any(s.weight_decay != 0 for s in specs)
         self.use_amsgrad = any(s.amsgrad for s in specs)
@@ -149,20 +191,15 @@ class BatchedAdam(BatchedOptimizer):
             else:
                 grad = torch.addcmul(grad, params, self.weight_decay)
         exp_avg = torch.lerp(self.exp_avg, grad, self.one_minus_beta1)
-        exp_avg_sq = torch.addcmul(self.exp_avg_sq * self.beta2_cast,
-                                   grad * self.one_minus_beta2, grad)
-        # torch computes these in Python floats, then rounds them to the dtype once.
-        bias_correction1 = 1 - self.beta1**self.t
-        bias_correction2_sqrt = (1 - self.beta2**self.t) ** 0.5
-        neg_step_size = self.cast(-(self.lr / bias_correction1))
+        exp_avg_sq = torch.addcmul(self.exp_avg_sq * self.beta2, grad * self.one_minus_beta2, grad)
         state = {"exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}
         second = exp_avg_sq
         if self.use_amsgrad:
             max_sq = torch.maximum(self.max_exp_avg_sq, exp_avg_sq)
             state["max_exp_avg_sq"] = max_sq
             second = torch.where(self.amsgrad, max_sq, exp_avg_sq)
-        denom = (second.sqrt() / self.cast(bias_correction2_sqrt)).add_(self.eps)
-        return torch.addcdiv(params, exp_avg * neg_step_size, denom), state
+        denom = (second.sqrt() / self.bias_correction2_sqrt.at(self.t)).add_(self.eps)
+        return torch.addcdiv(params, exp_avg * self.neg_step_size.at(self.t), denom), state
 
 
 class BatchedAdamW(BatchedAdam):
@@ -212,7 +249,8 @@ class BatchedRMSprop(BatchedOptimizer):
             return plain, state
         buf = torch.addcdiv(self.buf * self.momentum, grad, avg)
         state["buf"] = buf
-        return torch.where(self.with_momentum, torch.addcmul(params, buf, self.neg_lr), plain), state
+        with_buf = torch.addcmul(params, buf, self.neg_lr)
+        return torch.where(self.with_momentum, with_buf, plain), state
 
 
 class BatchedAdagrad(BatchedOptimizer):
@@ -222,8 +260,9 @@ class BatchedAdagrad(BatchedOptimizer):
 
     def __init__(self, specs: Sequence[Adagrad], params: Tensor) -> None:
         super().__init__(specs, params)
-        self.lr = self.column([s.lr for s in specs])
-        self.lr_decay = self.column([s.lr_decay for s in specs])
+        # torch: clr = lr / (1 + (t - 1) * lr_decay)
+        self.neg_clr = self.scalars(lambda t, lr, decay: -(lr / (1 + (t - 1) * decay)),
+                                    [(s.lr, s.lr_decay) for s in specs])
         self.eps = self.cast(self.column([s.eps for s in specs]))
         self.weight_decay = self.cast(self.column([s.weight_decay for s in specs]))
         self.use_decay = any(s.weight_decay != 0 for s in specs)
@@ -233,7 +272,7 @@ class BatchedAdagrad(BatchedOptimizer):
     def update(self, params: Tensor, grad: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         if self.use_decay:
             grad = torch.addcmul(grad, params, self.weight_decay)
-        neg_clr = self.cast(-(self.lr / (1 + (self.t - 1) * self.lr_decay)))
+        neg_clr = self.neg_clr.at(self.t)
         state_sum = torch.addcmul(self.state_sum, grad, grad)
         std = state_sum.sqrt().add_(self.eps)
         return torch.addcdiv(params, grad * neg_clr, std), {"state_sum": state_sum}
@@ -249,7 +288,8 @@ def make_optimizer(specs: Sequence[OptimizerSpec], params: Tensor) -> BatchedOpt
     """The batched optimizer for `specs` (one spec type, one row of `params` each)."""
     kinds = {type(s) for s in specs}
     if len(kinds) != 1:
-        raise ValueError(f"a population needs one optimizer type, got {sorted(k.__name__ for k in kinds)}")
+        names = sorted(k.__name__ for k in kinds)
+        raise ValueError(f"a population needs one optimizer type, got {names}")
     kind = kinds.pop()
     if kind not in OPTIMIZERS:
         raise ValueError(f"no batched optimizer for {kind.__name__}")
