@@ -1,0 +1,110 @@
+"""Every YAML composes and instantiates; validation names the bad key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from study.config import ConfigError, linspace, logspace
+from study.grid import CONF_DIR, plan_from_overrides
+from study.models import ModelSpec
+from study.optimizers import OptimizerSpec
+from study.tasks import Dataset
+
+
+def _options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+
+
+@pytest.mark.parametrize("group", ["task", "model", "optimizer"])
+def test_every_option_of_every_group_composes_and_instantiates(group: str) -> None:
+    options = _options(group)
+    assert options, f"no YAML under conf/{group}"
+    for option in options:
+        plan = plan_from_overrides([f"{group}={option}"])
+        (point,) = plan.points
+        trial = point.trial
+        assert trial.labels[group] == option
+        assert isinstance(trial.model, ModelSpec)
+        assert isinstance(trial.optimizer, OptimizerSpec)
+        data = trial.task.generate(1)
+        assert isinstance(data, Dataset)
+        assert data.x_train.shape == (trial.task.n_train, trial.task.input_dim)
+
+
+def test_every_sweep_composes_and_expands() -> None:
+    for option in _options("sweep"):
+        plan = plan_from_overrides([f"+sweep={option}"])
+        assert plan.name == option
+        assert plan.points
+        assert len({p.trial.key() for p in plan.points}) == len(plan.points)
+
+
+def test_rdb_storage_option_reads_url_from_environment(monkeypatch) -> None:
+    monkeypatch.setenv("STUDY_STORAGE_URL", "postgresql://u@127.0.0.1/db")
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=["storage=rdb"])
+    assert cfg.storage.url == "postgresql://u@127.0.0.1/db"
+
+
+def test_single_run_overrides_reach_the_specs() -> None:
+    (point,) = plan_from_overrides(
+        ["optimizer=adam", "optimizer.lr=0.3", "model.activation=sigmoid"]
+    ).points
+    assert type(point.trial.optimizer).__name__ == "Adam"
+    assert point.trial.optimizer.lr == 0.3
+    assert point.trial.model.activation == "sigmoid"
+
+
+def test_logspace_resolver_gives_13_log_spaced_values_with_exact_ends() -> None:
+    values = logspace(1e-4, 10, 13)
+    assert len(values) == 13
+    assert values[0] == 1e-4 and values[-1] == 10.0
+    ratios = [b / a for a, b in zip(values, values[1:], strict=False)]
+    assert max(ratios) / min(ratios) < 1 + 1e-5
+    assert linspace(0, 1, 3) == [0.0, 0.5, 1.0]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["+optimizer.lrr=0.1"], "optimizer.lrr: unknown key for SGD"),
+        (["+train.epochz=3"], "train.epochz"),
+        (["optimizer.lr=-1"], "optimizer.lr is out of range"),
+        (["train.batch_size=-4"], "train.batch_size must be >= 1"),
+        (["train.batch_size=half"], "train.batch_size must be a positive integer or 'full'"),
+        (["model.activation=swish"], "model.activation must be one of"),
+        (["+sweep=smoke", "sweep.seeds=[]"], "sweep.seeds"),
+        (["+sweep=smoke", "+sweep.axes.model={}"], "sweep.axes.model"),
+        (["engine=fast"], "engine: must be one of"),
+        (["task.n_train=0"], "task.n_train must be > 0"),
+    ],
+)
+def test_bad_values_fail_with_a_message_naming_the_key(overrides, message) -> None:
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        plan_from_overrides(overrides)
+
+
+def test_empty_axis_and_unknown_axis_key_are_rejected(tmp_path: Path) -> None:
+    conf = tmp_path / "conf"
+    import shutil
+
+    shutil.copytree(CONF_DIR, conf)
+    (conf / "sweep" / "empty.yaml").write_text(
+        "# @package _global_\nsweep:\n  name: empty\n  axes:\n    optimizer.lr: []\n"
+    )
+    (conf / "sweep" / "typo.yaml").write_text(
+        "# @package _global_\nsweep:\n  name: typo\n  axes:\n    optimizer.lrr: [0.1]\n"
+    )
+    (conf / "sweep" / "noaxes.yaml").write_text(
+        "# @package _global_\nsweep:\n  name: noaxes\n  axes: {}\n"
+    )
+    with pytest.raises(ConfigError, match=r"sweep.axes.optimizer.lr: no values \(empty grid\)"):
+        plan_from_overrides(["+sweep=empty"], conf_dir=conf)
+    with pytest.raises(ConfigError, match="sweep.axes.optimizer.lrr: no such key"):
+        plan_from_overrides(["+sweep=typo"], conf_dir=conf)
+    with pytest.raises(ConfigError, match="empty grid"):
+        plan_from_overrides(["+sweep=noaxes"], conf_dir=conf)

@@ -1,0 +1,43 @@
+"""The flagship expands to exactly the declared grid."""
+
+from __future__ import annotations
+
+import itertools
+
+from study.grid import plan_from_overrides
+
+
+def test_lr_batch_is_2_tasks_x_3_optimizers_x_13_lrs_x_4_batches_x_3_seeds() -> None:
+    plan = plan_from_overrides(["+sweep=lr_batch"])
+    assert len(plan.points) == 2 * 3 * 13 * 4 * 3 == 936
+    assert plan.axes["task"] == ["teacher_mlp", "blobs"]
+    assert plan.axes["optimizer"] == ["sgd", "momentum", "adam"]
+    assert plan.axes["train.batch_size"] == [8, 32, 128, "full"]
+    lrs = plan.axes["optimizer.lr"]
+    assert len(lrs) == 13 and lrs[0] == 1e-4 and lrs[-1] == 10.0
+    seen = {tuple(p.params[a] for a in [*plan.axes, "seed"]) for p in plan.points}
+    assert seen == set(itertools.product(*plan.axes.values(), plan.seeds))
+    assert len({p.trial.key() for p in plan.points}) == 936
+
+
+def test_point_specs_carry_their_axis_values() -> None:
+    plan = plan_from_overrides(["+sweep=lr_batch"])
+    for p in plan.points[::37]:
+        t = p.trial
+        assert t.optimizer.lr == p.params["optimizer.lr"]
+        assert t.train.batch_size == p.params["train.batch_size"]
+        assert t.seed == p.params["seed"]
+        assert t.labels["task"] == p.params["task"]
+        assert t.labels["optimizer"] == p.params["optimizer"]
+        expected_momentum = 0.9 if p.params["optimizer"] == "momentum" else None
+        if expected_momentum is not None:
+            assert t.optimizer.momentum == expected_momentum
+    # Same budget in examples for every batch size: 20 epochs of 256 examples.
+    steps = {p.params["train.batch_size"]: p.trial.train.total_steps(256) for p in plan.points}
+    assert steps == {8: 640, 32: 160, 128: 40, "full": 20}
+
+
+def test_user_overrides_apply_to_every_point() -> None:
+    plan = plan_from_overrides(["+sweep=smoke", "train.epochs=2", "model.width=8"])
+    assert {p.trial.train.epochs for p in plan.points} == {2}
+    assert {p.trial.model.width for p in plan.points} == {8}
