@@ -1,0 +1,34 @@
+"""`python -m analysis RUN_DIR`: write RUN_DIR/report.html and print its path.
+
+Exit codes: 0 written; 2 bad input (one line on stderr naming the problem, nothing written).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from study.records import RecordError
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m analysis",
+        description="Build report.html for a study run directory from its files.")
+    parser.add_argument("run_dir", type=Path, help="run directory written by `python -m study`")
+    args = parser.parse_args(argv)
+    from analysis import build_report  # after parsing: --help stays fast
+
+    try:
+        path = build_report(args.run_dir)
+    except RecordError as err:
+        print(f"analysis: error: {err}", file=sys.stderr)
+        return 2
+    print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,159 @@
+"""Across-trial aggregates: status counts and the stability-map cells (DataFrame in, out)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from analysis.axes import MapLayout, SweepAxes, format_key, ordered_labels, value_key
+
+# Known statuses from best to worst; unknown ones follow, alphabetically.
+STATUS_ORDER = ("converged", "slow", "unstable", "no_progress", "diverged")
+FINAL = "val_loss_final"
+INITIAL = "val_loss_initial"
+# Cell markers (drawn as symbols over the heatmap) and what they mean.
+MARKERS = {
+    "diverged": "majority of seeds diverged",
+    "no_progress": "majority of seeds made no progress",
+    "some_diverged": "some seeds (not a majority) diverged",
+}
+
+
+def order_statuses(statuses: Iterable[str]) -> list[str]:
+    """Distinct statuses, known ones in STATUS_ORDER, unknown ones after them sorted."""
+    present = set(statuses)
+    known = [s for s in STATUS_ORDER if s in present]
+    return known + sorted(present - set(known))
+
+
+def status_counts(trials: pd.DataFrame) -> pd.DataFrame:
+    """Trials per status: columns `status`, `n`, `fraction`, ordered as order_statuses."""
+    counts = trials["status"].value_counts()
+    order = order_statuses(counts.index)
+    total = int(counts.sum())
+    return pd.DataFrame({
+        "status": order,
+        "n": [int(counts[s]) for s in order],
+        "fraction": [counts[s] / total for s in order],
+    })
+
+
+def cell_marker(n: int, n_diverged: int, n_no_progress: int) -> str:
+    """Majority diverged, else majority no progress, else any diverged, else ""."""
+    if 2 * n_diverged > n:
+        return "diverged"
+    if 2 * n_no_progress > n:
+        return "no_progress"
+    return "some_diverged" if n_diverged else ""
+
+
+def task_reference(trials: pd.DataFrame) -> pd.Series:
+    """Per-trial normalizer: median `val_loss_initial` over all trials of the same task."""
+    initial = pd.to_numeric(trials[INITIAL], errors="coerce")
+    if "task" not in trials.columns:
+        return pd.Series(initial.median(), index=trials.index)
+    return initial.groupby(trials["task"].astype(str)).transform("median")
+
+
+def cell_summary(trials: pd.DataFrame, axes: SweepAxes, metric: str = FINAL) -> pd.DataFrame:
+    """One row per configuration (combination of varying-axis values), over its seeds.
+
+    Columns: one per axis (display labels, e.g. "0.001", "full"), `n` trials, `n_<status>`
+    for every status present in `trials` (order_statuses order), `median_final` (median of
+    `metric`, falling back to `objective` when the column is absent), `reference` (median
+    `val_loss_initial` over all trials of the configuration's task; NaN without that
+    column), `ratio` = median_final / reference, and `marker` (a MARKERS key or "").
+    Rows follow axis order. A run with no varying axis gives a single row.
+    """
+    if metric not in trials.columns:
+        metric = "objective"
+    names = axes.names
+    work = pd.DataFrame({name: label_series(trials[name]) for name in names},
+                        index=trials.index)
+    work["status"] = trials["status"].astype(str)
+    work["value"] = pd.to_numeric(trials[metric], errors="coerce")
+    work["reference"] = task_reference(trials) if INITIAL in trials.columns else np.nan
+    keys = names or [pd.Series(0, index=trials.index)]
+    grouped = work.groupby(keys, sort=False, dropna=False)
+    cells = grouped.agg(n=("status", "size"), median_final=("value", "median"),
+                        reference=("reference", "first"))
+    counts = grouped["status"].value_counts().unstack(fill_value=0)
+    statuses = order_statuses(work["status"])
+    for status in statuses:
+        cells[f"n_{status}"] = counts[status].astype(int)
+    cells = cells.reset_index(drop=not names)
+    cells["ratio"] = cells["median_final"] / cells["reference"]
+    cells["marker"] = [
+        cell_marker(n, d, p) for n, d, p in zip(
+            cells["n"], _column(cells, "n_diverged"), _column(cells, "n_no_progress"),
+            strict=True)
+    ]
+    ranks = {name: cells[name].map(_rank([format_key(k) for k in axes.values[name]]))
+             for name in names}
+    order = pd.DataFrame(ranks, index=cells.index).sort_values(names).index if names \
+        else cells.index
+    columns = [*names, "n", *(f"n_{s}" for s in statuses), "median_final", "reference",
+               "ratio", "marker"]
+    return cells.loc[order, columns].reset_index(drop=True)
+
+
+@dataclass(frozen=True)
+class StabilityMap:
+    """Stability-map cells plus what the renderer needs to lay them out.
+
+    `cells` is cell_summary's frame plus `row`/`col` panel labels ("" without facet),
+    `x`/`y` display labels, `x_pos`/`y_pos` positions in `x_labels`/`y_labels` and
+    `color_value` (`ratio` when normalized, else `median_final`).
+    """
+
+    cells: pd.DataFrame
+    layout: MapLayout
+    x_labels: tuple[str, ...]
+    y_labels: tuple[str, ...]
+    row_labels: tuple[str, ...]
+    col_labels: tuple[str, ...]
+    metric: str
+    normalized: bool
+
+
+def stability_map(summary: pd.DataFrame, axes: SweepAxes, layout: MapLayout,
+                  metric: str = FINAL) -> StabilityMap:
+    """Lay cell_summary's rows out as heatmap cells: x, y and panel facets from `layout`.
+
+    Color is normalized per task (median final / the task's median initial validation
+    loss, since tasks have different loss scales) when the reference is known, else raw.
+    """
+    normalized = bool(summary["reference"].notna().any())
+    cells = summary.copy()
+    cells["row"] = cells[layout.row] if layout.row else ""
+    cells["col"] = (cells[list(layout.cols)].astype(str).agg(", ".join, axis=1)
+                    if layout.cols else "")
+    cells["x"], cells["y"] = cells[layout.x], cells[layout.y]
+    x_labels = [format_key(k) for k in axes.values[layout.x]]
+    y_labels = [format_key(k) for k in axes.values[layout.y]]
+    cells["x_pos"] = cells["x"].map(_rank(x_labels))
+    cells["y_pos"] = cells["y"].map(_rank(y_labels))
+    cells["color_value"] = cells["ratio"] if normalized else cells["median_final"]
+    rows, cols = ordered_labels(axes, layout.row, layout.cols)
+    return StabilityMap(
+        cells=cells, layout=layout, x_labels=tuple(x_labels), y_labels=tuple(y_labels),
+        row_labels=tuple(r for r in rows if r in set(cells["row"])),
+        col_labels=tuple(c for c in cols if c in set(cells["col"])),
+        metric=metric, normalized=normalized,
+    )
+
+
+def label_series(values: pd.Series) -> pd.Series:
+    """Display label of every value (`format_key(value_key(v))`), as str."""
+    return values.map(lambda v: format_key(value_key(v))).astype(str)
+
+
+def _column(frame: pd.DataFrame, name: str) -> pd.Series:
+    return frame[name] if name in frame.columns else pd.Series(0, index=frame.index)
+
+
+def _rank(labels: list[str]) -> dict[str, int]:
+    return {lab: i for i, lab in enumerate(labels)}

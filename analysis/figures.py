@@ -1,0 +1,212 @@
+"""Renderers: each takes a frame computed elsewhere (and `ax=None`) and draws it.
+
+Everything here is drawing; numbers are decided in aggregate.py and curves.py. Colors come
+from viridis (monotone in lightness) and states are marked by symbols, so figures stay
+readable printed in grayscale.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: no display, no GUI toolkit
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+from matplotlib.axes import Axes  # noqa: E402
+from matplotlib.colors import Colormap, LogNorm  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
+from matplotlib.patches import Patch  # noqa: E402
+
+from analysis.aggregate import MARKERS, StabilityMap  # noqa: E402
+
+CMAP = "viridis"
+SYMBOLS = {"diverged": "x", "no_progress": "o", "some_diverged": "+"}
+MISSING_COLOR = "#d9d9d9"
+DPI = 100
+
+
+def figure_to_data_uri(fig: Figure) -> str:
+    """PNG of `fig` as a `data:image/png;base64,...` URI; closes the figure."""
+    buffer = io.BytesIO()
+    try:
+        fig.savefig(buffer, format="png", dpi=DPI,
+                    metadata={"Software": None})
+    finally:
+        plt.close(fig)
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def short_label(label: str) -> str:
+    """Tick-sized label: integers as is, other numbers to 2 significant digits (0.00032)."""
+    try:
+        value = float(label)
+    except ValueError:
+        return label
+    return str(int(value)) if value.is_integer() and abs(value) < 1e6 else f"{value:.2g}"
+
+
+# ----------------------------------------------------------------------- stability map
+def color_norm(values: pd.Series) -> LogNorm:
+    """Log color scale spanning the positive finite values (a factor 2 each side if flat)."""
+    finite = values[np.isfinite(values) & (values > 0)]
+    if finite.empty:
+        return LogNorm(0.1, 10.0)
+    low, high = float(finite.min()), float(finite.max())
+    if high / low < 1.01:
+        low, high = low / 2, high * 2
+    return LogNorm(low, high)
+
+
+def draw_stability_panel(cells: pd.DataFrame, smap: StabilityMap, norm: LogNorm,
+                         ax: Axes | None = None) -> Axes:
+    """Heatmap of one panel's `color_value` with a symbol on every marked cell."""
+    ax = ax or plt.figure().gca()
+    cmap: Colormap = plt.get_cmap(CMAP)
+    grid = np.full((len(smap.y_labels), len(smap.x_labels)), np.nan)
+    grid[cells["y_pos"].to_numpy(), cells["x_pos"].to_numpy()] = cells["color_value"]
+    ax.set_facecolor(MISSING_COLOR)
+    ax.imshow(np.ma.masked_invalid(np.where(grid > 0, grid, np.nan)), cmap=cmap, norm=norm,
+              origin="lower", aspect="auto", interpolation="nearest")
+    for cell in cells[cells["marker"] != ""].itertuples():
+        rgba = cmap(norm(cell.color_value)) if cell.color_value > 0 else (1, 1, 1, 1)
+        ink = "black" if _luminance(rgba) > 0.5 else "white"
+        ax.plot(cell.x_pos, cell.y_pos, linestyle="none", marker=SYMBOLS[cell.marker],
+                markersize=9, markeredgewidth=2, color=ink, markerfacecolor="none")
+    ax.set_xticks(range(len(smap.x_labels)), [short_label(x) for x in smap.x_labels],
+                  rotation=45, ha="right")
+    ax.set_yticks(range(len(smap.y_labels)), [short_label(y) for y in smap.y_labels])
+    ax.set_xlabel(smap.layout.x)
+    ax.set_ylabel(smap.layout.y)
+    return ax
+
+
+def plot_stability_map(smap: StabilityMap) -> Figure:
+    """One heatmap panel per (row, col) facet, a shared log color bar and a symbol legend."""
+    rows, cols = smap.row_labels, smap.col_labels
+    width = 1.2 + 0.42 * len(smap.x_labels)
+    height = 1.2 + 0.38 * len(smap.y_labels)
+    fig, grid = plt.subplots(len(rows), len(cols), squeeze=False, sharex=True, sharey=True,
+                             figsize=(width * len(cols) + 1.5, height * len(rows) + 1.0),
+                             layout="constrained")
+    norm = color_norm(smap.cells["color_value"])
+    for i, row in enumerate(rows):
+        for j, col in enumerate(cols):
+            ax = grid[i, j]
+            panel = smap.cells[(smap.cells["row"] == row) & (smap.cells["col"] == col)]
+            draw_stability_panel(panel, smap, norm, ax=ax)
+            ax.set_title(", ".join(p for p in (row, col) if p), fontsize=10)
+            if i < len(rows) - 1:
+                ax.set_xlabel("")
+            if j:
+                ax.set_ylabel("")
+    mappable = plt.cm.ScalarMappable(norm=norm, cmap=CMAP)
+    label = ("final / initial val loss (medians)" if smap.normalized
+             else f"median {smap.metric}")
+    fig.colorbar(mappable, ax=grid, label=label, shrink=0.9)
+    handles = [Line2D([], [], linestyle="none", marker=SYMBOLS[m], color="black",
+                      markerfacecolor="none", markeredgewidth=2, label=text)
+               for m, text in MARKERS.items() if (smap.cells["marker"] == m).any()]
+    if len(smap.cells) < len(rows) * len(cols) * len(smap.x_labels) * len(smap.y_labels):
+        handles.append(Patch(color=MISSING_COLOR, label="no trials"))
+    if handles:
+        fig.legend(handles=handles, loc="outside lower center", frameon=False,
+                   ncols=_legend_columns(fig, len(handles)))
+    return fig
+
+
+def _legend_columns(fig: Figure, n_entries: int, inches_per_entry: float = 3.3) -> int:
+    """As many legend columns as fit the figure's width (legend text is not shrunk)."""
+    fits = int(fig.get_figwidth() // inches_per_entry)
+    return max(1, min(n_entries, fits))
+
+
+def _luminance(rgba: tuple[float, ...]) -> float:
+    r, g, b = rgba[:3]
+    return 0.2126 * r + 0.7152 * g + 0.0722 * b
+
+
+# -------------------------------------------------------------------------- loss curves
+def draw_curve_panel(frame: pd.DataFrame, n_lines: int, ax: Axes | None = None) -> Axes:
+    """Lines of one panel (log y); diverged trials dashed and ending in an "x".
+
+    `frame` rows: `line_pos`, `line`, `status`, `step`, `value` (finite values only). The
+    y range is capped at 10x the largest step-0 value so blow-ups do not flatten the rest.
+    """
+    ax = ax or plt.figure().gca()
+    colors = plt.get_cmap("plasma")(np.linspace(0.0, 0.85, max(n_lines, 1)))
+    positive = frame[frame["value"] > 0]
+    if positive.empty:
+        return ax
+    start = positive.loc[positive["step"] == positive["step"].min(), "value"].max()
+    # Blow-ups are drawn at the cap, so a divergence stays visible at the top edge.
+    cap = min(float(positive["value"].max()), 10.0 * float(start))
+    for (pos, _), line in positive.groupby(["line_pos", "trial"], sort=True):
+        values = np.minimum(line["value"].to_numpy(), cap)
+        diverged = line["status"].iloc[0] == "diverged"
+        ax.plot(line["step"], values, color=colors[pos],
+                linestyle="--" if diverged else "-", linewidth=1.6)
+        if diverged:
+            ax.plot(line["step"].iloc[-1], values[-1], marker="x", color="black",
+                    markersize=9, markeredgewidth=2, clip_on=False)
+    ax.set_yscale("log")
+    ax.set_ylim(float(positive["value"].min()) / 1.5, cap * 1.5)
+    ax.set_xlabel("step")
+    ax.grid(True, which="major", alpha=0.3)
+    return ax
+
+
+def plot_loss_curves(frame: pd.DataFrame, line_axis: str, ylabel: str) -> Figure:
+    """One curve panel per (row, col) facet in frame order; a shared legend of line values."""
+    rows = list(dict.fromkeys(frame["row"]))
+    cols = list(dict.fromkeys(frame["col"]))
+    lines = frame[["line_pos", "line"]].drop_duplicates().sort_values("line_pos")
+    n_lines = int(lines["line_pos"].max()) + 1
+    fig, grid = plt.subplots(len(rows), len(cols), squeeze=False, sharex=False,
+                             figsize=(3.4 * len(cols) + 1.0, 2.6 * len(rows) + 0.8),
+                             layout="constrained")
+    for i, row in enumerate(rows):
+        for j, col in enumerate(cols):
+            ax = grid[i, j]
+            draw_curve_panel(frame[(frame["row"] == row) & (frame["col"] == col)], n_lines,
+                             ax=ax)
+            ax.set_title(", ".join(p for p in (row, col) if p), fontsize=10)
+            ax.set_ylabel(ylabel if j == 0 else "")
+    colors = plt.get_cmap("plasma")(np.linspace(0.0, 0.85, max(n_lines, 1)))
+    handles = [Line2D([], [], color=colors[p],
+                      label=f"{line_axis}={short_label(lab)}" if lab else "first seed")
+               for p, lab in zip(lines["line_pos"], lines["line"], strict=True)]
+    handles.append(Line2D([], [], color="black", linestyle="--", marker="x",
+                          label="diverged (x = last finite value)"))
+    fig.legend(handles=handles, loc="outside lower center", frameon=False,
+               ncols=_legend_columns(fig, len(handles)))
+    return fig
+
+
+def plot_trial_curves(frame: pd.DataFrame) -> Figure:
+    """One trial: loss (minibatch, train, val), gradient norm and accuracy when recorded.
+
+    `frame` rows: `split`, `metric`, `step`, `value` (see curves.trial_curves).
+    """
+    metrics = [m for m in ("loss", "grad_norm", "accuracy") if (frame["metric"] == m).any()]
+    fig, axes = plt.subplots(1, max(len(metrics), 1), squeeze=False,
+                             figsize=(4.2 * max(len(metrics), 1), 3.2), layout="constrained")
+    styles = {"batch": dict(linewidth=0.8, alpha=0.45), "train": dict(marker="o", ms=3),
+              "val": dict(marker="s", ms=3, linestyle="--")}
+    for ax, metric in zip(axes[0], metrics, strict=False):
+        for split, style in styles.items():
+            rows = frame[(frame["metric"] == metric) & (frame["split"] == split)]
+            if not rows.empty:
+                ax.plot(rows["step"], rows["value"], label=f"{split}", **style)
+        if metric != "accuracy" and (frame.loc[frame["metric"] == metric, "value"] > 0).all():
+            ax.set_yscale("log")
+        ax.set_title(metric.replace("_", " "), fontsize=10)
+        ax.set_xlabel("step")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+    return fig

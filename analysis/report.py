@@ -1,0 +1,206 @@
+"""Assemble the report: load -> aggregate -> figures -> one self-contained HTML file."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import jinja2
+import pandas as pd
+
+from analysis import figures
+from analysis.aggregate import FINAL, MARKERS, cell_summary, stability_map, status_counts
+from analysis.axes import SEED, SweepAxes, choose_map_layout, format_key, sweep_axes
+from analysis.curves import (
+    attach_curves,
+    curve_facets,
+    line_axis,
+    select_curve_trials,
+    trial_curves,
+)
+from analysis.load import RunData, load_run
+from study.records import REPORT, atomic_write_bytes, read_curves
+
+MAX_FILES = 60
+ENV_FIRST = ("started", "finished", "wall_time_s", "device", "engine", "git_commit",
+             "hostname")
+
+
+def build_report(run_dir: Path) -> Path:
+    """Write `run_dir/report.html` (atomically) from the run directory's files; return its path.
+
+    Raises study.records.RecordError, before writing anything, when `run_dir` is missing,
+    not a run directory, or holds an unreadable record.
+    """
+    run = load_run(Path(run_dir))
+    html = render_html(run)
+    path = run.run_dir / REPORT
+    atomic_write_bytes(path, html.encode("utf-8"))
+    return path
+
+
+def render_html(run: RunData) -> str:
+    """The report's HTML text for `run` (reads the curves of the trials it draws)."""
+    axes = sweep_axes(run.trials, run.meta)
+    summary = cell_summary(run.trials, axes) if len(run.trials) else None
+    context = {
+        **header_context(run, axes),
+        "map": map_section(summary, axes),
+        "curves": curves_section(run, axes),
+        "cells": cells_table(summary, axes),
+    }
+    env = jinja2.Environment(loader=jinja2.PackageLoader("analysis", "templates"),
+                             autoescape=True, undefined=jinja2.StrictUndefined)
+    return env.get_template("report.html").render(**context)
+
+
+# -------------------------------------------------------------------------------- header
+def header_context(run: RunData, axes: SweepAxes) -> dict[str, Any]:
+    """Title, what varied, status counts, environment, command and files."""
+    sweep = run.meta.get("sweep")
+    declared = run.meta.get("axes") or {}
+    varied = [{"name": name, "labels": ", ".join(format_key(k) for k in keys)}
+              for name, keys in axes.values.items()]
+    constant = [name for name in declared if name not in axes.values]
+    counts = status_counts(run.trials) if len(run.trials) else pd.DataFrame(
+        columns=["status", "n", "fraction"])
+    return {
+        "title": f"Sweep {sweep}" if sweep else "Single configuration",
+        "sweep": sweep,
+        "run_dir": str(run.run_dir),
+        "n_trials": len(run.trials),
+        "varied": varied,
+        "constant_axes": constant,
+        "seeds": ", ".join(str(s) for s in run.meta.get("seeds")
+                           or sorted(run.trials.get(SEED, pd.Series()).unique())),
+        "objective": _objective(run.meta.get("objective")),
+        "statuses": counts.to_dict("records"),
+        "env": env_rows(run.env),
+        "versions": sorted((run.env.get("versions") or {}).items()),
+        "command": run.env.get("command"),
+        "rebuild": f"python -m analysis {run.run_dir}",
+        "files": [{"path": p, "size": _size(n)} for p, n in run.files[:MAX_FILES]],
+        "files_more": max(len(run.files) - MAX_FILES, 0),
+        "hydra": dict(run.hydra),
+    }
+
+
+def env_rows(env: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """Displayable (key, value) rows: known keys first, then any others; versions apart."""
+    keys = [k for k in ENV_FIRST if k in env]
+    keys += sorted(k for k in env if k not in keys and k not in ("command", "versions"))
+    rows = []
+    for key in keys:
+        value = env[key]
+        if key == "wall_time_s" and isinstance(value, (int, float)):
+            rows.append(("wall time", _duration(float(value))))
+        elif isinstance(value, (dict, list)):
+            rows.append((key, json.dumps(value, default=str)))
+        else:
+            rows.append((key, str(value)))
+    return rows
+
+
+def _objective(objective: Mapping[str, Any] | None) -> str:
+    if not objective:
+        return "not recorded"
+    return f"{objective.get('direction', '?')} {objective.get('metric', '?')}"
+
+
+def _duration(seconds: float) -> str:
+    minutes, sec = divmod(seconds, 60)
+    hours, minutes = divmod(int(minutes), 60)
+    if hours:
+        return f"{hours} h {minutes:02d} min {sec:02.0f} s"
+    return f"{minutes} min {sec:04.1f} s" if minutes else f"{sec:.2f} s"
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB"):
+        if n < 1024 or unit == "MiB":
+            return f"{n} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+# ----------------------------------------------------------------------- figure sections
+def map_section(summary: pd.DataFrame | None, axes: SweepAxes) -> dict[str, Any]:
+    """Stability-map image and caption, or a one-line note why there is none."""
+    layout = choose_map_layout(axes)
+    if summary is None or layout is None:
+        return _section(note="No stability map: fewer than two axes vary in this run.")
+    smap = stability_map(summary, axes, layout)
+    facets = " x ".join(a for a in (layout.row, *layout.cols) if a) or "none"
+    color = ("median over seeds of the final validation loss divided by the median initial "
+             "validation loss of the same task (tasks have different loss scales; 1 = no "
+             "better than at initialization, below 1 = learned)" if smap.normalized
+             else f"median over seeds of {smap.metric}")
+    symbols = "; ".join(f'"{figures.SYMBOLS[m]}" = {text}' for m, text in MARKERS.items())
+    caption = (f"x: {layout.x}; y: {layout.y}; panels: {facets}. Color (log scale): {color}. "
+               f"Symbols: {symbols}. Gray: no trials.")
+    return _section(figures.figure_to_data_uri(figures.plot_stability_map(smap)), caption)
+
+
+def curves_section(run: RunData, axes: SweepAxes) -> dict[str, Any]:
+    """Loss-curve image and caption (sweep gallery, or one trial's curves), or a note."""
+    if run.trials.empty:
+        return _section(note="No curves: the run has no finished trials.")
+    if not len(axes):
+        return _single_trial_curves(run)
+    row, cols = curve_facets(axes)
+    selection, fixed = select_curve_trials(run.trials, axes, row, cols)
+    curves = read_curves(run.run_dir, trials=selection["trial"].tolist())
+    split = "val" if (curves["split"] == "val").any() else "train"
+    frame = attach_curves(selection, curves, split=split)
+    if frame.empty:
+        return _section(note="No curves recorded for the selected trials.")
+    line = line_axis(axes, [a for a in (row, *cols) if a]) or "trial"
+    held = "; ".join(f"{k} = {v}" for k, v in fixed.items()) or "nothing else varies"
+    caption = (f"{split.capitalize()} loss vs step (log scale) for up to 5 values of {line} "
+               f"spread over the grid, first seed of each configuration; held fixed: {held}. "
+               f"Diverged trials are dashed and end with an \"x\" at their last finite value.")
+    image = figures.plot_loss_curves(frame, line, ylabel=f"{split} loss")
+    return _section(figures.figure_to_data_uri(image), caption)
+
+
+def _single_trial_curves(run: RunData) -> dict[str, Any]:
+    first = run.trials.sort_values([c for c in (SEED, "trial") if c in run.trials]).iloc[0]
+    trial = int(first["trial"])
+    frame = trial_curves(read_curves(run.run_dir, trials=[trial]), trial)
+    if frame.empty:
+        return _section(note=f"No curves recorded for trial {trial}.")
+    others = len(run.trials) - 1
+    caption = (f"Trial {trial} (status {first['status']}): minibatch loss per step, full "
+               f"train and validation loss at evaluation steps, and gradient norm."
+               + (f" {others} more seed(s) of this configuration are in the table below."
+                  if others else ""))
+    image = figures.plot_trial_curves(frame)
+    return _section(figures.figure_to_data_uri(image), caption)
+
+
+def _section(image: str | None = None, caption: str = "", note: str = "") -> dict[str, Any]:
+    """A figure section: a data-URI image with its caption, or a note saying why none."""
+    return {"image": image, "caption": caption, "note": note}
+
+
+# ------------------------------------------------------------------------------- tables
+def cells_table(summary: pd.DataFrame | None, axes: SweepAxes) -> dict[str, Any]:
+    """Header and rows of the per-configuration table (status counts, median final loss)."""
+    if summary is None:
+        return {"header": [], "rows": []}
+    count_cols = [c for c in summary.columns if c.startswith("n_")]
+    header = [*axes.names, "trials", *(c[2:] for c in count_cols),
+              f"median {FINAL}", "÷ task initial"]
+    rows = []
+    for record in summary.to_dict("records"):
+        rows.append([*(record[a] for a in axes.names), record["n"],
+                     *(record[c] for c in count_cols), _number(record["median_final"]),
+                     _number(record["ratio"])])
+    return {"header": header, "rows": rows}
+
+
+def _number(value: float) -> str:
+    return "–" if pd.isna(value) else f"{value:.4g}"
+

@@ -1,0 +1,124 @@
+"""The report file and the `python -m analysis` command, on the fixture run directories."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from analysis import build_report
+from analysis.__main__ import main
+from study.records import read_trials, write_trials
+
+REPO = Path(__file__).resolve().parents[2]
+HEADINGS = ("Run", "Stability map", "Loss curves", "Cell summary")
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)}
+    return subprocess.run([sys.executable, "-m", "analysis", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def sweep_html(sweep_run: Path) -> str:
+    path = build_report(sweep_run)
+    assert path == sweep_run / "report.html"
+    return path.read_text()
+
+
+def test_report_names_every_task_and_optimizer(sweep_html):
+    for name in ("teacher_mlp", "blobs", "sgd", "adam", "Sweep lr_batch"):
+        assert name in sweep_html
+
+
+def test_report_is_self_contained(sweep_html):
+    sources = re.findall(r"<img[^>]*\ssrc=\"([^\"]*)\"", sweep_html)
+    assert len(sources) == 2  # stability map, loss curves
+    assert all(s.startswith("data:image/png;base64,") for s in sources)
+    links = re.findall(r"\b(?:src|href)\s*=\s*[\"']([^\"']*)", sweep_html)
+    assert not [u for u in links if u.startswith(("http://", "https://", "//"))]
+    assert "http://" not in sweep_html and "https://" not in sweep_html
+    assert "<script" not in sweep_html and "<link" not in sweep_html
+
+
+def test_report_sections_and_header(sweep_html):
+    for heading in HEADINGS:
+        assert re.search(rf"<h2[^>]*>{heading}</h2>", sweep_html), heading
+    assert "0.001, 0.01, 0.1" in sweep_html and "32, full" in sweep_html
+    assert "python -m study +sweep=lr_batch" in sweep_html
+    assert "2 min 05.0 s" in sweep_html and "abc1234" in sweep_html
+    assert "curves/pop-0.parquet" in sweep_html and "env.json" in sweep_html
+    assert re.search(r"<td>diverged</td><td[^>]*>6</td>", sweep_html)
+    # .hydra/config.yaml is shown escaped, inside a collapsible block.
+    assert "<details>" in sweep_html and "&lt;b&gt;not bold&lt;/b&gt;" in sweep_html
+    assert "<b>not bold" not in sweep_html
+
+
+def test_single_configuration_renders(single_run):
+    html = build_report(single_run).read_text()
+    assert "Single configuration" in html
+    assert "fewer than two axes vary" in html
+    sources = re.findall(r"<img[^>]*\ssrc=\"([^\"]*)\"", html)
+    assert len(sources) == 1 and sources[0].startswith("data:image/png;base64,")
+    assert "environment not recorded" in html
+
+
+def test_one_axis_sweep_renders_curves_without_map(sweep_run, tmp_path):
+    trials, meta = read_trials(sweep_run)
+    keep = (trials["task"] == "blobs") & (trials["optimizer"] == "sgd") & (
+        trials["train.batch_size"] == "32")
+    write_trials(tmp_path, trials[keep], {**meta, "axes": {"optimizer.lr": [0.001, 0.01, 0.1]}})
+    shutil.copytree(sweep_run / "curves", tmp_path / "curves")
+    html = build_report(tmp_path).read_text()
+    assert "No stability map: fewer than two axes vary" in html
+    assert html.count("<img") == 1  # the loss curves, one panel
+    assert "3 values of optimizer.lr" not in html and "held fixed: nothing else varies" in html
+
+
+def test_cli_prints_report_path(single_run):
+    result = run_cli(str(single_run))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == str(single_run / "report.html")
+
+
+def test_cli_missing_dir_exits_2_with_one_line(tmp_path):
+    missing = tmp_path / "nope"
+    result = run_cli(str(missing))
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "does not exist" in lines[0] and str(missing) in lines[0]
+    assert not missing.exists()
+
+
+@pytest.mark.parametrize("corrupt", [False, True])
+def test_not_a_run_dir_exits_2_and_writes_nothing(tmp_path, capsys, corrupt):
+    if corrupt:
+        (tmp_path / "trials.parquet").write_bytes(b"not parquet at all")
+    assert main([str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "trials.parquet" in err[0]
+    assert not (tmp_path / "report.html").exists()
+
+
+def test_analysis_never_imports_torch():
+    code = ("import sys, analysis, analysis.__main__; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'study')))")
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
+                            text=True, timeout=120,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "['study', 'study.records']"
+
+
+def test_empty_table_renders(tmp_path, sweep_run):
+    trials, meta = read_trials(sweep_run)
+    write_trials(tmp_path, trials.iloc[:0], meta)
+    html = build_report(tmp_path).read_text()
+    assert "0 finished trials" in html and "No finished trials" in html
