@@ -2,13 +2,14 @@
 
 Every engine has the same contract (`Engine`): same inputs, same outputs, results per trial
 that never depend on which other trials share the population. `reference` is the plain
-PyTorch loop (the oracle and the baseline).
+PyTorch loop (the oracle and the baseline); `batched` trains a population as one computation.
 """
 
 from study.engine.base import Engine, Trace, population_key
+from study.engine.population import BatchedEngine
 from study.engine.reference import ReferenceEngine
 
-ENGINES: dict[str, type] = {"reference": ReferenceEngine}
+ENGINES: dict[str, type] = {"batched": BatchedEngine, "reference": ReferenceEngine}
 
 
 def make_engine(name: str) -> Engine:
@@ -18,4 +19,5 @@ def make_engine(name: str) -> Engine:
     return ENGINES[name]()
 
 
-__all__ = ["ENGINES", "Engine", "ReferenceEngine", "Trace", "make_engine", "population_key"]
+__all__ = ["ENGINES", "BatchedEngine", "Engine", "ReferenceEngine", "Trace", "make_engine",
+           "population_key"]
