@@ -1,0 +1,85 @@
+"""The Optuna driver: exactly once, resumable, divergence as data."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from optuna.trial import TrialState
+
+from study import records
+from study.config import ConfigError
+from study.engine import ReferenceEngine
+from study.grid import plan_from_overrides
+from study.sweep import check_same_config, open_study, run_sweep, trials_frame
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def tiny_plan():
+    return plan_from_overrides(["+sweep=smoke", "train.epochs=1", "model.width=8"])
+
+
+def test_every_point_trains_once_and_divergence_is_recorded(tmp_path: Path, tiny_plan) -> None:
+    study = open_study(tmp_path, None, "tiny", "minimize")
+    progress = []
+    outcome = run_sweep(tiny_plan, study, ReferenceEngine(), CPU, tmp_path, "val_loss_final",
+                        on_progress=lambda done, total: progress.append((done, total)))
+    assert outcome.trained == outcome.total == len(tiny_plan.points) == 16
+    assert progress[0] == (0, 16) and progress[-1] == (16, 16)
+    frame = trials_frame(study)
+    assert sorted(frame["key"]) == sorted(p.trial.key() for p in tiny_plan.points)
+    diverged = frame[frame["status"] == "diverged"]
+    assert len(diverged) > 0
+    assert (diverged["optimizer.lr"] == 10.0).all()
+    assert frame["objective"].notna().all()
+    again = run_sweep(tiny_plan, study, ReferenceEngine(), CPU, tmp_path, "val_loss_final")
+    assert (again.trained, again.already_done) == (0, 16)
+
+
+def test_a_trial_left_running_by_a_dead_worker_is_rerun(tmp_path: Path, tiny_plan) -> None:
+    study = open_study(tmp_path, None, "tiny", "minimize")
+    run_sweep(tiny_plan, study, ReferenceEngine(), CPU, tmp_path, "val_loss_final")
+    # Simulate a worker killed mid-trial: one point's trial is RUNNING, owned by a dead pid.
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    victim = study.get_trials(states=(TrialState.COMPLETE,))[3]
+    study.enqueue_trial(victim.params, user_attrs={"key": "stale"})
+    stale = study.ask()
+    stale.set_user_attr("worker", {"host": socket.gethostname(),
+                                   "pid": dead.pid})
+    outcome = run_sweep(tiny_plan, study, ReferenceEngine(), CPU, tmp_path, "val_loss_final")
+    assert outcome.trained == 0
+    assert study.get_trials(deepcopy=False)[stale.number].state == TrialState.FAIL
+
+
+def test_a_point_whose_trial_failed_is_trained_again(tmp_path: Path, tiny_plan) -> None:
+    study = open_study(tmp_path, None, "tiny", "minimize")
+    point = tiny_plan.points[0]
+    study.enqueue_trial(point.params, user_attrs={"key": point.trial.key()})
+    claimed = study.ask()
+    claimed.set_user_attr("worker", {"host": socket.gethostname(), "pid": 1 << 30})
+    outcome = run_sweep(tiny_plan, study, ReferenceEngine(), CPU, tmp_path, "val_loss_final")
+    assert outcome.trained == 16  # the orphan was failed and its point re-queued
+    assert len(trials_frame(study)) == 16
+
+
+def test_a_changed_config_is_refused(tmp_path: Path) -> None:
+    study = open_study(tmp_path, None, "s", "minimize")
+    check_same_config(study, {"train.epochs": 3, "seed": 0})
+    check_same_config(study, {"train.epochs": 3, "seed": 0})
+    with pytest.raises(ConfigError, match=r"train.epochs \(was 3, now 4\)"):
+        check_same_config(study, {"train.epochs": 4, "seed": 0})
+
+
+def test_curves_are_written_before_trials_are_told(tmp_path: Path, tiny_plan) -> None:
+    study = open_study(tmp_path, None, "tiny", "minimize")
+    run_sweep(tiny_plan, study, ReferenceEngine(), CPU, tmp_path, "val_loss_final")
+    frame = trials_frame(study)
+    curves = records.read_curves(tmp_path, frame["trial"])
+    per_trial = curves[curves["split"] == "val"].groupby("trial").size()
+    assert set(per_trial.index) == set(frame["trial"])
