@@ -22,6 +22,7 @@ from matplotlib.colors import Colormap, LogNorm  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
+from matplotlib.ticker import LogFormatter  # noqa: E402
 
 from analysis.aggregate import MARKERS, StabilityMap  # noqa: E402
 
@@ -40,6 +41,23 @@ def figure_to_data_uri(fig: Figure) -> str:
     finally:
         plt.close(fig)
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+class PlainLogFormatter(LogFormatter):
+    """Log-axis tick labels as plain numbers (0.6, 0.001, 1e-05), not mathtext powers.
+
+    Which ticks get a label is LogFormatter's choice (minor ticks only on short ranges).
+    """
+
+    def __call__(self, x: float, pos: int | None = None) -> str:
+        return f"{x:.2g}" if super().__call__(x, pos) else ""
+
+
+def plain_log_ticks(axis) -> None:
+    """Use PlainLogFormatter for the major and minor ticks of a log-scaled `axis`."""
+    axis.set_major_formatter(PlainLogFormatter(labelOnlyBase=False))
+    axis.set_minor_formatter(PlainLogFormatter(labelOnlyBase=False,
+                                               minor_thresholds=(1, 0.5)))
 
 
 def short_label(label: str) -> str:
@@ -108,7 +126,8 @@ def plot_stability_map(smap: StabilityMap) -> Figure:
     mappable = plt.cm.ScalarMappable(norm=norm, cmap=CMAP)
     label = ("final / initial val loss (medians)" if smap.normalized
              else f"median {smap.metric}")
-    fig.colorbar(mappable, ax=grid, label=label, shrink=0.9)
+    colorbar = fig.colorbar(mappable, ax=grid, label=label, shrink=0.9)
+    plain_log_ticks(colorbar.ax.yaxis)
     handles = [Line2D([], [], linestyle="none", marker=SYMBOLS[m], color="black",
                       markerfacecolor="none", markeredgewidth=2, label=text)
                for m, text in MARKERS.items() if (smap.cells["marker"] == m).any()]
@@ -155,6 +174,7 @@ def draw_curve_panel(frame: pd.DataFrame, n_lines: int, ax: Axes | None = None) 
             ax.plot(line["step"].iloc[-1], values[-1], marker="x", color="black",
                     markersize=9, markeredgewidth=2, clip_on=False)
     ax.set_yscale("log")
+    plain_log_ticks(ax.yaxis)
     ax.set_ylim(float(positive["value"].min()) / 1.5, cap * 1.5)
     ax.set_xlabel("step")
     ax.grid(True, which="major", alpha=0.3)
@@ -205,6 +225,7 @@ def plot_trial_curves(frame: pd.DataFrame) -> Figure:
                 ax.plot(rows["step"], rows["value"], label=f"{split}", **style)
         if metric != "accuracy" and (frame.loc[frame["metric"] == metric, "value"] > 0).all():
             ax.set_yscale("log")
+            plain_log_ticks(ax.yaxis)
         ax.set_title(metric.replace("_", " "), fontsize=10)
         ax.set_xlabel("step")
         ax.grid(True, alpha=0.3)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -12,7 +11,14 @@ import pandas as pd
 
 from analysis import figures
 from analysis.aggregate import FINAL, MARKERS, cell_summary, stability_map, status_counts
-from analysis.axes import SEED, SweepAxes, choose_map_layout, format_key, sweep_axes
+from analysis.axes import (
+    SEED,
+    SweepAxes,
+    choose_map_layout,
+    format_key,
+    sweep_axes,
+    value_key,
+)
 from analysis.curves import (
     attach_curves,
     curve_facets,
@@ -24,7 +30,10 @@ from analysis.load import RunData, load_run
 from study.records import REPORT, atomic_write_bytes, read_curves
 
 MAX_FILES = 60
-ENV_FIRST = ("started", "finished", "wall_time_s", "device", "engine", "git_commit",
+# Settings named in the header when every trial shares them (the rest: .hydra/config.yaml).
+HELD_COLUMNS = ("task", "model", "optimizer", "optimizer.lr", "train.batch_size",
+                "train.epochs", "model.depth", "model.width", "model.activation")
+ENV_FIRST = ("started", "finished", "wall_time_s", "device", "engine", "git_commit", "git",
              "hostname")
 
 
@@ -64,6 +73,9 @@ def header_context(run: RunData, axes: SweepAxes) -> dict[str, Any]:
     varied = [{"name": name, "labels": ", ".join(format_key(k) for k in keys)}
               for name, keys in axes.values.items()]
     constant = [name for name in declared if name not in axes.values]
+    held = [(c, format_key(value_key(run.trials[c].iloc[0]))) for c in HELD_COLUMNS
+            if c in run.trials and c not in axes.values and len(run.trials)
+            and run.trials[c].astype(str).nunique(dropna=False) == 1]
     counts = status_counts(run.trials) if len(run.trials) else pd.DataFrame(
         columns=["status", "n", "fraction"])
     return {
@@ -73,6 +85,7 @@ def header_context(run: RunData, axes: SweepAxes) -> dict[str, Any]:
         "n_trials": len(run.trials),
         "varied": varied,
         "constant_axes": constant,
+        "held": held,
         "seeds": ", ".join(str(s) for s in run.meta.get("seeds")
                            or sorted(run.trials.get(SEED, pd.Series()).unique())),
         "objective": _objective(run.meta.get("objective")),
@@ -96,8 +109,10 @@ def env_rows(env: Mapping[str, Any]) -> list[tuple[str, str]]:
         value = env[key]
         if key == "wall_time_s" and isinstance(value, (int, float)):
             rows.append(("wall time", _duration(float(value))))
-        elif isinstance(value, (dict, list)):
-            rows.append((key, json.dumps(value, default=str)))
+        elif isinstance(value, dict):
+            rows.append((key, "; ".join(f"{k}: {v}" for k, v in value.items())))
+        elif isinstance(value, list):
+            rows.append((key, " ".join(str(v) for v in value)))
         else:
             rows.append((key, str(value)))
     return rows

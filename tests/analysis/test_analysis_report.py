@@ -64,6 +64,8 @@ def test_report_sections_and_header(sweep_html):
 def test_single_configuration_renders(single_run):
     html = build_report(single_run).read_text()
     assert "Single configuration" in html
+    assert "<code>optimizer.lr=0.001</code>" in html
+    assert "<code>train.batch_size=full</code>" in html
     assert "fewer than two axes vary" in html
     sources = re.findall(r"<img[^>]*\ssrc=\"([^\"]*)\"", html)
     assert len(sources) == 1 and sources[0].startswith("data:image/png;base64,")
