@@ -66,7 +66,8 @@ def select_curve_trials(trials: pd.DataFrame, axes: SweepAxes, row: str | None,
     """Trials to draw: per panel, the first seed at up to MAX_LINES spread line-axis values.
 
     Returns a frame with `row`, `col`, `line` (display label), `line_pos`, `trial`,
-    `status`, sorted by panel then line, and the values the other axes were fixed at.
+    `status`, `divergence_step` (NaN unless diverged), sorted by panel then line, and the
+    values the other axes were fixed at.
     """
     facets = [a for a in (row, *cols) if a]
     line = line_axis(axes, facets)
@@ -87,6 +88,8 @@ def select_curve_trials(trials: pd.DataFrame, axes: SweepAxes, row: str | None,
         "line_pos": picked[line].map(lambda v: chosen[value_key(v)]) if line else 0,
         "seed": picked[SEED] if SEED in picked.columns else 0,
         "trial": picked["trial"], "status": picked["status"],
+        "divergence_step": (pd.to_numeric(picked["divergence_step"], errors="coerce")
+                            if "divergence_step" in picked.columns else np.nan),
     })
     # First seed of every (panel, line) cell.
     frame = frame.sort_values(["seed", "trial"]).drop_duplicates(["row", "col", "line"])

@@ -154,8 +154,10 @@ def _luminance(rgba: tuple[float, ...]) -> float:
 def draw_curve_panel(frame: pd.DataFrame, n_lines: int, ax: Axes | None = None) -> Axes:
     """Lines of one panel (log y); diverged trials dashed and ending in an "x".
 
-    `frame` rows: `line_pos`, `line`, `status`, `step`, `value` (finite values only). The
-    y range is capped at 10x the largest step-0 value so blow-ups do not flatten the rest.
+    `frame` rows: `line_pos`, `line`, `trial`, `status`, `step`, `value` (finite values
+    only), optionally `divergence_step`. The y range is capped at 10x the largest first
+    value, so blow-ups do not flatten the rest; they are drawn at the cap. A diverged trial
+    whose divergence step comes after its last evaluation ends at (divergence_step, cap).
     """
     ax = ax or plt.figure().gca()
     colors = plt.get_cmap("plasma")(np.linspace(0.0, 0.85, max(n_lines, 1)))
@@ -164,15 +166,24 @@ def draw_curve_panel(frame: pd.DataFrame, n_lines: int, ax: Axes | None = None) 
         return ax
     start = positive.loc[positive["step"] == positive["step"].min(), "value"].max()
     # Blow-ups are drawn at the cap, so a divergence stays visible at the top edge.
-    cap = min(float(positive["value"].max()), 10.0 * float(start))
+    cap = 10.0 * float(start)
+    if not (positive["status"] == "diverged").any():
+        cap = min(float(positive["value"].max()), cap)
     for (pos, _), line in positive.groupby(["line_pos", "trial"], sort=True):
         values = np.minimum(line["value"].to_numpy(), cap)
         diverged = line["status"].iloc[0] == "diverged"
         ax.plot(line["step"], values, color=colors[pos],
                 linestyle="--" if diverged else "-", linewidth=1.6)
         if diverged:
-            ax.plot(line["step"].iloc[-1], values[-1], marker="x", color="black",
-                    markersize=9, markeredgewidth=2, clip_on=False)
+            end_step, end_value = line["step"].iloc[-1], values[-1]
+            blew_up_at = line.get("divergence_step", pd.Series(np.nan)).iloc[0]
+            if np.isfinite(blew_up_at) and blew_up_at > end_step:
+                # Diverged between evaluations: finish the line at the top edge, at the step.
+                ax.plot([end_step, blew_up_at], [end_value, cap], color=colors[pos],
+                        linestyle="--", linewidth=1.6)
+                end_step, end_value = blew_up_at, cap
+            ax.plot(end_step, end_value, marker="x", color="black", markersize=9,
+                    markeredgewidth=2, clip_on=False)
     ax.set_yscale("log")
     plain_log_ticks(ax.yaxis)
     ax.set_ylim(float(positive["value"].min()) / 1.5, cap * 1.5)
@@ -202,7 +213,7 @@ def plot_loss_curves(frame: pd.DataFrame, line_axis: str, ylabel: str) -> Figure
                       label=f"{line_axis}={short_label(lab)}" if lab else "first seed")
                for p, lab in zip(lines["line_pos"], lines["line"], strict=True)]
     handles.append(Line2D([], [], color="black", linestyle="--", marker="x",
-                          label="diverged (x = last finite value)"))
+                          label="diverged (x = where it blew up)"))
     fig.legend(handles=handles, loc="outside lower center", frameon=False,
                ncols=_legend_columns(fig, len(handles)))
     return fig

@@ -175,7 +175,9 @@ def curves_section(run: RunData, axes: SweepAxes) -> dict[str, Any]:
     held = "; ".join(f"{k} = {v}" for k, v in fixed.items()) or "nothing else varies"
     caption = (f"{split.capitalize()} loss vs step (log scale) for up to 5 values of {line} "
                f"spread over the grid, first seed of each configuration; held fixed: {held}. "
-               f"Diverged trials are dashed and end with an \"x\" at their last finite value.")
+               f"Diverged trials are dashed and end with an \"x\" at their divergence step "
+               f"(at the top edge when it came between evaluations, or at the last finite "
+               f"evaluation). Values above 10x the initial loss are drawn at the top edge.")
     image = figures.plot_loss_curves(frame, line, ylabel=f"{split} loss")
     return _section(figures.figure_to_data_uri(image), caption)
 

@@ -138,6 +138,9 @@ def test_curve_selection_first_seed_at_batch_32(run, axes):
     assert (picked["seed"] == 0).all()
     assert (picked["train.batch_size"] == "32").all()
     assert selection["line"].tolist()[:3] == ["0.001", "0.01", "0.1"]
+    diverged = selection["status"] == "diverged"
+    assert (selection.loc[diverged, "divergence_step"] == 7).all() and diverged.sum() == 2
+    assert selection.loc[~diverged, "divergence_step"].isna().all()
 
 
 def test_attach_curves_drops_non_finite_tail(run, axes, sweep_run):
