@@ -69,9 +69,14 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str], choices: dict[str,
     check_same_config(study, {k: v for k, v in _flatten(config).items()
                               if k.split(".")[0] not in _RUN_ONLY})
     _save_hydra_files(cfg, run_dir, overrides)
+    previous = records.read_env(run_dir)
     env = describe_environment(overrides, run_dir, device, engine.name)
-    env["started"] = records.read_env(run_dir).get("started", now_iso())
-    records.write_env(run_dir, env)
+    # A resumed run keeps the command and start of the invocation that created it.
+    for key in ("command", "resume_command", "started"):
+        env[key] = previous.get(key, env.get(key))
+    env["started"] = env["started"] or now_iso()
+    invocations = previous.get("invocations", [])
+    records.write_env(run_dir, {**env, "invocations": invocations})
     log.info("%s: %s on %s with the %s engine", plan.name or "single configuration",
              describe(plan.points), device, engine.name)
 
@@ -87,9 +92,11 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str], choices: dict[str,
     bar.close()
     write_trials_table(study, plan, run_dir, {"metric": typed.objective.metric,
                                               "direction": typed.objective.direction})
-    env.update(finished=now_iso(), wall_time_s=round(time.perf_counter() - started, 3),
-               trials_total=outcome.total, trials_trained=outcome.trained,
-               trials_already_done=outcome.already_done)
+    wall = round(time.perf_counter() - started, 3)
+    invocations.append({"argv": env["argv"], "finished": now_iso(), "wall_time_s": wall,
+                        "trials_trained": outcome.trained})
+    env.update(finished=now_iso(), trials_total=outcome.total, invocations=invocations,
+               wall_time_s=round(sum(i["wall_time_s"] for i in invocations), 3))
     records.write_env(run_dir, env)
     print(f"{outcome.trained} trials trained, {outcome.already_done} already done, "
           f"in {outcome.wall_time_s:.1f} s")

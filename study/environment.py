@@ -59,10 +59,20 @@ def device_info(device: torch.device) -> dict[str, Any]:
     return info
 
 
+# Overrides that say where or how to run, not what: left out of the reproduce command.
+_NOT_REPRODUCED = ("resume=", "hydra.", "progress=", "report=")
+
+
+def reproduce_command(overrides: list[str]) -> str:
+    """`python -m study ...` with the overrides that determine the results."""
+    kept = [o for o in overrides if not o.lstrip("+~").startswith(_NOT_REPRODUCED)]
+    return " ".join(["python -m study", *(shlex.quote(o) for o in kept)])
+
+
 def describe_environment(overrides: list[str], run_dir: Path, device: torch.device,
                          engine: str) -> dict[str, Any]:
     """The env.json of one invocation (timing fields are added by the caller)."""
-    command = " ".join(["python -m study", *(shlex.quote(o) for o in overrides)])
+    command = reproduce_command(overrides)
     return {
         "command": command,
         "resume_command": f"{command} hydra.run.dir={shlex.quote(str(run_dir))}",

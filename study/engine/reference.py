@@ -29,6 +29,9 @@ class ReferenceEngine:
     """Loops over trials; see the module docstring."""
 
     name = "reference"
+    # Trials train one by one anyway: small batches keep the progress bar and the curves
+    # files moving, and lose little work to a kill.
+    population_limit = 8
 
     def run(self, trials: Sequence[TrialSpec], device: torch.device) -> list[Trace]:
         return [train_trial(trial, torch.device(device)) for trial in trials]
