@@ -84,7 +84,7 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str], choices: dict[str,
     started = time.perf_counter()
     try:
         outcome = run_sweep(plan, study, engine, device, run_dir, typed.objective.metric,
-                            on_progress=bar)
+                            on_progress=bar, direction=typed.objective.direction)
     except KeyboardInterrupt:
         bar.close()
         print(f"\ninterrupted. Finish with: {env['resume_command']}", file=sys.stderr)

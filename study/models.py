@@ -125,3 +125,30 @@ def build_module(
         if i < len(parameters) - 1:
             modules.append(ACTIVATIONS[spec.activation]())
     return nn.Sequential(*modules)
+
+
+RELU_FAMILY = ("relu", "leaky_relu")
+# |z| beyond which sigmoid is within 0.01 of 0 or 1, and tanh within 0.01 of -1 or 1.
+SATURATION_Z = {"sigmoid": 4.59512, "tanh": 2.64665}
+PROBE_SIZE = 256
+
+
+def activation_stats(pre_activations: list[torch.Tensor], activation: str
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dead fraction, saturation fraction) of hidden units on a probe batch.
+
+    `pre_activations` holds each hidden layer's pre-activation z, shaped [..., B, width]
+    (B = probe examples; leading dims, e.g. a trial axis, are kept). Dead: the share of
+    hidden units with z <= 0 on every probe example (relu family only). Saturated: the share
+    of (example, unit) entries with |z| beyond `SATURATION_Z` (sigmoid, tanh only). NaN
+    where undefined (other activations, or no hidden layer).
+    """
+    if not pre_activations:
+        return torch.tensor(float("nan")), torch.tensor(float("nan"))
+    z = torch.cat(pre_activations, dim=-1)  # [..., B, units]
+    nan = torch.full(z.shape[:-2], float("nan"), dtype=torch.float64, device=z.device)
+    dead = ((z <= 0).all(dim=-2).to(torch.float64).mean(dim=-1)
+            if activation in RELU_FAMILY else nan)
+    saturated = ((z.abs() > SATURATION_Z[activation]).to(torch.float64).mean(dim=(-2, -1))
+                 if activation in SATURATION_Z else nan)
+    return dead, saturated

@@ -31,7 +31,7 @@ from study import records
 from study.config import ConfigError
 from study.engine import Engine, population_key
 from study.grid import GridPoint, SweepPlan
-from study.metrics import objective_value, summarize
+from study.metrics import objective_value, summarize_many
 
 log = logging.getLogger(__name__)
 
@@ -185,7 +185,8 @@ def curves_frame(number: int, trace) -> pd.DataFrame:
 
 def run_sweep(plan: SweepPlan, study: optuna.Study, engine: Engine, device: torch.device,
               run_dir: Path, objective: str, on_progress: Callable[[int, int], None]
-              | None = None, population_limit: int | None = None) -> SweepOutcome:
+              | None = None, population_limit: int | None = None,
+              direction: str = "minimize") -> SweepOutcome:
     """Train every point of `plan` not yet done in `study`; see the module docstring.
 
     `on_progress(done, total)` is called after each population (done counts finished trials
@@ -208,11 +209,10 @@ def run_sweep(plan: SweepPlan, study: optuna.Study, engine: Engine, device: torc
         # Curves first, then tell: a COMPLETE trial always has its curves on disk.
         records.write_curves(run_dir, f"trials-{min(numbers):06d}-{max(numbers):06d}",
                              pd.concat(frames, ignore_index=True))
-        for (trial, _), trace in zip(batch, traces, strict=True):
-            summary = summarize(trace)
+        for (trial, _), summary in zip(batch, summarize_many(traces), strict=True):
             trial.set_user_attr("status", summary["status"])
             trial.set_user_attr("metrics", {k: v for k, v in summary.items() if k != "status"})
-            study.tell(trial, objective_value(summary, objective))
+            study.tell(trial, objective_value(summary, objective, direction))
         trained += len(batch)
         if on_progress:
             on_progress(done + trained, total)

@@ -21,6 +21,16 @@ class Trace:
     before update k is applied. Evaluations of the full splits ran after `eval_step[i]`
     updates (0 = the initialization). `train_acc` / `val_acc` are None for regression.
 
+    Optional step records (None when an engine does not record them): `grad_norm_first` /
+    `grad_norm_last` = Frobenius norm of the gradient of the first / last weight matrix,
+    `param_norm[k]` = |theta_k|, `update_norm[k]` = |theta_k+1 - theta_k| and
+    `update_cosine[k]` = cos(theta_k+1 - theta_k, theta_k - theta_k-1) (NaN at k = 0);
+    they stop one entry short of `step_loss` when the last step diverged (no update).
+    Optional eval records on a fixed probe batch (the first 256 training examples):
+    `dead_fraction` (share of hidden units with pre-activation <= 0 on every probe example,
+    relu-family activations only) and `saturation_fraction` (share of hidden pre-activations
+    in the flat tails of sigmoid, |z| > 4.6, or tanh, |z| > 2.65); NaN where undefined.
+
     A trial stops at the first non-finite minibatch loss, gradient norm or eval loss:
     `divergence_step` is that step (the non-finite value is the last entry recorded), and
     None when the trial ran all `planned_steps`.
@@ -36,6 +46,13 @@ class Trace:
     divergence_step: int | None
     planned_steps: int
     irreducible_loss: float
+    grad_norm_first: np.ndarray | None = None
+    grad_norm_last: np.ndarray | None = None
+    param_norm: np.ndarray | None = None
+    update_norm: np.ndarray | None = None
+    update_cosine: np.ndarray | None = None
+    dead_fraction: np.ndarray | None = None
+    saturation_fraction: np.ndarray | None = None
 
     def equal(self, other: Trace) -> bool:
         """Bit-identical (NaN equal to NaN)."""

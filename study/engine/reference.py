@@ -12,9 +12,10 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.nn.utils import parameters_to_vector
 
 from study.engine.base import Trace
-from study.models import build_module, init_parameters
+from study.models import PROBE_SIZE, activation_stats, build_module, init_parameters
 from study.seeds import seed_streams
 from study.tasks import Dataset
 from study.trial import TrialSpec
@@ -58,15 +59,25 @@ def train_trial(trial: TrialSpec, device: torch.device) -> Trace:
 
     step_loss: list[float] = []
     grad_norm: list[float] = []
-    evals: list[tuple[int, float, float, float, float]] = []
+    # Instrumentation beyond the plain loop (see Trace): per-step layer, parameter and
+    # update norms; per-eval activation health on a fixed probe batch.
+    extra: dict[str, list[float]] = {k: [] for k in (
+        "grad_norm_first", "grad_norm_last", "param_norm", "update_norm", "update_cosine")}
+    evals: list[tuple[float, ...]] = []
     divergence_step = None
+    probe = x_train[:PROBE_SIZE]
+    weights = [m.weight for m in model if isinstance(m, torch.nn.Linear)]
+    previous_update: torch.Tensor | None = None
 
     def evaluate(step: int) -> bool:
         with torch.no_grad():
             out_train, out_val = model(x_train), model(x_val)
+            dead, saturated = activation_stats(_hidden_pre_activations(model, probe),
+                                               trial.model.activation)
             row = (step, criterion(out_train, y_train).item(), criterion(out_val, y_val).item(),
                    _accuracy(out_train, y_train) if classify else np.nan,
-                   _accuracy(out_val, y_val) if classify else np.nan)
+                   _accuracy(out_val, y_val) if classify else np.nan,
+                   dead.item(), saturated.item())
         evals.append(row)
         return bool(np.isfinite(row[1]) and np.isfinite(row[2]))
 
@@ -88,13 +99,24 @@ def train_trial(trial: TrialSpec, device: torch.device) -> Trace:
             if not (np.isfinite(step_loss[-1]) and np.isfinite(grad_norm[-1])):
                 divergence_step = step
                 break
+            before = parameters_to_vector(model.parameters()).detach().clone()
+            extra["grad_norm_first"].append(torch.linalg.vector_norm(weights[0].grad).item())
+            extra["grad_norm_last"].append(torch.linalg.vector_norm(weights[-1].grad).item())
             optimizer.step()
+            with torch.no_grad():
+                update = parameters_to_vector(model.parameters()) - before
+                extra["param_norm"].append(torch.linalg.vector_norm(before).item())
+                extra["update_norm"].append(torch.linalg.vector_norm(update).item())
+                extra["update_cosine"].append(
+                    np.nan if previous_update is None
+                    else F.cosine_similarity(update, previous_update, dim=0, eps=1e-30).item())
+                previous_update = update
             step += 1
             if step in eval_at and not evaluate(step):
                 divergence_step = step
                 break
 
-    ev = np.array(evals, dtype=np.float64).reshape(-1, 5)
+    ev = np.array(evals, dtype=np.float64).reshape(-1, 7)
     return Trace(
         step_loss=np.asarray(step_loss, dtype=np.float64),
         grad_norm=np.asarray(grad_norm, dtype=np.float64),
@@ -106,7 +128,21 @@ def train_trial(trial: TrialSpec, device: torch.device) -> Trace:
         divergence_step=divergence_step,
         planned_steps=planned,
         irreducible_loss=data.irreducible_loss,
+        dead_fraction=ev[:, 5],
+        saturation_fraction=ev[:, 6],
+        **{k: np.asarray(v, dtype=np.float64) for k, v in extra.items()},
     )
+
+
+def _hidden_pre_activations(model: torch.nn.Sequential, x: torch.Tensor) -> list[torch.Tensor]:
+    """Pre-activations of every hidden layer (every Linear but the last) on `x`."""
+    out, h = [], x
+    layers = list(model)
+    for i, layer in enumerate(layers[:-1]):
+        h = layer(h)
+        if isinstance(layer, torch.nn.Linear) and i + 1 < len(layers):
+            out.append(h)
+    return out
 
 
 def _accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:

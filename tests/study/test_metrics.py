@@ -1,63 +1,145 @@
-"""Summary metrics on hand-built traces with known answers."""
+"""Metrics on hand-built traces whose answers are known."""
 
 from __future__ import annotations
 
 import math
 
 import numpy as np
+import pytest
 
 from study.engine.base import Trace
-from study.metrics import finite_blowup_step, objective_value, status_of, summarize
+from study.metrics import objective_value, summarize, summarize_many
+from study.metrics.shape import oscillation, spikes, steps_to_fraction
+from study.metrics.status import finite_blowup_step
 
 
-def _trace(train_loss, *, val_loss=None, divergence_step=None, floor=0.0, steps=None,
-           grad=None) -> Trace:
+def _trace(train_loss, *, step_loss=None, val_loss=None, divergence_step=None, floor=0.0,
+           grad=None, every=10, **extra) -> Trace:
     train = np.asarray(train_loss, dtype=float)
-    n_steps = steps if steps is not None else 10 * (len(train) - 1)
+    n_steps = every * (len(train) - 1)
+    steps = np.asarray(step_loss if step_loss is not None else np.linspace(1, 0.1, n_steps))
     return Trace(
-        step_loss=np.linspace(1, 0.1, n_steps),
-        grad_norm=np.asarray(grad if grad is not None else np.full(n_steps, 2.0)),
-        eval_step=np.arange(len(train)) * 10,
+        step_loss=steps,
+        grad_norm=np.asarray(grad if grad is not None else np.full(len(steps), 2.0)),
+        eval_step=np.arange(len(train)) * every,
         train_loss=train,
         val_loss=np.asarray(val_loss if val_loss is not None else train, dtype=float),
         train_acc=None, val_acc=None, divergence_step=divergence_step,
-        planned_steps=10 * (len(train) - 1), irreducible_loss=floor,
+        planned_steps=n_steps, irreducible_loss=floor, **extra,
     )
 
 
-def test_monotone_decay_converges() -> None:
-    row = summarize(_trace([1.0, 0.5, 0.25, 0.1]))
+def test_monotone_decay_converges_without_oscillation_or_spikes() -> None:
+    step_loss = 2.0 * 0.97 ** np.arange(100)
+    row = summarize(_trace(2.0 * 0.97 ** np.arange(0, 101, 10), step_loss=step_loss))
     assert row["status"] == "converged"
-    assert row["train_loss_final"] == 0.1 and row["train_loss_best"] == 0.1
+    assert row["osc_tv_ratio"] == pytest.approx(1.0)
+    assert row["up_step_fraction"] == 0.0
+    assert row["spike_count"] == 0
     assert math.isnan(row["divergence_step"])
-    assert row["grad_norm_max"] == 2.0
+    assert row["grad_norm_max"] == 2.0 and row["grad_norm_growth"] == 0.0
+
+
+def test_period_two_oscillation_has_autocorrelation_minus_one() -> None:
+    k = np.arange(200)
+    step_loss = np.where(k % 2 == 0, 1.0, 0.5) * 0.999 ** k
+    out = oscillation(step_loss[None, :])
+    assert out["loss_diff_autocorr"][0] == pytest.approx(-1.0, abs=0.01)
+    assert out["up_step_fraction"][0] == pytest.approx(0.5, abs=0.01)
+    assert out["osc_tv_ratio"][0] > 100  # huge variation for a small net decrease
+
+
+def test_a_single_spike_is_counted_once_with_its_ratio() -> None:
+    step_loss = np.exp(-0.01 * np.arange(200))
+    step_loss[120] *= 10.0
+    out = spikes(step_loss[None, :])
+    assert out["spike_count"][0] == 1
+    # The rolling median lags the descent by ~10 steps: ratio 10 x exp(-0.01 * 10.5).
+    assert out["spike_max_ratio"][0] == pytest.approx(10 * math.exp(-0.105), rel=0.01)
+    smooth = spikes(np.exp(-0.01 * np.arange(200))[None, :])
+    assert smooth["spike_count"][0] == 0
+
+
+def test_plateau_then_drop_gives_known_step_counts() -> None:
+    loss = np.array([[1.0, 1.0, 1.0, 1.0, 0.5, 0.2, 0.1]])
+    steps = np.arange(7)[None, :] * 10
+    assert steps_to_fraction(steps, loss, 0.5)[0] == 40  # 1 - 0.5 * 0.9 = 0.55 -> 0.5 at 40
+    assert steps_to_fraction(steps, loss, 0.9)[0] == 60  # target 0.19 -> 0.1 at 60
+    row = summarize(_trace(loss[0]))
+    assert row["plateau_steps"] == 40 and row["steps_to_50pct"] == 40
 
 
 def test_nan_at_step_17_is_diverged_at_17_with_capped_final_loss() -> None:
-    grad = np.full(18, 1.0)
-    grad[17] = np.nan
-    trace = _trace([1.0, 0.8, 0.6], steps=18, grad=grad, divergence_step=17)
-    row = summarize(trace)
+    step_loss = np.linspace(1.0, 0.5, 18)
+    step_loss[17] = np.nan
+    row = summarize(_trace([1.0, 0.8], step_loss=step_loss, divergence_step=17))
     assert row["status"] == "diverged" and row["divergence_step"] == 17
     assert row["train_loss_final"] == 1.0 == row["val_loss_final"]  # capped at initial
-    assert row["train_loss_best"] == 0.6
+    assert row["train_loss_best"] == 0.8
     assert row["steps"] == 17
     assert objective_value(row, "val_loss_final") == 1.0
 
 
-def test_finite_billionfold_growth_is_diverged_at_first_of_three_bad_evals() -> None:
+def test_finite_ten_billionfold_growth_is_diverged_at_first_of_three_bad_evals() -> None:
     loss = [1.0, 0.5, 20.0, 1e3, 1e6, 1e10]
-    assert finite_blowup_step(np.arange(6) * 10, np.array(loss)) == 20
-    assert status_of(_trace(loss)) == ("diverged", 20)
+    assert finite_blowup_step(np.arange(6)[None, :] * 10, np.array([loss]))[0] == 20
+    row = summarize(_trace(loss))
+    assert (row["status"], row["divergence_step"]) == ("diverged", 20)
+    assert row["train_loss_final"] == 1.0
 
 
 def test_transient_spike_that_recovers_is_not_diverged() -> None:
-    status, _ = status_of(_trace([1.0, 0.5, 4.0, 30.0, 0.3, 0.1]))
-    assert status == "converged"
+    row = summarize(_trace([1.0, 0.5, 4.0, 30.0, 0.3, 0.1, 0.05, 0.04]))
+    assert row["status"] == "unstable"  # two rises > 10%, but no divergence
+    assert math.isnan(row["divergence_step"])
 
 
-def test_no_progress_is_judged_on_excess_over_the_floor() -> None:
-    # Raw loss falls 1% but the floor is 0.99: excess 0.01 -> 0.0001, converged.
-    assert status_of(_trace([1.0, 0.995, 0.9901], floor=0.99))[0] == "converged"
-    # Raw loss falls 3% from 1.0 with floor 0: excess barely moves -> no progress.
-    assert status_of(_trace([1.0, 0.99, 0.97]))[0] == "no_progress"
+def test_noisy_regression_that_reaches_its_floor_after_a_one_percent_drop_converged() -> None:
+    # Noise floor 0.99: the raw loss falls 1% (1.0 -> 0.9901) but the excess falls 99%.
+    row = summarize(_trace([1.0, 0.995, 0.992, 0.9905, 0.9901], floor=0.99))
+    assert row["status"] == "converged"
+    assert row["excess_loss_final"] == pytest.approx(1e-4)
+    # Without the floor the same curve made no progress.
+    assert summarize(_trace([1.0, 0.995, 0.992, 0.9905, 0.9901]))["status"] == "no_progress"
+
+
+def test_still_descending_far_from_floor_is_slow() -> None:
+    row = summarize(_trace([1.0, 0.9, 0.8, 0.7, 0.6, 0.5]))
+    assert row["status"] == "slow"
+
+
+def test_update_and_layer_metrics_from_records() -> None:
+    n = 30
+    trace = _trace([1.0, 0.5, 0.3, 0.2], every=10,
+                   grad_norm_first=np.full(n, 1e-3), grad_norm_last=np.full(n, 1.0),
+                   update_norm=np.full(n, 0.01), param_norm=np.full(n, 10.0),
+                   update_cosine=np.where(np.arange(n) == 0, np.nan, -0.9),
+                   dead_fraction=np.array([0.0, 0.1, 0.2, 0.25]),
+                   saturation_fraction=np.full(4, np.nan))
+    row = summarize(trace)
+    assert row["layer_grad_ratio_log10"] == pytest.approx(-3.0)
+    assert row["update_param_ratio"] == pytest.approx(1e-3)
+    assert row["update_cosine_mean"] == pytest.approx(-0.9)
+    assert row["dead_relu_fraction"] == 0.25
+    assert math.isnan(row["saturation_fraction"])
+
+
+def test_batched_metrics_equal_per_trial_metrics() -> None:
+    rng = np.random.default_rng(0)
+    traces = []
+    for i in range(6):
+        n_evals = 4 + i
+        evals = np.cumprod(rng.uniform(0.6, 1.3, n_evals))
+        steps = np.cumprod(rng.uniform(0.8, 1.2, 10 * (n_evals - 1)))
+        div = 7 if i == 2 else None
+        traces.append(_trace(evals, step_loss=steps, divergence_step=div,
+                             grad=rng.uniform(0.5, 3, len(steps))))
+    together = summarize_many(traces)
+    for trace, row in zip(traces, together, strict=True):
+        alone = summarize(trace)
+        assert alone.keys() == row.keys()
+        for key, value in alone.items():
+            if isinstance(value, float) and math.isnan(value):
+                assert math.isnan(row[key]), key
+            else:
+                assert row[key] == pytest.approx(value), key

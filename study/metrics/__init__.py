@@ -1,0 +1,130 @@
+"""Per-trial stability metrics, computed from traces by pure, vectorized functions.
+
+`summarize_many(traces)` returns one dict per trace with `status` and every name in
+`SUMMARY_METRICS`. Definitions live in the docstrings of the functions that compute them
+(`status` rules in `study.metrics.status`; curve shape in `shape`; gradients, updates and
+activations in `gradients`); units are the task's loss units unless said otherwise. NaN
+means "undefined for this trial" (e.g. accuracy of a regression task), never "diverged".
+
+Losses:
+- `train_loss_initial`, `val_loss_initial`: loss of the initialization (eval at step 0).
+- `train_loss_final`, `val_loss_final`: loss at the last eval. For a `diverged` trial the
+  final loss is capped at the initial loss (a diverged run is no better than doing nothing,
+  and NaN/inf never enters a table); the status says it diverged.
+- `train_loss_best`, `val_loss_best`: minimum over the finite evals.
+- `train_acc_final`, `val_acc_final`: accuracy in [0, 1] at the last finite eval.
+- `gen_gap`: val_loss_final - train_loss_final (generalization gap).
+- `irreducible_loss`: the task's floor; `excess_loss_final`: train_loss_final - floor.
+- `divergence_step` (update index, NaN if not diverged); `steps` (updates applied);
+  `planned_steps`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from study.engine.base import Trace
+from study.metrics import gradients, shape
+from study.metrics.arrays import TraceArrays, finite, last_valid, nan_reduce
+from study.metrics.status import STATUSES, classify, finite_blowup_step
+
+SUMMARY_METRICS = (
+    "train_loss_initial", "train_loss_final", "train_loss_best",
+    "val_loss_initial", "val_loss_final", "val_loss_best",
+    "train_acc_final", "val_acc_final", "gen_gap", "excess_loss_final",
+    "divergence_step", "steps", "planned_steps", "irreducible_loss",
+    "steps_to_50pct", "steps_to_90pct", "plateau_steps",
+    "osc_tv_ratio", "up_step_fraction", "loss_diff_autocorr", "update_cosine_mean",
+    "spike_count", "spike_max_ratio", "eval_rise_count",
+    "grad_norm_median", "grad_norm_max", "grad_norm_final", "grad_norm_growth",
+    "layer_grad_ratio_log10", "update_param_ratio",
+    "dead_relu_fraction", "saturation_fraction",
+)
+
+__all__ = ["STATUSES", "SUMMARY_METRICS", "finite_blowup_step", "objective_value",
+           "summarize", "summarize_many"]
+
+
+def summarize_many(traces: Sequence[Trace]) -> list[dict[str, Any]]:
+    """`status` and every metric of `SUMMARY_METRICS` for each trace (vectorized)."""
+    if not traces:
+        return []
+    a = TraceArrays.stack(traces)
+    t = len(traces)
+    engine_div = np.array([np.nan if tr.divergence_step is None else tr.divergence_step
+                           for tr in traces], dtype=float)
+    spikes = shape.spikes(a.step_loss)
+    rises = shape.eval_rises(a.train_loss)
+    status, divergence = classify(engine_divergence=engine_div, eval_step=a.eval_step,
+                                  train_loss=a.train_loss, floor=a.irreducible_loss,
+                                  spike_count=np.nan_to_num(spikes["spike_count"]),
+                                  eval_rises=rises)
+    diverged = status == "diverged"
+    cols: dict[str, np.ndarray] = {}
+    for split in ("train", "val"):
+        loss = getattr(a, f"{split}_loss")
+        initial = np.where(np.isfinite(loss[:, 0]), loss[:, 0], np.inf)
+        cols[f"{split}_loss_initial"] = initial
+        cols[f"{split}_loss_final"] = np.where(diverged, initial, last_valid(loss))
+        best = nan_reduce(np.nanmin, finite(loss))
+        cols[f"{split}_loss_best"] = np.where(np.isnan(best), initial, best)
+        cols[f"{split}_acc_final"] = last_valid(finite(getattr(a, f"{split}_acc")))
+    cols["gen_gap"] = cols["val_loss_final"] - cols["train_loss_final"]
+    cols["excess_loss_final"] = cols["train_loss_final"] - a.irreducible_loss
+    cols["divergence_step"] = divergence
+    cols["steps"] = np.array([_updates(tr) for tr in traces], dtype=float)
+    cols["planned_steps"] = np.array([tr.planned_steps for tr in traces], dtype=float)
+    cols["irreducible_loss"] = a.irreducible_loss
+    cols["steps_to_50pct"] = shape.steps_to_fraction(a.eval_step, a.train_loss, 0.5)
+    cols["steps_to_90pct"] = shape.steps_to_fraction(a.eval_step, a.train_loss, 0.9)
+    cols["plateau_steps"] = shape.plateau_steps(a.eval_step, a.train_loss)
+    cols.update(shape.oscillation(a.step_loss))
+    cols["update_cosine_mean"] = gradients.update_cosine(a.update_cosine)
+    cols.update(spikes)
+    cols["eval_rise_count"] = rises
+    cols.update(gradients.gradient_norms(a.grad_norm))
+    cols["layer_grad_ratio_log10"] = gradients.layer_ratio(a.grad_norm_first,
+                                                           a.grad_norm_last)
+    cols["update_param_ratio"] = gradients.update_ratio(a.update_norm, a.param_norm)
+    cols.update(gradients.final_activation_stats(a.dead_fraction, a.saturation_fraction))
+    rows = []
+    for i in range(t):
+        row: dict[str, Any] = {"status": str(status[i])}
+        for name in SUMMARY_METRICS:
+            value = float(cols[name][i])
+            row[name] = int(value) if name in _INTEGER and math.isfinite(value) else value
+        rows.append(row)
+    return rows
+
+
+_INTEGER = {"steps", "planned_steps"}
+
+
+def summarize(trace: Trace) -> dict[str, Any]:
+    """`summarize_many` for one trace."""
+    return summarize_many([trace])[0]
+
+
+def _updates(trace: Trace) -> int:
+    """Updates applied: a trial stopped at a non-finite minibatch step k applied k."""
+    n = len(trace.step_loss)
+    stopped_in_step = trace.divergence_step is not None and n > trace.divergence_step
+    return n - 1 if stopped_in_step else n
+
+
+def objective_value(summary: dict[str, Any], metric: str, direction: str = "minimize"
+                    ) -> float:
+    """The finite value told to Optuna: `summary[metric]`. Losses are kept finite by
+    `summarize` (diverged trials capped at their initial loss); a trial whose very
+    initialization gave a non-finite loss is told the worst finite float."""
+    value = summary[metric]
+    if value is None or math.isnan(value):
+        raise ValueError(f"objective metric {metric!r} is undefined for this trial")
+    if math.isinf(value):
+        worst = np.finfo(float).max
+        return worst if direction == "minimize" else -worst
+    return float(value)
