@@ -11,9 +11,13 @@ same association of products, so a batched step equals `torch.optim`'s step to r
 - Python-float scalars of torch (for example `lr / bias_correction1`) are computed in float64
   per trial and rounded once to the parameter dtype, as torch rounds a Python scalar.
 
-`step(params, grad, alive)` returns the new parameters and replaces the state; rows where
-`alive` is False keep their parameters and state exactly (selected with `torch.where`, so a
-non-finite gradient of one trial never reaches another trial or its own frozen state).
+`step(params, grad, alive)` returns the new parameters and replaces the state. A row whose
+`alive` is False is frozen: its parameters and state keep their values exactly. Rather than a
+`torch.where` per state tensor (several times the cost of a multiply on [T, P] on the CPU),
+the update is switched off through the row's [T, 1] columns: its non-finite gradient entries
+are zeroed first (alive rows have finite gradients, so this changes nothing for them), then
+its learning rate becomes 0 and every decay factor 1, so each state tensor computes
+`x * 1 + 0 * finite = x`. No row's numbers ever enter another row's arithmetic.
 Every trial of a population takes its k-th step together, so the step counter is shared.
 """
 
@@ -66,7 +70,6 @@ class BatchedOptimizer:
     """Base: per-trial hyperparameters as [T, 1] columns, state tensors as [T, P]."""
 
     spec_type: type[OptimizerSpec] = OptimizerSpec
-    state_names: tuple[str, ...] = ()
 
     def __init__(self, specs: Sequence[OptimizerSpec], params: Tensor) -> None:
         if not specs:
@@ -85,30 +88,28 @@ class BatchedOptimizer:
         self.t = 0
 
     def column(self, values: Sequence[float]) -> Tensor:
-        """Per-trial float64 values as a [T, 1] float64 column on the device."""
-        return torch.tensor(list(values), dtype=torch.float64, device=self.device)[:, None]
+        """Per-trial values as a [T, 1] column in the parameter dtype.
 
-    def cast(self, column: Tensor) -> Tensor:
-        """A float64 column rounded to the parameter dtype (how torch rounds a Python scalar)."""
-        return column.to(self.dtype)
-
-    def scalars(self, fn, rows: Sequence[tuple[float, ...]]) -> StepScalars:
-        return StepScalars(fn, rows, self.dtype, self.device)
+        The values are Python floats rounded once to the dtype, as torch rounds a Python
+        scalar; compute derived values (`1 - beta`) in Python before calling this.
+        """
+        return torch.tensor([float(v) for v in values], dtype=torch.float64,
+                            device=self.device)[:, None].to(self.dtype)
 
     def mask(self, values: Sequence[bool]) -> Tensor:
         return torch.tensor(list(values), dtype=torch.bool, device=self.device)[:, None]
 
-    def step(self, params: Tensor, grad: Tensor, alive: Tensor) -> Tensor:
-        """One update of every alive row; returns the new [T, P] parameters."""
-        self.t += 1
-        keep = alive[:, None]
-        new_params, new_state = self.update(params, grad)
-        for name, value in new_state.items():
-            old = getattr(self, name)
-            setattr(self, name, value if old is None else torch.where(keep, value, old))
-        return torch.where(keep, new_params, params)
+    def scalars(self, fn, rows: Sequence[tuple[float, ...]]) -> StepScalars:
+        return StepScalars(fn, rows, self.dtype, self.device)
 
-    def update(self, params: Tensor, grad: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+    def step(self, params: Tensor, grad: Tensor, alive: Tensor) -> Tensor:
+        """One update of every alive row (`alive`: [T] bool); returns the new [T, P] params."""
+        self.t += 1
+        grad = torch.nan_to_num(grad, nan=0.0, posinf=0.0, neginf=0.0)
+        return self.update(params, grad, alive[:, None])
+
+    def update(self, params: Tensor, grad: Tensor, live: Tensor) -> Tensor:
+        """The family's update; `live` [T, 1]; frozen rows must come out bit-unchanged."""
         raise NotImplementedError
 
     def select(self, index: Tensor) -> None:
@@ -121,85 +122,99 @@ class BatchedOptimizer:
         self.specs = [self.specs[i] for i in index.tolist()]
 
 
+def _or(live: Tensor, column: Tensor, frozen: float) -> Tensor:
+    """`column` on live rows, `frozen` on the others ([T, 1], cheap)."""
+    return torch.where(live, column, torch.full_like(column, frozen))
+
+
 class BatchedSGD(BatchedOptimizer):
-    """torch.optim.SGD: weight decay, heavy-ball momentum with dampening, Nesterov."""
+    """torch.optim.SGD: weight decay, heavy-ball momentum with dampening, Nesterov.
+
+    A trial without momentum keeps no buffer in torch; here its buffer is refreshed as
+    `buf * 0 + grad * 1 = grad`, so one formula serves every row.
+    """
 
     spec_type = SGD
 
     def __init__(self, specs: Sequence[SGD], params: Tensor) -> None:
         super().__init__(specs, params)
-        momentum = self.column([s.momentum for s in specs])
-        self.neg_lr = self.cast(-self.column([s.lr for s in specs]))
-        self.weight_decay = self.cast(self.column([s.weight_decay for s in specs]))
-        self.momentum = self.cast(momentum)
-        self.one_minus_dampening = self.cast(1 - self.column([s.dampening for s in specs]))
-        self.nesterov = self.mask([s.nesterov for s in specs])
-        self.no_momentum = self.mask([s.momentum == 0 for s in specs])
+        self.neg_lr = self.column([-s.lr for s in specs])
+        self.weight_decay = self.column([s.weight_decay for s in specs])
+        self.momentum = self.column([s.momentum for s in specs])
+        self.one_minus_dampening = self.column(
+            [1 - s.dampening if s.momentum != 0 else 1.0 for s in specs])
+        # direction = grad * nesterov + buf * coefficient: Nesterov rows grad + momentum * buf
+        # (torch: grad.add(buf, alpha=momentum)), the others buf.
+        self.grad_share = self.column([float(s.nesterov) for s in specs])
+        self.buf_share = self.column([s.momentum if s.nesterov else 1.0 for s in specs])
         self.use_decay = any(s.weight_decay != 0 for s in specs)
         self.use_momentum = any(s.momentum != 0 for s in specs)
         self.use_nesterov = any(s.nesterov for s in specs)
         self.buf: Tensor | None = None
 
-    def update(self, params: Tensor, grad: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+    def update(self, params: Tensor, grad: Tensor, live: Tensor) -> Tensor:
+        neg_lr = _or(live, self.neg_lr, 0.0)
         if self.use_decay:
             grad = torch.addcmul(grad, params, self.weight_decay)
         if not self.use_momentum:
-            return torch.addcmul(params, grad, self.neg_lr), {}
+            return torch.addcmul(params, grad, neg_lr)
         if self.buf is None:
-            buf = grad.clone()  # torch: the first step copies the gradient (no dampening)
+            self.buf = grad.clone()  # torch: the first step copies the gradient (no dampening)
         else:
-            buf = torch.addcmul(self.buf * self.momentum, grad, self.one_minus_dampening)
-        direction = buf
+            momentum = _or(live, self.momentum, 1.0)
+            keep_grad = _or(live, self.one_minus_dampening, 0.0)
+            self.buf = torch.addcmul(self.buf * momentum, grad, keep_grad)
+        direction = self.buf
         if self.use_nesterov:
-            direction = torch.where(self.nesterov, torch.addcmul(grad, buf, self.momentum), buf)
-        direction = torch.where(self.no_momentum, grad, direction)
-        return torch.addcmul(params, direction, self.neg_lr), {"buf": buf}
+            direction = torch.addcmul(grad * self.grad_share, self.buf, self.buf_share)
+        return torch.addcmul(params, direction, neg_lr)
 
 
 class BatchedAdam(BatchedOptimizer):
-    """torch.optim.Adam (L2 weight decay), AdamW (decoupled) and their amsgrad variants."""
+    """torch.optim.Adam (L2 weight decay), AdamW (decoupled) and their amsgrad variants.
+
+    amsgrad mixes freely: a row without it keeps `max(0 * max_sq, v) = v` as its maximum.
+    """
 
     spec_type = Adam
     decoupled = False
 
     def __init__(self, specs: Sequence[Adam], params: Tensor) -> None:
         super().__init__(specs, params)
-        beta1 = self.column([s.betas[0] for s in specs])
-        beta2 = self.column([s.betas[1] for s in specs])
-        self.beta2 = self.cast(beta2)
-        self.one_minus_beta1 = self.cast(1 - beta1)
-        self.one_minus_beta2 = self.cast(1 - beta2)
-        self.eps = self.cast(self.column([s.eps for s in specs]))
-        self.weight_decay = self.cast(self.column([s.weight_decay for s in specs]))
-        self.decay_factor = self.cast(self.column([1 - s.lr * s.weight_decay for s in specs]))
+        self.beta2 = self.column([s.betas[1] for s in specs])
+        self.one_minus_beta1 = self.column([1 - s.betas[0] for s in specs])
+        self.one_minus_beta2 = self.column([1 - s.betas[1] for s in specs])
+        self.eps = self.column([s.eps for s in specs])
+        self.weight_decay = self.column([s.weight_decay for s in specs])
+        self.decay_factor = self.column([1 - s.lr * s.weight_decay for s in specs])  # AdamW
+        self.amsgrad = self.column([float(s.amsgrad) for s in specs])
         # torch: step_size = lr / (1 - beta1**t); bias_correction2_sqrt = (1 - beta2**t)**0.5
         self.neg_step_size = self.scalars(lambda t, lr, b1: -(lr / (1 - b1**t)),
                                           [(s.lr, s.betas[0]) for s in specs])
         self.bias_correction2_sqrt = self.scalars(lambda t, b2: (1 - b2**t) ** 0.5,
                                                   [(s.betas[1],) for s in specs])
-        self.amsgrad = self.mask([s.amsgrad for s in specs])
         self.use_decay = any(s.weight_decay != 0 for s in specs)
         self.use_amsgrad = any(s.amsgrad for s in specs)
         self.exp_avg = torch.zeros_like(params)
         self.exp_avg_sq = torch.zeros_like(params)
         self.max_exp_avg_sq = torch.zeros_like(params) if self.use_amsgrad else None
 
-    def update(self, params: Tensor, grad: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+    def update(self, params: Tensor, grad: Tensor, live: Tensor) -> Tensor:
         if self.use_decay:
             if self.decoupled:
-                params = params * self.decay_factor
+                params = params * _or(live, self.decay_factor, 1.0)
             else:
                 grad = torch.addcmul(grad, params, self.weight_decay)
-        exp_avg = torch.lerp(self.exp_avg, grad, self.one_minus_beta1)
-        exp_avg_sq = torch.addcmul(self.exp_avg_sq * self.beta2, grad * self.one_minus_beta2, grad)
-        state = {"exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}
-        second = exp_avg_sq
+        self.exp_avg = torch.lerp(self.exp_avg, grad, _or(live, self.one_minus_beta1, 0.0))
+        self.exp_avg_sq = torch.addcmul(self.exp_avg_sq * _or(live, self.beta2, 1.0),
+                                        grad * _or(live, self.one_minus_beta2, 0.0), grad)
+        second = self.exp_avg_sq
         if self.use_amsgrad:
-            max_sq = torch.maximum(self.max_exp_avg_sq, exp_avg_sq)
-            state["max_exp_avg_sq"] = max_sq
-            second = torch.where(self.amsgrad, max_sq, exp_avg_sq)
+            self.max_exp_avg_sq = torch.maximum(self.max_exp_avg_sq * self.amsgrad, second)
+            second = self.max_exp_avg_sq
         denom = (second.sqrt() / self.bias_correction2_sqrt.at(self.t)).add_(self.eps)
-        return torch.addcdiv(params, exp_avg * self.neg_step_size.at(self.t), denom), state
+        neg_step_size = _or(live, self.neg_step_size.at(self.t), 0.0)
+        return torch.addcdiv(params, self.exp_avg * neg_step_size, denom)
 
 
 class BatchedAdamW(BatchedAdam):
@@ -210,47 +225,55 @@ class BatchedAdamW(BatchedAdam):
 
 
 class BatchedRMSprop(BatchedOptimizer):
-    """torch.optim.RMSprop: weight decay, momentum, centered."""
+    """torch.optim.RMSprop: weight decay, momentum, centered (each may differ per row).
+
+    A non-centered row subtracts `0 * grad_avg**2` (exactly nothing). Rows with and without
+    momentum round differently in torch, so a population holding both picks per row.
+    """
 
     spec_type = RMSprop
 
     def __init__(self, specs: Sequence[RMSprop], params: Tensor) -> None:
         super().__init__(specs, params)
-        alpha = self.column([s.alpha for s in specs])
-        self.alpha = self.cast(alpha)
-        self.one_minus_alpha = self.cast(1 - alpha)
-        self.neg_lr = self.cast(-self.column([s.lr for s in specs]))
-        self.eps = self.cast(self.column([s.eps for s in specs]))
-        self.weight_decay = self.cast(self.column([s.weight_decay for s in specs]))
-        self.momentum = self.cast(self.column([s.momentum for s in specs]))
-        self.centered = self.mask([s.centered for s in specs])
+        self.alpha = self.column([s.alpha for s in specs])
+        self.one_minus_alpha = self.column([1 - s.alpha for s in specs])
+        self.neg_lr = self.column([-s.lr for s in specs])
+        self.eps = self.column([s.eps for s in specs])
+        self.weight_decay = self.column([s.weight_decay for s in specs])
+        self.momentum = self.column([s.momentum for s in specs])
+        self.neg_centered = self.column([-float(s.centered) for s in specs])
         self.with_momentum = self.mask([s.momentum > 0 for s in specs])
         self.use_decay = any(s.weight_decay != 0 for s in specs)
         self.use_centered = any(s.centered for s in specs)
         self.use_momentum = any(s.momentum > 0 for s in specs)
+        self.mixed_momentum = self.use_momentum and not all(s.momentum > 0 for s in specs)
         self.square_avg = torch.zeros_like(params)
         self.grad_avg = torch.zeros_like(params) if self.use_centered else None
         self.buf = torch.zeros_like(params) if self.use_momentum else None
 
-    def update(self, params: Tensor, grad: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+    def update(self, params: Tensor, grad: Tensor, live: Tensor) -> Tensor:
         if self.use_decay:
             grad = torch.addcmul(grad, params, self.weight_decay)
-        square_avg = torch.addcmul(self.square_avg * self.alpha, grad * self.one_minus_alpha, grad)
-        state = {"square_avg": square_avg}
-        avg = square_avg.sqrt()
+        one_minus_alpha = _or(live, self.one_minus_alpha, 0.0)
+        self.square_avg = torch.addcmul(self.square_avg * _or(live, self.alpha, 1.0),
+                                        grad * one_minus_alpha, grad)
         if self.use_centered:
-            grad_avg = torch.lerp(self.grad_avg, grad, self.one_minus_alpha)
-            state["grad_avg"] = grad_avg
-            centered = torch.addcmul(square_avg, grad_avg, grad_avg, value=-1).sqrt_()
-            avg = torch.where(self.centered, centered, avg)
+            self.grad_avg = torch.lerp(self.grad_avg, grad, one_minus_alpha)
+            # torch: square_avg.addcmul(grad_avg, grad_avg, value=-1).sqrt_()
+            avg = torch.addcmul(self.square_avg, self.grad_avg * self.neg_centered,
+                                self.grad_avg).sqrt_()
+        else:
+            avg = self.square_avg.sqrt()
         avg = avg.add_(self.eps)
-        plain = torch.addcdiv(params, grad * self.neg_lr, avg)
+        neg_lr = _or(live, self.neg_lr, 0.0)
         if not self.use_momentum:
-            return plain, state
-        buf = torch.addcdiv(self.buf * self.momentum, grad, avg)
-        state["buf"] = buf
-        with_buf = torch.addcmul(params, buf, self.neg_lr)
-        return torch.where(self.with_momentum, with_buf, plain), state
+            return torch.addcdiv(params, grad * neg_lr, avg)
+        self.buf = torch.addcdiv(self.buf * _or(live, self.momentum, 1.0),
+                                 grad * live.to(grad.dtype), avg)
+        with_buf = torch.addcmul(params, self.buf, neg_lr)
+        if not self.mixed_momentum:
+            return with_buf
+        return torch.where(self.with_momentum, with_buf, torch.addcdiv(params, grad * neg_lr, avg))
 
 
 class BatchedAdagrad(BatchedOptimizer):
@@ -263,19 +286,20 @@ class BatchedAdagrad(BatchedOptimizer):
         # torch: clr = lr / (1 + (t - 1) * lr_decay)
         self.neg_clr = self.scalars(lambda t, lr, decay: -(lr / (1 + (t - 1) * decay)),
                                     [(s.lr, s.lr_decay) for s in specs])
-        self.eps = self.cast(self.column([s.eps for s in specs]))
-        self.weight_decay = self.cast(self.column([s.weight_decay for s in specs]))
+        self.eps = self.column([s.eps for s in specs])
+        self.weight_decay = self.column([s.weight_decay for s in specs])
         self.use_decay = any(s.weight_decay != 0 for s in specs)
-        initial = self.cast(self.column([s.initial_accumulator_value for s in specs]))
+        initial = self.column([s.initial_accumulator_value for s in specs])
         self.state_sum = initial.expand_as(params).clone()
 
-    def update(self, params: Tensor, grad: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+    def update(self, params: Tensor, grad: Tensor, live: Tensor) -> Tensor:
         if self.use_decay:
             grad = torch.addcmul(grad, params, self.weight_decay)
-        neg_clr = self.neg_clr.at(self.t)
-        state_sum = torch.addcmul(self.state_sum, grad, grad)
-        std = state_sum.sqrt().add_(self.eps)
-        return torch.addcdiv(params, grad * neg_clr, std), {"state_sum": state_sum}
+        # torch: state_sum.addcmul_(grad, grad, value=1); a frozen row adds 0 * grad
+        self.state_sum = torch.addcmul(self.state_sum, grad * live.to(grad.dtype), grad)
+        std = self.state_sum.sqrt().add_(self.eps)
+        neg_clr = _or(live, self.neg_clr.at(self.t), 0.0)
+        return torch.addcdiv(params, grad * neg_clr, std)
 
 
 OPTIMIZERS: dict[type[OptimizerSpec], type[BatchedOptimizer]] = {

@@ -180,7 +180,16 @@ class BatchedEngine:
         return traces  # type: ignore[return-value]
 
     def train(self, trials: Sequence[TrialSpec], device: torch.device) -> list[Trace]:
-        """Train trials that share one `population_key`."""
+        """Train trials that share one `population_key`.
+
+        Note:
+            A lone trial is trained next to a copy of itself: torch's CPU `bmm` takes another
+            kernel for a batch of one, whose rounding differs, while every batch of two or
+            more gives each row the same bits. With the copy, a trial's trace is bit-identical
+            whatever population it trains in (tests/study/engine/test_population.py).
+        """
+        if len(trials) == 1:
+            return _Population([trials[0]] * 2, device, self).run()[:1]
         return _Population(trials, device, self).run()
 
 
@@ -302,6 +311,10 @@ class _Population:
                                       * len(self.ids)):
             return None
         kept = self.alive.nonzero().squeeze(1)
+        if alive == 1:  # keep two rows (see BatchedEngine.train)
+            kept = torch.cat([kept, (~self.alive).nonzero()[0]])
+            if len(kept) == len(self.ids):
+                return None
         self.ids, self.params = self.ids[kept], self.params[kept]
         self.optimizer.select(kept)
         self.row_offset = self.row_offset[kept]

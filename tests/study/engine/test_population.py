@@ -1,0 +1,214 @@
+"""The batched engine reproduces the reference engine trial by trial (the equivalence contract).
+
+float64: max relative difference <= 1e-6; float32: <= 1e-4, over the whole run for trials that
+converge. Trials past the stability limit: the first 50 steps within the same bound, the same
+status, and the divergence step within a few steps.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from study.engine import BatchedEngine, ReferenceEngine, make_engine
+from study.engine.base import Trace
+from study.models import ACTIVATIONS, ModelSpec
+from study.optimizers import SGD, Adagrad, Adam, AdamW, RMSprop
+from study.tasks import Blobs, LinearRegression, Spirals, TeacherMLP
+from study.trial import TrainSpec, TrialSpec
+
+CPU = torch.device("cpu")
+TOL = {"float64": 1e-6, "float32": 1e-4}
+REGRESSION = TeacherMLP(n_train=100, n_val=64, width=16)
+CLASSIFICATION = Blobs(n_train=100, n_val=64)
+
+
+def _trial(optimizer=None, task=REGRESSION, model=None, train=None, seed=0) -> TrialSpec:
+    return TrialSpec(task, model or ModelSpec(depth=2, width=16),
+                     optimizer or SGD(lr=0.05, momentum=0.9),
+                     train or TrainSpec(batch_size=32, epochs=3, dtype="float64"), seed)
+
+
+def _max_rel(a: np.ndarray, b: np.ndarray) -> float:
+    if len(a) == 0:
+        return 0.0
+    return float(np.max(np.abs(a - b) / np.maximum(np.abs(b), 1e-12)))
+
+
+def assert_equivalent(got: Trace, want: Trace, tol: float, first: int | None = None) -> None:
+    """Same structure; loss, grad-norm and eval traces within `tol` (the first `first`
+    steps only for trials past the stability limit, whose divergence step may move a little)."""
+    assert got.planned_steps == want.planned_steps
+    assert got.irreducible_loss == want.irreducible_loss
+    assert (got.train_acc is None) == (want.train_acc is None)
+    if first is None:
+        assert got.divergence_step == want.divergence_step
+        assert np.array_equal(got.eval_step, want.eval_step)
+        n, n_eval = len(want.step_loss), len(want.eval_step)
+        assert len(got.step_loss) == len(got.grad_norm) == n
+    else:
+        assert (got.divergence_step is None) == (want.divergence_step is None)
+        if want.divergence_step is not None:
+            assert abs(got.divergence_step - want.divergence_step) <= 3
+        n = min(first, len(got.step_loss), len(want.step_loss))
+        n_eval = int(np.searchsorted(want.eval_step, n, side="right"))
+        n_eval = min(n_eval, len(got.eval_step))
+    for name in ("step_loss", "grad_norm"):
+        a, b = getattr(got, name)[:n], getattr(want, name)[:n]
+        finite = np.isfinite(b)
+        assert np.array_equal(np.isfinite(a), finite), name
+        assert _max_rel(a[finite], b[finite]) <= tol, (name, _max_rel(a[finite], b[finite]))
+    for name in ("train_loss", "val_loss"):
+        a, b = getattr(got, name)[:n_eval], getattr(want, name)[:n_eval]
+        finite = np.isfinite(b)
+        assert np.array_equal(np.isfinite(a), finite), name
+        assert _max_rel(a[finite], b[finite]) <= tol, (name, _max_rel(a[finite], b[finite]))
+    if want.train_acc is not None:
+        for name in ("train_acc", "val_acc"):
+            a, b = getattr(got, name)[:n_eval], getattr(want, name)[:n_eval]
+            # an exact tie in argmax may fall either way: at most one example apart
+            assert np.max(np.abs(a - b), initial=0.0) <= 1 / 64 + 1e-12, name
+
+
+def _check(trials: list[TrialSpec], first: int | None = None,
+           engine: BatchedEngine | None = None) -> list[Trace]:
+    want = ReferenceEngine().run(trials, CPU)
+    got = (engine or BatchedEngine()).run(trials, CPU)
+    for trial, g, w in zip(trials, got, want, strict=True):
+        assert_equivalent(g, w, TOL[trial.train.dtype], first)
+    return got
+
+
+OPTIMIZERS = {
+    "sgd": [SGD(lr=0.05), SGD(lr=0.02, momentum=0.9, weight_decay=1e-3),
+            SGD(lr=0.03, momentum=0.5, dampening=0.5), SGD(lr=0.01, momentum=0.9, nesterov=True)],
+    "adam": [Adam(lr=1e-2), Adam(lr=3e-3, betas=(0.8, 0.99), weight_decay=1e-2),
+             Adam(lr=1e-2, amsgrad=True)],
+    "adamw": [AdamW(lr=1e-2), AdamW(lr=3e-3, weight_decay=0.1, eps=1e-6)],
+    "rmsprop": [RMSprop(lr=1e-3), RMSprop(lr=1e-3, centered=True, momentum=0.5),
+                RMSprop(lr=3e-4, alpha=0.9, weight_decay=1e-3)],
+    "adagrad": [Adagrad(lr=0.05), Adagrad(lr=0.05, lr_decay=0.01, initial_accumulator_value=0.1)],
+}
+
+
+@pytest.mark.parametrize("task", [REGRESSION, CLASSIFICATION], ids=["regression", "classify"])
+@pytest.mark.parametrize("family", sorted(OPTIMIZERS))
+def test_every_optimizer_family_matches_the_reference(family: str, task) -> None:
+    trials = [_trial(opt, task=task, seed=i) for i, opt in enumerate(OPTIMIZERS[family])]
+    _check(trials)
+
+
+@pytest.mark.parametrize("activation", sorted(ACTIVATIONS))
+def test_every_activation_and_init_matches_the_reference(activation: str) -> None:
+    inits = [("default", 1.0), ("xavier", 0.5), ("he", 1.0), ("normal", 0.3), ("zero", 1.0)]
+    trials = [_trial(SGD(lr=0.1, momentum=0.5), model=ModelSpec(2, 16, activation, init, scale),
+                     seed=i) for i, (init, scale) in enumerate(inits)]
+    _check(trials)
+
+
+@pytest.mark.parametrize("batch_size", [1, 32, 100, "full", 500])
+def test_batch_sizes_including_full_and_a_partial_last_batch(batch_size) -> None:
+    train = TrainSpec(batch_size=batch_size, epochs=2, dtype="float64")
+    trials = [_trial(Adam(lr=lr), task=CLASSIFICATION, train=train, seed=s)
+              for lr, s in [(1e-2, 0), (3e-3, 1)]]
+    got = _check(trials)
+    steps = {1: 100, 32: 4, 100: 1, "full": 1, 500: 1}[batch_size]
+    assert got[0].planned_steps == 2 * steps
+
+
+@pytest.mark.parametrize("task", [REGRESSION, CLASSIFICATION], ids=["regression", "classify"])
+def test_float32_within_1e_4(task) -> None:
+    train = TrainSpec(batch_size=16, epochs=3, dtype="float32")
+    trials = [_trial(opt, task=task, train=train, seed=s)
+              for s, opt in enumerate([SGD(lr=0.05, momentum=0.9), Adam(lr=3e-3)][:1])]
+    trials += [_trial(Adam(lr=3e-3), task=task, train=train, seed=5)]
+    _check(trials)
+
+
+def test_other_tasks_linear_models_and_eval_every() -> None:
+    train = TrainSpec(batch_size=24, epochs=2, eval_every=3, dtype="float64")
+    linear = ModelSpec(depth=0, width=0, activation="identity")
+    tasks = [LinearRegression(dim=5, out_dim=2, n_train=72, feature_scale=[1, 2, 3, 4, 0.1]),
+             Spirals(n_train=72, n_val=40)]
+    for task in tasks:
+        for model in (linear, ModelSpec(depth=1, width=8, activation="tanh")):
+            trials = [_trial(SGD(lr=0.05), task=task, model=model, train=train, seed=s)
+                      for s in range(2)]
+            got = _check(trials)
+            assert list(got[0].eval_step) == [0, 3, 6]
+
+
+def test_a_diverging_trial_is_frozen_and_cut_without_touching_the_others() -> None:
+    """lr 1e3 next to lr 1e-2: the big step diverges, its neighbours do not notice."""
+    train = TrainSpec(batch_size=16, epochs=3, dtype="float32")
+    lrs = [1e-2, 1e3, 1e-2, 30.0, 1e-2]
+    trials = [_trial(SGD(lr=lr), train=train, seed=i % 2) for i, lr in enumerate(lrs)]
+    trials.append(_trial(SGD(lr=1e-2), train=train, seed=3,
+                         model=ModelSpec(depth=2, width=16, init="normal", init_scale=1e30)))
+    want = ReferenceEngine().run(trials, CPU)
+    got = BatchedEngine().run(trials, CPU)
+    alone = BatchedEngine().run([trials[0]], CPU)[0]
+    assert want[1].divergence_step is not None and want[5].divergence_step == 0
+    for g, w in zip(got, want, strict=True):
+        assert_equivalent(g, w, TOL["float32"], first=50)
+        if g.divergence_step is not None:  # the non-finite value is the last entry
+            at_eval = len(g.step_loss) == g.divergence_step
+            last = (g.train_loss[-1] + g.val_loss[-1]) if at_eval else g.step_loss[-1]
+            assert not np.isfinite(last)
+            assert np.isfinite(g.step_loss[:g.divergence_step]).all()
+    assert want[0].divergence_step is None
+    assert got[0].equal(alone)
+    assert got[0].equal(got[2])  # the same trial twice in one population: the same bits
+    assert not got[0].equal(got[4 - 3])
+
+
+def test_compaction_of_diverged_rows_changes_nothing() -> None:
+    train = TrainSpec(batch_size=8, epochs=2, dtype="float64")
+    lrs = [1e-2, 1e3, 3e2, 1e-2, 1e2, 1e3, 1e-2, 1e4]
+    trials = [_trial(SGD(lr=lr, momentum=0.9), train=train, seed=i) for i, lr in enumerate(lrs)]
+    often = BatchedEngine(check_every=1, compact_below=1.0)
+    never = BatchedEngine(check_every=10**9)
+    got = _check(trials, first=50, engine=often)
+    for g, n in zip(got, never.run(trials, CPU), strict=True):
+        assert g.equal(n)
+
+
+def test_a_population_where_every_trial_diverges_stops_early() -> None:
+    train = TrainSpec(batch_size=8, epochs=3, dtype="float32")
+    trials = [_trial(SGD(lr=lr), train=train, seed=i) for i, lr in enumerate([1e4, 1e5])]
+    got = _check(trials, first=50, engine=BatchedEngine(check_every=4))
+    assert all(t.divergence_step is not None for t in got)
+
+
+def test_a_trial_alone_equals_the_same_trial_in_a_population_of_64() -> None:
+    """Bit-identical on the CPU: the rows never interact and every kernel is per row."""
+    rng = np.random.default_rng(0)
+    crowd = [_trial(Adam(lr=float(10 ** rng.uniform(-4, 0))), task=CLASSIFICATION,
+                    seed=int(rng.integers(0, 20))) for _ in range(63)]
+    me = _trial(Adam(lr=3e-3), task=CLASSIFICATION, seed=42)
+    population = crowd[:20] + [me] + crowd[20:]
+    got = BatchedEngine().run(population, CPU)[20]
+    alone = BatchedEngine().run([me], CPU)[0]
+    assert got.equal(alone)
+    assert_equivalent(alone, ReferenceEngine().run([me], CPU)[0], TOL["float64"])
+
+
+def test_mixed_structures_are_split_and_returned_in_order() -> None:
+    trials = [_trial(SGD(lr=0.05), seed=0), _trial(Adam(lr=1e-2), seed=1),
+              _trial(SGD(lr=0.02), task=CLASSIFICATION, seed=2), _trial(Adam(lr=3e-3), seed=3)]
+    got = _check(trials)
+    assert got[2].train_acc is not None and got[0].train_acc is None
+    assert make_engine("batched").name == "batched"
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_matches_the_cpu_reference() -> None:
+    trials = [_trial(opt, task=task, seed=i) for i, opt in enumerate(
+        [SGD(lr=0.05, momentum=0.9), Adam(lr=1e-2), RMSprop(lr=1e-3, centered=True)])
+        for task in (REGRESSION, CLASSIFICATION)]
+    want = ReferenceEngine().run(trials, CPU)
+    got = BatchedEngine().run(trials, torch.device("cuda"))
+    for g, w in zip(got, want, strict=True):
+        assert_equivalent(g, w, TOL["float64"])
