@@ -20,7 +20,7 @@ from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from study.trial import TrainSpec, TrialSpec
+from study.trial import DiagnosticsSpec, TrainSpec, TrialSpec
 
 GROUPS = ("task", "model", "optimizer")
 ENGINES = ("reference", "batched")
@@ -38,6 +38,15 @@ class TrainConfig:
     epochs: int = 20
     eval_every: int | None = None
     dtype: str = "float32"
+
+
+@dataclass
+class DiagnosticsConfig:
+    sharpness: bool = False
+    noise_scale: bool = False
+    every: int | None = None
+    iterations: int = 20
+    max_examples: int = 256
 
 
 @dataclass
@@ -68,6 +77,7 @@ class StudyConfig:
     storage: StorageConfig = field(default_factory=StorageConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    diagnostics: DiagnosticsConfig = field(default_factory=DiagnosticsConfig)
     sweep: SweepConfig | None = None
     seed: int = 0
     engine: str = "reference"
@@ -174,10 +184,11 @@ def build_trial(plain: dict[str, Any], seed: int, labels: dict[str, str]) -> Tri
     specs = {group: instantiate_group(plain, group) for group in GROUPS}
     try:
         train_spec = TrainSpec(**plain["train"])
+        diagnostics = DiagnosticsSpec(**plain.get("diagnostics", {}))
     except (TypeError, ValueError) as err:
         raise ConfigError(str(err)) from None
     return TrialSpec(specs["task"], specs["model"], specs["optimizer"], train_spec, seed,
-                     labels)
+                     labels, diagnostics)
 
 
 def instantiate_group(plain: dict[str, Any], group: str) -> Any:

@@ -12,6 +12,7 @@ before any training.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -117,7 +118,7 @@ def _with_values(plain: dict[str, Any], values: dict[str, Any]) -> dict[str, Any
 
 
 def _reseed(trial: TrialSpec, seed: int) -> TrialSpec:
-    return TrialSpec(trial.task, trial.model, trial.optimizer, trial.train, seed, trial.labels)
+    return dataclasses.replace(trial, seed=seed)
 
 
 def plan_from_overrides(overrides: Sequence[str] = (), conf_dir: Path = CONF_DIR) -> SweepPlan:

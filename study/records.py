@@ -33,7 +33,8 @@ ENV = "env.json"
 REPORT = "report.html"
 
 # Long-format curves. split: "batch" (minibatch at each step), "train" / "val" (full-split
-# evaluations); metric: "loss", "grad_norm" (batch only), "accuracy" (classification only).
+# evaluations), "diag" (opt-in diagnostics); metric: "loss", "grad_norm" (batch only),
+# "accuracy" (classification only), "sharpness" / "noise_scale" (diag only).
 CURVE_COLUMNS = ("trial", "step", "split", "metric", "value")
 _CURVE_SCHEMA = pa.schema([
     ("trial", pa.int64()), ("step", pa.int64()), ("split", pa.string()),

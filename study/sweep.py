@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import optuna
 import pandas as pd
 import torch
@@ -180,6 +181,11 @@ def curves_frame(number: int, trace) -> pd.DataFrame:
     for split in ("train", "val"):
         add(split, "loss", trace.eval_step, getattr(trace, f"{split}_loss"))
         add(split, "accuracy", trace.eval_step, getattr(trace, f"{split}_acc"))
+    if trace.diag_step is not None:
+        for metric in ("sharpness", "noise_scale"):
+            values = getattr(trace, metric)
+            if values is not None and not np.isnan(values).all():
+                add("diag", metric, trace.diag_step, values)
     return pd.concat(parts, ignore_index=True)
 
 
@@ -209,7 +215,8 @@ def run_sweep(plan: SweepPlan, study: optuna.Study, engine: Engine, device: torc
         # Curves first, then tell: a COMPLETE trial always has its curves on disk.
         records.write_curves(run_dir, f"trials-{min(numbers):06d}-{max(numbers):06d}",
                              pd.concat(frames, ignore_index=True))
-        for (trial, _), summary in zip(batch, summarize_many(traces), strict=True):
+        summaries = summarize_many(traces, [point.trial.optimizer.lr for _, point in batch])
+        for (trial, _), summary in zip(batch, summaries, strict=True):
             trial.set_user_attr("status", summary["status"])
             trial.set_user_attr("metrics", {k: v for k, v in summary.items() if k != "status"})
             study.tell(trial, objective_value(summary, objective, direction))

@@ -82,6 +82,45 @@ class TrainSpec:
 
 
 @dataclass(frozen=True)
+class DiagnosticsSpec:
+    """Opt-in diagnostics, measured on the side (they never change the training numbers).
+
+    `sharpness`: top Hessian eigenvalue of the full-batch training loss (Lanczos with
+    `iterations` Hessian-vector products). `noise_scale`: gradient noise scale B_simple from
+    per-example gradients of the first `max_examples` training examples. Measured at step 0
+    and every `every` steps (`None`: at every evaluation), and at the last step.
+    """
+
+    sharpness: bool = False
+    noise_scale: bool = False
+    every: int | None = None
+    iterations: int = 20
+    max_examples: int = 256
+
+    def __post_init__(self) -> None:
+        if self.every is not None and self.every < 1:
+            raise ValueError(f"diagnostics.every must be >= 1 or null, got {self.every}")
+        if self.iterations < 1:
+            raise ValueError(f"diagnostics.iterations must be >= 1, got {self.iterations}")
+        if self.max_examples < 2:
+            raise ValueError(f"diagnostics.max_examples must be >= 2, got {self.max_examples}")
+
+    @property
+    def enabled(self) -> bool:
+        return self.sharpness or self.noise_scale
+
+    def steps(self, train: TrainSpec, n_train: int) -> list[int]:
+        """Steps (updates done) at which the diagnostics are measured; [] when disabled."""
+        if not self.enabled:
+            return []
+        if self.every is None:
+            return train.eval_steps(n_train)
+        total = train.total_steps(n_train)
+        steps = list(range(0, total + 1, self.every))
+        return steps if steps[-1] == total else [*steps, total]
+
+
+@dataclass(frozen=True)
 class TrialSpec:
     """Everything that determines one trial's numbers.
 
@@ -96,6 +135,7 @@ class TrialSpec:
     train: TrainSpec
     seed: int
     labels: dict[str, str] = field(default_factory=dict, compare=False, hash=False)
+    diagnostics: DiagnosticsSpec = field(default_factory=DiagnosticsSpec)
 
     def flat(self) -> dict[str, Any]:
         """One flat record: group labels, `<group>.<field>` for every field, and `seed`.
@@ -104,9 +144,10 @@ class TrialSpec:
         scalar a table column can hold.
         """
         row: dict[str, Any] = dict(self.labels)
-        for group in ("task", "model", "optimizer", "train"):
+        for group in ("task", "model", "optimizer", "train", "diagnostics"):
             spec = getattr(self, group)
-            row[f"{group}.type"] = type(spec).__name__
+            if group != "diagnostics":
+                row[f"{group}.type"] = type(spec).__name__
             for f in fields(spec):
                 if not f.init:
                     continue
@@ -123,6 +164,8 @@ class TrialSpec:
             group: {"type": type(getattr(self, group)).__name__, **asdict(getattr(self, group))}
             for group in ("task", "model", "optimizer", "train")
         }
+        if self.diagnostics.enabled:  # keys of runs without diagnostics stay as they were
+            content["diagnostics"] = asdict(self.diagnostics)
         content["seed"] = self.seed
         blob = json.dumps(content, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:24]

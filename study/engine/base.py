@@ -31,6 +31,9 @@ class Trace:
     relu-family activations only) and `saturation_fraction` (share of hidden pre-activations
     in the flat tails of sigmoid, |z| > 4.6, or tanh, |z| > 2.65); NaN where undefined.
 
+    Opt-in diagnostics (`TrialSpec.diagnostics`): `sharpness[i]` and `noise_scale[i]` after
+    `diag_step[i]` updates (NaN for the one not asked for); None when none was asked for.
+
     A trial stops at the first non-finite minibatch loss, gradient norm or eval loss:
     `divergence_step` is that step (the non-finite value is the last entry recorded), and
     None when the trial ran all `planned_steps`.
@@ -53,6 +56,9 @@ class Trace:
     update_cosine: np.ndarray | None = None
     dead_fraction: np.ndarray | None = None
     saturation_fraction: np.ndarray | None = None
+    diag_step: np.ndarray | None = None
+    sharpness: np.ndarray | None = None
+    noise_scale: np.ndarray | None = None
 
     def equal(self, other: Trace) -> bool:
         """Bit-identical (NaN equal to NaN)."""
@@ -92,4 +98,5 @@ def population_key(trial: TrialSpec) -> tuple:
         (model.depth, model.width, model.activation),
         trial.optimizer.family,
         trial.train,
+        trial.diagnostics,
     )

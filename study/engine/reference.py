@@ -15,6 +15,8 @@ import torch.nn.functional as F
 from torch.nn.utils import parameters_to_vector
 
 from study.engine.base import Trace
+from study.engine.diagnostics import gradient_noise_scale, sharpness
+from study.engine.population import Network
 from study.models import PROBE_SIZE, activation_stats, build_module, init_parameters
 from study.seeds import seed_streams
 from study.tasks import Dataset
@@ -69,6 +71,13 @@ def train_trial(trial: TrialSpec, device: torch.device) -> Trace:
     weights = [m.weight for m in model if isinstance(m, torch.nn.Linear)]
     previous_update: torch.Tensor | None = None
 
+    diag_at = set(trial.diagnostics.steps(trial.train, n))
+    diag: list[tuple[float, float, float]] = []
+
+    def diagnose(step: int) -> None:
+        if step in diag_at:
+            diag.append((step, *measure_diagnostics(trial, model, data, x_train, y_train)))
+
     def evaluate(step: int) -> bool:
         with torch.no_grad():
             out_train, out_val = model(x_train), model(x_val)
@@ -82,6 +91,7 @@ def train_trial(trial: TrialSpec, device: torch.device) -> Trace:
         return bool(np.isfinite(row[1]) and np.isfinite(row[2]))
 
     step = 0
+    diagnose(0)
     if not evaluate(0):
         divergence_step = 0
     while divergence_step is None and step < planned:
@@ -112,11 +122,13 @@ def train_trial(trial: TrialSpec, device: torch.device) -> Trace:
                     else F.cosine_similarity(update, previous_update, dim=0, eps=1e-30).item())
                 previous_update = update
             step += 1
+            diagnose(step)
             if step in eval_at and not evaluate(step):
                 divergence_step = step
                 break
 
     ev = np.array(evals, dtype=np.float64).reshape(-1, 7)
+    dg = np.array(diag, dtype=np.float64).reshape(-1, 3) if diag_at else None
     return Trace(
         step_loss=np.asarray(step_loss, dtype=np.float64),
         grad_norm=np.asarray(grad_norm, dtype=np.float64),
@@ -131,7 +143,30 @@ def train_trial(trial: TrialSpec, device: torch.device) -> Trace:
         dead_fraction=ev[:, 5],
         saturation_fraction=ev[:, 6],
         **{k: np.asarray(v, dtype=np.float64) for k, v in extra.items()},
+        diag_step=None if dg is None else dg[:, 0].astype(np.int64),
+        sharpness=None if dg is None else dg[:, 1],
+        noise_scale=None if dg is None else dg[:, 2],
     )
+
+
+def measure_diagnostics(trial: TrialSpec, model: torch.nn.Sequential, data: Dataset,
+                        x_train: torch.Tensor, y_train: torch.Tensor) -> tuple[float, float]:
+    """(sharpness, noise scale) of `model` now, NaN for the one not asked for."""
+    spec = trial.diagnostics
+    layers = [m for m in model if isinstance(m, torch.nn.Linear)]
+    net = Network(tuple((m.in_features, m.out_features) for m in layers), trial.model.activation)
+    flat = net.flatten([(m.weight.detach(), m.bias.detach()) for m in layers])[None]
+    values = [float("nan"), float("nan")]
+    if not torch.isfinite(flat).all():
+        return values[0], values[1]
+    if spec.sharpness:
+        values[0] = sharpness(net, flat, x_train[None], y_train[None], data.loss,
+                              spec.iterations, [seed_streams(trial.seed).init]).item()
+    if spec.noise_scale:
+        k = spec.max_examples
+        values[1] = gradient_noise_scale(net, flat, x_train[None, :k], y_train[None, :k],
+                                         data.loss).item()
+    return values[0], values[1]
 
 
 def _hidden_pre_activations(model: torch.nn.Sequential, x: torch.Tensor) -> list[torch.Tensor]:

@@ -17,6 +17,15 @@ Losses:
 - `irreducible_loss`: the task's floor; `excess_loss_final`: train_loss_final - floor.
 - `divergence_step` (update index, NaN if not diverged); `steps` (updates applied);
   `planned_steps`.
+
+Opt-in diagnostics (NaN unless the trial recorded them, see `study.engine.diagnostics`):
+- `sharpness_final`, `sharpness_max`: top Hessian eigenvalue of the full-batch training
+  loss at the last measurement / its maximum over the run (1 / loss-units per parameter^2).
+- `sharpness_lr_ratio`: sharpness_max x lr / 2. Gradient descent on a quadratic is stable
+  only while sharpness < 2 / lr, so 1 is the classical stability limit (for plain SGD;
+  adaptive optimizers precondition the curvature they see).
+- `noise_scale_final`: gradient noise scale B_simple = tr(Sigma) / |G|^2 at the last
+  measurement (in examples: the batch size above which larger batches stop helping much).
 """
 
 from __future__ import annotations
@@ -29,7 +38,7 @@ import numpy as np
 
 from study.engine.base import Trace
 from study.metrics import gradients, shape
-from study.metrics.arrays import TraceArrays, finite, last_valid, nan_reduce
+from study.metrics.arrays import TraceArrays, finite, last_valid, nan_reduce, pad
 from study.metrics.status import STATUSES, classify, finite_blowup_step
 
 SUMMARY_METRICS = (
@@ -43,14 +52,18 @@ SUMMARY_METRICS = (
     "grad_norm_median", "grad_norm_max", "grad_norm_final", "grad_norm_growth",
     "layer_grad_ratio_log10", "update_param_ratio",
     "dead_relu_fraction", "saturation_fraction",
+    "sharpness_final", "sharpness_max", "sharpness_lr_ratio", "noise_scale_final",
 )
 
 __all__ = ["STATUSES", "SUMMARY_METRICS", "finite_blowup_step", "objective_value",
            "summarize", "summarize_many"]
 
 
-def summarize_many(traces: Sequence[Trace]) -> list[dict[str, Any]]:
-    """`status` and every metric of `SUMMARY_METRICS` for each trace (vectorized)."""
+def summarize_many(traces: Sequence[Trace], learning_rates: Sequence[float] | None = None
+                   ) -> list[dict[str, Any]]:
+    """`status` and every metric of `SUMMARY_METRICS` for each trace (vectorized).
+
+    `learning_rates` (one per trace) is only needed for `sharpness_lr_ratio`."""
     if not traces:
         return []
     a = TraceArrays.stack(traces)
@@ -91,6 +104,12 @@ def summarize_many(traces: Sequence[Trace]) -> list[dict[str, Any]]:
                                                            a.grad_norm_last)
     cols["update_param_ratio"] = gradients.update_ratio(a.update_norm, a.param_norm)
     cols.update(gradients.final_activation_stats(a.dead_fraction, a.saturation_fraction))
+    sharp = finite(pad([tr.sharpness for tr in traces]))
+    cols["sharpness_final"] = last_valid(sharp)
+    cols["sharpness_max"] = nan_reduce(np.nanmax, sharp)
+    lrs = np.full(t, np.nan) if learning_rates is None else np.asarray(learning_rates, float)
+    cols["sharpness_lr_ratio"] = cols["sharpness_max"] * lrs / 2
+    cols["noise_scale_final"] = last_valid(finite(pad([tr.noise_scale for tr in traces])))
     rows = []
     for i in range(t):
         row: dict[str, Any] = {"status": str(status[i])}

@@ -107,3 +107,21 @@ def test_init_schemes_are_deterministic_per_init_seed(init: str) -> None:
         assert all(not w.any() for w, _ in a)
     if init == "normal":
         assert 0.2 < a[0][0].std().item() < 1.0  # N(0, 0.5^2)
+
+
+def test_diagnostics_are_measured_at_eval_steps_and_match_the_analytic_sharpness() -> None:
+    from study.tasks import LinearRegression
+    from study.trial import DiagnosticsSpec
+
+    task = LinearRegression(dim=5, n_train=64, n_val=32)
+    trial = TrialSpec(task, ModelSpec(depth=0, activation="identity"), SGD(lr=0.1),
+                      TrainSpec(batch_size=16, epochs=2, dtype="float64"), 3,
+                      diagnostics=DiagnosticsSpec(sharpness=True, noise_scale=True))
+    (trace,) = ReferenceEngine().run([trial], CPU)
+    assert list(trace.diag_step) == list(trace.eval_step) == [0, 4, 8]
+    # Linear model + MSE: the Hessian is 2/n [X 1]^T [X 1] whatever the parameters.
+    x = task.generate(seed_streams(3).data).x_train
+    xa = torch.cat([x, torch.ones(64, 1, dtype=torch.float64)], dim=1)
+    exact = torch.linalg.eigvalsh(2 / 64 * xa.T @ xa)[-1].item()
+    np.testing.assert_allclose(trace.sharpness, exact, rtol=1e-6)
+    assert (trace.noise_scale > 0).all()
