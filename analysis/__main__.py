@@ -18,11 +18,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog="python -m analysis",
         description="Build report.html for a study run directory from its files.")
     parser.add_argument("run_dir", type=Path, help="run directory written by `python -m study`")
+    parser.add_argument("--map-metric", default="val_loss_final", metavar="COLUMN",
+                        help="numeric trials.parquet column that colors the stability map "
+                             "(median over seeds; default: %(default)s, shown relative to "
+                             "the task's initial loss)")
     args = parser.parse_args(argv)
     from analysis import build_report  # after parsing: --help stays fast
 
     try:
-        path = build_report(args.run_dir)
+        path = build_report(args.run_dir, map_metric=args.map_metric)
     except RecordError as err:
         print(f"analysis: error: {err}", file=sys.stderr)
         return 2

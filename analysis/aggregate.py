@@ -106,7 +106,8 @@ class StabilityMap:
 
     `cells` is cell_summary's frame plus `row`/`col` panel labels ("" without facet),
     `x`/`y` display labels, `x_pos`/`y_pos` positions in `x_labels`/`y_labels` and
-    `color_value` (`ratio` when normalized, else `median_final`).
+    `color_value` (`ratio` when normalized, else `median_final`). `log_color`: every finite
+    color value is positive, so the color scale is logarithmic (else linear).
     """
 
     cells: pd.DataFrame
@@ -117,16 +118,19 @@ class StabilityMap:
     col_labels: tuple[str, ...]
     metric: str
     normalized: bool
+    log_color: bool = True
 
 
 def stability_map(summary: pd.DataFrame, axes: SweepAxes, layout: MapLayout,
                   metric: str = FINAL) -> StabilityMap:
     """Lay cell_summary's rows out as heatmap cells: x, y and panel facets from `layout`.
 
-    Color is normalized per task (median final / the task's median initial validation
-    loss, since tasks have different loss scales) when the reference is known, else raw.
+    For the final validation loss, color is normalized per task (median final / the task's
+    median initial validation loss, since tasks have different loss scales) when the
+    reference is known; any other metric (`summary` from cell_summary(..., metric)) is
+    shown raw.
     """
-    normalized = bool(summary["reference"].notna().any())
+    normalized = metric == FINAL and bool(summary["reference"].notna().any())
     cells = summary.copy()
     cells["row"] = cells[layout.row] if layout.row else ""
     cells["col"] = (cells[list(layout.cols)].astype(str).agg(", ".join, axis=1)
@@ -137,12 +141,13 @@ def stability_map(summary: pd.DataFrame, axes: SweepAxes, layout: MapLayout,
     cells["x_pos"] = cells["x"].map(_rank(x_labels))
     cells["y_pos"] = cells["y"].map(_rank(y_labels))
     cells["color_value"] = cells["ratio"] if normalized else cells["median_final"]
+    finite = cells["color_value"][np.isfinite(cells["color_value"])]
     rows, cols = ordered_labels(axes, layout.row, layout.cols)
     return StabilityMap(
         cells=cells, layout=layout, x_labels=tuple(x_labels), y_labels=tuple(y_labels),
         row_labels=tuple(r for r in rows if r in set(cells["row"])),
         col_labels=tuple(c for c in cols if c in set(cells["col"])),
-        metric=metric, normalized=normalized,
+        metric=metric, normalized=normalized, log_color=bool((finite > 0).all()),
     )
 
 

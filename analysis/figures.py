@@ -18,11 +18,11 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.axes import Axes  # noqa: E402
-from matplotlib.colors import Colormap, LogNorm  # noqa: E402
+from matplotlib.colors import Colormap, LogNorm, Normalize  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
-from matplotlib.ticker import LogFormatter  # noqa: E402
+from matplotlib.ticker import LogFormatter, LogLocator, NullLocator  # noqa: E402
 
 from analysis.aggregate import MARKERS, StabilityMap  # noqa: E402
 
@@ -60,6 +60,22 @@ def plain_log_ticks(axis) -> None:
                                                minor_thresholds=(1, 0.5)))
 
 
+def log_y_if_wide(ax: Axes, values: pd.Series, factor: float = 3.0) -> bool:
+    """Log y (plain tick labels) when the positive values span more than `factor`."""
+    positive = values[np.isfinite(values) & (values > 0)]
+    if positive.empty or positive.max() / positive.min() <= factor or (values <= 0).any():
+        return False
+    ax.set_yscale("log")
+    if positive.max() / positive.min() > 100:
+        # Wide range: a few labelled decades, no minor ticks (hundreds of them are slow).
+        ax.yaxis.set_major_locator(LogLocator(numticks=6))
+        ax.yaxis.set_minor_locator(NullLocator())
+        ax.yaxis.set_major_formatter(PlainLogFormatter(labelOnlyBase=False))
+    else:
+        plain_log_ticks(ax.yaxis)
+    return True
+
+
 def short_label(label: str) -> str:
     """Tick-sized label: integers as is, other numbers to 2 significant digits (0.00032)."""
     try:
@@ -81,7 +97,16 @@ def color_norm(values: pd.Series) -> LogNorm:
     return LogNorm(low, high)
 
 
-def draw_stability_panel(cells: pd.DataFrame, smap: StabilityMap, norm: LogNorm,
+def linear_norm(values: pd.Series) -> Normalize:
+    """Linear color scale over the finite values (for metrics that can be zero or negative)."""
+    finite = values[np.isfinite(values)]
+    if finite.empty:
+        return Normalize(0.0, 1.0)
+    low, high = float(finite.min()), float(finite.max())
+    return Normalize(low, high if high > low else low + 1.0)
+
+
+def draw_stability_panel(cells: pd.DataFrame, smap: StabilityMap, norm: Normalize,
                          ax: Axes | None = None) -> Axes:
     """Heatmap of one panel's `color_value` with a symbol on every marked cell."""
     ax = ax or plt.figure().gca()
@@ -89,10 +114,12 @@ def draw_stability_panel(cells: pd.DataFrame, smap: StabilityMap, norm: LogNorm,
     grid = np.full((len(smap.y_labels), len(smap.x_labels)), np.nan)
     grid[cells["y_pos"].to_numpy(), cells["x_pos"].to_numpy()] = cells["color_value"]
     ax.set_facecolor(MISSING_COLOR)
-    ax.imshow(np.ma.masked_invalid(np.where(grid > 0, grid, np.nan)), cmap=cmap, norm=norm,
+    shown = np.where(grid > 0, grid, np.nan) if smap.log_color else grid
+    ax.imshow(np.ma.masked_invalid(shown), cmap=cmap, norm=norm,
               origin="lower", aspect="auto", interpolation="nearest")
     for cell in cells[cells["marker"] != ""].itertuples():
-        rgba = cmap(norm(cell.color_value)) if cell.color_value > 0 else (1, 1, 1, 1)
+        drawn = np.isfinite(cell.color_value) and (cell.color_value > 0 or not smap.log_color)
+        rgba = cmap(norm(cell.color_value)) if drawn else (1, 1, 1, 1)
         ink = "black" if _luminance(rgba) > 0.5 else "white"
         ax.plot(cell.x_pos, cell.y_pos, linestyle="none", marker=SYMBOLS[cell.marker],
                 markersize=9, markeredgewidth=2, color=ink, markerfacecolor="none")
@@ -112,7 +139,8 @@ def plot_stability_map(smap: StabilityMap) -> Figure:
     fig, grid = plt.subplots(len(rows), len(cols), squeeze=False, sharex=True, sharey=True,
                              figsize=(width * len(cols) + 1.5, height * len(rows) + 1.0),
                              layout="constrained")
-    norm = color_norm(smap.cells["color_value"])
+    norm = (color_norm(smap.cells["color_value"]) if smap.log_color
+            else linear_norm(smap.cells["color_value"]))
     for i, row in enumerate(rows):
         for j, col in enumerate(cols):
             ax = grid[i, j]
@@ -127,7 +155,8 @@ def plot_stability_map(smap: StabilityMap) -> Figure:
     label = ("final / initial val loss (medians)" if smap.normalized
              else f"median {smap.metric}")
     colorbar = fig.colorbar(mappable, ax=grid, label=label, shrink=0.9)
-    plain_log_ticks(colorbar.ax.yaxis)
+    if smap.log_color:
+        plain_log_ticks(colorbar.ax.yaxis)
     handles = [Line2D([], [], linestyle="none", marker=SYMBOLS[m], color="black",
                       markerfacecolor="none", markeredgewidth=2, label=text)
                for m, text in MARKERS.items() if (smap.cells["marker"] == m).any()]
@@ -135,11 +164,11 @@ def plot_stability_map(smap: StabilityMap) -> Figure:
         handles.append(Patch(color=MISSING_COLOR, label="no trials"))
     if handles:
         fig.legend(handles=handles, loc="outside lower center", frameon=False,
-                   ncols=_legend_columns(fig, len(handles)))
+                   ncols=legend_columns(fig, len(handles)))
     return fig
 
 
-def _legend_columns(fig: Figure, n_entries: int, inches_per_entry: float = 3.3) -> int:
+def legend_columns(fig: Figure, n_entries: int, inches_per_entry: float = 3.3) -> int:
     """As many legend columns as fit the figure's width (legend text is not shrunk)."""
     fits = int(fig.get_figwidth() // inches_per_entry)
     return max(1, min(n_entries, fits))
@@ -215,7 +244,7 @@ def plot_loss_curves(frame: pd.DataFrame, line_axis: str, ylabel: str) -> Figure
     handles.append(Line2D([], [], color="black", linestyle="--", marker="x",
                           label="diverged (x = where it blew up)"))
     fig.legend(handles=handles, loc="outside lower center", frameon=False,
-               ncols=_legend_columns(fig, len(handles)))
+               ncols=legend_columns(fig, len(handles)))
     return fig
 
 

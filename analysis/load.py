@@ -9,6 +9,7 @@ from typing import Any
 
 import pandas as pd
 
+from study import records
 from study.records import REPORT, RecordError, read_env, read_trials
 
 REQUIRED_COLUMNS = ("trial", "status")
@@ -21,7 +22,9 @@ class RunData:
 
     `trials` has one row per finished trial with `status` as str; `meta` is the
     trials.parquet metadata; `hydra` maps file names under .hydra/ to their text; `files`
-    lists the run directory's files (relative paths, sizes in bytes), report excluded.
+    lists the run directory's files (relative paths, sizes in bytes), report excluded;
+    `claims` is the run's claims table when study.records offers `read_claims` and the run
+    holds one (columns statement, metric, effect, ci_low, ci_high, verdict, n_trials).
     """
 
     run_dir: Path
@@ -30,6 +33,7 @@ class RunData:
     env: Mapping[str, Any]
     hydra: Mapping[str, str]
     files: tuple[tuple[str, int], ...]
+    claims: pd.DataFrame | None = None
 
 
 def load_run(run_dir: Path) -> RunData:
@@ -46,7 +50,14 @@ def load_run(run_dir: Path) -> RunData:
     trials = trials.assign(status=trials["status"].astype(str)).sort_values(
         "trial", ignore_index=True)
     return RunData(run_dir=run_dir, trials=trials, meta=meta, env=read_env(run_dir),
-                   hydra=_read_hydra(run_dir), files=_list_files(run_dir))
+                   hydra=_read_hydra(run_dir), files=_list_files(run_dir),
+                   claims=_read_claims(run_dir))
+
+
+def _read_claims(run_dir: Path) -> pd.DataFrame | None:
+    """Claims through study.records (the owner of file formats), once it knows them."""
+    reader = getattr(records, "read_claims", None)
+    return reader(run_dir) if reader is not None else None
 
 
 def _read_hydra(run_dir: Path) -> dict[str, str]:

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import jinja2
 import pandas as pd
 
-from analysis import figures
+from analysis import figures, sections
 from analysis.aggregate import FINAL, MARKERS, cell_summary, stability_map, status_counts
 from analysis.axes import (
     SEED,
@@ -27,7 +28,7 @@ from analysis.curves import (
     trial_curves,
 )
 from analysis.load import RunData, load_run
-from study.records import REPORT, atomic_write_bytes, read_curves
+from study.records import REPORT, RecordError, atomic_write_bytes, read_curves
 
 MAX_FILES = 60
 # Settings named in the header when every trial shares them (the rest: .hydra/config.yaml).
@@ -37,32 +38,73 @@ ENV_FIRST = ("started", "finished", "wall_time_s", "device", "engine", "git_comm
              "hostname")
 
 
-def build_report(run_dir: Path) -> Path:
+class ReportError(RecordError):
+    """The run directory is readable but the report cannot be built as asked."""
+
+
+def build_report(run_dir: Path, map_metric: str = FINAL,
+                 claims: pd.DataFrame | None = None) -> Path:
     """Write `run_dir/report.html` (atomically) from the run directory's files; return its path.
 
+    `map_metric` colors the stability map (median over seeds); `claims` (columns
+    CLAIM_COLUMNS) overrides the claims the run directory holds, if any.
     Raises study.records.RecordError, before writing anything, when `run_dir` is missing,
-    not a run directory, or holds an unreadable record.
+    not a run directory, or holds an unreadable record, and ReportError when `map_metric`
+    is not a numeric column of trials.parquet.
     """
     run = load_run(Path(run_dir))
-    html = render_html(run)
+    html = render_html(run, map_metric=map_metric, claims=claims)
     path = run.run_dir / REPORT
     atomic_write_bytes(path, html.encode("utf-8"))
     return path
 
 
-def render_html(run: RunData) -> str:
-    """The report's HTML text for `run` (reads the curves of the trials it draws)."""
+def render_html(run: RunData, map_metric: str = FINAL, claims: pd.DataFrame | None = None,
+                built: datetime | None = None) -> str:
+    """The report's HTML text for `run` (reads the curves of the trials it draws).
+
+    Everything but the `built` line (default: now, UTC) is a function of the run
+    directory's files: rebuilding gives the same bytes.
+    """
+    _check_metric(run.trials, map_metric)
     axes = sweep_axes(run.trials, run.meta)
-    summary = cell_summary(run.trials, axes) if len(run.trials) else None
+    has_trials = bool(len(run.trials))
+    summary = cell_summary(run.trials, axes, map_metric) if has_trials else None
+    stats_summary = (summary if map_metric == FINAL or not has_trials
+                     else cell_summary(run.trials, axes))
+    lab = sections.labeled(run.trials, axes) if has_trials else None
+    built = built or datetime.now(timezone.utc)
     context = {
         **header_context(run, axes),
-        "map": map_section(summary, axes),
+        "built": built.strftime("%Y-%m-%d %H:%M:%S UTC"),
+        "map": map_section(summary, axes, map_metric),
+        "lr": sections.lr_section(lab, axes) if has_trials else _empty_lr(),
         "curves": curves_section(run, axes),
-        "cells": cells_table(summary, axes),
+        "gallery": sections.gallery_section(run.run_dir, lab, axes) if has_trials else [],
+        "cells": (sections.cell_stats_section(lab, stats_summary, axes) if has_trials
+                  else None),
+        "metrics": (sections.metric_tables_section(lab, axes) if has_trials else None),
+        "diagnostics": (sections.diagnostics_section(run.run_dir, lab, axes) if has_trials
+                        else None),
+        "claims": sections.claims_section(claims if claims is not None else run.claims),
     }
     env = jinja2.Environment(loader=jinja2.PackageLoader("analysis", "templates"),
                              autoescape=True, undefined=jinja2.StrictUndefined)
     return env.get_template("report.html").render(**context)
+
+
+def _check_metric(trials: pd.DataFrame, metric: str) -> None:
+    if metric == FINAL or (metric in trials and pd.api.types.is_numeric_dtype(trials[metric])):
+        return
+    numeric = [c for c in trials.columns if pd.api.types.is_numeric_dtype(trials[c])
+               and "." not in c and c not in ("trial", SEED)]
+    raise ReportError(f"map metric {metric!r} is not a numeric column of trials.parquet; "
+                      f"choose one of: {', '.join(numeric)}")
+
+
+def _empty_lr() -> dict[str, Any]:
+    return {"note": "No finished trials.", "image": None, "caption": "", "table": "",
+            "table_note": ""}
 
 
 # -------------------------------------------------------------------------------- header
@@ -141,19 +183,21 @@ def _size(n: int) -> str:
 
 
 # ----------------------------------------------------------------------- figure sections
-def map_section(summary: pd.DataFrame | None, axes: SweepAxes) -> dict[str, Any]:
+def map_section(summary: pd.DataFrame | None, axes: SweepAxes,
+                metric: str = FINAL) -> dict[str, Any]:
     """Stability-map image and caption, or a one-line note why there is none."""
     layout = choose_map_layout(axes)
     if summary is None or layout is None:
         return _section(note="No stability map: fewer than two axes vary in this run.")
-    smap = stability_map(summary, axes, layout)
+    smap = stability_map(summary, axes, layout, metric)
     facets = " x ".join(a for a in (layout.row, *layout.cols) if a) or "none"
     color = ("median over seeds of the final validation loss divided by the median initial "
              "validation loss of the same task (tasks have different loss scales; 1 = no "
              "better than at initialization, below 1 = learned)" if smap.normalized
              else f"median over seeds of {smap.metric}")
+    scale = "log scale" if smap.log_color else "linear scale"
     symbols = "; ".join(f'"{figures.SYMBOLS[m]}" = {text}' for m, text in MARKERS.items())
-    caption = (f"x: {layout.x}; y: {layout.y}; panels: {facets}. Color (log scale): {color}. "
+    caption = (f"x: {layout.x}; y: {layout.y}; panels: {facets}. Color ({scale}): {color}. "
                f"Symbols: {symbols}. Gray: no trials.")
     return _section(figures.figure_to_data_uri(figures.plot_stability_map(smap)), caption)
 
@@ -200,24 +244,3 @@ def _single_trial_curves(run: RunData) -> dict[str, Any]:
 def _section(image: str | None = None, caption: str = "", note: str = "") -> dict[str, Any]:
     """A figure section: a data-URI image with its caption, or a note saying why none."""
     return {"image": image, "caption": caption, "note": note}
-
-
-# ------------------------------------------------------------------------------- tables
-def cells_table(summary: pd.DataFrame | None, axes: SweepAxes) -> dict[str, Any]:
-    """Header and rows of the per-configuration table (status counts, median final loss)."""
-    if summary is None:
-        return {"header": [], "rows": []}
-    count_cols = [c for c in summary.columns if c.startswith("n_")]
-    header = [*axes.names, "trials", *(c[2:] for c in count_cols),
-              f"median {FINAL}", "÷ task initial"]
-    rows = []
-    for record in summary.to_dict("records"):
-        rows.append([*(record[a] for a in axes.names), record["n"],
-                     *(record[c] for c in count_cols), _number(record["median_final"]),
-                     _number(record["ratio"])])
-    return {"header": header, "rows": rows}
-
-
-def _number(value: float) -> str:
-    return "–" if pd.isna(value) else f"{value:.4g}"
-

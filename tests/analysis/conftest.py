@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from study.records import write_curves, write_env, write_trials
+from study.records import read_trials, write_curves, write_env, write_trials
 
 TASKS = ["teacher_mlp", "blobs"]  # declared order is not alphabetical on purpose
 OPTIMIZERS = ["sgd", "adam"]
@@ -71,6 +71,9 @@ def _trial_rows() -> list[dict]:
                             "divergence_step": 7.0 if status == "diverged" else np.nan,
                             "steps": STEPS, "planned_steps": STEPS,
                             "irreducible_loss": 0.01,
+                            # issue-4 metrics: the analysis treats any numeric column as one
+                            "spike_count": 3 if status == "diverged" else seed,
+                            "osc_tv_ratio": 1.0 + lr,
                         })
     return rows
 
@@ -126,6 +129,27 @@ def write_single_run(run_dir: Path) -> Path:
                                    "objective": {"metric": "val_loss_final",
                                                  "direction": "minimize"}})
     write_curves(run_dir, "pop-0", _curves(trials))
+    return run_dir
+
+
+def write_diag_run(run_dir: Path) -> Path:
+    """The sweep fixture plus opt-in diagnostics: sharpness = 1 / lr (so sharpness * lr / 2
+    = 0.5 everywhere), noise scale = 64, and "diag" curves for every trial."""
+    write_sweep_run(run_dir)
+    trials, meta = read_trials(run_dir)
+    lr = trials["optimizer.lr"]
+    trials = trials.assign(sharpness_final=1 / lr, sharpness_max=1 / lr,
+                           sharpness_lr_ratio=0.5, noise_scale_final=64.0)
+    write_trials(run_dir, trials, meta)
+    parts = []
+    for row in trials.itertuples():
+        steps = np.arange(0, STEPS + 1, 5)
+        sharpness = np.linspace(0.5, 1.0, len(steps)) / lr[row.Index]
+        for metric, values in (("sharpness", sharpness),
+                               ("noise_scale", np.full(len(steps), 64.0))):
+            parts.append(pd.DataFrame({"trial": row.trial, "step": steps, "split": "diag",
+                                       "metric": metric, "value": values}))
+    write_curves(run_dir, "diag", pd.concat(parts, ignore_index=True))
     return run_dir
 
 

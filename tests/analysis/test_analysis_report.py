@@ -16,7 +16,8 @@ from analysis.__main__ import main
 from study.records import read_trials, write_trials
 
 REPO = Path(__file__).resolve().parents[2]
-HEADINGS = ("Run", "Stability map", "Loss curves", "Cell summary")
+HEADINGS = ("Run", "Stability map", "Learning-rate sensitivity", "Loss curves",
+            "Curves by status", "Cell summary", "Metric tables")
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
@@ -40,12 +41,14 @@ def test_report_names_every_task_and_optimizer(sweep_html):
 
 def test_report_is_self_contained(sweep_html):
     sources = re.findall(r"<img[^>]*\ssrc=\"([^\"]*)\"", sweep_html)
-    assert len(sources) == 2  # stability map, loss curves
+    # stability map, LR sensitivity, loss curves, one gallery per status (4)
+    assert len(sources) == 7
     assert all(s.startswith("data:image/png;base64,") for s in sources)
     links = re.findall(r"\b(?:src|href)\s*=\s*[\"']([^\"']*)", sweep_html)
     assert not [u for u in links if u.startswith(("http://", "https://", "//"))]
     assert "http://" not in sweep_html and "https://" not in sweep_html
     assert "<script" not in sweep_html and "<link" not in sweep_html
+    assert "Content-Security-Policy" in sweep_html and "default-src 'none'" in sweep_html
 
 
 def test_report_sections_and_header(sweep_html):
@@ -68,7 +71,9 @@ def test_single_configuration_renders(single_run):
     assert "<code>train.batch_size=full</code>" in html
     assert "fewer than two axes vary" in html
     sources = re.findall(r"<img[^>]*\ssrc=\"([^\"]*)\"", html)
-    assert len(sources) == 1 and sources[0].startswith("data:image/png;base64,")
+    assert len(sources) == 2  # the trial's curves and its status gallery
+    assert all(s.startswith("data:image/png;base64,") for s in sources)
+    assert "the learning rate does not vary" in html
     assert "environment not recorded" in html
 
 
@@ -80,7 +85,9 @@ def test_one_axis_sweep_renders_curves_without_map(sweep_run, tmp_path):
     shutil.copytree(sweep_run / "curves", tmp_path / "curves")
     html = build_report(tmp_path).read_text()
     assert "No stability map: fewer than two axes vary" in html
-    assert html.count("<img") == 1  # the loss curves, one panel
+    # LR sensitivity, loss curves (one panel), galleries: converged and diverged
+    assert html.count("<img") == 4
+    assert 'alt="Curves of diverged trials"' in html
     assert "3 values of optimizer.lr" not in html and "held fixed: nothing else varies" in html
 
 

@@ -1,0 +1,121 @@
+"""Opt-in diagnostics, shown only when a sweep recorded them: sharpness (top Hessian
+eigenvalue) against the classical gradient-descent stability limit 2/lr, and the gradient
+noise scale B_simple (McCandlish et al. 2018).
+
+Inputs: trials.parquet columns `sharpness_final`, `sharpness_max`, `sharpness_lr_ratio`
+(= sharpness * lr / 2; 1 = at the limit), `noise_scale_final`; curves with split "diag",
+metrics "sharpness" and "noise_scale".
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+
+from analysis.axes import LR, value_key
+from analysis.figures import legend_columns, plain_log_ticks, plt
+
+SHARPNESS_COLUMNS = ("sharpness_max", "sharpness_final")
+NOISE_COLUMNS = ("noise_scale_final",)
+DIAG_SPLIT = "diag"
+STATUS_MARKERS = {"converged": "o", "slow": "s", "unstable": "D", "no_progress": "^",
+                  "diverged": "x"}
+
+
+def recorded(trials: pd.DataFrame, columns: tuple[str, ...]) -> str | None:
+    """The first of `columns` that holds a finite value, else None."""
+    for column in columns:
+        if column in trials and np.isfinite(
+                pd.to_numeric(trials[column], errors="coerce")).any():
+            return column
+    return None
+
+
+def sharpness_points(trials: pd.DataFrame, column: str, line: str | None) -> pd.DataFrame:
+    """Per trial with a finite positive value: `lr`, `sharpness`, `limit` (= 2 / lr),
+    `status`, `group` (the `line` axis label, "" without one)."""
+    value = pd.to_numeric(trials[column], errors="coerce")
+    keep = np.isfinite(value) & (value > 0)
+    lr = trials.loc[keep, LR].map(value_key).astype(float)
+    return pd.DataFrame({
+        "lr": lr, "sharpness": value[keep], "limit": 2.0 / lr,
+        "status": trials.loc[keep, "status"].astype(str),
+        "group": trials.loc[keep, line].astype(str) if line else "",
+    }).reset_index(drop=True)
+
+
+def plot_sharpness(points: pd.DataFrame, column: str) -> Figure:
+    """Sharpness vs learning rate (log-log), a panel per group, the 2/lr limit dashed."""
+    groups = list(dict.fromkeys(points["group"]))
+    fig, grid = plt.subplots(1, len(groups), squeeze=False, sharey=True,
+                             figsize=(3.4 * len(groups) + 0.8, 3.3), layout="constrained")
+    lrs = np.geomspace(points["lr"].min(), points["lr"].max(), 50)
+    statuses = list(dict.fromkeys(points["status"]))
+    colors = dict(zip(statuses, plt.get_cmap("viridis")(np.linspace(0, 0.85, len(statuses))),
+                      strict=True))
+    for ax, group in zip(grid[0], groups, strict=True):
+        part = points[points["group"] == group]
+        for status in statuses:
+            sel = part[part["status"] == status]
+            ax.plot(sel["lr"], sel["sharpness"], linestyle="none", color=colors[status],
+                    marker=STATUS_MARKERS.get(status, "v"), markersize=4, alpha=0.8,
+                    markerfacecolor="none")
+        ax.plot(lrs, 2.0 / lrs, color="black", linestyle="--", linewidth=1)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        plain_log_ticks(ax.yaxis)
+        ax.set_title(group, fontsize=9)
+        ax.set_xlabel("learning rate")
+        ax.grid(True, which="major", alpha=0.3)
+    grid[0, 0].set_ylabel(column.replace("_", " "))
+    handles = [Line2D([], [], linestyle="none", color=colors[s], markerfacecolor="none",
+                      marker=STATUS_MARKERS.get(s, "v"), label=s) for s in statuses]
+    handles.append(Line2D([], [], color="black", linestyle="--", label="2 / lr"))
+    fig.legend(handles=handles, loc="outside lower center", frameon=False,
+               ncols=legend_columns(fig, len(handles), 1.6))
+    return fig
+
+
+def diag_curves(selection: pd.DataFrame, curves: pd.DataFrame, trials: pd.DataFrame,
+                metric: str) -> pd.DataFrame:
+    """Diagnostic `metric` curves of the selected trials (curves.select_curve_trials rows):
+    selection columns plus `step`, `value` (finite) and `lr` of the trial."""
+    wanted = curves[(curves["split"] == DIAG_SPLIT) & (curves["metric"] == metric)]
+    merged = selection.merge(wanted[["trial", "step", "value"]], on="trial", how="inner")
+    lrs = trials.set_index("trial")[LR].map(value_key).astype(float)
+    merged["lr"] = merged["trial"].map(lrs)
+    return merged[np.isfinite(merged["value"])].sort_values(
+        ["row", "col", "line_pos", "step"], kind="stable", ignore_index=True)
+
+
+def plot_diag_curves(frame: pd.DataFrame, metric: str, line: str) -> Figure:
+    """Diagnostic curves per panel (row, col); for sharpness each line's 2/lr is dotted."""
+    panels = list(dict.fromkeys(zip(frame["row"], frame["col"], strict=True)))
+    fig, grid = plt.subplots(1, len(panels), squeeze=False,
+                             figsize=(3.4 * len(panels) + 0.8, 3.2), layout="constrained")
+    n_lines = int(frame["line_pos"].max()) + 1
+    colors = plt.get_cmap("plasma")(np.linspace(0.0, 0.85, max(n_lines, 1)))
+    for ax, (row, col) in zip(grid[0], panels, strict=True):
+        part = frame[(frame["row"] == row) & (frame["col"] == col)]
+        for (pos, _), trace in part.groupby(["line_pos", "trial"], sort=True):
+            ax.plot(trace["step"], trace["value"], color=colors[pos], linewidth=1.4)
+            if metric == "sharpness":
+                ax.axhline(2.0 / trace["lr"].iloc[0], color=colors[pos], linestyle=":",
+                           linewidth=1)
+        if (part["value"] > 0).all():
+            ax.set_yscale("log")
+            plain_log_ticks(ax.yaxis)
+        ax.set_title(", ".join(p for p in (row, col) if p), fontsize=9)
+        ax.set_xlabel("step")
+        ax.grid(True, which="major", alpha=0.3)
+    grid[0, 0].set_ylabel(metric.replace("_", " "))
+    lines = frame[["line_pos", "line"]].drop_duplicates().sort_values("line_pos")
+    handles = [Line2D([], [], color=colors[p], label=f"{line}={lab}")
+               for p, lab in zip(lines["line_pos"], lines["line"], strict=True)]
+    if metric == "sharpness":
+        handles.append(Line2D([], [], color="black", linestyle=":", label="2 / lr (same color)"))
+    fig.legend(handles=handles, loc="outside lower center", frameon=False,
+               ncols=legend_columns(fig, len(handles), 1.8))
+    return fig

@@ -1,0 +1,272 @@
+"""Report sections added on top of the map and curves: LR sensitivity, status galleries,
+per-cell statistics, metric tables, diagnostics and claims. Each returns a plain dict for
+the template (images as data URIs, tables as HTML), or a note saying why it is empty.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from analysis import diagnostics, figures, gallery, tables
+from analysis.aggregate import FINAL, label_series
+from analysis.axes import LR, SEED, SweepAxes, format_key
+from analysis.curves import curve_facets, line_axis, select_curve_trials
+from analysis.sensitivity import (
+    diverged_points,
+    lr_curves,
+    lr_sensitivity,
+    plot_lr_sensitivity,
+    stable_lr_range,
+)
+from analysis.stats import N_RESAMPLES, divergence_rate, seed_spread
+from study.records import read_curves
+
+MAX_PANEL_ROWS = 4
+MAX_PANEL_COLS = 6
+CLAIM_COLUMNS = ("statement", "metric", "effect", "ci_low", "ci_high", "verdict", "n_trials")
+VERDICT_COLORS = {"supported": "#d7ecd9", "contradicted": "#f6d5d1",
+                  "inconclusive": "#ececec"}
+
+
+def labeled(trials: pd.DataFrame, axes: SweepAxes) -> pd.DataFrame:
+    """`trials` with every axis column replaced by its display label, rows sorted by axis
+    order (then seed, then trial), so groupby(sort=False) yields groups in axis order."""
+    out = trials.copy()
+    ranks = {}
+    for name, keys in axes.values.items():
+        out[name] = label_series(trials[name])
+        order = {format_key(k): i for i, k in enumerate(keys)}
+        ranks[name] = out[name].map(order)
+    sort = pd.DataFrame(ranks, index=out.index)
+    for extra in (SEED, "trial"):
+        if extra in out:
+            sort[extra] = out[extra]
+    return out.loc[sort.sort_values(list(sort.columns), kind="stable").index] if len(
+        sort.columns) else out
+
+
+# ------------------------------------------------------------------------ LR sensitivity
+def lr_section(lab: pd.DataFrame, axes: SweepAxes) -> dict[str, Any]:
+    """Final loss vs learning rate with seed bands, plus the sensitivity/stable-range table."""
+    if LR not in axes.values:
+        return {"note": "No learning-rate sensitivity: the learning rate does not vary.",
+                "image": None, "caption": "", "table": "", "table_note": ""}
+    group = [a for a in axes.names if a != LR]
+    curves = lr_curves(lab, group)
+    summary = lr_sensitivity(curves, group).merge(stable_lr_range(curves, group), on=group,
+                                                  how="left") if group else pd.concat(
+        [lr_sensitivity(curves, []), stable_lr_range(curves, [])], axis=1)
+    row = "task" if "task" in group else None
+    line = "optimizer" if "optimizer" in group else None
+    rest = [g for g in group if g not in (row, line)]
+    curves, points = curves.copy(), diverged_points(lab, group)
+    for frame in (curves, points):
+        frame["panel"] = frame[rest].astype(str).agg(", ".join, axis=1) if rest else ""
+    curves, points, shown = _cap_panels(curves, points, row)
+    image = figures.figure_to_data_uri(plot_lr_sensitivity(
+        curves, points, row, "panel" if rest else None, line))
+    display = pd.DataFrame({g: summary[g] for g in group})
+    display["LR sensitivity"] = summary["sensitivity"].map(tables.fmt)
+    display["÷ initial"] = summary["relative"].map(tables.fmt)
+    display["best lr"] = summary["best_lr"].map(tables.fmt)
+    display["stable lr range"] = [_lr_range(r) for r in summary.itertuples()]
+    display["good lrs"] = summary["n_good"]
+    kept, note = tables.sample_rows(display)
+    html = tables.styled(kept, "lr", shade={"÷ initial": summary.loc[kept.index, "relative"]},
+                         right=["LR sensitivity", "÷ initial", "best lr", "good lrs"])
+    panels = " x ".join(p for p in (row, ", ".join(rest)) if p) or "one panel"
+    caption = (f"Median over seeds of the final validation loss, capped at the initial loss "
+               f"(min(final, initial)), vs learning rate; band: min to max over seeds; black "
+               f"x: a diverged trial at its capped loss. Lines: "
+               f"{line or 'all trials'}; panels: {panels}.{shown}")
+    return {"note": "", "image": image, "caption": caption, "table": html,
+            "table_note": note}
+
+
+def _lr_range(row: Any) -> str:
+    low, high = row.lr_min_progress, row.lr_max_stable
+    if not (np.isfinite(low) and np.isfinite(high)) or low > high:
+        return "none"
+    upper = f"≥ {high:g}" if row.upper_open else f"{high:g}"
+    return f"{low:g} – {upper}"
+
+
+def _cap_panels(curves: pd.DataFrame, points: pd.DataFrame, row: str | None):
+    """Keep at most MAX_PANEL_ROWS rows and MAX_PANEL_COLS columns of panels."""
+    rows = list(dict.fromkeys(curves[row])) if row else []
+    cols = list(dict.fromkeys(curves["panel"]))
+    if len(rows) <= MAX_PANEL_ROWS and len(cols) <= MAX_PANEL_COLS:
+        return curves, points, ""
+    keep_rows, keep_cols = rows[:MAX_PANEL_ROWS], cols[:MAX_PANEL_COLS]
+
+    def keep(frame: pd.DataFrame) -> pd.DataFrame:
+        mask = frame["panel"].isin(keep_cols)
+        return frame[mask & frame[row].isin(keep_rows)] if row else frame[mask]
+
+    total = max(len(rows), 1) * len(cols)
+    shown = max(len(keep_rows), 1) * len(keep_cols)
+    return keep(curves), keep(points), (f" Showing the first {shown} of {total} panels; the "
+                                        f"table lists every group.")
+
+
+# ------------------------------------------------------------------------------ gallery
+def gallery_section(run_dir, lab: pd.DataFrame, axes: SweepAxes) -> list[dict[str, Any]]:
+    """One figure per status: representative trials' loss and gradient-norm curves."""
+    picks = gallery.pick_representatives(lab, axes)
+    if picks.empty:
+        return []
+    curves = read_curves(run_dir, trials=picks["trial"].tolist())
+    frame = gallery.gallery_curves(picks, curves)
+    out = []
+    for status in dict.fromkeys(picks["status"]):
+        mine = picks[picks["status"] == status]
+        n = int(mine["n_status"].iloc[0])
+        caption = (f"{n} trial{'s' if n != 1 else ''} ended {status}; "
+                   + (f"showing {len(mine)}, evenly spread from the best to the worst final / "
+                      f"initial validation loss. " if n > len(mine) else "showing all. ")
+                   + "Top: minibatch loss (gray), train and validation evaluations; bottom: "
+                     "minibatch gradient norm; log scale. Dotted: divergence step.")
+        if frame[frame["status"] == status].empty:
+            out.append({"status": status, "image": None, "caption": "",
+                        "note": "No curves recorded for these trials."})
+            continue
+        image = gallery.plot_gallery(mine, frame[frame["status"] == status])
+        out.append({"status": status, "image": figures.figure_to_data_uri(image),
+                    "caption": caption, "note": ""})
+    return out
+
+
+# ------------------------------------------------------------------------------- tables
+def cell_stats_section(lab: pd.DataFrame, summary: pd.DataFrame,
+                       axes: SweepAxes) -> dict[str, Any]:
+    """Per configuration: statuses, divergence rate (Wilson 95%), median and IQR of the
+    final validation loss over seeds (bootstrap 95%)."""
+    names = axes.names
+    metric = FINAL if FINAL in lab else "objective"
+    rates = divergence_rate(lab, names)
+    spread = seed_spread(lab, names, metric)
+    cells = summary.merge(rates[[*names, "rate", "ci_low", "ci_high"]], on=names, how="left") \
+        .merge(spread.drop(columns="n"), on=names, how="left") if names else pd.concat(
+        [summary, rates[["rate", "ci_low", "ci_high"]], spread.drop(columns="n")], axis=1)
+    display = pd.DataFrame({a: cells[a] for a in names})
+    display["trials"] = cells["n"]
+    for column in [c for c in summary.columns if c.startswith("n_")]:
+        display[column[2:]] = cells[column]
+    display["diverged % [95% CI]"] = [tables.fmt_interval(r, lo, hi, percent=True) for r, lo, hi
+                                      in zip(cells["rate"], cells["ci_low"], cells["ci_high"],
+                                             strict=True)]
+    display[f"median {metric} [95% CI]"] = [
+        tables.fmt_interval(m, lo, hi) for m, lo, hi
+        in zip(cells["median"], cells["median_low"], cells["median_high"], strict=True)]
+    display["IQR [95% CI]"] = [
+        tables.fmt_interval(m, lo, hi) for m, lo, hi
+        in zip(cells["iqr"], cells["iqr_low"], cells["iqr_high"], strict=True)]
+    display["÷ task initial"] = cells["ratio"].map(tables.fmt)
+    kept, note = tables.sample_rows(display)
+    counts = [c for c in display.columns if c not in names and c.islower()
+              and not c.startswith(("median", "÷"))]
+    html = tables.styled(kept, "cells", shade={"diverged % [95% CI]":
+                                               cells.loc[kept.index, "rate"]},
+                         right=[*counts, "÷ task initial"])
+    return {"table": html, "note": note, "n_resamples": N_RESAMPLES, "metric": metric}
+
+
+def metric_tables_section(lab: pd.DataFrame, axes: SweepAxes) -> dict[str, Any]:
+    """Every numeric metric by status, and a few key metrics per configuration."""
+    metrics = tables.metric_columns(lab)
+    if not metrics:
+        return {"by_status": "", "per_cell": "", "per_cell_note": "", "metrics": []}
+    long = tables.status_metric_frame(lab, metrics)
+    by_status = pd.DataFrame({"metric": metrics})
+    for status, part in long.groupby("status", sort=False):
+        n = int(len(lab[lab["status"] == status]))
+        by_status[f"{status} (n={n})"] = [
+            "–" if not r.n else f"{tables.fmt(r.median)} [{tables.fmt(r.q25)}, "
+                                f"{tables.fmt(r.q75)}]" for r in part.itertuples()]
+    status_html = tables.styled(by_status, "bystatus")
+    chosen = [m for m in (FINAL, *tables.CELL_METRICS) if m in metrics]
+    per_cell_html, note = "", ""
+    if axes.names and chosen:
+        medians = lab.groupby(axes.names, sort=False)[chosen].median().reset_index()
+        kept, note = tables.sample_rows(medians)
+        shown = kept.copy()
+        for metric in chosen:
+            shown[metric] = kept[metric].map(tables.fmt)
+        shade = {m: _rank01(medians[m]).loc[kept.index] for m in chosen}
+        per_cell_html = tables.styled(shown, "percell", shade=shade, cmap="Blues",
+                                      right=chosen)
+    return {"by_status": status_html, "per_cell": per_cell_html, "per_cell_note": note,
+            "metrics": metrics}
+
+
+def _rank01(values: pd.Series) -> pd.Series:
+    """Percentile rank in [0, 1] (NaN stays NaN): shading that outliers cannot flatten."""
+    return values.rank(pct=True)
+
+
+# -------------------------------------------------------------------------- diagnostics
+def diagnostics_section(run_dir, lab: pd.DataFrame, axes: SweepAxes) -> dict[str, Any] | None:
+    """Sharpness vs 2/lr and the gradient noise scale, or None when none was recorded."""
+    sharp = diagnostics.recorded(lab, diagnostics.SHARPNESS_COLUMNS)
+    noise = diagnostics.recorded(lab, diagnostics.NOISE_COLUMNS)
+    if not (sharp or noise):
+        return None
+    parts: list[dict[str, Any]] = []
+    if sharp and LR in lab:
+        line = "optimizer" if "optimizer" in axes.values else None
+        points = diagnostics.sharpness_points(lab, sharp, line)
+        if not points.empty:
+            above = float((points["sharpness"] > points["limit"]).mean())
+            parts.append({"title": "Sharpness vs the stability limit 2/lr", "image":
+                          figures.figure_to_data_uri(diagnostics.plot_sharpness(points, sharp)),
+                          "caption": f"{sharp.replace('_', ' ')} (top Hessian eigenvalue of the "
+                          f"full-batch training loss) per trial vs learning rate; dashed: 2/lr, "
+                          f"the largest sharpness at which plain gradient descent is stable "
+                          f"(adaptive and momentum methods have other limits). "
+                          f"{100 * above:.0f}% of trials lie above it."})
+    if axes.names:
+        row, cols = curve_facets(axes)
+        selection, fixed = select_curve_trials(lab, axes, row, cols)
+        curves = read_curves(run_dir, trials=selection["trial"].tolist())
+        held = "; ".join(f"{k} = {v}" for k, v in fixed.items()) or "nothing else varies"
+        line = line_axis(axes, [a for a in (row, *cols) if a]) or "trial"
+        for metric in ("sharpness", "noise_scale"):
+            frame = diagnostics.diag_curves(selection, curves, lab, metric)
+            if frame.empty:
+                continue
+            parts.append({"title": f"{metric.replace('_', ' ').capitalize()} during training",
+                          "image": figures.figure_to_data_uri(
+                              diagnostics.plot_diag_curves(frame, metric, line)),
+                          "caption": f"{metric} recorded every few steps, first seed of each "
+                          f"configuration; held fixed: {held}."})
+    table = ""
+    present = [c for c in ("sharpness_max", "sharpness_lr_ratio", "noise_scale_final")
+               if diagnostics.recorded(lab, (c,))]
+    if present and axes.names:
+        medians = lab.groupby(axes.names, sort=False)[present].median().reset_index()
+        kept, _ = tables.sample_rows(medians)
+        table = tables.styled(kept.assign(**{c: kept[c].map(tables.fmt) for c in present}),
+                              "diag", right=present)
+    return {"parts": parts, "table": table}
+
+
+# ------------------------------------------------------------------------------- claims
+def claims_section(claims: pd.DataFrame | None) -> dict[str, Any] | None:
+    """The claims table (statement, metric, effect [95% CI], verdict, trials), or None."""
+    if claims is None or claims.empty:
+        return None
+    display = pd.DataFrame({
+        "statement": claims["statement"].astype(str), "metric": claims["metric"].astype(str),
+        "effect [95% CI]": [tables.fmt_interval(e, lo, hi) for e, lo, hi in zip(
+            claims["effect"], claims["ci_low"], claims["ci_high"], strict=True)],
+        "verdict": claims["verdict"].astype(str),
+        "trials": claims["n_trials"],
+    })
+    styler = display.style.hide(axis="index").set_uuid("claims").set_table_attributes(
+        'class="metrics"').map(lambda v: f"background-color: {VERDICT_COLORS.get(v, '')}"
+                               if v in VERDICT_COLORS else "", subset=["verdict"])
+    return {"table": styler.to_html()}
+
