@@ -1,22 +1,20 @@
 """The population engine: many trials of one structure trained as one batched computation.
 
-A population's parameters are one [T, P] tensor (row t = trial t, each layer's weight
-stored transposed as [fan_in, fan_out] then its bias), so a layer is a `baddbmm` over the
-trial axis, the backward pass is written out by hand (the same aten backward kernels
-autograd calls) and the optimizer update is a handful of elementwise ops on [T, P]
-(`study.optim`). Per step there is no Python loop over trials and no host synchronisation:
-records are written into preallocated [steps, T] device tensors and copied back once.
+Parameters are one [T, P] tensor (`study.engine.network`), the optimizer update a handful of
+elementwise ops on it (`study.optim`). Per step there is no Python loop over trials and no
+host synchronisation: records are written into preallocated [steps, ..., T] device tensors
+and copied back once, at the end.
 
-Each trial reproduces the reference engine's numbers: its own data draw, its own init,
-its own batch order (one `torch.randperm` per epoch from its order generator, batches
-`perm[start:start + batch]`, the last one partial). Nothing couples the rows: every
-reduction (loss, gradient norm, accuracy) is per trial.
+Each trial reproduces the reference engine's numbers: its own data draw, its own init, its
+own batch order (one `torch.randperm` per epoch from its order generator, batches
+`perm[start:start + batch]`, the last one partial), and the same records (`Trace`). Nothing
+couples the rows: every reduction (loss, norms, accuracy, diagnostics) is per trial.
 
 Divergence: a trial whose minibatch loss, gradient norm or eval loss is non-finite is frozen
-from that point (its parameters and optimizer state no longer change, `torch.where`), and its
-trace is cut there exactly as the reference engine cuts it. Every `check_every` steps the
-engine looks at how many trials are still alive (one synchronisation): it stops when none is,
-and drops the frozen rows from the computation once they are a large enough share.
+from that point (its parameters and optimizer state no longer change) and its trace is cut
+there exactly as the reference engine cuts it. Every `check_every` steps and at each epoch
+the engine counts the trials still alive (one synchronisation): it stops when none is, and
+drops frozen rows from the computation once they are a large enough share.
 """
 
 from __future__ import annotations
@@ -24,119 +22,27 @@ from __future__ import annotations
 import math
 from collections import OrderedDict, defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from study.engine.base import Trace, population_key
-from study.models import init_parameters
+from study.engine.network import Network, eval_losses, loss_and_grad
+from study.models import PROBE_SIZE, activation_stats, init_parameters
 from study.optim import make_optimizer
 from study.seeds import seed_streams
 from study.tasks import Dataset
 from study.trial import TrialSpec
 
+__all__ = ["BatchedEngine", "DatasetCache", "Network"]
+
 Tensor = torch.Tensor
-aten = torch.ops.aten
-
-# activation -> (forward, backward(grad, pre_activation, post_activation)); the backward
-# kernels are the ones autograd calls for the nn modules (torch defaults: leaky slope 0.01,
-# ELU alpha 1, exact GELU).
-ACTIVATIONS = {
-    "relu": (torch.relu, lambda g, z, a: aten.threshold_backward(g, a, 0)),
-    "leaky_relu": (F.leaky_relu, lambda g, z, a: aten.leaky_relu_backward(g, z, 0.01, False)),
-    "elu": (F.elu, lambda g, z, a: aten.elu_backward(g, 1.0, 1, 1, False, z)),
-    "silu": (F.silu, lambda g, z, a: aten.silu_backward(g, z)),
-    "gelu": (F.gelu, lambda g, z, a: aten.gelu_backward(g, z)),
-    "tanh": (torch.tanh, lambda g, z, a: aten.tanh_backward(g, a)),
-    "sigmoid": (torch.sigmoid, lambda g, z, a: aten.sigmoid_backward(g, a)),
-    "identity": (None, None),
-}
-
-
-@dataclass(frozen=True)
-class Network:
-    """Layer layout of the flat [T, P] parameter rows, with batched forward and backward."""
-
-    sizes: tuple[tuple[int, int], ...]  # (fan_in, fan_out) per layer
-    activation: str
-
-    @property
-    def n_params(self) -> int:
-        return sum(fi * fo + fo for fi, fo in self.sizes)
-
-    def layers(self, flat: Tensor) -> list[tuple[Tensor, Tensor]]:
-        """Views (weight [T, fan_in, fan_out], bias [T, 1, fan_out]) into `flat` [T, P]."""
-        out, offset = [], 0
-        for fi, fo in self.sizes:
-            w = flat[:, offset:offset + fi * fo].view(-1, fi, fo)
-            offset += fi * fo
-            out.append((w, flat[:, None, offset:offset + fo]))
-            offset += fo
-        return out
-
-    def flatten(self, parameters: list[tuple[Tensor, Tensor]]) -> Tensor:
-        """One trial's `init_parameters` (weight [fan_out, fan_in], bias) as a flat row."""
-        return torch.cat([t for w, b in parameters for t in (w.T.reshape(-1), b)])
-
-    def forward(self, flat: Tensor, x: Tensor) -> tuple[Tensor, list]:
-        """Outputs [T, B, out] for inputs [T, B, in], and what the backward pass needs."""
-        act = ACTIVATIONS[self.activation][0]
-        saved, h = [], x
-        layers = self.layers(flat)
-        for i, (w, b) in enumerate(layers):
-            z = torch.baddbmm(b, h, w)
-            a = z if act is None or i == len(layers) - 1 else act(z)
-            saved.append((h, z, a))
-            h = a
-        return h, saved
-
-    def backward(self, flat: Tensor, saved: list, grad_out: Tensor) -> Tensor:
-        """Gradient rows [T, P] from the gradient of the outputs [T, B, out]."""
-        act_backward = ACTIVATIONS[self.activation][1]
-        layers = self.layers(flat)
-        parts: list[Tensor] = []
-        g = grad_out
-        for i in range(len(layers) - 1, -1, -1):
-            h, _, _ = saved[i]
-            parts.append(g.sum(1))
-            parts.append(torch.bmm(h.transpose(1, 2), g).flatten(1))
-            if i > 0:
-                g = torch.bmm(g, layers[i][0].transpose(1, 2))
-                if act_backward is not None:
-                    _, z, a = saved[i - 1]
-                    g = act_backward(g, z, a)
-        return torch.cat(parts[::-1], dim=1)
-
-
-def loss_and_grad(out: Tensor, y: Tensor, loss: str) -> tuple[Tensor, Tensor]:
-    """Per-trial mean loss [T] over the batch and its gradient wrt `out` [T, B, C].
-
-    Mirrors `F.cross_entropy` (log_softmax + nll) and `F.mse_loss` with mean reduction, and
-    the backward kernels autograd uses for them, trial by trial.
-    """
-    batch = out.shape[1]
-    if loss == "mse":
-        diff = out - y
-        return diff.square().mean(dim=(1, 2)), diff * (2.0 / diff[0].numel())
-    logp = torch.log_softmax(out, dim=-1)
-    target = y[..., None]
-    value = -logp.gather(-1, target).sum(dim=(1, 2)) / batch
-    grad_logp = torch.zeros_like(logp).scatter_(-1, target, -1.0 / batch)
-    return value, aten._log_softmax_backward_data(grad_logp, logp, -1, logp.dtype)
-
-
-def eval_losses(out: Tensor, y: Tensor, loss: str, n_train: int) -> tuple[Tensor, ...]:
-    """(train loss, val loss, train acc, val acc) [T] for outputs over train + val rows."""
-    if loss == "mse":
-        err = (out - y).square()
-        return err[:, :n_train].mean(dim=(1, 2)), err[:, n_train:].mean(dim=(1, 2)), None, None
-    logp = torch.log_softmax(out, dim=-1)
-    nll = -logp.gather(-1, y[..., None]).squeeze(-1)
-    hit = (out.argmax(dim=-1) == y).to(torch.float64)
-    return (nll[:, :n_train].mean(1), nll[:, n_train:].mean(1),
-            hit[:, :n_train].mean(1), hit[:, n_train:].mean(1))
+# Per-step records, in this order (see Trace); the last five exist only for updated steps.
+STEP_FIELDS = ("step_loss", "grad_norm", "grad_norm_first", "grad_norm_last", "param_norm",
+               "update_norm", "update_cosine")
+EVAL_FIELDS = ("train_loss", "val_loss", "train_acc", "val_acc", "dead_fraction",
+               "saturation_fraction")
 
 
 class DatasetCache:
@@ -233,41 +139,57 @@ class _Population:
         self.params = torch.stack(rows).to(device=device, dtype=self.dtype)
         self.optimizer = make_optimizer([t.optimizer for t in trials], self.params)
         self.orders = [torch.Generator().manual_seed(s.order) for s in seeds]
+        self.init_seeds = [s.init for s in seeds]  # diagnostics draw their start from it
 
         train = first.train
         self.batch = train.resolved_batch_size(self.n_train)
         self.planned = train.total_steps(self.n_train)
         self.eval_steps = train.eval_steps(self.n_train)
+        self.diag_steps = first.diagnostics.steps(train, self.n_train)
         self.epochs = train.epochs
         n = len(trials)
-        # Records [steps, T] (NaN = not computed: the trace is cut before any of them).
-        self.step_loss = torch.full((self.planned, n), math.nan, dtype=self.dtype, device=device)
-        self.grad_norm = torch.full_like(self.step_loss, math.nan)
-        self.evals = torch.full((len(self.eval_steps), 4, n), math.nan, dtype=torch.float64,
+        # Records (NaN = not computed: the trace is cut before any of those).
+        nan = math.nan
+        self.steps = torch.full((self.planned, len(STEP_FIELDS), n), nan, dtype=self.dtype,
+                                device=device)
+        self.evals = torch.full((len(self.eval_steps), len(EVAL_FIELDS), n), nan,
+                                dtype=torch.float64, device=device)
+        self.diags = torch.full((len(self.diag_steps), 2, n), nan, dtype=torch.float64,
                                 device=device)
         self.ids = torch.arange(n, device=device)  # original index of each computed row
         self.alive = torch.ones(n, dtype=torch.bool, device=device)
+        self.previous_update: Tensor | None = None
+        sizes = self.net.sizes
+        self.first_weight = slice(0, sizes[0][0] * sizes[0][1])
+        last = self.net.n_params - sizes[-1][1] - sizes[-1][0] * sizes[-1][1]
+        self.last_weight = slice(last, last + sizes[-1][0] * sizes[-1][1])
 
     def _stack(self, tensors: list[Tensor], dtype: torch.dtype) -> Tensor:
         return torch.stack(tensors).to(device=self.device, dtype=dtype)
 
     def run(self) -> list[Trace]:
-        step, next_eval = 0, 0
-        if self.eval_steps[0] == 0:
-            self.evaluate(0)
-            next_eval = 1
+        step, next_eval, next_diag = 0, 0, 0
+        evals, diags = self.eval_steps, self.diag_steps
+
+        def after(step: int) -> None:  # the reference's order: diagnostics, then evaluation
+            nonlocal next_eval, next_diag
+            if next_diag < len(diags) and diags[next_diag] == step:
+                self.diagnose(next_diag)
+                next_diag += 1
+            if next_eval < len(evals) and evals[next_eval] == step:
+                self.evaluate(next_eval)
+                next_eval += 1
+
+        after(0)
         for _ in range(self.epochs):
             if self.check(force=True) is False:
                 break
             x_epoch, y_epoch = self.epoch_batches()
             for start in range(0, self.n_train, self.batch):
-                xb = x_epoch[:, start:start + self.batch]
-                yb = y_epoch[:, start:start + self.batch]
-                self.train_step(step, xb, yb)
+                self.train_step(step, x_epoch[:, start:start + self.batch],
+                                y_epoch[:, start:start + self.batch])
                 step += 1
-                if next_eval < len(self.eval_steps) and self.eval_steps[next_eval] == step:
-                    self.evaluate(next_eval)
-                    next_eval += 1
+                after(step)
                 if step % self.engine.check_every == 0:
                     kept = self.check()
                     if kept is False:
@@ -285,75 +207,122 @@ class _Population:
                 self.y_flat.index_select(0, rows).view(*shape, *self.y_flat.shape[1:]))
 
     def train_step(self, step: int, xb: Tensor, yb: Tensor) -> None:
-        out, saved = self.net.forward(self.params, xb)
+        params = self.params
+        out, saved = self.net.forward(params, xb)
         loss, grad_out = loss_and_grad(out, yb, self.loss)
-        grad = self.net.backward(self.params, saved, grad_out)
+        grad = self.net.backward(params, saved, grad_out)
         norm = torch.linalg.vector_norm(grad, dim=1)
-        self.step_loss[step].index_copy_(0, self.ids, loss)
-        self.grad_norm[step].index_copy_(0, self.ids, norm)
         self.alive &= torch.isfinite(loss) & torch.isfinite(norm)
-        self.params = self.optimizer.step(self.params, grad, self.alive)
+        self.params = self.optimizer.step(params, grad, self.alive)
+        update = self.params - params
+        update_norm = torch.linalg.vector_norm(update, dim=1)
+        if self.previous_update is None:
+            cosine = torch.full_like(loss, math.nan)
+        else:
+            cosine = F.cosine_similarity(update, self.previous_update, dim=1, eps=1e-30)
+        self.previous_update = update
+        record = torch.stack([
+            loss, norm, torch.linalg.vector_norm(grad[:, self.first_weight], dim=1),
+            torch.linalg.vector_norm(grad[:, self.last_weight], dim=1),
+            torch.linalg.vector_norm(params, dim=1), update_norm, cosine])
+        self.steps[step].index_copy_(1, self.ids, record)
 
     def evaluate(self, k: int) -> None:
-        out, _ = self.net.forward(self.params, self.x_eval)
-        values = eval_losses(out, self.y_eval, self.loss, self.n_train)
-        for j, value in enumerate(values):
-            if value is not None:
-                self.evals[k, j].index_copy_(0, self.ids, value.to(torch.float64))
+        out, saved = self.net.forward(self.params, self.x_eval)
+        values = list(eval_losses(out, self.y_eval, self.loss, self.n_train))
+        probe = min(PROBE_SIZE, self.n_train)  # the first training examples, unshuffled
+        dead, saturated = activation_stats([z[:, :probe] for _, z, _ in saved[:-1]],
+                                           self.net.activation)
+        rows = len(self.ids)
+        nan = torch.full((rows,), math.nan, dtype=torch.float64, device=self.device)
+        record = torch.stack([nan if v is None else v.to(torch.float64).expand(rows)
+                              for v in (*values, dead.to(self.device), saturated.to(self.device))])
+        self.evals[k].index_copy_(1, self.ids, record)
         self.alive &= torch.isfinite(values[0]) & torch.isfinite(values[1])
+
+    def diagnose(self, k: int) -> None:
+        """Opt-in sharpness / noise scale of every row (NaN for non-finite parameters)."""
+        from study.engine.diagnostics import gradient_noise_scale, sharpness
+
+        spec = self.trials[0].diagnostics
+        finite = torch.isfinite(self.params).all(dim=1)
+        flat = torch.where(finite[:, None], self.params, torch.zeros_like(self.params))
+        x, y = self.x_eval[:, :self.n_train], self.y_eval[:, :self.n_train]
+        values = torch.full((2, len(self.ids)), math.nan, dtype=torch.float64,
+                            device=self.device)
+        if spec.sharpness:
+            values[0] = sharpness(self.net, flat, x, y, self.loss, spec.iterations,
+                                  self.init_seeds)
+        if spec.noise_scale:
+            m = spec.max_examples
+            values[1] = gradient_noise_scale(self.net, flat, x[:, :m], y[:, :m], self.loss)
+        values[:, ~finite] = math.nan
+        self.diags[k].index_copy_(1, self.ids, values)
 
     def check(self, force: bool = False) -> Tensor | bool | None:
         """Synchronise on the alive count: False = none left; rows kept if it compacted."""
         alive = int(self.alive.sum())
         if alive == 0:
             return False
-        if alive == len(self.ids) or (not force and alive > self.engine.compact_below
-                                      * len(self.ids)):
+        rows = len(self.ids)
+        if alive == rows or (not force and alive > self.engine.compact_below * rows):
             return None
         kept = self.alive.nonzero().squeeze(1)
         if alive == 1:  # keep two rows (see BatchedEngine.train)
             kept = torch.cat([kept, (~self.alive).nonzero()[0]])
-            if len(kept) == len(self.ids):
+            if len(kept) == rows:
                 return None
         self.ids, self.params = self.ids[kept], self.params[kept]
         self.optimizer.select(kept)
         self.row_offset = self.row_offset[kept]
         self.x_eval, self.y_eval = self.x_eval[kept], self.y_eval[kept]
-        self.orders = [self.orders[i] for i in kept.tolist()]
+        if self.previous_update is not None:
+            self.previous_update = self.previous_update[kept]
+        index = kept.tolist()
+        self.orders = [self.orders[i] for i in index]
+        self.init_seeds = [self.init_seeds[i] for i in index]
         self.alive = self.alive[kept]
         return kept
 
     def traces(self) -> list[Trace]:
         """Cut each trial's records at its first non-finite value (as the reference does)."""
-        step_loss = self.step_loss.to(torch.float64).cpu().numpy().T
-        grad_norm = self.grad_norm.to(torch.float64).cpu().numpy().T
-        evals = self.evals.cpu().numpy().transpose(2, 1, 0)  # [T, 4, n_evals]
+        steps = self.steps.to(torch.float64).cpu().numpy().transpose(2, 1, 0)  # [T, F, steps]
+        evals = self.evals.cpu().numpy().transpose(2, 1, 0)
+        diags = self.diags.cpu().numpy().transpose(2, 1, 0)
         eval_steps = np.asarray(self.eval_steps, dtype=np.int64)
+        diag_steps = np.asarray(self.diag_steps, dtype=np.int64)
         classify = self.loss == "cross_entropy"
         out = []
         for t in range(len(self.trials)):
-            bad = ~(np.isfinite(step_loss[t]) & np.isfinite(grad_norm[t]))
-            bad_step = int(np.argmax(bad)) if bad.any() else self.planned + 1
-            bad_evals = ~(np.isfinite(evals[t, 0]) & np.isfinite(evals[t, 1]))
-            bad_eval = int(eval_steps[np.argmax(bad_evals)]) if bad_evals.any() else None
-            if bad_eval is not None and bad_eval <= bad_step:  # evals precede that step's batch
-                divergence, n_steps = bad_eval, bad_eval
-            elif bad_step <= self.planned:
-                divergence, n_steps = bad_step, bad_step + 1
-            else:
-                divergence, n_steps = None, self.planned
+            divergence, n_steps, n_updates = self._cut(steps[t], evals[t], eval_steps)
             last = self.planned if divergence is None else divergence
             n_evals = int(np.searchsorted(eval_steps, last, side="right"))
-            out.append(Trace(
-                step_loss=step_loss[t, :n_steps].copy(),
-                grad_norm=grad_norm[t, :n_steps].copy(),
-                eval_step=eval_steps[:n_evals].copy(),
-                train_loss=evals[t, 0, :n_evals].copy(),
-                val_loss=evals[t, 1, :n_evals].copy(),
-                train_acc=evals[t, 2, :n_evals].copy() if classify else None,
-                val_acc=evals[t, 3, :n_evals].copy() if classify else None,
-                divergence_step=divergence,
-                planned_steps=self.planned,
-                irreducible_loss=self.irreducible[t],
-            ))
+            n_diags = int(np.searchsorted(diag_steps, last, side="right"))
+            s = {name: steps[t, i, :n_steps if i < 2 else n_updates].copy()
+                 for i, name in enumerate(STEP_FIELDS)}
+            e = {name: evals[t, i, :n_evals].copy() for i, name in enumerate(EVAL_FIELDS)}
+            if not classify:
+                e["train_acc"] = e["val_acc"] = None
+            diag = {}
+            if len(diag_steps):
+                diag = {"diag_step": diag_steps[:n_diags].copy(),
+                        "sharpness": diags[t, 0, :n_diags].copy(),
+                        "noise_scale": diags[t, 1, :n_diags].copy()}
+            out.append(Trace(eval_step=eval_steps[:n_evals].copy(), divergence_step=divergence,
+                             planned_steps=self.planned, irreducible_loss=self.irreducible[t],
+                             **s, **e, **diag))
         return out
+
+    def _cut(self, steps: np.ndarray, evals: np.ndarray, eval_steps: np.ndarray
+             ) -> tuple[int | None, int, int]:
+        """(divergence step, step entries, update entries) of one trial's records."""
+        bad = ~(np.isfinite(steps[0]) & np.isfinite(steps[1]))
+        bad_step = int(np.argmax(bad)) if bad.any() else self.planned + 1
+        bad_evals = ~(np.isfinite(evals[0]) & np.isfinite(evals[1]))
+        if bad_evals.any():
+            bad_eval = int(eval_steps[np.argmax(bad_evals)])
+            if bad_eval <= bad_step:  # an evaluation precedes that step's minibatch
+                return bad_eval, bad_eval, bad_eval
+        if bad_step <= self.planned:
+            return bad_step, bad_step + 1, bad_step
+        return None, self.planned, self.planned

@@ -16,7 +16,7 @@ from study.engine.base import Trace
 from study.models import ACTIVATIONS, ModelSpec
 from study.optimizers import SGD, Adagrad, Adam, AdamW, RMSprop
 from study.tasks import Blobs, LinearRegression, Spirals, TeacherMLP
-from study.trial import TrainSpec, TrialSpec
+from study.trial import DiagnosticsSpec, TrainSpec, TrialSpec
 
 CPU = torch.device("cpu")
 TOL = {"float64": 1e-6, "float32": 1e-4}
@@ -64,6 +64,29 @@ def assert_equivalent(got: Trace, want: Trace, tol: float, first: int | None = N
         finite = np.isfinite(b)
         assert np.array_equal(np.isfinite(a), finite), name
         assert _max_rel(a[finite], b[finite]) <= tol, (name, _max_rel(a[finite], b[finite]))
+    n_upd = min(n, len(want.param_norm))
+    for name in ("grad_norm_first", "grad_norm_last", "param_norm", "update_norm"):
+        a, b = getattr(got, name), getattr(want, name)
+        assert len(a) == len(b) if first is None else len(a) >= n_upd, name
+        a, b = a[:n_upd], b[:n_upd]
+        finite = np.isfinite(b)
+        assert np.array_equal(np.isfinite(a), finite), name
+        assert _max_rel(a[finite], b[finite]) <= tol, (name, _max_rel(a[finite], b[finite]))
+    a, b = got.update_cosine[:n_upd], want.update_cosine[:n_upd]  # in [-1, 1]: absolute
+    assert np.array_equal(np.isnan(a), np.isnan(b))
+    assert np.nanmax(np.abs(a - b), initial=0.0) <= 10 * tol
+    for name in ("dead_fraction", "saturation_fraction"):
+        a, b = getattr(got, name)[:n_eval], getattr(want, name)[:n_eval]
+        assert np.array_equal(np.isnan(a), np.isnan(b)), name
+        assert np.nanmax(np.abs(a - b), initial=0.0) <= 0.01, name
+    assert (got.diag_step is None) == (want.diag_step is None)
+    if want.diag_step is not None:
+        assert np.array_equal(got.diag_step, want.diag_step)
+        for name in ("sharpness", "noise_scale"):
+            a, b = getattr(got, name), getattr(want, name)
+            assert np.array_equal(np.isnan(a), np.isnan(b)), name
+            finite = np.isfinite(b)
+            assert _max_rel(a[finite], b[finite]) <= tol, (name, _max_rel(a[finite], b[finite]))
     if want.train_acc is not None:
         for name in ("train_acc", "val_acc"):
             a, b = getattr(got, name)[:n_eval], getattr(want, name)[:n_eval]
@@ -200,6 +223,17 @@ def test_mixed_structures_are_split_and_returned_in_order() -> None:
     got = _check(trials)
     assert got[2].train_acc is not None and got[0].train_acc is None
     assert make_engine("batched").name == "batched"
+
+
+def test_opt_in_diagnostics_match_the_reference() -> None:
+    diagnostics = DiagnosticsSpec(sharpness=True, noise_scale=True, every=3, iterations=8,
+                                  max_examples=32)
+    train = TrainSpec(batch_size=16, epochs=2, dtype="float64")
+    trials = [TrialSpec(TeacherMLP(n_train=48, n_val=16), ModelSpec(1, 8, "tanh"), SGD(lr=lr),
+                        train, seed, diagnostics=diagnostics)
+              for lr, seed in [(0.1, 0), (0.03, 1), (1e4, 2)]]
+    got = _check(trials, first=50)
+    assert list(got[0].diag_step) == [0, 3, 6]
 
 
 @pytest.mark.cuda

@@ -1,0 +1,116 @@
+"""The batched MLP of the population engine: flat parameter rows, forward and backward.
+
+A population's parameters are one [T, P] tensor: row t is trial t, each layer stored as its
+weight transposed, [fan_in, fan_out], then its bias. A layer is one `baddbmm` over the trial
+axis. The backward pass is written out by hand with the aten backward kernels autograd
+itself calls for these modules and losses, so a row's gradient is the gradient torch computes
+for that trial alone (to the rounding of the matrix products).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+Tensor = torch.Tensor
+aten = torch.ops.aten
+
+# activation -> (forward, backward(grad, pre_activation, post_activation)); the backward
+# kernels are the ones autograd calls for the nn modules (torch defaults: leaky slope 0.01,
+# ELU alpha 1, exact GELU).
+ACTIVATIONS = {
+    "relu": (torch.relu, lambda g, z, a: aten.threshold_backward(g, a, 0)),
+    "leaky_relu": (F.leaky_relu, lambda g, z, a: aten.leaky_relu_backward(g, z, 0.01, False)),
+    "elu": (F.elu, lambda g, z, a: aten.elu_backward(g, 1.0, 1, 1, False, z)),
+    "silu": (F.silu, lambda g, z, a: aten.silu_backward(g, z)),
+    "gelu": (F.gelu, lambda g, z, a: aten.gelu_backward(g, z)),
+    "tanh": (torch.tanh, lambda g, z, a: aten.tanh_backward(g, a)),
+    "sigmoid": (torch.sigmoid, lambda g, z, a: aten.sigmoid_backward(g, a)),
+    "identity": (None, None),
+}
+
+
+@dataclass(frozen=True)
+class Network:
+    """Layer layout of the flat [T, P] parameter rows, with batched forward and backward."""
+
+    sizes: tuple[tuple[int, int], ...]  # (fan_in, fan_out) per layer
+    activation: str
+
+    @property
+    def n_params(self) -> int:
+        return sum(fi * fo + fo for fi, fo in self.sizes)
+
+    def layers(self, flat: Tensor) -> list[tuple[Tensor, Tensor]]:
+        """Views (weight [T, fan_in, fan_out], bias [T, 1, fan_out]) into `flat` [T, P]."""
+        out, offset = [], 0
+        for fi, fo in self.sizes:
+            w = flat[:, offset:offset + fi * fo].view(-1, fi, fo)
+            offset += fi * fo
+            out.append((w, flat[:, None, offset:offset + fo]))
+            offset += fo
+        return out
+
+    def flatten(self, parameters: list[tuple[Tensor, Tensor]]) -> Tensor:
+        """One trial's `init_parameters` (weight [fan_out, fan_in], bias) as a flat row."""
+        return torch.cat([t for w, b in parameters for t in (w.T.reshape(-1), b)])
+
+    def forward(self, flat: Tensor, x: Tensor) -> tuple[Tensor, list]:
+        """Outputs [T, B, out] for inputs [T, B, in], and what the backward pass needs."""
+        act = ACTIVATIONS[self.activation][0]
+        saved, h = [], x
+        layers = self.layers(flat)
+        for i, (w, b) in enumerate(layers):
+            z = torch.baddbmm(b, h, w)
+            a = z if act is None or i == len(layers) - 1 else act(z)
+            saved.append((h, z, a))
+            h = a
+        return h, saved
+
+    def backward(self, flat: Tensor, saved: list, grad_out: Tensor) -> Tensor:
+        """Gradient rows [T, P] from the gradient of the outputs [T, B, out]."""
+        act_backward = ACTIVATIONS[self.activation][1]
+        layers = self.layers(flat)
+        parts: list[Tensor] = []
+        g = grad_out
+        for i in range(len(layers) - 1, -1, -1):
+            h, _, _ = saved[i]
+            parts.append(g.sum(1))
+            parts.append(torch.bmm(h.transpose(1, 2), g).flatten(1))
+            if i > 0:
+                g = torch.bmm(g, layers[i][0].transpose(1, 2))
+                if act_backward is not None:
+                    _, z, a = saved[i - 1]
+                    g = act_backward(g, z, a)
+        return torch.cat(parts[::-1], dim=1)
+
+
+def loss_and_grad(out: Tensor, y: Tensor, loss: str) -> tuple[Tensor, Tensor]:
+    """Per-trial mean loss [T] over the batch and its gradient wrt `out` [T, B, C].
+
+    Mirrors `F.cross_entropy` (log_softmax + nll) and `F.mse_loss` with mean reduction, and
+    the backward kernels autograd uses for them, trial by trial.
+    """
+    batch = out.shape[1]
+    if loss == "mse":
+        diff = out - y
+        return diff.square().mean(dim=(1, 2)), diff * (2.0 / diff[0].numel())
+    logp = torch.log_softmax(out, dim=-1)
+    target = y[..., None]
+    value = -logp.gather(-1, target).sum(dim=(1, 2)) / batch
+    grad_logp = torch.zeros_like(logp).scatter_(-1, target, -1.0 / batch)
+    return value, aten._log_softmax_backward_data(grad_logp, logp, -1, logp.dtype)
+
+
+def eval_losses(out: Tensor, y: Tensor, loss: str, n_train: int) -> tuple[Tensor, ...]:
+    """(train loss, val loss, train acc, val acc) [T] for outputs over train + val rows."""
+    if loss == "mse":
+        err = (out - y).square()
+        return err[:, :n_train].mean(dim=(1, 2)), err[:, n_train:].mean(dim=(1, 2)), None, None
+    logp = torch.log_softmax(out, dim=-1)
+    nll = -logp.gather(-1, y[..., None]).squeeze(-1)
+    hit = (out.argmax(dim=-1) == y).to(torch.float64)
+    return (nll[:, :n_train].mean(1), nll[:, n_train:].mean(1),
+            hit[:, :n_train].mean(1), hit[:, n_train:].mean(1))
