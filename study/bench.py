@@ -1,0 +1,186 @@
+"""`python -m study.bench`: the batched engine against the reference engine, as JSON.
+
+The workload is a sweep's trials (default: the flagship `+sweep=lr_batch`, 936 trials). The
+batched engine trains all of them (populations from `plan_populations`); the reference
+engine, one trial at a time, would take minutes, so it trains a random subset (`--subset`
+trials drawn with `random.Random(--seed)`) and its time for the whole workload is
+extrapolated by planned trial-steps (time / subset trial-steps * workload trial-steps).
+Both engines run on the same device in the same process, after a short warm-up of each.
+
+Rates are planned trial-steps per second (diverged trials stop early in both engines, so a
+planned step is a unit of the sweep's work, not of arithmetic). The achieved fraction of the
+machine's dense matmul throughput compares the batched engine's useful FLOPs (6 * weights *
+batch per executed step, 2 * weights * examples per evaluation) with a dense matmul measured
+in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import random
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from study.engine import BatchedEngine, ReferenceEngine, Trace
+from study.engine.planner import plan_populations, trial_steps
+from study.grid import plan_from_overrides
+from study.trial import TrialSpec
+
+
+def matmul_gflops(device: torch.device, dtype: torch.dtype, seconds: float = 1.0) -> float:
+    """Dense square matmul throughput (GFLOP/s), the machine's practical peak."""
+    n = 4096 if device.type == "cuda" else 1024
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    _sync(device)
+    for _ in range(3):
+        a @ b
+    _sync(device)
+    reps, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        a @ b
+        reps += 1
+        if reps % 8 == 0:
+            _sync(device)
+    _sync(device)
+    return 2 * n**3 * reps / (time.perf_counter() - start) / 1e9
+
+
+def useful_flops(trial: TrialSpec, trace: Trace) -> float:
+    """Multiply-adds of the steps and evaluations `trial` actually ran, times 2."""
+    task = trial.task
+    weights = sum(fi * fo for fi, fo in trial.model.layer_sizes(task.input_dim,
+                                                                   task.output_dim))
+    n_train, n_val = task.n_train, task.n_val
+    batch = trial.train.resolved_batch_size(n_train)
+    per_epoch = trial.train.steps_per_epoch(n_train)
+    examples = 0
+    for k in range(len(trace.step_loss)):  # the last batch of an epoch may be partial
+        examples += batch if (k + 1) % per_epoch else n_train - (per_epoch - 1) * batch
+    return 6.0 * weights * examples + 2.0 * weights * (n_train + n_val) * len(trace.eval_step)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed(fn) -> tuple[Any, float]:
+    start = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - start
+
+
+def run_batched(trials: Sequence[TrialSpec], device: torch.device,
+                budget_bytes: int | None) -> tuple[list[Trace], float, int]:
+    engine = BatchedEngine()
+    chunks = plan_populations(trials, device, budget_bytes)
+
+    def train() -> list[Trace]:
+        traces: list[Trace | None] = [None] * len(trials)
+        for chunk in chunks:
+            for i, trace in zip(chunk, engine.run([trials[i] for i in chunk], device),
+                                strict=True):
+                traces[i] = trace
+        _sync(device)
+        return traces  # type: ignore[return-value]
+
+    traces, wall = _timed(train)
+    return traces, wall, len(chunks)
+
+
+def bench(overrides: Sequence[str], device: torch.device, subset: int, seed: int,
+          dtype: str | None, budget_bytes: int | None, limit: int | None,
+          matmul_seconds: float = 1.0) -> dict[str, Any]:
+    if dtype is not None:
+        overrides = [*overrides, f"train.dtype={dtype}"]
+    trials = [p.trial for p in plan_from_overrides(overrides).points]
+    if limit is not None:
+        trials = random.Random(seed).sample(trials, min(limit, len(trials)))
+    planned = sum(trial_steps(t) for t in trials)
+    torch_dtype = trials[0].train.torch_dtype
+
+    warm = random.Random(seed + 1).sample(trials, min(2, len(trials)))
+    ReferenceEngine().run(warm, device)
+    BatchedEngine().run(warm, device)
+
+    traces, batched_wall, n_chunks = run_batched(trials, device, budget_bytes)
+    flops = sum(useful_flops(t, tr) for t, tr in zip(trials, traces, strict=True))
+
+    sample = random.Random(seed).sample(trials, min(subset, len(trials)))
+    sample_steps = sum(trial_steps(t) for t in sample)
+    _, reference_wall = _timed(lambda: (ReferenceEngine().run(sample, device), _sync(device)))
+    reference_rate = sample_steps / reference_wall
+    peak = matmul_gflops(device, torch_dtype, matmul_seconds)
+    batched_rate = planned / batched_wall
+    return {
+        "device": str(device), "device_name": _device_name(device),
+        "torch": torch.__version__, "threads": torch.get_num_threads(),
+        "python": platform.python_version(), "dtype": str(torch_dtype).removeprefix("torch."),
+        "workload": {"overrides": list(overrides), "trials": len(trials),
+                     "trial_steps": planned,
+                     "executed_trial_steps": int(sum(len(t.step_loss) for t in traces)),
+                     "gflop": flops / 1e9},
+        "batched": {"trials": len(trials), "populations": n_chunks, "trial_steps": planned,
+                    "wall_s": batched_wall, "trial_steps_per_s": batched_rate},
+        "reference": {"trials": len(sample), "subset_seed": seed, "trial_steps": sample_steps,
+                      "wall_s": reference_wall, "trial_steps_per_s": reference_rate,
+                      "extrapolated_wall_s": planned / reference_rate},
+        "ratio_batched_over_reference": batched_rate / reference_rate,
+        "matmul_gflops": peak,
+        "batched_gflops": flops / 1e9 / batched_wall,
+        "batched_fraction_of_matmul_peak": flops / 1e9 / batched_wall / peak,
+    }
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return platform.processor() or platform.machine()
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(prog="python -m study.bench", description=__doc__.split(
+        "\n\n")[0])
+    parser.add_argument("overrides", nargs="*", default=["+sweep=lr_batch"],
+                        help="config overrides of the workload (default: +sweep=lr_batch)")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--subset", type=int, default=32,
+                        help="trials the reference engine trains (default 32)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the subset draw")
+    parser.add_argument("--dtype", choices=["float32", "float64"], default=None,
+                        help="override train.dtype of the workload")
+    parser.add_argument("--budget-bytes", type=int, default=None,
+                        help="memory budget of a population (default: from the device)")
+    parser.add_argument("--limit", type=int, default=None,
+                        help="train only this many random trials of the workload")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--matmul-seconds", type=float, default=1.0,
+                        help="how long to measure the dense matmul peak")
+    parser.add_argument("--out", type=Path, default=None, help="write the JSON here too")
+    args = parser.parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
+                          else "cpu" if args.device == "auto" else args.device)
+    result = {"command": " ".join(["python -m study.bench", *(argv if argv is not None
+                                                               else sys.argv[1:])]),
+              **bench(args.overrides, device, args.subset, args.seed, args.dtype,
+                      args.budget_bytes, args.limit, args.matmul_seconds)}
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text + "\n")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,25 @@
+"""`python -m study.bench` on a tiny workload: the JSON has every figure, and they add up."""
+
+from __future__ import annotations
+
+import json
+
+from study.bench import main
+
+
+def test_bench_smoke_writes_consistent_json(tmp_path) -> None:
+    out = tmp_path / "bench.json"
+    result = main(["+sweep=smoke", "train.epochs=1", "--device", "cpu", "--subset", "2",
+                   "--limit", "6", "--matmul-seconds", "0.05", "--out", str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(result))
+    assert result["command"].startswith("python -m study.bench +sweep=smoke")
+    assert result["workload"]["trials"] == result["batched"]["trials"] == 6
+    assert result["reference"]["trials"] == 2
+    steps = result["workload"]["trial_steps"]
+    assert 0 < result["workload"]["executed_trial_steps"] <= steps
+    batched, reference = result["batched"], result["reference"]
+    assert abs(batched["trial_steps_per_s"] * batched["wall_s"] - steps) < 1e-6 * steps
+    assert abs(result["ratio_batched_over_reference"]
+               - batched["trial_steps_per_s"] / reference["trial_steps_per_s"]) < 1e-9
+    assert reference["extrapolated_wall_s"] > 0 and result["matmul_gflops"] > 0
+    assert 0 < result["batched_fraction_of_matmul_peak"] < 1
