@@ -1,6 +1,6 @@
 """Opt-in diagnostics, batched over a population: sharpness and gradient noise scale.
 
-Both work on parameter rows in the population engine's layout (`population.Network`: one
+Both work on parameter rows in the population engine's layout (`network.Network`: one
 [T, P] row per trial, each layer's weight as [fan_in, fan_out] then its bias) and on each
 trial's own full training split, in float64 whatever the training dtype (they measure the
 landscape; rounding should not blur them). Rows never interact: the Hessian of the summed
@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch.func import grad, vmap
 
-from study.engine.population import Network
+from study.engine.network import Network
 
 Tensor = torch.Tensor
 

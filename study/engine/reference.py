@@ -16,7 +16,7 @@ from torch.nn.utils import parameters_to_vector
 
 from study.engine.base import Trace
 from study.engine.diagnostics import gradient_noise_scale, sharpness
-from study.engine.population import Network
+from study.engine.network import Network
 from study.models import PROBE_SIZE, activation_stats, build_module, init_parameters
 from study.seeds import seed_streams
 from study.tasks import Dataset
