@@ -161,3 +161,27 @@ def sweep_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def single_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_single_run(tmp_path_factory.mktemp("single"))
+
+
+CLAIMS = pd.DataFrame({"statement": ["larger lr diverges more"], "metric": ["diverged"],
+                       "effect": [0.42], "ci_low": [0.2], "ci_high": [0.6],
+                       "verdict": ["supported"], "n_trials": [48]})
+
+
+@pytest.fixture(scope="session")
+def sweep_report(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """report.html of the sweep fixture, built once per session."""
+    from analysis import build_report
+
+    run_dir = write_sweep_run(tmp_path_factory.mktemp("sweep_report"))
+    path = build_report(run_dir)
+    assert path == run_dir / "report.html"
+    return path
+
+
+@pytest.fixture(scope="session")
+def full_report(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """report.html with every section: the diagnostics fixture plus a claims table."""
+    from analysis import build_report
+
+    return build_report(write_diag_run(tmp_path_factory.mktemp("full_report")), claims=CLAIMS)

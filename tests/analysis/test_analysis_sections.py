@@ -1,0 +1,137 @@
+"""Report sections on the fixture runs: numbers in the tables, optional sections, options,
+and byte-identical rebuilds."""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from analysis.__main__ import main
+from analysis.aggregate import cell_summary
+from analysis.axes import sweep_axes
+from analysis.gallery import pick_representatives
+from analysis.load import load_run
+from analysis.report import ReportError, map_section, render_html
+from analysis.sections import claims_section, labeled
+from analysis.tables import metric_columns, sample_rows, status_metric_frame
+from tests.analysis.conftest import CLAIMS
+
+BUILT = datetime(2024, 1, 2, 3, 4, 5, tzinfo=timezone.utc)
+
+
+@pytest.fixture(scope="module")
+def run(sweep_report: Path):
+    return load_run(sweep_report.parent)
+
+
+@pytest.fixture(scope="module")
+def html(sweep_report: Path) -> str:
+    return sweep_report.read_text()
+
+
+@pytest.fixture(scope="module")
+def summary(run):
+    return cell_summary(run.trials, sweep_axes(run.trials, run.meta))
+
+
+def test_rebuild_is_byte_identical_apart_from_the_build_line(run, html):
+    again = render_html(run, built=BUILT)
+    strip = re.compile(r'<p class="built">.*?</p>')
+    assert html != again
+    assert strip.sub("", html) == strip.sub("", again)
+    assert len(strip.findall(html)) == 1 and "Built 2024-01-02 03:04:05 UTC" in again
+
+
+def test_cell_table_rates_and_bootstrap_intervals(html):
+    # teacher_mlp/sgd/0.1/32: both seeds diverged -> 100% [34, 100] (Wilson, n = 2)
+    assert "100% [34, 100]" in html and "50% [9, 91]" in html
+    # teacher_mlp/adam/0.01/32: finals 0.02 and 0.04 -> median 0.03 in [0.02, 0.04]
+    assert "0.03 [0.02, 0.04]" in html
+    assert "2000 resamples" in html
+
+
+def test_lr_table_lists_sensitivity_and_stable_range(html):
+    # blobs/sgd/32: capped medians 0.0015, 0.015, 1.05 -> mean - best = 0.354
+    assert ">0.354<" in html
+    # teacher_mlp/adam/full: 0.001 no progress, nothing diverged -> 0.01 - >= 0.1
+    assert "0.01 – ≥ 0.1" in html
+
+
+def test_metric_tables_include_extra_metrics_and_skip_config_columns(run, html):
+    metrics = metric_columns(run.trials)
+    assert metrics[:3] == ["val_loss_final", "val_loss_initial", "train_loss_final"]
+    assert "osc_tv_ratio" in metrics and "spike_count" in metrics
+    assert not {"trial", "seed", "objective", "optimizer.lr", "train.epochs"} & set(metrics)
+    assert "val_acc_final" in metrics  # NaN for one task, finite for the other
+    long = status_metric_frame(run.trials, ["spike_count"]).set_index("status")
+    assert long.loc["diverged", "median"] == 3 and long.loc["diverged", "n"] == 6
+    assert "Key metrics per configuration" in html and ">osc_tv_ratio<" in html
+
+
+def test_sample_rows_keeps_ends_and_says_so():
+    frame = pd.DataFrame({"x": range(1000)})
+    kept, note = sample_rows(frame, 10)
+    assert len(kept) == 10 and kept["x"].iloc[0] == 0 and kept["x"].iloc[-1] == 999
+    assert "10 of 1000" in note
+    assert sample_rows(frame.iloc[:5], 10)[1] == ""
+
+
+def test_gallery_picks_spread_per_status(run):
+    axes = sweep_axes(run.trials, run.meta)
+    picks = pick_representatives(labeled(run.trials, axes), axes, per_status=3)
+    assert list(dict.fromkeys(picks["status"])) == ["converged", "unstable", "no_progress",
+                                                    "diverged"]
+    counts = picks.groupby("status", sort=False)["trial"].size().to_dict()
+    assert counts == {"converged": 3, "unstable": 1, "no_progress": 3, "diverged": 3}
+    converged = picks[picks["status"] == "converged"]
+    ratios = run.trials.set_index("trial").loc[converged["trial"]]
+    ratio = (ratios["val_loss_final"] / ratios["val_loss_initial"]).to_numpy()
+    assert ratio[0] == pytest.approx(0.001) and ratio[-1] == ratio.max()  # best ... worst
+    title = picks.loc[picks["status"] == "unstable", "title"].item()
+    assert title.endswith("blobs, adam, lr=0.01, bs=full, seed=0")
+
+
+def test_optional_sections_absent_without_their_data(html):
+    for heading in ("Claims", "Diagnostics"):
+        assert f">{heading}</h2>" not in html
+
+
+def test_claims_and_diagnostics_sections_when_present(full_report):
+    out = full_report.read_text()
+    claims = out[out.index('<h2 id="claims">Claims</h2>'):out.index('id="cell-summary"')]
+    assert "larger lr diverges more" in claims and "0.42 [0.2, 0.6]" in claims
+    assert "supported" in claims and "#d7ecd9" in claims
+    section = out[out.index('<h2 id="diagnostics">Diagnostics</h2>'):]
+    # scatter vs 2/lr, sharpness curves, noise-scale curves
+    assert section.count("<img") == 3
+    assert "0% of trials lie above it" in section  # sharpness = 1/lr < 2/lr
+    assert ">sharpness_lr_ratio<" in section and ">0.5<" in section
+
+
+def test_claims_section_needs_rows():
+    assert claims_section(None) is None and claims_section(CLAIMS.iloc[:0]) is None
+
+
+def test_map_colored_by_another_metric(run, summary):
+    axes = sweep_axes(run.trials, run.meta)
+    other = cell_summary(run.trials, axes, "osc_tv_ratio")
+    section = map_section(other, axes, "osc_tv_ratio")
+    assert "Color (log scale): median over seeds of osc_tv_ratio" in section["caption"]
+    negative = run.trials.assign(loss_diff_autocorr=np.linspace(-1, 0.5, len(run.trials)))
+    section = map_section(cell_summary(negative, axes, "loss_diff_autocorr"), axes,
+                          "loss_diff_autocorr")
+    assert "Color (linear scale): median over seeds of loss_diff_autocorr" in section["caption"]
+    assert section["image"].startswith("data:image/png;base64,")
+    with pytest.raises(ReportError, match="not a numeric column"):
+        render_html(run, map_metric="nope")
+
+
+def test_cli_rejects_unknown_map_metric(sweep_run, capsys):
+    assert main([str(sweep_run), "--map-metric", "nope"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "'nope'" in err[0] and "osc_tv_ratio" in err[0]
