@@ -212,7 +212,8 @@ class BatchedAdam(BatchedOptimizer):
         if self.use_amsgrad:
             self.max_exp_avg_sq = torch.maximum(self.max_exp_avg_sq * self.amsgrad, second)
             second = self.max_exp_avg_sq
-        denom = (second.sqrt() / self.bias_correction2_sqrt.at(self.t)).add_(self.eps)
+        # torch: (sqrt(v) / bias_correction2_sqrt).add_(eps), one pass here
+        denom = torch.addcdiv(self.eps, second.sqrt(), self.bias_correction2_sqrt.at(self.t))
         neg_step_size = _or(live, self.neg_step_size.at(self.t), 0.0)
         return torch.addcdiv(params, self.exp_avg * neg_step_size, denom)
 

@@ -25,7 +25,6 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from study.engine.base import Trace, population_key
 from study.engine.network import Network, eval_losses, loss_and_grad
@@ -158,7 +157,7 @@ class _Population:
                                 device=device)
         self.ids = torch.arange(n, device=device)  # original index of each computed row
         self.alive = torch.ones(n, dtype=torch.bool, device=device)
-        self.previous_update: Tensor | None = None
+        self.previous_update: tuple[Tensor, Tensor] | None = None  # (update, its norm)
         sizes = self.net.sizes
         self.first_weight = slice(0, sizes[0][0] * sizes[0][1])
         last = self.net.n_params - sizes[-1][1] - sizes[-1][0] * sizes[-1][1]
@@ -218,9 +217,11 @@ class _Population:
         update_norm = torch.linalg.vector_norm(update, dim=1)
         if self.previous_update is None:
             cosine = torch.full_like(loss, math.nan)
-        else:
-            cosine = F.cosine_similarity(update, self.previous_update, dim=1, eps=1e-30)
-        self.previous_update = update
+        else:  # F.cosine_similarity(eps=1e-30) with the norms already at hand
+            previous, previous_norm = self.previous_update
+            cosine = torch.linalg.vecdot(update, previous, dim=1) / (
+                update_norm.clamp_min(1e-30) * previous_norm.clamp_min(1e-30))
+        self.previous_update = (update, update_norm)
         record = torch.stack([
             loss, norm, torch.linalg.vector_norm(grad[:, self.first_weight], dim=1),
             torch.linalg.vector_norm(grad[:, self.last_weight], dim=1),
@@ -277,7 +278,7 @@ class _Population:
         self.row_offset = self.row_offset[kept]
         self.x_eval, self.y_eval = self.x_eval[kept], self.y_eval[kept]
         if self.previous_update is not None:
-            self.previous_update = self.previous_update[kept]
+            self.previous_update = tuple(t[kept] for t in self.previous_update)
         index = kept.tolist()
         self.orders = [self.orders[i] for i in index]
         self.init_seeds = [self.init_seeds[i] for i in index]
