@@ -1,0 +1,72 @@
+"""The planner: populations by structure, chunks within the memory budget, cheapest first."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from study.engine import population_key
+from study.engine.planner import default_budget, estimate_trial_bytes, plan_populations
+from study.grid import plan_from_overrides
+from study.models import ModelSpec
+from study.optimizers import SGD, Adam
+from study.tasks import Blobs, LinearRegression
+from study.trial import TrainSpec, TrialSpec
+
+
+def _trial(lr=0.1, batch=32, width=16, optimizer=None, dtype="float32", seed=0, task=None):
+    return TrialSpec(task or Blobs(n_train=128, n_val=64), ModelSpec(depth=2, width=width),
+                     optimizer or SGD(lr=lr), TrainSpec(batch_size=batch, epochs=2, dtype=dtype),
+                     seed)
+
+
+def test_lr_batch_plans_one_population_per_structure() -> None:
+    trials = [p.trial for p in plan_from_overrides(["+sweep=lr_batch"]).points]
+    chunks = plan_populations(trials, "cpu")
+    assert sorted(i for c in chunks for i in c) == list(range(len(trials)))
+    assert len(chunks) == 16  # 2 tasks x {sgd+momentum, adam} x 4 batch sizes
+    for chunk in chunks:
+        assert len({repr(population_key(trials[i])) for i in chunk}) == 1
+    sizes = [len(c) for c in chunks]
+    assert sorted(set(sizes)) == [39, 78]
+    # cheapest first: full-batch populations (20 steps) before batch-8 ones (640 steps)
+    assert trials[chunks[0][0]].train.batch_size == "full"
+    assert trials[chunks[-1][0]].train.batch_size == 8
+
+
+def test_a_population_over_budget_splits_into_near_equal_chunks() -> None:
+    trials = [_trial(lr=10 ** (-k / 10), seed=k % 3) for k in range(50)]
+    per_trial = estimate_trial_bytes(trials[0])
+    chunks = plan_populations(trials, "cpu", budget_bytes=12 * per_trial)
+    assert [len(c) for c in chunks] == [10] * 5
+    assert [i for c in chunks for i in c] == list(range(50))  # trial order kept
+    assert [len(c) for c in plan_populations(trials, "cpu", budget_bytes=1)] == [1] * 50
+    assert sorted(len(c) for c in plan_populations(trials, "cpu", max_trials=20)) == [16, 17, 17]
+
+
+def test_mixed_structures_never_share_a_chunk() -> None:
+    trials = [_trial(), _trial(optimizer=Adam()), _trial(batch=8), _trial(seed=4),
+              _trial(task=LinearRegression(feature_scale=[1.0] * 10, n_train=64))]
+    chunks = plan_populations(trials, "cpu")
+    assert sorted(map(sorted, chunks)) == [[0, 3], [1], [2], [4]]
+
+
+def test_memory_estimate_scales_with_the_work() -> None:
+    base = estimate_trial_bytes(_trial())
+    assert estimate_trial_bytes(_trial(width=64)) > 4 * base
+    assert estimate_trial_bytes(_trial(optimizer=Adam())) > base
+    assert estimate_trial_bytes(_trial(batch="full")) > base
+    assert 1.8 * base < estimate_trial_bytes(_trial(dtype="float64")) < 2.2 * base
+
+
+def test_budget_defaults_and_validation() -> None:
+    assert 0 < default_budget("cpu") <= 4 * 2**30
+    with pytest.raises(ValueError, match="budget_bytes"):
+        plan_populations([_trial()], "cpu", budget_bytes=0)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_budget_is_half_the_free_memory() -> None:
+    free, _ = torch.cuda.mem_get_info()
+    assert 0.4 * free < default_budget("cuda") <= 0.5 * free
