@@ -15,7 +15,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
 from analysis.axes import LR, value_key
-from analysis.figures import legend_columns, plain_log_ticks, plt
+from analysis.figures import legend_columns, log_y_if_wide, plain_log_ticks, plt
 
 SHARPNESS_COLUMNS = ("sharpness_max", "sharpness_final")
 NOISE_COLUMNS = ("noise_scale_final",)
@@ -47,11 +47,18 @@ def sharpness_points(trials: pd.DataFrame, column: str, line: str | None) -> pd.
 
 
 def plot_sharpness(points: pd.DataFrame, column: str) -> Figure:
-    """Sharpness vs learning rate (log-log), a panel per group, the 2/lr limit dashed."""
+    """Sharpness vs learning rate (log-log), a panel per group, the 2/lr limit dashed.
+
+    The y axis ends at 10x the largest of (non-diverged sharpness, 2/lr); larger values
+    (diverged trials) are drawn at that edge."""
     groups = list(dict.fromkeys(points["group"]))
     fig, grid = plt.subplots(1, len(groups), squeeze=False, sharey=True,
                              figsize=(3.4 * len(groups) + 0.8, 3.3), layout="constrained")
     lrs = np.geomspace(points["lr"].min(), points["lr"].max(), 50)
+    # Diverged trials can report absurd sharpness (1e50): cap the axis, draw them at the top.
+    calm = points.loc[points["status"] != "diverged", "sharpness"]
+    top = 10 * max(float(calm.max()) if len(calm) else 0, float(points["limit"].max()))
+    points = points.assign(sharpness=np.minimum(points["sharpness"], top))
     statuses = list(dict.fromkeys(points["status"]))
     colors = dict(zip(statuses, plt.get_cmap("viridis")(np.linspace(0, 0.85, len(statuses))),
                       strict=True))
@@ -104,9 +111,7 @@ def plot_diag_curves(frame: pd.DataFrame, metric: str, line: str) -> Figure:
             if metric == "sharpness":
                 ax.axhline(2.0 / trace["lr"].iloc[0], color=colors[pos], linestyle=":",
                            linewidth=1)
-        if (part["value"] > 0).all():
-            ax.set_yscale("log")
-            plain_log_ticks(ax.yaxis)
+        log_y_if_wide(ax, part["value"])
         ax.set_title(", ".join(p for p in (row, col) if p), fontsize=9)
         ax.set_xlabel("step")
         ax.grid(True, which="major", alpha=0.3)

@@ -90,8 +90,8 @@ def _lr_range(row: Any) -> str:
     low, high = row.lr_min_progress, row.lr_max_stable
     if not (np.isfinite(low) and np.isfinite(high)) or low > high:
         return "none"
-    upper = f"≥ {high:g}" if row.upper_open else f"{high:g}"
-    return f"{low:g} – {upper}"
+    upper = f"≥ {high:.3g}" if row.upper_open else f"{high:.3g}"
+    return f"{low:.3g} – {upper}"
 
 
 def _cap_panels(curves: pd.DataFrame, points: pd.DataFrame, row: str | None):
@@ -226,7 +226,8 @@ def diagnostics_section(run_dir, lab: pd.DataFrame, axes: SweepAxes) -> dict[str
                           f"full-batch training loss) per trial vs learning rate; dashed: 2/lr, "
                           f"the largest sharpness at which plain gradient descent is stable "
                           f"(adaptive and momentum methods have other limits). "
-                          f"{100 * above:.0f}% of trials lie above it."})
+                          f"{100 * above:.0f}% of trials lie above it. Values beyond 10x the "
+                          f"largest non-diverged value or limit sit at the top edge."})
     if axes.names:
         row, cols = curve_facets(axes)
         selection, fixed = select_curve_trials(lab, axes, row, cols)

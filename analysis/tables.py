@@ -20,11 +20,12 @@ from analysis.figures import plt
 MAX_ROWS = 200
 # Known per-trial metrics in reading order; any other numeric column follows, sorted.
 METRIC_ORDER = (
-    "val_loss_final", "val_loss_best", "val_loss_initial", "train_loss_final",
+    "val_loss_final", "val_loss_best", "val_loss_initial", "excess_loss_final",
+    "train_loss_final",
     "train_loss_best", "train_loss_initial", "val_acc_final", "train_acc_final", "gen_gap",
     "steps_to_50pct", "steps_to_90pct", "plateau_steps", "divergence_step",
     "osc_tv_ratio", "up_step_fraction", "loss_diff_autocorr", "update_cosine_mean",
-    "spike_count", "spike_max_ratio",
+    "spike_count", "spike_max_ratio", "eval_rise_count",
     "grad_norm_median", "grad_norm_max", "grad_norm_final", "grad_norm_growth",
     "layer_grad_ratio_log10", "update_param_ratio", "dead_relu_fraction",
     "saturation_fraction",
