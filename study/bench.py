@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import random
 import sys
@@ -124,6 +125,8 @@ def bench(overrides: Sequence[str], device: torch.device, subset: int, seed: int
         "device": str(device), "device_name": _device_name(device),
         "torch": torch.__version__, "threads": torch.get_num_threads(),
         "python": platform.python_version(), "dtype": str(torch_dtype).removeprefix("torch."),
+        # other processes on the machine skew every figure: recorded, not corrected for
+        "load_average_1min_at_end": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
         "workload": {"overrides": list(overrides), "trials": len(trials),
                      "trial_steps": planned,
                      "executed_trial_steps": int(sum(len(t.step_loss) for t in traces)),

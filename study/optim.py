@@ -102,15 +102,32 @@ class BatchedOptimizer:
     def scalars(self, fn, rows: Sequence[tuple[float, ...]]) -> StepScalars:
         return StepScalars(fn, rows, self.dtype, self.device)
 
-    def step(self, params: Tensor, grad: Tensor, alive: Tensor) -> Tensor:
-        """One update of every alive row (`alive`: [T] bool); returns the new [T, P] params."""
-        self.t += 1
-        grad = torch.nan_to_num(grad, nan=0.0, posinf=0.0, neginf=0.0)
-        return self.update(params, grad, alive[:, None])
+    def step(self, params: Tensor, grad: Tensor, alive: Tensor,
+             out: Tensor | None = None) -> Tensor:
+        """One update of every alive row (`alive`: [T] bool); returns the new [T, P] params.
 
-    def update(self, params: Tensor, grad: Tensor, live: Tensor) -> Tensor:
-        """The family's update; `live` [T, 1]; frozen rows must come out bit-unchanged."""
+        The new parameters go to `out` when given (a buffer the caller reuses; it must not
+        overlap `params`), and `params` itself is left as it was. `grad` is overwritten
+        (it serves as scratch space). The state is updated in place: big tensors are
+        allocated once, which matters on the CPU, where a fresh multi-megabyte tensor costs
+        page faults.
+        """
+        self.t += 1
+        torch.nan_to_num(grad, nan=0.0, posinf=0.0, neginf=0.0, out=grad)
+        if out is None:
+            out = torch.empty_like(params)
+        self.update(params, grad, alive[:, None], out)
+        return out
+
+    def update(self, params: Tensor, grad: Tensor, live: Tensor, out: Tensor) -> None:
+        """The family's update into `out`; `live` [T, 1]; frozen rows come out unchanged."""
         raise NotImplementedError
+
+    def scratch(self, like: Tensor) -> Tensor:
+        """A [T, P] work buffer kept between steps (allocated on first use)."""
+        if getattr(self, "_scratch", None) is None or self._scratch.shape != like.shape:
+            self._scratch = torch.empty_like(like)
+        return self._scratch
 
     def select(self, index: Tensor) -> None:
         """Keep only rows `index` (in that order): hyperparameters and state alike."""
@@ -152,22 +169,23 @@ class BatchedSGD(BatchedOptimizer):
         self.use_nesterov = any(s.nesterov for s in specs)
         self.buf: Tensor | None = None
 
-    def update(self, params: Tensor, grad: Tensor, live: Tensor) -> Tensor:
+    def update(self, params: Tensor, grad: Tensor, live: Tensor, out: Tensor) -> None:
         neg_lr = _or(live, self.neg_lr, 0.0)
         if self.use_decay:
-            grad = torch.addcmul(grad, params, self.weight_decay)
+            grad.addcmul_(params, self.weight_decay)
         if not self.use_momentum:
-            return torch.addcmul(params, grad, neg_lr)
+            torch.addcmul(params, grad, neg_lr, out=out)
+            return
         if self.buf is None:
             self.buf = grad.clone()  # torch: the first step copies the gradient (no dampening)
         else:
             momentum = _or(live, self.momentum, 1.0)
             keep_grad = _or(live, self.one_minus_dampening, 0.0)
-            self.buf = torch.addcmul(self.buf * momentum, grad, keep_grad)
+            self.buf.mul_(momentum).addcmul_(grad, keep_grad)
         direction = self.buf
         if self.use_nesterov:
-            direction = torch.addcmul(grad * self.grad_share, self.buf, self.buf_share)
-        return torch.addcmul(params, direction, neg_lr)
+            direction = grad.mul_(self.grad_share).addcmul_(self.buf, self.buf_share)
+        torch.addcmul(params, direction, neg_lr, out=out)
 
 
 class BatchedAdam(BatchedOptimizer):
@@ -199,23 +217,27 @@ class BatchedAdam(BatchedOptimizer):
         self.exp_avg_sq = torch.zeros_like(params)
         self.max_exp_avg_sq = torch.zeros_like(params) if self.use_amsgrad else None
 
-    def update(self, params: Tensor, grad: Tensor, live: Tensor) -> Tensor:
+    def update(self, params: Tensor, grad: Tensor, live: Tensor, out: Tensor) -> None:
         if self.use_decay:
             if self.decoupled:
                 params = params * _or(live, self.decay_factor, 1.0)
             else:
-                grad = torch.addcmul(grad, params, self.weight_decay)
-        self.exp_avg = torch.lerp(self.exp_avg, grad, _or(live, self.one_minus_beta1, 0.0))
-        self.exp_avg_sq = torch.addcmul(self.exp_avg_sq * _or(live, self.beta2, 1.0),
-                                        grad * _or(live, self.one_minus_beta2, 0.0), grad)
+                grad.addcmul_(params, self.weight_decay)
+        self.exp_avg.lerp_(grad, _or(live, self.one_minus_beta1, 0.0))
+        work = self.scratch(params)
+        torch.mul(grad, _or(live, self.one_minus_beta2, 0.0), out=work)
+        self.exp_avg_sq.mul_(_or(live, self.beta2, 1.0)).addcmul_(work, grad)
         second = self.exp_avg_sq
         if self.use_amsgrad:
-            self.max_exp_avg_sq = torch.maximum(self.max_exp_avg_sq * self.amsgrad, second)
+            torch.maximum(self.max_exp_avg_sq.mul_(self.amsgrad), second,
+                          out=self.max_exp_avg_sq)
             second = self.max_exp_avg_sq
         # torch: (sqrt(v) / bias_correction2_sqrt).add_(eps), one pass here
-        denom = torch.addcdiv(self.eps, second.sqrt(), self.bias_correction2_sqrt.at(self.t))
+        denom = torch.sqrt(second, out=work)
+        torch.addcdiv(self.eps, denom, self.bias_correction2_sqrt.at(self.t), out=denom)
         neg_step_size = _or(live, self.neg_step_size.at(self.t), 0.0)
-        return torch.addcdiv(params, self.exp_avg * neg_step_size, denom)
+        step = torch.mul(self.exp_avg, neg_step_size, out=grad)  # grad is no longer needed
+        torch.addcdiv(params, step, denom, out=out)
 
 
 class BatchedAdamW(BatchedAdam):
@@ -252,14 +274,13 @@ class BatchedRMSprop(BatchedOptimizer):
         self.grad_avg = torch.zeros_like(params) if self.use_centered else None
         self.buf = torch.zeros_like(params) if self.use_momentum else None
 
-    def update(self, params: Tensor, grad: Tensor, live: Tensor) -> Tensor:
+    def update(self, params: Tensor, grad: Tensor, live: Tensor, out: Tensor) -> None:
         if self.use_decay:
-            grad = torch.addcmul(grad, params, self.weight_decay)
+            grad.addcmul_(params, self.weight_decay)
         one_minus_alpha = _or(live, self.one_minus_alpha, 0.0)
-        self.square_avg = torch.addcmul(self.square_avg * _or(live, self.alpha, 1.0),
-                                        grad * one_minus_alpha, grad)
+        self.square_avg.mul_(_or(live, self.alpha, 1.0)).addcmul_(grad * one_minus_alpha, grad)
         if self.use_centered:
-            self.grad_avg = torch.lerp(self.grad_avg, grad, one_minus_alpha)
+            self.grad_avg.lerp_(grad, one_minus_alpha)
             # torch: square_avg.addcmul(grad_avg, grad_avg, value=-1).sqrt_()
             avg = torch.addcmul(self.square_avg, self.grad_avg * self.neg_centered,
                                 self.grad_avg).sqrt_()
@@ -268,13 +289,13 @@ class BatchedRMSprop(BatchedOptimizer):
         avg = avg.add_(self.eps)
         neg_lr = _or(live, self.neg_lr, 0.0)
         if not self.use_momentum:
-            return torch.addcdiv(params, grad * neg_lr, avg)
-        self.buf = torch.addcdiv(self.buf * _or(live, self.momentum, 1.0),
-                                 grad * live.to(grad.dtype), avg)
-        with_buf = torch.addcmul(params, self.buf, neg_lr)
-        if not self.mixed_momentum:
-            return with_buf
-        return torch.where(self.with_momentum, with_buf, torch.addcdiv(params, grad * neg_lr, avg))
+            torch.addcdiv(params, grad * neg_lr, avg, out=out)
+            return
+        self.buf.mul_(_or(live, self.momentum, 1.0)).addcdiv_(grad * live.to(grad.dtype), avg)
+        torch.addcmul(params, self.buf, neg_lr, out=out)
+        if self.mixed_momentum:
+            plain = torch.addcdiv(params, grad * neg_lr, avg)
+            out.copy_(torch.where(self.with_momentum, out, plain))
 
 
 class BatchedAdagrad(BatchedOptimizer):
@@ -293,14 +314,14 @@ class BatchedAdagrad(BatchedOptimizer):
         initial = self.column([s.initial_accumulator_value for s in specs])
         self.state_sum = initial.expand_as(params).clone()
 
-    def update(self, params: Tensor, grad: Tensor, live: Tensor) -> Tensor:
+    def update(self, params: Tensor, grad: Tensor, live: Tensor, out: Tensor) -> None:
         if self.use_decay:
-            grad = torch.addcmul(grad, params, self.weight_decay)
+            grad.addcmul_(params, self.weight_decay)
         # torch: state_sum.addcmul_(grad, grad, value=1); a frozen row adds 0 * grad
-        self.state_sum = torch.addcmul(self.state_sum, grad * live.to(grad.dtype), grad)
+        self.state_sum.addcmul_(grad * live.to(grad.dtype), grad)
         std = self.state_sum.sqrt().add_(self.eps)
         neg_clr = _or(live, self.neg_clr.at(self.t), 0.0)
-        return torch.addcdiv(params, grad * neg_clr, std)
+        torch.addcdiv(params, grad.mul_(neg_clr), std, out=out)
 
 
 OPTIMIZERS: dict[type[OptimizerSpec], type[BatchedOptimizer]] = {

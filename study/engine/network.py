@@ -32,6 +32,19 @@ ACTIVATIONS = {
 }
 
 
+# The same activations applied in place (evaluation keeps no pre-activation).
+IN_PLACE = {
+    "relu": torch.relu_,
+    "leaky_relu": lambda z: F.leaky_relu(z, inplace=True),
+    "elu": lambda z: F.elu(z, inplace=True),
+    "silu": lambda z: F.silu(z, inplace=True),
+    "gelu": lambda z: z.copy_(F.gelu(z)),
+    "tanh": torch.tanh_,
+    "sigmoid": torch.sigmoid_,
+    "identity": lambda z: z,
+}
+
+
 @dataclass(frozen=True)
 class Network:
     """Layer layout of the flat [T, P] parameter rows, with batched forward and backward."""
@@ -69,8 +82,28 @@ class Network:
             h = a
         return h, saved
 
-    def backward(self, flat: Tensor, saved: list, grad_out: Tensor) -> Tensor:
-        """Gradient rows [T, P] from the gradient of the outputs [T, B, out]."""
+    def evaluate(self, flat: Tensor, x: Tensor, buffers: list[Tensor], inspect=None) -> Tensor:
+        """Outputs [T, N, out] of a forward pass that keeps nothing for a backward pass.
+
+        Layer i writes into `buffers[i]` ([T, N, fan_out], reused from call to call: large
+        fresh tensors cost page faults on the CPU) and applies its activation in place;
+        `inspect(z)` sees each hidden layer's pre-activation first.
+        """
+        act = IN_PLACE[self.activation]
+        h = x
+        layers = self.layers(flat)
+        for i, (w, b) in enumerate(layers):
+            z = torch.baddbmm(b, h, w, out=buffers[i])
+            if i < len(layers) - 1:
+                if inspect is not None:
+                    inspect(z)
+                z = act(z)
+            h = z
+        return h
+
+    def backward(self, flat: Tensor, saved: list, grad_out: Tensor,
+                 out: Tensor | None = None) -> Tensor:
+        """Gradient rows [T, P] (into `out` when given) from the outputs' gradient [T, B, out]."""
         act_backward = ACTIVATIONS[self.activation][1]
         layers = self.layers(flat)
         parts: list[Tensor] = []
@@ -84,7 +117,7 @@ class Network:
                 if act_backward is not None:
                     _, z, a = saved[i - 1]
                     g = act_backward(g, z, a)
-        return torch.cat(parts[::-1], dim=1)
+        return torch.cat(parts[::-1], dim=1, out=out)
 
 
 def loss_and_grad(out: Tensor, y: Tensor, loss: str) -> tuple[Tensor, Tensor]:

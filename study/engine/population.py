@@ -28,7 +28,12 @@ import torch
 
 from study.engine.base import Trace, population_key
 from study.engine.network import Network, eval_losses, loss_and_grad
-from study.models import PROBE_SIZE, activation_stats, init_parameters
+from study.models import (
+    PROBE_SIZE,
+    RELU_FAMILY,
+    SATURATION_Z,
+    init_parameters,
+)
 from study.optim import make_optimizer
 from study.seeds import seed_streams
 from study.tasks import Dataset
@@ -157,11 +162,19 @@ class _Population:
                                 device=device)
         self.ids = torch.arange(n, device=device)  # original index of each computed row
         self.alive = torch.ones(n, dtype=torch.bool, device=device)
-        self.previous_update: tuple[Tensor, Tensor] | None = None  # (update, its norm)
+        self.allocate()
+        self.eval_buffers: list[Tensor] = []
+        self.previous_norm: Tensor | None = None  # |previous update| [T]; None before one
         sizes = self.net.sizes
         self.first_weight = slice(0, sizes[0][0] * sizes[0][1])
         last = self.net.n_params - sizes[-1][1] - sizes[-1][0] * sizes[-1][1]
         self.last_weight = slice(last, last + sizes[-1][0] * sizes[-1][1])
+
+    def allocate(self) -> None:
+        """Work buffers shaped like the parameter rows (again after rows were dropped)."""
+        self.spare, self.grad, self.update = (torch.empty_like(self.params) for _ in range(3))
+        previous = getattr(self, "previous", None)
+        self.previous = torch.empty_like(self.params) if previous is None else previous
 
     def _stack(self, tensors: list[Tensor], dtype: torch.dtype) -> Tensor:
         return torch.stack(tensors).to(device=self.device, dtype=dtype)
@@ -206,40 +219,69 @@ class _Population:
                 self.y_flat.index_select(0, rows).view(*shape, *self.y_flat.shape[1:]))
 
     def train_step(self, step: int, xb: Tensor, yb: Tensor) -> None:
-        params = self.params
+        # [T, P] buffers are reused step after step: params and the next params alternate,
+        # and so do this update and the previous one (a fresh tensor costs page faults).
+        params, new, grad, update = self.params, self.spare, self.grad, self.update
         out, saved = self.net.forward(params, xb)
         loss, grad_out = loss_and_grad(out, yb, self.loss)
-        grad = self.net.backward(params, saved, grad_out)
+        self.net.backward(params, saved, grad_out, out=grad)
         norm = torch.linalg.vector_norm(grad, dim=1)
+        norms = [torch.linalg.vector_norm(grad[:, self.first_weight], dim=1),
+                 torch.linalg.vector_norm(grad[:, self.last_weight], dim=1),
+                 torch.linalg.vector_norm(params, dim=1)]
         self.alive &= torch.isfinite(loss) & torch.isfinite(norm)
-        self.params = self.optimizer.step(params, grad, self.alive)
-        update = self.params - params
+        self.optimizer.step(params, grad, self.alive, out=new)
+        torch.sub(new, params, out=update)
         update_norm = torch.linalg.vector_norm(update, dim=1)
-        if self.previous_update is None:
+        if self.previous_norm is None:
             cosine = torch.full_like(loss, math.nan)
         else:  # F.cosine_similarity(eps=1e-30) with the norms already at hand
-            previous, previous_norm = self.previous_update
-            cosine = torch.linalg.vecdot(update, previous, dim=1) / (
-                update_norm.clamp_min(1e-30) * previous_norm.clamp_min(1e-30))
-        self.previous_update = (update, update_norm)
-        record = torch.stack([
-            loss, norm, torch.linalg.vector_norm(grad[:, self.first_weight], dim=1),
-            torch.linalg.vector_norm(grad[:, self.last_weight], dim=1),
-            torch.linalg.vector_norm(params, dim=1), update_norm, cosine])
+            cosine = torch.linalg.vecdot(update, self.previous, dim=1) / (
+                update_norm.clamp_min(1e-30) * self.previous_norm.clamp_min(1e-30))
+        self.params, self.spare = new, params
+        self.update, self.previous, self.previous_norm = self.previous, update, update_norm
+        record = torch.stack([loss, norm, *norms, update_norm, cosine])
         self.steps[step].index_copy_(1, self.ids, record)
 
     def evaluate(self, k: int) -> None:
-        out, saved = self.net.forward(self.params, self.x_eval)
-        values = list(eval_losses(out, self.y_eval, self.loss, self.n_train))
+        rows, examples = self.x_eval.shape[:2]
+        if len(self.eval_buffers) != len(self.net.sizes) or self.eval_buffers[0].shape[0] != rows:
+            self.eval_buffers = [self.x_eval.new_empty(rows, examples, fo)
+                                 for _, fo in self.net.sizes]
+        hidden: list[Tensor] = []
         probe = min(PROBE_SIZE, self.n_train)  # the first training examples, unshuffled
-        dead, saturated = activation_stats([z[:, :probe] for _, z, _ in saved[:-1]],
-                                           self.net.activation)
-        rows = len(self.ids)
+        out = self.net.evaluate(self.params, self.x_eval, self.eval_buffers,
+                                lambda z: hidden.append(self.activation_health(z[:, :probe])))
+        values = list(eval_losses(out, self.y_eval, self.loss, self.n_train))
         nan = torch.full((rows,), math.nan, dtype=torch.float64, device=self.device)
-        record = torch.stack([nan if v is None else v.to(torch.float64).expand(rows)
-                              for v in (*values, dead.to(self.device), saturated.to(self.device))])
+        dead, saturated = self.combine_health(hidden, nan)
+        record = torch.stack([nan if v is None else v.to(torch.float64)
+                              for v in (*values, dead, saturated)])
         self.evals[k].index_copy_(1, self.ids, record)
         self.alive &= torch.isfinite(values[0]) & torch.isfinite(values[1])
+
+    def activation_health(self, z: Tensor) -> tuple[Tensor, Tensor, int]:
+        """Per hidden layer: (dead units [T], saturated entries [T], units) on `z` [T, B, U].
+
+        The definitions of `models.activation_stats` in fewer passes: a unit is dead when
+        its largest pre-activation over the probe is <= 0 (NaN compares False either way).
+        """
+        activation = self.net.activation
+        dead = (z.amax(dim=1) <= 0).sum(dim=1) if activation in RELU_FAMILY else None
+        saturated = ((z.abs() > SATURATION_Z[activation]).sum(dim=(1, 2))
+                     if activation in SATURATION_Z else None)
+        return dead, saturated, z.shape[-1]
+
+    def combine_health(self, layers: list, nan: Tensor) -> tuple[Tensor, Tensor]:
+        """(dead fraction, saturation fraction) [T] over all hidden units (NaN: undefined)."""
+        units = sum(u for _, _, u in layers)
+        probe = min(PROBE_SIZE, self.n_train)
+        dead = saturated = nan
+        if layers and layers[0][0] is not None:
+            dead = sum(d for d, _, _ in layers).to(torch.float64) / units
+        if layers and layers[0][1] is not None:
+            saturated = sum(s for _, s, _ in layers).to(torch.float64) / (units * probe)
+        return dead, saturated
 
     def diagnose(self, k: int) -> None:
         """Opt-in sharpness / noise scale of every row (NaN for non-finite parameters)."""
@@ -277,8 +319,10 @@ class _Population:
         self.optimizer.select(kept)
         self.row_offset = self.row_offset[kept]
         self.x_eval, self.y_eval = self.x_eval[kept], self.y_eval[kept]
-        if self.previous_update is not None:
-            self.previous_update = tuple(t[kept] for t in self.previous_update)
+        self.previous = self.previous[kept]
+        if self.previous_norm is not None:
+            self.previous_norm = self.previous_norm[kept]
+        self.allocate()
         index = kept.tolist()
         self.orders = [self.orders[i] for i in index]
         self.init_seeds = [self.init_seeds[i] for i in index]

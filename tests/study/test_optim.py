@@ -74,8 +74,9 @@ def test_matches_torch_optim_step_by_step(family: str, dtype: torch.dtype) -> No
 
 
 def _state(opt) -> dict[str, torch.Tensor]:
-    return {k: v.clone() for k, v in vars(opt).items()
-            if isinstance(v, torch.Tensor) and v.dim() == 2 and v.shape[1] == P}
+    return {k: v.clone() for k, v in vars(opt).items()  # _scratch is work space, not state
+            if isinstance(v, torch.Tensor) and v.dim() == 2 and v.shape[1] == P
+            and not k.startswith("_")}
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
