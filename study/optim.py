@@ -141,7 +141,7 @@ class BatchedOptimizer:
 
 def _or(live: Tensor, column: Tensor, frozen: float) -> Tensor:
     """`column` on live rows, `frozen` on the others ([T, 1], cheap)."""
-    return torch.where(live, column, torch.full_like(column, frozen))
+    return torch.where(live, column, frozen)
 
 
 class BatchedSGD(BatchedOptimizer):

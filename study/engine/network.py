@@ -70,11 +70,15 @@ class Network:
         """One trial's `init_parameters` (weight [fan_out, fan_in], bias) as a flat row."""
         return torch.cat([t for w, b in parameters for t in (w.T.reshape(-1), b)])
 
-    def forward(self, flat: Tensor, x: Tensor) -> tuple[Tensor, list]:
-        """Outputs [T, B, out] for inputs [T, B, in], and what the backward pass needs."""
+    def forward(self, flat: Tensor, x: Tensor, layers: list | None = None
+                ) -> tuple[Tensor, list]:
+        """Outputs [T, B, out] for inputs [T, B, in], and what the backward pass needs.
+
+        `layers`: `self.layers(flat)`, when the caller keeps them.
+        """
         act = ACTIVATIONS[self.activation][0]
         saved, h = [], x
-        layers = self.layers(flat)
+        layers = self.layers(flat) if layers is None else layers
         for i, (w, b) in enumerate(layers):
             z = torch.baddbmm(b, h, w)
             a = z if act is None or i == len(layers) - 1 else act(z)
@@ -82,7 +86,8 @@ class Network:
             h = a
         return h, saved
 
-    def evaluate(self, flat: Tensor, x: Tensor, buffers: list[Tensor], inspect=None) -> Tensor:
+    def evaluate(self, flat: Tensor, x: Tensor, buffers: list[Tensor], inspect=None,
+                 layers: list | None = None) -> Tensor:
         """Outputs [T, N, out] of a forward pass that keeps nothing for a backward pass.
 
         Layer i writes into `buffers[i]` ([T, N, fan_out], reused from call to call: large
@@ -91,7 +96,7 @@ class Network:
         """
         act = IN_PLACE[self.activation]
         h = x
-        layers = self.layers(flat)
+        layers = self.layers(flat) if layers is None else layers
         for i, (w, b) in enumerate(layers):
             z = torch.baddbmm(b, h, w, out=buffers[i])
             if i < len(layers) - 1:
@@ -102,10 +107,10 @@ class Network:
         return h
 
     def backward(self, flat: Tensor, saved: list, grad_out: Tensor,
-                 out: Tensor | None = None) -> Tensor:
+                 out: Tensor | None = None, layers: list | None = None) -> Tensor:
         """Gradient rows [T, P] (into `out` when given) from the outputs' gradient [T, B, out]."""
         act_backward = ACTIVATIONS[self.activation][1]
-        layers = self.layers(flat)
+        layers = self.layers(flat) if layers is None else layers
         parts: list[Tensor] = []
         g = grad_out
         for i in range(len(layers) - 1, -1, -1):

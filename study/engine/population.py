@@ -170,8 +170,16 @@ class _Population:
         last = self.net.n_params - sizes[-1][1] - sizes[-1][0] * sizes[-1][1]
         self.last_weight = slice(last, last + sizes[-1][0] * sizes[-1][1])
 
+    def layers(self, flat: Tensor) -> list:
+        """`Network.layers` of a parameter buffer, kept while the buffer lives."""
+        key = (flat.data_ptr(), tuple(flat.shape))
+        if key not in self.views:
+            self.views[key] = self.net.layers(flat)
+        return self.views[key]
+
     def allocate(self) -> None:
         """Work buffers shaped like the parameter rows (again after rows were dropped)."""
+        self.views: dict[tuple, list] = {}
         self.spare, self.grad, self.update = (torch.empty_like(self.params) for _ in range(3))
         previous = getattr(self, "previous", None)
         self.previous = torch.empty_like(self.params) if previous is None else previous
@@ -222,14 +230,15 @@ class _Population:
         # [T, P] buffers are reused step after step: params and the next params alternate,
         # and so do this update and the previous one (a fresh tensor costs page faults).
         params, new, grad, update = self.params, self.spare, self.grad, self.update
-        out, saved = self.net.forward(params, xb)
+        layers = self.layers(params)
+        out, saved = self.net.forward(params, xb, layers)
         loss, grad_out = loss_and_grad(out, yb, self.loss)
-        self.net.backward(params, saved, grad_out, out=grad)
-        norm = torch.linalg.vector_norm(grad, dim=1)
-        norms = [torch.linalg.vector_norm(grad[:, self.first_weight], dim=1),
-                 torch.linalg.vector_norm(grad[:, self.last_weight], dim=1),
-                 torch.linalg.vector_norm(params, dim=1)]
-        self.alive &= torch.isfinite(loss) & torch.isfinite(norm)
+        self.net.backward(params, saved, grad_out, out=grad, layers=layers)
+        head = torch.stack([loss, torch.linalg.vector_norm(grad, dim=1),
+                            torch.linalg.vector_norm(grad[:, self.first_weight], dim=1),
+                            torch.linalg.vector_norm(grad[:, self.last_weight], dim=1),
+                            torch.linalg.vector_norm(params, dim=1)])
+        self.alive &= torch.isfinite(head[:2]).all(dim=0)
         self.optimizer.step(params, grad, self.alive, out=new)
         torch.sub(new, params, out=update)
         update_norm = torch.linalg.vector_norm(update, dim=1)
@@ -240,8 +249,8 @@ class _Population:
                 update_norm.clamp_min(1e-30) * self.previous_norm.clamp_min(1e-30))
         self.params, self.spare = new, params
         self.update, self.previous, self.previous_norm = self.previous, update, update_norm
-        record = torch.stack([loss, norm, *norms, update_norm, cosine])
-        self.steps[step].index_copy_(1, self.ids, record)
+        self.steps[step, :5].index_copy_(1, self.ids, head)
+        self.steps[step, 5:].index_copy_(1, self.ids, torch.stack([update_norm, cosine]))
 
     def evaluate(self, k: int) -> None:
         rows, examples = self.x_eval.shape[:2]
@@ -251,7 +260,8 @@ class _Population:
         hidden: list[Tensor] = []
         probe = min(PROBE_SIZE, self.n_train)  # the first training examples, unshuffled
         out = self.net.evaluate(self.params, self.x_eval, self.eval_buffers,
-                                lambda z: hidden.append(self.activation_health(z[:, :probe])))
+                                lambda z: hidden.append(self.activation_health(z[:, :probe])),
+                                self.layers(self.params))
         values = list(eval_losses(out, self.y_eval, self.loss, self.n_train))
         nan = torch.full((rows,), math.nan, dtype=torch.float64, device=self.device)
         dead, saturated = self.combine_health(hidden, nan)
