@@ -80,7 +80,7 @@ class StudyConfig:
     diagnostics: DiagnosticsConfig = field(default_factory=DiagnosticsConfig)
     sweep: SweepConfig | None = None
     seed: int = 0
-    engine: str = "reference"
+    engine: str = "batched"
     device: str = "auto"
     progress: bool = True
     report: bool = True

@@ -31,14 +31,11 @@ from optuna.trial import TrialState
 from study import records
 from study.config import ConfigError
 from study.engine import Engine, population_key
+from study.engine.planner import plan_populations
 from study.grid import GridPoint, SweepPlan
 from study.metrics import objective_value, summarize_many
 
 log = logging.getLogger(__name__)
-
-# Largest number of trials handed to the engine at once when it does not say otherwise.
-DEFAULT_POPULATION = 256
-
 
 @dataclass(frozen=True)
 class SweepOutcome:
@@ -113,20 +110,31 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def enqueue_missing(study: optuna.Study, plan: SweepPlan) -> tuple[int, int]:
+def plan_chunks(plan: SweepPlan, device: torch.device, engine: Engine,
+                budget_bytes: int | None = None) -> dict[str, int]:
+    """Chunk index of every point's key: the planner's populations, in its order.
+
+    Engines that train trial by trial say how many trials they take at once
+    (`population_limit`); the batched engine takes whatever fits the memory budget.
+    """
+    chunks = plan_populations([p.trial for p in plan.points], device, budget_bytes,
+                              max_trials=getattr(engine, "population_limit", None))
+    return {plan.points[i].trial.key(): c for c, chunk in enumerate(chunks) for i in chunk}
+
+
+def enqueue_missing(study: optuna.Study, plan: SweepPlan, chunk_of: dict[str, int]
+                    ) -> tuple[int, int]:
     """Enqueue the points with no COMPLETE/RUNNING/WAITING trial; (enqueued, already done).
 
-    Points are enqueued grouped by population so that consecutive `ask`s yield trials that
-    can train together.
+    Points are enqueued chunk by chunk (`chunk_of`, from `plan_chunks`) so that consecutive
+    `ask`s yield trials that train together.
     """
     live = (TrialState.COMPLETE, TrialState.RUNNING, TrialState.WAITING)
     trials = study.get_trials(deepcopy=False, states=live)
     present = {t.user_attrs.get("key") for t in trials}
     done = sum(1 for t in trials if t.state == TrialState.COMPLETE)
     missing = [p for p in plan.points if p.trial.key() not in present]
-    order = {key: i for i, key in enumerate(dict.fromkeys(population_key(p.trial)
-                                                          for p in plan.points))}
-    missing.sort(key=lambda p: order[population_key(p.trial)])
+    missing.sort(key=lambda p: chunk_of[p.trial.key()])
     for point in missing:
         study.enqueue_trial(point.params, user_attrs={"key": point.trial.key(),
                                                       "config": point.trial.flat()})
@@ -152,13 +160,12 @@ def _claims(study: optuna.Study, plan: SweepPlan) -> Iterator[tuple[optuna.Trial
         yield trial, by_key[key]
 
 
-def _batches(claims: Iterator[tuple[optuna.Trial, GridPoint]], limit: int
+def _batches(claims: Iterator[tuple[optuna.Trial, GridPoint]], chunk_of: dict[str, int]
              ) -> Iterator[list[tuple[optuna.Trial, GridPoint]]]:
-    """Group consecutive claims of one population, at most `limit` per batch."""
+    """Group consecutive claims of one planned chunk (one population that fits memory)."""
     batch: list[tuple[optuna.Trial, GridPoint]] = []
     for claim in claims:
-        if batch and (len(batch) >= limit
-                      or population_key(claim[1].trial) != population_key(batch[0][1].trial)):
+        if batch and chunk_of[claim[1].trial.key()] != chunk_of[batch[0][1].trial.key()]:
             yield batch
             batch = []
         batch.append(claim)
@@ -191,24 +198,25 @@ def curves_frame(number: int, trace) -> pd.DataFrame:
 
 def run_sweep(plan: SweepPlan, study: optuna.Study, engine: Engine, device: torch.device,
               run_dir: Path, objective: str, on_progress: Callable[[int, int], None]
-              | None = None, population_limit: int | None = None,
+              | None = None, budget_bytes: int | None = None,
               direction: str = "minimize") -> SweepOutcome:
     """Train every point of `plan` not yet done in `study`; see the module docstring.
 
     `on_progress(done, total)` is called after each population (done counts finished trials
-    of the plan, including those found done).
+    of the plan, including those found done). `budget_bytes` bounds a population's memory
+    (default: the planner's, from the device).
     """
     started = time.perf_counter()
     orphans = _fail_orphans(study)
     if orphans:
         log.warning("failed %d trials left RUNNING by a dead process; re-queued", orphans)
-    enqueued, done = enqueue_missing(study, plan)
+    chunk_of = plan_chunks(plan, device, engine, budget_bytes)
+    _, done = enqueue_missing(study, plan, chunk_of)
     total = len(plan.points)
     if on_progress:
         on_progress(done, total)
-    limit = population_limit or getattr(engine, "population_limit", DEFAULT_POPULATION)
     trained = 0
-    for batch in _batches(_claims(study, plan), limit):
+    for batch in _batches(_claims(study, plan), chunk_of):
         traces = engine.run([point.trial for _, point in batch], device)
         numbers = [trial.number for trial, _ in batch]
         frames = [curves_frame(n, tr) for n, tr in zip(numbers, traces, strict=True)]
