@@ -31,6 +31,11 @@ CURVES_DIR = "curves"
 TRIALS = "trials.parquet"
 ENV = "env.json"
 REPORT = "report.html"
+CLAIMS = "claims.parquet"
+# claims.parquet: one row per claim a sweep declared, evaluated on its trials. Columns:
+# statement, metric, effect, ci_low, ci_high, verdict (supported | contradicted |
+# inconclusive), n_trials, then whatever the evaluator adds (comparison, p_value, q_value...).
+CLAIM_COLUMNS = ("statement", "metric", "effect", "ci_low", "ci_high", "verdict", "n_trials")
 
 # Long-format curves. split: "batch" (minibatch at each step), "train" / "val" (full-split
 # evaluations), "diag" (opt-in diagnostics); metric: "loss", "grad_norm" (batch only),
@@ -167,3 +172,26 @@ def read_env(run_dir: Path) -> dict[str, Any]:
         return json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise RecordError(f"{path} is not valid JSON: {err}") from err
+
+
+# ---------------------------------------------------------------------------------- claims
+def write_claims(run_dir: Path, frame: pd.DataFrame) -> Path:
+    """Write claims.parquet atomically (columns: CLAIM_COLUMNS first, then any others)."""
+    missing = set(CLAIM_COLUMNS) - set(frame.columns)
+    if missing:
+        raise ValueError(f"claims frame lacks columns {sorted(missing)}")
+    ordered = [*CLAIM_COLUMNS, *(c for c in frame.columns if c not in CLAIM_COLUMNS)]
+    path = Path(run_dir) / CLAIMS
+    _atomic_parquet(pa.Table.from_pandas(frame[ordered], preserve_index=False), path)
+    return path
+
+
+def read_claims(run_dir: Path) -> pd.DataFrame | None:
+    """The run's evaluated claims, or None when the sweep declared none."""
+    path = Path(run_dir) / CLAIMS
+    if not path.is_file():
+        return None
+    try:
+        return pq.read_table(path).to_pandas()
+    except (pa.ArrowInvalid, OSError) as err:
+        raise RecordError(f"{path} is not a readable Parquet file: {err}") from err
