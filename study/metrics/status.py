@@ -12,8 +12,8 @@ rule that applies wins:
 3. `unstable`: at least `UNSTABLE_SPIKES` minibatch-loss spikes (`shape.spikes`), or at least
    `UNSTABLE_RISES` evals whose loss rose by more than 10% over the previous eval.
 4. `slow`: still far from the floor (final excess > `SLOW_FAR` x initial excess) and still
-   clearly descending (over the last quarter of the evals the loss shed more than
-   `SLOW_DESCENT` of its excess).
+   clearly descending: the last quarter of the evals brought more than `SLOW_DESCENT` of
+   the run's whole decrease (a curve that has flattened out brings almost none).
 5. `converged`: otherwise (settled: near the floor, or no longer improving).
 """
 
@@ -74,8 +74,8 @@ def classify(*, engine_divergence: np.ndarray, eval_step: np.ndarray, train_loss
     with np.errstate(invalid="ignore"):
         no_progress = excess_final >= NO_PROGRESS_FRACTION * excess_initial
         unstable = (spike_count >= UNSTABLE_SPIKES) | (eval_rises >= UNSTABLE_RISES)
-        slow = (excess_final > SLOW_FAR * excess_initial) & (
-            at_quarter - final > SLOW_DESCENT * (at_quarter - floor))
+        slow = (excess_final > SLOW_FAR * excess_initial) & (final < loss[:, 0]) & (
+            at_quarter - final > SLOW_DESCENT * (loss[:, 0] - final))
     status = np.select(
         [~np.isnan(divergence), no_progress, unstable, slow],
         ["diverged", "no_progress", "unstable", "slow"], default="converged",

@@ -104,8 +104,11 @@ def test_noisy_regression_that_reaches_its_floor_after_a_one_percent_drop_conver
 
 
 def test_still_descending_far_from_floor_is_slow() -> None:
-    row = summarize(_trace([1.0, 0.9, 0.8, 0.7, 0.6, 0.5]))
-    assert row["status"] == "slow"
+    assert summarize(_trace([1.0, 0.9, 0.8, 0.7, 0.6, 0.5]))["status"] == "slow"
+    # A tiny learning rate: 10% down in a straight line, still going: slow, not converged.
+    assert summarize(_trace(np.linspace(1.0, 0.9, 21)))["status"] == "slow"
+    # Flattened out far from the floor: settled, so converged (not slow).
+    assert summarize(_trace([1.0, 0.6, 0.5, 0.5, 0.5, 0.5]))["status"] == "converged"
 
 
 def test_update_and_layer_metrics_from_records() -> None:
