@@ -22,7 +22,9 @@ from omegaconf.errors import OmegaConfBaseException
 
 from study.trial import DiagnosticsSpec, TrainSpec, TrialSpec
 
-GROUPS = ("task", "model", "optimizer")
+SPEC_GROUPS = ("task", "model", "optimizer")  # one option each, built through its _target_
+TRANSFORM_GROUPS = ("failure", "mitigation")  # any number of named entries (study.failures)
+GROUPS = SPEC_GROUPS + TRANSFORM_GROUPS
 ENGINES = ("reference", "batched")
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -57,8 +59,12 @@ class ObjectiveConfig:
 
 @dataclass
 class StorageConfig:
+    kind: str = "journal"  # journal | rdb (conf/storage/: journal, postgres, rdb)
     url: str | None = None  # None: JournalStorage file study.journal in the run directory
     study_name: str | None = None  # None: the sweep's name ("single" without a sweep)
+    heartbeat_s: float = 10.0  # a worker refreshes its lease this often (study.lease)
+    grace_s: float = 60.0  # a claimed trial silent this long is stale: failed, re-queued
+    retries: int = 4  # attempts (doubling delays from 0.5 s) when a database connection fails
 
 
 @dataclass
@@ -67,6 +73,7 @@ class SweepConfig:
     seeds: list[int] = field(default_factory=lambda: [0])
     axes: dict[str, Any] = field(default_factory=dict)
     description: str = ""
+    claims: list[Any] = field(default_factory=list)  # evaluated by study.claims
 
 
 @dataclass
@@ -74,6 +81,8 @@ class StudyConfig:
     task: Any = None
     model: Any = None
     optimizer: Any = None
+    failure: Any = None  # {entry name: {_target_: ..., **arguments}}; see study.failures
+    mitigation: Any = None
     storage: StorageConfig = field(default_factory=StorageConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
@@ -85,6 +94,7 @@ class StudyConfig:
     progress: bool = True
     report: bool = True
     resume: str | None = None
+    workers: int = 1  # local worker processes on one study (study.workers)
 
 
 def register() -> None:
@@ -181,14 +191,65 @@ def _omegaconf_message(err: OmegaConfBaseException) -> str:
 
 def build_trial(plain: dict[str, Any], seed: int, labels: dict[str, str]) -> TrialSpec:
     """Instantiate the groups of a validated config (see `plain_config`) into a `TrialSpec`."""
-    specs = {group: instantiate_group(plain, group) for group in GROUPS}
+    specs = {group: instantiate_group(plain, group) for group in SPEC_GROUPS}
+    transforms = {group: instantiate_entries(plain, group) for group in TRANSFORM_GROUPS}
     try:
         train_spec = TrainSpec(**plain["train"])
         diagnostics = DiagnosticsSpec(**plain.get("diagnostics", {}))
     except (TypeError, ValueError) as err:
         raise ConfigError(str(err)) from None
-    return TrialSpec(specs["task"], specs["model"], specs["optimizer"], train_spec, seed,
-                     labels, diagnostics)
+    trial = TrialSpec(specs["task"], specs["model"], specs["optimizer"], train_spec, seed,
+                      labels, diagnostics)
+    if not any(transforms.values()):
+        return trial
+    from study.failures import apply_transforms
+
+    try:
+        return apply_transforms(trial, transforms["failure"], transforms["mitigation"])
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"{'+'.join(labels.get(g) or g for g in TRANSFORM_GROUPS)}: {err}"
+                          ) from None
+
+
+def instantiate_entries(plain: dict[str, Any], group: str) -> list[tuple[str, Any]]:
+    """(entry name, transform) for each entry of a failure/mitigation node, in order.
+
+    An entry whose `_target_` is a function (not a class) becomes a
+    `study.failures.FunctionTransform` calling it with the entry's other keys.
+    """
+    node = plain.get(group) or {}
+    if not isinstance(node, dict):
+        raise ConfigError(f"{group}: expected named entries with a _target_, got {node!r}")
+    out = []
+    for name, entry in node.items():
+        if entry is None:  # an entry switched off with `~failure.name` or `name: null`
+            continue
+        if not isinstance(entry, dict) or "_target_" not in entry:
+            raise ConfigError(f"{group}.{name}: expected a config with a _target_, got {entry!r}")
+        target_path = entry["_target_"]
+        try:
+            target = get_class(target_path) if _is_class(target_path) else None
+        except Exception as err:
+            raise ConfigError(f"{group}.{name}._target_: cannot import {target_path!r} ({err})"
+                              ) from None
+        if target is None:
+            from study.failures.base import FunctionTransform, freeze
+
+            params = tuple(sorted((k, freeze(v)) for k, v in entry.items() if k != "_target_"))
+            out.append((name, FunctionTransform(target_path, params)))
+        else:
+            out.append((name, instantiate_group({f"{group}.{name}": entry}, f"{group}.{name}")))
+    return out
+
+
+def _is_class(path: str) -> bool:
+    """Whether `path` names a class (else a function); raises if it names nothing."""
+    from hydra.utils import get_object
+
+    try:
+        return inspect.isclass(get_object(path))
+    except Exception as err:
+        raise ConfigError(f"_target_: cannot import {path!r} ({err})") from None
 
 
 def instantiate_group(plain: dict[str, Any], group: str) -> Any:

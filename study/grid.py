@@ -1,12 +1,14 @@
 """Expand a sweep declaration into its grid points: every axis combination x every seed.
 
-Axes come in two kinds. A *group axis* (`task`, `model`, `optimizer`) lists config-group
-options: each combination of group options is composed by Hydra (with the user's own
-overrides), so the options' YAML files are used exactly as `python -m study task=blobs`
-would use them. A *scalar axis* (`optimizer.lr`, `train.batch_size`, `model.depth`, ...) sets
-one key of the composed, resolved config to each listed value (interpolations that refer to
-that key are not re-evaluated); every point is instantiated, so an out-of-range value fails
-before any training.
+Axes come in two kinds. A *group axis* (`task`, `model`, `optimizer`, `failure`,
+`mitigation`) lists config-group options (for `failure` / `mitigation` a value may combine
+several options, written `outliers+unscaled` or as a list `[outliers, unscaled]`; `none` is
+the option without any entry): each combination of group options is composed by Hydra (with
+the user's own overrides), so the options' YAML files are used exactly as `python -m study
+task=blobs` would use them. A *scalar axis* (`optimizer.lr`, `train.batch_size`,
+`model.depth`, ...) sets one key of the composed, resolved config to each listed value
+(interpolations that refer to that key are not re-evaluated); every point is instantiated,
+so an out-of-range value fails before any training.
 """
 
 from __future__ import annotations
@@ -21,7 +23,15 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from study.config import GROUPS, ConfigError, build_trial, plain_config, register, validate
+from study.config import (
+    GROUPS,
+    TRANSFORM_GROUPS,
+    ConfigError,
+    build_trial,
+    plain_config,
+    register,
+    validate,
+)
 from study.trial import TrialSpec
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
@@ -56,7 +66,7 @@ def expand(cfg: DictConfig, compose: Compose, overrides: Sequence[str],
     the config itself with seed `cfg.seed`.
     """
     typed = validate(cfg)
-    base_labels = {g: choices.get(g, "") for g in GROUPS}
+    base_labels = {g: _label(cfg, g, choices.get(g)) for g in GROUPS}
     if typed.sweep is None:
         trial = build_trial(plain_config(cfg), typed.seed, base_labels)
         return SweepPlan(None, {}, [typed.seed], [GridPoint({"seed": typed.seed}, trial)])
@@ -68,7 +78,8 @@ def expand(cfg: DictConfig, compose: Compose, overrides: Sequence[str],
     points: list[GridPoint] = []
     for group_values in itertools.product(*(axes[a] for a in group_axes)):
         picked = dict(zip(group_axes, group_values, strict=True))
-        base = compose([*overrides, *(f"{g}={v}" for g, v in picked.items())]) if picked else cfg
+        base = (compose([*overrides, *(_override(g, v) for g, v in picked.items())])
+                if picked else cfg)
         validate(base)
         plain = plain_config(base)
         labels = {**base_labels, **{g: str(v) for g, v in picked.items()}}
@@ -90,6 +101,8 @@ def _check_axes(raw: dict[str, Any]) -> dict[str, list[Any]]:
             raise ConfigError("sweep.axes.seed: seeds are declared by sweep.seeds, not an axis")
         if not isinstance(values, list):
             raise ConfigError(f"sweep.axes.{name}: expected a list of values, got {values!r}")
+        if name in TRANSFORM_GROUPS:  # [outliers, unscaled] and "outliers+unscaled" alike
+            values = [_combination(v) for v in values]
         if not values:
             raise ConfigError(f"sweep.axes.{name}: no values (empty grid)")
         if len({repr(v) for v in values}) != len(values):
@@ -101,6 +114,34 @@ def _check_axes(raw: dict[str, Any]) -> dict[str, list[Any]]:
             )
         axes[name] = values
     return axes
+
+
+def _combination(value: Any) -> str:
+    """An axis value of a failure/mitigation axis as one label: "outliers+unscaled"."""
+    if isinstance(value, (list, tuple)):
+        return "+".join(str(v) for v in value) if value else "none"
+    return str(value)
+
+
+def _override(group: str, value: Any) -> str:
+    """The Hydra override selecting `value` of `group` ("a+b" selects both options)."""
+    if group in TRANSFORM_GROUPS:
+        options = [v for v in str(value).split("+") if v]
+        return f"{group}=[{','.join(options)}]" if len(options) != 1 else f"{group}={options[0]}"
+    return f"{group}={value}"
+
+
+def _label(cfg: DictConfig, group: str, choice: Any) -> str:
+    """The label of `group` in `cfg`: Hydra's choice, or for an option list (Hydra records
+    none) the entry names joined with "+" ("none" without entries)."""
+    if choice is not None and group not in TRANSFORM_GROUPS:
+        return str(choice)
+    if group in TRANSFORM_GROUPS:
+        if isinstance(choice, str) and choice:
+            return choice
+        node = cfg.get(group)
+        return "+".join(str(k) for k in node) if node else "none"
+    return ""
 
 
 def _with_values(plain: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:

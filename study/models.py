@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn.utils import skip_init
@@ -43,6 +44,10 @@ class ModelSpec:
 
     For every scheme but `normal`, the drawn weights are multiplied by `init_scale`, so
     `init_scale` sweeps "too small" and "too large" init around any scheme.
+
+    `dropout`: probability of zeroing each hidden activation during training (inverted
+    dropout, masks drawn from the trial's dropout stream); `dropout_at_eval` keeps it on
+    during evaluation too (the `model.train()` left on failure).
     """
 
     depth: int = 2
@@ -50,6 +55,8 @@ class ModelSpec:
     activation: str = "relu"
     init: str = "default"
     init_scale: float = 1.0
+    dropout: float = 0.0
+    dropout_at_eval: bool = False
 
     def __post_init__(self) -> None:
         if self.depth < 0:
@@ -64,6 +71,8 @@ class ModelSpec:
             raise ValueError(f"model.init must be one of {list(INITS)}, got {self.init!r}")
         if not self.init_scale >= 0:
             raise ValueError(f"model.init_scale must be >= 0, got {self.init_scale}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"model.dropout must be in [0, 1), got {self.dropout}")
 
     def layer_sizes(self, input_dim: int, output_dim: int) -> list[tuple[int, int]]:
         """(fan_in, fan_out) of each linear layer, input to output."""
@@ -109,11 +118,44 @@ def init_parameters(
     return layers
 
 
+def dropout_seed(seed: int) -> int:
+    """The dropout stream of trial seed `seed` (independent of its data, init and order)."""
+    state = np.random.SeedSequence(seed, spawn_key=(3,)).generate_state(1, np.uint64)
+    return int(state[0]) >> 1
+
+
+def dropout_mask(shape: tuple[int, ...], p: float, generator: torch.Generator,
+                 dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+    """An inverted-dropout mask: 1 / (1 - p) where kept, 0 where dropped.
+
+    Drawn as `torch.rand(shape) >= p` in float64 on the CPU from `generator`, so both
+    engines draw the very same masks in the same order."""
+    keep = torch.rand(shape, generator=generator, dtype=torch.float64) >= p
+    return keep.to(device=device, dtype=dtype) * (1.0 / (1.0 - p))
+
+
+class SeededDropout(nn.Module):
+    """`nn.Dropout` whose masks come from a given generator (no global RNG)."""
+
+    def __init__(self, p: float, generator: torch.Generator) -> None:
+        super().__init__()
+        self.p, self.generator = p, generator
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return x
+        return x * dropout_mask(tuple(x.shape), self.p, self.generator, x.dtype, x.device)
+
+
 def build_module(
     spec: ModelSpec, parameters: list[tuple[torch.Tensor, torch.Tensor]],
     dtype: torch.dtype, device: torch.device | str,
+    dropout: torch.Generator | None = None,
 ) -> nn.Sequential:
-    """The plain `nn.Sequential` a user would write, holding copies of `parameters`."""
+    """The plain `nn.Sequential` a user would write, holding copies of `parameters`.
+
+    With `spec.dropout > 0`, a `SeededDropout` drawing from `dropout` follows every hidden
+    activation."""
     modules: list[nn.Module] = []
     for i, (w, b) in enumerate(parameters):
         # skip_init: no draw from the global RNG; the weights come from `parameters`.
@@ -124,6 +166,10 @@ def build_module(
         modules.append(linear)
         if i < len(parameters) - 1:
             modules.append(ACTIVATIONS[spec.activation]())
+            if spec.dropout > 0:
+                if dropout is None:
+                    raise ValueError("a model with dropout needs a dropout generator")
+                modules.append(SeededDropout(spec.dropout, dropout))
     return nn.Sequential(*modules)
 
 

@@ -86,6 +86,17 @@ class BatchedOptimizer:
         self.dtype = params.dtype
         self.device = params.device
         self.t = 0
+        self.lrs: list[float] | None = None  # set_lr: this step's learning rate per row
+
+    def set_lr(self, lrs: Sequence[float]) -> None:
+        """Learning rates (Python floats, one per row) for the next step, as a scheduler
+        sets `param_group["lr"]`; the family's lr-dependent scalars are computed from them
+        exactly as torch computes them from the group's lr."""
+        self.lrs = [float(v) for v in lrs]
+
+    def lr_column(self, fn) -> Tensor:
+        """[T, 1] column of fn(lr, spec) over this step's learning rates."""
+        return self.column([fn(lr, spec) for lr, spec in zip(self.lrs, self.specs, strict=True)])
 
     def column(self, values: Sequence[float]) -> Tensor:
         """Per-trial values as a [T, 1] column in the parameter dtype.
@@ -170,7 +181,8 @@ class BatchedSGD(BatchedOptimizer):
         self.buf: Tensor | None = None
 
     def update(self, params: Tensor, grad: Tensor, live: Tensor, out: Tensor) -> None:
-        neg_lr = _or(live, self.neg_lr, 0.0)
+        neg_lr = self.neg_lr if self.lrs is None else self.lr_column(lambda lr, s: -lr)
+        neg_lr = _or(live, neg_lr, 0.0)
         if self.use_decay:
             grad.addcmul_(params, self.weight_decay)
         if not self.use_momentum:
@@ -220,7 +232,9 @@ class BatchedAdam(BatchedOptimizer):
     def update(self, params: Tensor, grad: Tensor, live: Tensor, out: Tensor) -> None:
         if self.use_decay:
             if self.decoupled:
-                params = params * _or(live, self.decay_factor, 1.0)
+                decay = (self.decay_factor if self.lrs is None
+                         else self.lr_column(lambda lr, s: 1 - lr * s.weight_decay))
+                params = params * _or(live, decay, 1.0)
             else:
                 grad.addcmul_(params, self.weight_decay)
         self.exp_avg.lerp_(grad, _or(live, self.one_minus_beta1, 0.0))
@@ -235,7 +249,12 @@ class BatchedAdam(BatchedOptimizer):
         # torch: (sqrt(v) / bias_correction2_sqrt).add_(eps), one pass here
         denom = torch.sqrt(second, out=work)
         torch.addcdiv(self.eps, denom, self.bias_correction2_sqrt.at(self.t), out=denom)
-        neg_step_size = _or(live, self.neg_step_size.at(self.t), 0.0)
+        if self.lrs is None:
+            neg_step_size = self.neg_step_size.at(self.t)
+        else:
+            t = self.t
+            neg_step_size = self.lr_column(lambda lr, s: -(lr / (1 - s.betas[0] ** t)))
+        neg_step_size = _or(live, neg_step_size, 0.0)
         step = torch.mul(self.exp_avg, neg_step_size, out=grad)  # grad is no longer needed
         torch.addcdiv(params, step, denom, out=out)
 
@@ -287,7 +306,8 @@ class BatchedRMSprop(BatchedOptimizer):
         else:
             avg = self.square_avg.sqrt()
         avg = avg.add_(self.eps)
-        neg_lr = _or(live, self.neg_lr, 0.0)
+        neg_lr = self.neg_lr if self.lrs is None else self.lr_column(lambda lr, s: -lr)
+        neg_lr = _or(live, neg_lr, 0.0)
         if not self.use_momentum:
             torch.addcdiv(params, grad * neg_lr, avg, out=out)
             return
@@ -320,7 +340,12 @@ class BatchedAdagrad(BatchedOptimizer):
         # torch: state_sum.addcmul_(grad, grad, value=1); a frozen row adds 0 * grad
         self.state_sum.addcmul_(grad * live.to(grad.dtype), grad)
         std = self.state_sum.sqrt().add_(self.eps)
-        neg_clr = _or(live, self.neg_clr.at(self.t), 0.0)
+        if self.lrs is None:
+            neg_clr = self.neg_clr.at(self.t)
+        else:
+            t = self.t
+            neg_clr = self.lr_column(lambda lr, s: -(lr / (1 + (t - 1) * s.lr_decay)))
+        neg_clr = _or(live, neg_clr, 0.0)
         torch.addcdiv(params, grad.mul_(neg_clr), std, out=out)
 
 

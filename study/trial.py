@@ -12,7 +12,7 @@ import torch
 
 from study.models import ModelSpec
 from study.optimizers import OptimizerSpec
-from study.tasks import Task
+from study.tasks import Dataset, Task
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -120,6 +120,101 @@ class DiagnosticsSpec:
         return steps if steps[-1] == total else [*steps, total]
 
 
+LOSSES = ("task", "huber", "mse_onehot", "bce_raw", "weighted_cross_entropy")
+
+
+@dataclass(frozen=True)
+class LoopSpec:
+    """How the training loop departs from the plain one (failure modes and mitigations set it).
+
+    - `loss`: the training objective. `task` = the task's loss (MSE / cross-entropy);
+      `huber` = `F.huber_loss(delta=huber_delta)` (regression); `mse_onehot` = MSE between
+      raw logits and one-hot targets (classification); `bce_raw` = binary cross-entropy
+      written by hand on raw logits, `-(y log z + (1 - y) log(1 - z)).mean()` against one-hot
+      targets, no sigmoid; `weighted_cross_entropy` = cross-entropy with class weights
+      n_train / (C * count_c) from the training labels. Evaluations always use the task's loss,
+      so arms with different training objectives stay comparable.
+    - `zero_grad`: False = gradients accumulate across steps (the missing `zero_grad()`).
+    - `shuffle`: False = every epoch visits the training split in stored order.
+    - `clip_norm`: `clip_grad_norm_(max_norm=clip_norm)` per trial after backward (None: off).
+    - Learning-rate schedule, a product of factors of the optimizer's `lr` at step k (k updates
+      done): warm-up `LinearLR(start_factor=warmup_start_factor)` over the first
+      `round(warmup_fraction * planned steps)` steps; `StepLR`: x `step_gamma` every
+      `step_epochs` epochs; cosine decay to `cosine_min_factor` over the planned steps; and
+      `ReduceLROnPlateau` on the validation loss at each evaluation after step 0
+      (`plateau_factor`, `plateau_patience`, relative `plateau_threshold`).
+    - `early_stopping_patience`: stop once the validation loss has not improved on its best
+      for that many consecutive evaluations (the trace ends there, not diverged).
+    """
+
+    loss: str = "task"
+    huber_delta: float = 1.0
+    zero_grad: bool = True
+    shuffle: bool = True
+    clip_norm: float | None = None
+    warmup_fraction: float = 0.0
+    warmup_start_factor: float = 0.01
+    step_epochs: int | None = None
+    step_gamma: float = 0.1
+    cosine: bool = False
+    cosine_min_factor: float = 0.0
+    plateau_factor: float | None = None
+    plateau_patience: int = 2
+    plateau_threshold: float = 1e-4
+    early_stopping_patience: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.loss not in LOSSES:
+            raise ValueError(f"loop.loss must be one of {list(LOSSES)}, got {self.loss!r}")
+        checks = {
+            "huber_delta": self.huber_delta > 0,
+            "clip_norm": self.clip_norm is None or self.clip_norm > 0,
+            "warmup_fraction": 0 <= self.warmup_fraction <= 1,
+            "warmup_start_factor": 0 < self.warmup_start_factor <= 1,
+            "step_epochs": self.step_epochs is None or self.step_epochs >= 1,
+            "step_gamma": 0 < self.step_gamma <= 1,
+            "cosine_min_factor": 0 <= self.cosine_min_factor <= 1,
+            "plateau_factor": self.plateau_factor is None or 0 < self.plateau_factor < 1,
+            "plateau_patience": self.plateau_patience >= 0,
+            "plateau_threshold": self.plateau_threshold >= 0,
+            "early_stopping_patience": (self.early_stopping_patience is None
+                                        or self.early_stopping_patience >= 1),
+        }
+        for name, ok in checks.items():
+            if not ok:
+                raise ValueError(f"loop.{name} is out of range: {getattr(self, name)!r}")
+
+    @property
+    def scheduled(self) -> bool:
+        """Whether the learning rate changes during training."""
+        return (self.warmup_fraction > 0 or self.step_epochs is not None or self.cosine
+                or self.plateau_factor is not None)
+
+    def lr_factor(self, step: int, steps_per_epoch: int, total_steps: int) -> float:
+        """The schedule's factor of `lr` for the update after `step` updates (no plateau).
+
+        The closed forms of torch's LinearLR, StepLR (stepped every `step_epochs` epochs)
+        and CosineAnnealingLR (T_max = planned steps, eta_min = cosine_min_factor * lr),
+        in Python floats (tests/study/test_failures.py compares them with torch's).
+        """
+        factor = 1.0
+        warmup = round(self.warmup_fraction * total_steps)
+        if warmup > 0:
+            factor *= (self.warmup_start_factor
+                       + (1.0 - self.warmup_start_factor) * min(warmup, step) / warmup)
+        if self.step_epochs is not None:
+            factor *= self.step_gamma ** (step // (self.step_epochs * steps_per_epoch))
+        if self.cosine:
+            m = self.cosine_min_factor
+            factor *= m + (1.0 - m) * (1 + math.cos(math.pi * step / total_steps)) / 2
+        return factor
+
+    def structure(self) -> tuple:
+        """What a population must share: everything but the per-trial clipping threshold."""
+        return tuple((f.name, getattr(self, f.name)) for f in fields(self)
+                     if f.name != "clip_norm") + (("clip", self.clip_norm is not None),)
+
+
 @dataclass(frozen=True)
 class TrialSpec:
     """Everything that determines one trial's numbers.
@@ -127,6 +222,12 @@ class TrialSpec:
     `labels` are the config-group choices that produced the specs (for example
     `{"task": "blobs", "optimizer": "momentum"}`): names for tables and reports, they do not
     change the numbers.
+
+    `failures` and `mitigations` are the (config entry name, transform) pairs the trial
+    carries (`study.failures`), in the order they apply (failures first). Their changes to
+    the model, optimizer, training and loop are already folded into `model`, `optimizer`,
+    `train` and `loop` (see `study.failures.apply_transforms`); their data changes apply in
+    `dataset`.
     """
 
     task: Task
@@ -136,6 +237,26 @@ class TrialSpec:
     seed: int
     labels: dict[str, str] = field(default_factory=dict, compare=False, hash=False)
     diagnostics: DiagnosticsSpec = field(default_factory=DiagnosticsSpec)
+    loop: LoopSpec = field(default_factory=LoopSpec)
+    failures: tuple[tuple[str, Any], ...] = ()
+    mitigations: tuple[tuple[str, Any], ...] = ()
+
+    @property
+    def transforms(self) -> tuple[Any, ...]:
+        """Every transform, failures first (without their config entry names)."""
+        return tuple(t for _, t in (*self.failures, *self.mitigations))
+
+    @property
+    def data_transforms(self) -> tuple[Any, ...]:
+        """The transforms that change the data, in the order they apply."""
+        return tuple(t for t in self.transforms if hasattr(t, "apply_data"))
+
+    def dataset(self, data_seed: int) -> Dataset:
+        """The task's draw for `data_seed` after every data transform (deterministic)."""
+        from study.failures import apply_data_transforms
+
+        data = self.task.generate(data_seed)
+        return apply_data_transforms(data, self.data_transforms, data_seed)
 
     def flat(self) -> dict[str, Any]:
         """One flat record: group labels, `<group>.<field>` for every field, and `seed`.
@@ -144,9 +265,9 @@ class TrialSpec:
         scalar a table column can hold.
         """
         row: dict[str, Any] = dict(self.labels)
-        for group in ("task", "model", "optimizer", "train", "diagnostics"):
+        for group in ("task", "model", "optimizer", "train", "diagnostics", "loop"):
             spec = getattr(self, group)
-            if group != "diagnostics":
+            if group not in ("diagnostics", "loop"):
                 row[f"{group}.type"] = type(spec).__name__
             for f in fields(spec):
                 if not f.init:
@@ -155,6 +276,13 @@ class TrialSpec:
                 if isinstance(value, (list, tuple)):
                     value = json.dumps(list(value))
                 row[f"{group}.{f.name}"] = value
+        for group, transforms in (("failure", self.failures), ("mitigation", self.mitigations)):
+            for entry, transform in transforms:
+                row[f"{group}.{entry}.type"] = type(transform).__name__
+                for name, value in transform_params(transform).items():
+                    if isinstance(value, (list, tuple)):
+                        value = json.dumps(list(value))
+                    row[f"{group}.{entry}.{name}"] = value
         row["seed"] = self.seed
         return row
 
@@ -164,8 +292,23 @@ class TrialSpec:
             group: {"type": type(getattr(self, group)).__name__, **asdict(getattr(self, group))}
             for group in ("task", "model", "optimizer", "train")
         }
+        if self.model.dropout == 0 and not self.model.dropout_at_eval:  # keys stay as they were
+            del content["model"]["dropout"], content["model"]["dropout_at_eval"]
         if self.diagnostics.enabled:  # keys of runs without diagnostics stay as they were
             content["diagnostics"] = asdict(self.diagnostics)
+        if self.loop != LoopSpec():  # likewise for trials without failures or mitigations
+            content["loop"] = asdict(self.loop)
+        for group, transforms in (("failure", self.failures), ("mitigation", self.mitigations)):
+            if transforms:
+                content[group] = [{"type": type(t).__name__, **transform_params(t)}
+                                  for _, t in transforms]
         content["seed"] = self.seed
         blob = json.dumps(content, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:24]
+
+
+def transform_params(transform: Any) -> dict[str, Any]:
+    """A transform's parameters (its init fields), for records and keys."""
+    if hasattr(transform, "params") and callable(transform.params):
+        return transform.params()
+    return {f.name: getattr(transform, f.name) for f in fields(transform) if f.init}

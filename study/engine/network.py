@@ -70,11 +70,12 @@ class Network:
         """One trial's `init_parameters` (weight [fan_out, fan_in], bias) as a flat row."""
         return torch.cat([t for w, b in parameters for t in (w.T.reshape(-1), b)])
 
-    def forward(self, flat: Tensor, x: Tensor, layers: list | None = None
-                ) -> tuple[Tensor, list]:
+    def forward(self, flat: Tensor, x: Tensor, layers: list | None = None,
+                masks: list[Tensor] | None = None) -> tuple[Tensor, list]:
         """Outputs [T, B, out] for inputs [T, B, in], and what the backward pass needs.
 
-        `layers`: `self.layers(flat)`, when the caller keeps them.
+        `layers`: `self.layers(flat)`, when the caller keeps them. `masks`: dropout, one
+        scaled mask [T, B, width] per hidden layer, multiplied into its activation.
         """
         act = ACTIVATIONS[self.activation][0]
         saved, h = [], x
@@ -83,11 +84,11 @@ class Network:
             z = torch.baddbmm(b, h, w)
             a = z if act is None or i == len(layers) - 1 else act(z)
             saved.append((h, z, a))
-            h = a
+            h = a if masks is None or i == len(layers) - 1 else a * masks[i]
         return h, saved
 
     def evaluate(self, flat: Tensor, x: Tensor, buffers: list[Tensor], inspect=None,
-                 layers: list | None = None) -> Tensor:
+                 layers: list | None = None, masks: list[Tensor] | None = None) -> Tensor:
         """Outputs [T, N, out] of a forward pass that keeps nothing for a backward pass.
 
         Layer i writes into `buffers[i]` ([T, N, fan_out], reused from call to call: large
@@ -103,12 +104,17 @@ class Network:
                 if inspect is not None:
                     inspect(z)
                 z = act(z)
+                if masks is not None:
+                    z = z.mul_(masks[i])
             h = z
         return h
 
     def backward(self, flat: Tensor, saved: list, grad_out: Tensor,
-                 out: Tensor | None = None, layers: list | None = None) -> Tensor:
-        """Gradient rows [T, P] (into `out` when given) from the outputs' gradient [T, B, out]."""
+                 out: Tensor | None = None, layers: list | None = None,
+                 masks: list[Tensor] | None = None) -> Tensor:
+        """Gradient rows [T, P] (into `out` when given) from the outputs' gradient [T, B, out].
+
+        `masks`: the dropout masks of the forward pass."""
         act_backward = ACTIVATIONS[self.activation][1]
         layers = self.layers(flat) if layers is None else layers
         parts: list[Tensor] = []
@@ -119,6 +125,8 @@ class Network:
             parts.append(torch.bmm(h.transpose(1, 2), g).flatten(1))
             if i > 0:
                 g = torch.bmm(g, layers[i][0].transpose(1, 2))
+                if masks is not None:
+                    g = g * masks[i - 1]
                 if act_backward is not None:
                     _, z, a = saved[i - 1]
                     g = act_backward(g, z, a)
@@ -142,10 +150,48 @@ def loss_and_grad(out: Tensor, y: Tensor, loss: str) -> tuple[Tensor, Tensor]:
     return value, aten._log_softmax_backward_data(grad_logp, logp, -1, logp.dtype)
 
 
-def eval_losses(out: Tensor, y: Tensor, loss: str, n_train: int) -> tuple[Tensor, ...]:
-    """(train loss, val loss, train acc, val acc) [T] for outputs over train + val rows."""
+def train_loss_and_grad(out: Tensor, y: Tensor, loss: str, objective: str = "task",
+                        huber_delta: float = 1.0, class_weights: Tensor | None = None
+                        ) -> tuple[Tensor, Tensor]:
+    """The training objective of `LoopSpec.loss` [T] and its gradient wrt `out` [T, B, C].
+
+    Mirrors, trial by trial, what autograd computes for the reference engine's expression of
+    each objective (study/engine/reference.py `training_loss`).
+    """
+    if objective == "task":
+        return loss_and_grad(out, y, loss)
+    n = out[0].numel()
+    if objective == "huber":
+        value = F.huber_loss(out, y, reduction="none", delta=huber_delta).mean(dim=(1, 2))
+        scale = torch.full_like(out, 1.0 / n)
+        return value, aten.huber_loss_backward(scale, out, y, 0, huber_delta)
+    if objective == "weighted_cross_entropy":
+        logp = torch.log_softmax(out, dim=-1)
+        target = y[..., None]
+        w = class_weights.gather(1, y)  # [T, B]
+        total = w.sum(dim=1, keepdim=True)
+        value = -(logp.gather(-1, target).squeeze(-1) * w).sum(dim=1) / total.squeeze(1)
+        grad_logp = torch.zeros_like(logp).scatter_(-1, target, (-w / total)[..., None])
+        return value, aten._log_softmax_backward_data(grad_logp, logp, -1, logp.dtype)
+    onehot = F.one_hot(y, out.shape[-1]).to(out.dtype)
+    if objective == "mse_onehot":
+        diff = out - onehot
+        return diff.square().mean(dim=(1, 2)), diff * (2.0 / n)
+    if objective == "bce_raw":
+        value = -(onehot * torch.log(out) + (1 - onehot) * torch.log(1 - out)).mean(dim=(1, 2))
+        grad = -(onehot / out - (1 - onehot) / (1 - out)) / n
+        return value, grad
+    raise ValueError(f"unknown training objective {objective!r}")
+
+
+def eval_losses(out: Tensor, y: Tensor, loss: str, n_train: int,
+                target_scale: Tensor | None = None) -> tuple[Tensor, ...]:
+    """(train loss, val loss, train acc, val acc) [T] for outputs over train + val rows.
+
+    `target_scale` [T, 1, C]: regression losses in the original target units."""
     if loss == "mse":
-        err = (out - y).square()
+        err = (out - y) if target_scale is None else (out - y) * target_scale
+        err = err.square()
         return err[:, :n_train].mean(dim=(1, 2)), err[:, n_train:].mean(dim=(1, 2)), None, None
     logp = torch.log_softmax(out, dim=-1)
     nll = -logp.gather(-1, y[..., None]).squeeze(-1)

@@ -19,6 +19,7 @@ drops frozen rows from the computation once they are a large enough share.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections import OrderedDict, defaultdict
 from collections.abc import Sequence
@@ -27,11 +28,14 @@ import numpy as np
 import torch
 
 from study.engine.base import Trace, population_key
-from study.engine.network import Network, eval_losses, loss_and_grad
+from study.engine.network import Network, eval_losses, train_loss_and_grad
+from study.failures.loop import EarlyStopper, Plateau, class_weights
 from study.models import (
     PROBE_SIZE,
     RELU_FAMILY,
     SATURATION_Z,
+    dropout_mask,
+    dropout_seed,
     init_parameters,
 )
 from study.optim import make_optimizer
@@ -41,6 +45,7 @@ from study.trial import TrialSpec
 
 __all__ = ["BatchedEngine", "DatasetCache", "Network"]
 
+log = logging.getLogger(__name__)
 Tensor = torch.Tensor
 # Per-step records, in this order (see Trace); the last five exist only for updated steps.
 STEP_FIELDS = ("step_loss", "grad_norm", "grad_norm_first", "grad_norm_last", "param_norm",
@@ -50,20 +55,34 @@ EVAL_FIELDS = ("train_loss", "val_loss", "train_acc", "val_acc", "dead_fraction"
 
 
 class DatasetCache:
-    """Task draws keyed by (task, data seed): trials sharing a seed share one dataset."""
+    """Trial data keyed by (task, data transforms, data seed): trials sharing them share one
+    dataset."""
 
     def __init__(self, size: int = 64) -> None:
         self.size = size
-        self.items: OrderedDict[tuple[str, int], Dataset] = OrderedDict()
+        self.items: OrderedDict[tuple[str, str, int], Dataset] = OrderedDict()
 
-    def get(self, task, seed: int) -> Dataset:
-        key = (repr(task), seed)
+    def get(self, trial: TrialSpec, seed: int) -> Dataset:
+        key = data_key(trial, seed)
         if key not in self.items:
-            self.items[key] = task.generate(seed)
+            self.items[key] = trial.dataset(seed)
             if len(self.items) > self.size:
                 self.items.popitem(last=False)
         self.items.move_to_end(key)
         return self.items[key]
+
+
+def data_key(trial: TrialSpec, seed: int) -> tuple[str, str, int]:
+    """What determines a trial's data: task, data transforms, data seed."""
+    return repr(trial.task), repr(trial.data_transforms), seed
+
+
+def reference_only(trial: TrialSpec) -> str | None:
+    """Why `trial` cannot train batched (None: it can)."""
+    for transform in trial.transforms:
+        if hasattr(transform, "edit_module"):
+            return f"{type(transform).__name__} edits the nn.Module"
+    return None
 
 
 class BatchedEngine:
@@ -77,11 +96,26 @@ class BatchedEngine:
         self.datasets = DatasetCache()
 
     def run(self, trials: Sequence[TrialSpec], device: torch.device) -> list[Trace]:
-        """One Trace per trial, in order; trials of different structure train separately."""
+        """One Trace per trial, in order; trials of different structure train separately.
+
+        Trials the batched computation cannot express (`reference_only`) train on the
+        reference engine instead, and the log says so.
+        """
         groups: dict[str, list[int]] = defaultdict(list)
-        for i, trial in enumerate(trials):
-            groups[repr(population_key(trial))].append(i)
         traces: list[Trace | None] = [None] * len(trials)
+        fallback = [(i, reason) for i, t in enumerate(trials)
+                    if (reason := reference_only(t)) is not None]
+        if fallback:
+            from study.engine.reference import ReferenceEngine
+
+            log.warning("%d trial(s) fall back to the reference engine (%s)", len(fallback),
+                        "; ".join(sorted({r for _, r in fallback})))
+            ref = ReferenceEngine().run([trials[i] for i, _ in fallback], device)
+            for (i, _), trace in zip(fallback, ref, strict=True):
+                traces[i] = trace
+        for i, trial in enumerate(trials):
+            if traces[i] is None:
+                groups[repr(population_key(trial))].append(i)
         for indices in groups.values():
             population = [trials[i] for i in indices]
             for i, trace in zip(indices, self.train(population, torch.device(device)),
@@ -115,16 +149,20 @@ class _Population:
         self.dtype = first.train.torch_dtype
         task = first.task
         seeds = [seed_streams(t.seed) for t in trials]
-        data_seeds = sorted({s.data for s in seeds})
-        data = [engine.datasets.get(task, s) for s in data_seeds]
+        keys = [data_key(t, s.data) for t, s in zip(trials, seeds, strict=True)]
+        data_keys = list(dict.fromkeys(keys))
+        draws = {k: engine.datasets.get(t, s.data)
+                 for k, t, s in zip(keys, trials, seeds, strict=True)}
+        data = [draws[k] for k in data_keys]
+        mine = [draws[k] for k in keys]  # each trial's own draw
         self.loss, self.n_train = data[0].loss, data[0].n_train
         self.y_dtype = torch.int64 if self.loss == "cross_entropy" else self.dtype
-        self.irreducible = [data[data_seeds.index(s.data)].irreducible_loss for s in seeds]
+        self.irreducible = [d.irreducible_loss for d in mine]
         self.net = Network(tuple(first.model.layer_sizes(task.input_dim, task.output_dim)),
                            first.model.activation)
 
         # Data: [D, N, ...] per distinct draw; each trial indexes its draw's rows.
-        which = torch.tensor([data_seeds.index(s.data) for s in seeds], device=device)
+        which = torch.tensor([data_keys.index(k) for k in keys], device=device)
         x_train = self._stack([d.x_train for d in data], self.dtype)
         y_train = self._stack([d.y_train for d in data], self.y_dtype)
         self.x_flat = x_train.flatten(0, 1)  # [D * n_train, in]
@@ -144,10 +182,12 @@ class _Population:
         self.optimizer = make_optimizer([t.optimizer for t in trials], self.params)
         self.orders = [torch.Generator().manual_seed(s.order) for s in seeds]
         self.init_seeds = [s.init for s in seeds]  # diagnostics draw their start from it
+        self.setup_loop(trials, mine, task.output_dim)
 
         train = first.train
         self.batch = train.resolved_batch_size(self.n_train)
         self.planned = train.total_steps(self.n_train)
+        self.per_epoch = train.steps_per_epoch(self.n_train)
         self.eval_steps = train.eval_steps(self.n_train)
         self.diag_steps = first.diagnostics.steps(train, self.n_train)
         self.epochs = train.epochs
@@ -169,6 +209,81 @@ class _Population:
         self.first_weight = slice(0, sizes[0][0] * sizes[0][1])
         last = self.net.n_params - sizes[-1][1] - sizes[-1][0] * sizes[-1][1]
         self.last_weight = slice(last, last + sizes[-1][0] * sizes[-1][1])
+
+    def setup_loop(self, trials: Sequence[TrialSpec], data: list[Dataset], classes: int
+                   ) -> None:
+        """Per-trial state of what failure modes and mitigations change in the loop."""
+        loop = self.loop = trials[0].loop
+        n, device = len(trials), self.device
+        self.id_list = list(range(n))  # original index of each computed row, on the host
+        self.target_scale = None
+        if any(d.target_scale is not None for d in data):
+            ones = torch.ones(trials[0].task.output_dim, dtype=torch.float64)
+            self.target_scale = torch.stack([
+                ones if d.target_scale is None else d.target_scale for d in data
+            ])[:, None, :].to(device=device, dtype=self.dtype)
+        self.class_weights = None
+        if loop.loss == "weighted_cross_entropy":
+            self.class_weights = torch.stack([class_weights(d.y_train, classes) for d in data]
+                                             ).to(device=device, dtype=self.dtype)
+        self.clip = None
+        if loop.clip_norm is not None:
+            self.clip = torch.tensor([t.loop.clip_norm for t in trials], dtype=torch.float64,
+                                     device=device).to(self.dtype)
+        self.accumulated = None if loop.zero_grad else torch.zeros_like(self.params)
+        self.base_lr = [t.optimizer.lr for t in trials]
+        self.plateaus = ([Plateau(t.loop.plateau_factor, t.loop.plateau_patience,
+                                  t.loop.plateau_threshold) for t in trials]
+                         if loop.plateau_factor is not None else None)
+        self.stoppers = ([EarlyStopper(t.loop.early_stopping_patience) for t in trials]
+                         if loop.early_stopping_patience is not None else None)
+        self.stopped_at: dict[int, int] = {}
+        model = trials[0].model
+        self.dropout = model.dropout
+        self.dropout_at_eval = model.dropout_at_eval and model.dropout > 0
+        self.dropout_gens = ([torch.Generator().manual_seed(dropout_seed(t.seed)) for t in trials]
+                             if model.dropout > 0 else None)
+
+    def masks(self, rows: Sequence[int]) -> list[Tensor] | None:
+        """Dropout masks [T, sum(rows), width] per hidden layer, drawn per trial in the
+        reference's order: for each block of `rows` examples, every hidden layer in turn."""
+        if self.dropout_gens is None:
+            return None
+        widths = [fo for _, fo in self.net.sizes[:-1]]
+        per_trial = []
+        for i in self.id_list:
+            g = self.dropout_gens[i]
+            blocks = [[dropout_mask((r, w), self.dropout, g, self.dtype, self.device)
+                       for w in widths] for r in rows]
+            per_trial.append([torch.cat([b[layer] for b in blocks]) for layer in
+                              range(len(widths))])
+        return [torch.stack([m[layer] for m in per_trial]) for layer in range(len(widths))]
+
+    def learning_rates(self, step: int) -> list[float]:
+        """Each computed row's learning rate for the update after `step` updates."""
+        factor = self.loop.lr_factor(step, self.per_epoch, self.planned)
+        lrs = [self.base_lr[i] * factor for i in self.id_list]
+        if self.plateaus is not None:
+            lrs = [lr * self.plateaus[i].multiplier for lr, i in zip(lrs, self.id_list,
+                                                                    strict=True)]
+        return lrs
+
+    def after_eval(self, k: int, step: int) -> None:
+        """Plateau and early stopping on the validation losses of eval `k` (one sync)."""
+        if self.plateaus is None and self.stoppers is None:
+            return
+        val = self.evals[k, 1].tolist()
+        alive = self.alive.tolist()
+        for row, i in enumerate(self.id_list):
+            if not alive[row]:
+                continue
+            if self.plateaus is not None and step > 0:
+                plateau = self.plateaus[i]
+                plateau.update(val[i], self.base_lr[i] * plateau.multiplier)
+            if (self.stoppers is not None and self.stoppers[i].update(val[i])
+                    and step < self.planned):
+                self.stopped_at[i] = step
+                self.alive[row] = False
 
     def layers(self, flat: Tensor) -> list:
         """`Network.layers` of a parameter buffer, kept while the buffer lives."""
@@ -198,6 +313,7 @@ class _Population:
                 next_diag += 1
             if next_eval < len(evals) and evals[next_eval] == step:
                 self.evaluate(next_eval)
+                self.after_eval(next_eval, step)
                 next_eval += 1
 
         after(0)
@@ -220,7 +336,10 @@ class _Population:
 
     def epoch_batches(self) -> tuple[Tensor, Tensor]:
         """This epoch's shuffled training split per trial: x [T, N, in], y [T, N, ...]."""
-        perms = torch.stack([torch.randperm(self.n_train, generator=g) for g in self.orders])
+        if self.loop.shuffle:
+            perms = torch.stack([torch.randperm(self.n_train, generator=g) for g in self.orders])
+        else:  # the failure: the stored order, every epoch
+            perms = torch.arange(self.n_train).expand(len(self.orders), -1)
         rows = (perms.to(self.device) + self.row_offset[:, None]).flatten()
         shape = (len(self.orders), self.n_train)
         return (self.x_flat.index_select(0, rows).view(*shape, -1),
@@ -231,14 +350,27 @@ class _Population:
         # and so do this update and the previous one (a fresh tensor costs page faults).
         params, new, grad, update = self.params, self.spare, self.grad, self.update
         layers = self.layers(params)
-        out, saved = self.net.forward(params, xb, layers)
-        loss, grad_out = loss_and_grad(out, yb, self.loss)
-        self.net.backward(params, saved, grad_out, out=grad, layers=layers)
-        head = torch.stack([loss, torch.linalg.vector_norm(grad, dim=1),
-                            torch.linalg.vector_norm(grad[:, self.first_weight], dim=1),
-                            torch.linalg.vector_norm(grad[:, self.last_weight], dim=1),
+        masks = self.masks([xb.shape[1]])
+        out, saved = self.net.forward(params, xb, layers, masks)
+        loop = self.loop
+        loss, grad_out = train_loss_and_grad(out, yb, self.loss, loop.loss, loop.huber_delta,
+                                             self.class_weights)
+        self.net.backward(params, saved, grad_out, out=grad, layers=layers, masks=masks)
+        used = grad  # the gradient the optimizer sees (torch: p.grad)
+        if self.accumulated is not None:  # zero_grad forgotten: p.grad keeps summing
+            used = self.accumulated.add_(grad)
+        head = torch.stack([loss, torch.linalg.vector_norm(used, dim=1),
+                            torch.linalg.vector_norm(used[:, self.first_weight], dim=1),
+                            torch.linalg.vector_norm(used[:, self.last_weight], dim=1),
                             torch.linalg.vector_norm(params, dim=1)])
         self.alive &= torch.isfinite(head[:2]).all(dim=0)
+        if self.clip is not None:  # clip_grad_norm_: max_norm / (norm + 1e-6), at most 1
+            coef = (self.clip / (head[1] + 1e-6)).clamp(max=1.0)
+            used.mul_(coef[:, None])
+        if used is not grad:
+            grad.copy_(used)  # the optimizer uses grad as scratch space
+        if loop.scheduled:
+            self.optimizer.set_lr(self.learning_rates(step))
         self.optimizer.step(params, grad, self.alive, out=new)
         torch.sub(new, params, out=update)
         update_norm = torch.linalg.vector_norm(update, dim=1)
@@ -259,10 +391,13 @@ class _Population:
                                  for _, fo in self.net.sizes]
         hidden: list[Tensor] = []
         probe = min(PROBE_SIZE, self.n_train)  # the first training examples, unshuffled
+        masks = (self.masks([self.n_train, examples - self.n_train])
+                 if self.dropout_at_eval else None)
         out = self.net.evaluate(self.params, self.x_eval, self.eval_buffers,
                                 lambda z: hidden.append(self.activation_health(z[:, :probe])),
-                                self.layers(self.params))
-        values = list(eval_losses(out, self.y_eval, self.loss, self.n_train))
+                                self.layers(self.params), masks)
+        values = list(eval_losses(out, self.y_eval, self.loss, self.n_train,
+                                  self.target_scale))
         nan = torch.full((rows,), math.nan, dtype=torch.float64, device=self.device)
         dead, saturated = self.combine_health(hidden, nan)
         record = torch.stack([nan if v is None else v.to(torch.float64)
@@ -329,11 +464,16 @@ class _Population:
         self.optimizer.select(kept)
         self.row_offset = self.row_offset[kept]
         self.x_eval, self.y_eval = self.x_eval[kept], self.y_eval[kept]
+        for name in ("target_scale", "class_weights", "clip", "accumulated"):
+            value = getattr(self, name)
+            if value is not None:
+                setattr(self, name, value[kept])
         self.previous = self.previous[kept]
         if self.previous_norm is not None:
             self.previous_norm = self.previous_norm[kept]
         self.allocate()
         index = kept.tolist()
+        self.id_list = [self.id_list[i] for i in index]
         self.orders = [self.orders[i] for i in index]
         self.init_seeds = [self.init_seeds[i] for i in index]
         self.alive = self.alive[kept]
@@ -349,8 +489,12 @@ class _Population:
         classify = self.loss == "cross_entropy"
         out = []
         for t in range(len(self.trials)):
-            divergence, n_steps, n_updates = self._cut(steps[t], evals[t], eval_steps)
-            last = self.planned if divergence is None else divergence
+            if t in self.stopped_at:  # early stopping: alive and finite up to there
+                divergence, last = None, self.stopped_at[t]
+                n_steps = n_updates = last
+            else:
+                divergence, n_steps, n_updates = self._cut(steps[t], evals[t], eval_steps)
+                last = self.planned if divergence is None else divergence
             n_evals = int(np.searchsorted(eval_steps, last, side="right"))
             n_diags = int(np.searchsorted(diag_steps, last, side="right"))
             s = {name: steps[t, i, :n_steps if i < 2 else n_updates].copy()

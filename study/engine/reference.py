@@ -1,8 +1,12 @@
 """The reference engine: the plain loop a user would write, one trial at a time.
 
 nn.Sequential + torch.optim, shuffled minibatches from a seeded generator,
-zero_grad / backward / step. It is the oracle for the population engine and the baseline of
-the benchmark, so it stays deliberately plain: clarity over speed.
+zero_grad / backward / step, and whatever the trial's failure modes and mitigations change
+in that loop (`LoopSpec`): the training loss, zero_grad left out, no shuffling,
+`clip_grad_norm_`, the learning rate set per step from the schedule, ReduceLROnPlateau and
+early stopping on the validation loss after each evaluation. It is the oracle for the
+population engine and the baseline of the benchmark, so it stays deliberately plain:
+clarity over speed.
 """
 
 from __future__ import annotations
@@ -17,15 +21,49 @@ from torch.nn.utils import parameters_to_vector
 from study.engine.base import Trace
 from study.engine.diagnostics import gradient_noise_scale, sharpness
 from study.engine.network import Network
-from study.models import PROBE_SIZE, activation_stats, build_module, init_parameters
+from study.failures.loop import EarlyStopper, Plateau, class_weights
+from study.models import (
+    PROBE_SIZE,
+    activation_stats,
+    build_module,
+    dropout_seed,
+    init_parameters,
+)
 from study.seeds import seed_streams
 from study.tasks import Dataset
-from study.trial import TrialSpec
+from study.trial import LoopSpec, TrialSpec
 
 
 def loss_fn(name: str):
     """The task's training loss (mean over the batch)."""
     return F.mse_loss if name == "mse" else F.cross_entropy
+
+
+def training_loss(loop: LoopSpec, data: Dataset, n_classes: int, device: torch.device):
+    """The training objective of `loop.loss`, written as a user would (see LoopSpec)."""
+    if loop.loss == "task":
+        return loss_fn(data.loss)
+    if loop.loss == "huber":
+        return lambda out, y: F.huber_loss(out, y, delta=loop.huber_delta)
+    if loop.loss == "weighted_cross_entropy":
+        weights = class_weights(data.y_train, n_classes)
+        return lambda out, y: F.cross_entropy(out, y, weight=weights.to(device, out.dtype))
+    if loop.loss == "mse_onehot":
+        return lambda out, y: F.mse_loss(out, F.one_hot(y, n_classes).to(out.dtype))
+
+    def bce_by_hand(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:  # no sigmoid
+        target = F.one_hot(y, n_classes).to(out.dtype)
+        return -(target * torch.log(out) + (1 - target) * torch.log(1 - out)).mean()
+
+    return bce_by_hand
+
+
+def evaluation_loss(data: Dataset, device: torch.device, dtype: torch.dtype):
+    """The task's loss, in the original target units when targets were standardized."""
+    if data.target_scale is None:
+        return loss_fn(data.loss)
+    scale = data.target_scale.to(device=device, dtype=dtype)
+    return lambda out, y: ((out - y) * scale).square().mean()
 
 
 class ReferenceEngine:
@@ -43,18 +81,30 @@ class ReferenceEngine:
 def train_trial(trial: TrialSpec, device: torch.device) -> Trace:
     """Train one trial; see `Trace` for what is recorded and when it stops."""
     seeds = seed_streams(trial.seed)
-    data = trial.task.generate(seeds.data)
+    data = trial.dataset(seeds.data)
     dtype = trial.train.torch_dtype
     x_train, y_train, x_val, y_val = _to_device(data, dtype, device)
     params = init_parameters(trial.model, trial.task.input_dim, trial.task.output_dim,
                              torch.Generator().manual_seed(seeds.init))
-    model = build_module(trial.model, params, dtype, device)
+    dropout = torch.Generator().manual_seed(dropout_seed(trial.seed))
+    model = build_module(trial.model, params, dtype, device, dropout)
+    for transform in trial.transforms:
+        if hasattr(transform, "edit_module"):
+            model = transform.edit_module(model)
     optimizer = trial.optimizer.build(model.parameters())
-    criterion = loss_fn(data.loss)
+    loop = trial.loop
+    criterion = evaluation_loss(data, device, dtype)
+    objective = training_loss(loop, data, trial.task.output_dim, device)
+    base_lr = trial.optimizer.lr
+    plateau = (Plateau(loop.plateau_factor, loop.plateau_patience, loop.plateau_threshold)
+               if loop.plateau_factor is not None else None)
+    stopper = (EarlyStopper(loop.early_stopping_patience)
+               if loop.early_stopping_patience is not None else None)
 
     n = data.n_train
     batch = trial.train.resolved_batch_size(n)
     planned = trial.train.total_steps(n)
+    per_epoch = trial.train.steps_per_epoch(n)
     eval_at = set(trial.train.eval_steps(n))
     order = torch.Generator().manual_seed(seeds.order)
     classify = data.loss == "cross_entropy"
@@ -67,7 +117,6 @@ def train_trial(trial: TrialSpec, device: torch.device) -> Trace:
         "grad_norm_first", "grad_norm_last", "param_norm", "update_norm", "update_cosine")}
     evals: list[tuple[float, ...]] = []
     divergence_step = None
-    probe = x_train[:PROBE_SIZE]
     weights = [m.weight for m in model if isinstance(m, torch.nn.Linear)]
     previous_update: torch.Tensor | None = None
 
@@ -79,27 +128,52 @@ def train_trial(trial: TrialSpec, device: torch.device) -> Trace:
             diag.append((step, *measure_diagnostics(trial, model, data, x_train, y_train)))
 
     def evaluate(step: int) -> bool:
+        model.train(trial.model.dropout_at_eval)  # the failure: model.eval() forgotten
         with torch.no_grad():
-            out_train, out_val = model(x_train), model(x_val)
-            dead, saturated = activation_stats(_hidden_pre_activations(model, probe),
-                                               trial.model.activation)
+            hidden: list[torch.Tensor] = []
+            hooks = [m.register_forward_hook(lambda _m, _i, z: hidden.append(z[:PROBE_SIZE]))
+                     for m in list(model)[:-1] if isinstance(m, torch.nn.Linear)]
+            out_train = model(x_train)  # the probe: pre-activations of its first rows
+            for hook in hooks:
+                hook.remove()
+            out_val = model(x_val)
+            dead, saturated = activation_stats(hidden, trial.model.activation)
             row = (step, criterion(out_train, y_train).item(), criterion(out_val, y_val).item(),
                    _accuracy(out_train, y_train) if classify else np.nan,
                    _accuracy(out_val, y_val) if classify else np.nan,
                    dead.item(), saturated.item())
         evals.append(row)
+        model.train()
         return bool(np.isfinite(row[1]) and np.isfinite(row[2]))
 
+    def stop_after_eval(step: int) -> bool:
+        """Plateau and early-stopping bookkeeping on the eval just recorded."""
+        val = evals[-1][2]
+        if plateau is not None and step > 0:
+            plateau.update(val, base_lr * plateau.multiplier)
+        return stopper is not None and stopper.update(val) and step < planned
+
     step = 0
+    stopped = False
     diagnose(0)
     if not evaluate(0):
         divergence_step = 0
-    while divergence_step is None and step < planned:
-        perm = torch.randperm(n, generator=order).to(device)
+    else:
+        stopped = stop_after_eval(0)
+    while divergence_step is None and not stopped and step < planned:
+        perm = (torch.randperm(n, generator=order) if loop.shuffle else torch.arange(n))
+        perm = perm.to(device)
         for start in range(0, n, batch):
             idx = perm[start:start + batch]
-            optimizer.zero_grad()
-            loss = criterion(model(x_train[idx]), y_train[idx])
+            if loop.zero_grad:
+                optimizer.zero_grad()
+            if loop.scheduled:
+                lr = base_lr * loop.lr_factor(step, per_epoch, planned)
+                if plateau is not None:
+                    lr = lr * plateau.multiplier
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+            loss = objective(model(x_train[idx]), y_train[idx])
             loss.backward()
             norm = torch.linalg.vector_norm(
                 torch.stack([torch.linalg.vector_norm(p.grad) for p in model.parameters()])
@@ -112,6 +186,8 @@ def train_trial(trial: TrialSpec, device: torch.device) -> Trace:
             before = parameters_to_vector(model.parameters()).detach().clone()
             extra["grad_norm_first"].append(torch.linalg.vector_norm(weights[0].grad).item())
             extra["grad_norm_last"].append(torch.linalg.vector_norm(weights[-1].grad).item())
+            if loop.clip_norm is not None:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), loop.clip_norm)
             optimizer.step()
             with torch.no_grad():
                 update = parameters_to_vector(model.parameters()) - before
@@ -123,9 +199,13 @@ def train_trial(trial: TrialSpec, device: torch.device) -> Trace:
                 previous_update = update
             step += 1
             diagnose(step)
-            if step in eval_at and not evaluate(step):
-                divergence_step = step
-                break
+            if step in eval_at:
+                if not evaluate(step):
+                    divergence_step = step
+                    break
+                if stop_after_eval(step):
+                    stopped = True
+                    break
 
     ev = np.array(evals, dtype=np.float64).reshape(-1, 7)
     dg = np.array(diag, dtype=np.float64).reshape(-1, 3) if diag_at else None
@@ -167,17 +247,6 @@ def measure_diagnostics(trial: TrialSpec, model: torch.nn.Sequential, data: Data
         values[1] = gradient_noise_scale(net, flat, x_train[None, :k], y_train[None, :k],
                                          data.loss).item()
     return values[0], values[1]
-
-
-def _hidden_pre_activations(model: torch.nn.Sequential, x: torch.Tensor) -> list[torch.Tensor]:
-    """Pre-activations of every hidden layer (every Linear but the last) on `x`."""
-    out, h = [], x
-    layers = list(model)
-    for i, layer in enumerate(layers[:-1]):
-        h = layer(h)
-        if isinstance(layer, torch.nn.Linear) and i + 1 < len(layers):
-            out.append(h)
-    return out
 
 
 def _accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:

@@ -19,6 +19,11 @@ class Dataset:
     generating model on the validation split (the noise floor no model can beat, in the
     task's loss units): the noise variance for regression, the Bayes posterior's
     cross-entropy for classification.
+
+    `target_scale` (regression, float64 `[out_dim]`, None = 1): the targets are stored in
+    units of this scale (target standardization); evaluation losses are reported in the
+    original units, `mean(((out - y) * scale)^2)` (the prediction mapped back), so they stay
+    comparable with trials trained on raw targets.
     """
 
     x_train: torch.Tensor
@@ -27,6 +32,7 @@ class Dataset:
     y_val: torch.Tensor
     loss: LossName
     irreducible_loss: float
+    target_scale: torch.Tensor | None = None
 
     @property
     def input_dim(self) -> int:

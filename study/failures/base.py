@@ -1,0 +1,104 @@
+"""How transforms apply: the seeding of data transforms and the folding of spec changes.
+
+A transform is a small frozen dataclass (or a function wrapped by `FunctionTransform`) with
+any of:
+
+- `apply_data(data, generator) -> Dataset`: change the data after the task drew it. The
+  generator is seeded from the trial's data seed and the transform's class name, so a
+  transform draws the same rows whatever else the trial carries (paired arms stay paired).
+  Shapes are kept: same splits, same number of rows and features.
+- `apply_spec(trial) -> TrialSpec`: change the model, optimizer, training or loop spec
+  (`dataclasses.replace`); applied once, when the trial is built.
+- `check(task)`: raise ValueError when the transform does not apply to `task` (for example
+  class imbalance on a regression task), so a bad combination fails before training.
+- `edit_module(module) -> nn.Module`: a change to the reference engine's `nn.Sequential`
+  that the batched engine cannot express; trials carrying one train on the reference engine
+  (the batched engine falls back and logs it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from study.tasks import Dataset
+from study.trial import TrialSpec
+
+
+def transform_generator(data_seed: int, transform: Any) -> torch.Generator:
+    """A generator for `transform`'s draws: from the data seed and the transform's name."""
+    name = getattr(transform, "target", None) or type(transform).__name__
+    key = zlib.crc32(name.encode())
+    state = np.random.SeedSequence(data_seed, spawn_key=(7, key)).generate_state(1, np.uint64)
+    return torch.Generator().manual_seed(int(state[0]) >> 1)
+
+
+def apply_data_transforms(data: Dataset, transforms: Sequence[Any], data_seed: int) -> Dataset:
+    """`data` after each transform's `apply_data`, in order; shapes are checked."""
+    for transform in transforms:
+        out = transform.apply_data(data, transform_generator(data_seed, transform))
+        for name in ("x_train", "y_train", "x_val", "y_val"):
+            before, after = getattr(data, name), getattr(out, name)
+            if before.shape != after.shape or before.dtype != after.dtype:
+                raise ValueError(
+                    f"{type(transform).__name__} changed {name} from {tuple(before.shape)} "
+                    f"{before.dtype} to {tuple(after.shape)} {after.dtype}: data transforms "
+                    f"must keep shapes and dtypes"
+                )
+        data = out
+    return data
+
+
+def apply_transforms(trial: TrialSpec, failures: Sequence[tuple[str, Any]],
+                     mitigations: Sequence[tuple[str, Any]]) -> TrialSpec:
+    """`trial` carrying the (name, transform) pairs, their spec changes folded in.
+
+    Failures apply first, then mitigations, each in the given order, so a mitigation can undo
+    a failure's change (`correct_loss` after `bce_by_hand`). Raises ValueError when a
+    transform does not apply to the task.
+    """
+    for _, transform in (*failures, *mitigations):
+        if hasattr(transform, "check"):
+            transform.check(trial.task)
+    trial = dataclasses.replace(trial, failures=tuple(failures), mitigations=tuple(mitigations))
+    for _, transform in (*failures, *mitigations):
+        if hasattr(transform, "apply_spec"):
+            trial = transform.apply_spec(trial)
+    return trial
+
+
+@dataclass(frozen=True)
+class FunctionTransform:
+    """A data transform written as a plain function, referenced by `_target_`.
+
+    The function is called as `fn(data, generator, **params)` and returns a Dataset; the
+    YAML's other keys are `params`. Example: `_target_: mypackage.failures.clip_targets`
+    with `limit: 3.0` for `def clip_targets(data, generator, limit): ...`.
+    """
+
+    target: str
+    params_items: tuple[tuple[str, Any], ...] = ()
+
+    def params(self) -> dict[str, Any]:
+        return {"target": self.target, **dict(self.params_items)}
+
+    def apply_data(self, data: Dataset, generator: torch.Generator) -> Dataset:
+        module, _, name = self.target.rpartition(".")
+        fn = getattr(importlib.import_module(module), name)
+        return fn(data, generator, **dict(self.params_items))
+
+
+def freeze(value: Any) -> Any:
+    """Lists (from YAML) as tuples, so transforms stay hashable."""
+    if isinstance(value, list):
+        return tuple(freeze(v) for v in value)
+    if isinstance(value, dict):
+        return tuple(sorted((k, freeze(v)) for k, v in value.items()))
+    return value
