@@ -7,7 +7,9 @@ conf/sweep/NAME.yaml. Either way the run directory gets the same files (docs/des
 from __future__ import annotations
 
 import logging
+import os
 import shutil
+import signal
 import sys
 import time
 from pathlib import Path
@@ -16,26 +18,32 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from study import records
+from study import records, storage
 from study.config import ConfigError, plain_config, register, validate
 from study.engine import make_engine
 from study.environment import describe_environment, now_iso
 from study.grid import expand
 from study.metrics import SUMMARY_METRICS
 from study.sweep import (
+    Lease,
+    SweepOutcome,
     check_same_config,
     describe,
+    done_points,
     open_study,
+    plan_chunks,
+    prepare,
     resolve_device,
     run_sweep,
     write_trials_table,
 )
+from study.workers import StopRequest, WorkerJob, run_workers, threads_per_worker
 
 log = logging.getLogger("study")
 register()
 
 # Keys that say how to run, not what to run: they may change when a sweep is resumed.
-_RUN_ONLY = ("engine", "device", "progress", "report", "resume", "storage")
+_RUN_ONLY = ("engine", "device", "progress", "report", "resume", "storage", "workers")
 
 
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
@@ -47,10 +55,17 @@ def main(cfg: DictConfig) -> None:
     try:
         run(cfg, run_dir, list(hc.overrides.task), dict(hc.runtime.choices))
     except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {storage.mask_url(str(err))}", file=sys.stderr)
         if fresh:
             _remove_if_only_logs(run_dir)
         sys.exit(2)
+    except (records.RecordError, storage.StorageError) as err:
+        # Bad state (a corrupt journal, another version's run, an unreachable database):
+        # nothing of the run directory was changed.
+        print(f"error: {storage.mask_url(str(err))}", file=sys.stderr)
+        if fresh:
+            _remove_if_only_logs(run_dir)
+        sys.exit(3)
 
 
 def run(cfg: DictConfig, run_dir: Path, overrides: list[str], choices: dict[str, str]) -> None:
@@ -63,33 +78,55 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str], choices: dict[str,
     engine = make_engine(typed.engine)
     config = plain_config(cfg)
 
-    study = open_study(run_dir, typed.storage.url,
-                       typed.storage.study_name or (plan.name or "single"),
-                       typed.objective.direction)
+    url = _storage_url(typed)
+    leases = Lease(typed.storage.heartbeat_s, typed.storage.grace_s)
+    _check_run_dir(run_dir)
+    study_name = typed.storage.study_name or (plan.name or "single")
+    study = open_study(run_dir, url, study_name, typed.objective.direction,
+                       typed.storage.retries)
     check_same_config(study, {k: v for k, v in _flatten(config).items()
                               if k.split(".")[0] not in _RUN_ONLY})
     _save_hydra_files(cfg, run_dir, overrides)
     previous = records.read_env(run_dir)
-    env = describe_environment(overrides, run_dir, device, engine.name)
+    env = storage.redact(describe_environment(overrides, run_dir, device, engine.name))
     # A resumed run keeps the command and start of the invocation that created it.
     for key in ("command", "resume_command", "started"):
         env[key] = previous.get(key, env.get(key))
     env["started"] = env["started"] or now_iso()
+    env["storage"] = storage.mask_url(url) if url else records.JOURNAL
+    env["workers"] = typed.workers
     invocations = previous.get("invocations", [])
     records.write_env(run_dir, {**env, "invocations": invocations})
-    log.info("%s: %s on %s with the %s engine", plan.name or "single configuration",
-             describe(plan.points), device, engine.name)
+    log.info("%s: %s on %s with the %s engine%s", plan.name or "single configuration",
+             describe(plan.points), device, engine.name,
+             f", {typed.workers} workers" if typed.workers > 1 else "")
 
     bar = _Bar(typed.progress, len(plan.points), plan.name or "trial")
+    stop = StopRequest().install()
     started = time.perf_counter()
     try:
-        outcome = run_sweep(plan, study, engine, device, run_dir, typed.objective.metric,
-                            on_progress=bar, direction=typed.objective.direction)
+        if typed.workers == 1:
+            outcome = run_sweep(plan, study, engine, device, run_dir, typed.objective.metric,
+                                on_progress=bar, direction=typed.objective.direction,
+                                leases=leases, stop=lambda: stop.requested)
+        else:
+            job = WorkerJob(plan, run_dir, url, study_name, typed.objective.direction,
+                            typed.objective.metric, typed.engine, typed.device, leases,
+                            typed.storage.retries, threads_per_worker(typed.workers),
+                            os.getpid())
+            outcome = _run_with_workers(job, typed.workers, study, stop, bar, engine, device)
     except KeyboardInterrupt:
         bar.close()
         print(f"\ninterrupted. Finish with: {env['resume_command']}", file=sys.stderr)
         sys.exit(130)
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
     bar.close()
+    if outcome.stopped:
+        print(f"stopped after {outcome.trained} trials; nothing is lost. "
+              f"Finish with: {env['resume_command']}", file=sys.stderr)
+        sys.exit(130)
     write_trials_table(study, plan, run_dir, {"metric": typed.objective.metric,
                                               "direction": typed.objective.direction})
     wall = round(time.perf_counter() - started, 3)
@@ -100,12 +137,61 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str], choices: dict[str,
     records.write_env(run_dir, env)
     print(f"{outcome.trained} trials trained, {outcome.already_done} already done, "
           f"in {outcome.wall_time_s:.1f} s")
+    missing = outcome.total - done_points(study, plan)
+    if missing:
+        print(f"{missing} trials are still held by other workers or were lost; finish with: "
+              f"{env['resume_command']}", file=sys.stderr)
     if typed.report:
         from analysis import build_report
 
         print(f"report: {build_report(run_dir)}")
     else:
         print(f"run directory: {run_dir}")
+
+
+def _storage_url(typed) -> str | None:
+    """The RDB URL to use (None: the journal file), checked before anything is written."""
+    kind, url = typed.storage.kind, typed.storage.url
+    if kind not in ("journal", "rdb"):
+        raise ConfigError(f"storage.kind: must be journal or rdb, got {kind!r}")
+    if kind == "rdb" and not url:
+        raise ConfigError("storage.url: this storage needs a database URL: export "
+                          "STUDY_STORAGE_URL=postgresql://USER:PASSWORD@HOST:PORT/DB "
+                          "(or pass storage.url=...)")
+    if url:
+        storage.url_scheme(url)
+    storage.check_workers(url, typed.workers)
+    return url or None
+
+
+def _check_run_dir(run_dir: Path) -> None:
+    """Refuse a run directory whose trials.parquet another version of study wrote."""
+    if (run_dir / records.TRIALS).is_file():
+        records.read_trials(run_dir)  # RecordError on another schema version
+
+
+def _run_with_workers(job: WorkerJob, workers: int, study, stop: StopRequest, bar,
+                      engine, device) -> SweepOutcome:
+    """Enqueue, run `workers` processes, then finish what a dead worker left (in-process)."""
+    started = time.perf_counter()
+    total = len(job.plan.points)
+    done_before, reclaimed = prepare(study, job.plan, plan_chunks(job.plan, device, engine),
+                                     job.leases)
+    bar(done_before, total)
+    codes = run_workers(job, workers, stop,
+                        poll=lambda: bar(done_points(study, job.plan), total))
+    crashed = [i for i, c in enumerate(codes) if c not in (0, 130)]
+    if crashed:
+        log.warning("workers %s exited with codes %s; their trials are re-run",
+                    crashed, [codes[i] for i in crashed])
+    last = SweepOutcome(total, 0, 0, 0.0, stopped=True)
+    if not stop.requested:
+        last = run_sweep(job.plan, study, engine, device, job.run_dir, job.objective,
+                         on_progress=bar, direction=job.direction, leases=job.leases,
+                         stop=lambda: stop.requested)
+    done = done_points(study, job.plan)
+    return SweepOutcome(total, done - done_before, done_before,
+                        time.perf_counter() - started, reclaimed + last.reclaimed, last.stopped)
 
 
 def _check_objective(metric: str, plan) -> None:
@@ -134,7 +220,8 @@ def _save_hydra_files(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> N
     job.pop("hydra", None)
     for name, node in (("config.yaml", job), ("overrides.yaml", OmegaConf.create(overrides)),
                        ("hydra.yaml", OmegaConf.create({"hydra": HydraConfig.get()}))):
-        records.atomic_write_bytes(hydra_dir / name, OmegaConf.to_yaml(node).encode())
+        text = storage.mask_url(OmegaConf.to_yaml(node))
+        records.atomic_write_bytes(hydra_dir / name, text.encode())
 
 
 def _remove_if_only_logs(run_dir: Path) -> None:

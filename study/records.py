@@ -26,6 +26,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 SCHEMA_VERSION = 1
+# What the Optuna study holds (user attributes key/config/status/metrics/worker, the run's
+# config and this number in the study's user attribute STORAGE_VERSION_ATTR). A study
+# without the attribute predates it and is read as version 1.
+STORAGE_VERSION = 1
+STORAGE_VERSION_ATTR = "storage_version"
 JOURNAL = "study.journal"
 CURVES_DIR = "curves"
 TRIALS = "trials.parquet"

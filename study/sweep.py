@@ -2,19 +2,20 @@
 
 Optuna is the source of truth. Every grid point x seed is enqueued once as a WAITING trial
 carrying its canonical key (`TrialSpec.key`) and flat config as user attributes; workers
-`ask` waiting trials, train them in populations, write their curves, then `tell` each one a
-finite objective with its status and summary metrics as user attributes. Re-running against
-the same storage resumes: points whose key already has a COMPLETE (or live RUNNING/WAITING)
-trial are not enqueued again.
+`ask` waiting trials (the storage hands each to exactly one worker), train them in
+populations, write their curves, then `tell` each one a finite objective with its status and
+summary metrics as user attributes. Re-running against the same storage resumes: points
+whose key already has a COMPLETE (or live RUNNING/WAITING) trial are not enqueued again.
 
-The harness owns this loop (no Hydra sweeper plugin): see docs/design.md for why.
+Several workers (processes or machines) may run `run_sweep` on one study at once; leases
+(`study.lease`) re-queue the trials of a worker that died, and drop a point queued twice.
+The harness owns this loop (no Hydra sweeper plugin): see docs/design.md for why, and
+docs/scaling.md for the guarantees.
 """
 
 from __future__ import annotations
 
 import logging
-import os
-import socket
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -26,42 +27,82 @@ import optuna
 import pandas as pd
 import torch
 from optuna.distributions import CategoricalDistribution
-from optuna.trial import TrialState
+from optuna.exceptions import UpdateFinishedTrialError
+from optuna.trial import FrozenTrial, TrialState
 
-from study import records
+from study import lease, records, storage
 from study.config import ConfigError
 from study.engine import Engine, population_key
 from study.engine.planner import plan_populations
 from study.grid import GridPoint, SweepPlan
 from study.metrics import objective_value, summarize_many
+from study.seeds import seed_streams
 
 log = logging.getLogger(__name__)
 
+Claim = tuple[optuna.Trial, GridPoint]
+
+
 @dataclass(frozen=True)
 class SweepOutcome:
-    """What one invocation did: points in the plan, trials it trained, trials found done."""
+    """What one invocation did: points in the plan, trials it trained, trials found done.
+
+    `reclaimed`: stale trials of dead workers it failed and re-queued; `stopped`: it stopped
+    early on request (Ctrl-C), leaving a resumable state.
+    """
 
     total: int
     trained: int
     already_done: int
     wall_time_s: float
+    reclaimed: int = 0
+    stopped: bool = False
+
+
+@dataclass(frozen=True)
+class Lease:
+    """Heartbeat period and the silence after which a claimed trial is stale (seconds)."""
+
+    heartbeat_s: float = 10.0
+    grace_s: float = 60.0
+
+    def __post_init__(self) -> None:
+        if not 0 < self.heartbeat_s < self.grace_s:
+            raise ConfigError(f"storage.heartbeat_s: must be > 0 and < storage.grace_s "
+                              f"({self.grace_s}), got {self.heartbeat_s}")
 
 
 def open_study(run_dir: Path, url: str | None, study_name: str,
-               direction: str) -> optuna.Study:
-    """Create or load the study (JournalStorage `study.journal` in `run_dir` by default)."""
-    if url is None:
-        from optuna.storages.journal import JournalFileBackend, JournalStorage
+               direction: str, retries: int = 4) -> optuna.Study:
+    """Create or load the study: the journal `study.journal` in `run_dir`, or the RDB `url`.
 
-        storage: Any = JournalStorage(JournalFileBackend(str(Path(run_dir) / records.JOURNAL)))
+    The journal is validated and a partial last line repaired (logged); a study written by
+    an incompatible version of `study` is refused (RecordError).
+    """
+    if url is None:
+        backend, note = storage.open_journal(Path(run_dir) / records.JOURNAL)
+        if note:
+            log.warning("%s", note)
     else:
-        storage = url
+        backend = storage.open_rdb(url, retries)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    return optuna.create_study(
-        storage=storage, study_name=study_name, direction=direction, load_if_exists=True,
+    study = storage.with_retries(lambda: optuna.create_study(
+        storage=backend, study_name=study_name, direction=direction, load_if_exists=True,
         # Every trial is enqueued with fixed params: the sampler never picks a value.
         sampler=optuna.samplers.RandomSampler(seed=0),
-    )
+    ), retries, "open the study in", url or str(run_dir))
+    version = study.user_attrs.get(records.STORAGE_VERSION_ATTR, records.STORAGE_VERSION)
+    if version != records.STORAGE_VERSION:
+        where = storage.mask_url(url) if url else str(run_dir)
+        raise records.RecordError(
+            f"{where}: the study {study_name!r} was written in storage format {version!r}; "
+            f"this version of study reads format {records.STORAGE_VERSION}. Resume it with "
+            f"the version that wrote it, or start a new run directory."
+        )
+    if records.STORAGE_VERSION_ATTR not in study.user_attrs and not study.get_trials(
+            deepcopy=False):
+        study.set_user_attr(records.STORAGE_VERSION_ATTR, records.STORAGE_VERSION)
+    return study
 
 
 def check_same_config(study: optuna.Study, config: dict[str, Any]) -> None:
@@ -84,30 +125,6 @@ def _distributions(plan: SweepPlan) -> dict[str, CategoricalDistribution]:
     dists = {axis: CategoricalDistribution(values) for axis, values in plan.axes.items()}
     dists["seed"] = CategoricalDistribution(plan.seeds)
     return dists
-
-
-def _fail_orphans(study: optuna.Study) -> int:
-    """Fail RUNNING trials claimed by a process of this host that no longer exists."""
-    host = socket.gethostname()
-    failed = 0
-    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        owner = trial.user_attrs.get("worker") or {}
-        if owner.get("host") == host and not _pid_alive(int(owner.get("pid", -1))):
-            study.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True)
-            failed += 1
-    return failed
-
-
-def _pid_alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def plan_chunks(plan: SweepPlan, device: torch.device, engine: Engine,
@@ -136,17 +153,30 @@ def enqueue_missing(study: optuna.Study, plan: SweepPlan, chunk_of: dict[str, in
     missing = [p for p in plan.points if p.trial.key() not in present]
     missing.sort(key=lambda p: chunk_of[p.trial.key()])
     for point in missing:
-        study.enqueue_trial(point.params, user_attrs={"key": point.trial.key(),
-                                                      "config": point.trial.flat()})
+        _enqueue(study, point)
     return len(missing), done
 
 
-def _claims(study: optuna.Study, plan: SweepPlan) -> Iterator[tuple[optuna.Trial, GridPoint]]:
-    """Ask waiting trials one by one until none is left; yield each with its grid point."""
+def _requeue(study: optuna.Study, plan: SweepPlan, trial: FrozenTrial | optuna.Trial) -> None:
+    """Queue the point of a failed `trial` again (a trial of no point of `plan`: nothing)."""
+    key = trial.user_attrs.get("key")
+    for point in plan.points:
+        if point.trial.key() == key:
+            _enqueue(study, point)
+            return
+
+
+def _enqueue(study: optuna.Study, point: GridPoint) -> None:
+    study.enqueue_trial(point.params, user_attrs={"key": point.trial.key(),
+                                                  "config": point.trial.flat()})
+
+
+def _claims(study: optuna.Study, plan: SweepPlan, me: lease.Worker,
+            stop: Callable[[], bool]) -> Iterator[Claim]:
+    """Ask waiting trials one by one until none is left or `stop()`; yield each with its point."""
     by_key = {p.trial.key(): p for p in plan.points}
     dists = _distributions(plan)
-    worker = {"host": socket.gethostname(), "pid": os.getpid()}
-    while study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+    while not stop() and study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
         trial = study.ask(dists)
         key = trial.user_attrs.get("key")
         if key not in by_key:
@@ -156,21 +186,30 @@ def _claims(study: optuna.Study, plan: SweepPlan) -> Iterator[tuple[optuna.Trial
                 return
             raise ConfigError(f"trial {trial.number} of study {study.study_name!r} has key "
                               f"{key} which is not a point of this sweep")
-        trial.set_user_attr("worker", worker)
+        trial.set_user_attr("worker", me.record())
         yield trial, by_key[key]
 
 
-def _batches(claims: Iterator[tuple[optuna.Trial, GridPoint]], chunk_of: dict[str, int]
-             ) -> Iterator[list[tuple[optuna.Trial, GridPoint]]]:
-    """Group consecutive claims of one planned chunk (one population that fits memory)."""
-    batch: list[tuple[optuna.Trial, GridPoint]] = []
+def _next_batch(claims: Iterator[Claim], pending: Claim | None, chunk_of: dict[str, int]
+                ) -> tuple[list[Claim], Claim | None]:
+    """Consecutive claims of one planned chunk, and the first claim of the next one (if any).
+
+    The planner's chunks are populations that fit memory; with several workers a chunk may
+    be shared between them (each trains the part it claimed).
+    """
+    batch = [pending] if pending else []
     for claim in claims:
         if batch and chunk_of[claim[1].trial.key()] != chunk_of[batch[0][1].trial.key()]:
-            yield batch
-            batch = []
+            return batch, claim
         batch.append(claim)
-    if batch:
-        yield batch
+    return batch, None
+
+
+def _release(study: optuna.Study, claims: Sequence[Claim], reason: str) -> None:
+    """Give claimed, untrained trials back: fail them and queue their points again."""
+    for trial, point in claims:
+        if lease.fail(study, trial, reason):
+            _enqueue(study, point)
 
 
 def curves_frame(number: int, trace) -> pd.DataFrame:
@@ -199,39 +238,136 @@ def curves_frame(number: int, trace) -> pd.DataFrame:
 def run_sweep(plan: SweepPlan, study: optuna.Study, engine: Engine, device: torch.device,
               run_dir: Path, objective: str, on_progress: Callable[[int, int], None]
               | None = None, budget_bytes: int | None = None,
-              direction: str = "minimize") -> SweepOutcome:
-    """Train every point of `plan` not yet done in `study`; see the module docstring.
+              direction: str = "minimize", leases: Lease = Lease(),
+              stop: Callable[[], bool] = lambda: False, enqueue: bool = True) -> SweepOutcome:
+    """Train every point of `plan` not yet done in `study` (one worker); see the module doc.
 
-    `on_progress(done, total)` is called after each population (done counts finished trials
+    `on_progress(done, total)` is called after each population (done counts finished points
     of the plan, including those found done). `budget_bytes` bounds a population's memory
-    (default: the planner's, from the device).
+    (default: the planner's, from the device). `stop()` is polled between populations (and
+    between claims): once true, claimed untrained trials are re-queued and the call returns.
+    `enqueue=False` only claims what is queued (a worker started by a parent that enqueued).
     """
     started = time.perf_counter()
-    orphans = _fail_orphans(study)
-    if orphans:
-        log.warning("failed %d trials left RUNNING by a dead process; re-queued", orphans)
+    me = lease.Worker.here()
     chunk_of = plan_chunks(plan, device, engine, budget_bytes)
-    _, done = enqueue_missing(study, plan, chunk_of)
-    total = len(plan.points)
-    if on_progress:
-        on_progress(done, total)
-    trained = 0
-    for batch in _batches(_claims(study, plan), chunk_of):
-        traces = engine.run([point.trial for _, point in batch], device)
-        numbers = [trial.number for trial, _ in batch]
-        frames = [curves_frame(n, tr) for n, tr in zip(numbers, traces, strict=True)]
-        # Curves first, then tell: a COMPLETE trial always has its curves on disk.
-        records.write_curves(run_dir, f"trials-{min(numbers):06d}-{max(numbers):06d}",
-                             pd.concat(frames, ignore_index=True))
-        summaries = summarize_many(traces, [point.trial.optimizer.lr for _, point in batch])
-        for (trial, _), summary in zip(batch, summaries, strict=True):
+    total, trained, reclaimed = len(plan.points), 0, 0
+    with lease.Heartbeat(study, me, leases.heartbeat_s) as heart:
+        done, reclaimed = prepare(study, plan, chunk_of, leases, me, enqueue)
+        if on_progress:
+            on_progress(done, total)
+        claims, pending = _claims(study, plan, me, stop), None
+        checked: set[tuple[str, int]] = set()
+        while True:
+            batch, pending = _next_batch(claims, pending, chunk_of)
+            if not batch:
+                break
+            heart.beat()
+            batch = _drop_duplicates(study, batch)
+            reclaimed += _reclaim(study, plan, me, leases)
+            if batch:
+                _report_bad_data(batch, checked)
+                trained += _train(study, engine, device, run_dir, batch, objective, direction)
+            heart.beat()
+            if on_progress:
+                on_progress(done_points(study, plan), total)
+            if stop():
+                break
+        stopped = stop()
+        if pending:
+            _release(study, [pending], "released")
+    return SweepOutcome(total, trained, done, time.perf_counter() - started, reclaimed, stopped)
+
+
+def prepare(study: optuna.Study, plan: SweepPlan, chunk_of: dict[str, int], leases: Lease,
+            me: lease.Worker | None = None, enqueue: bool = True) -> tuple[int, int]:
+    """Re-queue stale trials, enqueue missing points; (points done, trials reclaimed)."""
+    reclaimed = _reclaim(study, plan, me or lease.Worker.here(), leases)
+    if enqueue:
+        enqueue_missing(study, plan, chunk_of)
+    return done_points(study, plan), reclaimed
+
+
+def _reclaim(study: optuna.Study, plan: SweepPlan, me: lease.Worker, leases: Lease) -> int:
+    running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    count = lease.reclaim_stale(study, running, me, leases.grace_s,
+                                lambda t: _requeue(study, plan, t))
+    if count:
+        log.warning("re-queued %d trials left RUNNING by dead or silent workers", count)
+    return count
+
+
+def _drop_duplicates(study: optuna.Study, batch: list[Claim]) -> list[Claim]:
+    snapshot = study.get_trials(deepcopy=False)
+    dropped = lease.duplicates([t.number for t, _ in batch], snapshot)
+    for trial, _ in batch:
+        if trial.number in dropped:
+            lease.fail(study, trial, "duplicate")
+    if dropped:
+        log.info("dropped %d trials whose point is done or held by another worker", len(dropped))
+    return [c for c in batch if c[0].number not in dropped]
+
+
+def done_points(study: optuna.Study, plan: SweepPlan) -> int:
+    """How many points of `plan` have a COMPLETE trial in `study`."""
+    keys = {p.trial.key() for p in plan.points}
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    return len(keys & {t.user_attrs.get("key") for t in complete})
+
+
+def _train(study: optuna.Study, engine: Engine, device: torch.device, run_dir: Path,
+           batch: list[Claim], objective: str, direction: str) -> int:
+    """Train one population, write its curves, tell each trial; how many were told."""
+    traces = engine.run([point.trial for _, point in batch], device)
+    numbers = [trial.number for trial, _ in batch]
+    frames = [curves_frame(n, tr) for n, tr in zip(numbers, traces, strict=True)]
+    # Curves first (atomically), then tell: a COMPLETE trial always has its curves on disk.
+    records.write_curves(run_dir, f"trials-{min(numbers):06d}-{max(numbers):06d}",
+                         pd.concat(frames, ignore_index=True))
+    summaries = summarize_many(traces, [point.trial.optimizer.lr for _, point in batch])
+    told = 0
+    for (trial, _), summary in zip(batch, summaries, strict=True):
+        try:
             trial.set_user_attr("status", summary["status"])
             trial.set_user_attr("metrics", {k: v for k, v in summary.items() if k != "status"})
             study.tell(trial, objective_value(summary, objective, direction))
-        trained += len(batch)
-        if on_progress:
-            on_progress(done + trained, total)
-    return SweepOutcome(total, trained, done, time.perf_counter() - started)
+        except UpdateFinishedTrialError:
+            # Another worker judged this one stale (a long stall) and re-queued its point.
+            log.warning("trial %d was reclaimed by another worker; its result is dropped",
+                        trial.number)
+            continue
+        told += 1
+    return told
+
+
+def _report_bad_data(batch: list[Claim], checked: set[tuple[str, int]]) -> None:
+    """Report each (task, data seed) whose training data holds NaN or inf; the trial trains.
+
+    A failure mode may put non-finite values in on purpose (logged at INFO); in a trial with
+    no data transform they are unintended (a WARNING). Either way the note is recorded on
+    the trial (user attribute `data_warning`).
+    """
+    for trial, point in batch:
+        spec, seed = point.trial, seed_streams(point.trial.seed).data
+        key = (repr((spec.task, getattr(spec, "data_transforms", ()))), seed)
+        if key in checked:
+            continue
+        checked.add(key)
+        data = spec.dataset(seed) if hasattr(spec, "dataset") else spec.task.generate(seed)
+        bad = {name: int((~torch.isfinite(t.double())).sum()) for name, t in
+               (("x_train", data.x_train), ("y_train", data.y_train),
+                ("x_val", data.x_val), ("y_val", data.y_val))}
+        bad = {name: n for name, n in bad.items() if n}
+        if not bad:
+            continue
+        intended = bool(getattr(spec, "data_transforms", ()))
+        note = (f"task {spec.labels.get('task') or type(spec.task).__name__} with data seed "
+                f"{seed} has non-finite values ("
+                + ", ".join(f"{n} in {name}" for name, n in bad.items()) + ")"
+                + (" from its failure mode" if intended else ", not from any failure mode"))
+        log.log(logging.INFO if intended else logging.WARNING,
+                "trial %d: %s; it trains on them as drawn", trial.number, note)
+        trial.set_user_attr("data_warning", note)
 
 
 def trials_frame(study: optuna.Study) -> pd.DataFrame:

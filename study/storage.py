@@ -1,0 +1,319 @@
+"""Open the Optuna storage of a run: the journal file (kill-safe) or an RDB URL (PostgreSQL).
+
+Journal file (`study.journal` in the run directory, the default). Optuna appends each write
+under a lock; two things go wrong when a writer dies (FACTS, Optuna section):
+
+- its symlink lock is only force-released after 30 s, so every other worker stalls;
+- a last line cut short (SIGKILL mid-write, full disk) is silently skipped by readers, and
+  the next append glues onto it: the journal is then corrupt in the middle.
+
+So our journals use `TailRepairingLock`: an `fcntl.flock` (the kernel releases it when the
+holder dies) that, once held, cuts off a partial last line left by a dead writer after
+copying the file aside. `open_journal` also validates every line and refuses, without
+touching it, a journal that is corrupt before its last line.
+
+RDB URL (`postgresql://...`, `mysql://...`, `sqlite:///...`): the scheme and its driver are
+checked first; connecting is retried with exponential backoff; every storage call is retried
+the same way on a lost connection (`RetryingStorage`). Passwords never leave this process:
+`mask_url` / `redact` replace them with `***` in anything printed or written.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import functools
+import importlib.util
+import json
+import logging
+import os
+import re
+import shutil
+import threading
+import time
+from collections.abc import Callable
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.storages import BaseStorage, RDBStorage, get_storage
+from optuna.storages.journal import JournalFileBackend, JournalStorage
+from optuna.storages.journal._file import BaseJournalFileLock
+
+from study.config import ConfigError
+from study.records import RecordError
+
+log = logging.getLogger(__name__)
+
+# URL dialect -> SQLAlchemy drivers we accept, preferred first: (driver, module, pip package).
+SCHEMES = {
+    "postgresql": (("psycopg", "psycopg", "study[postgres]"),
+                   ("psycopg2", "psycopg2", "psycopg2-binary")),
+    "mysql": (("mysqldb", "MySQLdb", "mysqlclient"), ("pymysql", "pymysql", "pymysql")),
+    "sqlite": (("pysqlite", "sqlite3", "(part of Python)"),),
+}
+_PASSWORD = re.compile(r"(?P<head>[A-Za-z][\w+.-]*://[^:/@\s]*):[^@\s]*@")
+
+
+class StorageError(RuntimeError):
+    """The storage cannot be reached or used; the message says which and why (password masked)."""
+
+
+# ---------------------------------------------------------------------------- passwords
+def mask_url(text: str) -> str:
+    """`text` with the password of every URL in it replaced by `***`."""
+    return _PASSWORD.sub(r"\g<head>:***@", text)
+
+
+def redact(value: Any) -> Any:
+    """`value` (nested dicts, lists, strings) with every URL password masked."""
+    if isinstance(value, str):
+        return mask_url(value)
+    if isinstance(value, dict):
+        return {k: redact(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(redact(v) for v in value)
+    return value
+
+
+# --------------------------------------------------------------------------------- URLs
+def url_scheme(url: str) -> str:
+    """The dialect of an RDB URL (`postgresql+psycopg://` -> `postgresql`), checked."""
+    return _parse(url)[0]
+
+
+def rdb_url(url: str) -> str:
+    """`url` with an installed driver named (`postgresql://` -> `postgresql+psycopg://`).
+
+    SQLAlchemy's default driver differs between releases (psycopg2 in 2.0, psycopg in 2.1):
+    naming the one that is installed makes a plain `postgresql://` work with either.
+    """
+    dialect, driver, rest = _parse(url)
+    return f"{dialect}+{driver}://{rest}"
+
+
+def _parse(url: str) -> tuple[str, str, str]:
+    match = re.match(r"^([A-Za-z][\w.-]*)(?:\+([\w.-]+))?://(.*)$", url, re.DOTALL)
+    dialect = match.group(1).lower() if match else ""
+    if dialect not in SCHEMES:
+        shown = f"{dialect!r}" if dialect else "none"
+        raise ConfigError(
+            f"storage.url: unknown URL scheme {shown} in {mask_url(url)!r} (expected one of "
+            f"{', '.join(s + '://' for s in SCHEMES)}; leave storage.url null for the journal "
+            f"file in the run directory)"
+        )
+    named = match.group(2)
+    candidates = [c for c in SCHEMES[dialect] if named in (None, c[0])] or [(named, named, named)]
+    for driver, module, _ in candidates:
+        if importlib.util.find_spec(module) is not None:
+            return dialect, driver, match.group(3)
+    raise ConfigError(
+        f"storage.url: no {dialect} driver is installed (pip install {candidates[0][2]})"
+    )
+
+
+def check_workers(url: str | None, workers: int) -> None:
+    """Refuse storages that cannot serve `workers` processes (SQLite: not exactly-once)."""
+    if workers < 1:
+        raise ConfigError(f"workers: must be >= 1, got {workers}")
+    if workers > 1 and url is not None and url_scheme(url) == "sqlite":
+        raise ConfigError(
+            f"workers: SQLite cannot serve {workers} workers (two workers can claim the same "
+            f"trial); use storage=journal on one machine or storage=postgres"
+        )
+
+
+# ------------------------------------------------------------------------------ journal
+class TailRepairingLock(BaseJournalFileLock):
+    """`flock` on `<journal>.flock`; once held, a dead writer's partial last line is removed.
+
+    Note:
+        Every writer of the journal must use this lock (all `study` processes do). Optuna's
+        own default lock (a symlink) does not exclude it: do not point a plain Optuna
+        program that writes at a journal a sweep is using.
+    """
+
+    def __init__(self, journal: Path) -> None:
+        self._journal = Path(journal)
+        self._path = self._journal.with_name(self._journal.name + ".flock")
+        self._threads = threading.Lock()  # one flock per process: threads queue here
+        self._fd: int | None = None
+
+    def acquire(self) -> bool:
+        self.hold()
+        # Holding the lock, nobody is writing: a partial last line is a dead writer's.
+        repaired = repair_tail(self._journal)
+        if repaired:
+            log.warning("%s", repaired)
+        return True
+
+    def hold(self) -> None:
+        """Take the lock without looking at the journal."""
+        self._threads.acquire()
+        try:
+            fd = os.open(self._path, os.O_RDWR | os.O_CREAT, 0o666)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except BaseException:
+            self._threads.release()
+            raise
+        self._fd = fd
+
+    def release(self) -> None:
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+        self._threads.release()
+
+
+def repair_tail(path: Path) -> str | None:
+    """Cut a partial last line off the journal at `path` (after a backup); what was done.
+
+    Call it only while holding the journal's lock. Returns None when the file is empty or
+    ends with a newline.
+    """
+    path = Path(path)
+    if not path.is_file() or path.stat().st_size == 0:
+        return None
+    with open(path, "rb+") as fh:
+        size = fh.seek(0, os.SEEK_END)
+        fh.seek(size - 1)
+        if fh.read(1) == b"\n":
+            return None
+        cut = _after_last_newline(fh, size)
+        stamp = datetime.now().strftime("%Y%m%d-%H%M%S-%f")
+        backup = path.with_name(f"{path.name}.{stamp}.bak")
+        shutil.copyfile(path, backup)
+        fh.truncate(cut)
+        fh.flush()
+        os.fsync(fh.fileno())
+    return (f"repaired {path}: removed a partial last line of {size - cut} bytes (a writer "
+            f"was killed mid-write or the disk was full); the file before the repair is "
+            f"{backup}")
+
+
+def _after_last_newline(fh, size: int, block: int = 1 << 16) -> int:
+    end = size
+    while end > 0:
+        start = max(0, end - block)
+        fh.seek(start)
+        chunk = fh.read(end - start)
+        at = chunk.rfind(b"\n")
+        if at >= 0:
+            return start + at + 1
+        end = start
+    return 0
+
+
+def validate_journal(path: Path) -> None:
+    """Raise RecordError naming the first line of `path` that is not an Optuna log record."""
+    with open(path, "rb") as fh:
+        for number, line in enumerate(fh, start=1):
+            try:
+                record = json.loads(line)
+            except (json.JSONDecodeError, UnicodeDecodeError) as err:
+                record, reason = None, f"{type(err).__name__}: {err}"
+            else:
+                reason = "not an Optuna journal record"
+            if not (isinstance(record, dict) and "op_code" in record):
+                raise RecordError(
+                    f"{path} is corrupt at line {number} ({reason}), before its last line, "
+                    f"so it cannot be repaired safely; nothing was changed. Restore it from a "
+                    f"backup, or start a new run directory."
+                )
+
+
+def open_journal(path: Path) -> tuple[JournalStorage, str | None]:
+    """The journal storage at `path`, validated and tail-repaired; (storage, repair note)."""
+    path = Path(path)
+    lock = TailRepairingLock(path)
+    note = None
+    if path.is_file():
+        lock.hold()
+        try:
+            note = repair_tail(path)
+            validate_journal(path)
+        finally:
+            lock.release()
+    return JournalStorage(JournalFileBackend(str(path), lock_obj=lock)), note
+
+
+# ---------------------------------------------------------------------------------- RDB
+_TRANSIENT: tuple[type[BaseException], ...] = (optuna.exceptions.StorageInternalError,)
+try:  # SQLAlchemy comes with Optuna; its errors are what a lost connection raises
+    from sqlalchemy.exc import DBAPIError, OperationalError
+
+    _TRANSIENT = (*_TRANSIENT, OperationalError, DBAPIError)
+except ImportError:  # pragma: no cover
+    pass
+
+
+def with_retries(call: Callable[[], Any], attempts: int, what: str, url: str,
+                 first_delay: float = 0.5) -> Any:
+    """`call()`, retried `attempts` times with doubling delays on a transient storage error."""
+    delay = first_delay
+    for attempt in range(1, attempts + 1):
+        try:
+            return call()
+        except _TRANSIENT as err:
+            if attempt == attempts:
+                reason = str(getattr(err, "orig", None) or err).strip().splitlines()[0]
+                raise StorageError(
+                    f"storage: cannot {what} {mask_url(url)} after {attempts} attempts: "
+                    f"{mask_url(reason)}"
+                ) from None
+            log.warning("storage: %s failed (%s); retrying in %.1f s", what,
+                        type(err).__name__, delay)
+            time.sleep(delay)
+            delay *= 2
+    raise AssertionError("unreachable")
+
+
+class RetryingStorage(BaseStorage):
+    """A storage whose every call is retried with backoff when the connection drops.
+
+    Note:
+        A retried write may have been applied before the connection dropped. The sweep
+        tolerates that: a trial created twice is dropped as a duplicate when claimed, and a
+        claim whose worker never recorded itself goes stale and is re-queued.
+    """
+
+    def __init__(self, inner: BaseStorage, url: str, attempts: int) -> None:
+        self._inner, self._url, self._attempts = inner, url, attempts
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "_inner":  # not set yet (unpickling): no recursion
+            raise AttributeError(name)
+        return getattr(self._inner, name)
+
+
+def _retrying_method(name: str) -> Callable[..., Any]:
+    def method(self: RetryingStorage, *args: Any, **kwargs: Any) -> Any:
+        call = functools.partial(getattr(self._inner, name), *args, **kwargs)
+        return with_retries(call, self._attempts, name.replace("_", " "), self._url)
+
+    method.__name__ = name
+    return method
+
+
+for _name in sorted(set(BaseStorage.__abstractmethods__) | {
+        "get_n_trials", "get_trial_id_from_study_id_trial_number", "get_trial_number_from_id",
+        "get_trial_params", "get_trial_user_attrs", "get_trial_system_attrs",
+        "check_trial_is_updatable", "get_best_trial", "remove_session"}):
+    setattr(RetryingStorage, _name, _retrying_method(_name))
+RetryingStorage.__abstractmethods__ = frozenset()
+
+
+def open_rdb(url: str, attempts: int = 4) -> BaseStorage:
+    """An RDB storage at `url`, connected (with retries) and retrying every call."""
+    full = rdb_url(url)
+    kwargs = {"pool_pre_ping": True}  # a connection dropped while idle is replaced, not used
+
+    def connect() -> BaseStorage:
+        return get_storage(RDBStorage(full, engine_kwargs=kwargs))
+
+    try:
+        inner = with_retries(connect, attempts, "connect to", url)
+    except optuna.exceptions.StorageInternalError as err:  # pragma: no cover
+        raise StorageError(f"storage: {mask_url(str(err))}") from None
+    return RetryingStorage(inner, url, attempts)

@@ -1,0 +1,168 @@
+"""`workers=N`: N local worker processes on one study, and stopping cleanly on a signal.
+
+The parent (`python -m study`) composes, validates, expands and enqueues; then it starts N
+processes (spawned, so no CUDA or thread state is inherited) that each open the same study
+and run `study.sweep.run_sweep(enqueue=False)`: they claim waiting trials through the
+storage until none is left. Each worker gets `cores // N` torch threads and, when several
+GPUs are visible, one of them (`CUDA_VISIBLE_DEVICES`, round robin). When they are done the
+parent runs one last pass itself (re-running the trials of a worker that died) and writes
+trials.parquet and the report.
+
+Ctrl-C (SIGINT) or SIGTERM: the parent asks every worker to stop after its current
+population (SIGTERM to each); claimed untrained trials go back to the queue. A second
+Ctrl-C kills them at once (their trials are re-run on resume). A worker whose parent
+died stops after its current population too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import multiprocessing
+import os
+import signal
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from study.grid import SweepPlan
+from study.sweep import Lease
+
+log = logging.getLogger(__name__)
+
+
+class StopRequest:
+    """Set by SIGINT/SIGTERM: stop after the current population; a second SIGINT stops now."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    @property
+    def requested(self) -> bool:
+        return self.count > 0
+
+    def install(self, signals: tuple[int, ...] = (signal.SIGINT, signal.SIGTERM),
+                announce: bool = True) -> StopRequest:
+        def handle(signum: int, frame: object) -> None:
+            self.count += 1
+            if self.count > 1 and signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            if self.count == 1 and announce:
+                print("\nstopping after the current population (Ctrl-C again to stop now)",
+                      file=sys.stderr, flush=True)
+
+        for signum in signals:
+            signal.signal(signum, handle)
+        return self
+
+
+@dataclass(frozen=True)
+class WorkerJob:
+    """What a worker process needs (picklable): the plan and how to reach the study."""
+
+    plan: SweepPlan
+    run_dir: Path
+    url: str | None
+    study_name: str
+    direction: str
+    objective: str
+    engine: str
+    device: str
+    leases: Lease
+    retries: int
+    threads: int
+    parent: int
+
+
+def worker_main(job: WorkerJob, index: int) -> None:
+    """Entry point of worker process `index`: claim and train until the queue is empty."""
+    from study.engine import make_engine
+    from study.sweep import open_study, resolve_device, run_sweep
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides; it sends SIGTERM
+    stop = StopRequest().install((signal.SIGTERM,), announce=False)
+    logging.basicConfig(level=logging.WARNING,
+                        format=f"[worker {index}] %(levelname)s %(name)s: %(message)s")
+    torch.set_num_threads(job.threads)
+    study = open_study(job.run_dir, job.url, job.study_name, job.direction, job.retries)
+    outcome = run_sweep(job.plan, study, make_engine(job.engine), resolve_device(job.device),
+                        job.run_dir, job.objective, direction=job.direction,
+                        leases=job.leases, enqueue=False,
+                        stop=lambda: stop.requested or os.getppid() != job.parent)
+    sys.exit(130 if outcome.stopped else 0)
+
+
+def visible_gpus(device: str) -> list[str]:
+    """CUDA device ids the workers share out (empty on CPU)."""
+    if device == "cpu" or not torch.cuda.is_available():
+        return []
+    listed = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if listed:
+        return [d.strip() for d in listed.split(",") if d.strip()]
+    return [str(i) for i in range(torch.cuda.device_count())]
+
+
+def threads_per_worker(workers: int) -> int:
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, (cores or 1) // workers)
+
+
+@contextlib.contextmanager
+def _environment(extra: dict[str, str]) -> Iterator[None]:
+    saved = {k: os.environ.get(k) for k in extra}
+    os.environ.update(extra)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def run_workers(job: WorkerJob, workers: int, stop: StopRequest,
+                poll: Callable[[], None] = lambda: None, poll_s: float = 1.0) -> list[int]:
+    """Start `workers` processes on `job`, wait for all, return their exit codes.
+
+    `poll()` runs every `poll_s` seconds while they work (progress). A stop request is
+    forwarded (SIGTERM: stop after the current population; a second Ctrl-C: SIGKILL).
+    """
+    context = multiprocessing.get_context("spawn")
+    gpus = visible_gpus(job.device)
+    processes = []
+    for index in range(workers):
+        pinned = {"CUDA_VISIBLE_DEVICES": gpus[index % len(gpus)]} if gpus else {}
+        with _environment(pinned):
+            process = context.Process(target=worker_main, args=(job, index),
+                                      name=f"study-worker-{index}")
+            process.start()
+        processes.append(process)
+    forwarded = 0
+    try:
+        while any(p.is_alive() for p in processes):
+            _wait_any(processes, poll_s)
+            if stop.count > forwarded:
+                forwarded = stop.count
+                for p in processes:
+                    if p.is_alive():
+                        (p.terminate if forwarded == 1 else p.kill)()
+            poll()
+    except KeyboardInterrupt:
+        for p in processes:
+            if p.is_alive():
+                p.kill()
+        raise
+    finally:
+        for p in processes:
+            p.join()
+    return [p.exitcode for p in processes]
+
+
+def _wait_any(processes: list, timeout: float) -> None:
+    from multiprocessing.connection import wait
+
+    wait([p.sentinel for p in processes if p.is_alive()], timeout)
