@@ -33,6 +33,10 @@ class ConfigError(ValueError):
     """A composed config is invalid; the message names the key and what is wrong."""
 
 
+class NotApplicableError(ConfigError):
+    """A failure mode or mitigation does not apply to the task (e.g. outliers on blobs)."""
+
+
 # ------------------------------------------------------------------------------- schemas
 @dataclass
 class TrainConfig:
@@ -74,6 +78,7 @@ class SweepConfig:
     axes: dict[str, Any] = field(default_factory=dict)
     description: str = ""
     claims: list[Any] = field(default_factory=list)  # evaluated by study.claims
+    skip_inapplicable: bool = False  # drop points whose failure/mitigation misfits the task
 
 
 @dataclass
@@ -203,9 +208,13 @@ def build_trial(plain: dict[str, Any], seed: int, labels: dict[str, str]) -> Tri
     if not any(transforms.values()):
         return trial
     from study.failures import apply_transforms
+    from study.failures.base import NotApplicable
 
     try:
         return apply_transforms(trial, transforms["failure"], transforms["mitigation"])
+    except NotApplicable as err:
+        raise NotApplicableError(f"{'+'.join(labels.get(g) or g for g in TRANSFORM_GROUPS)}: "
+                                 f"{err}") from None
     except (TypeError, ValueError) as err:
         raise ConfigError(f"{'+'.join(labels.get(g) or g for g in TRANSFORM_GROUPS)}: {err}"
                           ) from None

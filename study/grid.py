@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import itertools
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,7 @@ from study.config import (
     GROUPS,
     TRANSFORM_GROUPS,
     ConfigError,
+    NotApplicableError,
     build_trial,
     plain_config,
     register,
@@ -34,6 +36,7 @@ from study.config import (
 )
 from study.trial import TrialSpec
 
+log = logging.getLogger(__name__)
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 Compose = Callable[[Sequence[str]], DictConfig]
 
@@ -71,11 +74,13 @@ def expand(cfg: DictConfig, compose: Compose, overrides: Sequence[str],
         trial = build_trial(plain_config(cfg), typed.seed, base_labels)
         return SweepPlan(None, {}, [typed.seed], [GridPoint({"seed": typed.seed}, trial)])
     axes = _check_axes(typed.sweep.axes)
+    _check_claims(typed.sweep.claims, axes)
     group_axes = [a for a in axes if a in GROUPS]
     scalar_axes = [a for a in axes if a not in GROUPS]
     seeds = list(typed.sweep.seeds)
 
     points: list[GridPoint] = []
+    skipped = 0  # axis combinations whose failure/mitigation does not apply to the task
     for group_values in itertools.product(*(axes[a] for a in group_axes)):
         picked = dict(zip(group_axes, group_values, strict=True))
         base = (compose([*overrides, *(_override(g, v) for g, v in picked.items())])
@@ -85,10 +90,21 @@ def expand(cfg: DictConfig, compose: Compose, overrides: Sequence[str],
         labels = {**base_labels, **{g: str(v) for g, v in picked.items()}}
         for scalar_values in itertools.product(*(axes[a] for a in scalar_axes)):
             scalars = dict(zip(scalar_axes, scalar_values, strict=True))
-            template = build_trial(_with_values(plain, scalars), seeds[0], labels)
+            try:
+                template = build_trial(_with_values(plain, scalars), seeds[0], labels)
+            except NotApplicableError:
+                if not typed.sweep.skip_inapplicable:
+                    raise
+                skipped += 1
+                continue
             for seed in seeds:
                 trial = template if seed == seeds[0] else _reseed(template, seed)
                 points.append(GridPoint({**picked, **scalars, "seed": seed}, trial))
+    if skipped:
+        log.info("%s: skipped %d axis combinations whose failure mode or mitigation does not "
+                 "apply to the task (sweep.skip_inapplicable)", typed.sweep.name, skipped)
+    if not points:
+        raise ConfigError("sweep.axes: every point was skipped as inapplicable (empty grid)")
     return SweepPlan(typed.sweep.name, axes, seeds, points)
 
 
@@ -114,6 +130,16 @@ def _check_axes(raw: dict[str, Any]) -> dict[str, list[Any]]:
             )
         axes[name] = values
     return axes
+
+
+def _check_claims(claims: list[Any], axes: dict[str, list[Any]]) -> None:
+    from study.claims import ClaimError, check_claims
+    from study.metrics import STATUSES, SUMMARY_METRICS
+
+    try:
+        check_claims(claims, list(axes), [*SUMMARY_METRICS, *STATUSES, "objective"])
+    except ClaimError as err:
+        raise ConfigError(str(err)) from None
 
 
 def _combination(value: Any) -> str:

@@ -32,6 +32,10 @@ from study.tasks import Dataset
 from study.trial import TrialSpec
 
 
+class NotApplicable(ValueError):
+    """A transform does not apply to a task (a sweep may skip such points, see grid)."""
+
+
 def transform_generator(data_seed: int, transform: Any) -> torch.Generator:
     """A generator for `transform`'s draws: from the data seed and the transform's name."""
     name = getattr(transform, "target", None) or type(transform).__name__

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from study.failures.base import NotApplicable
 from study.tasks import Dataset
 
 Tensor = torch.Tensor
@@ -22,7 +23,7 @@ Tensor = torch.Tensor
 def _needs(task, loss: str, owner: str) -> None:
     if task.loss != loss:
         kind = "regression" if loss == "mse" else "classification"
-        raise ValueError(f"{owner} applies to {kind} tasks only, not {type(task).__name__}")
+        raise NotApplicable(f"{owner} applies to {kind} tasks only, not {type(task).__name__}")
 
 
 def _fraction(owner: str, name: str, value: float) -> None:

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from study.failures.base import NotApplicable
+
 
 def _with_loop(trial, **changes):
     return dataclasses.replace(trial, loop=dataclasses.replace(trial.loop, **changes))
@@ -20,7 +22,7 @@ def _with_loop(trial, **changes):
 def _needs(task, loss: str, owner: str) -> None:
     if task.loss != loss:
         kind = "regression" if loss == "mse" else "classification"
-        raise ValueError(f"{owner} applies to {kind} tasks only, not {type(task).__name__}")
+        raise NotApplicable(f"{owner} applies to {kind} tasks only, not {type(task).__name__}")
 
 
 # -------------------------------------------------------------------------- failure modes

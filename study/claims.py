@@ -1,0 +1,292 @@
+"""Claims: testable statements a sweep declares about its own results, and their verdicts.
+
+A claim (one entry of `sweep.claims`) names a metric, a comparison and the expected direction:
+
+    - statement: Standardizing inputs lowers the final validation loss of unscaled features
+      metric: val_loss_final        # a trials.parquet column, or a status (diverged -> 0/1)
+      where: {failure: unscaled}    # optional: only these trials (value or list of values)
+      compare: {axis: mitigation, arm: standardize_inputs, baseline: none}
+      expect: lower                 # lower | higher
+      log: true                     # optional: compare log10 of the metric
+
+    - statement: Divergence rises with the learning rate for SGD
+      metric: diverged
+      where: {optimizer: sgd}
+      trend: optimizer.lr           # an axis; log10 of positive numbers, else the axis order
+      expect: increasing            # increasing | decreasing
+
+Evaluation (`evaluate_claims`):
+
+- **compare**, paired by seed: each trial of the `arm` is matched with the `baseline` trial
+  that has the same seed and the same value of every other sweep axis. Effect = mean of the
+  paired differences (arm - baseline), in the metric's units.
+- **trend**: trials are grouped by seed and every other axis; effect = the pooled
+  within-group least-squares slope of the metric on the axis value (per decade for a log
+  axis): sum over groups of Sxy / sum of Sxx.
+- 95% interval: percentile bootstrap (2,000 resamples of pairs / groups, seeded).
+- p-value: two-sided permutation test (2,000 sign flips of the paired differences / shuffles
+  of the metric within each group), (1 + #{|null| >= |observed|}) / (1 + 2,000).
+- False-discovery control across the sweep's claims: Benjamini-Hochberg adjusted p-values
+  (`q_value`).
+- Verdict: `supported` when q <= alpha (0.05) and the interval excludes 0 on the expected
+  side; `contradicted` when q <= alpha and it excludes 0 on the other side; otherwise
+  `inconclusive` (including claims with no pairs or no variation).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+ALPHA = 0.05
+RESAMPLES = 2000
+DIRECTIONS = {"compare": ("lower", "higher"), "trend": ("increasing", "decreasing")}
+_KEYS = {"statement", "metric", "where", "compare", "trend", "expect", "log", "pair_by"}
+
+
+class ClaimError(ValueError):
+    """A claim is malformed or names something the sweep does not have."""
+
+
+# --------------------------------------------------------------------------- validation
+def check_claims(claims: Sequence[Mapping[str, Any]], axes: Sequence[str],
+                 metrics: Sequence[str]) -> None:
+    """Raise ClaimError naming the first bad claim key (before any training)."""
+    for i, claim in enumerate(claims):
+        where = f"sweep.claims[{i}]"
+        if not isinstance(claim, Mapping):
+            raise ClaimError(f"{where}: expected a mapping, got {claim!r}")
+        unknown = sorted(set(claim) - _KEYS)
+        if unknown:
+            raise ClaimError(f"{where}.{unknown[0]}: unknown claim key "
+                             f"(known: {', '.join(sorted(_KEYS))})")
+        for key in ("statement", "metric", "expect"):
+            if key not in claim:
+                raise ClaimError(f"{where}.{key}: missing")
+        if claim["metric"] not in metrics:
+            raise ClaimError(f"{where}.metric: unknown metric {claim['metric']!r}")
+        kind = _kind(claim, where)
+        if claim["expect"] not in DIRECTIONS[kind]:
+            raise ClaimError(f"{where}.expect: must be one of {list(DIRECTIONS[kind])} for a "
+                             f"{kind} claim, got {claim['expect']!r}")
+        axis = claim["compare"]["axis"] if kind == "compare" else claim["trend"]
+        if axis not in axes:
+            raise ClaimError(f"{where}: {axis!r} is not an axis of the sweep ({list(axes)})")
+        if kind == "compare":
+            missing = {"axis", "arm", "baseline"} - set(claim["compare"])
+            if missing:
+                raise ClaimError(f"{where}.compare.{sorted(missing)[0]}: missing")
+
+
+def _kind(claim: Mapping[str, Any], where: str = "claim") -> str:
+    if ("compare" in claim) == ("trend" in claim):
+        raise ClaimError(f"{where}: give exactly one of compare or trend")
+    return "compare" if "compare" in claim else "trend"
+
+
+# --------------------------------------------------------------------------- evaluation
+def evaluate_claims(trials: pd.DataFrame, claims: Sequence[Mapping[str, Any]],
+                    axes: Mapping[str, Sequence[Any]] | Sequence[str] | None = None,
+                    seed: int = 0) -> pd.DataFrame:
+    """One row per claim: statement, metric, effect, ci_low, ci_high, verdict, n_trials,
+    then comparison, expect, p_value, q_value, n_units (pairs or groups).
+
+    `axes`: the sweep's axes (names, or names -> values in sweep order); pairs and groups
+    match on every axis but the claim's own, and on `seed`. Deterministic for a given `seed`.
+    """
+    axis_values = dict(axes) if isinstance(axes, Mapping) else {a: None for a in (axes or [])}
+    rows = []
+    for i, claim in enumerate(claims):
+        rng = np.random.default_rng([seed, i])
+        rows.append(_evaluate(trials, dict(claim), axis_values, rng))
+    frame = pd.DataFrame(rows, columns=["statement", "metric", "effect", "ci_low", "ci_high",
+                                        "verdict", "n_trials", "comparison", "expect",
+                                        "p_value", "q_value", "n_units"])
+    frame["q_value"] = benjamini_hochberg(frame["p_value"].to_numpy(dtype=float))
+    frame["verdict"] = [_verdict(r.q_value, r.ci_low, r.ci_high, r.expect)
+                        for r in frame.itertuples()]
+    return frame
+
+
+def _evaluate(trials: pd.DataFrame, claim: dict[str, Any], axes: dict[str, Any],
+              rng: np.random.Generator) -> dict[str, Any]:
+    kind = _kind(claim)
+    frame = _filter(trials, claim.get("where") or {})
+    values = _metric(frame, claim["metric"], bool(claim.get("log", False)))
+    axis = claim["compare"]["axis"] if kind == "compare" else claim["trend"]
+    keys = [a for a in axes if a != axis and a in frame.columns]
+    keys += [k for k in claim.get("pair_by", []) if k not in keys]
+    keys += ["seed"] if "seed" in frame.columns else []
+    frame = frame.assign(_value=values)
+    row = {"statement": claim["statement"], "metric": claim["metric"],
+           "expect": claim["expect"]}
+    if kind == "compare":
+        spec = claim["compare"]
+        row["comparison"] = f"{axis}: {spec['arm']} vs {spec['baseline']}, paired by seed"
+        stats = _paired(frame, axis, spec["arm"], spec["baseline"], keys, rng)
+    else:
+        row["comparison"] = f"trend over {axis}, within seed"
+        stats = _trend(frame, axis, axes.get(axis), keys, rng)
+    return {**row, **stats}
+
+
+def _filter(trials: pd.DataFrame, where: Mapping[str, Any]) -> pd.DataFrame:
+    mask = np.ones(len(trials), dtype=bool)
+    for column, wanted in where.items():
+        if column not in trials.columns:
+            raise ClaimError(f"where: no column {column!r} in the trials")
+        options = wanted if isinstance(wanted, (list, tuple)) else [wanted]
+        mask &= np.logical_or.reduce([_matches(trials[column], v) for v in options])
+    return trials[mask]
+
+
+def _matches(series: pd.Series, value: Any) -> np.ndarray:
+    if pd.api.types.is_numeric_dtype(series) and isinstance(value, (int, float)) \
+            and not isinstance(value, bool):
+        return np.isclose(series.to_numpy(dtype=float), float(value), rtol=1e-9, atol=0)
+    return (series.astype(str) == str(value)).to_numpy()
+
+
+def _metric(frame: pd.DataFrame, metric: str, log: bool) -> np.ndarray:
+    if metric in frame.columns:
+        values = frame[metric].to_numpy(dtype=float)
+    elif "status" in frame.columns:  # a status name: 1 where the trial has it, else 0
+        values = (frame["status"] == metric).to_numpy(dtype=float)
+    else:
+        raise ClaimError(f"metric: no column {metric!r} in the trials")
+    if log:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            values = np.where(values > 0, np.log10(values), np.nan)
+    return values
+
+
+def _empty(n_trials: int = 0) -> dict[str, Any]:
+    return {"effect": np.nan, "ci_low": np.nan, "ci_high": np.nan, "p_value": 1.0,
+            "n_trials": n_trials, "n_units": 0}
+
+
+def _paired(frame: pd.DataFrame, axis: str, arm: Any, baseline: Any, keys: list[str],
+            rng: np.random.Generator) -> dict[str, Any]:
+    def side(value: Any) -> pd.Series:
+        part = frame[_matches(frame[axis], value)]
+        return part.groupby([part[k].astype(str) for k in keys])["_value"].mean() \
+            if keys else part["_value"]
+
+    joined = pd.concat([side(arm).rename("arm"), side(baseline).rename("base")], axis=1,
+                       join="inner").dropna()
+    d = (joined["arm"] - joined["base"]).to_numpy()
+    if len(d) == 0:
+        return _empty()
+    effect = float(d.mean())
+    boot = d[rng.integers(0, len(d), (RESAMPLES, len(d)))].mean(axis=1)
+    signs = rng.choice([-1.0, 1.0], (RESAMPLES, len(d)))
+    null = (signs * d).mean(axis=1)
+    return {"effect": effect, **_interval(boot), "p_value": _p(null, effect),
+            "n_trials": 2 * len(d), "n_units": len(d)}
+
+
+def _trend(frame: pd.DataFrame, axis: str, order: Sequence[Any] | None, keys: list[str],
+           rng: np.random.Generator) -> dict[str, Any]:
+    frame = frame[np.isfinite(frame["_value"].to_numpy(dtype=float))]
+    x = _positions(frame[axis], order)
+    frame = frame.assign(_x=x)
+    groups = [g for _, g in (frame.groupby([frame[k].astype(str) for k in keys])
+                             if keys else [(None, frame)])]
+    groups = [g for g in groups if g["_x"].nunique() > 1]
+    if not groups:
+        return _empty(len(frame))
+    centred = [(g["_x"].to_numpy() - g["_x"].mean(), g["_value"].to_numpy(dtype=float))
+               for g in groups]
+    sxx = np.array([(cx ** 2).sum() for cx, _ in centred])
+    sxy = np.array([(cx * (y - y.mean())).sum() for cx, y in centred])
+    effect = float(sxy.sum() / sxx.sum())
+    pick = rng.integers(0, len(groups), (RESAMPLES, len(groups)))
+    boot = sxy[pick].sum(axis=1) / sxx[pick].sum(axis=1)
+    null_sxy = np.zeros(RESAMPLES)
+    for cx, y in centred:
+        perms = rng.random((RESAMPLES, len(y))).argsort(axis=1)
+        null_sxy += (cx[None, :] * y[perms]).sum(axis=1)
+    null = null_sxy / sxx.sum()
+    n = int(sum(len(g) for g in groups))
+    return {"effect": effect, **_interval(boot), "p_value": _p(null, effect), "n_trials": n,
+            "n_units": len(groups)}
+
+
+def _positions(values: pd.Series, order: Sequence[Any] | None) -> np.ndarray:
+    """Axis values as numbers: log10 of all-positive numbers, else the position in `order`
+    (the sweep's axis order; sorted values without one)."""
+    numeric = pd.to_numeric(values, errors="coerce")
+    if numeric.notna().all() and (numeric > 0).all():
+        return np.log10(numeric.to_numpy(dtype=float))
+    if numeric.notna().all():
+        return numeric.to_numpy(dtype=float)
+    labels = [str(v) for v in (order if order is not None else sorted(values.astype(str).unique()))]
+    return values.astype(str).map({v: i for i, v in enumerate(labels)}).to_numpy(dtype=float)
+
+
+def _interval(boot: np.ndarray) -> dict[str, float]:
+    low, high = np.nanpercentile(boot, [2.5, 97.5])
+    return {"ci_low": float(low), "ci_high": float(high)}
+
+
+def _p(null: np.ndarray, observed: float) -> float:
+    extreme = np.sum(np.abs(null) >= abs(observed) - 1e-12 * max(1.0, abs(observed)))
+    return float((1 + extreme) / (1 + len(null)))
+
+
+def benjamini_hochberg(p: np.ndarray) -> np.ndarray:
+    """Benjamini-Hochberg adjusted p-values (step-up, monotone, capped at 1)."""
+    p = np.asarray(p, dtype=float)
+    if p.size == 0:
+        return p
+    order = np.argsort(p)
+    ranked = p[order] * len(p) / np.arange(1, len(p) + 1)
+    adjusted = np.minimum.accumulate(ranked[::-1])[::-1].clip(max=1.0)
+    out = np.empty_like(p)
+    out[order] = adjusted
+    return out
+
+
+def _verdict(q: float, low: float, high: float, expect: str) -> str:
+    if not (q <= ALPHA) or not (np.isfinite(low) and np.isfinite(high)):
+        return "inconclusive"
+    expects_up = expect in ("higher", "increasing")
+    if low > 0:
+        return "supported" if expects_up else "contradicted"
+    if high < 0:
+        return "contradicted" if expects_up else "supported"
+    return "inconclusive"
+
+
+# ------------------------------------------------------------------------------ run dir
+def write_sweep_claims(run_dir: Path, claims_config: Sequence[Mapping[str, Any]] | None
+                       ) -> Path | None:
+    """Evaluate the sweep's claims on `run_dir`/trials.parquet and write claims.parquet.
+
+    Returns the path, or None when the sweep declares no claims.
+    """
+    from study import records
+
+    claims = _plain(claims_config)
+    if not claims:
+        return None
+    trials, meta = records.read_trials(Path(run_dir))
+    frame = evaluate_claims(trials, claims, meta.get("axes") or {})
+    return records.write_claims(Path(run_dir), frame)
+
+
+def _plain(claims: Any) -> list[dict[str, Any]]:
+    if claims is None:
+        return []
+    try:
+        from omegaconf import DictConfig, ListConfig, OmegaConf
+
+        if isinstance(claims, (DictConfig, ListConfig)):
+            claims = OmegaConf.to_container(claims, resolve=True)
+    except ImportError:  # pragma: no cover - omegaconf ships with study
+        pass
+    return [dict(c) for c in claims]
