@@ -12,7 +12,6 @@ import glob
 import importlib.util
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -31,21 +30,6 @@ def study_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 60
               ) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "study", *args], cwd=ROOT, text=True,
                           capture_output=True, timeout=timeout, env={**os.environ, **(env or {})})
-
-
-def start_study(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
-    """`python -m study ARGS` in its own process group (kill the group: workers too)."""
-    return subprocess.Popen([sys.executable, "-m", "study", *args], cwd=ROOT, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            start_new_session=True, env={**os.environ, **(env or {})})
-
-
-def kill_group(process: subprocess.Popen) -> None:
-    try:
-        os.killpg(process.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    process.communicate()
 
 
 def free_port() -> int:
