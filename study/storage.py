@@ -52,7 +52,8 @@ SCHEMES = {
     "mysql": (("mysqldb", "MySQLdb", "mysqlclient"), ("pymysql", "pymysql", "pymysql")),
     "sqlite": (("pysqlite", "sqlite3", "(part of Python)"),),
 }
-_PASSWORD = re.compile(r"(?P<head>[A-Za-z][\w+.-]*://[^:/@\s]*):[^@\s]*@")
+# user:password@ -> user:***@ (the password runs to the last "@" before the host's "/").
+_PASSWORD = re.compile(r"(?P<head>[A-Za-z][\w+.-]*://[^:/@\s]*):[^\s/]*@")
 
 
 class StorageError(RuntimeError):
@@ -62,7 +63,8 @@ class StorageError(RuntimeError):
 # ---------------------------------------------------------------------------- passwords
 def mask_url(text: str) -> str:
     """`text` with the password of every URL in it replaced by `***`."""
-    return _PASSWORD.sub(r"\g<head>:***@", text)
+    return _PASSWORD.sub(lambda m: m.group(0) if m.group(0).endswith(":PASSWORD@")
+                         else f"{m.group('head')}:***@", text)  # keep our own hints' placeholder
 
 
 def redact(value: Any) -> Any:

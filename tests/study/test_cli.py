@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -46,7 +47,7 @@ def test_smoke_trials_table_has_one_row_per_point_and_seed(smoke_run) -> None:
     assert len(points) == 16
     # lr=10 diverges, the sweep goes on and the other trials train.
     assert (trials["status"] == "diverged").any()
-    assert (trials["status"] == "converged").any()
+    assert (trials["status"] != "diverged").any()
     assert trials["objective"].notna().all()
     assert trials["val_loss_final"].notna().all()
     curves = records.read_curves(run_dir, trials["trial"])
@@ -61,7 +62,8 @@ def test_smoke_storage_is_a_real_optuna_journal(smoke_run) -> None:
     study = optuna.load_study(study_name="smoke", storage=storage)
     complete = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
     assert len(complete) == 16
-    assert {t.user_attrs["status"] for t in complete} >= {"converged", "diverged"}
+    statuses = {t.user_attrs["status"] for t in complete}
+    assert "diverged" in statuses and len(statuses) > 1
     assert set(complete[0].params) == {"task", "optimizer.lr", "train.batch_size", "seed"}
 
 
@@ -127,3 +129,103 @@ def test_bad_overrides_exit_non_zero_with_one_clear_error_and_write_nothing(
     assert message in done.stderr
     assert "Traceback" not in done.stderr
     assert not run_dir.exists()
+
+
+# ------------------------------------------------------------- storage: bad input and state
+def _snapshot(run_dir: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(run_dir)): p.read_bytes() for p in sorted(run_dir.rglob("*"))
+            if p.is_file() and p.suffix != ".log"}
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["storage.url=redis://u:hunter2@127.0.0.1/0"],
+         "error: storage.url: unknown URL scheme 'redis' in 'redis://u:***@127.0.0.1/0'"),
+        (["storage=rdb", "storage.url=sqlite:///study.db", "workers=2"],
+         "error: workers: SQLite cannot serve 2 workers (two workers can claim the same "
+         "trial); use storage=journal on one machine or storage=postgres"),
+        (["storage=postgres"], "error: storage.url: this storage needs a database URL: export "
+                               "STUDY_STORAGE_URL=postgresql://USER:PASSWORD@HOST:PORT/DB"),
+    ],
+)
+def test_bad_storage_settings_are_refused_before_anything_is_written(
+        tmp_path: Path, monkeypatch, overrides: list[str], message: str) -> None:
+    monkeypatch.delenv("STUDY_STORAGE_URL", raising=False)
+    run_dir = tmp_path / "bad"
+    done = study_cli("+sweep=smoke", *overrides, f"hydra.run.dir={run_dir}")
+    assert done.returncode == 2
+    assert message in done.stderr
+    assert "hunter2" not in done.stdout + done.stderr
+    assert not run_dir.exists()
+
+
+def test_an_unreachable_database_is_retried_then_reported(tmp_path: Path, monkeypatch) -> None:
+    pytest.importorskip("psycopg")
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    monkeypatch.setenv("STUDY_STORAGE_URL", f"postgresql://study:hunter2@127.0.0.1:{port}/db")
+    run_dir = tmp_path / "unreachable"
+    done = study_cli("+sweep=smoke", "storage=postgres", "storage.retries=2",
+                     f"hydra.run.dir={run_dir}")
+    assert done.returncode == 3
+    assert (f"error: storage: cannot connect to postgresql://study:***@127.0.0.1:{port}/db "
+            f"after 2 attempts:") in done.stderr
+    assert "hunter2" not in done.stdout + done.stderr
+    assert "Traceback" not in done.stderr
+    assert not run_dir.exists()
+
+
+def test_a_journal_corrupt_in_the_middle_is_refused_and_nothing_is_overwritten(
+        smoke_run, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    shutil.copytree(smoke_run[0], run_dir)
+    journal = run_dir / records.JOURNAL
+    lines = journal.read_bytes().splitlines(keepends=True)
+    lines[10] = b"garbage\n"
+    journal.write_bytes(b"".join(lines))
+    before = _snapshot(run_dir)
+    done = study_cli("+sweep=smoke", f"hydra.run.dir={run_dir}")
+    assert done.returncode == 3
+    assert (f"error: {journal} is corrupt at line 11 (JSONDecodeError: Expecting value: line 1 "
+            f"column 1 (char 0)), before its last line, so it cannot be repaired safely; "
+            f"nothing was changed.") in done.stderr
+    assert _snapshot(run_dir) == before
+
+
+def test_a_run_directory_of_another_version_is_refused(smoke_run, tmp_path: Path) -> None:
+    import json
+
+    import pyarrow.parquet as pq
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(smoke_run[0], run_dir)
+    table = pq.read_table(run_dir / records.TRIALS)
+    meta = {**json.loads(table.schema.metadata[b"study"]), "schema_version": 0}
+    pq.write_table(table.replace_schema_metadata({b"study": json.dumps(meta).encode()}),
+                   run_dir / records.TRIALS)
+    before = _snapshot(run_dir)
+    done = study_cli("+sweep=smoke", f"hydra.run.dir={run_dir}")
+    assert done.returncode == 3
+    assert (f"error: {run_dir / records.TRIALS} has record schema version 0; this study "
+            f"reads 1") in done.stderr
+    assert _snapshot(run_dir) == before
+
+
+def test_a_journal_cut_short_is_repaired_and_the_resume_finishes(smoke_run,
+                                                                 tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    shutil.copytree(smoke_run[0], run_dir)
+    journal = run_dir / records.JOURNAL
+    whole = journal.read_bytes()
+    journal.write_bytes(whole + b'{"op_code":6,"worker_id":"w","trial_id":2')
+    done = study_cli("+sweep=smoke", f"hydra.run.dir={run_dir}", "report=false")
+    assert done.returncode == 0, done.stderr
+    assert f"repaired {journal}: removed a partial last line of 41 bytes" in (
+        done.stdout + done.stderr)
+    assert "0 trials trained, 16 already done" in done.stdout
+    assert journal.read_bytes().startswith(whole)
+    assert len(list(run_dir.glob(f"{records.JOURNAL}.*.bak"))) == 1

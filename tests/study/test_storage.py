@@ -1,0 +1,202 @@
+"""Storage: journal repair and validation, URL checks, retries, masking, leases."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+
+import optuna
+import pytest
+import torch
+from optuna.trial import TrialState
+
+from study import lease, records, storage
+from study.config import ConfigError
+from study.engine import ReferenceEngine
+from study.grid import plan_from_overrides
+from study.sweep import Lease, open_study, run_sweep, trials_frame
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def tiny_plan():
+    return plan_from_overrides(["+sweep=smoke", "train.epochs=1", "model.width=8"])
+
+
+@pytest.fixture(scope="module")
+def finished_journal(tmp_path_factory, tiny_plan) -> bytes:
+    """The journal of a finished tiny sweep (bytes)."""
+    run_dir = tmp_path_factory.mktemp("finished")
+    study = open_study(run_dir, None, "tiny", "minimize")
+    run_sweep(tiny_plan, study, ReferenceEngine(), CPU, run_dir, "val_loss_final")
+    return (run_dir / records.JOURNAL).read_bytes()
+
+
+# ---------------------------------------------------------------------------- journal
+def test_a_partial_last_line_is_backed_up_cut_and_reported(tmp_path: Path, finished_journal,
+                                                           caplog) -> None:
+    journal = tmp_path / records.JOURNAL
+    cut_short = finished_journal + b'{"op_code":6,"worker_id":"x","trial_id":3,"sta'
+    journal.write_bytes(cut_short)
+    with caplog.at_level("WARNING"):
+        study = open_study(tmp_path, None, "tiny", "minimize")
+    repaired = journal.read_bytes()
+    assert repaired.startswith(finished_journal) and b'"sta' not in repaired[len(finished_journal):]
+    backups = list(tmp_path.glob(f"{records.JOURNAL}.*.bak"))
+    assert len(backups) == 1 and backups[0].read_bytes() == cut_short
+    assert f"repaired {journal}: removed a partial last line of 46 bytes" in caplog.text
+    assert len(trials_frame(study)) == 16  # every finished trial is still COMPLETE
+
+
+def test_a_journal_corrupt_before_its_last_line_is_refused_and_left_alone(
+        tmp_path: Path, finished_journal) -> None:
+    lines = finished_journal.splitlines(keepends=True)
+    lines[5] = lines[5][:20] + b"\n"
+    journal = tmp_path / records.JOURNAL
+    journal.write_bytes(b"".join(lines))
+    before = journal.read_bytes()
+    with pytest.raises(records.RecordError, match=r"is corrupt at line 6 \(JSONDecodeError"):
+        open_study(tmp_path, None, "tiny", "minimize")
+    assert journal.read_bytes() == before
+    assert not list(tmp_path.glob("*.bak"))
+
+
+def test_the_lock_of_a_killed_writer_is_free_at_once(tmp_path: Path) -> None:
+    journal = tmp_path / records.JOURNAL
+    journal.write_bytes(b"")
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; from pathlib import Path; from study.storage import "
+        "TailRepairingLock; TailRepairingLock(Path(sys.argv[1])).acquire(); "
+        "print('held', flush=True); time.sleep(60)"), str(journal)],
+        stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    holder.kill()
+    holder.wait()
+    started = time.perf_counter()
+    lock = storage.TailRepairingLock(journal)
+    lock.acquire()
+    lock.release()
+    assert time.perf_counter() - started < 1.0  # Optuna's own lock: 30 s
+
+
+def test_a_study_of_another_storage_format_is_refused(tmp_path: Path) -> None:
+    study = open_study(tmp_path, None, "s", "minimize")
+    study.set_user_attr(records.STORAGE_VERSION_ATTR, 99)
+    with pytest.raises(records.RecordError, match="written in storage format 99; this version "
+                                                  "of study reads format 1"):
+        open_study(tmp_path, None, "s", "minimize")
+
+
+# ------------------------------------------------------------------------------- URLs
+def test_passwords_are_masked() -> None:
+    text = "postgresql+psycopg://alice:p@ss:w0rd@db.example:5432/study and sqlite:///x.db"
+    assert storage.mask_url(text) == ("postgresql+psycopg://alice:***@db.example:5432/study "
+                                      "and sqlite:///x.db")
+    assert storage.redact({"a": ["x://u:pw@h/d"], "n": 3}) == {"a": ["x://u:***@h/d"], "n": 3}
+
+
+def test_an_unknown_url_scheme_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match=r"storage.url: unknown URL scheme 'redis' in "
+                                          r"'redis://u:\*\*\*@h/0'"):
+        storage.url_scheme("redis://u:secret@h/0")
+
+
+def test_sqlite_is_refused_for_several_workers() -> None:
+    storage.check_workers("sqlite:///x.db", 1)
+    with pytest.raises(ConfigError, match="workers: SQLite cannot serve 2 workers"):
+        storage.check_workers("sqlite:///x.db", 2)
+
+
+def test_a_plain_postgresql_url_names_an_installed_driver() -> None:
+    pytest.importorskip("psycopg")
+    assert storage.rdb_url("postgresql://u:p@h/d") == "postgresql+psycopg://u:p@h/d"
+
+
+def test_an_unreachable_database_is_retried_then_reported() -> None:
+    pytest.importorskip("psycopg")
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    started = time.perf_counter()
+    with pytest.raises(storage.StorageError) as err:
+        storage.open_rdb(f"postgresql://study:hunter2@127.0.0.1:{port}/study", attempts=2)
+    message = str(err.value)
+    assert message.startswith(f"storage: cannot connect to postgresql://study:***@127.0.0.1:"
+                              f"{port}/study after 2 attempts: ")
+    assert "hunter2" not in message
+    assert time.perf_counter() - started >= 0.5  # one backoff delay
+
+
+# ----------------------------------------------------------------------------- leases
+def _running(study: optuna.Study, owner: dict | None) -> optuna.trial.FrozenTrial:
+    study.enqueue_trial({}, user_attrs={"key": "k"})
+    trial = study.ask()
+    if owner is not None:
+        trial.set_user_attr("worker", owner)
+    return study.get_trials(deepcopy=False)[trial.number]
+
+
+def test_staleness_dead_pid_here_silent_heartbeat_anywhere_and_unowned_claims(
+        tmp_path: Path) -> None:
+    study = open_study(tmp_path, None, "s", "minimize")
+    me = lease.Worker.here()
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    now = time.time()
+    alive_here = _running(study, {"host": me.host, "pid": os.getpid(), "id": "a"})
+    dead_here = _running(study, {"host": me.host, "pid": dead.pid, "id": "b"})
+    elsewhere = _running(study, {"host": "other-host", "pid": 1, "id": "c"})
+    unowned = _running(study, None)
+    beats = {"heartbeat:a": now, "heartbeat:c": now - 5}
+    assert not lease.is_stale(alive_here, me, beats, now, grace=10)
+    assert lease.is_stale(dead_here, me, beats, now, grace=10)
+    assert not lease.is_stale(elsewhere, me, beats, now, grace=10)
+    assert lease.is_stale(elsewhere, me, beats, now, grace=4)
+    assert not lease.is_stale(unowned, me, beats, now, grace=10)
+    assert lease.is_stale(unowned, me, beats, now + 11, grace=10)
+
+
+def test_a_stale_trial_is_failed_and_requeued_by_exactly_one_worker(tmp_path: Path) -> None:
+    study = open_study(tmp_path, None, "s", "minimize")
+    stale = _running(study, {"host": "other-host", "pid": 1, "id": "gone"})
+    study._storage.set_study_system_attr(study._study_id, "heartbeat:gone", time.time() - 100)
+    requeued = []
+    first = lease.reclaim_stale(study, [stale], lease.Worker.here(), 1.0, requeued.append)
+    # A second worker acting on the same (old) snapshot loses the FAIL transition.
+    second = lease.reclaim_stale(study, [stale], lease.Worker.here(), 1.0, requeued.append)
+    assert (first, second, len(requeued)) == (1, 0, 1)
+    assert study.get_trials(deepcopy=False)[stale.number].state == TrialState.FAIL
+
+
+def test_only_the_lowest_live_trial_of_a_point_may_train(tmp_path: Path) -> None:
+    study = open_study(tmp_path, None, "s", "minimize")
+    for key in ("a", "a", "b", "c"):
+        study.enqueue_trial({}, user_attrs={"key": key})
+    done = study.ask()  # trial 0, key a
+    study.tell(done, 1.0)
+    claimed = [study.ask().number for _ in range(3)]  # 1 (a), 2 (b), 3 (c)
+    study.enqueue_trial({}, user_attrs={"key": "b"})  # 4: b queued twice
+    assert lease.duplicates([*claimed, 4], study.get_trials(deepcopy=False)) == {1, 4}
+
+
+def test_a_stopped_worker_gives_its_claims_back(tmp_path: Path, tiny_plan) -> None:
+    study = open_study(tmp_path, None, "tiny", "minimize")
+    calls = []
+
+    def stop_after_first_population() -> bool:
+        calls.append(datetime.now())
+        return len(trials_frame(study)) > 0
+
+    outcome = run_sweep(tiny_plan, study, ReferenceEngine(), CPU, tmp_path, "val_loss_final",
+                        leases=Lease(1, 5), stop=stop_after_first_population)
+    assert outcome.stopped and 0 < outcome.trained < 16
+    assert not study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    again = run_sweep(tiny_plan, study, ReferenceEngine(), CPU, tmp_path, "val_loss_final")
+    assert again.trained + outcome.trained == 16
+    assert sorted(trials_frame(study)["key"]) == sorted(p.trial.key() for p in tiny_plan.points)
