@@ -181,6 +181,7 @@ def _claims(study: optuna.Study, plan: SweepPlan, me: lease.Worker,
         key = trial.user_attrs.get("key")
         if key not in by_key:
             # Sampled, not enqueued (the queue emptied under us) or from another config.
+            trial.set_user_attr("status", "unused")
             study.tell(trial, state=TrialState.FAIL)
             if key is None:
                 return
