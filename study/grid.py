@@ -81,12 +81,29 @@ def expand(cfg: DictConfig, compose: Compose, overrides: Sequence[str],
 
     points: list[GridPoint] = []
     skipped = 0  # axis combinations whose failure/mitigation does not apply to the task
+    # Failure/mitigation nodes are composed once per option and swapped into the config
+    # (a Hydra composition costs about 0.5 s; their product with the other group axes
+    # would cost minutes for a sweep over every failure mode).
+    transform_nodes: dict[tuple[str, str], Any] = {}
+
+    def transform_node(group: str, value: str) -> Any:
+        if (group, value) not in transform_nodes:
+            composed = compose([*overrides, _override(group, value)])
+            transform_nodes[group, value] = plain_config(composed).get(group)
+        return transform_nodes[group, value]
+
+    spec_axes = [a for a in group_axes if a not in TRANSFORM_GROUPS]
+    composed_specs: dict[tuple, dict[str, Any]] = {}
     for group_values in itertools.product(*(axes[a] for a in group_axes)):
         picked = dict(zip(group_axes, group_values, strict=True))
-        base = (compose([*overrides, *(_override(g, v) for g, v in picked.items())])
-                if picked else cfg)
-        validate(base)
-        plain = plain_config(base)
+        spec_picked = tuple((g, picked[g]) for g in spec_axes)
+        if spec_picked not in composed_specs:
+            base = (compose([*overrides, *(_override(g, v) for g, v in spec_picked)])
+                    if spec_picked else cfg)
+            validate(base)
+            composed_specs[spec_picked] = plain_config(base)
+        plain = {**composed_specs[spec_picked],
+                 **{g: transform_node(g, v) for g, v in picked.items() if g in TRANSFORM_GROUPS}}
         labels = {**base_labels, **{g: str(v) for g, v in picked.items()}}
         for scalar_values in itertools.product(*(axes[a] for a in scalar_axes)):
             scalars = dict(zip(scalar_axes, scalar_values, strict=True))

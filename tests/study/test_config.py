@@ -33,6 +33,27 @@ def test_every_option_of_every_group_composes_and_instantiates(group: str) -> No
         assert data.x_train.shape == (trial.task.n_train, trial.task.input_dim)
 
 
+@pytest.mark.parametrize("group", ["failure", "mitigation"])
+def test_every_failure_and_mitigation_option_composes_and_applies(group: str) -> None:
+    from study.config import NotApplicableError
+    from study.seeds import seed_streams
+
+    options = _options(group)
+    assert "none" in options and len(options) > 10
+    for option in options:
+        try:
+            plan = plan_from_overrides([f"{group}={option}"])
+        except NotApplicableError:  # classification-only options
+            plan = plan_from_overrides(["task=blobs", f"{group}={option}"])
+        (point,) = plan.points
+        trial = point.trial
+        assert trial.labels[group] == option
+        entries = trial.failures if group == "failure" else trial.mitigations
+        assert (len(entries) == 0) == (option == "none")
+        data = trial.dataset(seed_streams(0).data)
+        assert data.x_train.shape == (trial.task.n_train, trial.task.input_dim)
+
+
 def test_every_sweep_composes_and_expands() -> None:
     for option in _options("sweep"):
         plan = plan_from_overrides([f"+sweep={option}"])
