@@ -19,6 +19,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from study import records, storage
+from study.claims import write_sweep_claims
 from study.config import ConfigError, plain_config, register, validate
 from study.engine import make_engine
 from study.environment import describe_environment, now_iso
@@ -129,6 +130,8 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str], choices: dict[str,
         sys.exit(130)
     write_trials_table(study, plan, run_dir, {"metric": typed.objective.metric,
                                               "direction": typed.objective.direction})
+    if typed.sweep is not None:
+        write_sweep_claims(run_dir, typed.sweep.claims)
     wall = round(time.perf_counter() - started, 3)
     invocations.append({"argv": env["argv"], "finished": now_iso(), "wall_time_s": wall,
                         "trials_trained": outcome.trained})

@@ -37,6 +37,16 @@ def test_smoke_sweep_writes_every_file_of_the_run_directory(smoke_run) -> None:
     assert f"report: {run_dir / records.REPORT}" in done.stdout
 
 
+def test_smoke_claims_are_evaluated_and_reported(smoke_run) -> None:
+    run_dir, _ = smoke_run
+    claims = records.read_claims(run_dir)
+    assert claims is not None and len(claims) == 1
+    (claim,) = claims.to_dict("records")
+    assert claim["verdict"] == "supported" and claim["n_trials"] == 16
+    assert claim["ci_low"] > 0
+    assert claim["statement"] in (run_dir / records.REPORT).read_text()
+
+
 def test_smoke_trials_table_has_one_row_per_point_and_seed(smoke_run) -> None:
     run_dir, _ = smoke_run
     trials, meta = records.read_trials(run_dir)
