@@ -9,6 +9,7 @@ Run directory (see docs/design.md):
     curves/*.parquet   per-step traces, long format: trial, step, split, metric, value
     trials.parquet     one row per finished trial (derived from the storage)
     env.json           command, versions, git commit, device
+    claims.parquet     the sweep's evaluated claims (when it declares any)
     report.html        written by `analysis`
 """
 
