@@ -23,6 +23,7 @@ Every trial of a population takes its k-th step together, so the step counter is
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 
 import torch
@@ -365,3 +366,57 @@ def make_optimizer(specs: Sequence[OptimizerSpec], params: Tensor) -> BatchedOpt
     if kind not in OPTIMIZERS:
         raise ValueError(f"no batched optimizer for {kind.__name__}")
     return OPTIMIZERS[kind](specs, params)
+
+
+class MixedOptimizer:
+    """Rows of several optimizer types in one population, each type's rows contiguous.
+
+    Trials of different optimizer families share the forward and backward pass (one batched
+    computation); each contiguous block of one type is updated by that type's batched
+    optimizer on views of the [T, P] rows, so every row gets exactly its family's update.
+    """
+
+    def __init__(self, specs: Sequence[OptimizerSpec], params: Tensor) -> None:
+        self.blocks: list[tuple[int, int, BatchedOptimizer]] = []
+        start = 0
+        for _, run in itertools.groupby(specs, key=type):
+            stop = start + len(list(run))
+            self.blocks.append((start, stop, make_optimizer(specs[start:stop],
+                                                            params[start:stop])))
+            start = stop
+
+    def set_lr(self, lrs: Sequence[float]) -> None:
+        for a, b, opt in self.blocks:
+            opt.set_lr(lrs[a:b])
+
+    def step(self, params: Tensor, grad: Tensor, alive: Tensor,
+             out: Tensor | None = None) -> Tensor:
+        """`BatchedOptimizer.step` of every block on its rows."""
+        if out is None:
+            out = torch.empty_like(params)
+        for a, b, opt in self.blocks:
+            opt.step(params[a:b], grad[a:b], alive[a:b], out=out[a:b])
+        return out
+
+    def select(self, index: Tensor) -> None:
+        """Keep rows `index` (in that order); each block's kept rows must stay contiguous."""
+        blocks = []
+        for a, b, opt in self.blocks:
+            positions = ((index >= a) & (index < b)).nonzero().squeeze(1)
+            if not len(positions):
+                continue
+            first, last = int(positions[0]), int(positions[-1])
+            if last - first + 1 != len(positions):
+                raise ValueError("rows of one optimizer type must stay contiguous")
+            opt.select(index[positions] - a)
+            blocks.append((first, last + 1, opt))
+        self.blocks = sorted(blocks, key=lambda block: block[0])
+
+
+def make_population_optimizer(specs: Sequence[OptimizerSpec], params: Tensor
+                              ) -> BatchedOptimizer | MixedOptimizer:
+    """One batched optimizer when every spec has one type, else a `MixedOptimizer`
+    (the specs' rows must then be grouped by type, see `MixedOptimizer`)."""
+    if len({type(s) for s in specs}) == 1:
+        return make_optimizer(specs, params)
+    return MixedOptimizer(specs, params)

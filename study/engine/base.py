@@ -89,10 +89,12 @@ def population_key(trial: TrialSpec) -> tuple:
     """Trials with equal keys share structure and may train as one batched computation.
 
     Structure = task (whole spec: same data shapes and loss), model shape, activation and
-    dropout, optimizer family, training schedule and dtype, and the loop (training loss,
+    dropout, training schedule and dtype, and the loop (training loss,
     zero_grad, shuffling, whether gradients are clipped, the learning-rate schedule, early
-    stopping). Numbers that differ within a population: learning rate and every other
-    optimizer hyperparameter, init scheme and scale, clipping threshold, seeds, and the data
+    stopping). Trials of different optimizer families share the forward and backward pass
+    and differ only in their update (`study.optim.MixedOptimizer`). Numbers that differ
+    within a population: learning rate and every other optimizer hyperparameter, init scheme
+    and scale, clipping threshold, seeds, and the data
     (failure modes and mitigations that transform the data keep its shapes: each trial
     trains on its own draw).
     """
@@ -100,7 +102,6 @@ def population_key(trial: TrialSpec) -> tuple:
     return (
         trial.task,
         (model.depth, model.width, model.activation, model.dropout, model.dropout_at_eval),
-        trial.optimizer.family,
         trial.train,
         trial.diagnostics,
         trial.loop.structure(),

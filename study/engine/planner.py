@@ -113,7 +113,9 @@ def plan_populations(trials: Sequence[TrialSpec], device: torch.device | str,
     chunks: list[tuple[float, int, list[int]]] = []
     for order, members in enumerate(groups.values()):
         first = trials[members[0]]
-        per_trial = estimate_trial_bytes(first)
+        # Optimizer families share a population: size it for the hungriest one present.
+        by_type = {type(trials[i].optimizer): trials[i] for i in members}
+        per_trial = max(estimate_trial_bytes(t) for t in by_type.values())
         cap = max(1, budget // per_trial)
         if max_trials is not None:
             cap = min(cap, max_trials)

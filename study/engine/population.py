@@ -38,7 +38,7 @@ from study.models import (
     dropout_seed,
     init_parameters,
 )
-from study.optim import make_optimizer
+from study.optim import make_population_optimizer
 from study.seeds import seed_streams
 from study.tasks import Dataset
 from study.trial import TrialSpec
@@ -117,6 +117,8 @@ class BatchedEngine:
             if traces[i] is None:
                 groups[repr(population_key(trial))].append(i)
         for indices in groups.values():
+            # Rows of one optimizer type contiguous: each type's update runs on its block.
+            indices.sort(key=lambda i: type(trials[i].optimizer).__name__)
             population = [trials[i] for i in indices]
             for i, trace in zip(indices, self.train(population, torch.device(device)),
                                 strict=True):
@@ -179,7 +181,7 @@ class _Population:
                                      torch.Generator().manual_seed(s.init))
             rows.append(self.net.flatten(params))
         self.params = torch.stack(rows).to(device=device, dtype=self.dtype)
-        self.optimizer = make_optimizer([t.optimizer for t in trials], self.params)
+        self.optimizer = make_population_optimizer([t.optimizer for t in trials], self.params)
         self.orders = [torch.Generator().manual_seed(s.order) for s in seeds]
         self.init_seeds = [s.init for s in seeds]  # diagnostics draw their start from it
         self.setup_loop(trials, mine, task.output_dim)

@@ -24,11 +24,12 @@ def test_lr_batch_plans_one_population_per_structure() -> None:
     trials = [p.trial for p in plan_from_overrides(["+sweep=lr_batch"]).points]
     chunks = plan_populations(trials, "cpu")
     assert sorted(i for c in chunks for i in c) == list(range(len(trials)))
-    assert len(chunks) == 16  # 2 tasks x {sgd+momentum, adam} x 4 batch sizes
+    # 2 tasks x 4 batch sizes; the three optimizers share each population.
+    assert len(chunks) == 8
     for chunk in chunks:
         assert len({repr(population_key(trials[i])) for i in chunk}) == 1
-    sizes = [len(c) for c in chunks]
-    assert sorted(set(sizes)) == [39, 78]
+        assert {trials[i].labels["optimizer"] for i in chunk} == {"sgd", "momentum", "adam"}
+    assert {len(c) for c in chunks} == {117}
     # cheapest first: full-batch populations (20 steps) before batch-8 ones (640 steps)
     assert trials[chunks[0][0]].train.batch_size == "full"
     assert trials[chunks[-1][0]].train.batch_size == 8
@@ -48,7 +49,16 @@ def test_mixed_structures_never_share_a_chunk() -> None:
     trials = [_trial(), _trial(optimizer=Adam()), _trial(batch=8), _trial(seed=4),
               _trial(task=LinearRegression(feature_scale=[1.0] * 10, n_train=64))]
     chunks = plan_populations(trials, "cpu")
-    assert sorted(map(sorted, chunks)) == [[0, 3], [1], [2], [4]]
+    # Optimizer families share a population (one forward/backward, per-family updates).
+    assert sorted(map(sorted, chunks)) == [[0, 1, 3], [2], [4]]
+
+
+def test_a_mixed_family_population_is_sized_for_its_hungriest_optimizer() -> None:
+    sgd = [_trial(lr=0.1 * (k + 1)) for k in range(10)]
+    adam = [_trial(optimizer=Adam(lr=0.01 * (k + 1))) for k in range(10)]
+    budget = 8 * estimate_trial_bytes(adam[0])
+    assert estimate_trial_bytes(adam[0]) > estimate_trial_bytes(sgd[0])
+    assert max(len(c) for c in plan_populations(sgd + adam, "cpu", budget_bytes=budget)) <= 8
 
 
 def test_memory_estimate_scales_with_the_work() -> None:

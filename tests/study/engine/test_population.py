@@ -246,3 +246,20 @@ def test_cuda_matches_the_cpu_reference() -> None:
     got = BatchedEngine().run(trials, torch.device("cuda"))
     for g, w in zip(got, want, strict=True):
         assert_equivalent(g, w, TOL["float64"])
+
+
+def test_optimizer_families_sharing_a_population_each_match_the_reference() -> None:
+    """SGD, Adam, RMSprop and Adagrad rows in one population, interleaved in the input and
+    with diverging rows in several families, compacted often: each row is its own family's
+    run, bit-identical to training its family alone."""
+    train = TrainSpec(batch_size=8, epochs=2, dtype="float64")
+    specs = [Adam(lr=1e-2), SGD(lr=0.05, momentum=0.9), RMSprop(lr=1e-2), SGD(lr=1e3),
+             Adam(lr=1e3), Adagrad(lr=0.1), SGD(lr=0.02), Adam(lr=3e-3), RMSprop(lr=1e2)]
+    trials = [_trial(spec, train=train, seed=i) for i, spec in enumerate(specs)]
+    got = _check(trials, first=50, engine=BatchedEngine(check_every=1, compact_below=1.0))
+    assert any(t.divergence_step is not None for t in got)
+    for family in (SGD, Adam, RMSprop, Adagrad):
+        index = [i for i, s in enumerate(specs) if type(s) is family]
+        alone = BatchedEngine().run([trials[i] for i in index], CPU)
+        for i, trace in zip(index, alone, strict=True):
+            assert got[i].equal(trace), (family.__name__, i)
