@@ -114,9 +114,12 @@ class BatchedOptimizer:
     def scalars(self, fn, rows: Sequence[tuple[float, ...]]) -> StepScalars:
         return StepScalars(fn, rows, self.dtype, self.device)
 
-    def step(self, params: Tensor, grad: Tensor, alive: Tensor,
+    def step(self, params: Tensor, grad: Tensor, alive: Tensor | None,
              out: Tensor | None = None) -> Tensor:
         """One update of every alive row (`alive`: [T] bool); returns the new [T, P] params.
+
+        `alive=None` promises that every row is alive and its gradient finite (the CPU
+        engine knows it without cost, see `study.engine.population`): the masking is skipped.
 
         The new parameters go to `out` when given (a buffer the caller reuses; it must not
         overlap `params`), and `params` itself is left as it was. `grad` is overwritten
@@ -125,14 +128,18 @@ class BatchedOptimizer:
         page faults.
         """
         self.t += 1
-        torch.nan_to_num(grad, nan=0.0, posinf=0.0, neginf=0.0, out=grad)
+        live = None
+        if alive is not None:
+            torch.nan_to_num(grad, nan=0.0, posinf=0.0, neginf=0.0, out=grad)
+            live = alive[:, None]
         if out is None:
             out = torch.empty_like(params)
-        self.update(params, grad, alive[:, None], out)
+        self.update(params, grad, live, out)
         return out
 
-    def update(self, params: Tensor, grad: Tensor, live: Tensor, out: Tensor) -> None:
-        """The family's update into `out`; `live` [T, 1]; frozen rows come out unchanged."""
+    def update(self, params: Tensor, grad: Tensor, live: Tensor | None, out: Tensor) -> None:
+        """The family's update into `out`; `live` [T, 1] (None: all); frozen rows come out
+        unchanged."""
         raise NotImplementedError
 
     def scratch(self, like: Tensor) -> Tensor:
@@ -151,9 +158,14 @@ class BatchedOptimizer:
         self.specs = [self.specs[i] for i in index.tolist()]
 
 
-def _or(live: Tensor, column: Tensor, frozen: float) -> Tensor:
-    """`column` on live rows, `frozen` on the others ([T, 1], cheap)."""
-    return torch.where(live, column, frozen)
+def _or(live: Tensor | None, column: Tensor, frozen: float) -> Tensor:
+    """`column` on live rows, `frozen` on the others ([T, 1], cheap); live None: all rows."""
+    return column if live is None else torch.where(live, column, frozen)
+
+
+def _live_only(grad: Tensor, live: Tensor | None) -> Tensor:
+    """`grad` with the rows of frozen trials zeroed (`live` None: all rows live)."""
+    return grad if live is None else grad * live.to(grad.dtype)
 
 
 class BatchedSGD(BatchedOptimizer):
@@ -181,7 +193,8 @@ class BatchedSGD(BatchedOptimizer):
         self.use_nesterov = any(s.nesterov for s in specs)
         self.buf: Tensor | None = None
 
-    def update(self, params: Tensor, grad: Tensor, live: Tensor, out: Tensor) -> None:
+    def update(self, params: Tensor, grad: Tensor, live: Tensor | None, out: Tensor
+               ) -> None:
         neg_lr = self.neg_lr if self.lrs is None else self.lr_column(lambda lr, s: -lr)
         neg_lr = _or(live, neg_lr, 0.0)
         if self.use_decay:
@@ -230,7 +243,8 @@ class BatchedAdam(BatchedOptimizer):
         self.exp_avg_sq = torch.zeros_like(params)
         self.max_exp_avg_sq = torch.zeros_like(params) if self.use_amsgrad else None
 
-    def update(self, params: Tensor, grad: Tensor, live: Tensor, out: Tensor) -> None:
+    def update(self, params: Tensor, grad: Tensor, live: Tensor | None, out: Tensor
+               ) -> None:
         if self.use_decay:
             if self.decoupled:
                 decay = (self.decay_factor if self.lrs is None
@@ -294,7 +308,8 @@ class BatchedRMSprop(BatchedOptimizer):
         self.grad_avg = torch.zeros_like(params) if self.use_centered else None
         self.buf = torch.zeros_like(params) if self.use_momentum else None
 
-    def update(self, params: Tensor, grad: Tensor, live: Tensor, out: Tensor) -> None:
+    def update(self, params: Tensor, grad: Tensor, live: Tensor | None, out: Tensor
+               ) -> None:
         if self.use_decay:
             grad.addcmul_(params, self.weight_decay)
         one_minus_alpha = _or(live, self.one_minus_alpha, 0.0)
@@ -312,7 +327,7 @@ class BatchedRMSprop(BatchedOptimizer):
         if not self.use_momentum:
             torch.addcdiv(params, grad * neg_lr, avg, out=out)
             return
-        self.buf.mul_(_or(live, self.momentum, 1.0)).addcdiv_(grad * live.to(grad.dtype), avg)
+        self.buf.mul_(_or(live, self.momentum, 1.0)).addcdiv_(_live_only(grad, live), avg)
         torch.addcmul(params, self.buf, neg_lr, out=out)
         if self.mixed_momentum:
             plain = torch.addcdiv(params, grad * neg_lr, avg)
@@ -335,11 +350,12 @@ class BatchedAdagrad(BatchedOptimizer):
         initial = self.column([s.initial_accumulator_value for s in specs])
         self.state_sum = initial.expand_as(params).clone()
 
-    def update(self, params: Tensor, grad: Tensor, live: Tensor, out: Tensor) -> None:
+    def update(self, params: Tensor, grad: Tensor, live: Tensor | None, out: Tensor
+               ) -> None:
         if self.use_decay:
             grad.addcmul_(params, self.weight_decay)
         # torch: state_sum.addcmul_(grad, grad, value=1); a frozen row adds 0 * grad
-        self.state_sum.addcmul_(grad * live.to(grad.dtype), grad)
+        self.state_sum.addcmul_(_live_only(grad, live), grad)
         std = self.state_sum.sqrt().add_(self.eps)
         if self.lrs is None:
             neg_clr = self.neg_clr.at(self.t)
@@ -389,13 +405,14 @@ class MixedOptimizer:
         for a, b, opt in self.blocks:
             opt.set_lr(lrs[a:b])
 
-    def step(self, params: Tensor, grad: Tensor, alive: Tensor,
+    def step(self, params: Tensor, grad: Tensor, alive: Tensor | None,
              out: Tensor | None = None) -> Tensor:
         """`BatchedOptimizer.step` of every block on its rows."""
         if out is None:
             out = torch.empty_like(params)
         for a, b, opt in self.blocks:
-            opt.step(params[a:b], grad[a:b], alive[a:b], out=out[a:b])
+            opt.step(params[a:b], grad[a:b], None if alive is None else alive[a:b],
+                     out=out[a:b])
         return out
 
     def select(self, index: Tensor) -> None:

@@ -1,10 +1,16 @@
 """The batched MLP of the population engine: flat parameter rows, forward and backward.
 
 A population's parameters are one [T, P] tensor: row t is trial t, each layer stored as its
-weight transposed, [fan_in, fan_out], then its bias. A layer is one `baddbmm` over the trial
-axis. The backward pass is written out by hand with the aten backward kernels autograd
-itself calls for these modules and losses, so a row's gradient is the gradient torch computes
-for that trial alone (to the rounding of the matrix products).
+weight, then its bias. A layer is one `baddbmm` over the trial axis. A weight is stored
+[fan_in, fan_out] (torch's weight transposed) unless its layer narrows (fan_out < fan_in, as
+an output layer of one or a few units does), which is stored [fan_out, fan_in] as torch
+stores it: MKL's batched products over a narrow layer in the other layout take 4-10x longer
+(measured for the forward, weight-gradient and input-gradient products of a 64 -> 1 layer at
+batch 8, 256 and 512; docs/performance.md).
+
+The backward pass is written out by hand with the aten backward kernels autograd itself calls
+for these modules and losses, so a row's gradient is the gradient torch computes for that
+trial alone (to the rounding of the matrix products).
 """
 
 from __future__ import annotations
@@ -56,11 +62,20 @@ class Network:
     def n_params(self) -> int:
         return sum(fi * fo + fo for fi, fo in self.sizes)
 
+    @property
+    def narrowing(self) -> tuple[bool, ...]:
+        """Per layer: is its weight stored [fan_out, fan_in] (torch's layout)?"""
+        return tuple(fo < fi for fi, fo in self.sizes)
+
     def layers(self, flat: Tensor) -> list[tuple[Tensor, Tensor]]:
-        """Views (weight [T, fan_in, fan_out], bias [T, 1, fan_out]) into `flat` [T, P]."""
+        """Views (weight [T, fan_in, fan_out], bias [T, 1, fan_out]) into `flat` [T, P].
+
+        A narrowing layer's weight view is the transpose of its [T, fan_out, fan_in] storage.
+        """
         out, offset = [], 0
-        for fi, fo in self.sizes:
-            w = flat[:, offset:offset + fi * fo].view(-1, fi, fo)
+        for (fi, fo), narrow in zip(self.sizes, self.narrowing, strict=True):
+            block = flat[:, offset:offset + fi * fo]
+            w = block.view(-1, fo, fi).mT if narrow else block.view(-1, fi, fo)
             offset += fi * fo
             out.append((w, flat[:, None, offset:offset + fo]))
             offset += fo
@@ -68,7 +83,8 @@ class Network:
 
     def flatten(self, parameters: list[tuple[Tensor, Tensor]]) -> Tensor:
         """One trial's `init_parameters` (weight [fan_out, fan_in], bias) as a flat row."""
-        return torch.cat([t for w, b in parameters for t in (w.T.reshape(-1), b)])
+        return torch.cat([t for (w, b), narrow in zip(parameters, self.narrowing, strict=True)
+                          for t in (w.reshape(-1) if narrow else w.T.reshape(-1), b)])
 
     def forward(self, flat: Tensor, x: Tensor, layers: list | None = None,
                 masks: list[Tensor] | None = None) -> tuple[Tensor, list]:
@@ -121,10 +137,14 @@ class Network:
         g = grad_out
         for i in range(len(layers) - 1, -1, -1):
             h, _, _ = saved[i]
+            narrow = self.narrowing[i]
             parts.append(g.sum(1))
-            parts.append(torch.bmm(h.transpose(1, 2), g).flatten(1))
+            # The weight gradient in the weight's storage layout: g^T h or h^T g.
+            parts.append((torch.bmm(g.mT, h) if narrow else torch.bmm(h.mT, g)).flatten(1))
             if i > 0:
-                g = torch.bmm(g, layers[i][0].transpose(1, 2))
+                w_t = layers[i][0].mT  # [T, fan_out, fan_in]; contiguous when narrowing
+                # One output unit: the product has a single term, an exact multiply.
+                g = g * w_t if w_t.shape[1] == 1 else torch.bmm(g, w_t)
                 if masks is not None:
                     g = g * masks[i - 1]
                 if act_backward is not None:
@@ -143,11 +163,13 @@ def loss_and_grad(out: Tensor, y: Tensor, loss: str) -> tuple[Tensor, Tensor]:
     if loss == "mse":
         diff = out - y
         return diff.square().mean(dim=(1, 2)), diff * (2.0 / diff[0].numel())
-    logp = torch.log_softmax(out, dim=-1)
-    target = y[..., None]
-    value = -logp.gather(-1, target).sum(dim=(1, 2)) / batch
-    grad_logp = torch.zeros_like(logp).scatter_(-1, target, -1.0 / batch)
-    return value, aten._log_softmax_backward_data(grad_logp, logp, -1, logp.dtype)
+    # Classes along dim 1 ([T, C, B]): torch's kernels reduce over a last dim of a few classes
+    # one row at a time, 5-10x slower than across the batch; the values are bit-identical.
+    logp = torch.log_softmax(out.mT.contiguous(), dim=1)
+    target = y[:, None, :]
+    value = -logp.gather(1, target).sum(dim=(1, 2)) / batch
+    grad_logp = torch.zeros_like(logp).scatter_(1, target, -1.0 / batch)
+    return value, aten._log_softmax_backward_data(grad_logp, logp, 1, logp.dtype).mT
 
 
 def train_loss_and_grad(out: Tensor, y: Tensor, loss: str, objective: str = "task",
@@ -193,8 +215,8 @@ def eval_losses(out: Tensor, y: Tensor, loss: str, n_train: int,
         err = (out - y) if target_scale is None else (out - y) * target_scale
         err = err.square()
         return err[:, :n_train].mean(dim=(1, 2)), err[:, n_train:].mean(dim=(1, 2)), None, None
-    logp = torch.log_softmax(out, dim=-1)
-    nll = -logp.gather(-1, y[..., None]).squeeze(-1)
-    hit = (out.argmax(dim=-1) == y).to(torch.float64)
+    logits = out.mT.contiguous()  # [T, C, N]: see loss_and_grad
+    nll = -torch.log_softmax(logits, dim=1).gather(1, y[:, None, :]).squeeze(1)
+    hit = (logits.argmax(dim=1) == y).to(torch.float64)
     return (nll[:, :n_train].mean(1), nll[:, n_train:].mean(1),
             hit[:, :n_train].mean(1), hit[:, n_train:].mean(1))

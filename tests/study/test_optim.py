@@ -56,16 +56,18 @@ def _torch_run(spec, start: torch.Tensor) -> list[torch.Tensor]:
     return out
 
 
+@pytest.mark.parametrize("mask", ["all_true", "none"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("family", sorted(FAMILIES))
-def test_matches_torch_optim_step_by_step(family: str, dtype: torch.dtype) -> None:
+def test_matches_torch_optim_step_by_step(family: str, dtype: torch.dtype, mask: str) -> None:
+    """Both ways of saying "every row alive": a mask of True, and None (no masking)."""
     specs = FAMILIES[family]
     start = torch.randn(len(specs), P, generator=torch.Generator().manual_seed(1),
                         dtype=torch.float64).to(dtype)
     expected = [_torch_run(spec, start[i]) for i, spec in enumerate(specs)]
     params = start.clone()
     opt = make_optimizer(specs, params)
-    alive = torch.ones(len(specs), dtype=torch.bool)
+    alive = torch.ones(len(specs), dtype=torch.bool) if mask == "all_true" else None
     for step in range(STEPS):
         params = opt.step(params, _gradients(params, step), alive)
         for i in range(len(specs)):
