@@ -26,10 +26,22 @@ PG_PASSWORD = "s3cret-pw"  # a throwaway cluster's; tests check it never reaches
 TINY = ("+sweep=smoke", "train.epochs=1", "model.width=8", "report=false", "progress=false")
 
 
-def study_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 600
-              ) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "study", *args], cwd=ROOT, text=True,
+def run_study(*args: str, cwd: Path = ROOT, env: dict[str, str] | None = None,
+              expect: int | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    """`python -m study ARGS` in a subprocess (in `cwd`, the environment plus `env`), its
+    output captured as text. With `expect`, assert that it exited with that code (the
+    failure message is its stderr)."""
+    done = subprocess.run([sys.executable, "-m", "study", *args], cwd=cwd, text=True,
                           capture_output=True, timeout=timeout, env={**os.environ, **(env or {})})
+    if expect is not None:
+        assert done.returncode == expect, done.stderr
+    return done
+
+
+@pytest.fixture(scope="session")
+def study_cli():
+    """`run_study`: the study CLI in a subprocess, for tests that cannot import this module."""
+    return run_study
 
 
 def free_port() -> int:
@@ -106,8 +118,7 @@ def postgres() -> Iterator[PostgresServer]:
 def tiny_baseline(tmp_path_factory) -> Path:
     """An uninterrupted one-worker run of the tiny sweep: the reference for every metric."""
     run_dir = tmp_path_factory.mktemp("baseline") / "run"
-    done = study_cli(*TINY, f"hydra.run.dir={run_dir}")
-    assert done.returncode == 0, done.stderr
+    run_study(*TINY, f"hydra.run.dir={run_dir}", expect=0)
     return run_dir
 
 

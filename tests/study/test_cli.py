@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import optuna
@@ -12,19 +11,11 @@ import pytest
 
 from study import records
 
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def study_cli(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "study", *args], cwd=cwd, capture_output=True,
-                          text=True, timeout=600)
-
 
 @pytest.fixture(scope="module")
-def smoke_run(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+def smoke_run(tmp_path_factory, study_cli) -> tuple[Path, subprocess.CompletedProcess]:
     run_dir = tmp_path_factory.mktemp("smoke") / "run"
-    done = study_cli("+sweep=smoke", f"hydra.run.dir={run_dir}")
-    assert done.returncode == 0, done.stderr
+    done = study_cli("+sweep=smoke", f"hydra.run.dir={run_dir}", expect=0)
     return run_dir, done
 
 
@@ -83,30 +74,28 @@ def test_report_mentions_each_task(smoke_run) -> None:
     assert "teacher_mlp" in html and "blobs" in html
 
 
-def test_resuming_a_finished_sweep_trains_nothing(smoke_run) -> None:
+def test_resuming_a_finished_sweep_trains_nothing(smoke_run, study_cli) -> None:
     run_dir, _ = smoke_run
     before = records.read_trials(run_dir)[0]
-    again = study_cli("+sweep=smoke", f"hydra.run.dir={run_dir}", "report=false")
-    assert again.returncode == 0, again.stderr
+    again = study_cli("+sweep=smoke", f"hydra.run.dir={run_dir}", "report=false", expect=0)
     assert "0 trials trained, 16 already done" in again.stdout
     after = records.read_trials(run_dir)[0]
     assert sorted(after["trial"]) == sorted(before["trial"])
 
 
-def test_resuming_with_a_changed_config_is_refused_and_changes_nothing(smoke_run) -> None:
+def test_resuming_with_a_changed_config_is_refused_and_changes_nothing(smoke_run,
+                                                                      study_cli) -> None:
     run_dir, _ = smoke_run
     config_before = (run_dir / ".hydra" / "config.yaml").read_text()
-    done = study_cli("+sweep=smoke", f"hydra.run.dir={run_dir}", "train.epochs=4")
-    assert done.returncode == 2
+    done = study_cli("+sweep=smoke", f"hydra.run.dir={run_dir}", "train.epochs=4", expect=2)
     assert "train.epochs (was 3, now 4)" in done.stderr
     assert (run_dir / ".hydra" / "config.yaml").read_text() == config_before
 
 
-def test_single_configuration_run(tmp_path: Path) -> None:
+def test_single_configuration_run(tmp_path: Path, study_cli) -> None:
     run_dir = tmp_path / "one"
-    done = study_cli("optimizer=adam", "optimizer.lr=0.3", "model.activation=sigmoid",
-                     "train.epochs=2", f"hydra.run.dir={run_dir}", "progress=false")
-    assert done.returncode == 0, done.stderr
+    study_cli("optimizer=adam", "optimizer.lr=0.3", "model.activation=sigmoid",
+              "train.epochs=2", f"hydra.run.dir={run_dir}", "progress=false", expect=0)
     trials, meta = records.read_trials(run_dir)
     assert len(trials) == 1 and meta["sweep"] is None
     row = trials.iloc[0]
@@ -115,9 +104,8 @@ def test_single_configuration_run(tmp_path: Path) -> None:
     assert (run_dir / records.REPORT).is_file()
 
 
-def test_hydra_cfg_flag_prints_the_composed_sweep() -> None:
-    done = study_cli("+sweep=lr_batch", "--cfg", "job")
-    assert done.returncode == 0, done.stderr
+def test_hydra_cfg_flag_prints_the_composed_sweep(study_cli) -> None:
+    done = study_cli("+sweep=lr_batch", "--cfg", "job", expect=0)
     assert "name: lr_batch" in done.stdout and "logspace" in done.stdout
 
 
@@ -131,7 +119,7 @@ def test_hydra_cfg_flag_prints_the_composed_sweep() -> None:
     ],
 )
 def test_bad_overrides_exit_non_zero_with_one_clear_error_and_write_nothing(
-    tmp_path: Path, override: str, message: str
+    tmp_path: Path, study_cli, override: str, message: str
 ) -> None:
     run_dir = tmp_path / "bad"
     done = study_cli(override, f"hydra.run.dir={run_dir}")
@@ -160,17 +148,17 @@ def _snapshot(run_dir: Path) -> dict[str, bytes]:
     ],
 )
 def test_bad_storage_settings_are_refused_before_anything_is_written(
-        tmp_path: Path, monkeypatch, overrides: list[str], message: str) -> None:
+        tmp_path: Path, monkeypatch, study_cli, overrides: list[str], message: str) -> None:
     monkeypatch.delenv("STUDY_STORAGE_URL", raising=False)
     run_dir = tmp_path / "bad"
-    done = study_cli("+sweep=smoke", *overrides, f"hydra.run.dir={run_dir}")
-    assert done.returncode == 2
+    done = study_cli("+sweep=smoke", *overrides, f"hydra.run.dir={run_dir}", expect=2)
     assert message in done.stderr
     assert "hunter2" not in done.stdout + done.stderr
     assert not run_dir.exists()
 
 
-def test_an_unreachable_database_is_retried_then_reported(tmp_path: Path, monkeypatch) -> None:
+def test_an_unreachable_database_is_retried_then_reported(tmp_path: Path, monkeypatch,
+                                                         study_cli) -> None:
     pytest.importorskip("psycopg")
     import socket
 
@@ -180,8 +168,7 @@ def test_an_unreachable_database_is_retried_then_reported(tmp_path: Path, monkey
     monkeypatch.setenv("STUDY_STORAGE_URL", f"postgresql://study:hunter2@127.0.0.1:{port}/db")
     run_dir = tmp_path / "unreachable"
     done = study_cli("+sweep=smoke", "storage=postgres", "storage.retries=2",
-                     f"hydra.run.dir={run_dir}")
-    assert done.returncode == 3
+                     f"hydra.run.dir={run_dir}", expect=3)
     assert (f"error: storage: cannot connect to postgresql://study:***@127.0.0.1:{port}/db "
             f"after 2 attempts:") in done.stderr
     assert "hunter2" not in done.stdout + done.stderr
@@ -190,7 +177,7 @@ def test_an_unreachable_database_is_retried_then_reported(tmp_path: Path, monkey
 
 
 def test_a_journal_corrupt_in_the_middle_is_refused_and_nothing_is_overwritten(
-        smoke_run, tmp_path: Path) -> None:
+        smoke_run, tmp_path: Path, study_cli) -> None:
     run_dir = tmp_path / "run"
     shutil.copytree(smoke_run[0], run_dir)
     journal = run_dir / records.JOURNAL
@@ -198,15 +185,15 @@ def test_a_journal_corrupt_in_the_middle_is_refused_and_nothing_is_overwritten(
     lines[10] = b"garbage\n"
     journal.write_bytes(b"".join(lines))
     before = _snapshot(run_dir)
-    done = study_cli("+sweep=smoke", f"hydra.run.dir={run_dir}")
-    assert done.returncode == 3
+    done = study_cli("+sweep=smoke", f"hydra.run.dir={run_dir}", expect=3)
     assert (f"error: {journal} is corrupt at line 11 (JSONDecodeError: Expecting value: line 1 "
             f"column 1 (char 0)), before its last line, so it cannot be repaired safely; "
             f"nothing was changed.") in done.stderr
     assert _snapshot(run_dir) == before
 
 
-def test_a_run_directory_of_another_version_is_refused(smoke_run, tmp_path: Path) -> None:
+def test_a_run_directory_of_another_version_is_refused(smoke_run, tmp_path: Path,
+                                                       study_cli) -> None:
     import json
 
     import pyarrow.parquet as pq
@@ -218,22 +205,20 @@ def test_a_run_directory_of_another_version_is_refused(smoke_run, tmp_path: Path
     pq.write_table(table.replace_schema_metadata({b"study": json.dumps(meta).encode()}),
                    run_dir / records.TRIALS)
     before = _snapshot(run_dir)
-    done = study_cli("+sweep=smoke", f"hydra.run.dir={run_dir}")
-    assert done.returncode == 3
+    done = study_cli("+sweep=smoke", f"hydra.run.dir={run_dir}", expect=3)
     assert (f"error: {run_dir / records.TRIALS} has record schema version 0; this study "
             f"reads 1") in done.stderr
     assert _snapshot(run_dir) == before
 
 
-def test_a_journal_cut_short_is_repaired_and_the_resume_finishes(smoke_run,
-                                                                 tmp_path: Path) -> None:
+def test_a_journal_cut_short_is_repaired_and_the_resume_finishes(smoke_run, tmp_path: Path,
+                                                                 study_cli) -> None:
     run_dir = tmp_path / "run"
     shutil.copytree(smoke_run[0], run_dir)
     journal = run_dir / records.JOURNAL
     whole = journal.read_bytes()
     journal.write_bytes(whole + b'{"op_code":6,"worker_id":"w","trial_id":2')
-    done = study_cli("+sweep=smoke", f"hydra.run.dir={run_dir}", "report=false")
-    assert done.returncode == 0, done.stderr
+    done = study_cli("+sweep=smoke", f"hydra.run.dir={run_dir}", "report=false", expect=0)
     assert f"repaired {journal}: removed a partial last line of 41 bytes" in (
         done.stdout + done.stderr)
     assert "0 trials trained, 16 already done" in done.stdout

@@ -2,23 +2,19 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from study import records
 
-ROOT = Path(__file__).resolve().parents[2]
-
 
 @pytest.mark.slow
-def test_lr_batch_runs_every_point_once_and_its_numbers_make_physical_sense(tmp_path: Path):
+def test_lr_batch_runs_every_point_once_and_its_numbers_make_physical_sense(tmp_path: Path,
+                                                                            study_cli):
     run_dir = tmp_path / "lr_batch"
-    done = subprocess.run([sys.executable, "-m", "study", "+sweep=lr_batch",
-                           f"hydra.run.dir={run_dir}", "progress=false"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=1200)
+    done = study_cli("+sweep=lr_batch", f"hydra.run.dir={run_dir}", "progress=false",
+                     timeout=1200)
     assert done.returncode == 0, done.stderr[-3000:]
     trials, meta = records.read_trials(run_dir)
     assert len(trials) == 936

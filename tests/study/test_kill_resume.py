@@ -31,22 +31,16 @@ def start(*args: str) -> subprocess.Popen:
                             start_new_session=True)
 
 
-def finish(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "study", *args], cwd=ROOT, text=True,
-                          capture_output=True, timeout=600)
-
-
 @pytest.fixture(scope="module")
-def baseline(tmp_path_factory) -> Path:
+def baseline(tmp_path_factory, study_cli) -> Path:
     run_dir = tmp_path_factory.mktemp("uninterrupted") / "run"
-    done = finish(*SWEEP, f"hydra.run.dir={run_dir}")
-    assert done.returncode == 0, done.stderr
+    study_cli(*SWEEP, f"hydra.run.dir={run_dir}", expect=0)
     return run_dir
 
 
 @pytest.mark.slow
 def test_sigkill_at_random_moments_loses_and_duplicates_nothing(tmp_path: Path, baseline,
-                                                               run_checks) -> None:
+                                                               run_checks, study_cli) -> None:
     tally, same_results = run_checks
     rng = random.Random(7)
     run_dir = tmp_path / "run"
@@ -65,8 +59,7 @@ def test_sigkill_at_random_moments_loses_and_duplicates_nothing(tmp_path: Path, 
         process.communicate()
         kills += 1
     time.sleep(3.5)  # past grace_s: a claim whose owner was never recorded is stale now
-    done = finish(*SWEEP, f"hydra.run.dir={run_dir}")
-    assert done.returncode == 0, done.stderr
+    study_cli(*SWEEP, f"hydra.run.dir={run_dir}", expect=0)
     counts = tally(run_dir)
     repairs = len(list(run_dir.glob("study.journal.*.bak")))
     print(f"kills={kills} journal tail repairs={repairs} {counts}")
@@ -77,7 +70,7 @@ def test_sigkill_at_random_moments_loses_and_duplicates_nothing(tmp_path: Path, 
 
 @pytest.mark.slow
 def test_ctrl_c_stops_after_the_population_and_the_resume_finishes(tmp_path: Path, baseline,
-                                                                 run_checks) -> None:
+                                                                 run_checks, study_cli) -> None:
     tally, same_results = run_checks
     run_dir = tmp_path / "run"
     process = start(*SWEEP, "workers=2", f"hydra.run.dir={run_dir}")
@@ -93,8 +86,7 @@ def test_ctrl_c_stops_after_the_population_and_the_resume_finishes(tmp_path: Pat
     assert "Finish with: python -m study" in err
     counts = tally(run_dir)
     assert counts["running"] == 0 and counts["duplicated"] == 0
-    done = finish(*SWEEP, f"hydra.run.dir={run_dir}")
-    assert done.returncode == 0, done.stderr
+    study_cli(*SWEEP, f"hydra.run.dir={run_dir}", expect=0)
     counts = tally(run_dir)
     assert counts["lost"] == 0 and counts["duplicated"] == 0 and counts["complete"] == 16
     same_results(run_dir, baseline)

@@ -2,30 +2,20 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from study import records
 
-ROOT = Path(__file__).resolve().parents[2]
 TINY = ("+sweep=smoke", "train.epochs=1", "model.width=8", "report=false", "progress=false")
 
 
-def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "study", *args], cwd=ROOT, text=True,
-                          capture_output=True, timeout=600, env={**os.environ, **(env or {})})
-
-
 def test_three_journal_workers_train_every_point_once(tmp_path: Path, tiny_baseline,
-                                                      run_checks) -> None:
+                                                      run_checks, study_cli) -> None:
     tally, same_results = run_checks
     run_dir = tmp_path / "run"
-    done = cli(*TINY, "workers=3", f"hydra.run.dir={run_dir}")
-    assert done.returncode == 0, done.stderr
+    done = study_cli(*TINY, "workers=3", f"hydra.run.dir={run_dir}", expect=0)
     assert "16 trials trained, 0 already done" in done.stdout
     assert tally(run_dir) == {"complete": 16, "points": 16, "lost": 0, "duplicated": 0,
                               "running": 0, "failed": 0}
@@ -34,13 +24,12 @@ def test_three_journal_workers_train_every_point_once(tmp_path: Path, tiny_basel
 
 @pytest.mark.slow  # 4 worker processes importing torch on 2 cores: ~30 s
 def test_four_postgres_workers_train_every_point_once(tmp_path: Path, postgres, tiny_baseline,
-                                                      run_checks) -> None:
+                                                      run_checks, study_cli) -> None:
     tally, same_results = run_checks
     url = postgres.database()
     run_dir = tmp_path / "run"
-    done = cli(*TINY, "storage=postgres", "workers=4", f"hydra.run.dir={run_dir}",
-               env={"STUDY_STORAGE_URL": url})
-    assert done.returncode == 0, done.stderr
+    done = study_cli(*TINY, "storage=postgres", "workers=4", f"hydra.run.dir={run_dir}",
+                     env={"STUDY_STORAGE_URL": url}, expect=0)
     assert "16 trials trained, 0 already done" in done.stdout
     counts = tally(run_dir, url)
     assert counts == {"complete": 16, "points": 16, "lost": 0, "duplicated": 0, "running": 0,
