@@ -239,6 +239,8 @@ class BatchedAdam(BatchedOptimizer):
                                                   [(s.betas[1],) for s in specs])
         self.use_decay = any(s.weight_decay != 0 for s in specs)
         self.use_amsgrad = any(s.amsgrad for s in specs)
+        betas2 = {s.betas[1] for s in specs}
+        self.shared_beta2 = betas2.pop() if len(betas2) == 1 else None
         self.exp_avg = torch.zeros_like(params)
         self.exp_avg_sq = torch.zeros_like(params)
         self.max_exp_avg_sq = torch.zeros_like(params) if self.use_amsgrad else None
@@ -254,8 +256,12 @@ class BatchedAdam(BatchedOptimizer):
                 grad.addcmul_(params, self.weight_decay)
         self.exp_avg.lerp_(grad, _or(live, self.one_minus_beta1, 0.0))
         work = self.scratch(params)
-        torch.mul(grad, _or(live, self.one_minus_beta2, 0.0), out=work)
-        self.exp_avg_sq.mul_(_or(live, self.beta2, 1.0)).addcmul_(work, grad)
+        if live is None and self.shared_beta2 is not None:  # torch's own expression
+            beta2 = self.shared_beta2
+            self.exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        else:  # the same arithmetic with a per-row (1 - beta2): one more pass
+            torch.mul(grad, _or(live, self.one_minus_beta2, 0.0), out=work)
+            self.exp_avg_sq.mul_(_or(live, self.beta2, 1.0)).addcmul_(work, grad)
         second = self.exp_avg_sq
         if self.use_amsgrad:
             torch.maximum(self.max_exp_avg_sq.mul_(self.amsgrad), second,

@@ -18,6 +18,9 @@ FAMILIES = {
             SGD(lr=0.04, momentum=0.9, nesterov=True)],
     "adam": [Adam(lr=1e-2), Adam(lr=3e-2, betas=(0.8, 0.99), eps=1e-6),
              Adam(lr=1e-3, weight_decay=0.1), Adam(lr=1e-2, amsgrad=True)],
+    # one beta2 for every row: the update takes torch's own scalar expression
+    "adam_shared_beta2": [Adam(lr=1e-2), Adam(lr=3e-2, betas=(0.8, 0.999), eps=1e-6),
+                          Adam(lr=1e-3, weight_decay=0.1)],
     "adamw": [AdamW(lr=1e-2), AdamW(lr=5e-2, weight_decay=0.3, betas=(0.5, 0.9)),
               AdamW(lr=1e-2, amsgrad=True, weight_decay=0.0)],
     "rmsprop": [RMSprop(lr=1e-2), RMSprop(lr=3e-3, alpha=0.9, centered=True),
