@@ -9,6 +9,7 @@ a trial seed sees the same three streams (paired analysis).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 
@@ -24,6 +25,7 @@ class SeedStreams:
     order: int
 
 
+@lru_cache(maxsize=4096)  # a population asks once per trial; sweeps reuse a few seeds
 def seed_streams(seed: int) -> SeedStreams:
     """Derive the data / init / order seeds of trial seed `seed` (deterministic, pure)."""
     if seed < 0:

@@ -120,7 +120,7 @@ class BatchedEngine:
             # Rows of one optimizer type contiguous: each type's update runs on its block.
             indices.sort(key=lambda i: type(trials[i].optimizer).__name__)
             population = [trials[i] for i in indices]
-            for i, trace in zip(indices, self.train(population, torch.device(device)),
+            for i, trace in zip(indices, self._train(population, torch.device(device)),
                                 strict=True):
                 traces[i] = trace
         return traces  # type: ignore[return-value]
@@ -134,6 +134,13 @@ class BatchedEngine:
             more gives each row the same bits. With the copy, a trial's trace is bit-identical
             whatever population it trains in (tests/study/engine/test_population.py).
         """
+        first = repr(population_key(trials[0]))
+        if any(repr(population_key(t)) != first for t in trials[1:]):
+            raise ValueError("a population's trials must share one population_key")
+        return self._train(trials, device)
+
+    def _train(self, trials: Sequence[TrialSpec], device: torch.device) -> list[Trace]:
+        """`train` of trials already known to share one population_key."""
         if len(trials) == 1:
             return _Population([trials[0]] * 2, device, self).run()[:1]
         return _Population(trials, device, self).run()
@@ -145,8 +152,6 @@ class _Population:
     def __init__(self, trials: Sequence[TrialSpec], device: torch.device,
                  engine: BatchedEngine) -> None:
         first = trials[0]
-        if any(repr(population_key(t)) != repr(population_key(first)) for t in trials):
-            raise ValueError("a population's trials must share one population_key")
         self.engine, self.device, self.trials = engine, device, list(trials)
         self.on_cpu = device.type == "cpu"
         self.dtype = first.train.torch_dtype
@@ -204,7 +209,9 @@ class _Population:
         self.diags = torch.full((len(self.diag_steps), 2, n), nan, dtype=torch.float64,
                                 device=device)
         self.ids = torch.arange(n, device=device)  # original index of each computed row
+        self.compacted = False  # rows dropped: ids is no longer arange(n)
         self.alive = torch.ones(n, dtype=torch.bool, device=device)
+        self.all_alive = self.on_cpu  # host-side flag, CPU only (see mark_diverged)
         self.allocate()
         self.eval_buffers: list[Tensor] = []
         self.previous_norm: Tensor | None = None  # |previous update| [T]; None before one
@@ -287,6 +294,7 @@ class _Population:
                     and step < self.planned):
                 self.stopped_at[i] = step
                 self.alive[row] = False
+        self.alive_changed()
 
     def layers(self, flat: Tensor) -> list:
         """`Network.layers` of a parameter buffer, kept while the buffer lives."""
@@ -299,6 +307,7 @@ class _Population:
         """Work buffers shaped like the parameter rows (again after rows were dropped)."""
         self.views: dict[tuple, list] = {}
         self.spare, self.grad, self.update = (torch.empty_like(self.params) for _ in range(3))
+        self.record = self.params.new_empty(len(STEP_FIELDS), len(self.params))
         previous = getattr(self, "previous", None)
         self.previous = torch.empty_like(self.params) if previous is None else previous
 
@@ -362,33 +371,55 @@ class _Population:
         used = grad  # the gradient the optimizer sees (torch: p.grad)
         if self.accumulated is not None:  # zero_grad forgotten: p.grad keeps summing
             used = self.accumulated.add_(grad)
-        head = torch.stack([loss, torch.linalg.vector_norm(used, dim=1),
-                            torch.linalg.vector_norm(used[:, self.first_weight], dim=1),
-                            torch.linalg.vector_norm(used[:, self.last_weight], dim=1),
-                            torch.linalg.vector_norm(params, dim=1)])
-        self.alive &= torch.isfinite(head[:2]).all(dim=0)
+        # This step's records [STEP_FIELDS, T], written in place: straight into the record
+        # tensor while the rows are the population's, else into a buffer copied over by id.
+        rec = self.record if self.compacted else self.steps[step]
+        rec[0].copy_(loss)
+        torch.linalg.vector_norm(used, dim=1, out=rec[1])
+        torch.linalg.vector_norm(used[:, self.first_weight], dim=1, out=rec[2])
+        torch.linalg.vector_norm(used[:, self.last_weight], dim=1, out=rec[3])
+        torch.linalg.vector_norm(params, dim=1, out=rec[4])
+        alive = self.mark_diverged(rec[:2])
         if self.clip is not None:  # clip_grad_norm_: max_norm / (norm + 1e-6), at most 1
-            coef = (self.clip / (head[1] + 1e-6)).clamp(max=1.0)
+            coef = (self.clip / (rec[1] + 1e-6)).clamp(max=1.0)
             used.mul_(coef[:, None])
         if used is not grad:
             grad.copy_(used)  # the optimizer uses grad as scratch space
         if loop.scheduled:
             self.optimizer.set_lr(self.learning_rates(step))
-        # On the CPU reading a flag costs nothing (no device to wait for): when every row
-        # is alive, the optimizer skips the masking of frozen rows, two passes over [T, P].
-        alive = None if self.on_cpu and bool(self.alive.all()) else self.alive
         self.optimizer.step(params, grad, alive, out=new)
         torch.sub(new, params, out=update)
-        update_norm = torch.linalg.vector_norm(update, dim=1)
+        torch.linalg.vector_norm(update, dim=1, out=rec[5])
         if self.previous_norm is None:
-            cosine = torch.full_like(loss, math.nan)
+            rec[6].fill_(math.nan)
+            self.previous_norm = rec[5].clone()
         else:  # F.cosine_similarity(eps=1e-30) with the norms already at hand
-            cosine = torch.linalg.vecdot(update, self.previous, dim=1) / (
-                update_norm.clamp_min(1e-30) * self.previous_norm.clamp_min(1e-30))
+            torch.linalg.vecdot(update, self.previous, dim=1, out=rec[6])
+            rec[6].div_(rec[5].clamp_min(1e-30).mul_(self.previous_norm.clamp_min(1e-30)))
+            self.previous_norm.copy_(rec[5])
         self.params, self.spare = new, params
-        self.update, self.previous, self.previous_norm = self.previous, update, update_norm
-        self.steps[step, :5].index_copy_(1, self.ids, head)
-        self.steps[step, 5:].index_copy_(1, self.ids, torch.stack([update_norm, cosine]))
+        self.update, self.previous = self.previous, update
+        if self.compacted:
+            self.steps[step].index_copy_(1, self.ids, rec)
+
+    def mark_diverged(self, values: Tensor) -> Tensor | None:
+        """Freeze the rows whose `values` [k, T] are not all finite; returns the optimizer's
+        `alive` argument (None: every row alive, nothing to mask).
+
+        On the CPU reading a value costs nothing (no device to wait for): while every row is
+        alive, one finite sum proves they all still are, and the optimizer skips the masking
+        of frozen rows (two passes over [T, P]). A sum that overflows takes the long way.
+        """
+        if self.on_cpu and self.all_alive and math.isfinite(float(values.sum())):
+            return None
+        self.alive &= torch.isfinite(values).all(dim=0)
+        self.alive_changed()
+        return None if self.all_alive else self.alive
+
+    def alive_changed(self) -> None:
+        """Refresh the host's all-alive flag after `alive` changed (CPU only; see
+        `mark_diverged`)."""
+        self.all_alive = self.on_cpu and bool(self.alive.all())
 
     def evaluate(self, k: int) -> None:
         rows, examples = self.x_eval.shape[:2]
@@ -410,6 +441,7 @@ class _Population:
                               for v in (*values, dead, saturated)])
         self.evals[k].index_copy_(1, self.ids, record)
         self.alive &= torch.isfinite(values[0]) & torch.isfinite(values[1])
+        self.alive_changed()
 
     def activation_health(self, z: Tensor) -> tuple[Tensor, Tensor, int]:
         """Per hidden layer: (dead units [T], saturated entries [T], units) on `z` [T, B, U].
@@ -483,6 +515,8 @@ class _Population:
         self.orders = [self.orders[i] for i in index]
         self.init_seeds = [self.init_seeds[i] for i in index]
         self.alive = self.alive[kept]
+        self.compacted = True
+        self.alive_changed()
         return kept
 
     def traces(self) -> list[Trace]:
