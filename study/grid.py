@@ -29,6 +29,7 @@ from study.config import (
     TRANSFORM_GROUPS,
     ConfigError,
     NotApplicableError,
+    StudyConfig,
     build_trial,
     plain_config,
     register,
@@ -60,15 +61,18 @@ class SweepPlan:
 
 
 def expand(cfg: DictConfig, compose: Compose, overrides: Sequence[str],
-           choices: dict[str, str]) -> SweepPlan:
+           choices: dict[str, str], *, typed: StudyConfig | None = None) -> SweepPlan:
     """Expand `cfg` (composed from `overrides`) into its grid points.
 
     `compose(overrides)` composes the config again with extra overrides (one call per
     combination of group-axis options); `choices` are the config-group options chosen for
-    `cfg` (Hydra's runtime choices), used as labels. Without a sweep, the plan has one point:
-    the config itself with seed `cfg.seed`.
+    `cfg` (Hydra's runtime choices), used as labels. `typed` is `validate(cfg)` when the
+    caller has already run it (it is not run again); without it `cfg` is validated here.
+    Every config composed for a group axis is validated. Without a sweep, the plan has one
+    point: the config itself with seed `cfg.seed`.
     """
-    typed = validate(cfg)
+    if typed is None:
+        typed = validate(cfg)
     base_labels = {g: _label(cfg, g, choices.get(g)) for g in GROUPS}
     if typed.sweep is None:
         trial = build_trial(plain_config(cfg), typed.seed, base_labels)
@@ -98,9 +102,10 @@ def expand(cfg: DictConfig, compose: Compose, overrides: Sequence[str],
         picked = dict(zip(group_axes, group_values, strict=True))
         spec_picked = tuple((g, picked[g]) for g in spec_axes)
         if spec_picked not in composed_specs:
-            base = (compose([*overrides, *(_override(g, v) for g, v in spec_picked)])
-                    if spec_picked else cfg)
-            validate(base)
+            base = cfg  # validated above
+            if spec_picked:
+                base = compose([*overrides, *(_override(g, v) for g, v in spec_picked)])
+                validate(base)
             composed_specs[spec_picked] = plain_config(base)
         plain = {**composed_specs[spec_picked],
                  **{g: transform_node(g, v) for g, v in picked.items() if g in TRANSFORM_GROUPS}}

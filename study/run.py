@@ -1,0 +1,296 @@
+"""One invocation of `python -m study` once its config is valid: storage, run directory,
+env.json, training (in this process or with worker processes), records and report.
+
+`study.__main__` composes and validates the config, expands it and calls `execute`; it
+maps ConfigError to exit code 2 and RecordError / StorageError to 3. `execute` checks
+everything it can (device, storage settings, the run directory, the stored config) before
+it writes `.hydra/` or env.json (docs/design.md).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from study import records, storage
+from study.claims import write_sweep_claims
+from study.config import ConfigError, StudyConfig, plain_config
+from study.engine import make_engine
+from study.environment import describe_environment, now_iso
+from study.grid import SweepPlan
+from study.metrics import SUMMARY_METRICS
+from study.sweep import (
+    Lease,
+    SweepOutcome,
+    check_same_config,
+    describe,
+    done_points,
+    open_study,
+    plan_chunks,
+    prepare,
+    resolve_device,
+    run_sweep,
+    write_trials_table,
+)
+from study.workers import StopRequest, WorkerJob, run_workers, threads_per_worker
+
+if TYPE_CHECKING:
+    import optuna
+    import torch
+
+    from study.engine.base import Engine
+
+log = logging.getLogger("study")
+
+# Keys that say how to run, not what to run: they may change when a sweep is resumed.
+RUN_ONLY = ("engine", "device", "progress", "report", "resume", "storage", "workers")
+
+
+def check_objective(metric: str, plan: SweepPlan) -> None:
+    """Raise ConfigError unless `metric` is a summary metric defined for every point of
+    `plan` (accuracies need a classification task)."""
+    if metric not in SUMMARY_METRICS:
+        raise ConfigError(f"objective.metric: unknown metric {metric!r} "
+                          f"(one of {', '.join(SUMMARY_METRICS)})")
+    if "acc" in metric and any(p.trial.task.loss != "cross_entropy" for p in plan.points):
+        raise ConfigError(f"objective.metric: {metric} is undefined for regression tasks")
+
+
+def execute(cfg: DictConfig, typed: StudyConfig, plan: SweepPlan, run_dir: Path,
+            overrides: list[str], hydra_cfg: Any) -> int:
+    """Train the missing points of `plan` into `run_dir`, record them and report; return
+    the exit status.
+
+    `cfg` is the composed config, `typed` its `validate(cfg)`, `plan` its expansion,
+    `overrides` the command line's and `hydra_cfg` Hydra's own config (for .hydra/).
+    Raises ConfigError, RecordError or StorageError before `.hydra/` and env.json are
+    written when the device, storage settings, run directory or stored config refuse the
+    run. Returns 0 when it finished (points still held by other workers are reported on
+    stderr with the resume command) and 130 when Ctrl-C or SIGTERM stopped it (nothing is
+    lost; the resume command is printed).
+    """
+    device = resolve_device(typed.device)
+    engine = make_engine(typed.engine)
+    config = plain_config(cfg)
+
+    url = storage_url(typed)
+    leases = Lease(typed.storage.heartbeat_s, typed.storage.grace_s)
+    check_run_dir(run_dir)
+    study_name = typed.storage.study_name or (plan.name or "single")
+    study = open_study(run_dir, url, study_name, typed.objective.direction,
+                       typed.storage.retries)
+    check_same_config(study, resumable_config(config))
+    save_hydra_files(cfg, run_dir, overrides, hydra_cfg)
+    env, invocations = start_env(run_dir, overrides, device, engine.name, url, typed.workers)
+    log.info("%s: %s on %s with the %s engine%s", plan.name or "single configuration",
+             describe(plan.points), device, engine.name,
+             f", {typed.workers} workers" if typed.workers > 1 else "")
+
+    bar = ProgressBar(typed.progress, len(plan.points), plan.name or "trial")
+    stop = StopRequest().install()
+    started = time.perf_counter()
+    try:
+        outcome = train(typed, plan, study, study_name, url, leases, engine, device, run_dir,
+                        stop, bar)
+    except KeyboardInterrupt:
+        bar.close()
+        print(f"\ninterrupted. Finish with: {env['resume_command']}", file=sys.stderr)
+        return 130
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    bar.close()
+    if outcome.stopped:
+        print(f"stopped after {outcome.trained} trials; nothing is lost. "
+              f"Finish with: {env['resume_command']}", file=sys.stderr)
+        return 130
+    write_results(study, plan, run_dir, typed)
+    finish_env(run_dir, env, invocations, outcome, round(time.perf_counter() - started, 3))
+    print_outcome(outcome, study, plan, env["resume_command"])
+    report(run_dir, typed.report)
+    return 0
+
+
+def storage_url(typed: StudyConfig) -> str | None:
+    """The RDB URL to use (None: the journal file), checked before anything is written.
+
+    Raises ConfigError for an unknown storage kind, an RDB without a URL, a URL of an
+    unknown scheme or more workers than the storage can serve.
+    """
+    kind, url = typed.storage.kind, typed.storage.url
+    if kind not in ("journal", "rdb"):
+        raise ConfigError(f"storage.kind: must be journal or rdb, got {kind!r}")
+    if kind == "rdb" and not url:
+        raise ConfigError("storage.url: this storage needs a database URL: export "
+                          "STUDY_STORAGE_URL=postgresql://USER:PASSWORD@HOST:PORT/DB "
+                          "(or pass storage.url=...)")
+    if url:
+        storage.url_scheme(url)
+    storage.check_workers(url, typed.workers)
+    return url or None
+
+
+def check_run_dir(run_dir: Path) -> None:
+    """Refuse (RecordError) a run directory whose trials.parquet another version of study
+    wrote; a directory without one passes."""
+    if (run_dir / records.TRIALS).is_file():
+        records.read_trials(run_dir)  # RecordError on another schema version
+
+
+def resumable_config(config: dict[str, Any]) -> dict[str, Any]:
+    """The plain config as dotted keys, without the keys that say how to run (`RUN_ONLY`):
+    what a resumed run must share with the run that created the study."""
+    return {k: v for k, v in _flatten(config).items() if k.split(".")[0] not in RUN_ONLY}
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def save_hydra_files(cfg: DictConfig, run_dir: Path, overrides: list[str],
+                     hydra_cfg: Any) -> None:
+    """Write .hydra/config.yaml, overrides.yaml and hydra.yaml (what Hydra's output_subdir
+    would hold) atomically, database passwords masked. Call it only once the config is
+    valid, so a refused resume leaves the run's record untouched."""
+    hydra_dir = run_dir / ".hydra"
+    hydra_dir.mkdir(parents=True, exist_ok=True)
+    job = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))
+    job.pop("hydra", None)
+    for name, node in (("config.yaml", job), ("overrides.yaml", OmegaConf.create(overrides)),
+                       ("hydra.yaml", OmegaConf.create({"hydra": hydra_cfg}))):
+        text = storage.mask_url(OmegaConf.to_yaml(node))
+        records.atomic_write_bytes(hydra_dir / name, text.encode())
+
+
+def start_env(run_dir: Path, overrides: list[str], device: torch.device, engine_name: str,
+              url: str | None, workers: int) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Write env.json for the start of this invocation; return (env, invocations) for
+    `finish_env`.
+
+    A resumed run keeps the command, resume command and start time of the invocation that
+    created it, and its list of earlier invocations; the storage URL is masked.
+    """
+    previous = records.read_env(run_dir)
+    env = storage.redact(describe_environment(overrides, run_dir, device, engine_name))
+    for key in ("command", "resume_command", "started"):
+        env[key] = previous.get(key, env.get(key))
+    env["started"] = env["started"] or now_iso()
+    env["storage"] = storage.mask_url(url) if url else records.JOURNAL
+    env["workers"] = workers
+    invocations = previous.get("invocations", [])
+    records.write_env(run_dir, {**env, "invocations": invocations})
+    return env, invocations
+
+
+def train(typed: StudyConfig, plan: SweepPlan, study: optuna.Study, study_name: str,
+          url: str | None, leases: Lease, engine: Engine, device: torch.device, run_dir: Path,
+          stop: StopRequest, bar: ProgressBar) -> SweepOutcome:
+    """Train the missing points of `plan`: in this process when `typed.workers` is 1, else
+    with that many worker processes. Once `stop` is requested it stops after the current
+    population (`outcome.stopped`); a second Ctrl-C raises KeyboardInterrupt."""
+    if typed.workers == 1:
+        return run_sweep(plan, study, engine, device, run_dir, typed.objective.metric,
+                         on_progress=bar, direction=typed.objective.direction,
+                         leases=leases, stop=lambda: stop.requested)
+    job = WorkerJob(plan, run_dir, url, study_name, typed.objective.direction,
+                    typed.objective.metric, typed.engine, typed.device, leases,
+                    typed.storage.retries, threads_per_worker(typed.workers), os.getpid())
+    return run_with_workers(job, typed.workers, study, stop, bar, engine, device)
+
+
+def run_with_workers(job: WorkerJob, workers: int, study: optuna.Study, stop: StopRequest,
+                     bar: ProgressBar, engine: Engine, device: torch.device) -> SweepOutcome:
+    """Enqueue, run `workers` processes, then finish what a dead worker left (in-process)."""
+    started = time.perf_counter()
+    total = len(job.plan.points)
+    done_before, reclaimed = prepare(study, job.plan, plan_chunks(job.plan, device, engine),
+                                     job.leases)
+    bar(done_before, total)
+    codes = run_workers(job, workers, stop,
+                        poll=lambda: bar(done_points(study, job.plan), total))
+    crashed = [i for i, c in enumerate(codes) if c not in (0, 130)]
+    if crashed:
+        log.warning("workers %s exited with codes %s; their trials are re-run",
+                    crashed, [codes[i] for i in crashed])
+    last = SweepOutcome(total, 0, 0, 0.0, stopped=True)
+    if not stop.requested:
+        last = run_sweep(job.plan, study, engine, device, job.run_dir, job.objective,
+                         on_progress=bar, direction=job.direction, leases=job.leases,
+                         stop=lambda: stop.requested)
+    done = done_points(study, job.plan)
+    return SweepOutcome(total, done - done_before, done_before,
+                        time.perf_counter() - started, reclaimed + last.reclaimed, last.stopped)
+
+
+def write_results(study: optuna.Study, plan: SweepPlan, run_dir: Path,
+                  typed: StudyConfig) -> None:
+    """Write trials.parquet from the study and, for a sweep, claims.parquet."""
+    write_trials_table(study, plan, run_dir, {"metric": typed.objective.metric,
+                                              "direction": typed.objective.direction})
+    if typed.sweep is not None:
+        write_sweep_claims(run_dir, typed.sweep.claims)
+
+
+def finish_env(run_dir: Path, env: dict[str, Any], invocations: list[dict[str, Any]],
+               outcome: SweepOutcome, wall_s: float) -> None:
+    """Append this invocation (argv, finish time, `wall_s`, trials trained) to
+    `invocations` and write the final env.json: finish time, trials in the plan, the
+    invocations and their summed wall time."""
+    invocations.append({"argv": env["argv"], "finished": now_iso(), "wall_time_s": wall_s,
+                        "trials_trained": outcome.trained})
+    env.update(finished=now_iso(), trials_total=outcome.total, invocations=invocations,
+               wall_time_s=round(sum(i["wall_time_s"] for i in invocations), 3))
+    records.write_env(run_dir, env)
+
+
+def print_outcome(outcome: SweepOutcome, study: optuna.Study, plan: SweepPlan,
+                  resume_command: str) -> None:
+    """Print what this invocation trained; on stderr, how many points of `plan` have no
+    COMPLETE trial yet (held by other workers or lost) and the command that finishes them."""
+    print(f"{outcome.trained} trials trained, {outcome.already_done} already done, "
+          f"in {outcome.wall_time_s:.1f} s")
+    missing = outcome.total - done_points(study, plan)
+    if missing:
+        print(f"{missing} trials are still held by other workers or were lost; finish with: "
+              f"{resume_command}", file=sys.stderr)
+
+
+def report(run_dir: Path, enabled: bool) -> None:
+    """Build report.html and print its path (`enabled`), else print the run directory."""
+    if enabled:
+        from analysis import build_report
+
+        print(f"report: {build_report(run_dir)}")
+    else:
+        print(f"run directory: {run_dir}")
+
+
+class ProgressBar:
+    """tqdm progress over trials on stderr, fed by run_sweep's on_progress(done, total)."""
+
+    def __init__(self, enabled: bool, total: int, desc: str) -> None:
+        from tqdm import tqdm
+
+        self._bar = tqdm(total=total, desc=desc, unit="trial", disable=not enabled,
+                         dynamic_ncols=True, file=sys.stderr)
+
+    def __call__(self, done: int, total: int) -> None:
+        self._bar.total = total
+        self._bar.n = done
+        self._bar.refresh()
+
+    def close(self) -> None:
+        self._bar.close()
