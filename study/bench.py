@@ -79,22 +79,44 @@ def _timed(fn) -> tuple[Any, float]:
     return out, time.perf_counter() - start
 
 
+def population_label(trial: TrialSpec) -> str:
+    """A short name of a trial's population for the per-population figures."""
+    task = trial.labels.get("task", type(trial.task).__name__)
+    return f"{task}, batch {trial.train.batch_size}"
+
+
 def run_batched(trials: Sequence[TrialSpec], device: torch.device,
-                budget_bytes: int | None) -> tuple[list[Trace], float, int]:
+                budget_bytes: int | None) -> tuple[list[Trace], float, list[dict[str, Any]]]:
+    """Train every trial with the batched engine: traces, wall time, and per population
+    (planner chunk) its label, trials, planned trial-steps and wall time."""
     engine = BatchedEngine()
     chunks = plan_populations(trials, device, budget_bytes)
+    populations: list[dict[str, Any]] = []
 
     def train() -> list[Trace]:
         traces: list[Trace | None] = [None] * len(trials)
         for chunk in chunks:
-            for i, trace in zip(chunk, engine.run([trials[i] for i in chunk], device),
-                                strict=True):
+            members = [trials[i] for i in chunk]
+            start = time.perf_counter()
+            for i, trace in zip(chunk, engine.run(members, device), strict=True):
                 traces[i] = trace
-        _sync(device)
+            _sync(device)
+            populations.append({"label": population_label(members[0]), "trials": len(chunk),
+                                "trial_steps": sum(trial_steps(t) for t in members),
+                                "wall_s": time.perf_counter() - start, "rows": list(chunk)})
         return traces  # type: ignore[return-value]
 
     traces, wall = _timed(train)
-    return traces, wall, len(chunks)
+    return traces, wall, populations
+
+
+def run_reference(sample: Sequence[int], trials: Sequence[TrialSpec], device: torch.device
+                  ) -> dict[int, float]:
+    """Wall time of each sampled trial trained alone by the reference engine."""
+    engine, walls = ReferenceEngine(), {}
+    for i in sample:
+        _, walls[i] = _timed(lambda i=i: (engine.run([trials[i]], device), _sync(device)))
+    return walls
 
 
 def bench(overrides: Sequence[str], device: torch.device, subset: int, seed: int,
@@ -112,15 +134,24 @@ def bench(overrides: Sequence[str], device: torch.device, subset: int, seed: int
     ReferenceEngine().run(warm, device)
     BatchedEngine().run(warm, device)
 
-    traces, batched_wall, n_chunks = run_batched(trials, device, budget_bytes)
+    traces, batched_wall, populations = run_batched(trials, device, budget_bytes)
     flops = sum(useful_flops(t, tr) for t, tr in zip(trials, traces, strict=True))
 
-    sample = random.Random(seed).sample(trials, min(subset, len(trials)))
-    sample_steps = sum(trial_steps(t) for t in sample)
-    _, reference_wall = _timed(lambda: (ReferenceEngine().run(sample, device), _sync(device)))
+    sample = random.Random(seed).sample(range(len(trials)), min(subset, len(trials)))
+    sample_steps = sum(trial_steps(trials[i]) for i in sample)
+    reference_walls = run_reference(sample, trials, device)
+    reference_wall = sum(reference_walls.values())
     reference_rate = sample_steps / reference_wall
     peak = matmul_gflops(device, torch_dtype, matmul_seconds)
     batched_rate = planned / batched_wall
+    for population in populations:  # the ratio per population, where the subset has trials
+        rows = [i for i in population.pop("rows") if i in reference_walls]
+        population["reference_trials"] = len(rows)
+        if rows:
+            rate = (sum(trial_steps(trials[i]) for i in rows)
+                    / sum(reference_walls[i] for i in rows))
+            population["ratio_batched_over_reference"] = (
+                population["trial_steps"] / population["wall_s"] / rate)
     return {
         "device": str(device), "device_name": _device_name(device),
         "torch": torch.__version__, "threads": torch.get_num_threads(),
@@ -131,12 +162,14 @@ def bench(overrides: Sequence[str], device: torch.device, subset: int, seed: int
                      "trial_steps": planned,
                      "executed_trial_steps": int(sum(len(t.step_loss) for t in traces)),
                      "gflop": flops / 1e9},
-        "batched": {"trials": len(trials), "populations": n_chunks, "trial_steps": planned,
-                    "wall_s": batched_wall, "trial_steps_per_s": batched_rate},
+        "batched": {"trials": len(trials), "populations": len(populations),
+                    "trial_steps": planned, "wall_s": batched_wall,
+                    "trial_steps_per_s": batched_rate},
         "reference": {"trials": len(sample), "subset_seed": seed, "trial_steps": sample_steps,
                       "wall_s": reference_wall, "trial_steps_per_s": reference_rate,
                       "extrapolated_wall_s": planned / reference_rate},
         "ratio_batched_over_reference": batched_rate / reference_rate,
+        "populations": populations,
         "matmul_gflops": peak,
         "batched_gflops": flops / 1e9 / batched_wall,
         "batched_fraction_of_matmul_peak": flops / 1e9 / batched_wall / peak,

@@ -23,3 +23,11 @@ def test_bench_smoke_writes_consistent_json(tmp_path) -> None:
                - batched["trial_steps_per_s"] / reference["trial_steps_per_s"]) < 1e-9
     assert reference["extrapolated_wall_s"] > 0 and result["matmul_gflops"] > 0
     assert 0 < result["batched_fraction_of_matmul_peak"] < 1
+    populations = result["populations"]
+    assert len(populations) == batched["populations"]
+    assert sum(p["trials"] for p in populations) == 6
+    assert sum(p["trial_steps"] for p in populations) == steps
+    assert sum(p["wall_s"] for p in populations) <= batched["wall_s"]
+    assert sum(p["reference_trials"] for p in populations) == 2
+    for p in populations:  # a ratio exactly where the reference subset has trials
+        assert ("ratio_batched_over_reference" in p) == (p["reference_trials"] > 0)
