@@ -213,27 +213,38 @@ def _release(study: optuna.Study, claims: Sequence[Claim], reason: str) -> None:
             _enqueue(study, point)
 
 
-def curves_frame(number: int, trace) -> pd.DataFrame:
-    """A trace in the long curves format of `study.records`."""
-    parts = []
+def curves_frame(numbers: Sequence[int], traces: Sequence) -> pd.DataFrame:
+    """Traces (of trials `numbers`) in the long curves format of `study.records`, trial by
+    trial; built from whole arrays at once (a frame per curve costs ~1 ms, 6 per trial)."""
+    trial, step, split, metric, value = [], [], [], [], []
 
-    def add(split: str, metric: str, steps, values) -> None:
+    def add(number: int, split_name: str, metric_name: str, steps, values) -> None:
         if values is not None and len(values):
-            parts.append(pd.DataFrame({"trial": number, "step": steps, "split": split,
-                                       "metric": metric, "value": values}))
+            trial.append(np.full(len(values), number, dtype=np.int64))
+            step.append(np.asarray(steps, dtype=np.int64))
+            split.append((split_name, len(values)))
+            metric.append((metric_name, len(values)))
+            value.append(np.asarray(values, dtype=np.float64))
 
-    steps = range(len(trace.step_loss))
-    add("batch", "loss", steps, trace.step_loss)
-    add("batch", "grad_norm", steps, trace.grad_norm)
-    for split in ("train", "val"):
-        add(split, "loss", trace.eval_step, getattr(trace, f"{split}_loss"))
-        add(split, "accuracy", trace.eval_step, getattr(trace, f"{split}_acc"))
-    if trace.diag_step is not None:
-        for metric in ("sharpness", "noise_scale"):
-            values = getattr(trace, metric)
-            if values is not None and not np.isnan(values).all():
-                add("diag", metric, trace.diag_step, values)
-    return pd.concat(parts, ignore_index=True)
+    for number, trace in zip(numbers, traces, strict=True):
+        steps = np.arange(len(trace.step_loss))
+        add(number, "batch", "loss", steps, trace.step_loss)
+        add(number, "batch", "grad_norm", steps, trace.grad_norm)
+        for name in ("train", "val"):
+            add(number, name, "loss", trace.eval_step, getattr(trace, f"{name}_loss"))
+            add(number, name, "accuracy", trace.eval_step, getattr(trace, f"{name}_acc"))
+        if trace.diag_step is not None:
+            for name in ("sharpness", "noise_scale"):
+                values = getattr(trace, name)
+                if values is not None and not np.isnan(values).all():
+                    add(number, "diag", name, trace.diag_step, values)
+
+    def labels(runs: list[tuple[str, int]]) -> np.ndarray:
+        return np.repeat(np.array([r[0] for r in runs], dtype=object), [r[1] for r in runs])
+
+    return pd.DataFrame({"trial": np.concatenate(trial), "step": np.concatenate(step),
+                         "split": labels(split), "metric": labels(metric),
+                         "value": np.concatenate(value)})
 
 
 def run_sweep(plan: SweepPlan, study: optuna.Study, engine: Engine, device: torch.device,
@@ -321,10 +332,9 @@ def _train(study: optuna.Study, engine: Engine, device: torch.device, run_dir: P
     """Train one population, write its curves, tell each trial; how many were told."""
     traces = engine.run([point.trial for _, point in batch], device)
     numbers = [trial.number for trial, _ in batch]
-    frames = [curves_frame(n, tr) for n, tr in zip(numbers, traces, strict=True)]
     # Curves first (atomically), then tell: a COMPLETE trial always has its curves on disk.
     records.write_curves(run_dir, f"trials-{min(numbers):06d}-{max(numbers):06d}",
-                         pd.concat(frames, ignore_index=True))
+                         curves_frame(numbers, traces))
     summaries = summarize_many(traces, [point.trial.optimizer.lr for _, point in batch])
     told = 0
     for (trial, _), summary in zip(batch, summaries, strict=True):

@@ -6,6 +6,7 @@ import hashlib
 import json
 import math
 from dataclasses import asdict, dataclass, field, fields
+from functools import cached_property
 from typing import Any
 
 import torch
@@ -288,6 +289,12 @@ class TrialSpec:
 
     def key(self) -> str:
         """Canonical hash of the numbers-determining content (labels excluded)."""
+        return self._key
+
+    @cached_property
+    def _key(self) -> str:
+        # Computed once per spec (the sweep driver asks for it many times per trial): the
+        # spec is frozen, and cached_property writes the instance dict, not a field.
         content = {
             group: {"type": type(getattr(self, group)).__name__, **asdict(getattr(self, group))}
             for group in ("task", "model", "optimizer", "train")
