@@ -13,6 +13,7 @@ import torch
 
 from study.engine import BatchedEngine, ReferenceEngine, make_engine
 from study.engine.base import Trace
+from study.engine.population import _Population
 from study.models import ACTIVATIONS, ModelSpec
 from study.optimizers import SGD, Adagrad, Adam, AdamW, RMSprop
 from study.tasks import Blobs, LinearRegression, Spirals, TeacherMLP
@@ -195,6 +196,28 @@ def test_compaction_of_diverged_rows_changes_nothing() -> None:
     got = _check(trials, first=50, engine=often)
     for g, n in zip(got, never.run(trials, CPU), strict=True):
         assert g.equal(n)
+
+
+def test_the_cpu_all_alive_shortcut_changes_no_bit(monkeypatch) -> None:
+    """While every row is alive the CPU skips the frozen-row masking (`mark_diverged`
+    returns None); masking on every step instead must give the same bits, before and after
+    some trials diverge, for every optimizer family sharing the population."""
+    train = TrainSpec(batch_size=8, epochs=2, dtype="float32")
+    specs = [SGD(lr=1e-2, momentum=0.9), SGD(lr=1e3, momentum=0.9), SGD(lr=1e6), Adam(lr=1e-2),
+             Adam(lr=3e-3, weight_decay=0.1), RMSprop(lr=1e-2), Adagrad(lr=0.1)]
+    trials = [_trial(spec, task=CLASSIFICATION, train=train, seed=i)
+              for i, spec in enumerate(specs)]
+    shortcut = BatchedEngine().run(trials, CPU)
+    diverged = [t.divergence_step for t in shortcut]
+    assert diverged[1] is not None and diverged[2] is not None and diverged[0] is None
+
+    def always_mask(self, values):
+        self.alive &= torch.isfinite(values).all(dim=0)
+        return self.alive
+
+    monkeypatch.setattr(_Population, "mark_diverged", always_mask)
+    for fast, masked in zip(shortcut, BatchedEngine().run(trials, CPU), strict=True):
+        assert fast.equal(masked)
 
 
 def test_a_population_where_every_trial_diverges_stops_early() -> None:
