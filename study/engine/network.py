@@ -16,6 +16,7 @@ trial alone (to the rounding of the matrix products).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 import torch.nn.functional as F
@@ -62,7 +63,7 @@ class Network:
     def n_params(self) -> int:
         return sum(fi * fo + fo for fi, fo in self.sizes)
 
-    @property
+    @cached_property  # read per layer per step; the instance is frozen
     def narrowing(self) -> tuple[bool, ...]:
         """Per layer: is its weight stored [fan_out, fan_in] (torch's layout)?"""
         return tuple(fo < fi for fi, fo in self.sizes)
