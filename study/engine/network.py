@@ -132,6 +132,14 @@ class Network:
         """Gradient rows [T, P] (into `out` when given) from the outputs' gradient [T, B, out].
 
         `masks`: the dropout masks of the forward pass."""
+        parts = self.backward_parts(flat, saved, grad_out, layers, masks)
+        return torch.cat(parts, dim=1, out=out)
+
+    def backward_parts(self, flat: Tensor, saved: list, grad_out: Tensor,
+                       layers: list | None = None, masks: list[Tensor] | None = None
+                       ) -> list[Tensor]:
+        """The gradient rows as contiguous [T, n] blocks, one per weight and bias in storage
+        order (`backward` concatenates them; the fused update reads them as they are)."""
         act_backward = ACTIVATIONS[self.activation][1]
         layers = self.layers(flat) if layers is None else layers
         parts: list[Tensor] = []
@@ -151,7 +159,7 @@ class Network:
                 if act_backward is not None:
                     _, z, a = saved[i - 1]
                     g = act_backward(g, z, a)
-        return torch.cat(parts[::-1], dim=1, out=out)
+        return parts[::-1]
 
 
 def loss_and_grad(out: Tensor, y: Tensor, loss: str) -> tuple[Tensor, Tensor]:

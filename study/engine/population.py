@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from study.engine.base import Trace, population_key
+from study.engine.fused import FusedUpdate, fusable
 from study.engine.network import Network, eval_losses, train_loss_and_grad
 from study.failures.loop import EarlyStopper, Plateau, class_weights
 from study.models import (
@@ -90,9 +91,11 @@ class BatchedEngine:
 
     name = "batched"
 
-    def __init__(self, check_every: int = 32, compact_below: float = 0.75) -> None:
+    def __init__(self, check_every: int = 32, compact_below: float = 0.75,
+                 fused: bool = True) -> None:
         self.check_every = check_every
         self.compact_below = compact_below
+        self.fused = fused  # False: always the eager update (study.optim), also on the CPU
         self.datasets = DatasetCache()
 
     def run(self, trials: Sequence[TrialSpec], device: torch.device) -> list[Trace]:
@@ -187,10 +190,18 @@ class _Population:
                                      torch.Generator().manual_seed(s.init))
             rows.append(self.net.flatten(params))
         self.params = torch.stack(rows).to(device=device, dtype=self.dtype)
-        self.optimizer = make_population_optimizer([t.optimizer for t in trials], self.params)
         self.orders = [torch.Generator().manual_seed(s.order) for s in seeds]
         self.init_seeds = [s.init for s in seeds]  # diagnostics draw their start from it
         self.setup_loop(trials, mine, task.output_dim)
+        specs = [t.optimizer for t in trials]
+        # The CPU's fused update (study.engine.fused) where it applies, else the eager one.
+        self.fused: FusedUpdate | None = None
+        self.optimizer = None
+        if engine.fused and self.on_cpu and fusable(specs, self.clip is not None,
+                                                    self.accumulated is None):
+            self.fused = FusedUpdate(specs, self.params)
+        else:
+            self.optimizer = make_population_optimizer(specs, self.params)
 
         train = first.train
         self.batch = train.resolved_batch_size(self.n_train)
@@ -367,6 +378,16 @@ class _Population:
         loop = self.loop
         loss, grad_out = train_loss_and_grad(out, yb, self.loss, loop.loss, loop.huber_delta,
                                              self.class_weights)
+        if self.fused is not None:  # records, freezing and update in one kernel call
+            parts = self.net.backward_parts(params, saved, grad_out, layers, masks)
+            rec = self.record if self.compacted else self.steps[step]
+            rec[0].copy_(loss)
+            self.fused.step(params, parts, self.previous, rec, loss, self.alive,
+                            self.learning_rates(step) if loop.scheduled else None)
+            self.alive_changed()
+            if self.compacted:
+                self.steps[step].index_copy_(1, self.ids, rec)
+            return
         self.net.backward(params, saved, grad_out, out=grad, layers=layers, masks=masks)
         used = grad  # the gradient the optimizer sees (torch: p.grad)
         if self.accumulated is not None:  # zero_grad forgotten: p.grad keeps summing
@@ -499,7 +520,7 @@ class _Population:
             if len(kept) == rows:
                 return None
         self.ids, self.params = self.ids[kept], self.params[kept]
-        self.optimizer.select(kept)
+        (self.fused or self.optimizer).select(kept)
         self.row_offset = self.row_offset[kept]
         self.x_eval, self.y_eval = self.x_eval[kept], self.y_eval[kept]
         for name in ("target_scale", "class_weights", "clip", "accumulated"):

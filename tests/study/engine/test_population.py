@@ -116,11 +116,15 @@ OPTIMIZERS = {
 }
 
 
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "eager"])
 @pytest.mark.parametrize("task", [REGRESSION, CLASSIFICATION], ids=["regression", "classify"])
 @pytest.mark.parametrize("family", sorted(OPTIMIZERS))
-def test_every_optimizer_family_matches_the_reference(family: str, task) -> None:
-    trials = [_trial(opt, task=task, seed=i) for i, opt in enumerate(OPTIMIZERS[family])]
-    _check(trials)
+def test_every_optimizer_family_matches_the_reference(family: str, task, fused: bool) -> None:
+    """Both updates of the CPU: the fused kernel (where it applies: SGD, Adam and AdamW
+    without amsgrad, so the amsgrad row is left out) and the eager optimizers."""
+    specs = [s for s in OPTIMIZERS[family] if not (fused and getattr(s, "amsgrad", False))]
+    trials = [_trial(opt, task=task, seed=i) for i, opt in enumerate(specs)]
+    _check(trials, engine=BatchedEngine(fused=fused))
 
 
 @pytest.mark.parametrize("activation", sorted(ACTIVATIONS))
@@ -279,10 +283,12 @@ def test_optimizer_families_sharing_a_population_each_match_the_reference() -> N
     specs = [Adam(lr=1e-2), SGD(lr=0.05, momentum=0.9), RMSprop(lr=1e-2), SGD(lr=1e3),
              Adam(lr=1e3), Adagrad(lr=0.1), SGD(lr=0.02), Adam(lr=3e-3), RMSprop(lr=1e2)]
     trials = [_trial(spec, train=train, seed=i) for i, spec in enumerate(specs)]
-    got = _check(trials, first=50, engine=BatchedEngine(check_every=1, compact_below=1.0))
+    eager = {"fused": False}  # the eager MixedOptimizer (SGD and Adam alone would fuse)
+    got = _check(trials, first=50, engine=BatchedEngine(check_every=1, compact_below=1.0,
+                                                        **eager))
     assert any(t.divergence_step is not None for t in got)
     for family in (SGD, Adam, RMSprop, Adagrad):
         index = [i for i, s in enumerate(specs) if type(s) is family]
-        alone = BatchedEngine().run([trials[i] for i in index], CPU)
+        alone = BatchedEngine(**eager).run([trials[i] for i in index], CPU)
         for i, trace in zip(index, alone, strict=True):
             assert got[i].equal(trace), (family.__name__, i)

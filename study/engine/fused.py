@@ -1,0 +1,280 @@
+"""The fused CPU update: optimizer step and step records in one visit per row (numba).
+
+Eager PyTorch streams every [T, P] tensor once per operation. A batch-8 step of 117 trials
+makes about 19 passes over 2.3 MB tensors, more than the 8 MB L3 cache of the reference
+machine holds, so the step is bound by memory traffic (docs/performance.md). This kernel
+takes one row at a time, while it sits in L1/L2, through:
+
+1. its gradient and parameter norms;
+2. the freeze decision (non-finite loss or gradient norm);
+3. the SGD / Adam / AdamW update;
+4. the update, its norm and its cosine with the previous update.
+
+Numbers: the arithmetic is `study.optim`'s (torch's single-tensor formulas, in the same
+order, in the parameter dtype, every operation rounded on its own). torch's own CPU kernels
+may fuse some products into FMAs, so a row agrees with `study.optim` to a few units in the
+last place, not bit for bit (tests/study/engine/test_fused.py). Norms are summed in float64.
+Rows never interact, so a trial's numbers do not depend on its population.
+
+The population engine uses it on the CPU when numba is installed and the population fits
+(`fusable`): every trial SGD, Adam or AdamW without amsgrad, no gradient clipping, zero_grad
+called. Everything else, and every CUDA population, takes the eager path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from study.optim import StepScalars
+from study.optimizers import SGD, Adam, AdamW, OptimizerSpec
+
+try:  # an optional accelerator: without numba the eager path runs
+    from numba import njit, prange
+except ImportError:  # pragma: no cover - numba is a dependency; this guards broken installs
+    njit = prange = None
+
+Tensor = torch.Tensor
+
+# Rows of the per-trial hyperparameter table [len(_HP), T].
+_HP = ("weight_decay", "momentum_or_beta2", "keep_or_one_minus_beta2", "grad_share_or_eps",
+       "buf_share", "decay", "one_minus_beta1")
+(_WD, _MOM_B2, _KEEP_OMB2, _SHARE_EPS, _BUFSHARE, _DECAY, _OMB1) = range(len(_HP))
+_SGD, _ADAM, _ADAMW = 0, 1, 2
+_KINDS = {SGD: _SGD, Adam: _ADAM, AdamW: _ADAMW}
+
+
+def available() -> bool:
+    """Whether numba imported (the fused path can run)."""
+    return njit is not None
+
+
+def fusable(specs: Sequence[OptimizerSpec], clip: bool, zero_grad: bool) -> bool:
+    """Whether a population with these optimizers and loop can take the fused path."""
+    return (available() and not clip and zero_grad
+            and all(type(s) in _KINDS and not getattr(s, "amsgrad", False) for s in specs))
+
+
+if njit is not None:
+    # Reductions may be reordered (vectorised); the update below keeps strict IEEE order.
+    @njit(fastmath={"reassoc", "nsz"}, cache=True)
+    def _sumsq(a):
+        s = 0.0
+        for j in range(a.shape[0]):
+            x = np.float64(a[j])
+            s += x * x
+        return s
+
+    @njit(fastmath={"reassoc", "nsz"}, cache=True)
+    def _dot(a, b):
+        s = 0.0
+        for j in range(a.shape[0]):
+            s += np.float64(a[j]) * np.float64(b[j])
+        return s
+
+    # The row functions are inlined into the kernel (numba's inline="always"): compiled
+    # apart, their loops were not vectorised (4x slower). Loop-invariant choices are made
+    # outside the loops for the same reason; a choice that needs a second loop over the row
+    # finds it in L1/L2.
+    @njit(cache=True, inline="always")
+    def _sgd_row(p, g, new, upd, buf, first, neg_lr, wd, momentum, keep, grad_share,
+                 buf_share):
+        # study.optim.BatchedSGD, one row: grad += p * wd; buf = buf * m + grad * keep
+        # (first step: buf = grad); direction = buf or grad * share + buf * share
+        # (Nesterov); new = p + direction * -lr.
+        n = p.shape[0]
+        if wd != 0:
+            for j in range(n):
+                g[j] = g[j] + p[j] * wd
+        direction = g
+        if momentum != 0:
+            if first:
+                for j in range(n):
+                    buf[j] = g[j]
+            else:
+                for j in range(n):
+                    buf[j] = buf[j] * momentum + g[j] * keep
+            direction = buf
+            if grad_share != 0:
+                for j in range(n):
+                    g[j] = g[j] * grad_share + buf[j] * buf_share
+                direction = g
+        for j in range(n):
+            q = p[j] + direction[j] * neg_lr
+            new[j] = q
+            upd[j] = q - p[j]
+
+    @njit(cache=True, inline="always")
+    def _adam_row(p, g, new, upd, m, v, decoupled, neg_step, bc2, wd, beta2, omb2, eps,
+                  decay, omb1):
+        # study.optim.BatchedAdam, one row: L2 decay into the gradient (Adam) or a
+        # decayed parameter (AdamW); m = lerp(m, grad, 1 - beta1) in torch's two-branch
+        # form; v = v * beta2 + (grad * (1 - beta2)) * grad; denom = eps + sqrt(v) / bc2;
+        # new = p' + (m * -step_size) / denom.
+        n = p.shape[0]
+        if wd != 0 and not decoupled:
+            for j in range(n):
+                g[j] = g[j] + p[j] * wd
+        if omb1 < 0.5:
+            for j in range(n):
+                m[j] = m[j] + omb1 * (g[j] - m[j])
+        else:
+            w = omb1 * 0 + 1 - omb1  # 1 - weight in the dtype, as torch computes it
+            for j in range(n):
+                m[j] = g[j] - (g[j] - m[j]) * w
+        if wd != 0 and decoupled:
+            for j in range(n):
+                new[j] = p[j] * decay  # the decayed parameter, completed below
+        else:
+            for j in range(n):
+                new[j] = p[j]
+        for j in range(n):
+            vj = v[j] * beta2 + (g[j] * omb2) * g[j]
+            v[j] = vj
+            q = new[j] + (m[j] * neg_step) / (eps + np.sqrt(vj) / bc2)
+            new[j] = q
+            upd[j] = q - p[j]
+
+    @njit(parallel=True, cache=True)
+    def _fused_step(params, parts, offsets, previous, state1, state2, loss, alive, rec,
+                    prev_norm, has_prev, first, kind, hp, step_lr, step_bc2):
+        rows, n = params.shape
+        last = len(parts) - 2  # the last weight (parts: weight, bias, weight, ...)
+        for r in prange(rows):
+            p, prev = params[r], previous[r]
+            # A sum of squares is rounded to the dtype before its root: like torch's norm in
+            # float32, a norm past the dtype's range reads inf (the reference's divergence).
+            total = 0.0
+            for k in range(len(parts)):
+                total += _sumsq(parts[k][r])
+            rec[1, r] = total
+            rec[2, r] = _sumsq(parts[0][r])
+            rec[3, r] = _sumsq(parts[last][r])
+            rec[4, r] = _sumsq(p)
+            for k in range(1, 5):
+                rec[k, r] = np.sqrt(rec[k, r])
+            live = alive[r] and np.isfinite(loss[r]) and np.isfinite(rec[1, r])
+            alive[r] = live
+            # The new row and its update go to scratch rows (L1/L2), then over the
+            # parameters and the previous update in place: lines already in the cache,
+            # where writing fresh buffers would first read them from memory.
+            new = np.empty(n, dtype=params.dtype)
+            update = np.zeros(n, dtype=params.dtype)
+            if not live:  # frozen: parameters and state keep their values, no update
+                new[:] = p
+            else:  # block by block of the gradient parts, each a slice of the row
+                for k in range(len(parts)):
+                    lo, hi = offsets[k], offsets[k + 1]
+                    if kind[r] == 0:
+                        _sgd_row(p[lo:hi], parts[k][r], new[lo:hi], update[lo:hi],
+                                 state1[r, lo:hi], first, step_lr[r], hp[0, r], hp[1, r],
+                                 hp[2, r], hp[3, r], hp[4, r])
+                    else:
+                        _adam_row(p[lo:hi], parts[k][r], new[lo:hi], update[lo:hi],
+                                  state1[r, lo:hi], state2[r, lo:hi], kind[r] == 2,
+                                  step_lr[r], step_bc2[r], hp[0, r], hp[1, r], hp[2, r],
+                                  hp[3, r], hp[5, r], hp[6, r])
+            rec[5, r] = _sumsq(update)
+            rec[5, r] = np.sqrt(rec[5, r])
+            if has_prev:  # F.cosine_similarity(eps=1e-30)
+                rec[6, r] = _dot(update, prev) / (
+                    max(np.float64(rec[5, r]), 1e-30) * max(np.float64(prev_norm[r]), 1e-30))
+            else:
+                rec[6, r] = np.nan
+            prev_norm[r] = rec[5, r]
+            p[:] = new
+            prev[:] = update
+
+
+def _step_lr(t: int, lr: float, kind: int, beta1: float) -> float:
+    """-lr (SGD) or torch's -(lr / (1 - beta1**t)) (Adam) for step t, in Python floats."""
+    return -lr if kind == _SGD else -(lr / (1 - beta1**t))
+
+
+def _step_bc2(t: int, kind: int, beta2: float) -> float:
+    """torch's (1 - beta2**t) ** 0.5 (Adam); 1 for SGD (unused)."""
+    return 1.0 if kind == _SGD else (1 - beta2**t) ** 0.5
+
+
+class FusedUpdate:
+    """Optimizer state and hyperparameters of a fusable population, one row per trial.
+
+    `step` replaces `BatchedOptimizer.step` and the step records of the eager path; see the
+    module doc. Compaction calls `select` with the kept rows, as for `MixedOptimizer`.
+    """
+
+    def __init__(self, specs: Sequence[OptimizerSpec], params: Tensor) -> None:
+        if not fusable(specs, clip=False, zero_grad=True):
+            raise ValueError("FusedUpdate takes SGD / Adam / AdamW (no amsgrad) populations")
+        self.specs = list(specs)
+        self.dtype = params.dtype
+        self.t = 0
+        self.kind = torch.tensor([_KINDS[type(s)] for s in specs], dtype=torch.int64)
+        hp = []
+        for s in specs:
+            if isinstance(s, SGD):
+                keep = 1 - s.dampening if s.momentum != 0 else 1.0
+                share = float(s.nesterov)
+                buf_share = s.momentum if s.nesterov else 1.0
+                hp.append((s.weight_decay, s.momentum, keep, share, buf_share, 1.0, 0.0))
+            else:
+                hp.append((s.weight_decay, s.betas[1], 1 - s.betas[1], s.eps, 1.0,
+                           1 - s.lr * s.weight_decay, 1 - s.betas[0]))
+        # Python floats rounded once to the dtype, as torch rounds a Python scalar.
+        self.hp = torch.tensor(hp, dtype=torch.float64).T.to(self.dtype).contiguous()
+        rows = [(s.lr, _KINDS[type(s)], getattr(s, "betas", (0.0, 0.0))[0]) for s in specs]
+        self.step_lr = StepScalars(_step_lr, rows, self.dtype, params.device)
+        self.step_bc2 = StepScalars(
+            _step_bc2, [(_KINDS[type(s)], getattr(s, "betas", (0.0, 0.0))[1]) for s in specs],
+            self.dtype, params.device)
+        self.state1 = torch.zeros_like(params)  # SGD: momentum buffer; Adam: exp_avg
+        self.state2 = torch.zeros_like(params)  # Adam: exp_avg_sq
+        self.prev_norm = torch.zeros(len(specs), dtype=self.dtype)
+
+    def step(self, params: Tensor, parts: Sequence[Tensor], previous: Tensor, rec: Tensor,
+             loss: Tensor, alive: Tensor, lrs: Sequence[float] | None = None) -> None:
+        """One step of every row, in place: `params` become the new parameters, `previous`
+        (the last step's update) becomes this step's update (new - old parameters), `rec`
+        [STEP_FIELDS, T] gets records 1-6 (0, the loss, is the caller's), and `alive` turns
+        false for rows whose loss or gradient norm is not finite: those keep their
+        parameters and state (update 0).
+
+        `parts`: the gradient as `Network.backward_parts` gives it, contiguous [T, n] blocks
+        in storage order (weight, bias, weight, ...; they serve as scratch space).
+
+        `layout`: (first weight start, stop, last weight start, stop) columns. `lrs`: this
+        step's learning rate per row when a schedule sets it (else the specs' lr).
+        """
+        self.t += 1
+        t = self.t
+        if lrs is None:
+            step_lr = self.step_lr.at(t)[:, 0]
+            hp = self.hp
+        else:  # computed per row from this step's lr, as the eager optimizers do
+            kinds = self.kind.tolist()
+            step_lr = torch.tensor(
+                [_step_lr(t, lr, k, getattr(s, "betas", (0.0, 0.0))[0])
+                 for lr, k, s in zip(lrs, kinds, self.specs, strict=True)],
+                dtype=torch.float64).to(self.dtype)
+            hp = self.hp.clone()
+            hp[_DECAY] = torch.tensor([1 - lr * s.weight_decay for lr, s in
+                                       zip(lrs, self.specs, strict=True)],
+                                      dtype=torch.float64).to(self.dtype)
+        offsets = np.cumsum([0] + [part.shape[1] for part in parts])
+        _fused_step(params.numpy(), tuple(part.numpy() for part in parts), offsets,
+                    previous.numpy(), self.state1.numpy(), self.state2.numpy(),
+                    loss.numpy(), alive.numpy(), rec.numpy(), self.prev_norm.numpy(),
+                    t > 1, t == 1, self.kind.numpy(), hp.numpy(),
+                    step_lr.contiguous().numpy(), self.step_bc2.at(t)[:, 0].contiguous().numpy())
+
+    def select(self, index: Tensor) -> None:
+        """Keep only rows `index` (in that order)."""
+        self.kind = self.kind[index]
+        self.hp = self.hp[:, index].contiguous()
+        self.state1, self.state2 = self.state1[index], self.state2[index]
+        self.prev_norm = self.prev_norm[index]
+        self.step_lr.select(index)
+        self.step_bc2.select(index)
+        self.specs = [self.specs[i] for i in index.tolist()]
