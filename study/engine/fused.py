@@ -74,6 +74,14 @@ if njit is not None:
             s += np.float64(a[j]) * np.float64(b[j])
         return s
 
+    @njit(cache=True, inline="always")
+    def _part(blocks, offsets, rows, k, r):
+        # Row r of gradient part k: parts lie one after another in `blocks`, each a
+        # contiguous [rows, width] block (Network.part_views).
+        width = offsets[k + 1] - offsets[k]
+        start = rows * offsets[k] + r * width
+        return blocks[start:start + width]
+
     # The row functions are inlined into the kernel (numba's inline="always"): compiled
     # apart, their loops were not vectorised (4x slower). Loop-invariant choices are made
     # outside the loops for the same reason; a choice that needs a second loop over the row
@@ -138,20 +146,20 @@ if njit is not None:
             upd[j] = q - p[j]
 
     @njit(parallel=True, cache=True)
-    def _fused_step(params, parts, offsets, previous, state1, state2, loss, alive, rec,
+    def _fused_step(params, blocks, offsets, previous, state1, state2, loss, alive, rec,
                     prev_norm, has_prev, first, kind, hp, step_lr, step_bc2):
         rows, n = params.shape
-        last = len(parts) - 2  # the last weight (parts: weight, bias, weight, ...)
+        parts = len(offsets) - 1
         for r in prange(rows):
             p, prev = params[r], previous[r]
             # A sum of squares is rounded to the dtype before its root: like torch's norm in
             # float32, a norm past the dtype's range reads inf (the reference's divergence).
             total = 0.0
-            for k in range(len(parts)):
-                total += _sumsq(parts[k][r])
+            for k in range(parts):
+                total += _sumsq(_part(blocks, offsets, rows, k, r))
             rec[1, r] = total
-            rec[2, r] = _sumsq(parts[0][r])
-            rec[3, r] = _sumsq(parts[last][r])
+            rec[2, r] = _sumsq(_part(blocks, offsets, rows, 0, r))  # the first weight
+            rec[3, r] = _sumsq(_part(blocks, offsets, rows, parts - 2, r))  # the last one
             rec[4, r] = _sumsq(p)
             for k in range(1, 5):
                 rec[k, r] = np.sqrt(rec[k, r])
@@ -165,14 +173,15 @@ if njit is not None:
             if not live:  # frozen: parameters and state keep their values, no update
                 new[:] = p
             else:  # block by block of the gradient parts, each a slice of the row
-                for k in range(len(parts)):
+                for k in range(parts):
                     lo, hi = offsets[k], offsets[k + 1]
+                    g = _part(blocks, offsets, rows, k, r)
                     if kind[r] == 0:
-                        _sgd_row(p[lo:hi], parts[k][r], new[lo:hi], update[lo:hi],
+                        _sgd_row(p[lo:hi], g, new[lo:hi], update[lo:hi],
                                  state1[r, lo:hi], first, step_lr[r], hp[0, r], hp[1, r],
                                  hp[2, r], hp[3, r], hp[4, r])
                     else:
-                        _adam_row(p[lo:hi], parts[k][r], new[lo:hi], update[lo:hi],
+                        _adam_row(p[lo:hi], g, new[lo:hi], update[lo:hi],
                                   state1[r, lo:hi], state2[r, lo:hi], kind[r] == 2,
                                   step_lr[r], step_bc2[r], hp[0, r], hp[1, r], hp[2, r],
                                   hp[3, r], hp[5, r], hp[6, r])
@@ -233,16 +242,19 @@ class FusedUpdate:
         self.state2 = torch.zeros_like(params)  # Adam: exp_avg_sq
         self.prev_norm = torch.zeros(len(specs), dtype=self.dtype)
 
-    def step(self, params: Tensor, parts: Sequence[Tensor], previous: Tensor, rec: Tensor,
-             loss: Tensor, alive: Tensor, lrs: Sequence[float] | None = None) -> None:
+    def step(self, params: Tensor, blocks: Tensor, offsets: np.ndarray, previous: Tensor,
+             rec: Tensor, loss: Tensor, alive: Tensor, lrs: Sequence[float] | None = None
+             ) -> None:
         """One step of every row, in place: `params` become the new parameters, `previous`
         (the last step's update) becomes this step's update (new - old parameters), `rec`
         [STEP_FIELDS, T] gets records 1-6 (0, the loss, is the caller's), and `alive` turns
         false for rows whose loss or gradient norm is not finite: those keep their
         parameters and state (update 0).
 
-        `parts`: the gradient as `Network.backward_parts` gives it, contiguous [T, n] blocks
-        in storage order (weight, bias, weight, ...; they serve as scratch space).
+        `blocks`: the gradient as `Network.backward_parts` wrote it into
+        `Network.part_views(blocks, T)`: one contiguous [T, n] block per weight and bias, in
+        storage order, one after another (scratch space for the update). `offsets`: the
+        blocks' column offsets in a parameter row (int64, one more than there are blocks).
 
         `layout`: (first weight start, stop, last weight start, stop) columns. `lrs`: this
         step's learning rate per row when a schedule sets it (else the specs' lr).
@@ -262,8 +274,7 @@ class FusedUpdate:
             hp[_DECAY] = torch.tensor([1 - lr * s.weight_decay for lr, s in
                                        zip(lrs, self.specs, strict=True)],
                                       dtype=torch.float64).to(self.dtype)
-        offsets = np.cumsum([0] + [part.shape[1] for part in parts])
-        _fused_step(params.numpy(), tuple(part.numpy() for part in parts), offsets,
+        _fused_step(params.numpy(), blocks.numpy(), offsets,
                     previous.numpy(), self.state1.numpy(), self.state2.numpy(),
                     loss.numpy(), alive.numpy(), rec.numpy(), self.prev_norm.numpy(),
                     t > 1, t == 1, self.kind.numpy(), hp.numpy(),

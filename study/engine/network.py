@@ -82,6 +82,16 @@ class Network:
             offset += fo
         return out
 
+    def part_views(self, blocks: Tensor, rows: int) -> list[Tensor]:
+        """Contiguous [rows, n] views, one per weight and bias in storage order, laid one
+        after another in the flat buffer `blocks` (rows x n_params elements)."""
+        views, start = [], 0
+        for fi, fo in self.sizes:
+            for n in (fi * fo, fo):
+                views.append(blocks[start:start + rows * n].view(rows, n))
+                start += rows * n
+        return views
+
     def flatten(self, parameters: list[tuple[Tensor, Tensor]]) -> Tensor:
         """One trial's `init_parameters` (weight [fan_out, fan_in], bias) as a flat row."""
         return torch.cat([t for (w, b), narrow in zip(parameters, self.narrowing, strict=True)
@@ -136,10 +146,12 @@ class Network:
         return torch.cat(parts, dim=1, out=out)
 
     def backward_parts(self, flat: Tensor, saved: list, grad_out: Tensor,
-                       layers: list | None = None, masks: list[Tensor] | None = None
-                       ) -> list[Tensor]:
+                       layers: list | None = None, masks: list[Tensor] | None = None,
+                       out: list[Tensor] | None = None) -> list[Tensor]:
         """The gradient rows as contiguous [T, n] blocks, one per weight and bias in storage
-        order (`backward` concatenates them; the fused update reads them as they are)."""
+        order (`backward` concatenates them; the fused update reads them as they are).
+
+        `out`: contiguous [T, n] buffers to write the blocks into (see `part_views`)."""
         act_backward = ACTIVATIONS[self.activation][1]
         layers = self.layers(flat) if layers is None else layers
         parts: list[Tensor] = []
@@ -147,9 +159,16 @@ class Network:
         for i in range(len(layers) - 1, -1, -1):
             h, _, _ = saved[i]
             narrow = self.narrowing[i]
-            parts.append(g.sum(1))
+            w_out = b_out = None
+            if out is not None:
+                b_out = out[2 * i + 1]
+                fi, fo = self.sizes[i]
+                w_out = out[2 * i].view(-1, fo, fi) if narrow else out[2 * i].view(-1, fi, fo)
+            parts.append(torch.sum(g, 1, out=b_out))
             # The weight gradient in the weight's storage layout: g^T h or h^T g.
-            parts.append((torch.bmm(g.mT, h) if narrow else torch.bmm(h.mT, g)).flatten(1))
+            weight = (torch.bmm(g.mT, h, out=w_out) if narrow
+                      else torch.bmm(h.mT, g, out=w_out))
+            parts.append(weight.flatten(1))
             if i > 0:
                 w_t = layers[i][0].mT  # [T, fan_out, fan_in]; contiguous when narrowing
                 # One output unit: the product has a single term, an exact multiply.

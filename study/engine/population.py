@@ -227,6 +227,7 @@ class _Population:
         self.eval_buffers: list[Tensor] = []
         self.previous_norm: Tensor | None = None  # |previous update| [T]; None before one
         sizes = self.net.sizes
+        self.offsets = np.cumsum([0] + [n for fi, fo in sizes for n in (fi * fo, fo)])
         self.first_weight = slice(0, sizes[0][0] * sizes[0][1])
         last = self.net.n_params - sizes[-1][1] - sizes[-1][0] * sizes[-1][1]
         self.last_weight = slice(last, last + sizes[-1][0] * sizes[-1][1])
@@ -318,6 +319,8 @@ class _Population:
         """Work buffers shaped like the parameter rows (again after rows were dropped)."""
         self.views: dict[tuple, list] = {}
         self.spare, self.grad, self.update = (torch.empty_like(self.params) for _ in range(3))
+        # The fused update's gradient: self.grad's memory as per-layer [T, n] blocks.
+        self.blocks = self.net.part_views(self.grad.view(-1), len(self.params))
         self.record = self.params.new_empty(len(STEP_FIELDS), len(self.params))
         previous = getattr(self, "previous", None)
         self.previous = torch.empty_like(self.params) if previous is None else previous
@@ -379,11 +382,12 @@ class _Population:
         loss, grad_out = train_loss_and_grad(out, yb, self.loss, loop.loss, loop.huber_delta,
                                              self.class_weights)
         if self.fused is not None:  # records, freezing and update in one kernel call
-            parts = self.net.backward_parts(params, saved, grad_out, layers, masks)
+            # The gradient stays in its per-layer blocks (no concatenation into [T, P]).
+            self.net.backward_parts(params, saved, grad_out, layers, masks, out=self.blocks)
             rec = self.record if self.compacted else self.steps[step]
             rec[0].copy_(loss)
-            self.fused.step(params, parts, self.previous, rec, loss, self.alive,
-                            self.learning_rates(step) if loop.scheduled else None)
+            self.fused.step(params, grad.view(-1), self.offsets, self.previous, rec, loss,
+                            self.alive, self.learning_rates(step) if loop.scheduled else None)
             self.alive_changed()
             if self.compacted:
                 self.steps[step].index_copy_(1, self.ids, rec)
