@@ -1,0 +1,151 @@
+"""The fused CPU update against the eager optimizers it replaces (study/engine/fused.py).
+
+The eager path is bit-equal to torch.optim (tests/study/test_optim.py) and to the reference
+engine (test_population.py); the fused kernel rounds each operation on its own where torch
+may fuse a multiply-add, so here the two engines agree to a few units in the last place:
+1e-10 relative in float64 and 1e-5 in float32 over whole converging runs, with the same
+divergence steps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from study.engine import BatchedEngine
+from study.engine.base import Trace
+from study.engine.fused import FusedUpdate, fusable
+from study.models import ModelSpec
+from study.optimizers import SGD, Adagrad, Adam, AdamW, RMSprop
+from study.tasks import Blobs, TeacherMLP
+from study.trial import LoopSpec, TrainSpec, TrialSpec
+
+CPU = torch.device("cpu")
+FIELDS = ("step_loss", "grad_norm", "grad_norm_first", "grad_norm_last", "param_norm",
+          "update_norm", "update_cosine", "train_loss", "val_loss")
+SPECS = [SGD(lr=0.05), SGD(lr=0.02, momentum=0.9, weight_decay=1e-3),
+         SGD(lr=0.03, momentum=0.5, dampening=0.5), SGD(lr=0.01, momentum=0.9, nesterov=True),
+         Adam(lr=1e-2), Adam(lr=3e-3, betas=(0.8, 0.99), weight_decay=1e-2),
+         Adam(lr=1e-2, betas=(0.3, 0.999)),  # 1 - beta1 >= 0.5: lerp's second branch
+         AdamW(lr=1e-2), AdamW(lr=3e-3, weight_decay=0.1, eps=1e-6),
+         SGD(lr=1e3, momentum=0.9), SGD(lr=1e6)]  # the last two diverge
+
+
+def _trials(dtype: str, task=None, loop: LoopSpec | None = None, depth: int = 2
+            ) -> list[TrialSpec]:
+    task = task or TeacherMLP(n_train=100, n_val=64, width=16)
+    train = TrainSpec(batch_size=16, epochs=3, dtype=dtype)
+    return [TrialSpec(task, ModelSpec(depth=depth, width=16), spec, train, seed=i,
+                      loop=loop or LoopSpec()) for i, spec in enumerate(SPECS)]
+
+
+def _close(fused: Trace, eager: Trace, rtol: float) -> None:
+    assert fused.divergence_step == eager.divergence_step
+    for name in FIELDS:
+        a, b = getattr(fused, name), getattr(eager, name)
+        assert a.shape == b.shape, name
+        n = len(a) if eager.divergence_step is None else min(len(a), 40)  # past the limit:
+        a, b = a[:n], b[:n]  # rounding differences grow, compare the start
+        assert np.array_equal(np.isfinite(a), np.isfinite(b)), name
+        ok = np.isfinite(b)
+        scale = np.maximum(np.abs(b[ok]), 1e-3 * np.abs(b[ok]).max(initial=0) + 1e-30)
+        assert np.all(np.abs(a[ok] - b[ok]) <= rtol * scale), name
+
+
+@pytest.mark.parametrize(("dtype", "rtol"), [("float64", 1e-10), ("float32", 1e-5)])
+@pytest.mark.parametrize("task", [TeacherMLP(n_train=100, n_val=64, width=16),
+                                  Blobs(n_train=100, n_val=64)], ids=["regression", "classify"])
+def test_fused_equals_eager(dtype: str, rtol: float, task) -> None:
+    trials = _trials(dtype, task)
+    fused = BatchedEngine(check_every=4, compact_below=1.0).run(trials, CPU)
+    eager = BatchedEngine(check_every=4, compact_below=1.0, fused=False).run(trials, CPU)
+    assert fused[0].divergence_step is None
+    if isinstance(task, TeacherMLP):  # regression blows up (a dead ReLU net's CE may not)
+        assert fused[-1].divergence_step is not None and fused[-2].divergence_step is not None
+    for f, e in zip(fused, eager, strict=True):
+        _close(f, e, rtol)
+
+
+@pytest.mark.parametrize("loop", [
+    LoopSpec(warmup_fraction=0.3, cosine=True),
+    LoopSpec(step_epochs=1, step_gamma=0.5),
+    LoopSpec(plateau_factor=0.5, plateau_patience=0),
+], ids=["warmup_cosine", "step", "plateau"])
+def test_fused_follows_learning_rate_schedules(loop: LoopSpec) -> None:
+    trials = _trials("float64", loop=loop)
+    fused = BatchedEngine().run(trials, CPU)
+    eager = BatchedEngine(fused=False).run(trials, CPU)
+    for f, e in zip(fused, eager, strict=True):
+        _close(f, e, 1e-10)
+
+
+def test_depth_one_and_deep_networks() -> None:
+    for depth in (1, 5):
+        trials = _trials("float64", depth=depth)[:6]
+        for f, e in zip(BatchedEngine().run(trials, CPU),
+                        BatchedEngine(fused=False).run(trials, CPU), strict=True):
+            _close(f, e, 1e-10)
+
+
+def test_a_trial_alone_equals_itself_in_a_population() -> None:
+    trials = _trials("float32")
+    crowd = BatchedEngine().run(trials, CPU)
+    for i in (1, 5, 7):
+        assert BatchedEngine().run([trials[i]], CPU)[0].equal(crowd[i])
+
+
+def test_a_frozen_row_keeps_params_and_state() -> None:
+    specs = [SGD(lr=0.1, momentum=0.9), Adam(lr=1e-2), AdamW(lr=1e-2, weight_decay=0.1)]
+    sizes = [(3, 4), (4, 2)]
+    n_params = sum(fi * fo + fo for fi, fo in sizes)
+    offsets = np.cumsum([0] + [n for fi, fo in sizes for n in (fi * fo, fo)])
+    params = torch.randn(3, n_params, dtype=torch.float64)
+    update = FusedUpdate(specs, params)
+    previous = torch.zeros_like(params)
+    alive = torch.ones(3, dtype=torch.bool)
+
+    def step(grad_rows: torch.Tensor, loss: torch.Tensor) -> torch.Tensor:
+        # blocks: the per-layer [T, n] gradient blocks, one after another
+        blocks = torch.cat([grad_rows[:, a:b].reshape(-1)
+                            for a, b in zip(offsets[:-1], offsets[1:], strict=True)])
+        rec = torch.zeros(7, 3, dtype=torch.float64)
+        update.step(params, blocks, offsets, previous, rec, loss, alive)
+        return rec
+
+    for _ in range(3):
+        step(torch.randn(3, n_params, dtype=torch.float64), torch.ones(3, dtype=torch.float64))
+    frozen = params[1].clone(), update.state1[1].clone(), update.state2[1].clone()
+    rec = step(torch.randn(3, n_params, dtype=torch.float64),
+               torch.tensor([1.0, float("nan"), 1.0], dtype=torch.float64))
+    assert alive.tolist() == [True, False, True]
+    assert rec[5, 1] == 0 and torch.all(previous[1] == 0)  # no update
+    for _ in range(2):
+        grad = torch.randn(3, n_params, dtype=torch.float64)
+        grad[1] = float("inf")  # garbage in a frozen row goes nowhere
+        step(grad, torch.ones(3, dtype=torch.float64))
+    assert torch.equal(params[1], frozen[0])
+    assert torch.equal(update.state1[1], frozen[1]) and torch.equal(update.state2[1], frozen[2])
+    assert torch.isfinite(params).all()
+
+
+def test_what_fuses() -> None:
+    assert fusable([SGD(), Adam(), AdamW()], clip=False, zero_grad=True)
+    assert not fusable([Adam(amsgrad=True)], clip=False, zero_grad=True)
+    assert not fusable([RMSprop()], clip=False, zero_grad=True)
+    assert not fusable([Adagrad(), SGD()], clip=False, zero_grad=True)
+    assert not fusable([SGD()], clip=True, zero_grad=True)
+    assert not fusable([SGD()], clip=False, zero_grad=False)
+    with pytest.raises(ValueError, match="FusedUpdate"):
+        FusedUpdate([RMSprop()], torch.zeros(1, 3))
+
+
+def test_clipping_and_accumulation_take_the_eager_path() -> None:
+    """Populations the kernel does not cover still train (eagerly) and match."""
+    clip = dataclasses.replace(LoopSpec(), clip_norm=0.5)
+    trials = _trials("float64", loop=clip)[:4]
+    for f, e in zip(BatchedEngine().run(trials, CPU),
+                    BatchedEngine(fused=False).run(trials, CPU), strict=True):
+        assert f.equal(e)
