@@ -32,9 +32,10 @@ from study.optim import StepScalars
 from study.optimizers import SGD, Adam, AdamW, OptimizerSpec
 
 try:  # an optional accelerator: without numba the eager path runs
+    import numba
     from numba import njit, prange
 except ImportError:  # pragma: no cover - numba is a dependency; this guards broken installs
-    njit = prange = None
+    numba = njit = prange = None
 
 Tensor = torch.Tensor
 
@@ -220,6 +221,9 @@ class FusedUpdate:
         self.specs = list(specs)
         self.dtype = params.dtype
         self.t = 0
+        # As many kernel threads as torch has (local workers each get cores / workers).
+        numba.set_num_threads(max(1, min(numba.config.NUMBA_NUM_THREADS,
+                                         torch.get_num_threads())))
         self.kind = torch.tensor([_KINDS[type(s)] for s in specs], dtype=torch.int64)
         hp = []
         for s in specs:
