@@ -100,9 +100,14 @@ def init_parameters(
         w = torch.empty(fan_out, fan_in, dtype=torch.float64)
         b = torch.zeros(fan_out, dtype=torch.float64)
         if spec.init == "default":
-            nn.init.kaiming_uniform_(w, a=math.sqrt(5), generator=generator)
+            # nn.Linear.reset_parameters: kaiming_uniform_(a=sqrt(5)), then the bias, with
+            # torch's own float arithmetic for the bounds (its wrappers cost ~0.1 ms a call,
+            # a tenth of a population's set-up).
+            gain = math.sqrt(2.0 / (1 + math.sqrt(5) ** 2))
+            w.uniform_(-math.sqrt(3.0) * (gain / math.sqrt(fan_in)),
+                       math.sqrt(3.0) * (gain / math.sqrt(fan_in)), generator=generator)
             bound = 1 / math.sqrt(fan_in)
-            nn.init.uniform_(b, -bound, bound, generator=generator)
+            b.uniform_(-bound, bound, generator=generator)
         elif spec.init == "xavier":
             nn.init.xavier_normal_(w, gain=_gain(spec.activation), generator=generator)
         elif spec.init == "he":
