@@ -444,7 +444,8 @@ class _Population:
     def alive_changed(self) -> None:
         """Refresh the host's all-alive flag after `alive` changed (CPU only; see
         `mark_diverged`)."""
-        self.all_alive = self.on_cpu and bool(self.alive.all())
+        # numpy reads 117 flags in ~1 us; a torch reduction costs ~40 us of dispatch
+        self.all_alive = self.on_cpu and bool(self.alive.numpy().all())
 
     def evaluate(self, k: int) -> None:
         rows, examples = self.x_eval.shape[:2]
