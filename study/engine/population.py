@@ -318,9 +318,11 @@ class _Population:
     def allocate(self) -> None:
         """Work buffers shaped like the parameter rows (again after rows were dropped)."""
         self.views: dict[tuple, list] = {}
-        self.spare, self.grad, self.update = (torch.empty_like(self.params) for _ in range(3))
-        # The fused update's gradient: self.grad's memory as per-layer [T, n] blocks.
-        self.blocks = self.net.part_views(self.grad.view(-1), len(self.params))
+        self.grad = torch.empty_like(self.params)
+        if self.fused is None:  # the eager update's next params and update
+            self.spare, self.update = torch.empty_like(self.params), torch.empty_like(self.params)
+        else:  # the fused update's gradient: self.grad's memory as per-layer [T, n] blocks
+            self.blocks = self.net.part_views(self.grad.view(-1), len(self.params))
         self.record = self.params.new_empty(len(STEP_FIELDS), len(self.params))
         previous = getattr(self, "previous", None)
         self.previous = torch.empty_like(self.params) if previous is None else previous
@@ -372,34 +374,40 @@ class _Population:
                 self.y_flat.index_select(0, rows).view(*shape, *self.y_flat.shape[1:]))
 
     def train_step(self, step: int, xb: Tensor, yb: Tensor) -> None:
-        # [T, P] buffers are reused step after step: params and the next params alternate,
-        # and so do this update and the previous one (a fresh tensor costs page faults).
-        params, new, grad, update = self.params, self.spare, self.grad, self.update
+        params = self.params
         layers = self.layers(params)
         masks = self.masks([xb.shape[1]])
         out, saved = self.net.forward(params, xb, layers, masks)
         loop = self.loop
         loss, grad_out = train_loss_and_grad(out, yb, self.loss, loop.loss, loop.huber_delta,
                                              self.class_weights)
-        if self.fused is not None:  # records, freezing and update in one kernel call
-            # The gradient stays in its per-layer blocks (no concatenation into [T, P]).
-            self.net.backward_parts(params, saved, grad_out, layers, masks, out=self.blocks)
-            rec = self.record if self.compacted else self.steps[step]
-            rec[0].copy_(loss)
-            self.fused.step(params, grad.view(-1), self.offsets, self.previous, rec, loss,
-                            self.alive, self.learning_rates(step) if loop.scheduled else None)
-            self.alive_changed()
-            if self.compacted:
-                self.steps[step].index_copy_(1, self.ids, rec)
-            return
-        self.net.backward(params, saved, grad_out, out=grad, layers=layers, masks=masks)
-        used = grad  # the gradient the optimizer sees (torch: p.grad)
-        if self.accumulated is not None:  # zero_grad forgotten: p.grad keeps summing
-            used = self.accumulated.add_(grad)
         # This step's records [STEP_FIELDS, T], written in place: straight into the record
         # tensor while the rows are the population's, else into a buffer copied over by id.
         rec = self.record if self.compacted else self.steps[step]
         rec[0].copy_(loss)
+        lrs = self.learning_rates(step) if loop.scheduled else None
+        if self.fused is not None:  # records, freezing and update in one kernel call
+            # The gradient stays in its per-layer blocks (no concatenation into [T, P]).
+            self.net.backward_parts(params, saved, grad_out, layers, masks, out=self.blocks)
+            self.fused.step(params, self.grad.view(-1), self.offsets, self.previous, rec, loss,
+                            self.alive, lrs)
+            self.alive_changed()
+        else:
+            self.eager_update(params, saved, grad_out, layers, masks, rec, lrs)
+        if self.compacted:
+            self.steps[step].index_copy_(1, self.ids, rec)
+
+    def eager_update(self, params: Tensor, saved: list, grad_out: Tensor, layers: list,
+                     masks: list[Tensor] | None, rec: Tensor, lrs: list[float] | None) -> None:
+        """Backward pass, records 1-6 into `rec` and the update, with the batched optimizers
+        (`study.optim`; every device)."""
+        # [T, P] buffers are reused step after step: params and the next params alternate,
+        # and so do this update and the previous one (a fresh tensor costs page faults).
+        new, grad, update = self.spare, self.grad, self.update
+        self.net.backward(params, saved, grad_out, out=grad, layers=layers, masks=masks)
+        used = grad  # the gradient the optimizer sees (torch: p.grad)
+        if self.accumulated is not None:  # zero_grad forgotten: p.grad keeps summing
+            used = self.accumulated.add_(grad)
         torch.linalg.vector_norm(used, dim=1, out=rec[1])
         torch.linalg.vector_norm(used[:, self.first_weight], dim=1, out=rec[2])
         torch.linalg.vector_norm(used[:, self.last_weight], dim=1, out=rec[3])
@@ -410,8 +418,8 @@ class _Population:
             used.mul_(coef[:, None])
         if used is not grad:
             grad.copy_(used)  # the optimizer uses grad as scratch space
-        if loop.scheduled:
-            self.optimizer.set_lr(self.learning_rates(step))
+        if lrs is not None:
+            self.optimizer.set_lr(lrs)
         self.optimizer.step(params, grad, alive, out=new)
         torch.sub(new, params, out=update)
         torch.linalg.vector_norm(update, dim=1, out=rec[5])
@@ -424,8 +432,6 @@ class _Population:
             self.previous_norm.copy_(rec[5])
         self.params, self.spare = new, params
         self.update, self.previous = self.previous, update
-        if self.compacted:
-            self.steps[step].index_copy_(1, self.ids, rec)
 
     def mark_diverged(self, values: Tensor) -> Tensor | None:
         """Freeze the rows whose `values` [k, T] are not all finite; returns the optimizer's
