@@ -177,15 +177,17 @@ if njit is not None:
                 for k in range(parts):
                     lo, hi = offsets[k], offsets[k + 1]
                     g = _part(blocks, offsets, rows, k, r)
-                    if kind[r] == 0:
+                    if kind[r] == _SGD:
                         _sgd_row(p[lo:hi], g, new[lo:hi], update[lo:hi],
-                                 state1[r, lo:hi], first, step_lr[r], hp[0, r], hp[1, r],
-                                 hp[2, r], hp[3, r], hp[4, r])
+                                 state1[r, lo:hi], first, step_lr[r], hp[_WD, r],
+                                 hp[_MOM_B2, r], hp[_KEEP_OMB2, r], hp[_SHARE_EPS, r],
+                                 hp[_BUFSHARE, r])
                     else:
                         _adam_row(p[lo:hi], g, new[lo:hi], update[lo:hi],
-                                  state1[r, lo:hi], state2[r, lo:hi], kind[r] == 2,
-                                  step_lr[r], step_bc2[r], hp[0, r], hp[1, r], hp[2, r],
-                                  hp[3, r], hp[5, r], hp[6, r])
+                                  state1[r, lo:hi], state2[r, lo:hi], kind[r] == _ADAMW,
+                                  step_lr[r], step_bc2[r], hp[_WD, r], hp[_MOM_B2, r],
+                                  hp[_KEEP_OMB2, r], hp[_SHARE_EPS, r], hp[_DECAY, r],
+                                  hp[_OMB1, r])
             rec[5, r] = _sumsq(update)
             rec[5, r] = np.sqrt(rec[5, r])
             if has_prev:  # F.cosine_similarity(eps=1e-30)
@@ -243,7 +245,8 @@ class FusedUpdate:
             _step_bc2, [(_KINDS[type(s)], getattr(s, "betas", (0.0, 0.0))[1]) for s in specs],
             self.dtype, params.device)
         self.state1 = torch.zeros_like(params)  # SGD: momentum buffer; Adam: exp_avg
-        self.state2 = torch.zeros_like(params)  # Adam: exp_avg_sq
+        adam = any(not isinstance(s, SGD) for s in specs)  # Adam: exp_avg_sq (else unused)
+        self.state2 = torch.zeros_like(params) if adam else params.new_zeros(len(specs), 0)
         self.prev_norm = torch.zeros(len(specs), dtype=self.dtype)
 
     def step(self, params: Tensor, blocks: Tensor, offsets: np.ndarray, previous: Tensor,
@@ -260,8 +263,8 @@ class FusedUpdate:
         storage order, one after another (scratch space for the update). `offsets`: the
         blocks' column offsets in a parameter row (int64, one more than there are blocks).
 
-        `layout`: (first weight start, stop, last weight start, stop) columns. `lrs`: this
-        step's learning rate per row when a schedule sets it (else the specs' lr).
+        `lrs`: this step's learning rate per row when a schedule sets it (else the specs'
+        lr).
         """
         self.t += 1
         t = self.t
