@@ -182,11 +182,33 @@ def _device_name(device: torch.device) -> str:
     return platform.processor() or platform.machine()
 
 
+def workload_overrides(overrides: Sequence[str], device: str) -> tuple[list[str], str]:
+    """(the workload's overrides, the device name) from the command line.
+
+    `device=X` is the run's `device` setting, as in `python -m study device=cuda`: it picks
+    the bench's device (over `--device`) and is not part of the workload. The workload is
+    `+sweep=lr_batch` unless an override names a sweep.
+    """
+    rest = []
+    for item in overrides:
+        if item.startswith("device="):
+            device = item.removeprefix("device=")
+            if device not in ("auto", "cpu", "cuda"):
+                raise SystemExit(f"python -m study.bench: device must be auto, cpu or cuda, "
+                                 f"got {device!r}")
+        else:
+            rest.append(item)
+    if not any(item.lstrip("+").startswith("sweep=") for item in rest):
+        rest.insert(0, "+sweep=lr_batch")
+    return rest, device
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(prog="python -m study.bench", description=__doc__.split(
         "\n\n")[0])
-    parser.add_argument("overrides", nargs="*", default=["+sweep=lr_batch"],
-                        help="config overrides of the workload (default: +sweep=lr_batch)")
+    parser.add_argument("overrides", nargs="*", default=[],
+                        help="config overrides of the workload (+sweep=lr_batch unless one "
+                             "names a sweep); device=cpu|cuda|auto picks the device")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--subset", type=int, default=32,
                         help="trials the reference engine trains (default 32)")
@@ -202,13 +224,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                         help="how long to measure the dense matmul peak")
     parser.add_argument("--out", type=Path, default=None, help="write the JSON here too")
     args = parser.parse_args(argv)
+    overrides, device_name = workload_overrides(args.overrides, args.device)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
-                          else "cpu" if args.device == "auto" else args.device)
+    device = torch.device("cuda" if device_name == "auto" and torch.cuda.is_available()
+                          else "cpu" if device_name == "auto" else device_name)
     result = {"command": " ".join(["python -m study.bench", *(argv if argv is not None
                                                                else sys.argv[1:])]),
-              **bench(args.overrides, device, args.subset, args.seed, args.dtype,
+              **bench(overrides, device, args.subset, args.seed, args.dtype,
                       args.budget_bytes, args.limit, args.matmul_seconds)}
     text = json.dumps(result, indent=2)
     print(text)

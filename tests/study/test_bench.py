@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 
-from study.bench import main
+import pytest
+
+from study.bench import main, workload_overrides
 
 
 def test_bench_smoke_writes_consistent_json(tmp_path) -> None:
@@ -31,3 +33,16 @@ def test_bench_smoke_writes_consistent_json(tmp_path) -> None:
     assert sum(p["reference_trials"] for p in populations) == 2
     for p in populations:  # a ratio exactly where the reference subset has trials
         assert ("ratio_batched_over_reference" in p) == (p["reference_trials"] > 0)
+
+
+def test_device_override_and_default_workload() -> None:
+    """`python -m study.bench device=cuda` means the device (as for `python -m study`), and
+    the workload stays lr_batch unless a sweep is named."""
+    assert workload_overrides(["device=cuda"], "auto") == (["+sweep=lr_batch"], "cuda")
+    assert workload_overrides([], "cpu") == (["+sweep=lr_batch"], "cpu")
+    assert workload_overrides(["+sweep=smoke", "train.epochs=1", "device=cpu"], "cuda") == (
+        ["+sweep=smoke", "train.epochs=1"], "cpu")
+    assert workload_overrides(["train.epochs=2"], "auto") == (
+        ["+sweep=lr_batch", "train.epochs=2"], "auto")
+    with pytest.raises(SystemExit, match="device must be auto, cpu or cuda, got 'tpu'"):
+        workload_overrides(["device=tpu"], "auto")
