@@ -275,6 +275,33 @@ def test_cuda_matches_the_cpu_reference() -> None:
         assert_equivalent(g, w, TOL["float64"])
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("task", [REGRESSION, CLASSIFICATION], ids=["regression", "classify"])
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_cuda_every_family_with_diverging_rows_matches_the_reference(task, dtype: str,
+                                                                     device: str) -> None:
+    """On the GPU the batched engine (eager update, device-side freezing, compaction) against
+    the reference engine on the CPU and on the GPU: every optimizer family, a last partial
+    batch, rows that diverge at different steps."""
+    cuda = torch.device("cuda")
+    train = TrainSpec(batch_size=24, epochs=3, dtype=dtype)
+    specs = [s for family in sorted(OPTIMIZERS) for s in OPTIMIZERS[family]]
+    specs += [SGD(lr=1e3, momentum=0.9), Adam(lr=1e3), RMSprop(lr=1e2), SGD(lr=1e6)]
+    trials = [_trial(spec, task=task, train=train, seed=i) for i, spec in enumerate(specs)]
+    trials.append(_trial(SGD(lr=1e-2), task=task, train=train, seed=3,  # diverges at once
+                         model=ModelSpec(depth=2, width=16, init="normal", init_scale=1e30)))
+    want = ReferenceEngine().run(trials, torch.device(device))
+    got = BatchedEngine(check_every=2).run(trials, cuda)
+    assert want[-1].divergence_step <= 2
+    for g, w in zip(got, want, strict=True):
+        converged = w.divergence_step is None and g.divergence_step is None
+        assert_equivalent(g, w, TOL[dtype], None if converged else 50)
+    alone = BatchedEngine().run([trials[3]], cuda)[0]
+    assert_equivalent(alone, got[3], TOL[dtype])
+
+
 def test_optimizer_families_sharing_a_population_each_match_the_reference() -> None:
     """SGD, Adam, RMSprop and Adagrad rows in one population, interleaved in the input and
     with diverging rows in several families, compacted often: each row is its own family's
