@@ -215,6 +215,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--seed", type=int, default=0, help="seed of the subset draw")
     parser.add_argument("--dtype", choices=["float32", "float64"], default=None,
                         help="override train.dtype of the workload")
+    parser.add_argument("--seeds", type=int, default=None,
+                        help="train the workload over seeds 0..N-1 (sweep.seeds): N/3 times "
+                             "lr_batch's populations, e.g. --seeds 30 gives 1,170 trials each")
     parser.add_argument("--budget-bytes", type=int, default=None,
                         help="memory budget of a population (default: from the device)")
     parser.add_argument("--limit", type=int, default=None,
@@ -223,8 +226,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--matmul-seconds", type=float, default=1.0,
                         help="how long to measure the dense matmul peak")
     parser.add_argument("--out", type=Path, default=None, help="write the JSON here too")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # overrides may follow options
     overrides, device_name = workload_overrides(args.overrides, args.device)
+    if args.seeds is not None:
+        if args.seeds < 1:
+            parser.error(f"--seeds must be at least 1, got {args.seeds}")
+        overrides.append(f"sweep.seeds=[{','.join(map(str, range(args.seeds)))}]")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     device = torch.device("cuda" if device_name == "auto" and torch.cuda.is_available()

@@ -46,3 +46,15 @@ def test_device_override_and_default_workload() -> None:
         ["+sweep=lr_batch", "train.epochs=2"], "auto")
     with pytest.raises(SystemExit, match="device must be auto, cpu or cuda, got 'tpu'"):
         workload_overrides(["device=tpu"], "auto")
+
+
+def test_seeds_widens_every_population(tmp_path) -> None:
+    """`--seeds N` trains the workload over seeds 0..N-1: the same populations, N/2 times
+    the trials of smoke's two seeds (and options may come before the overrides)."""
+    result = main(["--device", "cpu", "--seeds", "4", "--subset", "1", "+sweep=smoke",
+                   "train.epochs=1", "--matmul-seconds", "0.05"])
+    assert result["workload"]["overrides"][-1] == "sweep.seeds=[0,1,2,3]"
+    assert result["workload"]["trials"] == 32
+    assert [p["trials"] for p in result["populations"]] == [8, 8, 8, 8]
+    with pytest.raises(SystemExit):
+        main(["--seeds", "0", "+sweep=smoke"])

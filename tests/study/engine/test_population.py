@@ -76,8 +76,11 @@ def assert_equivalent(got: Trace, want: Trace, tol: float, first: int | None = N
     a, b = got.update_cosine[:n_upd], want.update_cosine[:n_upd]  # in [-1, 1]: absolute
     assert np.array_equal(np.isnan(a), np.isnan(b))
     assert np.nanmax(np.abs(a - b), initial=0.0) <= 10 * tol
+    # Activation health where the evaluation is finite: at the evaluation that finds a trial
+    # diverged its activations hold inf, and inf - inf is NaN or not by summation order.
+    healthy = np.isfinite(want.train_loss[:n_eval]) & np.isfinite(want.val_loss[:n_eval])
     for name in ("dead_fraction", "saturation_fraction"):
-        a, b = getattr(got, name)[:n_eval], getattr(want, name)[:n_eval]
+        a, b = getattr(got, name)[:n_eval][healthy], getattr(want, name)[:n_eval][healthy]
         assert np.array_equal(np.isnan(a), np.isnan(b)), name
         assert np.nanmax(np.abs(a - b), initial=0.0) <= 0.01, name
     assert (got.diag_step is None) == (want.diag_step is None)
@@ -284,11 +287,18 @@ def test_cuda_every_family_with_diverging_rows_matches_the_reference(task, dtype
                                                                      device: str) -> None:
     """On the GPU the batched engine (eager update, device-side freezing, compaction) against
     the reference engine on the CPU and on the GPU: every optimizer family, a last partial
-    batch, rows that diverge at different steps."""
+    batch, rows that diverge at different steps.
+
+    The rows far past the stability limit (lr 1e2-1e6) run in float64 only: each of their
+    steps multiplies a difference by about lr * curvature, so float32's rounding (cuBLAS and
+    MKL sum in different orders) is 1e-4 apart within two steps while their loss is 1e10
+    and still finite. In float64 the same amplification stays far inside 1e-6 over 50 steps.
+    """
     cuda = torch.device("cuda")
     train = TrainSpec(batch_size=24, epochs=3, dtype=dtype)
     specs = [s for family in sorted(OPTIMIZERS) for s in OPTIMIZERS[family]]
-    specs += [SGD(lr=1e3, momentum=0.9), Adam(lr=1e3), RMSprop(lr=1e2), SGD(lr=1e6)]
+    if dtype == "float64":
+        specs += [SGD(lr=1e3, momentum=0.9), Adam(lr=1e3), RMSprop(lr=1e2), SGD(lr=1e6)]
     trials = [_trial(spec, task=task, train=train, seed=i) for i, spec in enumerate(specs)]
     trials.append(_trial(SGD(lr=1e-2), task=task, train=train, seed=3,  # diverges at once
                          model=ModelSpec(depth=2, width=16, init="normal", init_scale=1e30)))
