@@ -162,8 +162,12 @@ class _Population:
         seeds = [seed_streams(t.seed) for t in trials]
         keys = [data_key(t, s.data) for t, s in zip(trials, seeds, strict=True)]
         data_keys = list(dict.fromkeys(keys))
-        draws = {k: engine.datasets.get(t, s.data)
-                 for k, t, s in zip(keys, trials, seeds, strict=True)}
+        # One draw per distinct key, asked of the cache once: a population may hold more
+        # distinct draws than the cache keeps, and asking per trial would regenerate them.
+        draws: dict[tuple[str, str, int], Dataset] = {}
+        for k, t, s in zip(keys, trials, seeds, strict=True):
+            if k not in draws:
+                draws[k] = engine.datasets.get(t, s.data)
         data = [draws[k] for k in data_keys]
         mine = [draws[k] for k in keys]  # each trial's own draw
         self.loss, self.n_train = data[0].loss, data[0].n_train

@@ -329,3 +329,26 @@ def test_optimizer_families_sharing_a_population_each_match_the_reference() -> N
         alone = BatchedEngine(**eager).run([trials[i] for i in index], CPU)
         for i, trace in zip(index, alone, strict=True):
             assert got[i].equal(trace), (family.__name__, i)
+
+
+def test_a_population_draws_each_dataset_once_even_past_the_cache_size(monkeypatch) -> None:
+    """A population with more distinct data seeds than the dataset cache holds generates
+    each draw once (asking the cache per trial regenerated them: 30x slower set-up for
+    populations of thousands of trials)."""
+    calls = []
+    real = TrialSpec.dataset
+
+    def counted(self, seed):
+        calls.append(seed)
+        return real(self, seed)
+
+    monkeypatch.setattr(TrialSpec, "dataset", counted)
+    train = TrainSpec(batch_size="full", epochs=1, dtype="float32")
+    task = TeacherMLP(n_train=16, n_val=8, width=4)
+    trials = [_trial(SGD(lr=lr), task=task, train=train, seed=s,
+                     model=ModelSpec(depth=1, width=4)) for lr in (0.1, 0.01) for s in range(6)]
+    engine = BatchedEngine()
+    engine.datasets.size = 2  # fewer than the 6 distinct draws
+    got = engine.run(trials, CPU)
+    assert len(calls) == len(set(calls)) == 6
+    assert all(t.divergence_step is None for t in got)
