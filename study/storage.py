@@ -14,7 +14,8 @@ touching it, a journal that is corrupt before its last line.
 
 RDB URL (`postgresql://...`, `mysql://...`, `sqlite:///...`): the scheme and its driver are
 checked first; connecting is retried with exponential backoff; every storage call is retried
-the same way on a lost connection (`RetryingStorage`). Passwords never leave this process:
+the same way on a lost connection, and for at least 30 s so that a server restart mid-sweep
+is waited out (`RetryingStorage`, `open_rdb`). Passwords never leave this process:
 `mask_url` / `redact` replace them with `***` in anything printed or written.
 """
 
@@ -251,24 +252,30 @@ except ImportError:  # pragma: no cover
 
 
 def with_retries(call: Callable[[], Any], attempts: int, what: str, url: str,
-                 first_delay: float = 0.5) -> Any:
-    """`call()`, retried `attempts` times with doubling delays on a transient storage error."""
-    delay = first_delay
-    for attempt in range(1, attempts + 1):
+                 first_delay: float = 0.5, window_s: float = 0.0,
+                 max_delay: float = 5.0) -> Any:
+    """`call()`, retried on a transient storage error with delays doubling from
+    `first_delay` (at most `max_delay` apart) until `attempts` attempts have failed AND
+    `window_s` seconds have passed since the first failure; then StorageError."""
+    delay, attempt, first_failure = first_delay, 0, None
+    while True:
+        attempt += 1
         try:
             return call()
         except _TRANSIENT as err:
-            if attempt == attempts:
-                reason = str(getattr(err, "orig", None) or err).strip().splitlines()[0]
+            now = time.monotonic()
+            first_failure = now if first_failure is None else first_failure
+            if attempt >= attempts and now - first_failure >= window_s:
+                cause = err.__cause__ or err  # Optuna wraps the driver's error: show that
+                reason = str(getattr(cause, "orig", None) or cause).strip().splitlines()[0]
                 raise StorageError(
-                    f"storage: cannot {what} {mask_url(url)} after {attempts} attempts: "
+                    f"storage: cannot {what} {mask_url(url)} after {attempt} attempts: "
                     f"{mask_url(reason)}"
                 ) from None
             log.warning("storage: %s failed (%s); retrying in %.1f s", what,
                         type(err).__name__, delay)
             time.sleep(delay)
-            delay *= 2
-    raise AssertionError("unreachable")
+            delay = min(delay * 2, max_delay)
 
 
 class RetryingStorage(BaseStorage):
@@ -280,8 +287,9 @@ class RetryingStorage(BaseStorage):
         claim whose worker never recorded itself goes stale and is re-queued.
     """
 
-    def __init__(self, inner: BaseStorage, url: str, attempts: int) -> None:
-        self._inner, self._url, self._attempts = inner, url, attempts
+    def __init__(self, inner: BaseStorage, url: str, attempts: int,
+                 window_s: float = 0.0) -> None:
+        self._inner, self._url, self._attempts, self._window_s = inner, url, attempts, window_s
 
     def __getattr__(self, name: str) -> Any:
         if name == "_inner":  # not set yet (unpickling): no recursion
@@ -292,7 +300,8 @@ class RetryingStorage(BaseStorage):
 def _retrying_method(name: str) -> Callable[..., Any]:
     def method(self: RetryingStorage, *args: Any, **kwargs: Any) -> Any:
         call = functools.partial(getattr(self._inner, name), *args, **kwargs)
-        return with_retries(call, self._attempts, name.replace("_", " "), self._url)
+        return with_retries(call, self._attempts, name.replace("_", " "), self._url,
+                            window_s=self._window_s)
 
     method.__name__ = name
     return method
@@ -306,8 +315,16 @@ for _name in sorted(set(BaseStorage.__abstractmethods__) | {
 RetryingStorage.__abstractmethods__ = frozenset()
 
 
-def open_rdb(url: str, attempts: int = 4) -> BaseStorage:
-    """An RDB storage at `url`, connected (with retries) and retrying every call."""
+def open_rdb(url: str, attempts: int = 4, outage_s: float = 30.0) -> BaseStorage:
+    """An RDB storage at `url`, connected (with retries) and retrying every call.
+
+    Connecting gives up after `attempts` attempts (4: delays 0.5, 1, 2 s), so a wrong URL
+    is reported within seconds. Once connected, every call is retried for at least
+    `outage_s` seconds as well (delays at most 5 s apart): a server restart or failover in
+    the middle of a sweep costs a pause, not the sweep (tests/study/test_workers.py). The
+    default stays below `storage.grace_s` minus `storage.heartbeat_s` (60 - 10 s): an
+    outage longer than that expires the workers' leases, and their claims are re-run.
+    """
     full = rdb_url(url)
     kwargs = {"pool_pre_ping": True}  # a connection dropped while idle is replaced, not used
 
@@ -318,4 +335,4 @@ def open_rdb(url: str, attempts: int = 4) -> BaseStorage:
         inner = with_retries(connect, attempts, "connect to", url)
     except optuna.exceptions.StorageInternalError as err:  # pragma: no cover
         raise StorageError(f"storage: {mask_url(str(err))}") from None
-    return RetryingStorage(inner, url, attempts)
+    return RetryingStorage(inner, url, attempts, outage_s)

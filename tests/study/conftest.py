@@ -16,7 +16,8 @@ import socket
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -69,6 +70,30 @@ class PostgresServer:
     def run(self, *args: str) -> None:
         subprocess.run([*self._as, *args], check=True, capture_output=True, timeout=120)
 
+    def pg_ctl(self, *args: str) -> None:
+        """`pg_ctl -D <data> ARGS` as the cluster's owner."""
+        self.run(str(self.bindir / "pg_ctl"), "-D", str(self.workdir / "data"), *args)
+
+    def start(self) -> None:
+        """Start the server (and wait until it accepts connections)."""
+        self.pg_ctl("-l", str(self.workdir / "log"), "-w", "-o",
+                    f"-p {self.port} -k {self.workdir} -c listen_addresses=127.0.0.1 "
+                    "-c fsync=off -c max_connections=100", "start")
+
+    def restart(self, pause_s: float, after: Callable[[], bool] | None = None,
+                timeout: float = 300) -> None:
+        """An outage: stop the server (`-m fast`: clients are disconnected), wait until
+        `after()` is true if given (polled, at most `timeout` s: e.g. until a client has met
+        the outage), then `pause_s` seconds, and start it again with the same options."""
+        self.pg_ctl("-m", "fast", "stop")
+        try:
+            deadline = time.monotonic() + timeout
+            while after is not None and not after() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            time.sleep(pause_s)
+        finally:
+            self.start()  # even if the test fails: the server is shared by the session
+
     def url(self, database: str = "postgres") -> str:
         return f"postgresql://study:{PG_PASSWORD}@127.0.0.1:{self.port}/{database}"
 
@@ -103,14 +128,11 @@ def postgres() -> Iterator[PostgresServer]:
     server = PostgresServer(bindir, workdir, free_port(), as_user)
     server.run(str(bindir / "initdb"), "-D", str(workdir / "data"), "-U", "study",
                "-A", "scram-sha-256", f"--pwfile={workdir / 'pw'}", "-E", "UTF8")
-    server.run(str(bindir / "pg_ctl"), "-D", str(workdir / "data"), "-l", str(workdir / "log"),
-               "-w", "-o", f"-p {server.port} -k {workdir} -c listen_addresses=127.0.0.1 "
-               "-c fsync=off -c max_connections=100", "start")
+    server.start()
     try:
         yield server
     finally:
-        server.run(str(bindir / "pg_ctl"), "-D", str(workdir / "data"), "-m", "immediate",
-                   "stop")
+        server.pg_ctl("-m", "immediate", "stop")
         shutil.rmtree(workdir, ignore_errors=True)
 
 

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from study import records
 
+ROOT = Path(__file__).resolve().parents[2]
 TINY = ("+sweep=smoke", "train.epochs=1", "model.width=8", "report=false", "progress=false")
 
 
@@ -42,3 +47,62 @@ def test_four_postgres_workers_train_every_point_once(tmp_path: Path, postgres, 
             assert postgres.password.encode() not in path.read_bytes(), path
     assert postgres.password not in done.stdout + done.stderr
     assert "***" in records.read_env(run_dir)["storage"]
+
+
+def _complete_trials(url: str) -> int:
+    """COMPLETE trials in the database at `url` (0 before the study has made its tables)."""
+    import psycopg
+
+    try:
+        with psycopg.connect(url, connect_timeout=5) as conn:
+            return conn.execute("SELECT count(*) FROM trials WHERE state = 'COMPLETE'"
+                                ).fetchone()[0]
+    except psycopg.errors.UndefinedTable:
+        return 0
+
+
+@pytest.mark.slow  # the CLI's start (~6 s), training (~4 s) and a 5 s outage: ~20 s
+def test_a_postgres_restart_mid_sweep_is_survived(tmp_path: Path, postgres, run_checks) -> None:
+    """The server goes down while the sweep trains and comes back 5 s after the sweep's
+    first storage call failed: the calls are retried until it is back, and the sweep
+    finishes every point exactly once. (Results differ from `tiny_baseline`: more epochs,
+    so none are compared.)"""
+    tally, _ = run_checks
+    url = postgres.database()
+    run_dir = tmp_path / "run"
+    # 200 epochs: ~4 s of training in 4 populations, so the sweep is mid-way when the server
+    # goes down. The background heartbeat (every 50 s, not 10) keeps out of the outage: the
+    # failed calls waited for are the sweep's own, which end it if they give up.
+    overrides = (*TINY[:1], "train.epochs=200", *TINY[2:], "storage.heartbeat_s=50")
+    out, err = tmp_path / "out", tmp_path / "err"
+    with open(out, "w") as stdout, open(err, "w") as stderr:
+        cli = subprocess.Popen([sys.executable, "-m", "study", *overrides, "storage=postgres",
+                                f"hydra.run.dir={run_dir}"], cwd=ROOT, stdout=stdout,
+                               stderr=stderr, text=True, env={**os.environ,
+                                                              "STUDY_STORAGE_URL": url})
+
+    def met_outage() -> bool:
+        return "retrying in" in out.read_text() + err.read_text() or cli.poll() is not None
+
+    try:
+        deadline = time.monotonic() + 300  # generous: other jobs may share the CPUs
+        while (done := _complete_trials(url)) == 0:
+            assert cli.poll() is None, err.read_text()
+            assert time.monotonic() < deadline, "no trial finished within 300 s"
+            time.sleep(0.1)
+        assert done < 16, "the sweep finished before the outage: give it more work"
+        # Down until the sweep's calls fail, then 5 s more: longer than the 3.5 s that
+        # 4 attempts (delays 0.5, 1, 2 s) would wait.
+        postgres.restart(pause_s=5, after=met_outage)
+        code = cli.wait(timeout=600)
+    finally:
+        if cli.poll() is None:
+            cli.kill()
+            cli.wait()
+    logs = out.read_text() + err.read_text()
+    assert code == 0, logs
+    assert "retrying in" in logs  # the sweep met the outage, and waited it out
+    assert tally(run_dir, url) == {"complete": 16, "points": 16, "lost": 0, "duplicated": 0,
+                                   "running": 0, "failed": 0}
+    trials = records.read_trials(run_dir)[0]  # written from the database after the outage
+    assert len(trials) == 16 and trials["key"].is_unique
