@@ -68,7 +68,7 @@ class StorageConfig:
     study_name: str | None = None  # None: the sweep's name ("single" without a sweep)
     heartbeat_s: float = 10.0  # a worker refreshes its lease this often (study.lease)
     grace_s: float = 60.0  # a claimed trial silent this long is stale: failed, re-queued
-    retries: int = 4  # attempts (doubling delays from 0.5 s) when a database connection fails
+    retries: int = 4  # connection attempts (delays doubling from 0.5 s); calls mid-run: >= 30 s
 
 
 @dataclass
