@@ -105,8 +105,10 @@ class BatchedOptimizer:
         The values are Python floats rounded once to the dtype, as torch rounds a Python
         scalar; compute derived values (`1 - beta`) in Python before calling this.
         """
-        return torch.tensor([float(v) for v in values], dtype=torch.float64,
-                            device=self.device)[:, None].to(self.dtype)
+        column = torch.tensor([float(v) for v in values], dtype=torch.float64)[:, None]
+        # Rounded on the host, then copied without waiting: a blocking copy to a GPU would
+        # synchronise every step of a scheduled population (set_lr calls this per step).
+        return column.to(self.dtype).to(self.device, non_blocking=True)
 
     def mask(self, values: Sequence[bool]) -> Tensor:
         return torch.tensor(list(values), dtype=torch.bool, device=self.device)[:, None]

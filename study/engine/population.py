@@ -277,13 +277,15 @@ class _Population:
             return None
         widths = [fo for _, fo in self.net.sizes[:-1]]
         per_trial = []
-        for i in self.id_list:
+        for i in self.id_list:  # drawn on the host (the trials' generators live there)
             g = self.dropout_gens[i]
-            blocks = [[dropout_mask((r, w), self.dropout, g, self.dtype, self.device)
+            blocks = [[dropout_mask((r, w), self.dropout, g, self.dtype, "cpu")
                        for w in widths] for r in rows]
             per_trial.append([torch.cat([b[layer] for b in blocks]) for layer in
                               range(len(widths))])
-        return [torch.stack([m[layer] for m in per_trial]) for layer in range(len(widths))]
+        # One copy per layer that does not wait for the device (not one per trial).
+        return [torch.stack([m[layer] for m in per_trial]).to(self.device, non_blocking=True)
+                for layer in range(len(widths))]
 
     def learning_rates(self, step: int) -> list[float]:
         """Each computed row's learning rate for the update after `step` updates."""

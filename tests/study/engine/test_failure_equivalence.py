@@ -109,6 +109,30 @@ def test_schedules_and_plateau_match_for_every_optimizer_family(optimizer) -> No
     _check(trials)
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("case", sorted(
+    [("regression", c) for c in REGRESSION_CASES]
+    + [("classification", c) for c in CLASSIFICATION_CASES]), ids="/".join)
+def test_cuda_failures_and_mitigations_match_the_cpu_reference(case) -> None:
+    """Every failure mode and mitigation on the GPU (dropout masks drawn on the host and
+    copied once per layer, scheduled learning rates, clipping, plateaus, early stopping)
+    against the reference engine on the CPU."""
+    kind, name = case
+    if kind == "regression":
+        failures, mitigations = REGRESSION_CASES[name]
+        trials = [_trial(REGRESSION, failures, mitigations, SGD(lr=lr, momentum=0.5), seed=s)
+                  for s, lr in enumerate([0.05, 0.02, 0.1])]
+    else:
+        failures, mitigations = CLASSIFICATION_CASES[name]
+        trials = [_trial(CLASSIFICATION, failures, mitigations, Adam(lr=lr), seed=s)
+                  for s, lr in enumerate([1e-2, 3e-3])]
+    want = ReferenceEngine().run(trials, CPU)
+    got = BatchedEngine().run(trials, torch.device("cuda"))
+    for trial, g, w in zip(trials, got, want, strict=True):
+        assert_equivalent(g, w, TOL[trial.train.dtype], 50 if name == "absurd_lr" else None)
+
+
 def test_clipping_thresholds_and_early_stopping_are_per_trial() -> None:
     """Rows with different clipping thresholds and patience in one population train exactly
     as they do alone."""
