@@ -161,14 +161,14 @@ class _Population:
         task = first.task
         seeds = [seed_streams(t.seed) for t in trials]
         keys = [data_key(t, s.data) for t, s in zip(trials, seeds, strict=True)]
-        data_keys = list(dict.fromkeys(keys))
-        # One draw per distinct key, asked of the cache once: a population may hold more
-        # distinct draws than the cache keeps, and asking per trial would regenerate them.
+        # One draw per distinct key (in order of first appearance), asked of the cache once:
+        # a population may hold more distinct draws than the cache keeps, and asking per
+        # trial would regenerate them.
         draws: dict[tuple[str, str, int], Dataset] = {}
         for k, t, s in zip(keys, trials, seeds, strict=True):
             if k not in draws:
                 draws[k] = engine.datasets.get(t, s.data)
-        data = [draws[k] for k in data_keys]
+        data = list(draws.values())
         mine = [draws[k] for k in keys]  # each trial's own draw
         self.loss, self.n_train = data[0].loss, data[0].n_train
         self.y_dtype = torch.int64 if self.loss == "cross_entropy" else self.dtype
@@ -177,7 +177,8 @@ class _Population:
                            first.model.activation)
 
         # Data: [D, N, ...] per distinct draw; each trial indexes its draw's rows.
-        which = torch.tensor([data_keys.index(k) for k in keys], device=device)
+        position = {k: i for i, k in enumerate(draws)}
+        which = torch.tensor([position[k] for k in keys], device=device)
         x_train = self._stack([d.x_train for d in data], self.dtype)
         y_train = self._stack([d.y_train for d in data], self.y_dtype)
         self.x_flat = x_train.flatten(0, 1)  # [D * n_train, in]
