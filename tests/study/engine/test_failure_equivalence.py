@@ -69,12 +69,16 @@ REGRESSION_CASES = {
 }
 
 
+def _regression_trials(case: str) -> list:
+    """Three trials of different learning rates and seeds with `case` applied."""
+    failures, mitigations = REGRESSION_CASES[case]
+    return [_trial(REGRESSION, failures, mitigations, SGD(lr=lr, momentum=0.5), seed=s)
+            for s, lr in enumerate([0.05, 0.02, 0.1])]
+
+
 @pytest.mark.parametrize("case", sorted(REGRESSION_CASES))
 def test_regression_failures_and_mitigations_match_the_reference(case: str) -> None:
-    failures, mitigations = REGRESSION_CASES[case]
-    trials = [_trial(REGRESSION, failures, mitigations, SGD(lr=lr, momentum=0.5), seed=s)
-              for s, lr in enumerate([0.05, 0.02, 0.1])]
-    _check(trials)
+    _check(_regression_trials(case))
 
 
 CLASSIFICATION_CASES = {
@@ -87,12 +91,16 @@ CLASSIFICATION_CASES = {
 }
 
 
+def _classification_trials(case: str) -> list:
+    """Two Adam trials of different learning rates and seeds with `case` applied."""
+    failures, mitigations = CLASSIFICATION_CASES[case]
+    return [_trial(CLASSIFICATION, failures, mitigations, Adam(lr=lr), seed=s)
+            for s, lr in enumerate([1e-2, 3e-3])]
+
+
 @pytest.mark.parametrize("case", sorted(CLASSIFICATION_CASES))
 def test_classification_failures_and_mitigations_match_the_reference(case: str) -> None:
-    failures, mitigations = CLASSIFICATION_CASES[case]
-    trials = [_trial(CLASSIFICATION, failures, mitigations, Adam(lr=lr), seed=s)
-              for s, lr in enumerate([1e-2, 3e-3])]
-    _check(trials, first=50 if case == "absurd_lr" else None)
+    _check(_classification_trials(case), first=50 if case == "absurd_lr" else None)
 
 
 @pytest.mark.parametrize("optimizer", [SGD(lr=0.05, momentum=0.9), Adam(lr=1e-2),
@@ -119,14 +127,7 @@ def test_cuda_failures_and_mitigations_match_the_cpu_reference(case) -> None:
     copied once per layer, scheduled learning rates, clipping, plateaus, early stopping)
     against the reference engine on the CPU."""
     kind, name = case
-    if kind == "regression":
-        failures, mitigations = REGRESSION_CASES[name]
-        trials = [_trial(REGRESSION, failures, mitigations, SGD(lr=lr, momentum=0.5), seed=s)
-                  for s, lr in enumerate([0.05, 0.02, 0.1])]
-    else:
-        failures, mitigations = CLASSIFICATION_CASES[name]
-        trials = [_trial(CLASSIFICATION, failures, mitigations, Adam(lr=lr), seed=s)
-                  for s, lr in enumerate([1e-2, 3e-3])]
+    trials = (_regression_trials if kind == "regression" else _classification_trials)(name)
     want = ReferenceEngine().run(trials, CPU)
     got = BatchedEngine().run(trials, torch.device("cuda"))
     for trial, g, w in zip(trials, got, want, strict=True):
