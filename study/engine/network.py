@@ -52,6 +52,11 @@ IN_PLACE = {
 }
 
 
+# Activations whose backward reads only the activation: the forward applies them in place
+# (the pre-activation is not kept), which saves a pass over [T, B, width] per layer.
+FROM_OUTPUT = frozenset({"relu", "tanh", "sigmoid"})
+
+
 @dataclass(frozen=True)
 class Network:
     """Layer layout of the flat [T, P] parameter rows, with batched forward and backward."""
@@ -98,17 +103,24 @@ class Network:
                           for t in (w.reshape(-1) if narrow else w.T.reshape(-1), b)])
 
     def forward(self, flat: Tensor, x: Tensor, layers: list | None = None,
-                masks: list[Tensor] | None = None) -> tuple[Tensor, list]:
-        """Outputs [T, B, out] for inputs [T, B, in], and what the backward pass needs.
+                masks: list[Tensor] | None = None, inspect=None) -> tuple[Tensor, list]:
+        """Outputs [T, B, out] for inputs [T, B, in], and what the backward pass needs:
+        per layer (input, pre-activation, activation); the pre-activation is the activation
+        itself where the backward does not read it (`FROM_OUTPUT`).
 
         `layers`: `self.layers(flat)`, when the caller keeps them. `masks`: dropout, one
         scaled mask [T, B, width] per hidden layer, multiplied into its activation.
+        `inspect(z)` sees each hidden layer's pre-activation first.
         """
         act = ACTIVATIONS[self.activation][0]
+        if self.activation in FROM_OUTPUT:
+            act = IN_PLACE[self.activation]
         saved, h = [], x
         layers = self.layers(flat) if layers is None else layers
         for i, (w, b) in enumerate(layers):
             z = torch.baddbmm(b, h, w)
+            if inspect is not None and i < len(layers) - 1:
+                inspect(z)
             a = z if act is None or i == len(layers) - 1 else act(z)
             saved.append((h, z, a))
             h = a if masks is None or i == len(layers) - 1 else a * masks[i]

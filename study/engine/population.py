@@ -10,6 +10,13 @@ own batch order (one `torch.randperm` per epoch from its order generator, batche
 `perm[start:start + batch]`, the last one partial), and the same records (`Trace`). Nothing
 couples the rows: every reduction (loss, norms, accuracy, diagnostics) is per trial.
 
+A full batch is the whole training split, in every epoch: its order changes only the order
+in which the loss and the gradient are summed. Such a population (without dropout) trains on
+the split in its stored order, so that an evaluation and the next step share one forward pass
+over the same parameters (the evaluation's train rows are the step's batch). That saves a
+third of a full-batch step's products; the traces stay within the contract's rounding
+(docs/performance.md).
+
 Divergence: a trial whose minibatch loss, gradient norm or eval loss is non-finite is frozen
 from that point (its parameters and optimizer state no longer change) and its trace is cut
 there exactly as the reference engine cuts it. Every `check_every` steps and at each epoch
@@ -215,6 +222,10 @@ class _Population:
         self.eval_steps = train.eval_steps(self.n_train)
         self.diag_steps = first.diagnostics.steps(train, self.n_train)
         self.epochs = train.epochs
+        # One batch per epoch, no dropout: train on the split as stored, and let an evaluation
+        # hand its forward pass to the next step (see the module doc).
+        self.whole_split = self.batch >= self.n_train and self.dropout_gens is None
+        self.shared: tuple[Tensor, list] | None = None  # an evaluation's (outputs, saved)
         n = len(trials)
         # Records (NaN = not computed: the trace is cut before any of those).
         nan = math.nan
@@ -370,7 +381,10 @@ class _Population:
         return self.traces()
 
     def epoch_batches(self) -> tuple[Tensor, Tensor]:
-        """This epoch's shuffled training split per trial: x [T, N, in], y [T, N, ...]."""
+        """This epoch's shuffled training split per trial: x [T, N, in], y [T, N, ...]
+        (`whole_split`: the split as stored)."""
+        if self.whole_split:
+            return self.x_eval[:, :self.n_train], self.y_eval[:, :self.n_train]
         if self.loop.shuffle:
             perms = torch.stack([torch.randperm(self.n_train, generator=g) for g in self.orders])
         else:  # the failure: the stored order, every epoch
@@ -384,7 +398,13 @@ class _Population:
         params = self.params
         layers = self.layers(params)
         masks = self.masks([xb.shape[1]])
-        out, saved = self.net.forward(params, xb, layers, masks)
+        if self.shared is not None:  # the last evaluation's forward: same rows, same params
+            out, saved = self.shared
+            self.shared = None
+            n = xb.shape[1]
+            out, saved = out[:, :n], [(h[:, :n], z[:, :n], a[:, :n]) for h, z, a in saved]
+        else:
+            out, saved = self.net.forward(params, xb, layers, masks)
         loop = self.loop
         loss, grad_out = train_loss_and_grad(out, yb, self.loss, loop.loss, loop.huber_delta,
                                              self.class_weights)
@@ -469,9 +489,14 @@ class _Population:
         probe = min(PROBE_SIZE, self.n_train)  # the first training examples, unshuffled
         masks = (self.masks([self.n_train, examples - self.n_train])
                  if self.dropout_at_eval else None)
-        out = self.net.evaluate(self.params, self.x_eval, self.eval_buffers,
-                                lambda z: hidden.append(self.activation_health(z[:, :probe])),
-                                self.layers(self.params), masks)
+        inspect = lambda z: hidden.append(self.activation_health(z[:, :probe]))  # noqa: E731
+        if self.whole_split and self.eval_steps[k] < self.planned:  # a step follows
+            out, saved = self.net.forward(self.params, self.x_eval, self.layers(self.params),
+                                          inspect=inspect)
+            self.shared = (out, saved)
+        else:
+            out = self.net.evaluate(self.params, self.x_eval, self.eval_buffers, inspect,
+                                    self.layers(self.params), masks)
         values = list(eval_losses(out, self.y_eval, self.loss, self.n_train,
                                   self.target_scale))
         nan = torch.full((rows,), math.nan, dtype=torch.float64, device=self.device)
@@ -537,6 +562,7 @@ class _Population:
             kept = torch.cat([kept, (~self.alive).nonzero()[0]])
             if len(kept) == rows:
                 return None
+        self.shared = None  # an evaluation's forward of the dropped rows too
         self.ids, self.params = self.ids[kept], self.params[kept]
         (self.fused or self.optimizer).select(kept)
         self.row_offset = self.row_offset[kept]

@@ -148,6 +148,47 @@ def test_batch_sizes_including_full_and_a_partial_last_batch(batch_size) -> None
     assert got[0].planned_steps == 2 * steps
 
 
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("activation", ["relu", "tanh", "gelu"])
+@pytest.mark.parametrize("eval_every", [None, 3])
+def test_full_batch_shares_the_evaluation_forward_and_matches_the_reference(
+        eval_every, activation: str, dtype: str, monkeypatch) -> None:
+    """A full batch trains on the split as stored, and each step after an evaluation reuses
+    that evaluation's forward pass: one forward per step in all, within the contract of
+    the reference's shuffled batches, diverging rows included."""
+    train = TrainSpec(batch_size="full", epochs=12, eval_every=eval_every, dtype=dtype)
+    model = ModelSpec(2, 16, activation)
+    specs = [SGD(lr=0.05, momentum=0.9), Adam(lr=1e-2), RMSprop(lr=1e-3)]
+    trials = [_trial(opt, task=task, model=model, train=train, seed=s)
+              for s, opt in enumerate(specs) for task in (REGRESSION, CLASSIFICATION)]
+    # A row that diverges (tanh's bounded units grow chaotic instead, where any rounding
+    # difference is amplified, so it has none).
+    diverging = activation != "tanh"
+    if diverging:
+        trials.append(_trial(SGD(lr=3.0), model=model, train=train, seed=3))
+    own = []  # per step: did it run its own forward pass?
+    original = _Population.train_step
+
+    def counted(self, step, xb, yb):
+        own.append(self.shared is None)
+        return original(self, step, xb, yb)
+
+    monkeypatch.setattr(_Population, "train_step", counted)
+    want = ReferenceEngine().run(trials, CPU)
+    got = BatchedEngine().run(trials, CPU)
+    for trial, g, w in zip(trials, got, want, strict=True):
+        converges = trial.optimizer.lr < 1
+        assert_equivalent(g, w, TOL[dtype], None if converges else 50)
+        assert (g.divergence_step is None) == converges
+    # A step runs its own forward when no evaluation came just before it, or when the
+    # diverged row was dropped in between (its forward was the evaluation's).
+    # Two populations (regression, classification) of 12 steps each.
+    after_eval = 2 * sum(s in set(train.eval_steps(100)) for s in range(12))
+    assert len(own) == 24
+    assert own.count(False) >= after_eval - 1 > 0
+    assert own.count(True) <= 24 - after_eval + 1
+
+
 @pytest.mark.parametrize("task", [REGRESSION, CLASSIFICATION], ids=["regression", "classify"])
 def test_float32_within_1e_4(task) -> None:
     train = TrainSpec(batch_size=16, epochs=3, dtype="float32")
