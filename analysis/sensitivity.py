@@ -28,10 +28,11 @@ import pandas as pd
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
+from matplotlib.ticker import LogLocator, NullLocator
 
 from analysis.aggregate import FINAL, INITIAL
 from analysis.axes import LR, value_key
-from analysis.figures import legend_columns, log_y_if_wide, plt
+from analysis.figures import bottom_legend, log_y_if_wide, panel_grid, plt
 
 FAILED = ("diverged", "no_progress")
 
@@ -169,6 +170,10 @@ def draw_lr_panel(curves: pd.DataFrame, points: pd.DataFrame, line: str | None,
         ax.plot(points["lr"], points["value"], linestyle="none", marker="x", color="black",
                 markersize=6, markeredgewidth=1.5)
     ax.set_xscale("log")
+    # Every decade labelled, no minor ticks: unlabelled minor ticks (8 per decade) cost
+    # most of the drawing time.
+    ax.xaxis.set_major_locator(LogLocator(numticks=12))
+    ax.xaxis.set_minor_locator(NullLocator())
     log_y_if_wide(ax, pd.concat([curves["low"], curves["high"], points["value"]]))
     ax.set_xlabel("learning rate")
     ax.grid(True, which="major", alpha=0.3)
@@ -181,9 +186,8 @@ def plot_lr_sensitivity(curves: pd.DataFrame, points: pd.DataFrame, row: str | N
     rows = list(dict.fromkeys(curves[row])) if row else [None]
     cols = list(dict.fromkeys(curves[col])) if col else [None]
     lines = list(dict.fromkeys(curves[line])) if line else [""]
-    fig, grid = plt.subplots(len(rows), len(cols), squeeze=False, sharex=True,
-                             figsize=(2.9 * len(cols) + 1.0, 2.4 * len(rows) + 0.9),
-                             layout="constrained")
+    fig, grid, ncols = panel_grid(len(rows), len(cols), (2.65, 1.8), len(lines) + 1,
+                                  inches_per_entry=2.6, sharex=True)
     for i, r in enumerate(rows):
         for j, c in enumerate(cols):
             keep = pd.Series(True, index=curves.index)
@@ -204,6 +208,5 @@ def plot_lr_sensitivity(curves: pd.DataFrame, points: pd.DataFrame, row: str | N
                for i, lab in enumerate(lines)]
     handles.append(Line2D([], [], linestyle="none", marker="x", color="black",
                           label="diverged trial (at its capped loss)"))
-    fig.legend(handles=handles, loc="outside lower center", frameon=False,
-               ncols=legend_columns(fig, len(handles), 2.6))
+    bottom_legend(fig, handles, ncols)
     return fig
