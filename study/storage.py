@@ -272,8 +272,8 @@ def with_retries(call: Callable[[], Any], attempts: int, what: str, url: str,
                     f"storage: cannot {what} {mask_url(url)} after {attempt} attempts: "
                     f"{mask_url(reason)}"
                 ) from None
-            log.warning("storage: %s failed (%s); retrying in %.1f s", what,
-                        type(err).__name__, delay)
+            log.warning("storage %s: %s failed (%s); retrying in %.1f s", mask_url(url),
+                        what.removesuffix(" to"), type(err).__name__, delay)
             time.sleep(delay)
             delay = min(delay * 2, max_delay)
 
