@@ -173,22 +173,44 @@ def _enqueue(study: optuna.Study, point: GridPoint) -> None:
 
 def _claims(study: optuna.Study, plan: SweepPlan, me: lease.Worker,
             stop: Callable[[], bool]) -> Iterator[Claim]:
-    """Ask waiting trials one by one until none is left or `stop()`; yield each with its point."""
+    """Claim waiting trials in queue order until none is left or `stop()`; yield each with
+    its point.
+
+    What `Study.ask` does for a queued trial, with one scan of the queue per pass instead
+    of one per claim: `ask` reads every waiting trial to pop one, so with a sweep queued
+    (936 trials for lr_batch) a claim cost 0.7 s on PostgreSQL. Each waiting trial of the
+    snapshot is popped with the storage's atomic WAITING -> RUNNING (False: another worker
+    took it first), its enqueued params are recorded, and the queue is read again when the
+    snapshot is used up (trials queued since, such as released ones, are seen then).
+    """
     by_key = {p.trial.key(): p for p in plan.points}
     dists = _distributions(plan)
-    while not stop() and study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
-        trial = study.ask(dists)
-        key = trial.user_attrs.get("key")
-        if key not in by_key:
-            # Sampled, not enqueued (the queue emptied under us) or from another config.
-            trial.set_user_attr("status", "unused")
-            study.tell(trial, state=TrialState.FAIL)
-            if key is None:
+    storage, study_id = study._storage, study._study_id  # as Study.ask reaches them
+    while not stop():
+        waiting = storage.get_all_trials(study_id, deepcopy=False, states=(TrialState.WAITING,))
+        if not waiting:
+            return
+        for queued in waiting:
+            if stop():
                 return
-            raise ConfigError(f"trial {trial.number} of study {study.study_name!r} has key "
-                              f"{key} which is not a point of this sweep")
-        trial.set_user_attr("worker", me.record())
-        yield trial, by_key[key]
+            try:
+                if not storage.set_trial_state_values(queued._trial_id, state=TrialState.RUNNING):
+                    continue
+            except optuna.exceptions.UpdateFinishedTrialError:
+                continue
+            trial = optuna.Trial(study, queued._trial_id)
+            for name, dist in dists.items():  # the enqueued (fixed) values
+                trial.suggest_categorical(name, dist.choices)
+            key = queued.user_attrs.get("key")
+            if key not in by_key:  # queued by hand, or by another config of the study
+                trial.set_user_attr("status", "unused")
+                study.tell(trial, state=TrialState.FAIL)
+                if key is None:
+                    continue
+                raise ConfigError(f"trial {trial.number} of study {study.study_name!r} has key "
+                                  f"{key} which is not a point of this sweep")
+            trial.set_user_attr("worker", me.record())
+            yield trial, by_key[key]
 
 
 def _next_batch(claims: Iterator[Claim], pending: Claim | None, chunk_of: dict[str, int]
