@@ -15,6 +15,7 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from study import records, storage
@@ -32,6 +33,7 @@ def main(cfg: DictConfig) -> None:
     fresh = not any((run_dir / name).exists() for name in
                     (records.JOURNAL, records.TRIALS, records.CURVES_DIR))
     overrides, choices = list(hc.overrides.task), dict(hc.runtime.choices)
+    end = _exit_multirun if hc.mode == RunMode.MULTIRUN else sys.exit
     try:
         typed = validate(cfg)
         plan = expand(cfg, _compose, overrides, choices, typed=typed)
@@ -41,16 +43,31 @@ def main(cfg: DictConfig) -> None:
         print(f"error: {storage.mask_url(str(err))}", file=sys.stderr)
         if fresh:
             _remove_if_only_logs(run_dir)
-        sys.exit(2)
+        end(2)
     except (records.RecordError, storage.StorageError) as err:
         # Bad state (a corrupt journal, another version's run, an unreachable database):
         # nothing of the run directory was changed.
         print(f"error: {storage.mask_url(str(err))}", file=sys.stderr)
         if fresh:
             _remove_if_only_logs(run_dir)
-        sys.exit(3)
+        end(3)
     if status:
-        sys.exit(status)
+        end(status)
+
+
+class JobFailed(RuntimeError):
+    """A job of a multirun ended with a non-zero exit status (the status is `.status`)."""
+
+    def __init__(self, status: int) -> None:
+        super().__init__(f"the study job ended with exit status {status} (see its stderr)")
+        self.status = status
+
+
+def _exit_multirun(status: int) -> None:
+    """End a launcher's job with an exception, not SystemExit: a launcher records an
+    exception as the job's failure (submitit pickles it for the submitting process), while
+    SystemExit escapes it, and submitit is then left to ask SLURM's accounting."""
+    raise JobFailed(status)
 
 
 def _compose(extra: Sequence[str]) -> DictConfig:

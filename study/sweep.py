@@ -152,8 +152,9 @@ def enqueue_missing(study: optuna.Study, plan: SweepPlan, chunk_of: dict[str, in
     done = sum(1 for t in trials if t.state == TrialState.COMPLETE)
     missing = [p for p in plan.points if p.trial.key() not in present]
     missing.sort(key=lambda p: chunk_of[p.trial.key()])
+    dists = _distributions(plan)
     for point in missing:
-        _enqueue(study, point)
+        _enqueue(study, point, dists)
     return len(missing), done
 
 
@@ -162,26 +163,41 @@ def _requeue(study: optuna.Study, plan: SweepPlan, trial: FrozenTrial | optuna.T
     key = trial.user_attrs.get("key")
     for point in plan.points:
         if point.trial.key() == key:
-            _enqueue(study, point)
+            _enqueue(study, point, _distributions(plan))
             return
 
 
-def _enqueue(study: optuna.Study, point: GridPoint) -> None:
-    study.enqueue_trial(point.params, user_attrs={"key": point.trial.key(),
-                                                  "config": point.trial.flat()})
+def _enqueue(study: optuna.Study, point: GridPoint,
+             dists: dict[str, CategoricalDistribution]) -> None:
+    """Queue `point` as a WAITING trial that already holds its params.
+
+    What `Study.enqueue_trial` writes (the params as `fixed_params`), plus the params
+    themselves: a claim then records nothing more (`ask` would write them one by one, five
+    storage calls a trial).
+    """
+    study.add_trial(optuna.trial.create_trial(
+        state=TrialState.WAITING, params=point.params,
+        distributions={name: dists[name] for name in point.params},
+        system_attrs={"fixed_params": point.params},
+        user_attrs={"key": point.trial.key(), "config": point.trial.flat()}))
 
 
 def _claims(study: optuna.Study, plan: SweepPlan, me: lease.Worker,
-            stop: Callable[[], bool]) -> Iterator[Claim]:
-    """Claim waiting trials in queue order until none is left or `stop()`; yield each with
-    its point.
+            stop: Callable[[], bool], chunk_of: dict[str, int]) -> Iterator[Claim]:
+    """Claim waiting trials chunk by chunk (`chunk_of`), in queue order within a chunk,
+    until none is left or `stop()`; yield each with its point.
 
     What `Study.ask` does for a queued trial, with one scan of the queue per pass instead
     of one per claim: `ask` reads every waiting trial to pop one, so with a sweep queued
     (936 trials for lr_batch) a claim cost 0.7 s on PostgreSQL. Each waiting trial of the
     snapshot is popped with the storage's atomic WAITING -> RUNNING (False: another worker
-    took it first), its enqueued params are recorded, and the queue is read again when the
-    snapshot is used up (trials queued since, such as released ones, are seen then).
+    took it first; a queued trial already holds its params, see `_enqueue`), and the queue
+    is read again when the snapshot is used up (trials queued since, such as released
+    ones, are seen then).
+
+    Chunk by chunk, not in plain queue order: workers that start together enqueue the
+    same points at once, and their queues interleave (chunk 1 of one worker between
+    chunk 0 of the other), which made populations of one or two trials.
     """
     by_key = {p.trial.key(): p for p in plan.points}
     dists = _distributions(plan)
@@ -190,6 +206,9 @@ def _claims(study: optuna.Study, plan: SweepPlan, me: lease.Worker,
         waiting = storage.get_all_trials(study_id, deepcopy=False, states=(TrialState.WAITING,))
         if not waiting:
             return
+        last = len(plan.points)  # a trial of no point of this plan: last, then refused
+        waiting = sorted(waiting, key=lambda t: (chunk_of.get(t.user_attrs.get("key"), last),
+                                                 t.number))
         for queued in waiting:
             if stop():
                 return
@@ -199,8 +218,9 @@ def _claims(study: optuna.Study, plan: SweepPlan, me: lease.Worker,
             except optuna.exceptions.UpdateFinishedTrialError:
                 continue
             trial = optuna.Trial(study, queued._trial_id)
-            for name, dist in dists.items():  # the enqueued (fixed) values
-                trial.suggest_categorical(name, dist.choices)
+            for name, dist in dists.items():  # queued without its params (older versions)
+                if name not in queued.params:
+                    trial.suggest_categorical(name, dist.choices)
             key = queued.user_attrs.get("key")
             if key not in by_key:  # queued by hand, or by another config of the study
                 trial.set_user_attr("status", "unused")
@@ -228,11 +248,12 @@ def _next_batch(claims: Iterator[Claim], pending: Claim | None, chunk_of: dict[s
     return batch, None
 
 
-def _release(study: optuna.Study, claims: Sequence[Claim], reason: str) -> None:
+def _release(study: optuna.Study, plan: SweepPlan, claims: Sequence[Claim], reason: str
+             ) -> None:
     """Give claimed, untrained trials back: fail them and queue their points again."""
     for trial, point in claims:
         if lease.fail(study, trial, reason):
-            _enqueue(study, point)
+            _enqueue(study, point, _distributions(plan))
 
 
 def curves_frame(numbers: Sequence[int], traces: Sequence) -> pd.DataFrame:
@@ -290,7 +311,7 @@ def run_sweep(plan: SweepPlan, study: optuna.Study, engine: Engine, device: torc
         done, reclaimed = prepare(study, plan, chunk_of, leases, me, enqueue)
         if on_progress:
             on_progress(done, total)
-        claims, pending = _claims(study, plan, me, stop), None
+        claims, pending = _claims(study, plan, me, stop, chunk_of), None
         checked: set[tuple[str, int]] = set()
         while True:
             batch, pending = _next_batch(claims, pending, chunk_of)
@@ -309,7 +330,7 @@ def run_sweep(plan: SweepPlan, study: optuna.Study, engine: Engine, device: torc
                 break
         stopped = stop()
         if pending:
-            _release(study, [pending], "released")
+            _release(study, plan, [pending], "released")
     return SweepOutcome(total, trained, done, time.perf_counter() - started, reclaimed, stopped)
 
 

@@ -16,6 +16,7 @@ import re
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -157,3 +158,47 @@ def test_the_readme_slurm_recipe_trains_every_point_once(slurm, postgres, tmp_pa
     trials = pd.read_parquet(run_dir / "trials.parquet")
     assert len(trials) == 16 and trials["trial"].is_unique
     assert (run_dir / "report.html").exists()
+
+
+def test_a_job_that_slurm_signals_stops_after_its_population_and_a_resume_finishes(
+        slurm, postgres, tmp_path) -> None:
+    """SIGTERM to one of two running jobs (what SLURM sends at a time limit, here through
+    `scancel --signal=TERM`): that job stops after its population, exit 130, nothing half
+    written; the other job trains on; a resume (same study, same run directory) trains
+    what is left. Every point is trained exactly once in all."""
+    run_dir = tmp_path / "run"
+    env = {**os.environ, **slurm, "STUDY_STORAGE_URL": postgres.database()}
+    common = ("+sweep=lr_batch", "sweep.seeds=[0]", "train.epochs=10", "report=false",
+              "storage=postgres", "storage.study_name=slurm_2")  # 312 trials
+    launcher = subprocess.Popen(
+        [sys.executable, "-m", "study", "--multirun", *common, "hydra/launcher=submitit_slurm",
+         f"hydra.sweep.dir={run_dir}", "hydra.sweep.subdir=.", "hydra.launcher.timeout_min=10",
+         "progress=false,false"], cwd=tmp_path, env=env,
+        stdout=(tmp_path / "launcher.log").open("w"), stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 300
+    first = None
+    while first is None and time.monotonic() < deadline and launcher.poll() is None:
+        for out in sorted(run_dir.glob(".submitit/*_0/*_log.out")):
+            if "with the batched engine" in out.read_text():  # job 0 is training
+                first = out.parent.name
+        time.sleep(0.2)
+    assert first is not None, "job 0 never started training"
+    subprocess.run([shutil.which("scancel"), "--signal=TERM", first], env=env,
+                   check=True, timeout=30)
+    launcher.wait(timeout=600)
+    launched = (tmp_path / "launcher.log").read_text()
+    assert launcher.returncode != 0  # one job ended with 130: the multirun says so
+    logs = {p.parent.name: p.read_text() + p.with_suffix(".err").read_text()
+            for p in run_dir.glob(".submitit/*_*/*_log.out")}
+    assert len(logs) == 2, (logs, launched[-3000:])
+    assert "stopped after" in logs[first] and "nothing is lost" in logs[first], logs[first]
+    resumed = run_study(*common, f"hydra.run.dir={run_dir}", "progress=false", cwd=tmp_path,
+                        env={**slurm, "STUDY_STORAGE_URL": env["STUDY_STORAGE_URL"]},
+                        expect=0)
+    # "stopped after N trials" (the signalled job), "N trials trained" (the other, the resume)
+    counts = [int(m.group(1) or m.group(2))
+              for text in [*logs.values(), resumed.stdout + resumed.stderr]
+              for m in re.finditer(r"stopped after (\d+) trials?|(\d+) trials? trained", text)]
+    trials = pd.read_parquet(run_dir / "trials.parquet")
+    assert len(trials) == 312 and trials["trial"].is_unique
+    assert sum(counts) == 312, (counts, resumed.stdout[-2000:])
