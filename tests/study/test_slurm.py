@@ -82,7 +82,8 @@ def slurm() -> Iterator[dict[str, str]]:
     key.write_bytes(os.urandom(1024))
     key.chmod(0o400)
     conf = work / "slurm.conf"
-    conf.write_text(_config(work, socket.gethostname(), sock))
+    host = socket.gethostname().split(".")[0]  # the short name, as slurmctld compares it
+    conf.write_text(_config(work, host, sock))
     env = {**os.environ, "SLURM_CONF": str(conf)}
     daemons: list[subprocess.Popen] = []
     try:
@@ -90,9 +91,10 @@ def slurm() -> Iterator[dict[str, str]]:
                         f"--pid-file={work / 'munged.pid'}", f"--log-file={work / 'munged.log'}",
                         f"--seed-file={work / 'munged.seed'}"], check=True, timeout=30,
                        capture_output=True)
-        for name in ("slurmctld", "slurmd"):  # -D: in the foreground, ours to stop
-            daemons.append(subprocess.Popen([found[name], "-D", "-f", str(conf)], env=env,
-                                            stdout=subprocess.DEVNULL,
+        # -D: in the foreground, ours to stop; slurmd told its node name (no DNS needed)
+        for args in (["slurmctld"], ["slurmd", "-N", host]):
+            daemons.append(subprocess.Popen([found[args[0]], *args[1:], "-D", "-f", str(conf)],
+                                            env=env, stdout=subprocess.DEVNULL,
                                             stderr=subprocess.DEVNULL))
         deadline = time.monotonic() + 60
         state = ""
