@@ -182,7 +182,7 @@ def panel_grid(rows: int, cols: int, panel: tuple[float, float], n_legend: int,
     left, right, top, gap_w, xlabel, entry_h = 0.85, 0.2, 0.35, 0.65, 0.62, 0.3
     gap_h = 0.45 if sharex else 0.8  # shared x: no tick labels or x label between rows
     width = left + right + cols * panel[0] + (cols - 1) * gap_w
-    ncols = max(1, min(n_legend, int(width // inches_per_entry)))
+    ncols = _columns_that_fit(width, n_legend, inches_per_entry)
     bottom = xlabel + entry_h * -(-n_legend // ncols) + 0.1
     height = top + bottom + rows * panel[1] + (rows - 1) * gap_h
     fig, grid = plt.subplots(rows, cols, squeeze=False, sharex=sharex, figsize=(width, height))
@@ -199,8 +199,11 @@ def bottom_legend(fig: Figure, handles: list, ncols: int) -> None:
 
 def legend_columns(fig: Figure, n_entries: int, inches_per_entry: float = 3.3) -> int:
     """As many legend columns as fit the figure's width (legend text is not shrunk)."""
-    fits = int(fig.get_figwidth() // inches_per_entry)
-    return max(1, min(n_entries, fits))
+    return _columns_that_fit(fig.get_figwidth(), n_entries, inches_per_entry)
+
+
+def _columns_that_fit(width: float, n_entries: int, inches_per_entry: float) -> int:
+    return max(1, min(n_entries, int(width // inches_per_entry)))
 
 
 def _luminance(rgba: tuple[float, ...]) -> float:

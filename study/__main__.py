@@ -12,6 +12,7 @@ import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NoReturn
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -63,7 +64,7 @@ class JobFailed(RuntimeError):
         self.status = status
 
 
-def _exit_multirun(status: int) -> None:
+def _exit_multirun(status: int) -> NoReturn:
     """End a launcher's job with an exception, not SystemExit: a launcher records an
     exception as the job's failure (submitit pickles it for the submitting process), while
     SystemExit escapes it, and submitit is then left to ask SLURM's accounting."""

@@ -218,9 +218,6 @@ def _claims(study: optuna.Study, plan: SweepPlan, me: lease.Worker,
             except optuna.exceptions.UpdateFinishedTrialError:
                 continue
             trial = optuna.Trial(study, queued._trial_id)
-            for name, dist in dists.items():  # queued without its params (older versions)
-                if name not in queued.params:
-                    trial.suggest_categorical(name, dist.choices)
             key = queued.user_attrs.get("key")
             if key not in by_key:  # queued by hand, or by another config of the study
                 trial.set_user_attr("status", "unused")
@@ -229,6 +226,9 @@ def _claims(study: optuna.Study, plan: SweepPlan, me: lease.Worker,
                     continue
                 raise ConfigError(f"trial {trial.number} of study {study.study_name!r} has key "
                                   f"{key} which is not a point of this sweep")
+            for name, dist in dists.items():  # queued without its params (older versions)
+                if name not in queued.params:
+                    trial.suggest_categorical(name, dist.choices)
             trial.set_user_attr("worker", me.record())
             yield trial, by_key[key]
 
