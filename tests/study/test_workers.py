@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import subprocess
 import sys
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from study import records
+from study import records, workers
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ("+sweep=smoke", "train.epochs=1", "model.width=8", "report=false", "progress=false")
@@ -106,3 +107,26 @@ def test_a_postgres_restart_mid_sweep_is_survived(tmp_path: Path, postgres, run_
                                    "running": 0, "failed": 0}
     trials = records.read_trials(run_dir)[0]  # written from the database after the outage
     assert len(trials) == 16 and trials["key"].is_unique
+
+
+def _numba_pool_size(queue) -> None:
+    import numba
+
+    queue.put(numba.config.NUMBA_NUM_THREADS)
+
+
+def test_a_worker_starts_its_thread_pools_at_its_share_of_the_cores() -> None:
+    """numba sizes its pool when it loads, whatever set_num_threads says later: a worker's
+    environment sets it before the process starts (the spawned process reads it), and pins
+    a GPU each when there are several."""
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    with workers._environment(workers.worker_environment(1, 0, [])):
+        process = context.Process(target=_numba_pool_size, args=(queue,))
+        process.start()
+    try:
+        assert queue.get(timeout=120) == 1
+    finally:
+        process.join(timeout=60)
+    assert workers.worker_environment(3, 5, ["0", "1"]) == {
+        "NUMBA_NUM_THREADS": "3", "OMP_NUM_THREADS": "3", "CUDA_VISIBLE_DEVICES": "1"}
