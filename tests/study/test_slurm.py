@@ -29,7 +29,7 @@ from tests.study.conftest import free_port, run_study
 
 pytestmark = pytest.mark.slow
 
-DAEMONS = ("munged", "slurmctld", "slurmd", "sbatch", "sinfo")
+BINARIES = ("munged", "slurmctld", "slurmd", "sbatch", "sinfo", "squeue", "scancel")
 
 
 def _config(work: Path, host: str, sock: Path) -> str:
@@ -66,7 +66,7 @@ def _config(work: Path, host: str, sock: Path) -> str:
 @pytest.fixture(scope="module")
 def slurm() -> Iterator[dict[str, str]]:
     """A running one-node cluster; yields the environment its clients need (SLURM_CONF)."""
-    found = {name: shutil.which(name) for name in DAEMONS}
+    found = {name: shutil.which(name) for name in BINARIES}
     missing = [name for name, path in found.items() if path is None]
     if missing:
         pytest.skip(f"SLURM not installed ({', '.join(missing)}): apt-get install slurm-wlm munge")
@@ -112,7 +112,7 @@ def slurm() -> Iterator[dict[str, str]]:
         yield {"SLURM_CONF": str(conf)}
     finally:
         if daemons:  # let jobs end (a step's teardown needs both daemons), then stop them
-            _drain(found["sinfo"].replace("sinfo", "squeue"), env)
+            _drain(found["squeue"], found["scancel"], env)
         for daemon in daemons:
             daemon.terminate()
         for daemon in daemons:
@@ -125,7 +125,7 @@ def slurm() -> Iterator[dict[str, str]]:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def _drain(squeue: str, env: dict[str, str], timeout: float = 60) -> None:
+def _drain(squeue: str, scancel: str, env: dict[str, str], timeout: float = 60) -> None:
     """Wait until the cluster holds no job, cancelling what is left after `timeout`/2 s."""
     deadline, cancelled = time.monotonic() + timeout, False
     while time.monotonic() < deadline:
@@ -134,7 +134,7 @@ def _drain(squeue: str, env: dict[str, str], timeout: float = 60) -> None:
         if not left:
             return
         if not cancelled and time.monotonic() > deadline - timeout / 2:
-            subprocess.run([squeue.replace("squeue", "scancel"), "--full", *left], env=env,
+            subprocess.run([scancel, "--full", *left], env=env,
                            capture_output=True, timeout=30)
             cancelled = True
         time.sleep(0.5)
