@@ -11,7 +11,7 @@ import pandas as pd
 from analysis.axes import MapLayout, SweepAxes, format_key, ordered_labels, value_key
 
 # Known statuses from best to worst; unknown ones follow, alphabetically.
-STATUS_ORDER = ("converged", "slow", "unstable", "no_progress", "diverged")
+STATUS_ORDER = ("converged", "slow", "unstable", "recovered", "no_progress", "diverged")
 FINAL = "val_loss_final"
 INITIAL = "val_loss_initial"
 # Cell markers (drawn as symbols over the heatmap) and what they mean.
@@ -63,7 +63,8 @@ def cell_summary(trials: pd.DataFrame, axes: SweepAxes, metric: str = FINAL) -> 
 
     Columns: one per axis (display labels, e.g. "0.001", "full"), `n` trials, `n_<status>`
     for every status present in `trials` (order_statuses order), `median_final` (median of
-    `metric`, falling back to `objective` when the column is absent), `reference` (median
+    `metric`, falling back to `objective` when the column is absent; the final validation
+    loss is capped at each trial's initial loss first), `reference` (median
     `val_loss_initial` over all trials of the configuration's task; NaN without that
     column), `ratio` = median_final / reference, and `marker` (a MARKERS key or "").
     Rows follow axis order. A run with no varying axis gives a single row.
@@ -75,6 +76,12 @@ def cell_summary(trials: pd.DataFrame, axes: SweepAxes, metric: str = FINAL) -> 
                         index=trials.index)
     work["status"] = trials["status"].astype(str)
     work["value"] = pd.to_numeric(trials[metric], errors="coerce")
+    if metric == FINAL and INITIAL in trials.columns:
+        # A figure's cap, said in its caption: a trial that blew up or stopped counts as
+        # no better than its initialization (the table itself keeps the measured value).
+        initial = pd.to_numeric(trials[INITIAL], errors="coerce")
+        work["value"] = np.fmin(work["value"].where(np.isfinite(work["value"]), initial),
+                                initial)
     work["reference"] = task_reference(trials) if INITIAL in trials.columns else np.nan
     keys = names or [pd.Series(0, index=trials.index)]
     grouped = work.groupby(keys, sort=False, dropna=False)

@@ -20,8 +20,8 @@ from analysis.figures import legend_columns, log_y_if_wide, plain_log_ticks, plt
 SHARPNESS_COLUMNS = ("sharpness_max", "sharpness_final")
 NOISE_COLUMNS = ("noise_scale_final",)
 DIAG_SPLIT = "diag"
-STATUS_MARKERS = {"converged": "o", "slow": "s", "unstable": "D", "no_progress": "^",
-                  "diverged": "x"}
+STATUS_MARKERS = {"converged": "o", "slow": "s", "unstable": "D", "recovered": "P",
+                  "no_progress": "^", "diverged": "x"}
 
 
 def recorded(trials: pd.DataFrame, columns: tuple[str, ...]) -> str | None:

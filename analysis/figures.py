@@ -217,8 +217,10 @@ def draw_curve_panel(frame: pd.DataFrame, n_lines: int, ax: Axes | None = None) 
 
     `frame` rows: `line_pos`, `line`, `trial`, `status`, `step`, `value` (finite values
     only), optionally `divergence_step`. The y range is capped at 10x the largest first
-    value, so blow-ups do not flatten the rest; they are drawn at the cap. A diverged trial
-    whose divergence step comes after its last evaluation ends at (divergence_step, cap).
+    value, so blow-ups do not flatten the rest; they are drawn at the cap. The "x" of a
+    diverged trial is at its divergence step: a trial the engine stopped after its last
+    evaluation ends at (divergence_step, cap); one that ended blown up is marked at the
+    first evaluation of its final blow-up.
     """
     ax = ax or plt.figure().gca()
     colors = plt.get_cmap("plasma")(np.linspace(0.0, 0.85, max(n_lines, 1)))
@@ -236,14 +238,19 @@ def draw_curve_panel(frame: pd.DataFrame, n_lines: int, ax: Axes | None = None) 
         ax.plot(line["step"], values, color=colors[pos],
                 linestyle="--" if diverged else "-", linewidth=1.6)
         if diverged:
-            end_step, end_value = line["step"].iloc[-1], values[-1]
+            mark_step, mark_value = line["step"].iloc[-1], values[-1]
             blew_up_at = line.get("divergence_step", pd.Series(np.nan)).iloc[0]
-            if np.isfinite(blew_up_at) and blew_up_at > end_step:
-                # Diverged between evaluations: finish the line at the top edge, at the step.
-                ax.plot([end_step, blew_up_at], [end_value, cap], color=colors[pos],
+            steps = line["step"].to_numpy()
+            if np.isfinite(blew_up_at) and blew_up_at > mark_step:
+                # Stopped between evaluations: finish the line at the top edge, at the step.
+                ax.plot([mark_step, blew_up_at], [mark_value, cap], color=colors[pos],
                         linestyle="--", linewidth=1.6)
-                end_step, end_value = blew_up_at, cap
-            ax.plot(end_step, end_value, marker="x", color="black", markersize=9,
+                mark_step, mark_value = blew_up_at, cap
+            elif np.isfinite(blew_up_at) and (steps == blew_up_at).any():
+                # Ended blown up: the mark sits where the final blow-up began.
+                mark_step = blew_up_at
+                mark_value = values[int(np.flatnonzero(steps == blew_up_at)[0])]
+            ax.plot(mark_step, mark_value, marker="x", color="black", markersize=9,
                     markeredgewidth=2, clip_on=False)
     ax.set_yscale("log")
     plain_log_ticks(ax.yaxis)
@@ -277,10 +284,12 @@ def plot_loss_curves(frame: pd.DataFrame, line_axis: str, ylabel: str) -> Figure
     return fig
 
 
-def plot_trial_curves(frame: pd.DataFrame) -> Figure:
+def plot_trial_curves(frame: pd.DataFrame, objective: str = "task") -> Figure:
     """One trial: loss (minibatch, train, val), gradient norm and accuracy when recorded.
 
-    `frame` rows: `split`, `metric`, `step`, `value` (see curves.trial_curves).
+    `frame` rows: `split`, `metric`, `step`, `value` (see curves.trial_curves). `objective`:
+    the trial's `training_objective`; when it is not `task`, the minibatch loss is another
+    loss than the evaluations' and is drawn on a right-hand axis of its own, named there.
     """
     metrics = [m for m in ("loss", "grad_norm", "accuracy") if (frame["metric"] == m).any()]
     fig, axes = plt.subplots(1, max(len(metrics), 1), squeeze=False,
@@ -288,11 +297,24 @@ def plot_trial_curves(frame: pd.DataFrame) -> Figure:
     styles = {"batch": dict(linewidth=0.8, alpha=0.45), "train": dict(marker="o", ms=3),
               "val": dict(marker="s", ms=3, linestyle="--")}
     for ax, metric in zip(axes[0], metrics, strict=False):
+        own_axis = metric == "loss" and objective != "task"
         for split, style in styles.items():
             rows = frame[(frame["metric"] == metric) & (frame["split"] == split)]
-            if not rows.empty:
-                ax.plot(rows["step"], rows["value"], label=f"{split}", **style)
-        if metric != "accuracy" and (frame.loc[frame["metric"] == metric, "value"] > 0).all():
+            if rows.empty:
+                continue
+            if own_axis and split == "batch":
+                twin = ax.twinx()
+                twin.plot(rows["step"], rows["value"], color="0.55", **style)
+                twin.set_ylabel(f"minibatch {objective}", color="0.4")
+                if (rows["value"] > 0).all():
+                    twin.set_yscale("log")
+                continue
+            ax.plot(rows["step"], rows["value"], label=f"{split}", **style)
+        shown = frame[(frame["metric"] == metric)
+                      & ~((frame["split"] == "batch") & own_axis)]
+        if own_axis:
+            ax.set_ylabel("task loss (evaluations)")
+        if metric != "accuracy" and (shown["value"] > 0).all():
             ax.set_yscale("log")
             plain_log_ticks(ax.yaxis)
         ax.set_title(metric.replace("_", " "), fontsize=10)

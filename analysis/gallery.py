@@ -13,6 +13,7 @@ from analysis.curves import spread
 from analysis.figures import log_y_if_wide, plt, short_label
 
 PER_STATUS = 3
+TASK_OBJECTIVE = "task"  # `training_objective` of a trial whose minibatch loss is the task's
 SHORT_NAMES = {"optimizer.lr": "lr", "train.batch_size": "bs", "model.depth": "depth",
                "model.width": "width", "model.activation": "act", SEED: "seed"}
 
@@ -25,7 +26,8 @@ def pick_representatives(trials: pd.DataFrame, axes: SweepAxes,
     number) and the picks are evenly spaced over that ranking, ends included: the best and
     the worst of the status and some between. Columns: `status`, `trial`, `pos` (0..k-1),
     `n_status` (trials with the status), `divergence_step`, `title` (the trial's
-    varying-axis values and seed). Statuses in order_statuses order.
+    varying-axis values and seed), `objective` (its `training_objective`, `task` when the
+    minibatch loss is the task's loss). Statuses in order_statuses order.
     """
     ratio = (pd.to_numeric(trials.get(FINAL), errors="coerce")
              / pd.to_numeric(trials.get(INITIAL), errors="coerce")
@@ -43,8 +45,10 @@ def pick_representatives(trials: pd.DataFrame, axes: SweepAxes,
                                              errors="coerce").to_numpy()
             if "divergence_step" in picked else np.nan,
             "title": [trial_title(row, axes) for _, row in picked.iterrows()],
+            "objective": (picked["training_objective"].fillna(TASK_OBJECTIVE).astype(str)
+                          .to_numpy() if "training_objective" in picked else TASK_OBJECTIVE),
         }))
-    columns = ["status", "trial", "pos", "n_status", "divergence_step", "title"]
+    columns = ["status", "trial", "pos", "n_status", "divergence_step", "title", "objective"]
     return pd.concat(parts, ignore_index=True)[columns] if parts else pd.DataFrame(
         columns=columns)
 
@@ -99,10 +103,16 @@ def plot_gallery(picks: pd.DataFrame, frame: pd.DataFrame) -> Figure:
         for i, panel in enumerate(("loss", "grad_norm")):
             ax = grid[i, j]
             part = rows[rows["panel"] == panel]
+            own_axis = panel == "loss" and pick.objective != TASK_OBJECTIVE
             for split, style in styles.items():
                 line = part[part["split"] == split]
-                if not line.empty:
-                    ax.plot(line["step"], line["value"], **style)
+                if line.empty or (own_axis and split == "batch"):
+                    continue
+                ax.plot(line["step"], line["value"], **style)
+            if own_axis:
+                # Another loss than the evaluations': its own axis, never the same scale.
+                draw_objective_axis(ax, part[part["split"] == "batch"], pick.objective)
+                part = part[part["split"] != "batch"]
             log_y_if_wide(ax, part["value"])
             if np.isfinite(pick.divergence_step):
                 ax.axvline(pick.divergence_step, color="black", linestyle=":", linewidth=1)
@@ -118,6 +128,20 @@ def plot_gallery(picks: pd.DataFrame, frame: pd.DataFrame) -> Figure:
     handles.append(plt.Line2D([], [], color="black", linestyle=":", label="divergence step"))
     fig.legend(handles=handles, loc="lower center", frameon=False, ncols=4, fontsize=8)
     return fig
+
+
+def draw_objective_axis(ax, line: pd.DataFrame, objective: str) -> None:
+    """The minibatch training objective on a right-hand axis of its own, labelled with what
+    it is (it is not the task's loss the evaluations report)."""
+    if line.empty:
+        return
+    twin = ax.twinx()
+    twin.plot(line["step"], line["value"], color="0.55", linewidth=0.7)
+    log_y_if_wide(twin, line["value"])
+    twin.set_ylabel(f"minibatch {objective}", fontsize=7, color="0.4")
+    twin.tick_params(labelsize=7, colors="0.4")
+    ax.set_zorder(twin.get_zorder() + 1)
+    ax.patch.set_visible(False)
 
 
 def _wrap(title: str, width: int = 42) -> str:

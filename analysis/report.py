@@ -191,9 +191,11 @@ def map_section(summary: pd.DataFrame | None, axes: SweepAxes,
         return _section(note="No stability map: fewer than two axes vary in this run.")
     smap = stability_map(summary, axes, layout, metric)
     facets = " x ".join(a for a in (layout.row, *layout.cols) if a) or "none"
-    color = ("median over seeds of the final validation loss divided by the median initial "
-             "validation loss of the same task (tasks have different loss scales; 1 = no "
-             "better than at initialization, below 1 = learned)" if smap.normalized
+    color = ("median over seeds of the final validation loss, capped at each trial's "
+             "initial loss (a trial that blew up or stopped counts as no better than its "
+             "initialization), divided by the median initial validation loss of the same "
+             "task (tasks have different loss scales; 1 = no better than at initialization, "
+             "below 1 = learned)" if smap.normalized
              else f"median over seeds of {smap.metric}")
     scale = "log scale" if smap.log_color else "linear scale"
     symbols = "; ".join(f'"{figures.SYMBOLS[m]}" = {text}' for m, text in MARKERS.items())
@@ -219,9 +221,10 @@ def curves_section(run: RunData, axes: SweepAxes) -> dict[str, Any]:
     held = "; ".join(f"{k} = {v}" for k, v in fixed.items()) or "nothing else varies"
     caption = (f"{split.capitalize()} loss vs step (log scale) for up to 5 values of {line} "
                f"spread over the grid, first seed of each configuration; held fixed: {held}. "
-               f"Diverged trials are dashed and end with an \"x\" at their divergence step "
-               f"(at the top edge when it came between evaluations, or at the last finite "
-               f"evaluation). Values above 10x the initial loss are drawn at the top edge.")
+               f"Diverged trials are dashed with an \"x\" at their divergence step (at the "
+               f"top edge when the engine stopped them between evaluations, else at the first "
+               f"evaluation of the final blow-up). Values above 10x the initial loss are drawn "
+               f"at the top edge.")
     image = figures.plot_loss_curves(frame, line, ylabel=f"{split} loss")
     return _section(figures.figure_to_data_uri(image), caption)
 
@@ -237,7 +240,8 @@ def _single_trial_curves(run: RunData) -> dict[str, Any]:
                f"train and validation loss at evaluation steps, and gradient norm."
                + (f" {others} more seed(s) of this configuration are in the table below."
                   if others else ""))
-    image = figures.plot_trial_curves(frame)
+    objective = first.get("training_objective")
+    image = figures.plot_trial_curves(frame, objective if isinstance(objective, str) else "task")
     return _section(figures.figure_to_data_uri(image), caption)
 
 

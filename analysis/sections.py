@@ -127,8 +127,11 @@ def gallery_section(run_dir, lab: pd.DataFrame, axes: SweepAxes) -> list[dict[st
         caption = (f"{n} trial{'s' if n != 1 else ''} ended {status}; "
                    + (f"showing {len(mine)}, evenly spread from the best to the worst final / "
                       f"initial validation loss. " if n > len(mine) else "showing all. ")
-                   + "Top: minibatch loss (gray), train and validation evaluations; bottom: "
-                     "minibatch gradient norm; log scale. Dotted: divergence step.")
+                   + "Top: minibatch loss (gray), train and validation evaluations in the "
+                     "task's loss; a trial trained on another objective (Huber, standardized "
+                     "targets, a hand-written loss) has its minibatch objective on a right-hand "
+                     "axis of its own, named there. Bottom: minibatch gradient norm; log "
+                     "scale. Dotted: divergence step.")
         if frame[frame["status"] == status].empty:
             out.append({"status": status, "image": None, "caption": "",
                         "note": "No curves recorded for these trials."})
@@ -256,15 +259,26 @@ def diagnostics_section(run_dir, lab: pd.DataFrame, axes: SweepAxes) -> dict[str
 
 # ------------------------------------------------------------------------------- claims
 def claims_section(claims: pd.DataFrame | None) -> dict[str, Any] | None:
-    """The claims table (statement, metric, effect [95% CI], verdict, trials), or None."""
+    """The claims table (statement, expectation, effect [95% CI] with its unit, n, p, q,
+    verdict), or None."""
     if claims is None or claims.empty:
         return None
+
+    def column(name: str, default: Any = np.nan) -> pd.Series:
+        return claims[name] if name in claims.columns else pd.Series(default,
+                                                                     index=claims.index)
+
+    expect = [f"same (within ±{tables.fmt(m)})" if e == "same" else str(e)
+              for e, m in zip(column("expect", ""), column("margin"), strict=True)]
     display = pd.DataFrame({
-        "statement": claims["statement"].astype(str), "metric": claims["metric"].astype(str),
+        "statement": claims["statement"].astype(str), "expect": expect,
         "effect [95% CI]": [tables.fmt_interval(e, lo, hi) for e, lo, hi in zip(
             claims["effect"], claims["ci_low"], claims["ci_high"], strict=True)],
+        "unit": column("unit", "").fillna("").astype(str),
+        "n": claims["n_units"] if "n_units" in claims.columns else claims["n_trials"],
+        "p": column("p_value").map(tables.fmt),
+        "q": column("q_value").map(tables.fmt),
         "verdict": claims["verdict"].astype(str),
-        "trials": claims["n_trials"],
     })
     styler = display.style.hide(axis="index").set_uuid("claims").set_table_attributes(
         'class="metrics"').map(lambda v: f"background-color: {VERDICT_COLORS.get(v, '')}"

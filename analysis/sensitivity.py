@@ -5,7 +5,8 @@ varying axis). Compute functions return tidy frames; `plot_lr_sensitivity` draws
 Definitions (loss = `val_loss_final`, the task's loss units):
 
 - capped loss of a trial: min(final loss, initial loss); a non-finite final counts as the
-  initial loss (a diverged run is no better than not training; study already caps it).
+  initial loss (a diverged run is no better than not training). The figure caps; the
+  table it reads never does.
 - per learning rate: `median` of the capped loss over seeds, `low`/`high` its min/max.
 - LR sensitivity (Wortsman et al. 2023, "Small-scale proxies for large-scale Transformer
   training instabilities"): E_lr[min(loss(lr), initial)] - min_lr loss(lr), the mean over

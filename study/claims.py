@@ -15,22 +15,41 @@ A claim (one entry of `sweep.claims`) names a metric, a comparison and the expec
       trend: optimizer.lr           # an axis; log10 of positive numbers, else the axis order
       expect: increasing            # increasing | decreasing
 
+    - statement: Standardizing already unit-scale features changes nothing
+      metric: val_loss_final
+      log: true
+      where: {failure: none}
+      compare: {axis: mitigation, arm: standardize_inputs, baseline: none}
+      expect: same                  # an equivalence claim: |effect| < margin
+      margin: 0.05                  # in the effect's unit (here log10 ratio: +-12%)
+
 Evaluation (`evaluate_claims`):
 
 - **compare**, paired by seed: each trial of the `arm` is matched with the `baseline` trial
-  that has the same seed and the same value of every other sweep axis. Effect = mean of the
-  paired differences (arm - baseline), in the metric's units.
+  that has the same seed and the same value of every other sweep axis. Effect, for a
+  status (a rate: 0/1 per trial) = the mean of the paired differences (arm - baseline),
+  a change in the share of trials with that status; for a measured metric = the median of
+  the paired differences, in the metric's units (log10 ratio with `log: true`). The median
+  keeps a trial whose loss became non-finite (+inf) in the comparison, counted as the
+  worst outcome, without letting it make the effect infinite.
 - **trend**: trials are grouped by seed and every other axis; effect = the pooled
   within-group least-squares slope of the metric on the axis value (per decade for a log
-  axis): sum over groups of Sxy / sum of Sxx.
+  axis): sum over groups of Sxy / sum of Sxx. Trials whose value is not finite are left
+  out of a trend.
+- `unit`: the effect's unit in words (e.g. "log10 ratio of val_loss_final (arm /
+  baseline)", "change in share diverged per decade of optimizer.lr").
 - 95% interval: percentile bootstrap (2,000 resamples of pairs / groups, seeded).
 - p-value: two-sided permutation test (2,000 sign flips of the paired differences / shuffles
-  of the metric within each group), (1 + #{|null| >= |observed|}) / (1 + 2,000).
+  of the metric within each group), (1 + #{|null| >= |observed|}) / (1 + 2,000). For an
+  equivalence claim (`expect: same`, with `margin` m in the effect's unit): two one-sided
+  tests (TOST) on the bootstrap distribution, p = max(P(effect <= -m), P(effect >= m)).
 - False-discovery control across the sweep's claims: Benjamini-Hochberg adjusted p-values
   (`q_value`).
 - Verdict: `supported` when q <= alpha (0.05) and the interval excludes 0 on the expected
   side; `contradicted` when q <= alpha and it excludes 0 on the other side; otherwise
-  `inconclusive` (including claims with no pairs or no variation).
+  `inconclusive` (including claims with no pairs or no variation). An equivalence claim
+  is `supported` when q <= alpha (the effect lies within +-m), `contradicted` when the 95%
+  interval lies wholly outside [-m, m], else `inconclusive`.
 """
 
 from __future__ import annotations
@@ -44,8 +63,12 @@ import pandas as pd
 
 ALPHA = 0.05
 RESAMPLES = 2000
-DIRECTIONS = {"compare": ("lower", "higher"), "trend": ("increasing", "decreasing")}
-_KEYS = {"statement", "metric", "where", "compare", "trend", "expect", "log", "pair_by"}
+SAME = "same"
+DIRECTIONS = {"compare": ("lower", "higher", SAME), "trend": ("increasing", "decreasing", SAME)}
+_KEYS = {"statement", "metric", "where", "compare", "trend", "expect", "log", "pair_by",
+         "margin"}
+CLAIM_COLUMNS = ["statement", "metric", "effect", "ci_low", "ci_high", "verdict", "n_trials",
+                 "comparison", "expect", "p_value", "q_value", "n_units", "unit", "margin"]
 
 
 class ClaimError(ValueError):
@@ -80,6 +103,15 @@ def check_claims(claims: Sequence[Mapping[str, Any]], axes: Sequence[str],
             missing = {"axis", "arm", "baseline"} - set(claim["compare"])
             if missing:
                 raise ClaimError(f"{where}.compare.{sorted(missing)[0]}: missing")
+        margin = claim.get("margin")
+        if claim["expect"] == SAME:
+            if isinstance(margin, bool) or not isinstance(margin, (int, float)) \
+                    or not 0 < margin < float("inf"):
+                raise ClaimError(f"{where}.margin: an equivalence claim (expect: same) needs a "
+                                 f"margin > 0 in the effect's unit, got {margin!r}")
+        elif margin is not None:
+            raise ClaimError(f"{where}.margin: only an equivalence claim (expect: same) has "
+                             f"a margin")
 
 
 def _kind(claim: Mapping[str, Any], where: str = "claim") -> str:
@@ -92,8 +124,9 @@ def _kind(claim: Mapping[str, Any], where: str = "claim") -> str:
 def evaluate_claims(trials: pd.DataFrame, claims: Sequence[Mapping[str, Any]],
                     axes: Mapping[str, Sequence[Any]] | Sequence[str] | None = None,
                     seed: int = 0) -> pd.DataFrame:
-    """One row per claim: statement, metric, effect, ci_low, ci_high, verdict, n_trials,
-    then comparison, expect, p_value, q_value, n_units (pairs or groups).
+    """One row per claim (`CLAIM_COLUMNS`): statement, metric, effect, ci_low, ci_high,
+    verdict, n_trials, then comparison, expect, p_value, q_value, n_units (pairs or
+    groups), unit (the effect's, in words) and margin (equivalence claims; else NaN).
 
     `axes`: the sweep's axes (names, or names -> values in sweep order); pairs and groups
     match on every axis but the claim's own, and on `seed`. Deterministic for a given `seed`.
@@ -103,11 +136,9 @@ def evaluate_claims(trials: pd.DataFrame, claims: Sequence[Mapping[str, Any]],
     for i, claim in enumerate(claims):
         rng = np.random.default_rng([seed, i])
         rows.append(_evaluate(trials, dict(claim), axis_values, rng))
-    frame = pd.DataFrame(rows, columns=["statement", "metric", "effect", "ci_low", "ci_high",
-                                        "verdict", "n_trials", "comparison", "expect",
-                                        "p_value", "q_value", "n_units"])
+    frame = pd.DataFrame(rows, columns=CLAIM_COLUMNS)
     frame["q_value"] = benjamini_hochberg(frame["p_value"].to_numpy(dtype=float))
-    frame["verdict"] = [_verdict(r.q_value, r.ci_low, r.ci_high, r.expect)
+    frame["verdict"] = [_verdict(r.q_value, r.ci_low, r.ci_high, r.expect, r.margin)
                         for r in frame.itertuples()]
     return frame
 
@@ -116,22 +147,48 @@ def _evaluate(trials: pd.DataFrame, claim: dict[str, Any], axes: dict[str, Any],
               rng: np.random.Generator) -> dict[str, Any]:
     kind = _kind(claim)
     frame = _filter(trials, claim.get("where") or {})
-    values = _metric(frame, claim["metric"], bool(claim.get("log", False)))
+    log = bool(claim.get("log", False))
+    rate = claim["metric"] not in frame.columns
+    values = _metric(frame, claim["metric"], log)
     axis = claim["compare"]["axis"] if kind == "compare" else claim["trend"]
     keys = [a for a in axes if a != axis and a in frame.columns]
     keys += [k for k in claim.get("pair_by", []) if k not in keys]
     keys += ["seed"] if "seed" in frame.columns else []
     frame = frame.assign(_value=values)
+    margin = float(claim["margin"]) if claim["expect"] == SAME else np.nan
     row = {"statement": claim["statement"], "metric": claim["metric"],
-           "expect": claim["expect"]}
+           "expect": claim["expect"], "margin": margin}
     if kind == "compare":
         spec = claim["compare"]
         row["comparison"] = f"{axis}: {spec['arm']} vs {spec['baseline']}, paired by seed"
-        stats = _paired(frame, axis, spec["arm"], spec["baseline"], keys, rng)
+        stats = _paired(frame, axis, spec["arm"], spec["baseline"], keys, rng,
+                        np.mean if rate else np.median, margin)
     else:
         row["comparison"] = f"trend over {axis}, within seed"
-        stats = _trend(frame, axis, axes.get(axis), keys, rng)
+        stats = _trend(frame, axis, axes.get(axis), keys, rng, margin)
+    row["unit"] = effect_unit(claim["metric"], kind, axis, log, rate,
+                              log_axis=kind == "trend" and _is_log_axis(frame[axis]))
     return {**row, **stats}
+
+
+def effect_unit(metric: str, kind: str, axis: str, log: bool, rate: bool,
+                log_axis: bool = False) -> str:
+    """The unit of a claim's effect, in words, e.g. "log10 ratio of val_loss_final (arm /
+    baseline)" or "change in share diverged per decade of optimizer.lr"."""
+    if rate:
+        what = f"change in share {metric}"
+    elif log:
+        what = f"log10 ratio of {metric}" if kind == "compare" else f"change in log10 {metric}"
+    else:
+        what = f"{metric} difference" if kind == "compare" else f"change in {metric}"
+    if kind == "compare":
+        return what + (" (arm / baseline)" if log and not rate else " (arm - baseline)")
+    return f"{what} {'per decade' if log_axis else 'per step'} of {axis}"
+
+
+def _is_log_axis(values: pd.Series) -> bool:
+    numeric = pd.to_numeric(values, errors="coerce")
+    return bool(len(numeric)) and bool(numeric.notna().all() and (numeric > 0).all())
 
 
 def _filter(trials: pd.DataFrame, where: Mapping[str, Any]) -> pd.DataFrame:
@@ -170,7 +227,8 @@ def _empty(n_trials: int = 0) -> dict[str, Any]:
 
 
 def _paired(frame: pd.DataFrame, axis: str, arm: Any, baseline: Any, keys: list[str],
-            rng: np.random.Generator) -> dict[str, Any]:
+            rng: np.random.Generator, centre=np.mean, margin: float = np.nan
+            ) -> dict[str, Any]:
     def side(value: Any) -> pd.Series:
         part = frame[_matches(frame[axis], value)]
         return part.groupby([part[k].astype(str) for k in keys])["_value"].mean() \
@@ -178,19 +236,23 @@ def _paired(frame: pd.DataFrame, axis: str, arm: Any, baseline: Any, keys: list[
 
     joined = pd.concat([side(arm).rename("arm"), side(baseline).rename("base")], axis=1,
                        join="inner").dropna()
-    d = (joined["arm"] - joined["base"]).to_numpy()
+    with np.errstate(invalid="ignore"):
+        d = (joined["arm"] - joined["base"]).to_numpy()
+    d = d[~np.isnan(d)]  # both sides +inf: no difference to measure
     if len(d) == 0:
         return _empty()
-    effect = float(d.mean())
-    boot = d[rng.integers(0, len(d), (RESAMPLES, len(d)))].mean(axis=1)
+    effect = float(centre(d))
+    boot = centre(d[rng.integers(0, len(d), (RESAMPLES, len(d)))], axis=1)
     signs = rng.choice([-1.0, 1.0], (RESAMPLES, len(d)))
-    null = (signs * d).mean(axis=1)
-    return {"effect": effect, **_interval(boot), "p_value": _p(null, effect),
+    with np.errstate(invalid="ignore"):
+        null = centre(signs * d, axis=1)
+    p = _tost_p(boot, margin) if np.isfinite(margin) else _p(null, effect)
+    return {"effect": effect, **_interval(boot), "p_value": p,
             "n_trials": 2 * len(d), "n_units": len(d)}
 
 
 def _trend(frame: pd.DataFrame, axis: str, order: Sequence[Any] | None, keys: list[str],
-           rng: np.random.Generator) -> dict[str, Any]:
+           rng: np.random.Generator, margin: float = np.nan) -> dict[str, Any]:
     frame = frame[np.isfinite(frame["_value"].to_numpy(dtype=float))]
     x = _positions(frame[axis], order)
     frame = frame.assign(_x=x)
@@ -212,7 +274,8 @@ def _trend(frame: pd.DataFrame, axis: str, order: Sequence[Any] | None, keys: li
         null_sxy += (cx[None, :] * y[perms]).sum(axis=1)
     null = null_sxy / sxx.sum()
     n = int(sum(len(g) for g in groups))
-    return {"effect": effect, **_interval(boot), "p_value": _p(null, effect), "n_trials": n,
+    p = _tost_p(boot, margin) if np.isfinite(margin) else _p(null, effect)
+    return {"effect": effect, **_interval(boot), "p_value": p, "n_trials": n,
             "n_units": len(groups)}
 
 
@@ -238,6 +301,13 @@ def _p(null: np.ndarray, observed: float) -> float:
     return float((1 + extreme) / (1 + len(null)))
 
 
+def _tost_p(boot: np.ndarray, margin: float) -> float:
+    """Two one-sided tests of |effect| < margin on the bootstrap distribution."""
+    below = np.sum(~(boot > -margin))  # NaN counts against equivalence
+    above = np.sum(~(boot < margin))
+    return float((1 + max(below, above)) / (1 + len(boot)))
+
+
 def benjamini_hochberg(p: np.ndarray) -> np.ndarray:
     """Benjamini-Hochberg adjusted p-values (step-up, monotone, capped at 1)."""
     p = np.asarray(p, dtype=float)
@@ -251,7 +321,12 @@ def benjamini_hochberg(p: np.ndarray) -> np.ndarray:
     return out
 
 
-def _verdict(q: float, low: float, high: float, expect: str) -> str:
+def _verdict(q: float, low: float, high: float, expect: str, margin: float = np.nan) -> str:
+    if expect == SAME:
+        if q <= ALPHA:
+            return "supported"
+        outside = low > margin or high < -margin
+        return "contradicted" if outside else "inconclusive"
     if not (q <= ALPHA) or not (np.isfinite(low) and np.isfinite(high)):
         return "inconclusive"
     expects_up = expect in ("higher", "increasing")

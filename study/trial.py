@@ -122,6 +122,8 @@ class DiagnosticsSpec:
 
 
 LOSSES = ("task", "huber", "mse_onehot", "bce_raw", "weighted_cross_entropy")
+OBJECTIVE_NAMES = {"huber": "huber", "mse_onehot": "mse on one-hot targets",
+                   "bce_raw": "bce on raw logits", "weighted_cross_entropy": "weighted cross-entropy"}
 
 
 @dataclass(frozen=True)
@@ -243,6 +245,19 @@ class TrialSpec:
     mitigations: tuple[tuple[str, Any], ...] = ()
 
     @property
+    def training_objective(self) -> str:
+        """What the minibatch loss (curves split `batch`) measures, in words: `task` when it
+        is the task's own loss in original units (the evaluations' loss), else the objective
+        the optimizer minimizes (e.g. `huber`, `mse (standardized targets)`)."""
+        notes = [t.objective_note for t in self.transforms if hasattr(t, "objective_note")]
+        base = OBJECTIVE_NAMES.get(self.loop.loss, self.loop.loss)
+        if self.loop.loss == "task" and not notes:
+            return "task"
+        if self.loop.loss == "task":
+            base = "mse" if self.task.loss == "mse" else "cross-entropy"
+        return base + (f" ({', '.join(notes)})" if notes else "")
+
+    @property
     def transforms(self) -> tuple[Any, ...]:
         """Every transform, failures first (without their config entry names)."""
         return tuple(t for _, t in (*self.failures, *self.mitigations))
@@ -284,6 +299,7 @@ class TrialSpec:
                     if isinstance(value, (list, tuple)):
                         value = json.dumps(list(value))
                     row[f"{group}.{entry}.{name}"] = value
+        row["training_objective"] = self.training_objective
         row["seed"] = self.seed
         return row
 

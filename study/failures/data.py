@@ -228,7 +228,11 @@ class StandardizeInputs:
 @dataclass(frozen=True)
 class StandardizeTargets:
     """Targets standardized with training statistics, y -> (y - mean) / std (both splits);
-    evaluation losses stay in the original units (`Dataset.target_scale`). Regression only."""
+    evaluation losses stay in the original units (`Dataset.target_scale`). Regression only.
+
+    The training objective is then MSE in standardized units (`objective_note`)."""
+
+    objective_note = "standardized targets"
 
     def check(self, task) -> None:
         _needs(task, "mse", "StandardizeTargets")

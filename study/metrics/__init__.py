@@ -8,13 +8,18 @@ means "undefined for this trial" (e.g. accuracy of a regression task), never "di
 
 Losses:
 - `train_loss_initial`, `val_loss_initial`: loss of the initialization (eval at step 0).
-- `train_loss_final`, `val_loss_final`: loss at the last eval. For a `diverged` trial the
-  final loss is capped at the initial loss (a diverged run is no better than doing nothing,
-  and NaN/inf never enters a table); the status says it diverged.
+- `train_loss_final`, `val_loss_final`: loss at the last eval, as measured; +inf when the
+  engine stopped the trial at a non-finite value (its loss did not stay finite to the end).
+  Never capped: capping belongs to the objective told to Optuna (`objective_value`).
+- `val_loss_end`: the end level the status is judged on (`status.end_level`: the median
+  of the last 10% of the finite validation evals, at least one).
+- `loss_blowup_max`: the largest finite validation eval / the initial one (>= 1): how far
+  the run blew up, whether or not it came back (`status.blowup_max`).
 - `train_loss_best`, `val_loss_best`: minimum over the finite evals.
 - `train_acc_final`, `val_acc_final`: accuracy in [0, 1] at the last finite eval.
 - `gen_gap`: val_loss_final - train_loss_final (generalization gap).
-- `irreducible_loss`: the task's floor; `excess_loss_final`: train_loss_final - floor.
+- `irreducible_loss`: the task's noise floor, which holds for the validation split (failure
+  modes corrupt the training split only); `excess_loss_final`: val_loss_final - floor.
 - `divergence_step` (update index, NaN if not diverged); `steps` (updates applied);
   `planned_steps`.
 
@@ -39,11 +44,11 @@ import numpy as np
 from study.engine.base import Trace
 from study.metrics import gradients, shape
 from study.metrics.arrays import TraceArrays, finite, last_valid, nan_reduce, pad
-from study.metrics.status import STATUSES, classify, finite_blowup_step
+from study.metrics.status import STATUSES, classify, final_blowup_step
 
 SUMMARY_METRICS = (
     "train_loss_initial", "train_loss_final", "train_loss_best",
-    "val_loss_initial", "val_loss_final", "val_loss_best",
+    "val_loss_initial", "val_loss_final", "val_loss_best", "val_loss_end", "loss_blowup_max",
     "train_acc_final", "val_acc_final", "gen_gap", "excess_loss_final",
     "divergence_step", "steps", "planned_steps", "irreducible_loss",
     "steps_to_50pct", "steps_to_90pct", "plateau_steps",
@@ -55,7 +60,7 @@ SUMMARY_METRICS = (
     "sharpness_final", "sharpness_max", "sharpness_lr_ratio", "noise_scale_final",
 )
 
-__all__ = ["STATUSES", "SUMMARY_METRICS", "finite_blowup_step", "objective_value",
+__all__ = ["STATUSES", "SUMMARY_METRICS", "final_blowup_step", "objective_value",
            "summarize", "summarize_many"]
 
 
@@ -71,24 +76,26 @@ def summarize_many(traces: Sequence[Trace], learning_rates: Sequence[float] | No
     engine_div = np.array([np.nan if tr.divergence_step is None else tr.divergence_step
                            for tr in traces], dtype=float)
     spikes = shape.spikes(a.step_loss)
-    rises = shape.eval_rises(a.train_loss)
-    status, divergence = classify(engine_divergence=engine_div, eval_step=a.eval_step,
-                                  train_loss=a.train_loss, floor=a.irreducible_loss,
-                                  spike_count=np.nan_to_num(spikes["spike_count"]),
-                                  eval_rises=rises)
-    diverged = status == "diverged"
+    rises = shape.eval_rises(a.val_loss)
+    verdict = classify(engine_divergence=engine_div, eval_step=a.eval_step, loss=a.val_loss,
+                       floor=a.irreducible_loss,
+                       spike_count=np.nan_to_num(spikes["spike_count"]), eval_rises=rises)
+    stopped = ~np.isnan(engine_div)
     cols: dict[str, np.ndarray] = {}
     for split in ("train", "val"):
         loss = getattr(a, f"{split}_loss")
         initial = np.where(np.isfinite(loss[:, 0]), loss[:, 0], np.inf)
         cols[f"{split}_loss_initial"] = initial
-        cols[f"{split}_loss_final"] = np.where(diverged, initial, last_valid(loss))
+        cols[f"{split}_loss_final"] = np.where(stopped, np.inf, last_valid(loss))
         best = nan_reduce(np.nanmin, finite(loss))
         cols[f"{split}_loss_best"] = np.where(np.isnan(best), initial, best)
         cols[f"{split}_acc_final"] = last_valid(finite(getattr(a, f"{split}_acc")))
-    cols["gen_gap"] = cols["val_loss_final"] - cols["train_loss_final"]
-    cols["excess_loss_final"] = cols["train_loss_final"] - a.irreducible_loss
-    cols["divergence_step"] = divergence
+    cols["val_loss_end"] = np.where(stopped, np.inf, verdict.end_level)
+    cols["loss_blowup_max"] = verdict.blowup_max
+    with np.errstate(invalid="ignore"):
+        cols["gen_gap"] = cols["val_loss_final"] - cols["train_loss_final"]
+    cols["excess_loss_final"] = cols["val_loss_final"] - a.irreducible_loss
+    cols["divergence_step"] = verdict.divergence_step
     cols["steps"] = np.array([_updates(tr) for tr in traces], dtype=float)
     cols["planned_steps"] = np.array([tr.planned_steps for tr in traces], dtype=float)
     cols["irreducible_loss"] = a.irreducible_loss
@@ -112,7 +119,7 @@ def summarize_many(traces: Sequence[Trace], learning_rates: Sequence[float] | No
     cols["noise_scale_final"] = last_valid(finite(pad([tr.noise_scale for tr in traces])))
     rows = []
     for i in range(t):
-        row: dict[str, Any] = {"status": str(status[i])}
+        row: dict[str, Any] = {"status": str(verdict.status[i])}
         for name in SUMMARY_METRICS:
             value = float(cols[name][i])
             row[name] = int(value) if name in _INTEGER and math.isfinite(value) else value
@@ -137,13 +144,26 @@ def _updates(trace: Trace) -> int:
 
 def objective_value(summary: dict[str, Any], metric: str, direction: str = "minimize"
                     ) -> float:
-    """The finite value told to Optuna: `summary[metric]`. Losses are kept finite by
-    `summarize` (diverged trials capped at their initial loss); a trial whose very
-    initialization gave a non-finite loss is told the worst finite float."""
+    """The value told to Optuna (the `objective` column): `summary[metric]`, except that
+
+    - for a `diverged` trial, a loss of one split (`{split}_loss_final` / `_end` / `_best`)
+      is capped at that split's initial loss: a diverged run is no better than doing
+      nothing, and one blow-up must not dominate a sampler's model of the others;
+    - a value that is still not finite, or undefined for a diverged trial, is told as the
+      worst value for `direction` (+inf when minimizing, which Optuna stores as COMPLETE
+      and ranks last).
+
+    The metric columns themselves are never capped. Raises ValueError when the metric is
+    undefined (NaN) for a trial that did not diverge."""
     value = summary[metric]
+    diverged = summary.get("status") == "diverged"
+    worst = math.inf if direction == "minimize" else -math.inf
     if value is None or math.isnan(value):
+        if diverged:
+            return worst
         raise ValueError(f"objective metric {metric!r} is undefined for this trial")
-    if math.isinf(value):
-        worst = np.finfo(float).max
-        return worst if direction == "minimize" else -worst
-    return float(value)
+    split, _, rest = metric.partition("_loss_")
+    initial = summary.get(f"{split}_loss_initial", math.nan)
+    if diverged and split in ("train", "val") and rest != "initial" and math.isfinite(initial):
+        value = min(value, initial)
+    return float(value) if math.isfinite(value) else worst

@@ -79,3 +79,49 @@ def test_benjamini_hochberg_matches_the_textbook_example() -> None:
 def test_bad_claims_are_rejected_naming_the_key(claim, message) -> None:
     with pytest.raises(ClaimError, match=message):
         check_claims([claim], list(AXES), ["val_loss_final", "diverged"])
+
+
+def test_equivalence_claims_can_support_no_effect_and_contradict_a_real_one() -> None:
+    same = [
+        {"statement": "noop changes nothing", "metric": "val_loss_final", "expect": "same",
+         "margin": 0.2, "compare": {"axis": "mitigation", "arm": "noop", "baseline": "none"}},
+        {"statement": "fix changes nothing", "metric": "val_loss_final", "expect": "same",
+         "margin": 0.2, "compare": {"axis": "mitigation", "arm": "fix", "baseline": "none"}},
+        {"statement": "noop within a hair", "metric": "val_loss_final", "expect": "same",
+         "margin": 0.001, "compare": {"axis": "mitigation", "arm": "noop", "baseline": "none"}},
+    ]
+    out = evaluate_claims(_fixture(), same, AXES)
+    # noop: paired noise of sd 0.14 over 60 pairs, well inside +-0.2; fix: -1, far outside.
+    assert list(out["verdict"]) == ["supported", "contradicted", "inconclusive"]
+    assert list(out["margin"]) == [0.2, 0.2, 0.001]
+    assert out.loc[0, "p_value"] <= 0.05 < out.loc[2, "p_value"]
+
+
+def test_every_claim_states_the_unit_of_its_effect() -> None:
+    out = evaluate_claims(_fixture(), CLAIMS, AXES)
+    assert out.loc[0, "unit"] == "val_loss_final difference (arm - baseline)"
+    assert out.loc[3, "unit"] == "change in share diverged per decade of optimizer.lr"
+    logged = evaluate_claims(_fixture(), [{**CLAIMS[0], "log": True}], AXES)
+    assert logged.loc[0, "unit"] == "log10 ratio of val_loss_final (arm / baseline)"
+
+
+def test_a_non_finite_final_loss_counts_as_the_worst_outcome_without_an_infinite_effect(
+        ) -> None:
+    trials = _fixture()
+    blown = (trials["mitigation"] == "none") & (trials["seed"] < 5)
+    trials.loc[blown, "val_loss_final"] = np.inf
+    out = evaluate_claims(trials, CLAIMS[:1], AXES)
+    assert np.isfinite(out.loc[0, "effect"]) and out.loc[0, "verdict"] == "supported"
+    assert out.loc[0, "n_units"] == 60
+
+
+@pytest.mark.parametrize("claim, message", [
+    ({"expect": "same"}, "margin > 0"),
+    ({"expect": "same", "margin": -1}, "margin > 0"),
+    ({"expect": "lower", "margin": 0.1}, "only an equivalence claim"),
+])
+def test_equivalence_margins_are_checked(claim, message) -> None:
+    base = {"statement": "s", "metric": "val_loss_final",
+            "compare": {"axis": "mitigation", "arm": "fix", "baseline": "none"}}
+    with pytest.raises(ClaimError, match=message):
+        check_claims([{**base, **claim}], list(AXES), ["val_loss_final"])

@@ -10,7 +10,7 @@ import pytest
 from study.engine.base import Trace
 from study.metrics import objective_value, summarize, summarize_many
 from study.metrics.shape import oscillation, spikes, steps_to_fraction
-from study.metrics.status import finite_blowup_step
+from study.metrics.status import end_level, final_blowup_step
 
 
 def _trace(train_loss, *, step_loss=None, val_loss=None, divergence_step=None, floor=0.0,
@@ -69,29 +69,78 @@ def test_plateau_then_drop_gives_known_step_counts() -> None:
     assert row["plateau_steps"] == 40 and row["steps_to_50pct"] == 40
 
 
-def test_nan_at_step_17_is_diverged_at_17_with_capped_final_loss() -> None:
+def test_nan_at_step_17_is_diverged_at_17_and_final_loss_is_not_finite() -> None:
     step_loss = np.linspace(1.0, 0.5, 18)
     step_loss[17] = np.nan
     row = summarize(_trace([1.0, 0.8], step_loss=step_loss, divergence_step=17))
     assert row["status"] == "diverged" and row["divergence_step"] == 17
-    assert row["train_loss_final"] == 1.0 == row["val_loss_final"]  # capped at initial
+    # Measured: the loss did not stay finite to the end; never capped in a metric column.
+    assert row["train_loss_final"] == math.inf == row["val_loss_final"]
     assert row["train_loss_best"] == 0.8
     assert row["steps"] == 17
+    # Capping belongs to the objective alone.
     assert objective_value(row, "val_loss_final") == 1.0
+    assert objective_value(row, "gen_gap") == math.inf  # undefined for a diverged trial
 
 
-def test_finite_ten_billionfold_growth_is_diverged_at_first_of_three_bad_evals() -> None:
+def test_run_that_ends_blown_up_is_diverged_at_the_first_eval_of_its_final_streak() -> None:
     loss = [1.0, 0.5, 20.0, 1e3, 1e6, 1e10]
-    assert finite_blowup_step(np.arange(6)[None, :] * 10, np.array([loss]))[0] == 20
+    assert final_blowup_step(np.arange(6)[None, :] * 10, np.array([loss]))[0] == 20
     row = summarize(_trace(loss))
     assert (row["status"], row["divergence_step"]) == ("diverged", 20)
-    assert row["train_loss_final"] == 1.0
+    assert row["val_loss_final"] == 1e10 and row["loss_blowup_max"] == 1e10
+    assert objective_value(row, "val_loss_final") == 1.0
+    # A blow-up in the middle that the run came back from is not the final streak.
+    middle = [1.0, 20.0, 30.0, 40.0, 0.5, 15.0, 12.0, 11.0]
+    assert final_blowup_step(np.arange(8)[None, :], np.array([middle]))[0] == 5
+
+
+def test_catapult_that_comes_back_is_recovered_with_its_measured_final_loss() -> None:
+    # Trial 341 of lr_batch (blobs, adam, lr 0.562): up 72x, then down below the start.
+    loss = [1.42, 102.8, 62.4, 21.2, 5.5, 2.0, 1.1, 0.9, 0.8, 0.79, 0.78]
+    row = summarize(_trace(loss))
+    assert row["status"] == "recovered"
+    assert math.isnan(row["divergence_step"])
+    assert row["val_loss_final"] == 0.78 and row["train_loss_final"] == 0.78
+    assert row["loss_blowup_max"] == pytest.approx(102.8 / 1.42)
+    assert objective_value(row, "val_loss_final") == 0.78
 
 
 def test_transient_spike_that_recovers_is_not_diverged() -> None:
     row = summarize(_trace([1.0, 0.5, 4.0, 30.0, 0.3, 0.1, 0.05, 0.04]))
-    assert row["status"] == "unstable"  # two rises > 10%, but no divergence
-    assert math.isnan(row["divergence_step"])
+    assert row["status"] == "recovered" and math.isnan(row["divergence_step"])
+    # Rises below the blow-up factor: two of them make the run unstable.
+    row = summarize(_trace([1.0, 0.5, 0.8, 0.4, 0.6, 0.1, 0.05, 0.04]))
+    assert row["status"] == "unstable" and row["loss_blowup_max"] == 1.0
+
+
+def test_run_that_ends_above_its_start_but_below_the_divergence_factor_made_no_progress(
+        ) -> None:
+    row = summarize(_trace([1.0, 2.0, 3.0, 4.0, 5.0]))
+    assert row["status"] == "no_progress" and math.isnan(row["divergence_step"])
+    assert row["val_loss_final"] == 5.0
+
+
+def test_status_is_judged_on_the_validation_loss_not_the_corrupted_training_loss() -> None:
+    # Outliers in the training targets: the training loss falls (it fits them), the
+    # validation loss rises: no progress on what the user cares about.
+    row = summarize(_trace([10.0, 6.0, 4.0, 3.0], val_loss=[1.0, 1.8, 2.3, 2.51]))
+    assert row["status"] == "no_progress"
+    # The training loss stays flat near the corrupted optimum, the validation loss fell 10x.
+    row = summarize(_trace([1e3, 1e3, 1e3, 1e3, 1e3], val_loss=[0.4, 0.1, 0.05, 0.04, 0.04]))
+    assert row["status"] == "converged"
+    assert row["excess_loss_final"] == pytest.approx(0.04)  # val_loss_final - floor
+
+
+def test_one_spike_at_the_last_eval_does_not_decide_the_status() -> None:
+    # Edge of stability: 0.513 -> about 0.045 for 1,500 evals, then one spike to 0.972.
+    rng = np.random.default_rng(0)
+    loss = np.concatenate([np.geomspace(0.513, 0.05, 100),
+                           0.046 + 0.004 * rng.standard_normal(1400), [0.972]])
+    assert end_level(loss[None, :])[0] == pytest.approx(0.046, abs=0.002)
+    row = summarize(_trace(loss, every=1))
+    assert row["status"] != "no_progress"
+    assert row["val_loss_final"] == 0.972 and row["val_loss_end"] < 0.05
 
 
 def test_noisy_regression_that_reaches_its_floor_after_a_one_percent_drop_converged() -> None:
