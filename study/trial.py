@@ -123,7 +123,8 @@ class DiagnosticsSpec:
 
 LOSSES = ("task", "huber", "mse_onehot", "bce_raw", "weighted_cross_entropy")
 OBJECTIVE_NAMES = {"huber": "huber", "mse_onehot": "mse on one-hot targets",
-                   "bce_raw": "bce on raw logits", "weighted_cross_entropy": "weighted cross-entropy"}
+                   "bce_raw": "bce on raw logits",
+                   "weighted_cross_entropy": "weighted cross-entropy"}
 
 
 @dataclass(frozen=True)
