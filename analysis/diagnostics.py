@@ -1,10 +1,11 @@
 """Opt-in diagnostics, shown only when a sweep recorded them: sharpness (top Hessian
-eigenvalue) against the classical gradient-descent stability limit 2/lr, and the gradient
-noise scale B_simple (McCandlish et al. 2018).
+eigenvalue) against the stability threshold of each trial's optimizer
+(`study.metrics.curvature`), and the gradient noise scale B_simple (McCandlish et al. 2018).
 
-Inputs: trials.parquet columns `sharpness_final`, `sharpness_max`, `sharpness_lr_ratio`
-(= sharpness * lr / 2; 1 = at the limit), `noise_scale_final`; curves with split "diag",
-metrics "sharpness" and "noise_scale".
+Inputs: trials.parquet columns `sharpness_final`, `sharpness_max`,
+`sharpness_ratio_settled` / `sharpness_ratio_max` (curvature / the optimizer's threshold;
+1 = at the limit), `noise_scale_final`; curves with split "diag", metrics "sharpness",
+"precond_sharpness" and "noise_scale".
 """
 
 from __future__ import annotations

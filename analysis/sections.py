@@ -247,7 +247,8 @@ def diagnostics_section(run_dir, lab: pd.DataFrame, axes: SweepAxes) -> dict[str
                           "caption": f"{metric} recorded every few steps, first seed of each "
                           f"configuration; held fixed: {held}."})
     table = ""
-    present = [c for c in ("sharpness_max", "sharpness_lr_ratio", "noise_scale_final")
+    present = [c for c in ("sharpness_max", "sharpness_ratio_settled", "sharpness_ratio_max",
+                           "noise_scale_final")
                if diagnostics.recorded(lab, (c,))]
     if present and axes.names:
         medians = lab.groupby(axes.names, sort=False)[present].median().reset_index()

@@ -29,13 +29,16 @@ METRIC_ORDER = (
     "grad_norm_median", "grad_norm_max", "grad_norm_final", "grad_norm_growth",
     "layer_grad_ratio_log10", "update_param_ratio", "dead_relu_fraction",
     "saturation_fraction",
-    "sharpness_final", "sharpness_max", "sharpness_lr_ratio", "noise_scale_final",
+    "sharpness_final", "sharpness_max", "precond_sharpness_final", "precond_sharpness_max",
+    "sharpness_threshold", "sharpness_ratio_max", "sharpness_ratio_settled",
+    "sharpness_ratio_final", "noise_scale_final", "val_loss_end", "loss_blowup_max",
     "steps", "planned_steps", "irreducible_loss",
 )
 NOT_METRICS = {"trial", SEED, "objective", *GROUP_LABELS}
 # Shown per configuration in the per-cell metric table, when present.
 CELL_METRICS = ("steps_to_90pct", "osc_tv_ratio", "spike_count", "grad_norm_max",
-                "update_param_ratio", "gen_gap", "sharpness_lr_ratio", "val_acc_final")
+                "update_param_ratio", "gen_gap", "sharpness_ratio_settled", "val_acc_final",
+                "loss_blowup_max")
 
 
 def metric_columns(trials: pd.DataFrame) -> list[str]:

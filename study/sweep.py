@@ -36,6 +36,7 @@ from study.engine import Engine, population_key
 from study.engine.planner import plan_populations
 from study.grid import GridPoint, SweepPlan
 from study.metrics import objective_value, summarize_many
+from study.metrics.curvature import stability_threshold
 from study.seeds import seed_streams
 
 log = logging.getLogger(__name__)
@@ -277,7 +278,7 @@ def curves_frame(numbers: Sequence[int], traces: Sequence) -> pd.DataFrame:
             add(number, name, "loss", trace.eval_step, getattr(trace, f"{name}_loss"))
             add(number, name, "accuracy", trace.eval_step, getattr(trace, f"{name}_acc"))
         if trace.diag_step is not None:
-            for name in ("sharpness", "noise_scale"):
+            for name in ("sharpness", "noise_scale", "precond_sharpness"):
                 values = getattr(trace, name)
                 if values is not None and not np.isnan(values).all():
                     add(number, "diag", name, trace.diag_step, values)
@@ -378,7 +379,8 @@ def _train(study: optuna.Study, engine: Engine, device: torch.device, run_dir: P
     # Curves first (atomically), then tell: a COMPLETE trial always has its curves on disk.
     records.write_curves(run_dir, f"trials-{min(numbers):06d}-{max(numbers):06d}",
                          curves_frame(numbers, traces))
-    summaries = summarize_many(traces, [point.trial.optimizer.lr for _, point in batch])
+    summaries = summarize_many(traces, [stability_threshold(point.trial.optimizer)
+                                        for _, point in batch])
     told = 0
     for (trial, _), summary in zip(batch, summaries, strict=True):
         try:

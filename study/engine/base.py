@@ -33,6 +33,9 @@ class Trace:
 
     Opt-in diagnostics (`TrialSpec.diagnostics`): `sharpness[i]` and `noise_scale[i]` after
     `diag_step[i]` updates (NaN for the one not asked for); None when none was asked for.
+    `precond_sharpness[i]`: with sharpness asked for and an adaptive optimizer (Adam, AdamW,
+    RMSprop, Adagrad), the top eigenvalue of P^-1 H, P the diagonal preconditioner of the
+    optimizer's next step (see `study.metrics.curvature`); None otherwise.
 
     A trial stops at the first non-finite minibatch loss, gradient norm or eval loss:
     `divergence_step` is that step (the non-finite value is the last entry recorded), and
@@ -59,6 +62,7 @@ class Trace:
     diag_step: np.ndarray | None = None
     sharpness: np.ndarray | None = None
     noise_scale: np.ndarray | None = None
+    precond_sharpness: np.ndarray | None = None
 
     def equal(self, other: Trace) -> bool:
         """Bit-identical (NaN equal to NaN)."""

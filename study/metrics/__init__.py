@@ -26,9 +26,15 @@ Losses:
 Opt-in diagnostics (NaN unless the trial recorded them, see `study.engine.diagnostics`):
 - `sharpness_final`, `sharpness_max`: top Hessian eigenvalue of the full-batch training
   loss at the last measurement / its maximum over the run (1 / loss-units per parameter^2).
-- `sharpness_lr_ratio`: sharpness_max x lr / 2. Gradient descent on a quadratic is stable
-  only while sharpness < 2 / lr, so 1 is the classical stability limit (for plain SGD;
-  adaptive optimizers precondition the curvature they see).
+- `precond_sharpness_final`, `precond_sharpness_max`: the same for the preconditioned
+  Hessian P^-1 H of an adaptive optimizer (NaN for the others).
+- `sharpness_threshold`: the curvature the trial's optimizer tolerates
+  (`curvature.stability_threshold`: 2 / lr for gradient descent, (2 + 2 beta) / lr for
+  heavy-ball momentum, 38 / lr for Adam's preconditioned sharpness at beta1 = 0.9, ...).
+- `sharpness_ratio_max`, `sharpness_ratio_settled`, `sharpness_ratio_final`: the curvature
+  that threshold applies to (preconditioned for adaptive optimizers), divided by it: its
+  maximum, its median from the first measurement at or above 1 on (where a run at the
+  edge of stability settles; NaN if it never reached 1), and its last value.
 - `noise_scale_final`: gradient noise scale B_simple = tr(Sigma) / |G|^2 at the last
   measurement (in examples: the batch size above which larger batches stop helping much).
 """
@@ -42,7 +48,7 @@ from typing import Any
 import numpy as np
 
 from study.engine.base import Trace
-from study.metrics import gradients, shape
+from study.metrics import curvature, gradients, shape
 from study.metrics.arrays import TraceArrays, finite, last_valid, nan_reduce, pad
 from study.metrics.status import STATUSES, classify, final_blowup_step
 
@@ -57,18 +63,22 @@ SUMMARY_METRICS = (
     "grad_norm_median", "grad_norm_max", "grad_norm_final", "grad_norm_growth",
     "layer_grad_ratio_log10", "update_param_ratio",
     "dead_relu_fraction", "saturation_fraction",
-    "sharpness_final", "sharpness_max", "sharpness_lr_ratio", "noise_scale_final",
+    "sharpness_final", "sharpness_max", "precond_sharpness_final", "precond_sharpness_max",
+    "sharpness_threshold", "sharpness_ratio_max", "sharpness_ratio_settled",
+    "sharpness_ratio_final", "noise_scale_final",
 )
 
 __all__ = ["STATUSES", "SUMMARY_METRICS", "final_blowup_step", "objective_value",
            "summarize", "summarize_many"]
 
 
-def summarize_many(traces: Sequence[Trace], learning_rates: Sequence[float] | None = None
+def summarize_many(traces: Sequence[Trace],
+                   thresholds: Sequence[curvature.Threshold] | None = None
                    ) -> list[dict[str, Any]]:
     """`status` and every metric of `SUMMARY_METRICS` for each trace (vectorized).
 
-    `learning_rates` (one per trace) is only needed for `sharpness_lr_ratio`."""
+    `thresholds` (one per trace, `curvature.stability_threshold` of its optimizer) is only
+    needed for the `sharpness_ratio_*` columns."""
     if not traces:
         return []
     a = TraceArrays.stack(traces)
@@ -114,8 +124,14 @@ def summarize_many(traces: Sequence[Trace], learning_rates: Sequence[float] | No
     sharp = finite(pad([tr.sharpness for tr in traces]))
     cols["sharpness_final"] = last_valid(sharp)
     cols["sharpness_max"] = nan_reduce(np.nanmax, sharp)
-    lrs = np.full(t, np.nan) if learning_rates is None else np.asarray(learning_rates, float)
-    cols["sharpness_lr_ratio"] = cols["sharpness_max"] * lrs / 2
+    precond = finite(pad([tr.precond_sharpness for tr in traces], sharp.shape[1]))
+    cols["precond_sharpness_final"] = last_valid(precond)
+    cols["precond_sharpness_max"] = nan_reduce(np.nanmax, precond)
+    limits = thresholds or [curvature.Threshold(np.nan, False)] * t
+    cols["sharpness_threshold"] = np.array([lim.value for lim in limits], dtype=float)
+    uses = np.array([lim.preconditioned for lim in limits], dtype=bool)
+    cols.update(curvature.ratios(np.where(uses[:, None], precond, sharp),
+                                 cols["sharpness_threshold"]))
     cols["noise_scale_final"] = last_valid(finite(pad([tr.noise_scale for tr in traces])))
     rows = []
     for i in range(t):

@@ -133,13 +133,13 @@ def write_single_run(run_dir: Path) -> Path:
 
 
 def write_diag_run(run_dir: Path) -> Path:
-    """The sweep fixture plus opt-in diagnostics: sharpness = 1 / lr (so sharpness * lr / 2
-    = 0.5 everywhere), noise scale = 64, and "diag" curves for every trial."""
+    """The sweep fixture plus opt-in diagnostics: sharpness = 1 / lr, settled at 0.95 of the
+    optimizer's threshold, noise scale = 64, and "diag" curves for every trial."""
     write_sweep_run(run_dir)
     trials, meta = read_trials(run_dir)
     lr = trials["optimizer.lr"]
     trials = trials.assign(sharpness_final=1 / lr, sharpness_max=1 / lr,
-                           sharpness_lr_ratio=0.5, noise_scale_final=64.0)
+                           sharpness_ratio_settled=0.95, noise_scale_final=64.0)
     write_trials(run_dir, trials, meta)
     parts = []
     for row in trials.itertuples():

@@ -110,7 +110,7 @@ def test_claims_and_diagnostics_sections_when_present(full_report):
     # scatter vs 2/lr, sharpness curves, noise-scale curves
     assert section.count("<img") == 3
     assert "0% of trials lie above it" in section  # sharpness = 1/lr < 2/lr
-    assert ">sharpness_lr_ratio<" in section and ">0.5<" in section
+    assert ">sharpness_ratio_settled<" in section and ">0.95<" in section
 
 
 def test_claims_section_needs_rows():
