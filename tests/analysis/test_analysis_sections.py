@@ -135,3 +135,71 @@ def test_cli_rejects_unknown_map_metric(sweep_run, capsys):
     assert main([str(sweep_run), "--map-metric", "nope"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "'nope'" in err[0] and "osc_tv_ratio" in err[0]
+
+
+def test_claims_table_shows_units_n_p_q_and_equivalence_margins():
+    from study.claims import evaluate_claims
+
+    rng = np.random.default_rng(0)
+    trials = pd.DataFrame([{"seed": s, "mitigation": m, "val_loss_final": 1.0 + rng.normal(0, 0.01)
+                            - (0.5 if m == "fix" else 0.0)}
+                           for s in range(12) for m in ("none", "fix", "noop")])
+    claims = evaluate_claims(trials, [
+        {"statement": "fix lowers loss", "metric": "val_loss_final", "expect": "lower",
+         "compare": {"axis": "mitigation", "arm": "fix", "baseline": "none"}},
+        {"statement": "noop changes nothing", "metric": "val_loss_final", "expect": "same",
+         "margin": 0.05, "compare": {"axis": "mitigation", "arm": "noop", "baseline": "none"}},
+    ], {"mitigation": ["none", "fix", "noop"]})
+    html = claims_section(claims)["table"]
+    for header in (">unit<", ">n<", ">p<", ">q<", ">verdict<"):
+        assert header in html
+    assert "val_loss_final difference (arm - baseline)" in html
+    assert "same (within ±0.05)" in html
+    assert html.count(">supported<") == 2
+
+
+def test_a_diverged_curve_is_marked_at_its_divergence_step():
+    from analysis.figures import draw_curve_panel, plt
+
+    steps = np.arange(0, 60, 10)
+    ended = pd.DataFrame({"line_pos": 0, "line": "a", "trial": 1, "status": "diverged",
+                          "step": steps, "value": [1.0, 0.5, 20.0, 40.0, 80.0, 90.0],
+                          "divergence_step": 20.0})
+    stopped = pd.DataFrame({"line_pos": 1, "line": "b", "trial": 2, "status": "diverged",
+                            "step": steps[:3], "value": [1.0, 0.8, 0.6],
+                            "divergence_step": 27.0})
+    ax = draw_curve_panel(pd.concat([ended, stopped]), 2)
+    marks = [line for line in ax.get_lines() if line.get_marker() == "x"]
+    assert sorted(float(m.get_xdata()[0]) for m in marks) == [20.0, 27.0]
+    plt.close(ax.figure)
+
+
+def test_a_training_objective_other_than_the_task_loss_gets_its_own_labelled_axis():
+    from analysis.figures import plot_trial_curves, plt
+    from analysis.gallery import plot_gallery
+
+    steps = np.arange(0, 40, 10)
+    frame = pd.concat([
+        pd.DataFrame({"pos": 0, "trial": 1, "panel": "loss", "split": "batch",
+                      "step": np.arange(40), "value": np.linspace(0.5, 0.05, 40)}),
+        pd.DataFrame({"pos": 0, "trial": 1, "panel": "loss", "split": "val", "step": steps,
+                      "value": [40.0, 20.0, 10.0, 9.0]}),
+        pd.DataFrame({"pos": 0, "trial": 1, "panel": "grad_norm", "split": "batch",
+                      "step": np.arange(40), "value": 1.0}),
+    ])
+    picks = pd.DataFrame({"status": ["converged"], "trial": [1], "pos": [0], "n_status": [1],
+                          "divergence_step": [np.nan], "title": ["trial 1"],
+                          "objective": ["huber"]})
+    fig = plot_gallery(picks, frame)
+    labels = [ax.get_ylabel() for ax in fig.axes]
+    assert "minibatch huber" in labels
+    plt.close(fig)
+    one = frame.assign(metric=np.where(frame["panel"] == "grad_norm", "grad_norm", "loss"))
+    fig = plot_trial_curves(one, "mse (standardized targets)")
+    assert "minibatch mse (standardized targets)" in [ax.get_ylabel() for ax in fig.axes]
+    plt.close(fig)
+    # The task's own loss shares the axis with the evaluations: no extra axis.
+    fig = plot_gallery(picks.assign(objective="task"), frame)
+    assert not any(label.startswith("minibatch") for label in
+                   (ax.get_ylabel() for ax in fig.axes))
+    plt.close(fig)
