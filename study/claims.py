@@ -292,7 +292,10 @@ def _positions(values: pd.Series, order: Sequence[Any] | None) -> np.ndarray:
 
 
 def _interval(boot: np.ndarray) -> dict[str, float]:
-    low, high = np.nanpercentile(boot, [2.5, 97.5])
+    # Outward order statistics, never interpolated: a bootstrap median can be +inf (most of
+    # a resample diverged), and inf - inf would turn the bound into NaN.
+    low = np.nanpercentile(boot, 2.5, method="lower")
+    high = np.nanpercentile(boot, 97.5, method="higher")
     return {"ci_low": float(low), "ci_high": float(high)}
 
 
@@ -327,7 +330,7 @@ def _verdict(q: float, low: float, high: float, expect: str, margin: float = np.
             return "supported"
         outside = low > margin or high < -margin
         return "contradicted" if outside else "inconclusive"
-    if not (q <= ALPHA) or not (np.isfinite(low) and np.isfinite(high)):
+    if not (q <= ALPHA) or np.isnan(low) or np.isnan(high):
         return "inconclusive"
     expects_up = expect in ("higher", "increasing")
     if low > 0:

@@ -44,7 +44,7 @@ def check_agreement(run_dir: Path) -> int:
                       if k in own)
         finite = val[np.isfinite(val[:, 1])]
         where = f"trial {row.trial} ({row.status})"
-        if len(finite) == 0 or not finite[0, 0] == 0:  # not even the initialization was finite
+        if len(finite) == 0 or finite[0, 0] != 0:  # not even the initialization was finite
             assert stopped and row.status == "diverged", where
             continue
         initial, floor = finite[0, 1], row.irreducible_loss

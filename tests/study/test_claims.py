@@ -125,3 +125,13 @@ def test_equivalence_margins_are_checked(claim, message) -> None:
             "compare": {"axis": "mitigation", "arm": "fix", "baseline": "none"}}
     with pytest.raises(ClaimError, match=message):
         check_claims([{**base, **claim}], list(AXES), ["val_loss_final"])
+
+
+def test_an_interval_with_mostly_diverged_resamples_is_unbounded_not_nan() -> None:
+    trials = _fixture()
+    # Half of the baseline trials ended non-finite: many bootstrap medians are -inf.
+    blown = (trials["mitigation"] == "none") & (trials["seed"] < 10)
+    trials.loc[blown, "val_loss_final"] = np.inf
+    out = evaluate_claims(trials, CLAIMS[:1], AXES)
+    assert out.loc[0, "ci_low"] == -np.inf and np.isfinite(out.loc[0, "ci_high"])
+    assert out.loc[0, "verdict"] == "supported"
