@@ -58,6 +58,19 @@ def task_reference(trials: pd.DataFrame) -> pd.Series:
     return initial.groupby(trials["task"].astype(str)).transform("median")
 
 
+def capped_loss(trials: pd.DataFrame, metric: str = FINAL,
+                initial: str = INITIAL) -> pd.Series:
+    """Per trial: min(final, initial); a non-finite final counts as the initial loss.
+
+    The cap of the report's figures and per-cell tables, said in their captions: a trial
+    that blew up or stopped counts as no better than its initialization. trials.parquet
+    itself keeps the measured value."""
+    final = pd.to_numeric(trials[metric], errors="coerce")
+    start = pd.to_numeric(trials[initial], errors="coerce")
+    final = final.where(np.isfinite(final), start)
+    return np.minimum(final, start)
+
+
 def cell_summary(trials: pd.DataFrame, axes: SweepAxes, metric: str = FINAL) -> pd.DataFrame:
     """One row per configuration (combination of varying-axis values), over its seeds.
 
@@ -77,11 +90,7 @@ def cell_summary(trials: pd.DataFrame, axes: SweepAxes, metric: str = FINAL) -> 
     work["status"] = trials["status"].astype(str)
     work["value"] = pd.to_numeric(trials[metric], errors="coerce")
     if metric == FINAL and INITIAL in trials.columns:
-        # A figure's cap, said in its caption: a trial that blew up or stopped counts as
-        # no better than its initialization (the table itself keeps the measured value).
-        initial = pd.to_numeric(trials[INITIAL], errors="coerce")
-        work["value"] = np.fmin(work["value"].where(np.isfinite(work["value"]), initial),
-                                initial)
+        work["value"] = capped_loss(trials)
     work["reference"] = task_reference(trials) if INITIAL in trials.columns else np.nan
     keys = names or [pd.Series(0, index=trials.index)]
     grouped = work.groupby(keys, sort=False, dropna=False)

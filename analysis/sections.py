@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 
 from analysis import diagnostics, figures, gallery, tables
-from analysis.aggregate import FINAL, label_series
+from analysis.aggregate import FINAL, INITIAL, capped_loss, label_series
 from analysis.axes import LR, SEED, SweepAxes, format_key
 from analysis.curves import curve_facets, line_axis, select_curve_trials
 from analysis.sensitivity import (
@@ -146,11 +146,13 @@ def gallery_section(run_dir, lab: pd.DataFrame, axes: SweepAxes) -> list[dict[st
 def cell_stats_section(lab: pd.DataFrame, summary: pd.DataFrame,
                        axes: SweepAxes) -> dict[str, Any]:
     """Per configuration: statuses, divergence rate (Wilson 95%), median and IQR of the
-    final validation loss over seeds (bootstrap 95%)."""
+    final validation loss over seeds, capped at each trial's initial loss (bootstrap 95%)."""
     names = axes.names
     metric = FINAL if FINAL in lab else "objective"
     rates = divergence_rate(lab, names)
-    spread = seed_spread(lab, names, metric)
+    capped = lab.assign(**{FINAL: capped_loss(lab)}) if INITIAL in lab and metric == FINAL \
+        else lab
+    spread = seed_spread(capped, names, metric)
     cells = summary.merge(rates[[*names, "rate", "ci_low", "ci_high"]], on=names, how="left") \
         .merge(spread.drop(columns="n"), on=names, how="left") if names else pd.concat(
         [summary, rates[["rate", "ci_low", "ci_high"]], spread.drop(columns="n")], axis=1)

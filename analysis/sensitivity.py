@@ -31,20 +31,11 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import LogLocator, NullLocator
 
-from analysis.aggregate import FINAL, INITIAL
+from analysis.aggregate import FINAL, INITIAL, capped_loss
 from analysis.axes import LR, value_key
 from analysis.figures import bottom_legend, log_y_if_wide, panel_grid, plt
 
 FAILED = ("diverged", "no_progress")
-
-
-def capped_loss(trials: pd.DataFrame, metric: str = FINAL,
-                initial: str = INITIAL) -> pd.Series:
-    """Per trial: min(final, initial); a non-finite final counts as the initial loss."""
-    final = pd.to_numeric(trials[metric], errors="coerce")
-    start = pd.to_numeric(trials[initial], errors="coerce")
-    final = final.where(np.isfinite(final), start)
-    return np.minimum(final, start)
 
 
 def lr_curves(trials: pd.DataFrame, group: Sequence[str], lr: str = LR,
