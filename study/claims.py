@@ -26,16 +26,18 @@ A claim (one entry of `sweep.claims`) names a metric, a comparison and the expec
 Evaluation (`evaluate_claims`):
 
 - **compare**, paired by seed: each trial of the `arm` is matched with the `baseline` trial
-  that has the same seed and the same value of every other sweep axis. Effect, for a
-  status (a rate: 0/1 per trial) = the mean of the paired differences (arm - baseline),
-  a change in the share of trials with that status; for a measured metric = the median of
-  the paired differences, in the metric's units (log10 ratio with `log: true`). The median
-  keeps a trial whose loss became non-finite (+inf) in the comparison, counted as the
-  worst outcome, without letting it make the effect infinite.
+  that has the same seed and the same value of every other sweep axis. Effect = mean of the
+  paired differences (arm - baseline), in the metric's units (log10 ratio with `log:
+  true`); for a status (0/1 per trial), a change in the share of trials with it.
 - **trend**: trials are grouped by seed and every other axis; effect = the pooled
   within-group least-squares slope of the metric on the axis value (per decade for a log
-  axis): sum over groups of Sxy / sum of Sxx. Trials whose value is not finite are left
-  out of a trend.
+  axis): sum over groups of Sxy / sum of Sxx.
+- A loss of one split (`{split}_loss_final`, `_end`, `_best`) is compared **capped at the
+  trial's initial loss of that split** (a non-finite loss counts as the initial one): a
+  trial that blew up counts as no better than its initialization, so it stays in the
+  comparison without making the effect infinite. The columns keep the measured values; the
+  claim's unit says "capped at initial". Pairs or trials with any other non-finite value
+  are left out (n says how many remain).
 - `unit`: the effect's unit in words (e.g. "log10 ratio of val_loss_final (arm /
   baseline)", "change in share diverged per decade of optimizer.lr").
 - 95% interval: percentile bootstrap (2,000 resamples of pairs / groups, seeded).
@@ -149,6 +151,7 @@ def _evaluate(trials: pd.DataFrame, claim: dict[str, Any], axes: dict[str, Any],
     frame = _filter(trials, claim.get("where") or {})
     log = bool(claim.get("log", False))
     rate = claim["metric"] not in frame.columns
+    capped = not rate and _initial_of(claim["metric"]) in frame.columns
     values = _metric(frame, claim["metric"], log)
     axis = claim["compare"]["axis"] if kind == "compare" else claim["trend"]
     keys = [a for a in axes if a != axis and a in frame.columns]
@@ -161,20 +164,26 @@ def _evaluate(trials: pd.DataFrame, claim: dict[str, Any], axes: dict[str, Any],
     if kind == "compare":
         spec = claim["compare"]
         row["comparison"] = f"{axis}: {spec['arm']} vs {spec['baseline']}, paired by seed"
-        stats = _paired(frame, axis, spec["arm"], spec["baseline"], keys, rng,
-                        np.mean if rate else np.median, margin)
+        stats = _paired(frame, axis, spec["arm"], spec["baseline"], keys, rng, margin)
     else:
         row["comparison"] = f"trend over {axis}, within seed"
         stats = _trend(frame, axis, axes.get(axis), keys, rng, margin)
     row["unit"] = effect_unit(claim["metric"], kind, axis, log, rate,
-                              log_axis=kind == "trend" and _is_log_axis(frame[axis]))
+                              log_axis=kind == "trend" and _is_log_axis(frame[axis]),
+                              capped=capped)
     return {**row, **stats}
 
 
 def effect_unit(metric: str, kind: str, axis: str, log: bool, rate: bool,
-                log_axis: bool = False) -> str:
+                log_axis: bool = False, capped: bool = False) -> str:
     """The unit of a claim's effect, in words, e.g. "log10 ratio of val_loss_final (arm /
-    baseline)" or "change in share diverged per decade of optimizer.lr"."""
+    baseline)" or "change in share diverged per decade of optimizer.lr"; `capped` adds
+    "; each loss capped at its initial"."""
+    return _unit(metric, kind, axis, log, rate, log_axis) + (
+        "; each loss capped at its initial" if capped else "")
+
+
+def _unit(metric: str, kind: str, axis: str, log: bool, rate: bool, log_axis: bool) -> str:
     if rate:
         what = f"change in share {metric}"
     elif log:
@@ -184,6 +193,13 @@ def effect_unit(metric: str, kind: str, axis: str, log: bool, rate: bool,
     if kind == "compare":
         return what + (" (arm / baseline)" if log and not rate else " (arm - baseline)")
     return f"{what} {'per decade' if log_axis else 'per step'} of {axis}"
+
+
+def _initial_of(metric: str) -> str | None:
+    """`{split}_loss_initial` for a loss of one split that claims cap, else None."""
+    split, _, rest = metric.partition("_loss_")
+    return f"{split}_loss_initial" if split in ("train", "val") and rest in (
+        "final", "end", "best") else None
 
 
 def _is_log_axis(values: pd.Series) -> bool:
@@ -211,6 +227,10 @@ def _matches(series: pd.Series, value: Any) -> np.ndarray:
 def _metric(frame: pd.DataFrame, metric: str, log: bool) -> np.ndarray:
     if metric in frame.columns:
         values = frame[metric].to_numpy(dtype=float)
+        initial = _initial_of(metric)
+        if initial in frame.columns:
+            start = frame[initial].to_numpy(dtype=float)
+            values = np.minimum(np.where(np.isfinite(values), values, start), start)
     elif "status" in frame.columns:  # a status name: 1 where the trial has it, else 0
         values = (frame["status"] == metric).to_numpy(dtype=float)
     else:
@@ -227,8 +247,7 @@ def _empty(n_trials: int = 0) -> dict[str, Any]:
 
 
 def _paired(frame: pd.DataFrame, axis: str, arm: Any, baseline: Any, keys: list[str],
-            rng: np.random.Generator, centre=np.mean, margin: float = np.nan
-            ) -> dict[str, Any]:
+            rng: np.random.Generator, margin: float = np.nan) -> dict[str, Any]:
     def side(value: Any) -> pd.Series:
         part = frame[_matches(frame[axis], value)]
         return part.groupby([part[k].astype(str) for k in keys])["_value"].mean() \
@@ -238,14 +257,13 @@ def _paired(frame: pd.DataFrame, axis: str, arm: Any, baseline: Any, keys: list[
                        join="inner").dropna()
     with np.errstate(invalid="ignore"):
         d = (joined["arm"] - joined["base"]).to_numpy()
-    d = d[~np.isnan(d)]  # both sides +inf: no difference to measure
+    d = d[np.isfinite(d)]
     if len(d) == 0:
         return _empty()
-    effect = float(centre(d))
-    boot = centre(d[rng.integers(0, len(d), (RESAMPLES, len(d)))], axis=1)
+    effect = float(d.mean())
+    boot = d[rng.integers(0, len(d), (RESAMPLES, len(d)))].mean(axis=1)
     signs = rng.choice([-1.0, 1.0], (RESAMPLES, len(d)))
-    with np.errstate(invalid="ignore"):
-        null = centre(signs * d, axis=1)
+    null = (signs * d).mean(axis=1)
     p = _tost_p(boot, margin) if np.isfinite(margin) else _p(null, effect)
     return {"effect": effect, **_interval(boot), "p_value": p,
             "n_trials": 2 * len(d), "n_units": len(d)}
@@ -292,10 +310,7 @@ def _positions(values: pd.Series, order: Sequence[Any] | None) -> np.ndarray:
 
 
 def _interval(boot: np.ndarray) -> dict[str, float]:
-    # Outward order statistics, never interpolated: a bootstrap median can be +inf (most of
-    # a resample diverged), and inf - inf would turn the bound into NaN.
-    low = np.nanpercentile(boot, 2.5, method="lower")
-    high = np.nanpercentile(boot, 97.5, method="higher")
+    low, high = np.nanpercentile(boot, [2.5, 97.5])
     return {"ci_low": float(low), "ci_high": float(high)}
 
 
@@ -330,7 +345,7 @@ def _verdict(q: float, low: float, high: float, expect: str, margin: float = np.
             return "supported"
         outside = low > margin or high < -margin
         return "contradicted" if outside else "inconclusive"
-    if not (q <= ALPHA) or np.isnan(low) or np.isnan(high):
+    if not (q <= ALPHA) or not (np.isfinite(low) and np.isfinite(high)):
         return "inconclusive"
     expects_up = expect in ("higher", "increasing")
     if low > 0:
