@@ -79,6 +79,12 @@ class SweepConfig:
     description: str = ""
     claims: list[Any] = field(default_factory=list)  # evaluated by study.claims
     skip_inapplicable: bool = False  # drop points whose failure/mitigation misfits the task
+    # A sampler sweep (study.search): `sampler` other than grid, a `space` instead of axes,
+    # a budget of `trials` proposals asked `population` at a time.
+    sampler: str = "grid"
+    space: dict[str, Any] = field(default_factory=dict)
+    trials: int | None = None
+    population: int | None = None
 
 
 @dataclass

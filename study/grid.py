@@ -77,6 +77,13 @@ def expand(cfg: DictConfig, compose: Compose, overrides: Sequence[str],
     if typed.sweep is None:
         trial = build_trial(plain_config(cfg), typed.seed, base_labels)
         return SweepPlan(None, {}, [typed.seed], [GridPoint({"seed": typed.seed}, trial)])
+    if typed.sweep.sampler != "grid":
+        from study.search import expand_search
+
+        return expand_search(cfg, compose, overrides, choices, typed)
+    if typed.sweep.space:
+        raise ConfigError("sweep.space: a grid sweep declares axes; set sweep.sampler to "
+                          "search a space")
     axes = _check_axes(typed.sweep.axes)
     _check_claims(typed.sweep.claims, axes)
     group_axes = [a for a in axes if a in GROUPS]

@@ -26,6 +26,7 @@ from study.engine import make_engine
 from study.environment import describe_environment, now_iso
 from study.grid import SweepPlan
 from study.metrics import SUMMARY_METRICS
+from study.search import SearchPlan, describe_search, done_runs, run_search
 from study.sweep import (
     Lease,
     SweepOutcome,
@@ -51,6 +52,11 @@ log = logging.getLogger("study")
 
 # Keys that say how to run, not what to run: they may change when a sweep is resumed.
 RUN_ONLY = ("engine", "device", "progress", "report", "resume", "storage", "workers")
+
+
+def runs_planned(plan: SweepPlan | SearchPlan) -> int:
+    """Training runs the invocation aims at: the grid's points, or a search's budget."""
+    return plan.total if isinstance(plan, SearchPlan) else len(plan.points)
 
 
 def check_objective(metric: str, plan: SweepPlan) -> None:
@@ -90,10 +96,10 @@ def execute(cfg: DictConfig, typed: StudyConfig, plan: SweepPlan, run_dir: Path,
     save_hydra_files(cfg, run_dir, overrides, hydra_cfg)
     env, invocations = start_env(run_dir, overrides, device, engine.name, url, typed.workers)
     log.info("%s: %s on %s with the %s engine%s", plan.name or "single configuration",
-             describe(plan.points), device, engine.name,
-             f", {typed.workers} workers" if typed.workers > 1 else "")
+             describe_search(plan) if isinstance(plan, SearchPlan) else describe(plan.points),
+             device, engine.name, f", {typed.workers} workers" if typed.workers > 1 else "")
 
-    bar = ProgressBar(typed.progress, len(plan.points), plan.name or "trial")
+    bar = ProgressBar(typed.progress, runs_planned(plan), plan.name or "trial")
     stop = StopRequest().install()
     started = time.perf_counter()
     try:
@@ -201,6 +207,10 @@ def train(typed: StudyConfig, plan: SweepPlan, study: optuna.Study, study_name: 
     """Train the missing points of `plan`: in this process when `typed.workers` is 1, else
     with that many worker processes. Once `stop` is requested it stops after the current
     population (`outcome.stopped`); a second Ctrl-C raises KeyboardInterrupt."""
+    if isinstance(plan, SearchPlan):
+        return run_search(plan, study, engine, device, run_dir, typed.objective.metric,
+                          on_progress=bar, direction=typed.objective.direction,
+                          leases=leases, stop=lambda: stop.requested)
     if typed.workers == 1:
         return run_sweep(plan, study, engine, device, run_dir, typed.objective.metric,
                          on_progress=bar, direction=typed.objective.direction,
@@ -262,7 +272,8 @@ def print_outcome(outcome: SweepOutcome, study: optuna.Study, plan: SweepPlan,
     COMPLETE trial yet (held by other workers or lost) and the command that finishes them."""
     print(f"{outcome.trained} trials trained, {outcome.already_done} already done, "
           f"in {outcome.wall_time_s:.1f} s")
-    missing = outcome.total - done_points(study, plan)
+    missing = outcome.total - (done_runs(study) if isinstance(plan, SearchPlan)
+                               else done_points(study, plan))
     if missing:
         print(f"{missing} trials are still held by other workers or were lost; finish with: "
               f"{resume_command}", file=sys.stderr)

@@ -323,7 +323,8 @@ def run_sweep(plan: SweepPlan, study: optuna.Study, engine: Engine, device: torc
             reclaimed += _reclaim(study, plan, me, leases)
             if batch:
                 _report_bad_data(batch, checked)
-                trained += _train(study, engine, device, run_dir, batch, objective, direction)
+                trained += train_batch(study, engine, device, run_dir, batch, objective,
+                                       direction)
             heart.beat()
             if on_progress:
                 on_progress(done_points(study, plan), total)
@@ -371,8 +372,8 @@ def done_points(study: optuna.Study, plan: SweepPlan) -> int:
     return len(keys & {t.user_attrs.get("key") for t in complete})
 
 
-def _train(study: optuna.Study, engine: Engine, device: torch.device, run_dir: Path,
-           batch: list[Claim], objective: str, direction: str) -> int:
+def train_batch(study: optuna.Study, engine: Engine, device: torch.device, run_dir: Path,
+                batch: list[Claim], objective: str, direction: str) -> int:
     """Train one population, write its curves, tell each trial; how many were told."""
     traces = engine.run([point.trial for _, point in batch], device)
     numbers = [trial.number for trial, _ in batch]
@@ -427,14 +428,16 @@ def _report_bad_data(batch: list[Claim], checked: set[tuple[str, int]]) -> None:
 
 
 def trials_frame(study: optuna.Study) -> pd.DataFrame:
-    """One row per COMPLETE trial: number, key, status, objective, flat config, metrics."""
+    """One row per COMPLETE trial: number, key, status, objective, flat config, its params
+    (a sampler sweep's `optimizer.betas.0` is a param, not a config key), metrics."""
     rows = []
     for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
         if "key" not in t.user_attrs:
             continue
         rows.append({"trial": t.number, "key": t.user_attrs["key"],
                      "status": t.user_attrs.get("status"), "objective": t.value,
-                     **t.user_attrs.get("config", {}), **t.user_attrs.get("metrics", {})})
+                     **t.params, **t.user_attrs.get("config", {}),
+                     **t.user_attrs.get("metrics", {})})
     return pd.DataFrame(rows)
 
 

@@ -1,0 +1,312 @@
+"""Sampler sweeps: an Optuna sampler proposes, proposals train together, every one is told.
+
+A sweep with `sampler:` other than `grid` declares a search space and a budget instead of
+axes:
+
+    sweep:
+      name: adam_search
+      sampler: tpe              # tpe | gp | qmc | random | cmaes
+      trials: 96                # budget: proposals
+      population: 32            # proposals asked at once and trained as one population
+      space:
+        optimizer.lr: {low: 1e-5, high: 10, log: true}
+        optimizer.betas.0: {low: 0.5, high: 0.999}
+        train.batch_size: [8, 32, 128]          # a list: categorical
+        optimizer: [adam, sgd]                  # a config group: its options
+      seeds: [0, 1, 2]          # every proposal trains once per seed (paired)
+
+Each round the driver asks the sampler for `population` proposals at once (TPE marks the
+ones still training with the constant liar, so the asks spread out), queues each
+proposal's copies for the other seeds with the same params (`enqueue_trial`), trains all
+of them as one batched computation and tells every trial its own objective. An Optuna
+trial is one training run (a proposal x one seed): its params are the proposal's (stored
+with their real distributions, so optuna-dashboard draws log-lr axes), its seed and
+proposal number are user attributes. The budget counts proposals already told or queued,
+so a resumed search spends only what is left; trials left RUNNING by a killed run are
+failed and their params queued again (`lease`).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import optuna
+import torch
+from optuna.distributions import (
+    BaseDistribution,
+    CategoricalDistribution,
+    FloatDistribution,
+    IntDistribution,
+)
+from optuna.trial import FrozenTrial, TrialState
+
+from study import lease
+from study.config import (
+    GROUPS,
+    TRANSFORM_GROUPS,
+    ConfigError,
+    StudyConfig,
+    build_trial,
+    plain_config,
+    validate,
+)
+from study.engine import Engine
+from study.grid import Compose, GridPoint, _check_claims, _label, _override
+
+log = logging.getLogger(__name__)
+
+SAMPLERS = ("tpe", "gp", "qmc", "random", "cmaes")
+PROPOSAL = "proposal"  # user attribute: the number of the trial the sampler proposed
+SEED = "seed"  # user attribute: the trial seed of this copy of the proposal
+
+
+@dataclass(frozen=True)
+class SearchPlan:
+    """A sampler sweep: its space, seeds, budget and how to build a trial from params.
+
+    `axes` maps each categorical key of the space to its choices: what trials.parquet's
+    metadata and the claims pair and group on (proposals of a continuous key never repeat,
+    so pairing on one would leave every group alone); claims may still name a continuous
+    key as their own axis (a trend over `optimizer.lr`).
+    """
+
+    name: str
+    sampler: str
+    space: dict[str, BaseDistribution]
+    seeds: list[int]
+    trials: int
+    population: int
+    sampler_seed: int
+    build: Callable[[dict[str, Any], int], GridPoint] = field(repr=False, compare=False)
+    claims: list[Any] = field(default_factory=list)
+
+    @property
+    def axes(self) -> dict[str, list[Any]]:
+        return {name: list(d.choices) for name, d in self.space.items()
+                if isinstance(d, CategoricalDistribution)}
+
+    @property
+    def total(self) -> int:
+        """Training runs the budget buys: proposals x seeds."""
+        return self.trials * len(self.seeds)
+
+    @property
+    def points(self) -> list[GridPoint]:
+        """One point per combination of categorical choices at the space's lower corner:
+        what validation and the objective check look at before any proposal exists."""
+        corner = {n: d.choices[0] if isinstance(d, CategoricalDistribution) else d.low
+                  for n, d in self.space.items()}
+        points = []
+        for name, dist in self.space.items():
+            if isinstance(dist, CategoricalDistribution):
+                points += [self.build({**corner, name: c}, self.seeds[0]) for c in dist.choices]
+        return points or [self.build(corner, self.seeds[0])]
+
+
+# ------------------------------------------------------------------------------ expand
+def expand_search(cfg: Any, compose: Compose, overrides: Sequence[str],
+                  choices: dict[str, str], typed: StudyConfig) -> SearchPlan:
+    """The SearchPlan of a validated config whose sweep names a sampler."""
+    sweep = typed.sweep
+    if sweep.sampler not in SAMPLERS:
+        raise ConfigError(f"sweep.sampler: must be grid or one of {', '.join(SAMPLERS)}, got "
+                          f"{sweep.sampler!r}")
+    if sweep.axes:
+        raise ConfigError("sweep.axes: a sampler sweep declares sweep.space, not axes")
+    if typed.workers > 1:
+        raise ConfigError("workers: a sampler sweep asks and tells from one process (its "
+                          "populations are its parallelism); use workers=1")
+    if not sweep.space:
+        raise ConfigError("sweep.space: a sampler sweep needs a search space")
+    if not (isinstance(sweep.trials, int) and sweep.trials >= 1):
+        raise ConfigError(f"sweep.trials: the budget must be a number of proposals >= 1, got "
+                          f"{sweep.trials!r}")
+    population = sweep.population or sweep.trials
+    if not (isinstance(population, int) and population >= 1):
+        raise ConfigError(f"sweep.population: must be >= 1, got {population!r}")
+    space = {name: distribution(name, spec) for name, spec in sweep.space.items()}
+    base_labels = {g: _label(cfg, g, choices.get(g)) for g in GROUPS}
+    base = plain_config(cfg)
+    composed: dict[tuple[tuple[str, Any], ...], dict[str, Any]] = {}
+
+    def build(params: dict[str, Any], seed: int) -> GridPoint:
+        picked = tuple((g, params[g]) for g in space if g in GROUPS)
+        if picked not in composed:
+            extra = [_override(g, v) for g, v in picked]
+            node = compose([*overrides, *extra]) if extra else None
+            if node is not None:
+                validate(node)
+            composed[picked] = plain_config(node) if node is not None else base
+        plain = copy.deepcopy(composed[picked])
+        for name, value in params.items():
+            if name not in GROUPS:
+                set_key(plain, name, value)
+        labels = {**base_labels, **{g: str(v) for g, v in picked}}
+        return GridPoint({**params, SEED: seed}, build_trial(plain, seed, labels))
+
+    plan = SearchPlan(sweep.name, sweep.sampler, space, list(sweep.seeds), sweep.trials,
+                      population, typed.seed, build, list(sweep.claims))
+    _check_claims(plan.claims, {name: [] for name in space})
+    plan.points  # noqa: B018 - every categorical choice builds (bad options fail now)
+    return plan
+
+
+def distribution(name: str, spec: Any) -> BaseDistribution:
+    """The Optuna distribution of one `sweep.space` entry (ConfigError names the key)."""
+    where = f"sweep.space.{name}"
+    if isinstance(spec, (list, tuple)):
+        if not spec:
+            raise ConfigError(f"{where}: no choices")
+        values = [str(v) if name in TRANSFORM_GROUPS and isinstance(v, list) else v
+                  for v in spec]
+        return CategoricalDistribution(values)
+    if not isinstance(spec, dict) or not {"low", "high"} <= set(spec):
+        raise ConfigError(f"{where}: expected {{low, high[, log, step]}} or a list of "
+                          f"choices, got {spec!r}")
+    unknown = set(spec) - {"low", "high", "log", "step", "int"}
+    if unknown:
+        raise ConfigError(f"{where}.{sorted(unknown)[0]}: unknown key (low, high, log, step, "
+                          f"int)")
+    low, high, log_scale = spec["low"], spec["high"], bool(spec.get("log", False))
+    try:
+        if spec.get("int") or (isinstance(low, int) and isinstance(high, int)
+                               and not isinstance(spec.get("step"), float)):
+            return IntDistribution(int(low), int(high), log=log_scale,
+                                   step=int(spec.get("step") or 1))
+        return FloatDistribution(float(low), float(high), log=log_scale, step=spec.get("step"))
+    except (ValueError, TypeError) as err:
+        raise ConfigError(f"{where}: {err}") from None
+
+
+def set_key(plain: dict[str, Any], key: str, value: Any) -> None:
+    """Set dotted `key` of `plain` (a list element by its index: `optimizer.betas.0`)."""
+    *parents, leaf = key.split(".")
+    node: Any = plain
+    for part in parents:
+        node = node[int(part)] if isinstance(node, list) and part.isdigit() else (
+            node.get(part) if isinstance(node, dict) else None)
+    if isinstance(node, list) and leaf.isdigit() and int(leaf) < len(node):
+        node[int(leaf)] = value
+    elif isinstance(node, dict) and leaf in node:
+        node[leaf] = value
+    else:
+        raise ConfigError(f"sweep.space.{key}: no such key in the composed config")
+
+
+def make_sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
+    """Optuna's sampler for `name`, seeded. TPE uses the constant liar, so proposals asked
+    while others still train spread out; GP and CMA-ES have no batch mechanism in Optuna
+    and propose from the trials already told (docs/design.md)."""
+    if name == "tpe":
+        return optuna.samplers.TPESampler(seed=seed, constant_liar=True, multivariate=True)
+    if name == "gp":
+        return optuna.samplers.GPSampler(seed=seed)
+    if name == "qmc":
+        return optuna.samplers.QMCSampler(seed=seed, scramble=True)
+    if name == "cmaes":
+        return optuna.samplers.CmaEsSampler(seed=seed)
+    return optuna.samplers.RandomSampler(seed=seed)
+
+
+# ------------------------------------------------------------------------------ driver
+def proposals_spent(study: optuna.Study) -> int:
+    """Distinct proposals told, training or queued (failed copies were queued again)."""
+    live = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING,
+                                                    TrialState.WAITING))
+    return len({t.user_attrs[PROPOSAL] for t in live if PROPOSAL in t.user_attrs})
+
+
+def run_search(plan: SearchPlan, study: optuna.Study, engine: Engine, device: torch.device,
+               run_dir, objective: str, on_progress: Callable[[int, int], None] | None = None,
+               direction: str = "minimize", leases: Any = None,
+               stop: Callable[[], bool] = lambda: False) -> Any:
+    """Spend the rest of `plan`'s budget in rounds of `population` proposals (module doc).
+
+    Returns a `sweep.SweepOutcome`; `stop()` is polled between rounds (what a round queued
+    and did not train stays queued: a resume trains it first)."""
+    from study.sweep import Lease, SweepOutcome, train_batch
+
+    leases = leases or Lease()
+    started = time.perf_counter()
+    me = lease.Worker.here()
+    study.sampler = make_sampler(plan.sampler, plan.sampler_seed)
+    complete = (TrialState.COMPLETE,)
+    done_before = len(study.get_trials(deepcopy=False, states=complete))
+    trained = 0
+    with lease.Heartbeat(study, me, leases.heartbeat_s) as heart:
+        reclaimed = lease.reclaim_stale(
+            study, study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)), me,
+            leases.grace_s, lambda t: _requeue(study, t))
+        if on_progress:
+            on_progress(done_before, plan.total)
+        while not stop():
+            batch = _round(plan, study, me)
+            if not batch:
+                break
+            heart.beat()
+            trained += train_batch(study, engine, device, run_dir, batch, objective,
+                                   direction)
+            heart.beat()
+            if on_progress:
+                on_progress(len(study.get_trials(deepcopy=False, states=complete)),
+                            plan.total)
+    return SweepOutcome(plan.total, trained, done_before, time.perf_counter() - started,
+                        reclaimed, stop())
+
+
+def _round(plan: SearchPlan, study: optuna.Study, me: lease.Worker
+           ) -> list[tuple[optuna.Trial, GridPoint]]:
+    """Claim what is queued (copies of a stopped or failed round), then ask new proposals
+    up to the population and the budget, each with its copies for the other seeds."""
+    batch = []
+    while study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+        batch.append(_claim(plan, study, study.ask(plan.space), me))
+    room = plan.population - len({t.user_attrs[PROPOSAL] for t, _ in batch})
+    for _ in range(max(0, min(room, plan.trials - proposals_spent(study)))):
+        trial = study.ask(plan.space)
+        trial.set_user_attr(PROPOSAL, trial.number)
+        trial.set_user_attr(SEED, plan.seeds[0])
+        batch.append(_claim(plan, study, trial, me))
+        for seed in plan.seeds[1:]:
+            study.enqueue_trial(trial.params, user_attrs={PROPOSAL: trial.number, SEED: seed})
+            batch.append(_claim(plan, study, study.ask(plan.space), me))
+    return batch
+
+
+def _claim(plan: SearchPlan, study: optuna.Study, trial: optuna.Trial, me: lease.Worker
+           ) -> tuple[optuna.Trial, GridPoint]:
+    attrs = trial.user_attrs
+    seed = attrs.get(SEED, plan.seeds[0])
+    if PROPOSAL not in attrs:  # queued by hand: its own proposal
+        trial.set_user_attr(PROPOSAL, trial.number)
+        trial.set_user_attr(SEED, seed)
+    point = plan.build(dict(trial.params), seed)
+    trial.set_user_attr("key", point.trial.key())
+    trial.set_user_attr("config", point.trial.flat())
+    trial.set_user_attr("worker", me.record())
+    return trial, point
+
+
+def _requeue(study: optuna.Study, trial: FrozenTrial | optuna.Trial) -> None:
+    """Queue the params of a failed trial again, as the same proposal and seed."""
+    attrs = trial.user_attrs
+    if PROPOSAL in attrs:
+        study.enqueue_trial(dict(trial.params), user_attrs={PROPOSAL: attrs[PROPOSAL],
+                                                            SEED: attrs.get(SEED)})
+
+
+def done_runs(study: optuna.Study) -> int:
+    """Training runs told (COMPLETE trials)."""
+    return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+
+
+def describe_search(plan: SearchPlan) -> str:
+    """A one-line size of a search, for the log."""
+    return (f"{plan.sampler} search over {', '.join(plan.space)}: {plan.trials} proposals x "
+            f"{len(plan.seeds)} seeds, {plan.population} proposals per population")
+

@@ -1,0 +1,138 @@
+"""Sampler sweeps: proposals asked as populations, every run told exactly once, resumable."""
+
+from __future__ import annotations
+
+import re
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+from optuna.distributions import CategoricalDistribution, FloatDistribution
+from optuna.trial import TrialState
+
+from study import records
+from study.config import ConfigError
+from study.engine import make_engine
+from study.grid import plan_from_overrides
+from study.search import (
+    PROPOSAL,
+    SEED,
+    SearchPlan,
+    distribution,
+    proposals_spent,
+    run_search,
+    set_key,
+)
+from study.sweep import Lease, open_study, trials_frame
+
+CPU = torch.device("cpu")
+SMALL = ["+sweep=adam_search", "sweep.trials=6", "sweep.population=4", "sweep.seeds=[0,1]",
+         "train.epochs=1", "model.width=8", "task.n_train=64"]
+
+
+@pytest.fixture(scope="module")
+def plan() -> SearchPlan:
+    return plan_from_overrides(SMALL)
+
+
+def _told(study) -> list:
+    return study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+
+
+def test_every_proposal_trains_once_per_seed_and_is_told_once(tmp_path: Path, plan) -> None:
+    assert isinstance(plan, SearchPlan) and plan.total == 12
+    study = open_study(tmp_path, None, "search", "minimize")
+    progress = []
+    outcome = run_search(plan, study, make_engine("batched"), CPU, tmp_path, "val_loss_final",
+                         on_progress=lambda done, total: progress.append((done, total)))
+    told = _told(study)
+    assert outcome.trained == len(told) == 12 and progress[-1] == (12, 12)
+    assert not study.get_trials(states=(TrialState.WAITING, TrialState.RUNNING, TrialState.FAIL))
+    runs = Counter((t.user_attrs[PROPOSAL], t.user_attrs[SEED]) for t in told)
+    assert len(runs) == 12 and set(runs.values()) == {1}
+    assert {s for _, s in runs} == {0, 1} and len({p for p, _ in runs}) == 6
+    by_proposal = {}
+    for t in told:  # the copies of a proposal carry its params exactly
+        by_proposal.setdefault(t.user_attrs[PROPOSAL], []).append(t.params)
+    assert all(a == b for a, b in by_proposal.values())
+    assert len({t.user_attrs["key"] for t in told}) == 12
+    # Stored with their real distributions (optuna-dashboard draws a log-lr axis).
+    dists = told[0].distributions
+    assert dists["optimizer.lr"] == FloatDistribution(1e-5, 10.0, log=True)
+    assert isinstance(dists["train.batch_size"], CategoricalDistribution)
+    # The first round asked a whole population: 4 proposals x 2 seeds trained together.
+    first = sorted(told, key=lambda t: t.number)[:8]
+    assert len({t.user_attrs[PROPOSAL] for t in first}) == 4
+    frame = trials_frame(study)
+    assert {"optimizer.betas.0", "optimizer.lr", "seed", "status"} <= set(frame.columns)
+    again = run_search(plan, study, make_engine("batched"), CPU, tmp_path, "val_loss_final")
+    assert again.trained == 0 and len(_told(study)) == 12  # the budget is spent
+
+
+def test_a_stopped_search_resumes_without_losing_or_duplicating_a_run(tmp_path: Path,
+                                                                      plan) -> None:
+    study = open_study(tmp_path, None, "search", "minimize")
+    rounds = []
+    first = run_search(plan, study, make_engine("batched"), CPU, tmp_path, "val_loss_final",
+                       on_progress=lambda done, total: rounds.append(done),
+                       stop=lambda: len(rounds) > 1)  # after the first population
+    assert first.stopped and first.trained == 8
+    # A process killed while training a proposal: both its runs are left RUNNING.
+    lost = study.ask(plan.space)
+    lost.set_user_attr(PROPOSAL, lost.number)
+    lost.set_user_attr(SEED, 0)
+    study.enqueue_trial(lost.params, user_attrs={PROPOSAL: lost.number, SEED: 1})
+    study.ask(plan.space)
+    assert proposals_spent(study) == 5
+    time.sleep(0.2)  # older than the grace period below: their worker is gone
+    resumed = run_search(plan, study, make_engine("batched"), CPU, tmp_path, "val_loss_final",
+                         leases=Lease(heartbeat_s=0.05, grace_s=0.1))
+    assert resumed.reclaimed == 2 and resumed.trained == 4  # the lost proposal + one new
+    told = _told(study)
+    runs = Counter((t.user_attrs[PROPOSAL], t.user_attrs[SEED]) for t in told)
+    assert len(told) == 12 and set(runs.values()) == {1}
+    assert {(lost.number, 0), (lost.number, 1)} <= set(runs)  # trained under its proposal
+    assert len(study.get_trials(states=(TrialState.FAIL,))) == 2
+    assert len({p for p, _ in runs}) == 6
+
+
+def test_the_cli_runs_a_search_and_writes_its_records(tmp_path: Path, study_cli) -> None:
+    run_dir = tmp_path / "run"
+    done = study_cli(*SMALL, f"hydra.run.dir={run_dir}", "progress=false", "report=false")
+    assert done.returncode == 0, done.stderr[-2000:]
+    trials, meta = records.read_trials(run_dir)
+    assert len(trials) == 12 and trials["objective"].notna().all()
+    assert meta["axes"] == {"train.batch_size": [8, 32, 128]}
+    assert records.read_claims(run_dir) is not None
+
+
+@pytest.mark.parametrize("override, message", [
+    ("sweep.sampler=annealing", "sweep.sampler: must be grid or one of"),
+    ("sweep.trials=0", "sweep.trials: the budget"),
+    ("+sweep.axes={optimizer.lr: [0.1]}", "sweep.axes: a sampler sweep declares sweep.space"),
+    ("workers=2", "workers: a sampler sweep"),
+])
+def test_a_bad_search_is_refused_before_training(override: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
+        plan_from_overrides([*SMALL, override])
+
+
+@pytest.mark.parametrize("spec, message", [
+    ({"low": 1, "high": 0.1}, "sweep.space.optimizer.lr: "),
+    ({"low": 0.1}, "expected {low, high"),
+    ({"low": 0.1, "high": 1, "logg": True}, "logg: unknown key"),
+    ([], "no choices"),
+])
+def test_a_bad_space_entry_names_its_key(spec, message) -> None:
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        distribution("optimizer.lr", spec)
+
+
+def test_a_space_key_that_the_config_lacks_is_refused() -> None:
+    plain = {"optimizer": {"lr": 0.1, "betas": [0.9, 0.999]}}
+    set_key(plain, "optimizer.betas.0", 0.5)
+    assert plain["optimizer"]["betas"] == [0.5, 0.999]
+    with pytest.raises(ConfigError, match=r"sweep\.space\.optimizer\.momentum: no such key"):
+        set_key(plain, "optimizer.momentum", 0.9)
