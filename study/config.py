@@ -85,6 +85,8 @@ class SweepConfig:
     space: dict[str, Any] = field(default_factory=dict)
     trials: int | None = None
     population: int | None = None
+    # An edge search (study.edge): {low, high, precision, candidates} of the learning rate.
+    edge: dict[str, Any] | None = None
 
 
 @dataclass

@@ -58,6 +58,9 @@ class SweepPlan:
     axes: dict[str, list[Any]]
     seeds: list[int]
     points: list[GridPoint]
+    # Distributions the storage records for some params instead of the categorical one of
+    # their axis values (an edge search's learning rates: one log-float range).
+    distributions: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 def expand(cfg: DictConfig, compose: Compose, overrides: Sequence[str],
@@ -84,6 +87,22 @@ def expand(cfg: DictConfig, compose: Compose, overrides: Sequence[str],
     if typed.sweep.space:
         raise ConfigError("sweep.space: a grid sweep declares axes; set sweep.sampler to "
                           "search a space")
+    if typed.sweep.edge is not None:
+        from study.edge import expand_edge
+
+        if typed.workers > 1:
+            raise ConfigError("workers: an edge search runs its rounds from one process "
+                              "(each round is one batched population); use workers=1")
+        edge, claims = dict(typed.sweep.edge), list(typed.sweep.claims)
+        if typed.sweep.axes:
+            grid = dataclasses.replace(typed, sweep=dataclasses.replace(
+                typed.sweep, edge=None, claims=[]))
+            base = expand(cfg, compose, overrides, choices, typed=grid)
+        else:  # the edge of the one configuration composed
+            trial = build_trial(plain_config(cfg), typed.sweep.seeds[0], base_labels)
+            base = SweepPlan(typed.sweep.name, {}, list(typed.sweep.seeds), [
+                GridPoint({"seed": s}, _reseed(trial, s)) for s in typed.sweep.seeds])
+        return expand_edge(base, edge, claims)
     axes = _check_axes(typed.sweep.axes)
     _check_claims(typed.sweep.claims, axes)
     group_axes = [a for a in axes if a in GROUPS]

@@ -38,6 +38,7 @@ TRIALS = "trials.parquet"
 ENV = "env.json"
 REPORT = "report.html"
 CLAIMS = "claims.parquet"
+EDGES = "edges.parquet"
 # claims.parquet: one row per claim a sweep declared, evaluated on its trials. Columns:
 # statement, metric, effect, ci_low, ci_high, verdict (supported | contradicted |
 # inconclusive), n_trials, then whatever the evaluator adds (comparison, p_value, q_value...).
@@ -195,6 +196,26 @@ def write_claims(run_dir: Path, frame: pd.DataFrame) -> Path:
 def read_claims(run_dir: Path) -> pd.DataFrame | None:
     """The run's evaluated claims, or None when the sweep declared none."""
     path = Path(run_dir) / CLAIMS
+    if not path.is_file():
+        return None
+    try:
+        return pq.read_table(path).to_pandas()
+    except (pa.ArrowInvalid, OSError) as err:
+        raise RecordError(f"{path} is not a readable Parquet file: {err}") from err
+
+
+# ----------------------------------------------------------------------------------- edges
+def write_edges(run_dir: Path, frame: pd.DataFrame) -> Path:
+    """Write edges.parquet atomically: an edge search's one row per configuration (its axis
+    values, then `study.edge.EDGE_COLUMNS`)."""
+    path = Path(run_dir) / EDGES
+    _atomic_parquet(pa.Table.from_pandas(frame, preserve_index=False), path)
+    return path
+
+
+def read_edges(run_dir: Path) -> pd.DataFrame | None:
+    """The run's stability edges, or None when it was not an edge search."""
+    path = Path(run_dir) / EDGES
     if not path.is_file():
         return None
     try:

@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from study import records, storage
 from study.claims import write_sweep_claims
 from study.config import ConfigError, StudyConfig, plain_config
+from study.edge import EdgePlan, describe_edge, edges_frame, run_edge
 from study.engine import make_engine
 from study.environment import describe_environment, now_iso
 from study.grid import SweepPlan
@@ -56,7 +57,7 @@ RUN_ONLY = ("engine", "device", "progress", "report", "resume", "storage", "work
 
 def runs_planned(plan: SweepPlan | SearchPlan) -> int:
     """Training runs the invocation aims at: the grid's points, or a search's budget."""
-    return plan.total if isinstance(plan, SearchPlan) else len(plan.points)
+    return plan.total if isinstance(plan, (SearchPlan, EdgePlan)) else len(plan.points)
 
 
 def check_objective(metric: str, plan: SweepPlan) -> None:
@@ -96,7 +97,8 @@ def execute(cfg: DictConfig, typed: StudyConfig, plan: SweepPlan, run_dir: Path,
     save_hydra_files(cfg, run_dir, overrides, hydra_cfg)
     env, invocations = start_env(run_dir, overrides, device, engine.name, url, typed.workers)
     log.info("%s: %s on %s with the %s engine%s", plan.name or "single configuration",
-             describe_search(plan) if isinstance(plan, SearchPlan) else describe(plan.points),
+             describe_search(plan) if isinstance(plan, SearchPlan) else
+             describe_edge(plan) if isinstance(plan, EdgePlan) else describe(plan.points),
              device, engine.name, f", {typed.workers} workers" if typed.workers > 1 else "")
 
     bar = ProgressBar(typed.progress, runs_planned(plan), plan.name or "trial")
@@ -207,10 +209,11 @@ def train(typed: StudyConfig, plan: SweepPlan, study: optuna.Study, study_name: 
     """Train the missing points of `plan`: in this process when `typed.workers` is 1, else
     with that many worker processes. Once `stop` is requested it stops after the current
     population (`outcome.stopped`); a second Ctrl-C raises KeyboardInterrupt."""
-    if isinstance(plan, SearchPlan):
-        return run_search(plan, study, engine, device, run_dir, typed.objective.metric,
-                          on_progress=bar, direction=typed.objective.direction,
-                          leases=leases, stop=lambda: stop.requested)
+    if isinstance(plan, (SearchPlan, EdgePlan)):
+        driver = run_search if isinstance(plan, SearchPlan) else run_edge
+        return driver(plan, study, engine, device, run_dir, typed.objective.metric,
+                      on_progress=bar, direction=typed.objective.direction,
+                      leases=leases, stop=lambda: stop.requested)
     if typed.workers == 1:
         return run_sweep(plan, study, engine, device, run_dir, typed.objective.metric,
                          on_progress=bar, direction=typed.objective.direction,
@@ -250,6 +253,8 @@ def write_results(study: optuna.Study, plan: SweepPlan, run_dir: Path,
     """Write trials.parquet from the study and, for a sweep, claims.parquet."""
     write_trials_table(study, plan, run_dir, {"metric": typed.objective.metric,
                                               "direction": typed.objective.direction})
+    if isinstance(plan, EdgePlan):
+        records.write_edges(run_dir, edges_frame(plan, study))
     if typed.sweep is not None:
         write_sweep_claims(run_dir, typed.sweep.claims)
 
@@ -272,7 +277,7 @@ def print_outcome(outcome: SweepOutcome, study: optuna.Study, plan: SweepPlan,
     COMPLETE trial yet (held by other workers or lost) and the command that finishes them."""
     print(f"{outcome.trained} trials trained, {outcome.already_done} already done, "
           f"in {outcome.wall_time_s:.1f} s")
-    missing = outcome.total - (done_runs(study) if isinstance(plan, SearchPlan)
+    missing = outcome.total - (done_runs(study) if isinstance(plan, (SearchPlan, EdgePlan))
                                else done_points(study, plan))
     if missing:
         print(f"{missing} trials are still held by other workers or were lost; finish with: "

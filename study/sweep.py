@@ -26,7 +26,7 @@ import numpy as np
 import optuna
 import pandas as pd
 import torch
-from optuna.distributions import CategoricalDistribution
+from optuna.distributions import BaseDistribution, CategoricalDistribution
 from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import FrozenTrial, TrialState
 
@@ -122,8 +122,10 @@ def check_same_config(study: optuna.Study, config: dict[str, Any]) -> None:
         )
 
 
-def _distributions(plan: SweepPlan) -> dict[str, CategoricalDistribution]:
-    dists = {axis: CategoricalDistribution(values) for axis, values in plan.axes.items()}
+def _distributions(plan: SweepPlan) -> dict[str, BaseDistribution]:
+    dists: dict[str, BaseDistribution] = {
+        axis: plan.distributions.get(axis) or CategoricalDistribution(values)
+        for axis, values in plan.axes.items()}
     dists["seed"] = CategoricalDistribution(plan.seeds)
     return dists
 
