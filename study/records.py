@@ -209,6 +209,7 @@ def write_edges(run_dir: Path, frame: pd.DataFrame) -> Path:
     """Write edges.parquet atomically: an edge search's one row per configuration (its axis
     values, then `study.edge.EDGE_COLUMNS`)."""
     path = Path(run_dir) / EDGES
+    frame = frame.apply(_column_to_arrow_safe)
     _atomic_parquet(pa.Table.from_pandas(frame, preserve_index=False), path)
     return path
 

@@ -111,3 +111,11 @@ def test_the_cli_writes_the_edges(tmp_path: Path, conf: Path, study_cli) -> None
 def test_a_bad_edge_search_is_refused(override: str, message: str, conf: Path) -> None:
     with pytest.raises(ConfigError, match=message):
         plan_from_overrides([*LINEAR, override], conf)
+
+
+def test_edges_with_a_mixed_axis_are_written(tmp_path: Path) -> None:
+    import pandas as pd
+
+    frame = pd.DataFrame({"train.batch_size": [16, "full"], "edge": [0.8, 0.8]})
+    records.write_edges(tmp_path, frame)
+    assert list(records.read_edges(tmp_path)["train.batch_size"]) == ["16", "full"]
