@@ -170,3 +170,50 @@ def test_adam_preconditioned_sharpness_rises_to_38_over_lr_and_hovers_there(
         assert abs(row["sharpness_ratio_settled"] - 1) < 0.1, row["sharpness_ratio_settled"]
         assert row["sharpness_ratio_max"] < 1.3
         assert row["val_loss_end"] < 0.2 * row["val_loss_initial"]
+
+
+@pytest.mark.slow
+def test_a_learning_rate_between_2_and_4_over_the_initial_sharpness_catapults(
+        tmp_path, study_cli) -> None:
+    """The catapult (Lewkowycz et al. 2020): at 2 / lambda_0 < lr < 4 / lambda_0 full-batch
+    GD is unstable at the initialization, the loss grows for a few steps, the growth throws
+    the parameters into a flatter region (sharpness below 2 / lr) and the loss then falls
+    below where it started. A wide one-hidden-layer tanh network (256 units, the wide regime
+    of the paper; at depth 2 and width 32 the window before divergence is too narrow) at
+    lr = 1.2 x 2 / lambda_0, lambda_0 read from a probe run's sharpness at step 0.
+
+    Measured: the validation loss peaks at 6-9x its initial value by step 15, ends at
+    0.1-0.15 of it, and the sharpness settles at 0.85-0.95 x 2 / lr; status `recovered`."""
+    wide = (*TEACHER, "model.depth=1", "model.width=256", "optimizer=sgd")
+    probe = run_sweep(tmp_path / "probe", study_cli, f"""sweep:
+  name: theory_probe
+  seeds: {EOS_SEEDS}
+  axes:
+    optimizer.lr: [0.001]
+""", *wide, "train.epochs=1", "diagnostics.every=1")
+    probe_trials, _ = records.read_trials(probe)
+    probe_curves = records.read_curves(probe)
+    lambda0 = {row["seed"]: curve(probe_curves, row["trial"], "diag", "sharpness").loc[0]
+               for row in probe_trials.to_dict("records")}
+    lrs = {seed: float(1.2 * 2 / lam) for seed, lam in lambda0.items()}
+    run = run_sweep(tmp_path / "catapult", study_cli, f"""sweep:
+  name: theory_catapult
+  seeds: {EOS_SEEDS}
+  axes:
+    optimizer.lr: {sorted(lrs.values())}
+""", *wide, "train.epochs=100", "train.eval_every=1", "diagnostics.every=5")
+    trials, _ = records.read_trials(run)
+    curves = records.read_curves(run)
+    for seed, lr in lrs.items():
+        row = trials[(trials["seed"] == seed) & (trials["optimizer.lr"] == lr)].squeeze()
+        sharpness = curve(curves, row["trial"], "diag", "sharpness")
+        val = curve(curves, row["trial"], "val", "loss")
+        assert sharpness.loc[0] == pytest.approx(lambda0[seed], rel=1e-9)
+        assert 2 / lambda0[seed] < lr < 4 / lambda0[seed]
+        assert row["loss_blowup_max"] > 1.5, "the loss rises"
+        peak = val.idxmax()
+        assert 0 < peak <= 30
+        assert row["val_loss_end"] < 0.3 * row["val_loss_initial"], "then falls below the start"
+        assert sharpness[sharpness.index > peak].min() < 2 / lr
+        assert row["sharpness_ratio_final"] < 1, "and ends flatter than 2 / lr"
+        assert row["status"] == "recovered", row["status"]
