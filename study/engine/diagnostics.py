@@ -1,4 +1,5 @@
-"""Opt-in diagnostics, batched over a population: sharpness and gradient noise scale.
+"""Opt-in diagnostics, batched over a population: sharpness (plain, and preconditioned by
+an adaptive optimizer's diagonal P) and gradient noise scale.
 
 Both work on parameter rows in the population engine's layout (`network.Network`: one
 [T, P] row per trial, each layer's weight as [fan_in, fan_out] then its bias) and on each

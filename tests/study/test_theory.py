@@ -113,7 +113,7 @@ def test_gradient_descent_sharpens_to_2_over_lr_and_hovers_there(tmp_path, study
     """Edge of stability (Cohen et al. 2021): full-batch GD at lr 0.2 starts at about half
     the threshold 2 / lr = 10 (initial sharpness 5.3-5.8), sharpens progressively, crosses
     it and hovers: the median ratio after the first crossing is within 10% of 1 (measured
-    0.97-1.01 over 500 steps), while the loss keeps falling, if not monotonically."""
+    0.97-1.03 over six seeds), while the loss keeps falling, if not monotonically."""
     lr = 0.2
     run = run_sweep(tmp_path, study_cli, f"""sweep:
   name: theory_eos
@@ -121,7 +121,7 @@ def test_gradient_descent_sharpens_to_2_over_lr_and_hovers_there(tmp_path, study
   axes:
     optimizer.lr: [{lr}]
 """, *TEACHER, "model.depth=2", "model.width=32", "optimizer=sgd", "train.epochs=500",
-                    "train.eval_every=10", "diagnostics.every=10")
+                    "train.eval_every=20", "diagnostics.every=20")
     trials, _ = records.read_trials(run)
     curves = records.read_curves(run)
     assert len(trials) == len(EOS_SEEDS)
@@ -133,8 +133,8 @@ def test_gradient_descent_sharpens_to_2_over_lr_and_hovers_there(tmp_path, study
             "reaches it by sharpening, not at once"
         assert abs(row["sharpness_ratio_settled"] - 1) < 0.1, row["sharpness_ratio_settled"]
         # The loss falls non-monotonically: each excursion past the threshold is a spike
-        # that the dynamics undo (measured: 1-2 minibatch spikes up to 25x, 0-2 eval
-        # rises), which the status rules may call `unstable` although the run converges.
+        # that the dynamics undo (measured: 1-2 loss spikes up to 25x, 0-2 eval rises),
+        # which the status rules may call `unstable` although the run converges.
         assert row["status"] in ("converged", "unstable"), row["status"]
         assert row["loss_blowup_max"] == 1.0  # never above the initial loss
         assert row["val_loss_end"] < 0.1 * row["val_loss_initial"]
