@@ -169,6 +169,9 @@ def test_adam_preconditioned_sharpness_rises_to_38_over_lr_and_hovers_there(
         assert precond.iloc[1] < 0.7 * threshold
         assert abs(row["sharpness_ratio_settled"] - 1) < 0.1, row["sharpness_ratio_settled"]
         assert row["sharpness_ratio_max"] < 1.3
+        # Each crossing spikes the training loss (measured: 2-5 spikes up to 30-270x) and
+        # the status rules call every seed `unstable`, though it converges.
+        assert row["status"] in ("converged", "unstable"), row["status"]
         assert row["val_loss_end"] < 0.2 * row["val_loss_initial"]
 
 
