@@ -87,6 +87,7 @@ class BatchedOptimizer:
         self.dtype = params.dtype
         self.device = params.device
         self.t = 0
+        self.width = params.shape[1]
         self.lrs: list[float] | None = None  # set_lr: this step's learning rate per row
 
     def set_lr(self, lrs: Sequence[float]) -> None:
@@ -143,6 +144,23 @@ class BatchedOptimizer:
         """The family's update into `out`; `live` [T, 1] (None: all); frozen rows come out
         unchanged."""
         raise NotImplementedError
+
+    def preconditioner(self) -> Tensor:
+        """[T, P] float64: each row's diagonal preconditioner (see `preconditioner`), NaN
+        rows for a family without one."""
+        second = self.second_moment()
+        if second is None:
+            return torch.full((len(self.specs), self.width), float("nan"), dtype=torch.float64,
+                              device=self.device)
+        return preconditioner(self.specs, self.t, second, self.grad_mean())
+
+    def second_moment(self) -> Tensor | None:
+        """The state the preconditioner is made of ([T, P]; None: not adaptive)."""
+        return None
+
+    def grad_mean(self) -> Tensor | None:
+        """Centered RMSprop's running mean of the gradient ([T, P]; None elsewhere)."""
+        return None
 
     def scratch(self, like: Tensor) -> Tensor:
         """A [T, P] work buffer kept between steps (allocated on first use)."""
@@ -282,6 +300,11 @@ class BatchedAdam(BatchedOptimizer):
         torch.addcdiv(params, step, denom, out=out)
 
 
+    def second_moment(self) -> Tensor:
+        # a row without amsgrad keeps max_exp_avg_sq equal to its exp_avg_sq (see above)
+        return self.max_exp_avg_sq if self.use_amsgrad else self.exp_avg_sq
+
+
 class BatchedAdamW(BatchedAdam):
     """torch.optim.AdamW: `param *= 1 - lr * weight_decay` before the Adam update."""
 
@@ -342,6 +365,13 @@ class BatchedRMSprop(BatchedOptimizer):
             out.copy_(torch.where(self.with_momentum, out, plain))
 
 
+    def second_moment(self) -> Tensor:
+        return self.square_avg
+
+    def grad_mean(self) -> Tensor | None:
+        return self.grad_avg
+
+
 class BatchedAdagrad(BatchedOptimizer):
     """torch.optim.Adagrad: weight decay, lr_decay, initial_accumulator_value."""
 
@@ -372,6 +402,59 @@ class BatchedAdagrad(BatchedOptimizer):
             neg_clr = self.lr_column(lambda lr, s: -(lr / (1 + (t - 1) * s.lr_decay)))
         neg_clr = _or(live, neg_clr, 0.0)
         torch.addcdiv(params, grad.mul_(neg_clr), std, out=out)
+
+
+    def second_moment(self) -> Tensor:
+        return self.state_sum
+
+
+def adaptive(spec: OptimizerSpec) -> bool:
+    """Whether `spec`'s step divides by a diagonal preconditioner (Adam, AdamW, RMSprop,
+    Adagrad)."""
+    return isinstance(spec, (Adam, RMSprop, Adagrad))
+
+
+def preconditioner(specs: Sequence[OptimizerSpec], t: int, second: Tensor,
+                   grad_mean: Tensor | None = None) -> Tensor:
+    """[T, P] float64: the diagonal preconditioner P of each row after `t` updates, the one
+    that writes torch's update `t` as x_t = x_t-1 - lr * P^-1 * (momentum buffer or
+    gradient); NaN rows for SGD and for every row at t = 0 (no update yet).
+
+    `second` [T, P]: each row's second-moment state (Adam's exp_avg_sq, or max_exp_avg_sq
+    with amsgrad; RMSprop's square_avg; Adagrad's sum); `grad_mean`: centered RMSprop's
+    grad_avg. From torch's single-tensor formulas, in float64:
+
+    - Adam / AdamW: x -= (lr / (1 - b1^t)) * m_t / (sqrt(v_t) / sqrt(1 - b2^t) + eps), so
+      P = (1 - b1^t) * (sqrt(v_t) / sqrt(1 - b2^t) + eps);
+    - RMSprop: x -= lr * g / (sqrt(v) + eps) (with momentum mu: buf = mu * buf + g / (...),
+      x -= lr * buf), so P = sqrt(v) + eps; centered: sqrt(v - grad_avg^2) + eps;
+    - Adagrad: x -= lr / (1 + (t - 1) * lr_decay) * g / (sqrt(sum) + eps), so
+      P = (1 + (t - 1) * lr_decay) * (sqrt(sum) + eps).
+
+    Note:
+        This is the preconditioner of the last update, exactly as the state defines it. The
+        next update's differs by one more gradient in v (a 1 - beta2 share for Adam) and by
+        the step counter's factors (1 - b1^(t+1), Adagrad's decay at t + 1), a relative
+        change that vanishes as t grows. Cohen et al. (2022) measure the same P_t.
+    """
+    out = torch.full(second.shape, float("nan"), dtype=torch.float64, device=second.device)
+    if t == 0:
+        return out
+    for i, spec in enumerate(specs):
+        if not adaptive(spec):
+            continue
+        v = second[i].to(torch.float64)
+        if isinstance(spec, Adam):
+            beta1, beta2 = spec.betas
+            out[i] = (v.sqrt() / (1 - beta2**t) ** 0.5 + spec.eps) * (1 - beta1**t)
+        elif isinstance(spec, RMSprop):
+            if spec.centered:
+                mean = grad_mean[i].to(torch.float64)
+                v = v - mean * mean
+            out[i] = v.sqrt() + spec.eps
+        else:
+            out[i] = (v.sqrt() + spec.eps) * (1 + (t - 1) * spec.lr_decay)
+    return out
 
 
 OPTIMIZERS: dict[type[OptimizerSpec], type[BatchedOptimizer]] = {
@@ -422,6 +505,10 @@ class MixedOptimizer:
             opt.step(params[a:b], grad[a:b], None if alive is None else alive[a:b],
                      out=out[a:b])
         return out
+
+    def preconditioner(self) -> Tensor:
+        """`BatchedOptimizer.preconditioner` of every block, rows in order."""
+        return torch.cat([opt.preconditioner() for _, _, opt in self.blocks])
 
     def select(self, index: Tensor) -> None:
         """Keep rows `index` (in that order); each block's kept rows must stay contiguous."""

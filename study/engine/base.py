@@ -34,8 +34,10 @@ class Trace:
     Opt-in diagnostics (`TrialSpec.diagnostics`): `sharpness[i]` and `noise_scale[i]` after
     `diag_step[i]` updates (NaN for the one not asked for); None when none was asked for.
     `precond_sharpness[i]`: with sharpness asked for and an adaptive optimizer (Adam, AdamW,
-    RMSprop, Adagrad), the top eigenvalue of P^-1 H, P the diagonal preconditioner of the
-    optimizer's next step (see `study.metrics.curvature`); None otherwise.
+    RMSprop, Adagrad), the top eigenvalue of P^-1 H, P the diagonal preconditioner that the
+    optimizer's state defines after `diag_step[i]` updates (`study.optim.preconditioner`,
+    the threshold it meets: `study.metrics.curvature`); NaN at step 0 (no update yet) and
+    where the parameters are not finite; None otherwise.
 
     A trial stops at the first non-finite minibatch loss, gradient norm or eval loss:
     `divergence_step` is that step (the non-finite value is the last entry recorded), and

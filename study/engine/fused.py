@@ -28,7 +28,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from study.optim import StepScalars
+from study.optim import StepScalars, preconditioner
 from study.optimizers import SGD, Adam, AdamW, OptimizerSpec
 
 try:  # an optional accelerator: without numba the eager path runs
@@ -286,6 +286,12 @@ class FusedUpdate:
                     loss.numpy(), alive.numpy(), rec.numpy(), self.prev_norm.numpy(),
                     t > 1, t == 1, self.kind.numpy(), hp.numpy(),
                     step_lr.contiguous().numpy(), self.step_bc2.at(t)[:, 0].contiguous().numpy())
+
+    def preconditioner(self) -> Tensor:
+        """[T, P] float64: `study.optim.preconditioner` of each row (NaN for SGD rows)."""
+        if self.state2.shape[1] == 0:  # SGD only
+            return torch.full(self.state1.shape, float("nan"), dtype=torch.float64)
+        return preconditioner(self.specs, self.t, self.state2)
 
     def select(self, index: Tensor) -> None:
         """Keep only rows `index` (in that order)."""

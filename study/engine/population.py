@@ -46,7 +46,7 @@ from study.models import (
     dropout_seed,
     init_parameters,
 )
-from study.optim import make_population_optimizer
+from study.optim import adaptive, make_population_optimizer
 from study.seeds import seed_streams
 from study.tasks import Dataset
 from study.trial import TrialSpec
@@ -233,8 +233,10 @@ class _Population:
                                 device=device)
         self.evals = torch.full((len(self.eval_steps), len(EVAL_FIELDS), n), nan,
                                 dtype=torch.float64, device=device)
-        self.diags = torch.full((len(self.diag_steps), 2, n), nan, dtype=torch.float64,
+        # sharpness, noise scale, preconditioned sharpness
+        self.diags = torch.full((len(self.diag_steps), 3, n), nan, dtype=torch.float64,
                                 device=device)
+        self.adaptive = [adaptive(t.optimizer) for t in trials]
         self.ids = torch.arange(n, device=device)  # original index of each computed row
         self.compacted = False  # rows dropped: ids is no longer arange(n)
         self.alive = torch.ones(n, dtype=torch.bool, device=device)
@@ -531,18 +533,23 @@ class _Population:
         return dead, saturated
 
     def diagnose(self, k: int) -> None:
-        """Opt-in sharpness / noise scale of every row (NaN for non-finite parameters)."""
+        """Opt-in sharpness / noise scale / preconditioned sharpness (adaptive rows) of every
+        row (NaN for non-finite parameters)."""
         from study.engine.diagnostics import gradient_noise_scale, sharpness
 
         spec = self.trials[0].diagnostics
         finite = torch.isfinite(self.params).all(dim=1)
         flat = torch.where(finite[:, None], self.params, torch.zeros_like(self.params))
         x, y = self.x_eval[:, :self.n_train], self.y_eval[:, :self.n_train]
-        values = torch.full((2, len(self.ids)), math.nan, dtype=torch.float64,
+        values = torch.full((3, len(self.ids)), math.nan, dtype=torch.float64,
                             device=self.device)
         if spec.sharpness:
             values[0] = sharpness(self.net, flat, x, y, self.loss, spec.iterations,
                                   self.init_seeds)
+            if any(self.adaptive[i] for i in self.id_list):
+                p = (self.fused or self.optimizer).preconditioner()
+                values[2] = sharpness(self.net, flat, x, y, self.loss, spec.iterations,
+                                      self.init_seeds, preconditioner=p)
         if spec.noise_scale:
             m = spec.max_examples
             values[1] = gradient_noise_scale(self.net, flat, x[:, :m], y[:, :m], self.loss)
@@ -611,7 +618,11 @@ class _Population:
             if len(diag_steps):
                 diag = {"diag_step": diag_steps[:n_diags].copy(),
                         "sharpness": diags[t, 0, :n_diags].copy(),
-                        "noise_scale": diags[t, 1, :n_diags].copy()}
+                        "noise_scale": diags[t, 1, :n_diags].copy(),
+                        "precond_sharpness": (diags[t, 2, :n_diags].copy()
+                                              if self.adaptive[t] and
+                                              self.trials[t].diagnostics.sharpness
+                                              else None)}
             out.append(Trace(eval_step=eval_steps[:n_evals].copy(), divergence_step=divergence,
                              planned_steps=self.planned, irreducible_loss=self.irreducible[t],
                              **s, **e, **diag))

@@ -29,6 +29,7 @@ from study.models import (
     dropout_seed,
     init_parameters,
 )
+from study.optim import adaptive, preconditioner
 from study.seeds import seed_streams
 from study.tasks import Dataset
 from study.trial import LoopSpec, TrialSpec
@@ -121,11 +122,12 @@ def train_trial(trial: TrialSpec, device: torch.device) -> Trace:
     previous_update: torch.Tensor | None = None
 
     diag_at = set(trial.diagnostics.steps(trial.train, n))
-    diag: list[tuple[float, float, float]] = []
+    diag: list[tuple[float, float, float, float]] = []
 
     def diagnose(step: int) -> None:
         if step in diag_at:
-            diag.append((step, *measure_diagnostics(trial, model, data, x_train, y_train)))
+            diag.append((step, *measure_diagnostics(trial, model, data, x_train, y_train,
+                                                    optimizer)))
 
     def evaluate(step: int) -> bool:
         model.train(trial.model.dropout_at_eval)  # the failure: model.eval() forgotten
@@ -208,7 +210,8 @@ def train_trial(trial: TrialSpec, device: torch.device) -> Trace:
                     break
 
     ev = np.array(evals, dtype=np.float64).reshape(-1, 7)
-    dg = np.array(diag, dtype=np.float64).reshape(-1, 3) if diag_at else None
+    dg = np.array(diag, dtype=np.float64).reshape(-1, 4) if diag_at else None
+    precond = dg is not None and trial.diagnostics.sharpness and adaptive(trial.optimizer)
     return Trace(
         step_loss=np.asarray(step_loss, dtype=np.float64),
         grad_norm=np.asarray(grad_norm, dtype=np.float64),
@@ -226,28 +229,58 @@ def train_trial(trial: TrialSpec, device: torch.device) -> Trace:
         diag_step=None if dg is None else dg[:, 0].astype(np.int64),
         sharpness=None if dg is None else dg[:, 1],
         noise_scale=None if dg is None else dg[:, 2],
+        precond_sharpness=dg[:, 3] if precond else None,
     )
 
 
 def measure_diagnostics(trial: TrialSpec, model: torch.nn.Sequential, data: Dataset,
-                        x_train: torch.Tensor, y_train: torch.Tensor) -> tuple[float, float]:
-    """(sharpness, noise scale) of `model` now, NaN for the one not asked for."""
+                        x_train: torch.Tensor, y_train: torch.Tensor,
+                        optimizer: torch.optim.Optimizer | None = None
+                        ) -> tuple[float, float, float]:
+    """(sharpness, noise scale, preconditioned sharpness) of `model` now, NaN for those not
+    asked for; the preconditioned one with sharpness, for an adaptive `optimizer`, read from
+    its state (`study.optim.preconditioner`)."""
     spec = trial.diagnostics
     layers = [m for m in model if isinstance(m, torch.nn.Linear)]
     net = Network(tuple((m.in_features, m.out_features) for m in layers), trial.model.activation)
     flat = net.flatten([(m.weight.detach(), m.bias.detach()) for m in layers])[None]
-    values = [float("nan"), float("nan")]
+    values = [float("nan")] * 3
     if not torch.isfinite(flat).all():
-        return values[0], values[1]
+        return values[0], values[1], values[2]
+    start = [seed_streams(trial.seed).init]
     if spec.sharpness:
         values[0] = sharpness(net, flat, x_train[None], y_train[None], data.loss,
-                              spec.iterations, [seed_streams(trial.seed).init]).item()
+                              spec.iterations, start).item()
+        if optimizer is not None and adaptive(trial.optimizer):
+            p = _preconditioner(trial, optimizer, net, layers)
+            values[2] = sharpness(net, flat, x_train[None], y_train[None], data.loss,
+                                  spec.iterations, start, preconditioner=p).item()
     if spec.noise_scale:
         k = spec.max_examples
         values[1] = gradient_noise_scale(net, flat, x_train[None, :k], y_train[None, :k],
                                          data.loss).item()
-    return values[0], values[1]
+    return values[0], values[1], values[2]
 
+
+def _preconditioner(trial: TrialSpec, optimizer: torch.optim.Optimizer, net: Network,
+                    layers: list[torch.nn.Linear]) -> torch.Tensor:
+    """[1, P] the preconditioner of torch's optimizer state, in `net`'s row layout (NaN
+    before the first step)."""
+    spec = trial.optimizer
+    second_key = ("max_exp_avg_sq" if getattr(spec, "amsgrad", False) else
+                  {"Adam": "exp_avg_sq", "AdamW": "exp_avg_sq", "RMSprop": "square_avg",
+                   "Adagrad": "sum"}[type(spec).__name__])
+
+    def row(key: str) -> torch.Tensor:
+        state = optimizer.state
+        return net.flatten([(state[m.weight][key], state[m.bias][key]) for m in layers])[None]
+
+    first = optimizer.state.get(layers[0].weight, {})
+    if "step" not in first or int(first["step"]) == 0:
+        return torch.full((1, net.n_params), float("nan"), dtype=torch.float64)
+    centered = getattr(spec, "centered", False)
+    return preconditioner([spec], int(first["step"]), row(second_key),
+                          row("grad_avg") if centered else None)
 
 def _accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
     return (logits.argmax(dim=1) == labels).to(torch.float64).mean().item()

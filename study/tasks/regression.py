@@ -11,32 +11,49 @@ import torch
 from study.tasks.base import Dataset, LossName, check_non_negative, check_positive
 
 
+def _per_feature(value: float | Sequence[float], dim: int, name: str) -> list[float]:
+    if isinstance(value, (int, float)):
+        return [float(value)] * dim
+    values = [float(s) for s in value]
+    if len(values) != dim:
+        raise ValueError(f"{name} has {len(values)} entries, expected dim={dim}")
+    return values
+
+
 def _feature_scales(feature_scale: float | Sequence[float], dim: int) -> torch.Tensor:
-    if isinstance(feature_scale, (int, float)):
-        scales = [float(feature_scale)] * dim
-    else:
-        scales = [float(s) for s in feature_scale]
-        if len(scales) != dim:
-            raise ValueError(f"feature_scale has {len(scales)} entries, expected dim={dim}")
+    scales = _per_feature(feature_scale, dim, "feature_scale")
     if any(not s > 0 for s in scales):
         raise ValueError(f"feature_scale entries must be > 0, got {scales}")
     return torch.tensor(scales, dtype=torch.float64)
 
 
+def _feature_means(feature_mean: float | Sequence[float], dim: int) -> torch.Tensor:
+    means = _per_feature(feature_mean, dim, "feature_mean")
+    if not all(math.isfinite(m) for m in means):
+        raise ValueError(f"feature_mean entries must be finite, got {means}")
+    return torch.tensor(means, dtype=torch.float64)
+
+
 @dataclass(frozen=True)
 class LinearRegression:
-    """y = x @ w* + noise * eps, with x_j ~ N(0, feature_scale_j^2) and w* ~ N(0, 1/dim).
+    """y = z @ w* / sqrt(dim) + noise * eps, with z ~ N(0, I), w* ~ N(0, 1) and features
+    x_j = feature_mean_j + feature_scale_j * z_j, so x_j ~ N(feature_mean_j, feature_scale_j^2).
 
-    `feature_scale` is one number for every feature or one per feature (unscaled inputs
-    are a failure mode: scales spanning orders of magnitude make the Hessian ill-conditioned).
-    The targets are computed from the standardized features, so the signal variance is 1
-    whatever the scales, and the loss floor is `noise**2`.
+    `feature_scale` and `feature_mean` are each one number for every feature or one per
+    feature (unscaled or uncentered inputs are failure modes: scales spanning orders of
+    magnitude make the Hessian ill-conditioned, and a mean couples every weight to the bias,
+    adding a large eigenvalue ~ dim * mean^2 to it). The targets are computed from the
+    standardized features z, so the signal variance is 1 whatever the scales and means (a
+    linear model with a bias still fits them exactly), and the loss floor is `noise**2`.
+    With `feature_mean` 0 (the default) nothing is added: the draw is bit-identical to the
+    task without the option.
     """
 
     dim: int = 10
     out_dim: int = 1
     noise: float = 0.1
     feature_scale: float | list[float] = 1.0
+    feature_mean: float | list[float] = 0.0
     n_train: int = 256
     n_val: int = 256
     loss: LossName = field(default="mse", init=False)
@@ -46,6 +63,12 @@ class LinearRegression:
                        n_val=self.n_val)
         check_non_negative("task", noise=self.noise)
         _feature_scales(self.feature_scale, self.dim)
+        _feature_means(self.feature_mean, self.dim)
+
+    def __hash__(self) -> int:
+        # The fields may hold lists (one value per feature), which do not hash; equal tasks
+        # have equal reprs. (study.sweep.describe hashes population keys, which hold tasks.)
+        return hash(repr(self))
 
     @property
     def input_dim(self) -> int:
@@ -64,6 +87,9 @@ class LinearRegression:
             n, self.out_dim, generator=g, dtype=torch.float64
         )
         x = z * _feature_scales(self.feature_scale, self.dim)
+        means = _feature_means(self.feature_mean, self.dim)
+        if means.any():
+            x = x + means
         return _split(x, y, self.n_train, self.loss, self.noise**2)
 
 

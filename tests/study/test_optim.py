@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from study.optim import make_optimizer
+from study.optim import adaptive, make_optimizer, make_population_optimizer, preconditioner
 from study.optimizers import SGD, Adagrad, Adam, AdamW, RMSprop
 
 SHAPES = [(5, 3), (5,), (2, 5), (2,)]  # a tiny MLP's weights and biases, flattened per trial
@@ -123,3 +123,62 @@ def test_select_keeps_rows_in_order() -> None:
 def test_mixed_types_are_rejected() -> None:
     with pytest.raises(ValueError, match="one optimizer type"):
         make_optimizer([Adam(), AdamW()], torch.zeros(2, 3))
+
+
+PRECONDITIONED = [Adam(lr=1e-2), Adam(lr=3e-2, betas=(0.8, 0.99), eps=1e-3, amsgrad=True),
+                  AdamW(lr=1e-2, weight_decay=0.0), RMSprop(lr=1e-2),
+                  RMSprop(lr=3e-3, alpha=0.9, centered=True, eps=1e-3),
+                  RMSprop(lr=1e-2, momentum=0.9), Adagrad(lr=0.1, lr_decay=0.1, eps=1e-3)]
+
+
+@pytest.mark.parametrize("spec", PRECONDITIONED, ids=lambda s: repr(s)[:60])
+def test_preconditioner_rewrites_torchs_update_as_lr_times_p_inverse_times_the_buffer(
+        spec) -> None:
+    """x_t - x_t-1 = -lr * P_t^-1 * m_t (Adam), -lr * P_t^-1 * g_t (RMSprop, Adagrad), and
+    with RMSprop's momentum buf_t = mu * buf_t-1 + P_t^-1 g_t: P_t read from torch's state
+    after update t; NaN before the first update; the batched optimizer's P equals it."""
+    start = torch.randn(P, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    x = start.clone().requires_grad_()
+    opt = spec.build([x])
+    batched = make_optimizer([spec, spec], torch.stack([start, start]))
+    params = torch.stack([start, start])
+    assert torch.isnan(batched.preconditioner()).all()
+    second_key = ("max_exp_avg_sq" if getattr(spec, "amsgrad", False) else
+                  {Adam: "exp_avg_sq", AdamW: "exp_avg_sq", RMSprop: "square_avg",
+                   Adagrad: "sum"}[type(spec)])
+    buf_before = torch.zeros(P, dtype=torch.float64)
+    for step in range(STEPS):
+        before = x.detach().clone()
+        grad = _gradients(before[None], step)[0]
+        x.grad = grad.clone()
+        opt.step()
+        params = batched.step(params, _gradients(params, step), None)
+        state = opt.state[x]
+        t = int(state["step"])
+        p = preconditioner([spec], t, state[second_key][None],
+                           state["grad_avg"][None] if "grad_avg" in state else None)[0]
+        torch.testing.assert_close(batched.preconditioner(), torch.stack([p, p]), rtol=0,
+                                   atol=0)
+        scaled = (before - x.detach()) / spec.lr  # P^-1 * (the buffer the step used)
+        if isinstance(spec, Adam):
+            want = state["exp_avg"] / p
+        elif getattr(spec, "momentum", 0) > 0:
+            want = spec.momentum * buf_before + grad / p
+            buf_before = state["momentum_buffer"].clone()
+        else:
+            want = grad / p
+        torch.testing.assert_close(scaled, want, rtol=1e-9, atol=1e-12)
+
+
+def test_preconditioner_is_nan_for_sgd_rows_and_mixed_populations_keep_row_order() -> None:
+    specs = [SGD(lr=0.1), SGD(lr=0.1, momentum=0.9), Adam(lr=1e-2), Adagrad(lr=0.1)]
+    params = torch.randn(len(specs), P, generator=torch.Generator().manual_seed(4),
+                         dtype=torch.float64)
+    opt = make_population_optimizer(specs, params)
+    params = opt.step(params, _gradients(params, 0), None)
+    got = opt.preconditioner()
+    assert got.shape == (4, P) and torch.isnan(got[:2]).all()
+    assert torch.isfinite(got[2:]).all() and (got[2:] > 0).all()
+    adagrad = opt.blocks[-1][2]
+    torch.testing.assert_close(got[3], adagrad.state_sum[0].sqrt() + 1e-10, rtol=0, atol=0)
+    assert adaptive(Adam()) and adaptive(RMSprop()) and not adaptive(SGD())

@@ -7,7 +7,7 @@ import torch
 from study.engine.diagnostics import gradient_noise_scale, sharpness, trial_losses
 from study.engine.population import Network
 from study.models import ModelSpec, init_parameters
-from study.tasks import Blobs, LinearRegression
+from study.tasks import Blobs, LinearRegression, TeacherMLP
 
 D = torch.float64
 
@@ -63,3 +63,33 @@ def test_noise_scale_of_linear_regression_matches_explicit_per_example_gradients
         mean = g.mean(0)
         exact = (g - mean).square().sum(1).mean() / mean.square().sum()
         assert abs(got[i] - exact) / exact < 1e-9
+
+
+def test_preconditioned_sharpness_of_a_tiny_mlp_matches_dense_p_inverse_h() -> None:
+    """lambda_max(P^-1 H) from the dense Hessian (eigenvalues of the non-symmetric P^-1 H)
+    against Lanczos on P^-1/2 H P^-1/2; P spanning four decades, as Adam's does. A row whose
+    P is undefined (NaN, or not positive) reads NaN and leaves the others alone."""
+    task = TeacherMLP(dim=3, n_train=40, width=4)
+    data = task.generate(0)
+    spec = ModelSpec(depth=2, width=5, activation="tanh")
+    net, flat = _rows(spec, 3, 1, [3, 4, 5, 6])
+    x = data.x_train.expand(4, -1, -1)
+    y = data.y_train.expand(4, -1, -1)
+    n = flat.shape[1]
+    g = torch.Generator().manual_seed(7)
+    p = 10 ** (4 * torch.rand(4, n, generator=g, dtype=D) - 2)
+    p[2, 5] = float("nan")
+    p[3, 0] = 0.0
+    got = sharpness(net, flat, x, y, "mse", iterations=n, preconditioner=p)
+    plain = sharpness(net, flat, x, y, "mse", iterations=n)
+    for i in range(2):
+        def loss(row: torch.Tensor, i: int = i) -> torch.Tensor:
+            return trial_losses(net, row[None], x[i:i + 1], y[i:i + 1], "mse")[0]
+
+        hessian = torch.autograd.functional.hessian(loss, flat[i], vectorize=True)
+        exact = torch.linalg.eigvals(hessian / p[i][:, None]).real.max()
+        assert abs(got[i] - exact) / abs(exact) < 1e-8, (got[i], exact)
+        assert abs(got[i] - plain[i]) / plain[i] > 0.1  # P matters
+    assert torch.isnan(got[2:]).all()
+    alone = sharpness(net, flat[:2], x[:2], y[:2], "mse", iterations=n, preconditioner=p[:2])
+    torch.testing.assert_close(alone, got[:2], rtol=1e-12, atol=0)

@@ -86,8 +86,11 @@ def assert_equivalent(got: Trace, want: Trace, tol: float, first: int | None = N
     assert (got.diag_step is None) == (want.diag_step is None)
     if want.diag_step is not None:
         assert np.array_equal(got.diag_step, want.diag_step)
-        for name in ("sharpness", "noise_scale"):
+        assert (got.precond_sharpness is None) == (want.precond_sharpness is None)
+        for name in ("sharpness", "noise_scale", "precond_sharpness"):
             a, b = getattr(got, name), getattr(want, name)
+            if b is None:
+                continue
             assert np.array_equal(np.isnan(a), np.isnan(b)), name
             finite = np.isfinite(b)
             assert _max_rel(a[finite], b[finite]) <= tol, (name, _max_rel(a[finite], b[finite]))
@@ -305,6 +308,42 @@ def test_opt_in_diagnostics_match_the_reference() -> None:
               for lr, seed in [(0.1, 0), (0.03, 1), (1e4, 2)]]
     got = _check(trials, first=50)
     assert list(got[0].diag_step) == [0, 3, 6]
+    assert all(t.precond_sharpness is None for t in got)  # SGD: no preconditioner
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "eager"])
+def test_preconditioned_sharpness_matches_the_reference_and_changes_no_training_number(
+        fused: bool) -> None:
+    """Every adaptive family (and SGD beside them) in one population: the preconditioned
+    sharpness within the float64 bound of the reference's (NaN at step 0, None for SGD and
+    without sharpness), and training numbers bit-identical to a run without diagnostics."""
+    diagnostics = DiagnosticsSpec(sharpness=True, every=4, iterations=10)
+    train = TrainSpec(batch_size=16, epochs=2, dtype="float64")
+    specs = [Adam(lr=1e-2), SGD(lr=1e30), AdamW(lr=3e-3, amsgrad=True), Adam(lr=1e3),
+             RMSprop(lr=1e-3), RMSprop(lr=1e-3, centered=True, momentum=0.5),
+             Adagrad(lr=0.05, lr_decay=0.01)]
+    if fused:  # the numba path takes SGD / Adam / AdamW without amsgrad only
+        specs = [Adam(lr=1e-2), SGD(lr=1e30), AdamW(lr=3e-3, betas=(0.8, 0.99)), Adam(lr=1e3)]
+    task = TeacherMLP(n_train=48, n_val=16)
+    trials = [TrialSpec(task, ModelSpec(1, 8, "tanh"), spec, train, seed,
+                        diagnostics=diagnostics) for seed, spec in enumerate(specs)]
+    engine = BatchedEngine(fused=fused)
+    got = _check(trials, first=50, engine=engine)
+    for spec, trace in zip(specs, got, strict=True):
+        if isinstance(spec, SGD):
+            assert trace.precond_sharpness is None
+            continue
+        assert np.isnan(trace.precond_sharpness[0])
+        assert len(trace.precond_sharpness) == len(trace.diag_step)
+        if trace.divergence_step is None:
+            assert np.isfinite(trace.precond_sharpness[1:]).all()
+    assert got[1].divergence_step is not None  # a diverging row beside them
+    plain = engine.run([TrialSpec(task, ModelSpec(1, 8, "tanh"), spec, train, seed)
+                        for seed, spec in enumerate(specs)], CPU)
+    for a, b in zip(got, plain, strict=True):
+        assert b.precond_sharpness is None and b.diag_step is None
+        for name in ("step_loss", "grad_norm", "val_loss", "update_norm"):
+            assert np.array_equal(getattr(a, name), getattr(b, name)), name
 
 
 @pytest.mark.cuda
