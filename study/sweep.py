@@ -463,5 +463,6 @@ def resolve_device(name: str) -> torch.device:
 
 def describe(points: Sequence[GridPoint]) -> str:
     """A one-line size of a plan, for the log."""
-    pops = len({population_key(p.trial) for p in points})
+    # repr, as the planner keys them: a task may hold lists (one value per feature).
+    pops = len({repr(population_key(p.trial)) for p in points})
     return f"{len(points)} trials in {pops} populations"

@@ -65,11 +65,6 @@ class LinearRegression:
         _feature_scales(self.feature_scale, self.dim)
         _feature_means(self.feature_mean, self.dim)
 
-    def __hash__(self) -> int:
-        # The fields may hold lists (one value per feature), which do not hash; equal tasks
-        # have equal reprs. (study.sweep.describe hashes population keys, which hold tasks.)
-        return hash(repr(self))
-
     @property
     def input_dim(self) -> int:
         return self.dim
