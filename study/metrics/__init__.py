@@ -86,7 +86,7 @@ def summarize_many(traces: Sequence[Trace],
     engine_div = np.array([np.nan if tr.divergence_step is None else tr.divergence_step
                            for tr in traces], dtype=float)
     spikes = shape.spikes(a.step_loss)
-    rises = shape.eval_rises(a.val_loss)
+    rises = shape.eval_rises(a.val_loss, a.irreducible_loss)
     verdict = classify(engine_divergence=engine_div, eval_step=a.eval_step, loss=a.val_loss,
                        floor=a.irreducible_loss,
                        spike_count=np.nan_to_num(spikes["spike_count"]), eval_rises=rises)

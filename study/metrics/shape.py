@@ -26,6 +26,8 @@ SPIKE_Z = 6.0
 SPIKE_SCALE_FLOOR = 0.05
 MAD_TO_SIGMA = 1.4826
 PLATEAU_FRACTION = 0.1
+# An evaluation rise must also exceed this share of the initial excess over the floor.
+RISE_SHARE = 0.02
 
 
 def steps_to_fraction(eval_step: np.ndarray, loss: np.ndarray, fraction: float) -> np.ndarray:
@@ -115,10 +117,16 @@ def spikes(step_loss: np.ndarray) -> dict[str, np.ndarray]:
     return {"spike_count": count, "spike_max_ratio": ratio}
 
 
-def eval_rises(loss: np.ndarray, threshold: float = 0.1) -> np.ndarray:
+def eval_rises(loss: np.ndarray, floor: np.ndarray | float = 0.0, threshold: float = 0.1,
+               share: float = RISE_SHARE) -> np.ndarray:
     """Number of evaluations whose loss rose by more than `threshold` (relative) over the
-    previous evaluation (read on full-split losses: no sampling noise)."""
+    previous evaluation **and** by more than `share` of the initial excess (loss[0] - floor),
+    read on full-split losses (no sampling noise). The second condition keeps the 10% wiggles
+    of a run that sits near its floor (0.050 -> 0.055 after falling from 1.1) from counting
+    as rises: an edge-of-stability run hovers like that and keeps learning."""
     loss = finite(loss)
+    excess = loss[:, :1] - np.asarray(floor, dtype=float).reshape(-1, 1)
     with np.errstate(invalid="ignore", divide="ignore"):
-        rises = loss[:, 1:] > loss[:, :-1] * (1 + threshold)
+        step = loss[:, 1:] - loss[:, :-1]
+        rises = (loss[:, 1:] > loss[:, :-1] * (1 + threshold)) & (step > share * excess)
     return rises.sum(axis=1).astype(float)

@@ -24,7 +24,8 @@ single spike at the last evaluation does not decide the status:
    (Lewkowycz et al. 2020), not a divergence.
 4. `unstable`: at least `UNSTABLE_SPIKES` minibatch-loss spikes (`shape.spikes`), or at
    least `UNSTABLE_RISES` evaluations whose validation loss rose by more than 10% over the
-   previous evaluation.
+   previous evaluation and by more than 2% of the initial excess L_0 - f
+   (`shape.eval_rises`).
 5. `slow`: still far from the floor (E - f > `SLOW_FAR` x (L_0 - f)) and still clearly
    descending: the last quarter of the evaluations brought more than `SLOW_DESCENT` of
    the run's whole decrease L_0 - E (a curve that has flattened out brings almost none).

@@ -195,3 +195,14 @@ def test_batched_metrics_equal_per_trial_metrics() -> None:
                 assert math.isnan(row[key]), key
             else:
                 assert row[key] == pytest.approx(value), key
+
+
+def test_ten_percent_wiggles_near_the_floor_are_not_rises_but_real_rises_are() -> None:
+    # Edge of stability near the floor: 0.050 <-> 0.056 after falling from 1.1 (floor 0.01).
+    hover = [1.1, 0.3, 0.1, 0.05, 0.056, 0.05, 0.056, 0.05, 0.05]
+    row = summarize(_trace(hover, floor=0.01))
+    assert row["eval_rise_count"] == 0 and row["status"] == "converged"
+    # The same relative rises from a higher level undo progress: they count.
+    bumpy = [1.1, 0.3, 0.4, 0.2, 0.3, 0.15, 0.15, 0.15, 0.15]
+    row = summarize(_trace(bumpy, floor=0.01))
+    assert row["eval_rise_count"] == 2 and row["status"] == "unstable"
