@@ -85,8 +85,10 @@ class SweepConfig:
     space: dict[str, Any] = field(default_factory=dict)
     trials: int | None = None
     population: int | None = None
+    # {type: successive_halving | hyperband | median | percentile, ...}; {}: no pruning.
+    pruner: dict[str, Any] = field(default_factory=dict)
     # An edge search (study.edge): {low, high, precision, candidates} of the learning rate.
-    edge: dict[str, Any] | None = None
+    edge: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass

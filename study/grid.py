@@ -87,7 +87,10 @@ def expand(cfg: DictConfig, compose: Compose, overrides: Sequence[str],
     if typed.sweep.space:
         raise ConfigError("sweep.space: a grid sweep declares axes; set sweep.sampler to "
                           "search a space")
-    if typed.sweep.edge is not None:
+    if typed.sweep.pruner:
+        raise ConfigError("sweep.pruner: only a sampler sweep prunes (a grid trains every "
+                          "point to the end)")
+    if typed.sweep.edge:
         from study.edge import expand_edge
 
         if typed.workers > 1:
@@ -96,7 +99,7 @@ def expand(cfg: DictConfig, compose: Compose, overrides: Sequence[str],
         edge, claims = dict(typed.sweep.edge), list(typed.sweep.claims)
         if typed.sweep.axes:
             grid = dataclasses.replace(typed, sweep=dataclasses.replace(
-                typed.sweep, edge=None, claims=[]))
+                typed.sweep, edge={}, claims=[]))
             base = expand(cfg, compose, overrides, choices, typed=grid)
         else:  # the edge of the one configuration composed
             trial = build_trial(plain_config(cfg), typed.sweep.seeds[0], base_labels)

@@ -84,6 +84,7 @@ class SearchPlan:
     sampler_seed: int
     build: Callable[[dict[str, Any], int], GridPoint] = field(repr=False, compare=False)
     claims: list[Any] = field(default_factory=list)
+    pruner: dict[str, Any] | None = None  # `sweep.pruner`; None: every run trains to the end
 
     @property
     def axes(self) -> dict[str, list[Any]]:
@@ -149,8 +150,10 @@ def expand_search(cfg: Any, compose: Compose, overrides: Sequence[str],
         labels = {**base_labels, **{g: str(v) for g, v in picked}}
         return GridPoint({**params, SEED: seed}, build_trial(plain, seed, labels))
 
+    pruner = dict(sweep.pruner) if sweep.pruner else None
+    make_pruner(pruner)  # a bad pruner fails now
     plan = SearchPlan(sweep.name, sweep.sampler, space, list(sweep.seeds), sweep.trials,
-                      population, typed.seed, build, list(sweep.claims))
+                      population, typed.seed, build, list(sweep.claims), pruner)
     _check_claims(plan.claims, {name: [] for name in space})
     plan.points  # noqa: B018 - every categorical choice builds (bad options fail now)
     return plan
@@ -213,11 +216,30 @@ def make_sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
     return optuna.samplers.RandomSampler(seed=seed)
 
 
+PRUNERS = {"successive_halving": "SuccessiveHalvingPruner", "hyperband": "HyperbandPruner",
+           "median": "MedianPruner", "percentile": "PercentilePruner"}
+
+
+def make_pruner(spec: dict[str, Any] | None) -> optuna.pruners.BasePruner:
+    """Optuna's pruner for `sweep.pruner` ({type, ...its keyword arguments}); none: Nop."""
+    if not spec:
+        return optuna.pruners.NopPruner()
+    spec = dict(spec)
+    kind = spec.pop("type", None)
+    if kind not in PRUNERS:
+        raise ConfigError(f"sweep.pruner.type: must be one of {', '.join(PRUNERS)}, got "
+                          f"{kind!r}")
+    try:
+        return getattr(optuna.pruners, PRUNERS[kind])(**spec)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"sweep.pruner: {err}") from None
+
+
 # ------------------------------------------------------------------------------ driver
 def proposals_spent(study: optuna.Study) -> int:
     """Distinct proposals told, training or queued (failed copies were queued again)."""
-    live = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING,
-                                                    TrialState.WAITING))
+    live = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED,
+                                                    TrialState.RUNNING, TrialState.WAITING))
     return len({t.user_attrs[PROPOSAL] for t in live if PROPOSAL in t.user_attrs})
 
 
@@ -235,7 +257,8 @@ def run_search(plan: SearchPlan, study: optuna.Study, engine: Engine, device: to
     started = time.perf_counter()
     me = lease.Worker.here()
     study.sampler = make_sampler(plan.sampler, plan.sampler_seed)
-    complete = (TrialState.COMPLETE,)
+    study.pruner = make_pruner(plan.pruner)
+    complete = (TrialState.COMPLETE, TrialState.PRUNED)
     done_before = len(study.get_trials(deepcopy=False, states=complete))
     trained = 0
     with lease.Heartbeat(study, me, leases.heartbeat_s) as heart:
@@ -250,7 +273,7 @@ def run_search(plan: SearchPlan, study: optuna.Study, engine: Engine, device: to
                 break
             heart.beat()
             trained += train_batch(study, engine, device, run_dir, batch, objective,
-                                   direction)
+                                   direction, prune=plan.pruner is not None)
             heart.beat()
             if on_progress:
                 on_progress(len(study.get_trials(deepcopy=False, states=complete)),
@@ -301,8 +324,9 @@ def _requeue(study: optuna.Study, trial: FrozenTrial | optuna.Trial) -> None:
 
 
 def done_runs(study: optuna.Study) -> int:
-    """Training runs told (COMPLETE trials)."""
-    return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+    """Training runs told (COMPLETE or PRUNED trials)."""
+    return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,
+                                                        TrialState.PRUNED)))
 
 
 def describe_search(plan: SearchPlan) -> str:

@@ -42,6 +42,8 @@ from study.seeds import seed_streams
 log = logging.getLogger(__name__)
 
 Claim = tuple[optuna.Trial, GridPoint]
+# Trials whose result is recorded: told a value, or stopped by a pruner (sampler sweeps).
+DONE = (TrialState.COMPLETE, TrialState.PRUNED)
 
 
 @dataclass(frozen=True)
@@ -375,9 +377,16 @@ def done_points(study: optuna.Study, plan: SweepPlan) -> int:
 
 
 def train_batch(study: optuna.Study, engine: Engine, device: torch.device, run_dir: Path,
-                batch: list[Claim], objective: str, direction: str) -> int:
-    """Train one population, write its curves, tell each trial; how many were told."""
-    traces = engine.run([point.trial for _, point in batch], device)
+                batch: list[Claim], objective: str, direction: str, prune: bool = False
+                ) -> int:
+    """Train one population, write its curves, tell each trial; how many were told.
+
+    `prune`: every trial reports its validation loss at each evaluation (Optuna's
+    intermediate values) and the study's pruner decides, once all rows of the evaluation
+    have reported, which stop there; those are told PRUNED, with `pruned_step`."""
+    pruned: dict[int, int] = {}
+    hook = _pruning_hook([trial for trial, _ in batch], pruned) if prune else None
+    traces = engine.run([point.trial for _, point in batch], device, on_eval=hook)
     numbers = [trial.number for trial, _ in batch]
     # Curves first (atomically), then tell: a COMPLETE trial always has its curves on disk.
     records.write_curves(run_dir, f"trials-{min(numbers):06d}-{max(numbers):06d}",
@@ -385,11 +394,15 @@ def train_batch(study: optuna.Study, engine: Engine, device: torch.device, run_d
     summaries = summarize_many(traces, [stability_threshold(point.trial.optimizer)
                                         for _, point in batch])
     told = 0
-    for (trial, _), summary in zip(batch, summaries, strict=True):
+    for i, ((trial, _), summary) in enumerate(zip(batch, summaries, strict=True)):
         try:
             trial.set_user_attr("status", summary["status"])
             trial.set_user_attr("metrics", {k: v for k, v in summary.items() if k != "status"})
-            study.tell(trial, objective_value(summary, objective, direction))
+            if i in pruned:
+                trial.set_user_attr("pruned_step", pruned[i])
+                study.tell(trial, state=TrialState.PRUNED)
+            else:
+                study.tell(trial, objective_value(summary, objective, direction))
         except UpdateFinishedTrialError:
             # Another worker judged this one stale (a long stall) and re-queued its point.
             log.warning("trial %d was reclaimed by another worker; its result is dropped",
@@ -397,6 +410,20 @@ def train_batch(study: optuna.Study, engine: Engine, device: torch.device, run_d
             continue
         told += 1
     return told
+
+
+def _pruning_hook(trials: Sequence[optuna.Trial], pruned: dict[int, int]):
+    """`Engine.run`'s on_eval: report each row's validation loss, then ask the pruner;
+    records the pruned rows (index -> step) in `pruned`."""
+    def hook(step: int, values: dict[int, float]) -> set[int]:
+        for i, value in values.items():
+            if np.isfinite(value):
+                trials[i].report(float(value), step)
+        stop = {i for i in values if step > 0 and trials[i].should_prune()}
+        pruned.update({i: step for i in stop})
+        return stop
+
+    return hook
 
 
 def _report_bad_data(batch: list[Claim], checked: set[tuple[str, int]]) -> None:
@@ -430,13 +457,16 @@ def _report_bad_data(batch: list[Claim], checked: set[tuple[str, int]]) -> None:
 
 
 def trials_frame(study: optuna.Study) -> pd.DataFrame:
-    """One row per COMPLETE trial: number, key, status, objective, flat config, its params
-    (a sampler sweep's `optimizer.betas.0` is a param, not a config key), metrics."""
+    """One row per COMPLETE (or PRUNED) trial: number, key, status, objective, flat config,
+    its params (a sampler sweep's `optimizer.betas.0` is a param, not a config key), metrics,
+    and for a pruned trial `pruned_step` (its objective is then its last reported loss)."""
     rows = []
-    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+    for t in study.get_trials(deepcopy=False, states=DONE):
         if "key" not in t.user_attrs:
             continue
-        rows.append({"trial": t.number, "key": t.user_attrs["key"],
+        extra = ({"pruned_step": t.user_attrs.get("pruned_step")}
+                 if t.state == TrialState.PRUNED else {})
+        rows.append({"trial": t.number, "key": t.user_attrs["key"], **extra,
                      "status": t.user_attrs.get("status"), "objective": t.value,
                      **t.params, **t.user_attrs.get("config", {}),
                      **t.user_attrs.get("metrics", {})})

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, fields
 from typing import Protocol
 
@@ -78,8 +78,17 @@ class Trace:
         return True
 
 
+# Called after every evaluation with the validation loss of each trial still training (by
+# its index in the `trials` given to `Engine.run`); returns the indices to stop there.
+OnEval = Callable[[int, dict[int, float]], Iterable[int]]
+
+
 class Engine(Protocol):
     """Trains a population: `run(trials, device)` returns one Trace per trial, in order.
+
+    `run(..., on_eval=hook)` calls `hook(step, {index: validation loss})` after every
+    evaluation; the trials it names stop there, as early stopping stops them (their traces
+    end at that evaluation, not diverged). A pruner decides through it.
 
     Contract: a trial's trace depends only on its own spec (never on the other trials in
     `trials`), divergence is recorded and never raised, and trials may share nothing but
@@ -88,7 +97,8 @@ class Engine(Protocol):
 
     name: str
 
-    def run(self, trials: Sequence[TrialSpec], device: torch.device) -> list[Trace]: ...
+    def run(self, trials: Sequence[TrialSpec], device: torch.device,
+            on_eval: OnEval | None = None) -> list[Trace]: ...
 
 
 def population_key(trial: TrialSpec) -> tuple:

@@ -34,7 +34,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from study.engine.base import Trace, population_key
+from study.engine.base import OnEval, Trace, population_key
 from study.engine.fused import FusedUpdate, fusable
 from study.engine.network import Network, eval_losses, train_loss_and_grad
 from study.failures.loop import EarlyStopper, Plateau, class_weights
@@ -105,8 +105,11 @@ class BatchedEngine:
         self.fused = fused  # False: always the eager update (study.optim), also on the CPU
         self.datasets = DatasetCache()
 
-    def run(self, trials: Sequence[TrialSpec], device: torch.device) -> list[Trace]:
+    def run(self, trials: Sequence[TrialSpec], device: torch.device,
+            on_eval: OnEval | None = None) -> list[Trace]:
         """One Trace per trial, in order; trials of different structure train separately.
+
+        `on_eval`: see `Engine` (asked once per population evaluation, for its rows).
 
         Trials the batched computation cannot express (`reference_only`) train on the
         reference engine instead, and the log says so.
@@ -120,7 +123,8 @@ class BatchedEngine:
 
             log.warning("%d trial(s) fall back to the reference engine (%s)", len(fallback),
                         "; ".join(sorted({r for _, r in fallback})))
-            ref = ReferenceEngine().run([trials[i] for i, _ in fallback], device)
+            ref = ReferenceEngine().run([trials[i] for i, _ in fallback], device,
+                                        _shifted(on_eval, [i for i, _ in fallback]))
             for (i, _), trace in zip(fallback, ref, strict=True):
                 traces[i] = trace
         for i, trial in enumerate(trials):
@@ -130,8 +134,8 @@ class BatchedEngine:
             # Rows of one optimizer type contiguous: each type's update runs on its block.
             indices.sort(key=lambda i: type(trials[i].optimizer).__name__)
             population = [trials[i] for i in indices]
-            for i, trace in zip(indices, self._train(population, torch.device(device)),
-                                strict=True):
+            for i, trace in zip(indices, self._train(population, torch.device(device),
+                                                     _shifted(on_eval, indices)), strict=True):
                 traces[i] = trace
         return traces  # type: ignore[return-value]
 
@@ -149,20 +153,36 @@ class BatchedEngine:
             raise ValueError("a population's trials must share one population_key")
         return self._train(trials, device)
 
-    def _train(self, trials: Sequence[TrialSpec], device: torch.device) -> list[Trace]:
+    def _train(self, trials: Sequence[TrialSpec], device: torch.device,
+               on_eval: OnEval | None = None) -> list[Trace]:
         """`train` of trials already known to share one population_key."""
         if len(trials) == 1:
-            return _Population([trials[0]] * 2, device, self).run()[:1]
-        return _Population(trials, device, self).run()
+            return _Population([trials[0]] * 2, device, self, on_eval, real=1).run()[:1]
+        return _Population(trials, device, self, on_eval).run()
+
+
+def _shifted(on_eval: OnEval | None, indices: Sequence[int]) -> OnEval | None:
+    """`on_eval` for a part of the trials: local index j is `indices[j]` of the whole."""
+    if on_eval is None:
+        return None
+
+    def hook(step: int, values: dict[int, float]) -> set[int]:
+        local = {indices[j]: j for j in values}
+        return {local[i] for i in on_eval(step, {indices[j]: v for j, v in values.items()})}
+
+    return hook
 
 
 class _Population:
     """The state of one population during training (rows = trials still computed)."""
 
     def __init__(self, trials: Sequence[TrialSpec], device: torch.device,
-                 engine: BatchedEngine) -> None:
+                 engine: BatchedEngine, on_eval: OnEval | None = None,
+                 real: int | None = None) -> None:
         first = trials[0]
         self.engine, self.device, self.trials = engine, device, list(trials)
+        # The hook sees the first `real` rows (a lone trial trains beside a copy of itself).
+        self.on_eval, self.real = on_eval, len(trials) if real is None else real
         self.on_cpu = device.type == "cpu"
         self.dtype = first.train.torch_dtype
         task = first.task
@@ -311,19 +331,26 @@ class _Population:
         return lrs
 
     def after_eval(self, k: int, step: int) -> None:
-        """Plateau and early stopping on the validation losses of eval `k` (one sync)."""
-        if self.plateaus is None and self.stoppers is None:
+        """Plateau, early stopping and `on_eval` on the validation losses of eval `k` (one
+        sync)."""
+        if self.plateaus is None and self.stoppers is None and self.on_eval is None:
             return
         val = self.evals[k, 1].tolist()
         alive = self.alive.tolist()
+        told: set[int] = set()
+        if self.on_eval is not None:
+            rows = [i for row, i in enumerate(self.id_list) if alive[row] and i < self.real]
+            told = set(self.on_eval(step, {i: val[i] for i in rows}))
+            if self.real < len(self.trials) and 0 in told:
+                told.add(1)  # the copy of a lone trial stops with it
         for row, i in enumerate(self.id_list):
             if not alive[row]:
                 continue
             if self.plateaus is not None and step > 0:
                 plateau = self.plateaus[i]
                 plateau.update(val[i], self.base_lr[i] * plateau.multiplier)
-            if (self.stoppers is not None and self.stoppers[i].update(val[i])
-                    and step < self.planned):
+            stop = self.stoppers is not None and self.stoppers[i].update(val[i])
+            if (stop or i in told) and step < self.planned:
                 self.stopped_at[i] = step
                 self.alive[row] = False
         self.alive_changed()

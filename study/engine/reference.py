@@ -11,14 +11,14 @@ clarity over speed.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.nn.utils import parameters_to_vector
 
-from study.engine.base import Trace
+from study.engine.base import OnEval, Trace
 from study.engine.diagnostics import gradient_noise_scale, sharpness
 from study.engine.network import Network
 from study.failures.loop import EarlyStopper, Plateau, class_weights
@@ -75,12 +75,23 @@ class ReferenceEngine:
     # files moving, and lose little work to a kill.
     population_limit = 8
 
-    def run(self, trials: Sequence[TrialSpec], device: torch.device) -> list[Trace]:
-        return [train_trial(trial, torch.device(device)) for trial in trials]
+    def run(self, trials: Sequence[TrialSpec], device: torch.device,
+            on_eval: OnEval | None = None) -> list[Trace]:
+        def hook(i: int):
+            return None if on_eval is None else (
+                lambda step, val: i in on_eval(step, {i: val}))
+
+        return [train_trial(trial, torch.device(device), hook(i))
+                for i, trial in enumerate(trials)]
 
 
-def train_trial(trial: TrialSpec, device: torch.device) -> Trace:
-    """Train one trial; see `Trace` for what is recorded and when it stops."""
+def train_trial(trial: TrialSpec, device: torch.device,
+                on_eval: Callable[[int, float], bool] | None = None) -> Trace:
+    """Train one trial; see `Trace` for what is recorded and when it stops.
+
+    `on_eval(step, validation loss)` is called after every evaluation; True stops the trial
+    there (its trace ends at that evaluation, not diverged; at the last one it changes
+    nothing)."""
     seeds = seed_streams(trial.seed)
     data = trial.dataset(seeds.data)
     dtype = trial.train.torch_dtype
@@ -153,7 +164,9 @@ def train_trial(trial: TrialSpec, device: torch.device) -> Trace:
         val = evals[-1][2]
         if plateau is not None and step > 0:
             plateau.update(val, base_lr * plateau.multiplier)
-        return stopper is not None and stopper.update(val) and step < planned
+        told = on_eval is not None and on_eval(step, val)
+        stop = stopper is not None and stopper.update(val)
+        return (stop or told) and step < planned
 
     step = 0
     stopped = False

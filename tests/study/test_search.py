@@ -136,3 +136,29 @@ def test_a_space_key_that_the_config_lacks_is_refused() -> None:
     assert plain["optimizer"]["betas"] == [0.5, 0.999]
     with pytest.raises(ConfigError, match=r"sweep\.space\.optimizer\.momentum: no such key"):
         set_key(plain, "optimizer.momentum", 0.9)
+
+
+def test_a_pruner_stops_rows_inside_the_population_and_they_are_told_pruned(
+        tmp_path: Path) -> None:
+    plan = plan_from_overrides([*SMALL, "sweep.trials=8", "sweep.population=8",
+                                "train.epochs=8", "+sweep.pruner={type: successive_halving, "
+                                "min_resource: 2, reduction_factor: 2}"])
+    study = open_study(tmp_path, None, "pruned", "minimize")
+    outcome = run_search(plan, study, make_engine("batched"), CPU, tmp_path, "val_loss_final")
+    pruned = study.get_trials(states=(TrialState.PRUNED,))
+    complete = study.get_trials(states=(TrialState.COMPLETE,))
+    assert outcome.trained == len(pruned) + len(complete) == 16
+    # Successive halving prunes within the very first population: at each rung a row goes
+    # on only if its loss is in the better half of the rows that reached the rung so far.
+    assert pruned and complete
+    frame = trials_frame(study)
+    assert len(frame) == 16 and frame["pruned_step"].notna().sum() == len(pruned)
+    curves = records.read_curves(tmp_path)
+    for t in pruned:
+        step = t.user_attrs["pruned_step"]
+        assert t.intermediate_values and max(t.intermediate_values) == step
+        mine = curves[(curves["trial"] == t.number) & (curves["split"] == "batch")]
+        assert mine["step"].max() == step - 1  # no update after the pruning evaluation
+    assert proposals_spent(study) == 8
+    again = run_search(plan, study, make_engine("batched"), CPU, tmp_path, "val_loss_final")
+    assert again.trained == 0
