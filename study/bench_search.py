@@ -51,27 +51,35 @@ def best_of_study(study: optuna.Study) -> float:
     return min(statistics.fmean(v) for v in by_proposal.values())
 
 
-def run_batched(plan: SearchPlan, metric: str, device: torch.device) -> float:
+def steps_of_study(study: optuna.Study) -> int:
+    """Updates the study's runs applied (a pruned run stops early)."""
+    return sum(int(t.user_attrs["metrics"]["steps"]) for t in study.get_trials(
+        deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,
+                                optuna.trial.TrialState.PRUNED)))
+
+
+def run_batched(plan: SearchPlan, metric: str, device: torch.device) -> tuple[float, int]:
     with tempfile.TemporaryDirectory() as tmp:
         study = open_study(Path(tmp), None, "bench", "minimize")
         run_search(plan, study, BatchedEngine(), device, Path(tmp), metric)
-        return best_of_study(study)
+        return best_of_study(study), steps_of_study(study)
 
 
-def run_sequential(plan: SearchPlan, metric: str, device: torch.device) -> float:
+def run_sequential(plan: SearchPlan, metric: str, device: torch.device) -> tuple[float, int]:
     """Plain Optuna: ask one proposal, train its seeds with the reference engine, tell."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(sampler=make_sampler(plan.sampler, plan.sampler_seed))
-    engine, best = ReferenceEngine(), float("inf")
+    engine, best, steps = ReferenceEngine(), float("inf"), 0
     for _ in range(plan.trials):
         trial = study.ask(plan.space)
         specs = [plan.build(dict(trial.params), seed).trial for seed in plan.seeds]
         traces = [engine.run([spec], device)[0] for spec in specs]
+        steps += sum(len(t.step_loss) for t in traces)
         summaries = summarize_many(traces, [stability_threshold(s.optimizer) for s in specs])
         value = statistics.fmean(objective_value(s, metric) for s in summaries)
         study.tell(trial, value)
         best = min(best, value)
-    return best
+    return best, steps
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
@@ -82,18 +90,31 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--metric", default="val_loss_final")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--pruner", default=None,
+                        help="also run the batched search with this sweep.pruner override, "
+                             "e.g. '{type: successive_halving, min_resource: 2}'")
+    parser.add_argument("--no-sequential", action="store_true",
+                        help="skip the sequential arm (pruning comparisons only)")
     parser.add_argument("--out", type=Path, default=None, help="write the JSON here too")
     args = parser.parse_intermixed_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device("cpu")
     rows = []
+    arms = ["study", *(["study+pruner"] if args.pruner else []),
+            *([] if args.no_sequential else ["sequential"])]
     for repeat in range(args.repeats):
         plan = plan_from_overrides([*args.overrides, f"seed={repeat}"])
-        for name, fn in (("study", run_batched), ("sequential", run_sequential)):
-            best, wall, cpu = _timed(lambda fn=fn, plan=plan: fn(plan, args.metric, device))
-            rows.append({"engine": name, "repeat": repeat, "best": best, "wall_s": wall,
-                         "cpu_s": cpu, "load_avg": os.getloadavg()})
+        plans = {"study": plan, "sequential": plan}
+        if args.pruner:
+            plans["study+pruner"] = plan_from_overrides(
+                [*args.overrides, f"seed={repeat}", f"+sweep.pruner={args.pruner}"])
+        for name in arms:
+            fn = run_sequential if name == "sequential" else run_batched
+            (best, steps), wall, cpu = _timed(
+                lambda fn=fn, plan=plans[name]: fn(plan, args.metric, device))
+            rows.append({"engine": name, "repeat": repeat, "best": best, "steps": steps,
+                         "wall_s": wall, "cpu_s": cpu, "load_avg": os.getloadavg()})
             print(json.dumps(rows[-1]), file=sys.stderr)
 
     def median(name: str, key: str) -> float:
@@ -104,14 +125,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                              *(argv if argv is not None else sys.argv[1:])]),
         "runs_per_search": plan.total, "proposals": plan.trials,
         "population": plan.population, "sampler": plan.sampler,
-        "median": {name: {k: median(name, k) for k in ("best", "wall_s", "cpu_s")}
-                   for name in ("study", "sequential")},
+        "median": {name: {k: median(name, k) for k in ("best", "steps", "wall_s", "cpu_s")}
+                   for name in arms},
         "repeats": rows,
     }
-    result["wall_speedup"] = result["median"]["sequential"]["wall_s"] / result["median"][
-        "study"]["wall_s"]
-    result["cpu_speedup"] = result["median"]["sequential"]["cpu_s"] / result["median"][
-        "study"]["cpu_s"]
+    if "sequential" in arms:
+        for unit in ("wall_s", "cpu_s"):
+            result[f"speedup_{unit}"] = (result["median"]["sequential"][unit]
+                                         / result["median"]["study"][unit])
     text = json.dumps(result, indent=2)
     print(text)
     if args.out:
