@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from study import records, storage
 from study.claims import write_sweep_claims
-from study.config import ConfigError, StudyConfig, plain_config
+from study.config import TRANSFORM_GROUPS, ConfigError, StudyConfig, plain_config
 from study.engine import make_engine
 from study.environment import describe_environment, now_iso
 from study.grid import SweepPlan
@@ -82,13 +82,16 @@ def execute(cfg: DictConfig, typed: StudyConfig, plan: SweepPlan, run_dir: Path,
 
     url = storage_url(typed)
     leases = Lease(typed.storage.heartbeat_s, typed.storage.grace_s)
-    check_run_dir(run_dir)
     study_name = typed.storage.study_name or (plan.name or "single")
+    check_resume(typed.resume, run_dir)
+    check_run_dir(run_dir, study_name, url)
+    check_data(plan)
     study = open_study(run_dir, url, study_name, typed.objective.direction,
                        typed.storage.retries)
     check_same_config(study, resumable_config(config))
     save_hydra_files(cfg, run_dir, overrides, hydra_cfg)
-    env, invocations = start_env(run_dir, overrides, device, engine.name, url, typed.workers)
+    env, invocations = start_env(run_dir, overrides, device, engine.name, url, typed.workers,
+                                 study_name)
     log.info("%s: %s on %s with the %s engine%s", plan.name or "single configuration",
              describe(plan.points), device, engine.name,
              f", {typed.workers} workers" if typed.workers > 1 else "")
@@ -137,11 +140,78 @@ def storage_url(typed: StudyConfig) -> str | None:
     return url or None
 
 
-def check_run_dir(run_dir: Path) -> None:
-    """Refuse (RecordError) a run directory whose trials.parquet another version of study
-    wrote; a directory without one passes."""
-    if (run_dir / records.TRIALS).is_file():
-        records.read_trials(run_dir)  # RecordError on another schema version
+def check_resume(resume: str | None, run_dir: Path) -> None:
+    """Refuse (ConfigError) `resume=DIR` when DIR is not a study run directory (it has
+    neither env.json nor a journal: a typo would otherwise start a fresh sweep there)."""
+    if resume is not None and not any((run_dir / name).is_file()
+                                      for name in (records.ENV, records.JOURNAL)):
+        raise ConfigError(f"resume: {resume} is not a study run directory (it holds no "
+                          f"{records.ENV} nor {records.JOURNAL}); to start a new run there, "
+                          f"pass hydra.run.dir={resume} instead")
+
+
+def check_run_dir(run_dir: Path, study_name: str, url: str | None) -> None:
+    """Refuse a run directory that belongs to another run: another version of study wrote
+    its trials.parquet (RecordError), or it holds another study or another storage's
+    (ConfigError: their trial numbers, and so their curve files, would collide). An
+    unreadable trials.parquet is not refused: it is derived, and rebuilt at the end."""
+    try:
+        records.read_trials(run_dir)
+    except records.UnreadableRecordError as err:
+        log.warning("%s; it is rebuilt from the storage at the end of this run", err)
+    except records.MissingRecordError:
+        pass
+    env = records.read_env(run_dir)
+    journal = run_dir / records.JOURNAL
+    owner = env.get("study_name")
+    if owner is None and journal.is_file():
+        names = storage.journal_study_names(journal)
+        owner = names[0] if names and study_name not in names else None
+    if owner is not None and owner != study_name:
+        raise ConfigError(
+            f"{run_dir} holds the study {owner!r}; this command's study is {study_name!r} "
+            f"(another sweep, or another storage.study_name). A run directory holds one "
+            f"study: use a new run directory, or resume with: "
+            f"{env.get('resume_command', 'the command that created it')}")
+    where = storage.mask_url(url) if url else records.JOURNAL
+    stored = env.get("storage") or (records.JOURNAL if journal.is_file() else None)
+    if stored is not None and stored != where:
+        raise ConfigError(
+            f"{run_dir} holds a study stored in {stored}; this command's storage is {where}. "
+            f"A run directory holds one study: use a new run directory, or the same storage")
+
+
+def check_data(plan: SweepPlan) -> None:
+    """Draw one seed's data for every task and data transform (failure mode or
+    mitigation) of `plan` before anything is written: a transform that raises is a
+    ConfigError naming it, not a traceback in the middle of training."""
+    from study.failures import apply_data_transforms
+    from study.seeds import seed_streams
+
+    seen: set[str] = set()
+    for point in plan.points:
+        spec = point.trial
+        transforms = getattr(spec, "data_transforms", ())
+        key = repr((spec.task, transforms))
+        if key in seen:
+            continue
+        seen.add(key)
+        seed = seed_streams(spec.seed).data
+        where = spec.labels.get("task") or type(spec.task).__name__
+        try:
+            data = spec.task.generate(seed)
+        except Exception as err:
+            raise ConfigError(f"task {where}: drawing its data (seed {seed}) raised "
+                              f"{type(err).__name__}: {err}") from None
+        for transform in transforms:
+            try:
+                data = apply_data_transforms(data, [transform], seed)
+            except Exception as err:
+                name = getattr(transform, "target", None) or type(transform).__name__
+                groups = "+".join(spec.labels.get(g) or "none" for g in TRANSFORM_GROUPS)
+                raise ConfigError(f"{groups}: {name} raised {type(err).__name__}: {err} "
+                                  f"(applied to the data of task {where}, seed {seed})"
+                                  ) from None
 
 
 def resumable_config(config: dict[str, Any]) -> dict[str, Any]:
@@ -167,31 +237,38 @@ def save_hydra_files(cfg: DictConfig, run_dir: Path, overrides: list[str],
     valid, so a refused resume leaves the run's record untouched."""
     hydra_dir = run_dir / ".hydra"
     hydra_dir.mkdir(parents=True, exist_ok=True)
-    job = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))
+    job = OmegaConf.to_container(cfg, resolve=False)
     job.pop("hydra", None)
-    for name, node in (("config.yaml", job), ("overrides.yaml", OmegaConf.create(overrides)),
-                       ("hydra.yaml", OmegaConf.create({"hydra": hydra_cfg}))):
-        text = storage.mask_url(OmegaConf.to_yaml(node))
+    hydra_node = {"hydra": OmegaConf.to_container(hydra_cfg, resolve=False)}
+    for name, node in (("config.yaml", job), ("overrides.yaml", overrides),
+                       ("hydra.yaml", hydra_node)):
+        # Masked before YAML folds a long value over lines, and after (anything missed).
+        text = storage.mask_url(OmegaConf.to_yaml(OmegaConf.create(storage.redact(node))))
         records.atomic_write_bytes(hydra_dir / name, text.encode())
 
 
 def start_env(run_dir: Path, overrides: list[str], device: torch.device, engine_name: str,
-              url: str | None, workers: int) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+              url: str | None, workers: int, study_name: str
+              ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Write env.json for the start of this invocation; return (env, invocations) for
     `finish_env`.
 
     A resumed run keeps the command, resume command and start time of the invocation that
-    created it, and its list of earlier invocations; the storage URL is masked.
+    created it, and its list of earlier invocations; the storage URL is masked. Invocations
+    that share the run directory at once (workers on several machines) read and write
+    env.json in turn (`records.env_lock`), so none is lost.
     """
-    previous = records.read_env(run_dir)
     env = storage.redact(describe_environment(overrides, run_dir, device, engine_name))
-    for key in ("command", "resume_command", "started"):
-        env[key] = previous.get(key, env.get(key))
-    env["started"] = env["started"] or now_iso()
-    env["storage"] = storage.mask_url(url) if url else records.JOURNAL
-    env["workers"] = workers
-    invocations = previous.get("invocations", [])
-    records.write_env(run_dir, {**env, "invocations": invocations})
+    with records.env_lock(run_dir):
+        previous = records.read_env(run_dir)
+        for key in ("command", "resume_command", "started"):
+            env[key] = previous.get(key, env.get(key))
+        env["started"] = env["started"] or now_iso()
+        env["storage"] = storage.mask_url(url) if url else records.JOURNAL
+        env["study_name"] = study_name
+        env["workers"] = workers
+        invocations = previous.get("invocations", [])
+        records.write_env(run_dir, {**env, "invocations": invocations})
     return env, invocations
 
 
@@ -246,14 +323,17 @@ def write_results(study: optuna.Study, plan: SweepPlan, run_dir: Path,
 
 def finish_env(run_dir: Path, env: dict[str, Any], invocations: list[dict[str, Any]],
                outcome: SweepOutcome, wall_s: float) -> None:
-    """Append this invocation (argv, finish time, `wall_s`, trials trained) to
-    `invocations` and write the final env.json: finish time, trials in the plan, the
-    invocations and their summed wall time."""
-    invocations.append({"argv": env["argv"], "finished": now_iso(), "wall_time_s": wall_s,
-                        "trials_trained": outcome.trained})
-    env.update(finished=now_iso(), trials_total=outcome.total, invocations=invocations,
-               wall_time_s=round(sum(i["wall_time_s"] for i in invocations), 3))
-    records.write_env(run_dir, env)
+    """Append this invocation (argv, finish time, `wall_s`, trials trained) to the
+    invocations env.json holds now (others may have finished meanwhile; `invocations` is
+    what it held at the start) and write the final env.json: finish time, trials in the
+    plan, the invocations and their summed wall time."""
+    mine = {"argv": env["argv"], "finished": now_iso(), "wall_time_s": wall_s,
+            "trials_trained": outcome.trained}
+    with records.env_lock(run_dir):
+        invocations = [*records.read_env(run_dir).get("invocations", invocations), mine]
+        env.update(finished=now_iso(), trials_total=outcome.total, invocations=invocations,
+                   wall_time_s=round(sum(i["wall_time_s"] for i in invocations), 3))
+        records.write_env(run_dir, env)
 
 
 def print_outcome(outcome: SweepOutcome, study: optuna.Study, plan: SweepPlan,
