@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import io
 import logging
 import os
 import re
@@ -17,7 +18,7 @@ import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import NoReturn
+from typing import NoReturn, TextIO
 
 import hydra
 import yaml
@@ -37,6 +38,7 @@ URL_VARIABLE = "STUDY_STORAGE_URL"  # conf/storage/postgres.yaml reads it
 
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
+    _release_stderr()
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
     fresh = not any((run_dir / name).exists() for name in
@@ -47,22 +49,22 @@ def main(cfg: DictConfig) -> None:
     _mask_logs()
     with contextlib.suppress(Exception):  # an unresolvable value: validate() names it
         storage.register_url(OmegaConf.select(cfg, "storage.url", default=None))
-    if multirun:
-        _mask_file(Path(hc.sweep.dir) / "multirun.yaml")
     try:
+        if multirun:
+            _mask_file(Path(hc.sweep.dir) / "multirun.yaml")
         typed = validate(cfg)
         plan = expand(cfg, _compose, overrides, choices, typed=typed)
         check_objective(typed.objective.metric, plan)
         status = execute(cfg, typed, plan, run_dir, overrides, hc)
     except ConfigError as err:
-        print(f"error: {storage.mask_url(str(err))}", file=sys.stderr)
+        print(f"error: {one_line(storage.mask_url(str(err)))}", file=sys.stderr)
         if fresh:
             _remove_if_only_logs(run_dir)
         end(2)
     except (records.RecordError, storage.StorageError) as err:
         # Bad state (a corrupt journal, another version's run, an unreachable database):
         # nothing of the run directory was changed.
-        print(f"error: {storage.mask_url(str(err))}", file=sys.stderr)
+        print(f"error: {one_line(storage.mask_url(str(err)))}", file=sys.stderr)
         if fresh:
             _remove_if_only_logs(run_dir)
         end(3)
@@ -224,17 +226,22 @@ def _check_writable(argv: Sequence[str]) -> None:
     """Exit 3 with one line when the run directory (`hydra.run.dir=`, `resume=`, else
     outputs/ in the working directory) is on a read-only filesystem or not writable:
     Hydra would fail configuring its log file, with a traceback."""
-    chosen = [a.partition("=")[2] for a in argv
-              if re.match(r"\+{0,2}(hydra\.run\.dir|resume)=", a)]
-    if "--multirun" in argv or "-m" in argv:
-        chosen = [a.partition("=")[2] for a in argv if a.startswith("hydra.sweep.dir=")]
-    path = Path(chosen[-1] if chosen else "outputs").absolute()
+    path = _chosen_dir(argv)
     while not path.exists() and path != path.parent:
         path = path.parent
     if not os.access(path, os.W_OK):
         reason = "Read-only file system" if _read_only(path) else "Permission denied"
         print(f"error: cannot write {path}: {reason}", file=sys.stderr)
         sys.exit(3)
+
+
+def _chosen_dir(argv: Sequence[str]) -> Path:
+    """The run directory `argv` names (`hydra.run.dir=`, `resume=`; with `--multirun`,
+    `hydra.sweep.dir=`), absolute; else outputs/ (where a new run directory is made)."""
+    keys = ("hydra.sweep.dir",) if {"--multirun", "-m"} & set(argv) else (
+        "hydra.run.dir", "resume")
+    chosen = [a.partition("=")[2] for a in argv if a.lstrip("+").partition("=")[0] in keys]
+    return Path(chosen[-1] if chosen else "outputs").absolute()
 
 
 def _read_only(path: Path) -> bool:
@@ -244,15 +251,84 @@ def _read_only(path: Path) -> bool:
         return False
 
 
+def one_line(text: str) -> str:
+    """`text` on one line: its lines joined with "; ", blank ones and indentation dropped."""
+    return "; ".join(line.strip() for line in text.splitlines() if line.strip())
+
+
+class _HeldStderr(io.StringIO):
+    """What is written to stderr before Hydra calls `main` (its composition errors)."""
+
+    def __init__(self, real: TextIO) -> None:
+        super().__init__()
+        self.real = real
+
+
+def _release_stderr() -> None:
+    """Give stderr back to the terminal, with what was held (warnings) written first."""
+    held = sys.stderr
+    if isinstance(held, _HeldStderr):
+        sys.stderr = held.real
+        sys.stderr.write(held.getvalue())
+
+
 def run(argv: list[str] | None = None) -> None:
-    """The command line: check what must be checked before Hydra sees it, then `main`."""
+    """The command line: check what must be checked before Hydra sees it, then `main`.
+
+    An error Hydra reports before `main` runs (an unknown option, a value of the wrong
+    type, a malformed override) is printed as one `error:` line, exit status 2.
+    """
     argv = sys.argv if argv is None else argv
     storage.register_url(os.environ.get(URL_VARIABLE))
     _check_yaml_files(argv[1:])
     if not {"--help", "-h", "--hydra-help", "--cfg", "-c", "--info"} & set(argv[1:]):
         _check_writable(argv[1:])
     _hide_url_arguments(argv)
-    main()
+    new_dirs = _missing_dirs(argv[1:])
+    sys.stderr = _HeldStderr(sys.stderr)
+    try:
+        main()
+    except SystemExit as stop:
+        held = sys.stderr
+        if not isinstance(held, _HeldStderr):
+            raise
+        sys.stderr = held.real
+        text = held.getvalue().split("Config search path:")[0]  # Hydra's own search path
+        lines = [line for line in text.splitlines() if "HYDRA_FULL_ERROR" not in line]
+        if stop.code in (0, None) or not any(line.strip() for line in lines):
+            sys.stderr.write(held.getvalue())
+            raise
+        print(f"error: {one_line(storage.mask_url(chr(10).join(lines)))}", file=sys.stderr)
+        sys.exit(2)
+    except BaseException as stop:
+        if isinstance(stop, SystemExit) and stop.code in (0, None):
+            raise
+        _remove_empty(new_dirs)  # refused: no directory left that this command created
+        raise
+    finally:
+        _release_stderr()
+
+
+def _missing_dirs(argv: Sequence[str]) -> list[Path]:
+    """The directories that the run directory chosen by `argv` (`hydra.run.dir=`,
+    `resume=`, else outputs/) would create, deepest first."""
+    path = _chosen_dir(argv)
+    missing = []
+    while not path.exists() and path != path.parent:
+        missing.append(path)
+        path = path.parent
+    return missing
+
+
+def _remove_empty(dirs: Sequence[Path]) -> None:
+    """Remove those of `dirs` (deepest first) that are empty, and empty folders inside."""
+    for top in dirs:
+        if top.is_dir():
+            for folder in sorted(top.rglob("*"), key=lambda p: len(p.parts), reverse=True):
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
+        with contextlib.suppress(OSError):
+            top.rmdir()
 
 
 if __name__ == "__main__":

@@ -200,6 +200,8 @@ def validate(cfg: DictConfig) -> StudyConfig:
         )
     if typed.seed < 0:
         raise ConfigError(f"seed: must be >= 0, got {typed.seed}")
+    if typed.storage.retries < 1:
+        raise ConfigError(f"storage.retries: must be >= 1, got {typed.storage.retries}")
     if typed.sweep is not None:
         if not typed.sweep.seeds:
             raise ConfigError(f"sweep.seeds: sweep {typed.sweep.name!r} has no seeds (empty grid)")
