@@ -23,6 +23,8 @@ ROOT = Path(__file__).resolve().parents[2]
 TINY = ("+sweep=smoke", "train.epochs=1", "model.width=8", "report=false", "progress=false")
 # A base64-style password with every character mask_url used to miss.
 ODD_PASSWORD = "Ab+1/q2== z9"
+# The fast suite keeps one case of each kind; the others (a CLI run each, 5-15 s) are slow.
+SLOW = pytest.mark.slow
 
 
 def one_line_error(done: subprocess.CompletedProcess, code: int, *fragments: str) -> str:
@@ -47,12 +49,10 @@ def files_holding(root: Path, secret: str) -> list[str]:
     return [str(p) for p in root.rglob("*") if p.is_file() and secret.encode() in p.read_bytes()]
 
 
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory, study_cli) -> Path:
-    """A finished tiny smoke sweep (copy it before changing it)."""
-    run_dir = tmp_path_factory.mktemp("tiny") / "run"
-    study_cli(*TINY, f"hydra.run.dir={run_dir}", expect=0)
-    return run_dir
+@pytest.fixture
+def tiny_run(tiny_baseline: Path) -> Path:
+    """A finished tiny smoke sweep (conftest's, shared: copy it before changing it)."""
+    return tiny_baseline
 
 
 def copy_run(run_dir: Path, tmp_path: Path) -> Path:
@@ -62,8 +62,9 @@ def copy_run(run_dir: Path, tmp_path: Path) -> Path:
 
 
 # --------------------------------------------------------------- 1, 2: one run per directory
-@pytest.mark.parametrize("other", [("+sweep=lr_batch",), ("storage.study_name=other",)],
-                         ids=["another_sweep", "another_study_name"])
+@pytest.mark.parametrize("other", [
+    pytest.param(("+sweep=lr_batch",), id="another_sweep", marks=SLOW),
+    pytest.param(("storage.study_name=other",), id="another_study_name")])
 def test_another_study_in_a_run_directory_is_refused_before_anything_is_written(
         tiny_run: Path, tmp_path: Path, study_cli, other: tuple[str, ...]) -> None:
     run_dir = copy_run(tiny_run, tmp_path)
@@ -75,6 +76,7 @@ def test_another_study_in_a_run_directory_is_refused_before_anything_is_written(
     assert snapshot(run_dir) == before
 
 
+@SLOW
 def test_a_run_directory_of_another_storage_is_refused(tiny_run: Path, tmp_path: Path,
                                                        study_cli) -> None:
     run_dir = copy_run(tiny_run, tmp_path)
@@ -85,6 +87,7 @@ def test_a_run_directory_of_another_storage_is_refused(tiny_run: Path, tmp_path:
     assert snapshot(run_dir) == before and not (tmp_path / "x.db").exists()
 
 
+@SLOW
 def test_a_new_run_never_lands_in_an_existing_stamped_directory(tmp_path: Path) -> None:
     # Directories stamped with this second and the next ones are taken by other runs.
     taken = tmp_path / "outputs" / "smoke"
@@ -104,6 +107,7 @@ def test_a_new_run_never_lands_in_an_existing_stamped_directory(tmp_path: Path) 
     assert len(new) == 1 and len(records.read_trials(new[0])[0]) == 16
 
 
+@SLOW
 def test_two_runs_started_at_once_get_two_directories(tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     procs = [subprocess.Popen([sys.executable, "-m", "study", *TINY], cwd=tmp_path, env=env,
@@ -118,6 +122,7 @@ def test_two_runs_started_at_once_get_two_directories(tmp_path: Path) -> None:
         assert len(json.loads((run_dir / records.ENV).read_text())["invocations"]) == 1
 
 
+@SLOW
 def test_invocations_sharing_a_run_directory_on_purpose_are_all_recorded(
         tmp_path: Path) -> None:
     run_dir = tmp_path / "shared"
@@ -165,6 +170,7 @@ def odd_database(postgres) -> str:
     return f"postgresql://odd:{ODD_PASSWORD}@127.0.0.1:{postgres.port}/odd"
 
 
+@SLOW
 def test_a_password_given_in_the_environment_reaches_no_file_and_no_line(
         odd_database: str, tmp_path: Path, study_cli) -> None:
     run_dir = tmp_path / "run"
@@ -177,6 +183,7 @@ def test_a_password_given_in_the_environment_reaches_no_file_and_no_line(
     assert "odd:***@127.0.0.1" in (run_dir / records.ENV).read_text()
 
 
+@SLOW
 def test_a_password_on_a_multirun_command_line_reaches_no_file_and_no_line(
         odd_database: str, tmp_path: Path, study_cli, monkeypatch) -> None:
     monkeypatch.delenv("STUDY_STORAGE_URL", raising=False)
@@ -194,6 +201,7 @@ def test_a_password_on_a_multirun_command_line_reaches_no_file_and_no_line(
     assert "storage.url=" in overrides and "STUDY_STORAGE_URL" in overrides
 
 
+@SLOW
 def test_a_password_written_into_a_config_file_is_masked_in_multirun_yaml(
         odd_database: str, tmp_path: Path, study_cli, monkeypatch) -> None:
     monkeypatch.delenv("STUDY_STORAGE_URL", raising=False)
@@ -215,9 +223,11 @@ def test_a_password_written_into_a_config_file_is_masked_in_multirun_yaml(
 @pytest.mark.parametrize(("override", "fragments"), [
     ("optimizer.lr=-1", ("optimizer.lr: optimizer.lr=-1 on the command line", "an axis of "
                          "sweep 'smoke'")),
-    ("train.batch_size=0", ("train.batch_size: train.batch_size=0 on the command line",)),
-    ("task=spirals", ("task: task=spirals on the command line",)),
-    ("seed=3", ("seed: seed=3 on the command line", "set sweep.seeds=[...] instead")),
+    pytest.param("train.batch_size=0",
+                 ("train.batch_size: train.batch_size=0 on the command line",), marks=SLOW),
+    pytest.param("task=spirals", ("task: task=spirals on the command line",), marks=SLOW),
+    pytest.param("seed=3", ("seed: seed=3 on the command line",
+                            "set sweep.seeds=[...] instead"), marks=SLOW),
 ])
 def test_a_command_line_value_a_sweep_would_replace_is_refused(
         tmp_path: Path, study_cli, override: str, fragments: tuple[str, ...]) -> None:
@@ -227,6 +237,7 @@ def test_a_command_line_value_a_sweep_would_replace_is_refused(
     assert not run_dir.exists()
 
 
+@SLOW
 def test_resuming_a_directory_that_is_not_a_run_is_refused(tmp_path: Path, study_cli) -> None:
     missing = tmp_path / "no" / "such" / "dir"
     done = study_cli(*TINY, f"resume={missing}")
@@ -236,12 +247,13 @@ def test_resuming_a_directory_that_is_not_a_run_is_refused(tmp_path: Path, study
 
 @pytest.mark.parametrize(("override", "fragment"), [
     ("optimizer.lr=inf", "optimizer.lr: must be a finite number, got inf"),
-    ("optimizer.lr=nan", "optimizer.lr: must be a finite number, got nan"),
-    ("optimizer.lr=-inf", "optimizer.lr: must be a finite number, got -inf"),
     ("optimizer.lr=abc", "optimizer.lr: expected a number, got 'abc'"),
-    ("optimizer.momentum=[1]", "optimizer.momentum: expected a number, got [1]"),
-    ("model.init_scale=inf", "model.init_scale: must be a finite number, got inf"),
-    ("model.width=8.5", "model.width: expected an integer, got 8.5"),
+    *(pytest.param(override, fragment, marks=SLOW) for override, fragment in [
+        ("optimizer.lr=nan", "optimizer.lr: must be a finite number, got nan"),
+        ("optimizer.lr=-inf", "optimizer.lr: must be a finite number, got -inf"),
+        ("optimizer.momentum=[1]", "optimizer.momentum: expected a number, got [1]"),
+        ("model.init_scale=inf", "model.init_scale: must be a finite number, got inf"),
+        ("model.width=8.5", "model.width: expected an integer, got 8.5")]),
 ])
 def test_a_value_that_is_not_a_finite_number_is_refused_naming_its_key(
         tmp_path: Path, study_cli, override: str, fragment: str) -> None:
@@ -253,6 +265,7 @@ def test_a_value_that_is_not_a_finite_number_is_refused_naming_its_key(
 
 
 # ------------------------------------------------------------------ 6: missing curves warned
+@SLOW
 def test_a_report_with_a_curves_file_missing_warns(tiny_run: Path, tmp_path: Path) -> None:
     run_dir = copy_run(tiny_run, tmp_path)
     lost = sorted((run_dir / records.CURVES_DIR).glob("*.parquet"))[0]
@@ -269,6 +282,7 @@ def test_a_report_with_a_curves_file_missing_warns(tiny_run: Path, tmp_path: Pat
 
 
 # ------------------------------------------------------- 8, 11: user code and files that fail
+@SLOW
 def test_a_failure_mode_that_raises_is_named_before_anything_is_written(
         tmp_path: Path, study_cli) -> None:
     (tmp_path / "boomfailures.py").write_text(
@@ -284,7 +298,7 @@ def test_a_failure_mode_that_raises_is_named_before_anything_is_written(
     assert not run_dir.exists()
 
 
-@pytest.mark.parametrize("where", ["selected", "axis"])
+@pytest.mark.parametrize("where", ["selected", pytest.param("axis", marks=SLOW)])
 def test_a_config_file_that_is_not_yaml_is_named_with_line_and_column(
         tmp_path: Path, study_cli, where: str) -> None:
     conf = tmp_path / "conf"
@@ -311,9 +325,10 @@ def test_a_config_file_that_is_not_yaml_is_named_with_line_and_column(
 
 
 # ----------------------------------------------------------------------- 12, 14: stored state
-@pytest.mark.parametrize(("line", "at"), [(b'{"op_code": 8}\n', 11),
-                                          (b'{"op_code": 42, "worker_id": "w"}\n', 11),
-                                          (b'{"op_code": 6, "worker_id": "w"}\n', -1)])
+@pytest.mark.parametrize(("line", "at"), [
+    (b'{"op_code": 8}\n', 11),
+    pytest.param(b'{"op_code": 42, "worker_id": "w"}\n', 11, marks=SLOW),
+    pytest.param(b'{"op_code": 6, "worker_id": "w"}\n', -1, marks=SLOW)])
 def test_a_journal_record_optuna_cannot_apply_is_refused_and_nothing_changes(
         tiny_run: Path, tmp_path: Path, study_cli, line: bytes, at: int) -> None:
     run_dir = copy_run(tiny_run, tmp_path)
@@ -329,6 +344,7 @@ def test_a_journal_record_optuna_cannot_apply_is_refused_and_nothing_changes(
     assert snapshot(run_dir) == before
 
 
+@SLOW
 def test_a_refused_resume_appends_nothing_to_the_journal(tiny_run: Path, tmp_path: Path,
                                                         study_cli) -> None:
     run_dir = copy_run(tiny_run, tmp_path)
@@ -339,6 +355,7 @@ def test_a_refused_resume_appends_nothing_to_the_journal(tiny_run: Path, tmp_pat
     assert snapshot(run_dir) == before
 
 
+@SLOW
 def test_a_corrupt_trials_table_is_rebuilt_from_the_storage(tiny_run: Path, tmp_path: Path,
                                                            study_cli) -> None:
     run_dir = copy_run(tiny_run, tmp_path)
@@ -369,6 +386,7 @@ def small_disk(tmp_path: Path):
         subprocess.run(["umount", "-l", str(disk)], check=False)
 
 
+@SLOW
 @needs_root
 def test_a_full_disk_stops_with_one_line_and_a_resume_after_freeing_space_finishes(
         small_disk: Path, tiny_run: Path, study_cli) -> None:
@@ -392,6 +410,7 @@ def test_a_full_disk_stops_with_one_line_and_a_resume_after_freeing_space_finish
         base.drop(columns="trial").sort_values(order, ignore_index=True))
 
 
+@SLOW
 @needs_root
 @pytest.mark.parametrize("existing", [True, False], ids=["resume", "new"])
 def test_a_read_only_run_directory_is_refused_in_one_line(

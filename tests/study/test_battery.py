@@ -170,7 +170,7 @@ ANALYSIS_ROWS: list[Row] = [
     ("analysis_corrupt_curves", ("RUN",), 2, "cannot read curves under", "unchanged",
      _bad_curves),
 ]
-FAST = {"lr_inf", "sweep_axis_override", "journal_unknown_record", "analysis_bad_metric"}
+FAST = {"resume_changed_config", "analysis_bad_metric"}  # the rest: in test_bad_input
 
 
 def _snapshot(run_dir: Path) -> dict[str, bytes]:
@@ -178,11 +178,10 @@ def _snapshot(run_dir: Path) -> dict[str, bytes]:
             if p.is_file() and p.suffix != ".log"}
 
 
-@pytest.fixture(scope="module")
-def finished(tmp_path_factory, study_cli) -> Path:
-    run_dir = tmp_path_factory.mktemp("battery") / "run"
-    study_cli(*TINY, f"hydra.run.dir={run_dir}", expect=0)
-    return run_dir
+@pytest.fixture
+def finished(tiny_baseline: Path) -> Path:
+    """A finished tiny smoke sweep (conftest's, shared: copied before use)."""
+    return tiny_baseline
 
 
 def _params(rows: list[Row]) -> list:
