@@ -227,21 +227,29 @@ def _check_writable(argv: Sequence[str]) -> None:
     outputs/ in the working directory) is on a read-only filesystem or not writable:
     Hydra would fail configuring its log file, with a traceback."""
     path = _chosen_dir(argv)
+    if path.exists() and not path.is_dir():
+        print(f"error: {path} is not a directory (a run directory is one)", file=sys.stderr)
+        sys.exit(2)
     while not path.exists() and path != path.parent:
         path = path.parent
+    if not path.is_dir():
+        print(f"error: {path} is not a directory (a run directory is one)", file=sys.stderr)
+        sys.exit(2)
     if not os.access(path, os.W_OK):
         reason = "Read-only file system" if _read_only(path) else "Permission denied"
         print(f"error: cannot write {path}: {reason}", file=sys.stderr)
         sys.exit(3)
 
 
-def _chosen_dir(argv: Sequence[str]) -> Path:
+def _chosen_dir(argv: Sequence[str], normalize: bool = True) -> Path:
     """The run directory `argv` names (`hydra.run.dir=`, `resume=`; with `--multirun`,
-    `hydra.sweep.dir=`), absolute; else outputs/ (where a new run directory is made)."""
+    `hydra.sweep.dir=`), absolute (`..` resolved when `normalize`); else outputs/ (where a
+    new run directory is made)."""
     keys = ("hydra.sweep.dir",) if {"--multirun", "-m"} & set(argv) else (
         "hydra.run.dir", "resume")
     chosen = [a.partition("=")[2] for a in argv if a.lstrip("+").partition("=")[0] in keys]
-    return Path(chosen[-1] if chosen else "outputs").absolute()
+    path = Path(chosen[-1] if chosen else "outputs").absolute()
+    return Path(os.path.abspath(path)) if normalize else path
 
 
 def _read_only(path: Path) -> bool:
@@ -286,49 +294,51 @@ def run(argv: list[str] | None = None) -> None:
     _hide_url_arguments(argv)
     new_dirs = _missing_dirs(argv[1:])
     sys.stderr = _HeldStderr(sys.stderr)
+    status: int | str | None = 0
     try:
         main()
     except SystemExit as stop:
+        status = stop.code
         held = sys.stderr
-        if not isinstance(held, _HeldStderr):
-            raise
-        sys.stderr = held.real
-        text = held.getvalue().split("Config search path:")[0]  # Hydra's own search path
-        lines = [line for line in text.splitlines() if "HYDRA_FULL_ERROR" not in line]
-        if stop.code in (0, None) or not any(line.strip() for line in lines):
-            sys.stderr.write(held.getvalue())
-            raise
-        print(f"error: {one_line(storage.mask_url(chr(10).join(lines)))}", file=sys.stderr)
-        sys.exit(2)
-    except BaseException as stop:
-        if isinstance(stop, SystemExit) and stop.code in (0, None):
-            raise
-        _remove_empty(new_dirs)  # refused: no directory left that this command created
+        if isinstance(held, _HeldStderr):  # Hydra stopped before calling main
+            sys.stderr = held.real
+            text = held.getvalue().split("Config search path:")[0]  # Hydra's search path
+            lines = [line for line in text.splitlines() if "HYDRA_FULL_ERROR" not in line]
+            if status in (0, None) or not any(line.strip() for line in lines):
+                sys.stderr.write(held.getvalue())
+            else:
+                print(f"error: {one_line(storage.mask_url(chr(10).join(lines)))}",
+                      file=sys.stderr)
+                status = 2
+    except BaseException:
+        _remove_empty(new_dirs)
         raise
     finally:
         _release_stderr()
+    if status not in (0, None):
+        _remove_empty(new_dirs)  # refused: no directory left that this command created
+    sys.exit(status)
 
 
 def _missing_dirs(argv: Sequence[str]) -> list[Path]:
-    """The directories that the run directory chosen by `argv` (`hydra.run.dir=`,
-    `resume=`, else outputs/) would create, deepest first."""
-    path = _chosen_dir(argv)
-    missing = []
-    while not path.exists() and path != path.parent:
-        missing.append(path)
-        path = path.parent
-    return missing
+    """The directories that do not exist yet on the way to the run directory `argv` names
+    (`hydra.run.dir=`, `resume=`, else outputs/), deepest first: what Hydra may create."""
+    raw = _chosen_dir(argv, normalize=False)
+    missing = set()
+    for depth in range(1, len(raw.parts) + 1):
+        prefix = Path(*raw.parts[:depth])
+        if raw.parts[depth - 1] != ".." and not prefix.exists():
+            missing.add(Path(os.path.abspath(prefix)))
+    return sorted(missing, key=lambda p: len(p.parts), reverse=True)
 
 
 def _remove_empty(dirs: Sequence[Path]) -> None:
-    """Remove those of `dirs` (deepest first) that are empty, and empty folders inside."""
+    """Remove the empty ones of `dirs` (directories this command created), with the empty
+    folders inside them."""
     for top in dirs:
-        if top.is_dir():
-            for folder in sorted(top.rglob("*"), key=lambda p: len(p.parts), reverse=True):
-                with contextlib.suppress(OSError):
-                    folder.rmdir()
-        with contextlib.suppress(OSError):
-            top.rmdir()
+        for folder, _, _ in os.walk(top, topdown=False):
+            with contextlib.suppress(OSError):
+                os.rmdir(folder)
 
 
 if __name__ == "__main__":

@@ -142,7 +142,11 @@ def storage_url(typed: StudyConfig) -> str | None:
 
 def check_resume(resume: str | None, run_dir: Path) -> None:
     """Refuse (ConfigError) `resume=DIR` when DIR is not a study run directory (it has
-    neither env.json nor a journal: a typo would otherwise start a fresh sweep there)."""
+    neither env.json nor a journal: a typo would otherwise start a fresh sweep there), or
+    when `hydra.run.dir` names another directory."""
+    if resume is not None and os.path.abspath(resume) != os.path.abspath(run_dir):
+        raise ConfigError(f"resume: {resume} is not the run directory {run_dir} that "
+                          f"hydra.run.dir names; give one of the two")
     if resume is not None and not any((run_dir / name).is_file()
                                       for name in (records.ENV, records.JOURNAL)):
         raise ConfigError(f"resume: {resume} is not a study run directory (it holds no "

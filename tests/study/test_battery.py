@@ -145,6 +145,12 @@ ROWS: list[Row] = [
      "none", None),
     ("resume_not_a_run", (*TINY, "resume=RUN/../nowhere"), 2, "is not a study run directory",
      "none", None),
+    ("resume_and_run_dir_differ", (*TINY, "resume=RUN", "hydra.run.dir=RUN/../other"), 2,
+     "is not the run directory", "unchanged", None),
+    ("run_dir_is_a_file", (*TINY, "hydra.run.dir=RUN/env.json"), 2,
+     "env.json is not a directory", "unchanged", None),
+    ("run_dir_under_a_file", (*TINY, "hydra.run.dir=RUN/env.json/run"), 2,
+     "env.json is not a directory", "unchanged", None),
     # Against a finished run directory: refused, nothing changed.
     ("resume_changed_config", (*TINY, "train.epochs=2"), 2, "train.epochs (was 1, now 2)",
      "unchanged", None),
@@ -214,7 +220,9 @@ def test_study_refuses_in_one_line(finished: Path, tmp_path: Path, name: str,
     run_dir = _prepare(finished, tmp_path, state, prepare)
     before = _snapshot(run_dir) if state == "unchanged" else None
     args = tuple(a.replace("RUN", str(run_dir)) for a in args)
-    done = subprocess.run([sys.executable, "-m", "study", *args, f"hydra.run.dir={run_dir}"],
+    if not any(a.startswith(("resume=", "hydra.run.dir=")) for a in args):
+        args = (*args, f"hydra.run.dir={run_dir}")
+    done = subprocess.run([sys.executable, "-m", "study", *args],
                           cwd=tmp_path, text=True, capture_output=True, timeout=600,
                           env={**os.environ, "PYTHONPATH": str(ROOT)})
     _check(done, code, words)
