@@ -2,8 +2,11 @@
 
 Without a sweep it trains the one composed configuration; with `+sweep=NAME` it expands
 conf/sweep/NAME.yaml. Either way the run directory gets the same files (docs/design.md);
-`study.run` does the work. Exit codes: 2 for a bad config, 3 for bad state (a corrupt
-journal, another version's run, an unreachable database), 130 when stopped by Ctrl-C.
+`study.run` does the work; `study.cli` checks the command line before Hydra sees it.
+Exit codes: 2 for bad input (a bad config, a file that is not YAML, an error Hydra reports
+while composing), 3 for bad state (a corrupt journal, another version's run, an unreachable
+database, a full or read-only disk), each with one `error:` line on stderr; 130 when
+stopped by Ctrl-C.
 """
 
 from __future__ import annotations
@@ -163,7 +166,8 @@ def run(argv: list[str] | None = None) -> None:
     """The command line: check what must be checked before Hydra sees it, then `main`.
 
     An error Hydra reports before `main` runs (an unknown option, a value of the wrong
-    type, a malformed override) is printed as one `error:` line, exit status 2.
+    type, a malformed override) is printed as one `error:` line, exit status 2 (not with
+    `--multirun`: a launcher may wait for hours, and its own messages must show).
     """
     argv = sys.argv if argv is None else argv
     storage.register_url(os.environ.get(cli.URL_VARIABLE))
@@ -176,7 +180,8 @@ def run(argv: list[str] | None = None) -> None:
         sys.exit(err.status)
     cli.hide_url_arguments(argv)
     new_dirs = cli.missing_dirs(argv[1:])
-    sys.stderr = cli.HeldStderr(sys.stderr)
+    if not {"--multirun", "-m"} & set(argv[1:]):  # a launcher's jobs report their own
+        sys.stderr = cli.HeldStderr(sys.stderr)
     status: int | str | None = 0
     try:
         main()
