@@ -144,11 +144,6 @@ def int_range(start: int, stop: int | None = None, step: int = 1) -> list[int]:
     return list(range(start) if stop is None else range(start, stop, step))
 
 
-def coalesce(*values: Any) -> Any:
-    """The first value that is not None (used for `hydra.run.dir` with `resume`)."""
-    return next((v for v in values if v is not None), None)
-
-
 _NEW_RUN_DIRS: dict[str, str] = {}
 
 
@@ -175,7 +170,7 @@ def new_run_dir(resume: str | None, sweep_name: str) -> str:
 
 
 _RESOLVERS = {"logspace": logspace, "linspace": linspace, "range": int_range,
-              "coalesce": coalesce, "new_run_dir": new_run_dir}
+              "new_run_dir": new_run_dir}
 
 
 # ---------------------------------------------------------------------------- validation
