@@ -6,6 +6,7 @@ Exit codes: 0 written; 2 bad input (one line on stderr naming the problem, nothi
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,6 +25,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                              "the task's initial loss)")
     args = parser.parse_args(argv)
     from analysis import build_report  # after parsing: --help stays fast
+
+    logging.basicConfig(format="analysis: warning: %(message)s", stream=sys.stderr,
+                        level=logging.WARNING)
 
     try:
         path = build_report(args.run_dir, map_metric=args.map_metric)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from datetime import datetime, timezone
 from pathlib import Path
@@ -28,8 +29,16 @@ from analysis.curves import (
     trial_curves,
 )
 from analysis.load import RunData, load_run
-from study.records import REPORT, RecordError, atomic_write_bytes, read_curves
+from study.records import (
+    CURVES_DIR,
+    REPORT,
+    RecordError,
+    atomic_write_bytes,
+    curve_trials,
+    read_curves,
+)
 
+log = logging.getLogger(__name__)
 MAX_FILES = 60
 # Settings named in the header when every trial shares them (the rest: .hydra/config.yaml).
 HELD_COLUMNS = ("task", "model", "optimizer", "optimizer.lr", "train.batch_size",
@@ -53,10 +62,27 @@ def build_report(run_dir: Path, map_metric: str = FINAL,
     is not a numeric column of trials.parquet.
     """
     run = load_run(Path(run_dir))
+    missing = missing_curves(run)
+    if missing:
+        log.warning("%s", missing_curves_note(missing, run.run_dir))
     html = render_html(run, map_metric=map_metric, claims=claims)
     path = run.run_dir / REPORT
     atomic_write_bytes(path, html.encode("utf-8"))
     return path
+
+
+def missing_curves(run: RunData) -> list[int]:
+    """Finished trials of `run` (trials.parquet) with no rows in any curves file."""
+    have = curve_trials(run.run_dir)
+    return sorted(int(t) for t in run.trials.get("trial", []) if int(t) not in have)
+
+
+def missing_curves_note(missing: list[int], run_dir: Path) -> str:
+    """One line saying which finished trials have no curves (files deleted or damaged)."""
+    shown = ", ".join(str(t) for t in missing[:10]) + (", ..." if len(missing) > 10 else "")
+    return (f"{len(missing)} finished trial(s) have no curves in {Path(run_dir) / CURVES_DIR} "
+            f"(a curves file was deleted or damaged): trial(s) {shown}; their figures are "
+            f"missing from the report")
 
 
 def render_html(run: RunData, map_metric: str = FINAL, claims: pd.DataFrame | None = None,
@@ -74,8 +100,10 @@ def render_html(run: RunData, map_metric: str = FINAL, claims: pd.DataFrame | No
                      else cell_summary(run.trials, axes))
     lab = sections.labeled(run.trials, axes) if has_trials else None
     built = built or datetime.now(timezone.utc)
+    missing = missing_curves(run) if has_trials else []
     context = {
         **header_context(run, axes),
+        "curves_warning": missing_curves_note(missing, run.run_dir) if missing else "",
         "built": built.strftime("%Y-%m-%d %H:%M:%S UTC"),
         "map": map_section(summary, axes, map_metric),
         "lr": sections.lr_section(lab, axes) if has_trials else _empty_lr(),

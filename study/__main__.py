@@ -2,12 +2,19 @@
 
 Without a sweep it trains the one composed configuration; with `+sweep=NAME` it expands
 conf/sweep/NAME.yaml. Either way the run directory gets the same files (docs/design.md);
-`study.run` does the work. Exit codes: 2 for a bad config, 3 for bad state (a corrupt
-journal, another version's run, an unreachable database), 130 when stopped by Ctrl-C.
+`study.run` does the work; `study.cli` checks the command line before Hydra sees it.
+Exit codes: 2 for bad input (a bad config, a file that is not YAML, an error Hydra reports
+while composing), 3 for bad state (a corrupt journal, another version's run, an unreachable
+database, a full or read-only disk), each with one `error:` line on stderr; 130 when
+stopped by Ctrl-C.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import logging
+import os
 import shutil
 import sys
 from collections.abc import Sequence
@@ -17,9 +24,9 @@ from typing import NoReturn
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
-from study import records, storage
+from study import cli, records, storage
 from study.config import ConfigError, register, validate
 from study.grid import expand
 from study.run import check_objective, execute
@@ -29,31 +36,96 @@ register()
 
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
+    cli.release_stderr()
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
     fresh = not any((run_dir / name).exists() for name in
-                    (records.JOURNAL, records.TRIALS, records.CURVES_DIR))
+                    (records.JOURNAL, records.TRIALS, records.CURVES_DIR, records.ENV))
     overrides, choices = list(hc.overrides.task), dict(hc.runtime.choices)
-    end = _exit_multirun if hc.mode == RunMode.MULTIRUN else sys.exit
+    multirun = hc.mode == RunMode.MULTIRUN
+    end = _exit_multirun if multirun else sys.exit
+    _mask_logs()
+    with contextlib.suppress(Exception):  # an unresolvable value: validate() names it
+        storage.register_url(OmegaConf.select(cfg, "storage.url", default=None))
     try:
+        if multirun:
+            _mask_file(Path(hc.sweep.dir) / "multirun.yaml")
         typed = validate(cfg)
         plan = expand(cfg, _compose, overrides, choices, typed=typed)
         check_objective(typed.objective.metric, plan)
         status = execute(cfg, typed, plan, run_dir, overrides, hc)
     except ConfigError as err:
-        print(f"error: {storage.mask_url(str(err))}", file=sys.stderr)
+        print(f"error: {cli.one_line(storage.mask_url(str(err)))}", file=sys.stderr)
         if fresh:
             _remove_if_only_logs(run_dir)
         end(2)
     except (records.RecordError, storage.StorageError) as err:
         # Bad state (a corrupt journal, another version's run, an unreachable database):
         # nothing of the run directory was changed.
-        print(f"error: {storage.mask_url(str(err))}", file=sys.stderr)
+        print(f"error: {cli.one_line(storage.mask_url(str(err)))}", file=sys.stderr)
+        if fresh:
+            _remove_if_only_logs(run_dir)
+        end(3)
+    except OSError as err:
+        # The run directory cannot be written (a full disk, a read-only filesystem): what
+        # is stored is whole (atomic writes, a repairable journal tail); a resume finishes.
+        print(f"error: {storage.mask_url(_os_error_message(err, run_dir))}", file=sys.stderr)
         if fresh:
             _remove_if_only_logs(run_dir)
         end(3)
     if status:
         end(status)
+
+
+def _os_error_message(err: OSError, run_dir: Path) -> str:
+    """One line for an OSError of the run directory: the path, the reason and, for a full
+    disk, the space left and how to finish."""
+    path = err.filename or run_dir
+    reason = err.strerror or str(err)
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        try:
+            free = shutil.disk_usage(run_dir).free
+        except OSError:
+            free = 0
+        needed = getattr(err, "needed_bytes", None)
+        return (f"cannot write {path}: {reason} ({free:,} bytes free"
+                + (f", {needed:,} needed" if needed else "")
+                + f"); free some space, then run the same command with "
+                f"hydra.run.dir={run_dir} to finish (nothing stored is lost)")
+    return f"cannot write {path}: {reason}"
+
+
+class _MaskingFilter(logging.Filter):
+    """Mask URL passwords in every log record, whoever logs it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        masked = storage.mask_url(message)
+        if masked != message:
+            record.msg, record.args = masked, ()
+        return True
+
+
+def _mask_logs() -> None:
+    """Mask passwords on every handler Hydra configured (console and the run's log file);
+    a handler that cannot write (a full disk) drops the record instead of printing a
+    traceback."""
+    logging.raiseExceptions = False
+    for handler in logging.getLogger().handlers:
+        if not any(isinstance(f, _MaskingFilter) for f in handler.filters):
+            handler.addFilter(_MaskingFilter())
+
+
+def _mask_file(path: Path) -> None:
+    """Rewrite `path` with its passwords masked (Hydra's multirun.yaml holds the composed
+    config, a password written into a config file included)."""
+    try:
+        text = path.read_text()
+    except OSError:
+        return
+    masked = storage.mask_url(text)
+    if masked != text:
+        records.atomic_write_bytes(path, masked.encode())
 
 
 class JobFailed(RuntimeError):
@@ -72,8 +144,16 @@ def _exit_multirun(status: int) -> NoReturn:
 
 
 def _compose(extra: Sequence[str]) -> DictConfig:
-    """The config composed again with `extra` overrides (grid.expand's group axes)."""
-    return hydra.compose("config", overrides=list(extra))
+    """The config composed again with `extra` overrides (grid.expand's group axes); a
+    composition error (an option file that is not valid YAML, a missing option) is a
+    ConfigError."""
+    try:
+        return hydra.compose("config", overrides=list(extra))
+    except Exception as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{mark.name}:{mark.line + 1}:{mark.column + 1}: invalid YAML: " if mark else ""
+        problem = getattr(err, "problem", None) or str(err).strip().splitlines()[0]
+        raise ConfigError(f"{where}{problem}") from None
 
 
 def _remove_if_only_logs(run_dir: Path) -> None:
@@ -82,5 +162,49 @@ def _remove_if_only_logs(run_dir: Path) -> None:
         shutil.rmtree(run_dir, ignore_errors=True)
 
 
+def run(argv: list[str] | None = None) -> None:
+    """The command line: check what must be checked before Hydra sees it, then `main`.
+
+    An error Hydra reports before `main` runs (an unknown option, a value of the wrong
+    type, a malformed override) is printed as one `error:` line, exit status 2 (not with
+    `--multirun`: a launcher may wait for hours, and its own messages must show).
+    """
+    argv = sys.argv if argv is None else argv
+    storage.register_url(os.environ.get(cli.URL_VARIABLE))
+    try:
+        cli.check_yaml_files(argv[1:])
+        if not {"--help", "-h", "--hydra-help", "--cfg", "-c", "--info"} & set(argv[1:]):
+            cli.check_writable(argv[1:])
+    except cli.CommandLineError as err:
+        print(f"error: {storage.mask_url(str(err))}", file=sys.stderr)
+        sys.exit(err.status)
+    cli.hide_url_arguments(argv)
+    new_dirs = cli.missing_dirs(argv[1:])
+    if not {"--multirun", "-m"} & set(argv[1:]):  # a launcher's jobs report their own
+        sys.stderr = cli.HeldStderr(sys.stderr)
+    status: int | str | None = 0
+    try:
+        main()
+    except SystemExit as stop:
+        status = stop.code
+        held = sys.stderr
+        if isinstance(held, cli.HeldStderr):  # Hydra stopped before calling main
+            sys.stderr = held.real
+            message = cli.hydra_error(held)
+            if status in (0, None) or message is None:
+                sys.stderr.write(held.getvalue())
+            else:
+                print(f"error: {message}", file=sys.stderr)
+                status = 2
+    except BaseException:
+        cli.remove_empty(new_dirs)
+        raise
+    finally:
+        cli.release_stderr()
+    if status not in (0, None):
+        cli.remove_empty(new_dirs)  # refused: no directory left that this command created
+    sys.exit(status)
+
+
 if __name__ == "__main__":
-    main()
+    run()

@@ -11,8 +11,12 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import itertools
 import math
+import typing
 from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
@@ -150,13 +154,33 @@ def int_range(start: int, stop: int | None = None, step: int = 1) -> list[int]:
     return list(range(start) if stop is None else range(start, stop, step))
 
 
-def coalesce(*values: Any) -> Any:
-    """The first value that is not None (used for `hydra.run.dir` with `resume`)."""
-    return next((v for v in values if v is not None), None)
+_NEW_RUN_DIRS: dict[str, str] = {}
+
+
+def new_run_dir(resume: str | None, sweep_name: str) -> str:
+    """`resume` when given, else a new directory `outputs/<sweep_name>/<stamp>` that this
+    process creates (claims): the stamp is the time to the second, with `_2`, `_3`, ...
+    appended when another invocation claimed it first, so two runs started in the same
+    second never share a directory. The same value for every call in one process."""
+    if resume is not None:
+        return str(resume)
+    if sweep_name not in _NEW_RUN_DIRS:
+        parent = Path("outputs") / sweep_name
+        parent.mkdir(parents=True, exist_ok=True)
+        stamp = datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+        for attempt in itertools.count(1):
+            candidate = parent / (stamp if attempt == 1 else f"{stamp}_{attempt}")
+            try:
+                candidate.mkdir()
+            except FileExistsError:
+                continue
+            _NEW_RUN_DIRS[sweep_name] = str(candidate)
+            break
+    return _NEW_RUN_DIRS[sweep_name]
 
 
 _RESOLVERS = {"logspace": logspace, "linspace": linspace, "range": int_range,
-              "coalesce": coalesce}
+              "new_run_dir": new_run_dir}
 
 
 # ---------------------------------------------------------------------------- validation
@@ -181,6 +205,8 @@ def validate(cfg: DictConfig) -> StudyConfig:
         )
     if typed.seed < 0:
         raise ConfigError(f"seed: must be >= 0, got {typed.seed}")
+    if typed.storage.retries < 1:
+        raise ConfigError(f"storage.retries: must be >= 1, got {typed.storage.retries}")
     if typed.sweep is not None:
         if not typed.sweep.seeds:
             raise ConfigError(f"sweep.seeds: sweep {typed.sweep.name!r} has no seeds (empty grid)")
@@ -208,6 +234,8 @@ def build_trial(plain: dict[str, Any], seed: int, labels: dict[str, str]) -> Tri
     """Instantiate the groups of a validated config (see `plain_config`) into a `TrialSpec`."""
     specs = {group: instantiate_group(plain, group) for group in SPEC_GROUPS}
     transforms = {group: instantiate_entries(plain, group) for group in TRANSFORM_GROUPS}
+    check_values("train", plain["train"], _hints(TrainSpec))
+    check_values("diagnostics", plain.get("diagnostics", {}), _hints(DiagnosticsSpec))
     try:
         train_spec = TrainSpec(**plain["train"])
         diagnostics = DiagnosticsSpec(**plain.get("diagnostics", {}))
@@ -289,6 +317,7 @@ def instantiate_group(plain: dict[str, Any], group: str) -> Any:
             f"{group}.{unknown[0]}: unknown key for {target.__name__} "
             f"(known keys: {', '.join(sorted(known))})"
         )
+    check_values(group, values, _hints(target))
     try:
         return target(**values)
     except ValueError as err:  # the specs' own range checks name the key already
@@ -302,3 +331,27 @@ def _init_fields(target: type) -> set[str]:
         return {f.name for f in dataclasses.fields(target) if f.init}
     params = inspect.signature(target).parameters
     return {name for name in params if name != "self"}
+
+
+def check_values(group: str, values: dict[str, Any], hints: dict[str, Any]) -> None:
+    """Raise ConfigError naming `group.key` for a value that is not a finite number where
+    the field is annotated `float` or `int` (a string, a bool, NaN, an infinity), or a
+    non-finite float anywhere."""
+    for key, value in values.items():
+        hint = hints.get(key)
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if hint in (float, int) and not number:
+            raise ConfigError(f"{group}.{key}: expected a number, got {value!r}")
+        if hint is int and isinstance(value, float):
+            raise ConfigError(f"{group}.{key}: expected an integer, got {value!r}")
+        if number and not math.isfinite(value):
+            raise ConfigError(f"{group}.{key}: must be a finite number, got {value!r}")
+
+
+def _hints(target: Any) -> dict[str, Any]:
+    """The resolved type annotations of `target`'s fields or arguments ({} if unresolvable)."""
+    try:
+        return typing.get_type_hints(target if dataclasses.is_dataclass(target)
+                                     else target.__init__)
+    except Exception:  # a target with annotations that do not resolve: nothing to check
+        return {}

@@ -108,6 +108,7 @@ def expand(cfg: DictConfig, compose: Compose, overrides: Sequence[str],
         return expand_edge(base, edge, claims)
     axes = _check_axes(typed.sweep.axes)
     _check_claims(typed.sweep.claims, axes)
+    _check_overrides(overrides, axes, typed.sweep)
     group_axes = [a for a in axes if a in GROUPS]
     scalar_axes = [a for a in axes if a not in GROUPS]
     seeds = list(typed.sweep.seeds)
@@ -181,6 +182,24 @@ def _check_axes(raw: dict[str, Any]) -> dict[str, list[Any]]:
             )
         axes[name] = values
     return axes
+
+
+def _check_overrides(overrides: Sequence[str], axes: dict[str, list[Any]], sweep: Any) -> None:
+    """Refuse a command-line value for a key the sweep sets itself (an axis, or `seed`):
+    the sweep would silently replace it."""
+    for override in overrides:
+        key, _, value = override.lstrip("+~").partition("=")
+        if key in axes:
+            raise ConfigError(
+                f"{key}: {key}={value} on the command line, but {key} is an axis of sweep "
+                f"{sweep.name!r} ({axes[key]}), which would replace it; remove it, or edit "
+                f"the sweep's axes"
+            )
+        if key == "seed":
+            raise ConfigError(
+                f"seed: seed={value} on the command line, but sweep {sweep.name!r} trains "
+                f"the seeds {list(sweep.seeds)}; set sweep.seeds=[...] instead"
+            )
 
 
 def _check_claims(claims: list[Any], axes: dict[str, list[Any]]) -> None:

@@ -15,10 +15,12 @@ Run directory (see docs/design.md):
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import tempfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +69,32 @@ class RecordError(RuntimeError):
     """A run directory file is missing, corrupt or from an incompatible version."""
 
 
+class MissingRecordError(RecordError):
+    """A run directory file that should be there is not."""
+
+
+class UnreadableRecordError(RecordError):
+    """A run directory file cannot be parsed (corrupt, cut short)."""
+
+
+@contextlib.contextmanager
+def env_lock(run_dir: Path) -> Iterator[None]:
+    """Hold an exclusive lock on `run_dir` (flock on the directory itself: no file is
+    added) while env.json is read and rewritten; where the filesystem has no flock, go on
+    without it."""
+    try:
+        fd = os.open(run_dir, os.O_RDONLY)
+    except OSError:
+        yield
+        return
+    try:
+        with contextlib.suppress(OSError):
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write `data` to `path` so that readers see the old file or the new one, never half."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -78,8 +106,11 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(err, OSError):  # a full disk: say which file and how much it needed
+            err.filename = err.filename or str(path)
+            err.needed_bytes = len(data)
         raise
 
 
@@ -123,6 +154,19 @@ def read_curves(run_dir: Path, trials: Iterable[int] | None = None) -> pd.DataFr
                              ignore_index=True)
 
 
+def curve_trials(run_dir: Path) -> set[int]:
+    """The trial numbers that have rows in the run's curves files (reads that column only)."""
+    found: set[int] = set()
+    for path in sorted((Path(run_dir) / CURVES_DIR).glob("*.parquet")):
+        try:
+            found.update(pq.read_table(path, columns=["trial"]).column("trial").unique()
+                         .to_pylist())
+        except (pa.ArrowInvalid, OSError, KeyError) as err:
+            raise RecordError(f"cannot read curves under {run_dir}/{CURVES_DIR}: {err}"
+                              ) from err
+    return found
+
+
 # ---------------------------------------------------------------------------------- trials
 def _column_to_arrow_safe(series: pd.Series) -> pd.Series:
     """Mixed-type columns (e.g. batch sizes 8, 32, 'full') become strings."""
@@ -149,11 +193,11 @@ def read_trials(run_dir: Path) -> tuple[pd.DataFrame, dict[str, Any]]:
     """trials.parquet as a frame plus its metadata (see TRIAL_COLUMNS)."""
     path = Path(run_dir) / TRIALS
     if not path.is_file():
-        raise RecordError(f"{path} not found: is {run_dir} a study run directory?")
+        raise MissingRecordError(f"{path} not found: is {run_dir} a study run directory?")
     try:
         table = pq.read_table(path)
     except (pa.ArrowInvalid, OSError) as err:
-        raise RecordError(f"{path} is not a readable Parquet file: {err}") from err
+        raise UnreadableRecordError(f"{path} is not a readable Parquet file: {err}") from err
     raw = (table.schema.metadata or {}).get(b"study")
     meta = json.loads(raw) if raw else {}
     version = meta.get("schema_version")

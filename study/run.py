@@ -27,6 +27,7 @@ from study.engine import make_engine
 from study.environment import describe_environment, now_iso
 from study.grid import SweepPlan
 from study.metrics import SUMMARY_METRICS
+from study.preflight import check_data, check_resume, check_run_dir
 from study.search import SearchPlan, describe_search, done_runs, run_search
 from study.sweep import (
     Lease,
@@ -89,13 +90,16 @@ def execute(cfg: DictConfig, typed: StudyConfig, plan: SweepPlan, run_dir: Path,
 
     url = storage_url(typed)
     leases = Lease(typed.storage.heartbeat_s, typed.storage.grace_s)
-    check_run_dir(run_dir)
     study_name = typed.storage.study_name or (plan.name or "single")
+    check_resume(typed.resume, run_dir)
+    check_run_dir(run_dir, study_name, url)
+    check_data(plan)
     study = open_study(run_dir, url, study_name, typed.objective.direction,
                        typed.storage.retries)
     check_same_config(study, resumable_config(config))
     save_hydra_files(cfg, run_dir, overrides, hydra_cfg)
-    env, invocations = start_env(run_dir, overrides, device, engine.name, url, typed.workers)
+    env, invocations = start_env(run_dir, overrides, device, engine.name, url, typed.workers,
+                                 study_name)
     log.info("%s: %s on %s with the %s engine%s", plan.name or "single configuration",
              describe_search(plan) if isinstance(plan, SearchPlan) else
              describe_edge(plan) if isinstance(plan, EdgePlan) else describe(plan.points),
@@ -145,13 +149,6 @@ def storage_url(typed: StudyConfig) -> str | None:
     return url or None
 
 
-def check_run_dir(run_dir: Path) -> None:
-    """Refuse (RecordError) a run directory whose trials.parquet another version of study
-    wrote; a directory without one passes."""
-    if (run_dir / records.TRIALS).is_file():
-        records.read_trials(run_dir)  # RecordError on another schema version
-
-
 def resumable_config(config: dict[str, Any]) -> dict[str, Any]:
     """The plain config as dotted keys, without the keys that say how to run (`RUN_ONLY`):
     what a resumed run must share with the run that created the study."""
@@ -175,31 +172,38 @@ def save_hydra_files(cfg: DictConfig, run_dir: Path, overrides: list[str],
     valid, so a refused resume leaves the run's record untouched."""
     hydra_dir = run_dir / ".hydra"
     hydra_dir.mkdir(parents=True, exist_ok=True)
-    job = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))
+    job = OmegaConf.to_container(cfg, resolve=False)
     job.pop("hydra", None)
-    for name, node in (("config.yaml", job), ("overrides.yaml", OmegaConf.create(overrides)),
-                       ("hydra.yaml", OmegaConf.create({"hydra": hydra_cfg}))):
-        text = storage.mask_url(OmegaConf.to_yaml(node))
+    hydra_node = {"hydra": OmegaConf.to_container(hydra_cfg, resolve=False)}
+    for name, node in (("config.yaml", job), ("overrides.yaml", overrides),
+                       ("hydra.yaml", hydra_node)):
+        # Masked before YAML folds a long value over lines, and after (anything missed).
+        text = storage.mask_url(OmegaConf.to_yaml(OmegaConf.create(storage.redact(node))))
         records.atomic_write_bytes(hydra_dir / name, text.encode())
 
 
 def start_env(run_dir: Path, overrides: list[str], device: torch.device, engine_name: str,
-              url: str | None, workers: int) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+              url: str | None, workers: int, study_name: str
+              ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Write env.json for the start of this invocation; return (env, invocations) for
     `finish_env`.
 
     A resumed run keeps the command, resume command and start time of the invocation that
-    created it, and its list of earlier invocations; the storage URL is masked.
+    created it, and its list of earlier invocations; the storage URL is masked. Invocations
+    that share the run directory at once (workers on several machines) read and write
+    env.json in turn (`records.env_lock`), so none is lost.
     """
-    previous = records.read_env(run_dir)
     env = storage.redact(describe_environment(overrides, run_dir, device, engine_name))
-    for key in ("command", "resume_command", "started"):
-        env[key] = previous.get(key, env.get(key))
-    env["started"] = env["started"] or now_iso()
-    env["storage"] = storage.mask_url(url) if url else records.JOURNAL
-    env["workers"] = workers
-    invocations = previous.get("invocations", [])
-    records.write_env(run_dir, {**env, "invocations": invocations})
+    with records.env_lock(run_dir):
+        previous = records.read_env(run_dir)
+        for key in ("command", "resume_command", "started"):
+            env[key] = previous.get(key, env.get(key))
+        env["started"] = env["started"] or now_iso()
+        env["storage"] = storage.mask_url(url) if url else records.JOURNAL
+        env["study_name"] = study_name
+        env["workers"] = workers
+        invocations = previous.get("invocations", [])
+        records.write_env(run_dir, {**env, "invocations": invocations})
     return env, invocations
 
 
@@ -261,14 +265,17 @@ def write_results(study: optuna.Study, plan: SweepPlan, run_dir: Path,
 
 def finish_env(run_dir: Path, env: dict[str, Any], invocations: list[dict[str, Any]],
                outcome: SweepOutcome, wall_s: float) -> None:
-    """Append this invocation (argv, finish time, `wall_s`, trials trained) to
-    `invocations` and write the final env.json: finish time, trials in the plan, the
-    invocations and their summed wall time."""
-    invocations.append({"argv": env["argv"], "finished": now_iso(), "wall_time_s": wall_s,
-                        "trials_trained": outcome.trained})
-    env.update(finished=now_iso(), trials_total=outcome.total, invocations=invocations,
-               wall_time_s=round(sum(i["wall_time_s"] for i in invocations), 3))
-    records.write_env(run_dir, env)
+    """Append this invocation (argv, finish time, `wall_s`, trials trained) to the
+    invocations env.json holds now (others may have finished meanwhile; `invocations` is
+    what it held at the start) and write the final env.json: finish time, trials in the
+    plan, the invocations and their summed wall time."""
+    mine = {"argv": env["argv"], "finished": now_iso(), "wall_time_s": wall_s,
+            "trials_trained": outcome.trained}
+    with records.env_lock(run_dir):
+        invocations = [*records.read_env(run_dir).get("invocations", invocations), mine]
+        env.update(finished=now_iso(), trials_total=outcome.total, invocations=invocations,
+                   wall_time_s=round(sum(i["wall_time_s"] for i in invocations), 3))
+        records.write_env(run_dir, env)
 
 
 def print_outcome(outcome: SweepOutcome, study: optuna.Study, plan: SweepPlan,

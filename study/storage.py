@@ -31,7 +31,7 @@ import re
 import shutil
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -40,6 +40,7 @@ import optuna
 from optuna.storages import BaseStorage, RDBStorage, get_storage
 from optuna.storages.journal import JournalFileBackend, JournalStorage
 from optuna.storages.journal._file import BaseJournalFileLock
+from optuna.storages.journal._storage import JournalStorageReplayResult
 
 from study.config import ConfigError
 from study.records import RecordError
@@ -53,8 +54,13 @@ SCHEMES = {
     "mysql": (("mysqldb", "MySQLdb", "mysqlclient"), ("pymysql", "pymysql", "pymysql")),
     "sqlite": (("pysqlite", "sqlite3", "(part of Python)"),),
 }
-# user:password@ -> user:***@ (the password runs to the last "@" before the host's "/").
-_PASSWORD = re.compile(r"(?P<head>[A-Za-z][\w+.-]*://[^:/@\s]*):[^\s/]*@")
+# user:password@ -> user:***@. A password may hold any character but a newline ("/", "+",
+# "=", spaces, quotes: drivers accept them); it runs to the last "@" of the line, so a line
+# with several URLs is masked from the first password to the last host (never too little).
+_PASSWORD = re.compile(r"(?P<head>[A-Za-z][\w+.-]*://[^:/@\s]*):[^\n]*@")
+# Passwords of the URLs this process was given (`register_url`): masked wherever they occur,
+# also outside a URL (a YAML line folded at a space, a driver's message).
+_SECRETS: set[str] = set()
 
 
 class StorageError(RuntimeError):
@@ -63,9 +69,31 @@ class StorageError(RuntimeError):
 
 # ---------------------------------------------------------------------------- passwords
 def mask_url(text: str) -> str:
-    """`text` with the password of every URL in it replaced by `***`."""
-    return _PASSWORD.sub(lambda m: m.group(0) if m.group(0).endswith(":PASSWORD@")
+    """`text` with the password of every URL in it, and every registered password
+    (`register_url`), replaced by `***`."""
+    text = _PASSWORD.sub(lambda m: m.group(0) if m.group(0).endswith(":PASSWORD@")
                          else f"{m.group('head')}:***@", text)  # keep our own hints' placeholder
+    for secret in _SECRETS:
+        text = text.replace(secret, "***")
+    return text
+
+
+def url_password(url: str) -> str | None:
+    """The password of `url` as its driver reads it (`scheme://user:PASSWORD@host`), or None."""
+    match = re.match(r"^[A-Za-z][\w+.-]*://[^:/@\s]*:([^@]*)@", url, re.DOTALL)
+    return match.group(1) if match and match.group(1) else None
+
+
+def register_url(url: str | None) -> None:
+    """Remember the password of `url` so that `mask_url` masks it wherever it appears.
+
+    Passwords shorter than 4 characters are not registered (they would mask ordinary
+    words); within a URL they are masked all the same.
+    """
+    password = url_password(url) if url else None
+    if password and len(password) >= 4:
+        _SECRETS.add(password)
+        _SECRETS.add(password.replace('"', '\\"'))  # as JSON writes it
 
 
 def redact(value: Any) -> Any:
@@ -105,6 +133,7 @@ def _parse(url: str) -> tuple[str, str, str]:
             f"{', '.join(s + '://' for s in SCHEMES)}; leave storage.url null for the journal "
             f"file in the run directory)"
         )
+    _check_port(match.group(3), url)
     named = match.group(2)
     candidates = [c for c in SCHEMES[dialect] if named in (None, c[0])] or [(named, named, named)]
     for driver, module, _ in candidates:
@@ -113,6 +142,19 @@ def _parse(url: str) -> tuple[str, str, str]:
     raise ConfigError(
         f"storage.url: no {dialect} driver is installed (pip install {candidates[0][2]})"
     )
+
+
+def _check_port(rest: str, url: str) -> None:
+    """Refuse a URL whose port is not a number (the driver's error would print the URL)."""
+    # As SQLAlchemy reads it: user, ":" password (up to the first "@"), "@", host, port.
+    after_user = re.sub(r"^[^:/]*(?::[^@]*)?@", "", rest, count=1, flags=re.DOTALL)
+    authority = re.split(r"[/?]", after_user, maxsplit=1)[0]
+    if authority.startswith("["):  # [ipv6]:port
+        authority = authority.partition("]")[2]
+    port = authority.partition(":")[2] if ":" in authority else ""
+    if port and not (port.isdigit() and 0 < int(port) < 65536):
+        raise ConfigError(f"storage.url: the port {port!r} of {mask_url(url)!r} is not a "
+                          f"number from 1 to 65535")
 
 
 def check_workers(url: str | None, workers: int) -> None:
@@ -186,7 +228,11 @@ def repair_tail(path: Path) -> str | None:
         cut = _after_last_newline(fh, size)
         stamp = datetime.now().strftime("%Y%m%d-%H%M%S-%f")
         backup = path.with_name(f"{path.name}.{stamp}.bak")
-        shutil.copyfile(path, backup)
+        try:
+            shutil.copyfile(path, backup)
+        except OSError:
+            backup.unlink(missing_ok=True)  # no empty or partial backup (a full disk)
+            raise
         fh.truncate(cut)
         fh.flush()
         os.fsync(fh.fileno())
@@ -208,22 +254,50 @@ def _after_last_newline(fh, size: int, block: int = 1 << 16) -> int:
     return 0
 
 
-def validate_journal(path: Path) -> None:
-    """Raise RecordError naming the first line of `path` that is not an Optuna log record."""
+def validate_journal(path: Path) -> list[str]:
+    """The names of the studies in the journal at `path`; RecordError naming the first line
+    that is not a valid Optuna journal record (not JSON, or a record Optuna cannot apply:
+    an unknown op code, a missing field)."""
     with open(path, "rb") as fh:
-        for number, line in enumerate(fh, start=1):
+        return validate_lines(path, fh)
+
+
+def validate_lines(path: Path, lines: Iterable[bytes]) -> list[str]:
+    """`validate_journal` of these `lines` of the journal at `path`."""
+    replay = JournalStorageReplayResult("validate-")
+    for number, line in enumerate(lines, start=1):
+        try:
+            record = json.loads(line)
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            record, reason = None, f"{type(err).__name__}: {err}"
+        else:
+            reason = "not an Optuna journal record"
+        if isinstance(record, dict) and "op_code" in record:
             try:
-                record = json.loads(line)
-            except (json.JSONDecodeError, UnicodeDecodeError) as err:
-                record, reason = None, f"{type(err).__name__}: {err}"
-            else:
-                reason = "not an Optuna journal record"
-            if not (isinstance(record, dict) and "op_code" in record):
-                raise RecordError(
-                    f"{path} is corrupt at line {number} ({reason}), before its last line, "
-                    f"so it cannot be repaired safely; nothing was changed. Restore it from a "
-                    f"backup, or start a new run directory."
-                )
+                replay.apply_logs([record])
+                continue
+            except Exception as err:  # what Optuna would raise on opening it
+                reason = (f"a record Optuna cannot apply: op_code {record['op_code']!r}, "
+                          f"{type(err).__name__} {err}".rstrip())
+        raise RecordError(
+            f"{path} is corrupt at line {number} ({reason}), so it cannot be repaired "
+            f"safely; nothing was changed. Restore it from a backup, or start a new run "
+            f"directory."
+        )
+    return [study.study_name for study in replay.get_all_studies()]
+
+
+def journal_study_names(path: Path) -> list[str]:
+    """The names of the studies in the journal at `path`, read under its lock (validated:
+    RecordError when corrupt; a partial last line is left for `open_journal` to repair)."""
+    lock = TailRepairingLock(Path(path))
+    lock.hold()
+    try:
+        with open(path, "rb") as fh:
+            complete = fh.read().rpartition(b"\n")[0]
+        return validate_lines(path, complete.splitlines())
+    finally:
+        lock.release()
 
 
 def open_journal(path: Path) -> tuple[JournalStorage, str | None]:

@@ -89,11 +89,19 @@ def open_study(run_dir: Path, url: str | None, study_name: str,
     else:
         backend = storage.open_rdb(url, retries)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = storage.with_retries(lambda: optuna.create_study(
-        storage=backend, study_name=study_name, direction=direction, load_if_exists=True,
-        # Every trial is enqueued with fixed params: the sampler never picks a value.
-        sampler=optuna.samplers.RandomSampler(seed=0),
-    ), retries, "open the study in", url or str(run_dir))
+    # Every trial is enqueued with fixed params: the sampler never picks a value.
+    sampler = optuna.samplers.RandomSampler(seed=0)
+
+    def load_or_create() -> optuna.Study:
+        try:  # loading first: create_study appends a record even when the study exists
+            return optuna.load_study(study_name=study_name, storage=backend, sampler=sampler)
+        except KeyError:
+            return optuna.create_study(storage=backend, study_name=study_name,
+                                       direction=direction, load_if_exists=True,
+                                       sampler=sampler)
+
+    study = storage.with_retries(load_or_create, retries, "open the study in",
+                                 url or str(run_dir))
     version = study.user_attrs.get(records.STORAGE_VERSION_ATTR, records.STORAGE_VERSION)
     if version != records.STORAGE_VERSION:
         where = storage.mask_url(url) if url else str(run_dir)

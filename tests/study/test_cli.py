@@ -187,7 +187,7 @@ def test_a_journal_corrupt_in_the_middle_is_refused_and_nothing_is_overwritten(
     before = _snapshot(run_dir)
     done = study_cli("+sweep=smoke", f"hydra.run.dir={run_dir}", expect=3)
     assert (f"error: {journal} is corrupt at line 11 (JSONDecodeError: Expecting value: line 1 "
-            f"column 1 (char 0)), before its last line, so it cannot be repaired safely; "
+            f"column 1 (char 0)), so it cannot be repaired safely; "
             f"nothing was changed.") in done.stderr
     assert _snapshot(run_dir) == before
 

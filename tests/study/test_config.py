@@ -129,3 +129,36 @@ def test_empty_axis_and_unknown_axis_key_are_rejected(tmp_path: Path) -> None:
         plan_from_overrides(["+sweep=typo"], conf_dir=conf)
     with pytest.raises(ConfigError, match="empty grid"):
         plan_from_overrides(["+sweep=noaxes"], conf_dir=conf)
+
+
+def test_a_new_run_directory_is_claimed_past_those_taken(tmp_path: Path, monkeypatch) -> None:
+    from datetime import datetime, timedelta
+
+    from study import config
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(config, "_NEW_RUN_DIRS", {})
+    now = datetime.now()
+    taken = {(now + timedelta(seconds=s)).strftime("%Y-%m-%d_%H-%M-%S") for s in range(5)}
+    for stamp in taken:
+        (tmp_path / "outputs" / "smoke" / stamp).mkdir(parents=True)
+    claimed = Path(config.new_run_dir(None, "smoke"))
+    assert claimed.is_dir() and claimed.name[:-2] in taken and claimed.name.endswith("_2")
+    assert config.new_run_dir(None, "smoke") == str(claimed)  # one per process
+    assert config.new_run_dir("some/run", "smoke") == "some/run"
+
+
+@pytest.mark.parametrize(("values", "message"), [
+    ({"lr": float("inf")}, "optimizer.lr: must be a finite number, got inf"),
+    ({"lr": float("nan")}, "optimizer.lr: must be a finite number, got nan"),
+    ({"lr": "abc"}, "optimizer.lr: expected a number, got 'abc'"),
+    ({"lr": True}, "optimizer.lr: expected a number, got True"),
+    ({"depth": 2.0}, "optimizer.depth: expected an integer, got 2.0"),
+])
+def test_check_values_names_the_key_of_a_value_that_is_no_finite_number(
+        values: dict, message: str) -> None:
+    from study.config import check_values
+
+    with pytest.raises(ConfigError, match=f"^{message.replace('(', '.').replace(')', '.')}$"):
+        check_values("optimizer", values, {"lr": float, "depth": int})
+    check_values("optimizer", {"lr": 0.1, "depth": 2}, {"lr": float, "depth": int})

@@ -67,6 +67,45 @@ def test_a_journal_corrupt_before_its_last_line_is_refused_and_left_alone(
     assert not list(tmp_path.glob("*.bak"))
 
 
+def test_a_backup_the_disk_has_no_room_for_is_removed_not_left_empty(
+        tmp_path: Path, finished_journal, monkeypatch) -> None:
+    import errno
+
+    journal = tmp_path / records.JOURNAL
+    cut_short = finished_journal + b'{"op_code":6'
+    journal.write_bytes(cut_short)
+
+    def full_disk(source, target):
+        Path(target).write_bytes(b"")  # what copyfile leaves when the disk is full
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(storage.shutil, "copyfile", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        storage.repair_tail(journal)
+    assert journal.read_bytes() == cut_short and not list(tmp_path.glob("*.bak"))
+
+
+@pytest.mark.parametrize("line", [b'{"op_code": 8}\n', b'{"op_code": 42, "worker_id": "w"}\n',
+                                  b'{"op_code": 0, "worker_id": "w"}\n'])
+def test_a_journal_record_optuna_cannot_apply_is_refused(tmp_path: Path, finished_journal,
+                                                         line: bytes) -> None:
+    lines = finished_journal.splitlines(keepends=True)
+    lines[5] = line
+    journal = tmp_path / records.JOURNAL
+    journal.write_bytes(b"".join(lines))
+    with pytest.raises(records.RecordError, match=r"is corrupt at line 6 \(a record Optuna "
+                                                   r"cannot apply"):
+        open_study(tmp_path, None, "tiny", "minimize")
+    assert journal.read_bytes() == b"".join(lines)
+
+
+def test_a_study_is_loaded_before_it_is_created(tmp_path: Path, finished_journal) -> None:
+    journal = tmp_path / records.JOURNAL
+    journal.write_bytes(finished_journal)
+    open_study(tmp_path, None, "tiny", "minimize")
+    assert journal.read_bytes() == finished_journal  # no create-study record appended
+
+
 def test_the_lock_of_a_killed_writer_is_free_at_once(tmp_path: Path) -> None:
     journal = tmp_path / records.JOURNAL
     journal.write_bytes(b"")
@@ -99,6 +138,20 @@ def test_passwords_are_masked() -> None:
     assert storage.mask_url(text) == ("postgresql+psycopg://alice:***@db.example:5432/study "
                                       "and sqlite:///x.db")
     assert storage.redact({"a": ["x://u:pw@h/d"], "n": 3}) == {"a": ["x://u:***@h/d"], "n": 3}
+
+
+def test_a_registered_password_is_masked_outside_a_url_too() -> None:
+    storage.register_url("postgresql://u:Spaced pass/w0rd@h/db")
+    assert storage.mask_url("a driver's message: 'Spaced pass/w0rd' was refused") == (
+        "a driver's message: '***' was refused")
+
+
+def test_a_port_that_is_not_a_number_is_refused_with_the_password_masked() -> None:
+    for url in ("postgresql://u:Ab+1/q2== z9@127.0.0.1:54x2/db", "postgresql://h:99999/db"):
+        with pytest.raises(ConfigError, match="is not a number from 1 to 65535") as err:
+            storage.url_scheme(url)
+        assert "q2==" not in str(err.value)
+    assert storage.url_scheme("postgresql://u:Ab+1/q2== z9@127.0.0.1:5432/db") == "postgresql"
 
 
 def test_an_unknown_url_scheme_is_a_config_error() -> None:

@@ -1,0 +1,173 @@
+"""What `python -m study` checks and changes on its command line before Hydra sees it,
+and how a refusal is printed: one line.
+
+Hydra reports some errors itself, before the job runs, with a traceback or several lines
+(a config file that is not valid YAML, a run directory it cannot write). Hydra also
+records its arguments as given (multirun.yaml, a launcher's job listing), so a password in
+`storage.url=...` would reach the disk: `hide_url_arguments` moves it to the environment.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import re
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TextIO
+
+import yaml
+
+from study import storage
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+URL_VARIABLE = "STUDY_STORAGE_URL"  # conf/storage/postgres.yaml reads it
+
+
+class CommandLineError(Exception):
+    """The command line is refused before Hydra runs: `message`, exit `status`."""
+
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def hide_url_arguments(argv: list[str]) -> None:
+    """Move a `storage.url=...` argument that holds a password into the environment, in
+    place: the argument becomes `storage.url=${oc.env:STUDY_STORAGE_URL}`, so that Hydra
+    never sees the password (its multirun.yaml, its launchers' job listings and its error
+    messages print arguments as given) and a launcher's jobs inherit it."""
+    for i, arg in enumerate(argv):
+        match = re.fullmatch(r"(\+{0,2}storage\.url=)(.*)", arg, re.DOTALL)
+        if not match:
+            continue
+        url = match.group(2)
+        if len(url) >= 2 and url[0] == url[-1] and url[0] in "'\"":
+            url = url[1:-1]
+        if storage.url_password(url) is None:
+            continue
+        storage.register_url(url)
+        os.environ[URL_VARIABLE] = url
+        argv[i] = f"{match.group(1)}${{oc.env:{URL_VARIABLE}}}"
+
+
+def _config_dirs(argv: Sequence[str]) -> list[Path]:
+    """conf/ and the directories of `--config-dir DIR` / `-cd DIR` arguments."""
+    dirs = [CONF_DIR]
+    for i, arg in enumerate(argv):
+        if arg in ("--config-dir", "-cd") and i + 1 < len(argv):
+            dirs.append(Path(argv[i + 1]))
+        elif arg.startswith("--config-dir="):
+            dirs.append(Path(arg.partition("=")[2]))
+    return dirs
+
+
+def check_yaml_files(argv: Sequence[str]) -> None:
+    """Exit 2 with one line `FILE:LINE:COLUMN: invalid YAML: problem` when a config file
+    this command selects (config.yaml, and the options of `group=option` arguments) is not
+    valid YAML: Hydra's own report is a long traceback."""
+    from omegaconf._utils import get_yaml_loader
+
+    dirs = _config_dirs(argv)
+    files = [CONF_DIR / "config.yaml"]
+    for arg in argv:
+        match = re.fullmatch(r"[+~]{0,2}([\w/]+)=\[?([\w/,.+-]*)\]?", arg)
+        if match:
+            files += [d / match.group(1) / f"{option}.yaml" for d in dirs
+                      for option in match.group(2).split(",") if option]
+    for path in files:
+        try:
+            text = path.read_text()
+        except OSError:
+            continue  # not an option file (a scalar key, a missing option: Hydra names it)
+        try:
+            yaml.load(text, Loader=get_yaml_loader())
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+            problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+            raise CommandLineError(f"{where}: invalid YAML: {problem}", 2) from None
+
+
+def check_writable(argv: Sequence[str]) -> None:
+    """Exit 3 with one line when the run directory (`hydra.run.dir=`, `resume=`, else
+    outputs/ in the working directory) is on a read-only filesystem or not writable:
+    Hydra would fail configuring its log file, with a traceback."""
+    path = _chosen_dir(argv)
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    if not path.is_dir():
+        raise CommandLineError(f"{path} is not a directory (a run directory is one)", 2)
+    if not os.access(path, os.W_OK):
+        reason = "Read-only file system" if _read_only(path) else "Permission denied"
+        raise CommandLineError(f"cannot write {path}: {reason}", 3)
+
+
+def _chosen_dir(argv: Sequence[str], normalize: bool = True) -> Path:
+    """The run directory `argv` names (`hydra.run.dir=`, `resume=`; with `--multirun`,
+    `hydra.sweep.dir=`), absolute (`..` resolved when `normalize`); else outputs/ (where a
+    new run directory is made)."""
+    keys = ("hydra.sweep.dir",) if {"--multirun", "-m"} & set(argv) else (
+        "hydra.run.dir", "resume")
+    chosen = [a.partition("=")[2] for a in argv if a.lstrip("+").partition("=")[0] in keys]
+    path = Path(chosen[-1] if chosen else "outputs").absolute()
+    return Path(os.path.abspath(path)) if normalize else path
+
+
+def _read_only(path: Path) -> bool:
+    try:
+        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
+
+
+def one_line(text: str) -> str:
+    """`text` on one line: its lines joined with "; ", blank ones and indentation dropped."""
+    return "; ".join(line.strip() for line in text.splitlines() if line.strip())
+
+
+class HeldStderr(io.StringIO):
+    """What is written to stderr before Hydra calls `main` (its composition errors)."""
+
+    def __init__(self, real: TextIO) -> None:
+        super().__init__()
+        self.real = real
+
+
+def release_stderr() -> None:
+    """Give stderr back to the terminal, with what was held (warnings) written first."""
+    held = sys.stderr
+    if isinstance(held, HeldStderr):
+        sys.stderr = held.real
+        sys.stderr.write(held.getvalue())
+
+
+def missing_dirs(argv: Sequence[str]) -> list[Path]:
+    """The directories that do not exist yet on the way to the run directory `argv` names
+    (`hydra.run.dir=`, `resume=`, else outputs/), deepest first: what Hydra may create."""
+    raw = _chosen_dir(argv, normalize=False)
+    missing = set()
+    for depth in range(1, len(raw.parts) + 1):
+        prefix = Path(*raw.parts[:depth])
+        if raw.parts[depth - 1] != ".." and not prefix.exists():
+            missing.add(Path(os.path.abspath(prefix)))
+    return sorted(missing, key=lambda p: len(p.parts), reverse=True)
+
+
+def remove_empty(dirs: Sequence[Path]) -> None:
+    """Remove the empty ones of `dirs` (directories this command created), with the empty
+    folders inside them."""
+    for top in dirs:
+        for folder, _, _ in os.walk(top, topdown=False):
+            with contextlib.suppress(OSError):
+                os.rmdir(folder)
+
+
+def hydra_error(held: HeldStderr) -> str | None:
+    """What Hydra wrote to stderr before the job, as one line (without its search path and
+    its HYDRA_FULL_ERROR hint); None when it wrote nothing."""
+    text = held.getvalue().split("Config search path:")[0]
+    lines = [line for line in text.splitlines() if "HYDRA_FULL_ERROR" not in line]
+    return one_line(storage.mask_url("\n".join(lines))) or None

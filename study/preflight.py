@@ -1,0 +1,93 @@
+"""What `study.run.execute` checks before it writes anything to a run directory: that
+`resume=` names a run, that the directory holds no other study, and that every task and
+data transform of the plan can draw its data."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from study import records, storage
+from study.config import TRANSFORM_GROUPS, ConfigError
+from study.grid import SweepPlan
+
+log = logging.getLogger("study")
+
+
+def check_resume(resume: str | None, run_dir: Path) -> None:
+    """Refuse (ConfigError) `resume=DIR` when DIR is not a study run directory (it has
+    neither env.json nor a journal: a typo would otherwise start a fresh sweep there), or
+    when `hydra.run.dir` names another directory."""
+    if resume is not None and os.path.abspath(resume) != os.path.abspath(run_dir):
+        raise ConfigError(f"resume: {resume} is not the run directory {run_dir} that "
+                          f"hydra.run.dir names; give one of the two")
+    if resume is not None and not any((run_dir / name).is_file()
+                                      for name in (records.ENV, records.JOURNAL)):
+        raise ConfigError(f"resume: {resume} is not a study run directory (it holds no "
+                          f"{records.ENV} nor {records.JOURNAL}); to start a new run there, "
+                          f"pass hydra.run.dir={resume} instead")
+
+
+def check_run_dir(run_dir: Path, study_name: str, url: str | None) -> None:
+    """Refuse a run directory that belongs to another run: another version of study wrote
+    its trials.parquet (RecordError), or it holds another study or another storage's
+    (ConfigError: their trial numbers, and so their curve files, would collide). An
+    unreadable trials.parquet is not refused: it is derived, and rebuilt at the end."""
+    try:
+        records.read_trials(run_dir)
+    except records.UnreadableRecordError as err:
+        log.warning("%s; it is rebuilt from the storage at the end of this run", err)
+    except records.MissingRecordError:
+        pass
+    env = records.read_env(run_dir)
+    journal = run_dir / records.JOURNAL
+    owner = env.get("study_name")
+    if owner is None and journal.is_file():
+        names = storage.journal_study_names(journal)
+        owner = names[0] if names and study_name not in names else None
+    if owner is not None and owner != study_name:
+        raise ConfigError(
+            f"{run_dir} holds the study {owner!r}; this command's study is {study_name!r} "
+            f"(another sweep, or another storage.study_name). A run directory holds one "
+            f"study: use a new run directory, or resume with: "
+            f"{env.get('resume_command', 'the command that created it')}")
+    where = storage.mask_url(url) if url else records.JOURNAL
+    stored = env.get("storage") or (records.JOURNAL if journal.is_file() else None)
+    if stored is not None and stored != where:
+        raise ConfigError(
+            f"{run_dir} holds a study stored in {stored}; this command's storage is {where}. "
+            f"A run directory holds one study: use a new run directory, or the same storage")
+
+
+def check_data(plan: SweepPlan) -> None:
+    """Draw one seed's data for every task and data transform (failure mode or
+    mitigation) of `plan` before anything is written: a transform that raises is a
+    ConfigError naming it, not a traceback in the middle of training."""
+    from study.failures import apply_data_transforms
+    from study.seeds import seed_streams
+
+    seen: set[str] = set()
+    for point in plan.points:
+        spec = point.trial
+        transforms = getattr(spec, "data_transforms", ())
+        key = repr((spec.task, transforms))
+        if key in seen:
+            continue
+        seen.add(key)
+        seed = seed_streams(spec.seed).data
+        where = spec.labels.get("task") or type(spec.task).__name__
+        try:
+            data = spec.task.generate(seed)
+        except Exception as err:
+            raise ConfigError(f"task {where}: drawing its data (seed {seed}) raised "
+                              f"{type(err).__name__}: {err}") from None
+        for transform in transforms:
+            try:
+                data = apply_data_transforms(data, [transform], seed)
+            except Exception as err:
+                name = getattr(transform, "target", None) or type(transform).__name__
+                groups = "+".join(spec.labels.get(g) or "none" for g in TRANSFORM_GROUPS)
+                raise ConfigError(f"{groups}: {name} raised {type(err).__name__}: {err} "
+                                  f"(applied to the data of task {where}, seed {seed})"
+                                  ) from None
