@@ -26,6 +26,10 @@ SPIKE_Z = 6.0
 SPIKE_SCALE_FLOOR = 0.05
 MAD_TO_SIGMA = 1.4826
 PLATEAU_FRACTION = 0.1
+# osc_tv_ratio is undefined below this net decrease of log loss (0.1 = the loss fell by
+# less than ~10%): a ratio over a near-zero denominator ranks runs that never learned as
+# the most oscillatory.
+MIN_NET_LOG_DECREASE = 0.1
 
 
 def steps_to_fraction(eval_step: np.ndarray, loss: np.ndarray, fraction: float) -> np.ndarray:
@@ -65,7 +69,9 @@ def oscillation(step_loss: np.ndarray) -> dict[str, np.ndarray]:
 
     - `osc_tv_ratio`: total variation of log L over its net decrease,
       sum |log L_k+1 - log L_k| / (log L_first - log L_last); 1 for a monotone descent,
-      large when the loss goes up and down; NaN when there is no net decrease.
+      large when the loss goes up and down; NaN when the net decrease of log L is below
+      MIN_NET_LOG_DECREASE (0.1: the loss fell by less than ~10%), where the ratio of a
+      run that barely moved would be huge for no oscillation of note.
     - `up_step_fraction`: share of significant changes (relative > 1e-6) that are increases.
     - `loss_diff_autocorr`: lag-1 autocorrelation of the log-loss differences (sub-noise
       changes counted as 0); near -1 for a period-2 oscillation; NaN if they never change.
@@ -75,11 +81,15 @@ def oscillation(step_loss: np.ndarray) -> dict[str, np.ndarray]:
         log_loss = np.log(finite(step_loss))
         net = first_valid(log_loss) - last_valid(log_loss)
         tv = np.nansum(np.abs(d), axis=1)
-        tv_ratio = np.where(net > 0, tv / net, np.nan)
+        tv_ratio = np.where(net >= MIN_NET_LOG_DECREASE, tv / net, np.nan)
         n_sig = significant.sum(axis=1)
         up = (np.nan_to_num(d) > 0).sum(axis=1)
         up_fraction = np.where(n_sig > 0, up / np.maximum(n_sig, 1), np.nan)
-        centered = d - np.nanmean(d, axis=1, keepdims=True) if d.shape[1] else d
+        # Mean over the finite differences; a row with none (stopped at step 0) stays NaN
+        # without np.nanmean's "Mean of empty slice" warning.
+        n_finite = np.isfinite(d).sum(axis=1, keepdims=True)
+        mean = np.nansum(d, axis=1, keepdims=True) / np.where(n_finite > 0, n_finite, np.nan)
+        centered = d - mean
         num = np.nansum(centered[:, :-1] * centered[:, 1:], axis=1)
         den = np.nansum(centered**2, axis=1)
         autocorr = np.where((den > 0) & (d.shape[1] > 1), num / den, np.nan)

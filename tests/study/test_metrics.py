@@ -195,3 +195,24 @@ def test_batched_metrics_equal_per_trial_metrics() -> None:
                 assert math.isnan(row[key]), key
             else:
                 assert row[key] == pytest.approx(value), key
+
+
+def test_tv_ratio_is_undefined_when_the_loss_barely_moved() -> None:
+    # A run that does not learn (net decrease 1%) with small wiggles: the ratio over a
+    # near-zero denominator would be ~100 and rank it as the most oscillatory.
+    k = np.arange(200)
+    flat = (1.0 + 0.005 * (k % 2)) * np.linspace(1.0, 0.99, 200)
+    learning = np.geomspace(1.0, 0.5, 200)
+    out = oscillation(np.stack([flat, learning]))
+    assert math.isnan(out["osc_tv_ratio"][0])
+    assert out["osc_tv_ratio"][1] == pytest.approx(1.0)
+
+
+def test_oscillation_of_a_trial_with_no_finite_step_warns_nothing() -> None:
+    import warnings
+
+    rows = np.array([[np.nan, np.nan, np.nan], [1.0, 0.5, 0.25]])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = oscillation(rows)
+    assert math.isnan(out["loss_diff_autocorr"][0]) and math.isnan(out["osc_tv_ratio"][0])
