@@ -10,7 +10,7 @@ from typing import Any
 import jinja2
 import pandas as pd
 
-from analysis import figures, sections
+from analysis import figures, findings, sections
 from analysis.aggregate import FINAL, MARKERS, cell_summary, stability_map, status_counts
 from analysis.axes import (
     SEED,
@@ -74,7 +74,10 @@ def render_html(run: RunData, map_metric: str = FINAL, claims: pd.DataFrame | No
                      else cell_summary(run.trials, axes))
     lab = sections.labeled(run.trials, axes) if has_trials else None
     built = built or datetime.now(timezone.utc)
+    claims = claims if claims is not None else run.claims
     context = {
+        "findings": (findings.findings_context(lab, axes, claims) if has_trials
+                     else None),
         **header_context(run, axes),
         "built": built.strftime("%Y-%m-%d %H:%M:%S UTC"),
         "map": map_section(summary, axes, map_metric),
@@ -86,7 +89,7 @@ def render_html(run: RunData, map_metric: str = FINAL, claims: pd.DataFrame | No
         "metrics": (sections.metric_tables_section(lab, axes) if has_trials else None),
         "diagnostics": (sections.diagnostics_section(run.run_dir, lab, axes) if has_trials
                         else None),
-        "claims": sections.claims_section(claims if claims is not None else run.claims),
+        "claims": sections.claims_section(claims),
     }
     env = jinja2.Environment(loader=jinja2.PackageLoader("analysis", "templates"),
                              autoescape=True, undefined=jinja2.StrictUndefined)

@@ -98,13 +98,16 @@ def fmt_interval(value: float, low: float, high: float, percent: bool = False) -
     return fmt(value) if pd.isna(low) else f"{fmt(value)} [{fmt(low)}, {fmt(high)}]"
 
 
-def shade_css(values: pd.Series, cmap: str = "Greys") -> list[str]:
-    """Light background per value, scaled between the finite min and max; "" for NaN."""
+def shade_css(values: pd.Series, cmap: str = "Greys",
+              fixed_range: tuple[float, float] | None = None) -> list[str]:
+    """Light background per value, scaled between the finite min and max (or
+    `fixed_range`); "" for NaN."""
     numbers = pd.to_numeric(values, errors="coerce").to_numpy(dtype=float)
     finite = numbers[np.isfinite(numbers)]
     if not len(finite):
         return [""] * len(numbers)
-    low, high = float(finite.min()), float(finite.max())
+    low, high = fixed_range or (float(finite.min()), float(finite.max()))
+    numbers = np.clip(numbers, low, high)
     scaled = (numbers - low) / (high - low) if high > low else np.zeros(len(numbers))
     colors = plt.get_cmap(cmap)(0.05 + 0.45 * np.nan_to_num(scaled))
     return ["" if not np.isfinite(v) else f"background-color: {to_hex(c)}"
@@ -112,7 +115,8 @@ def shade_css(values: pd.Series, cmap: str = "Greys") -> list[str]:
 
 
 def styled(frame: pd.DataFrame, uuid: str, shade: dict[str, pd.Series] | None = None,
-           cmap: str = "Greys", right: Sequence[str] = ()) -> str:
+           cmap: str = "Greys", right: Sequence[str] = (),
+           fixed_range: tuple[float, float] | None = None) -> str:
     """Static HTML of `frame` through pandas Styler, index hidden, fixed ids.
 
     `shade` maps a column to the numbers that tint its cells (a light gradient per column;
@@ -121,7 +125,8 @@ def styled(frame: pd.DataFrame, uuid: str, shade: dict[str, pd.Series] | None = 
     styler = frame.style.hide(axis="index").set_uuid(uuid).set_table_attributes(
         'class="metrics"')
     for column, values in (shade or {}).items():
-        styler = styler.apply(lambda _, v=values: shade_css(v, cmap), subset=[column])
+        styler = styler.apply(lambda _, v=values: shade_css(v, cmap, fixed_range),
+                              subset=[column])
     if right:
         styler = styler.set_properties(subset=list(right), **{"text-align": "right"})
     return styler.to_html()

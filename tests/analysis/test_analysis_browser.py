@@ -22,8 +22,9 @@ CHROMIUM = next((p for p in (shutil.which(n) for n in
                              ("chromium", "chromium-browser", "google-chrome")) if p), None)
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="no chromium binary installed")
 
-HEADINGS = ["Run", "Stability map", "Learning-rate sensitivity", "Loss curves",
-            "Curves by status", "Claims", "Cell summary", "Metric tables", "Diagnostics"]
+HEADINGS = ["Findings", "Sweep", "Stability map", "Learning-rate sensitivity", "Loss curves",
+            "Curves by status", "Claims", "Cell summary", "Metric tables", "Diagnostics",
+            "Environment and files"]
 PROBE = """<script>
 window.addEventListener("load", () => {
   const images = [...document.images].map(i => ({alt: i.alt, complete: i.complete,

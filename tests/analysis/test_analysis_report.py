@@ -16,7 +16,7 @@ from analysis.__main__ import main
 from study.records import read_trials, write_trials
 
 REPO = Path(__file__).resolve().parents[2]
-HEADINGS = ("Run", "Stability map", "Learning-rate sensitivity", "Loss curves",
+HEADINGS = ("Findings", "Sweep", "Environment and files", "Stability map", "Learning-rate sensitivity", "Loss curves",
             "Curves by status", "Cell summary", "Metric tables")
 
 
