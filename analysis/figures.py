@@ -21,14 +21,16 @@ from matplotlib.axes import Axes  # noqa: E402
 from matplotlib.colors import Colormap, LogNorm, Normalize  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
-from matplotlib.patches import Patch  # noqa: E402
+from matplotlib.patches import Patch, Rectangle  # noqa: E402
 from matplotlib.ticker import LogFormatter, LogLocator, NullLocator  # noqa: E402
 
 from analysis.aggregate import MARKERS, StabilityMap  # noqa: E402
 
 CMAP = "viridis"
-SYMBOLS = {"diverged": "x", "no_progress": "o", "some_diverged": "+"}
+SYMBOLS = {"diverged": "x", "no_progress": "o", "unstable": "^", "some_diverged": "+"}
 MISSING_COLOR = "#d9d9d9"
+UNDEFINED_COLOR = "#f4f4f4"  # trials exist, but the metric is undefined for all of them
+UNDEFINED_HATCH = "////"
 DPI = 100
 
 
@@ -86,26 +88,6 @@ def short_label(label: str) -> str:
 
 
 # ----------------------------------------------------------------------- stability map
-def color_norm(values: pd.Series) -> LogNorm:
-    """Log color scale spanning the positive finite values (a factor 2 each side if flat)."""
-    finite = values[np.isfinite(values) & (values > 0)]
-    if finite.empty:
-        return LogNorm(0.1, 10.0)
-    low, high = float(finite.min()), float(finite.max())
-    if high / low < 1.01:
-        low, high = low / 2, high * 2
-    return LogNorm(low, high)
-
-
-def linear_norm(values: pd.Series) -> Normalize:
-    """Linear color scale over the finite values (for metrics that can be zero or negative)."""
-    finite = values[np.isfinite(values)]
-    if finite.empty:
-        return Normalize(0.0, 1.0)
-    low, high = float(finite.min()), float(finite.max())
-    return Normalize(low, high if high > low else low + 1.0)
-
-
 def draw_stability_panel(cells: pd.DataFrame, smap: StabilityMap, norm: Normalize,
                          ax: Axes | None = None) -> Axes:
     """Heatmap of one panel's `color_value` with a symbol on every marked cell."""
@@ -117,6 +99,10 @@ def draw_stability_panel(cells: pd.DataFrame, smap: StabilityMap, norm: Normaliz
     shown = np.where(grid > 0, grid, np.nan) if smap.log_color else grid
     ax.imshow(np.ma.masked_invalid(shown), cmap=cmap, norm=norm,
               origin="lower", aspect="auto", interpolation="nearest")
+    for cell in cells[~np.isfinite(cells["color_value"]) & (cells["n"] > 0)].itertuples():
+        ax.add_patch(Rectangle((cell.x_pos - 0.5, cell.y_pos - 0.5), 1, 1,
+                               facecolor=UNDEFINED_COLOR, edgecolor="0.6",
+                               hatch=UNDEFINED_HATCH, linewidth=0))
     for cell in cells[cells["marker"] != ""].itertuples():
         drawn = np.isfinite(cell.color_value) and (cell.color_value > 0 or not smap.log_color)
         rgba = cmap(norm(cell.color_value)) if drawn else (1, 1, 1, 1)
@@ -139,8 +125,8 @@ def plot_stability_map(smap: StabilityMap) -> Figure:
     fig, grid = plt.subplots(len(rows), len(cols), squeeze=False, sharex=True, sharey=True,
                              figsize=(width * len(cols) + 1.5, height * len(rows) + 1.0),
                              layout="constrained")
-    norm = (color_norm(smap.cells["color_value"]) if smap.log_color
-            else linear_norm(smap.cells["color_value"]))
+    low, high = smap.color_limits
+    norm = LogNorm(low, high) if smap.log_color else Normalize(low, high)
     for i, row in enumerate(rows):
         for j, col in enumerate(cols):
             ax = grid[i, j]
@@ -153,8 +139,11 @@ def plot_stability_map(smap: StabilityMap) -> Figure:
                 ax.set_ylabel("")
     mappable = plt.cm.ScalarMappable(norm=norm, cmap=CMAP)
     label = ("final / initial val loss (medians)" if smap.normalized
+             else f"share of seeds {smap.metric}" if smap.share
              else f"median {smap.metric}")
-    colorbar = fig.colorbar(mappable, ax=grid, label=label, shrink=0.9)
+    extend = {(False, False): "neither", (True, False): "min", (False, True): "max",
+              (True, True): "both"}[(smap.n_below > 0, smap.n_above > 0)]
+    colorbar = fig.colorbar(mappable, ax=grid, label=label, shrink=0.9, extend=extend)
     if smap.log_color:
         plain_log_ticks(colorbar.ax.yaxis)
     handles = [Line2D([], [], linestyle="none", marker=SYMBOLS[m], color="black",
@@ -162,6 +151,9 @@ def plot_stability_map(smap: StabilityMap) -> Figure:
                for m, text in MARKERS.items() if (smap.cells["marker"] == m).any()]
     if len(smap.cells) < len(rows) * len(cols) * len(smap.x_labels) * len(smap.y_labels):
         handles.append(Patch(color=MISSING_COLOR, label="no trials"))
+    if (~np.isfinite(smap.cells["color_value"]) & (smap.cells["n"] > 0)).any():
+        handles.append(Patch(facecolor=UNDEFINED_COLOR, edgecolor="0.6", hatch=UNDEFINED_HATCH,
+                             label=f"{smap.metric} undefined for these trials"))
     if handles:
         fig.legend(handles=handles, loc="outside lower center", frameon=False,
                    ncols=legend_columns(fig, len(handles)))

@@ -11,7 +11,15 @@ import jinja2
 import pandas as pd
 
 from analysis import figures, findings, sections
-from analysis.aggregate import FINAL, MARKERS, cell_summary, stability_map, status_counts
+from analysis.aggregate import (
+    FINAL,
+    MARKERS,
+    STATUS_ORDER,
+    cell_summary,
+    is_status_share,
+    stability_map,
+    status_counts,
+)
 from analysis.axes import (
     SEED,
     SweepAxes,
@@ -97,12 +105,14 @@ def render_html(run: RunData, map_metric: str = FINAL, claims: pd.DataFrame | No
 
 
 def _check_metric(trials: pd.DataFrame, metric: str) -> None:
-    if metric == FINAL or (metric in trials and pd.api.types.is_numeric_dtype(trials[metric])):
+    if metric == FINAL or is_status_share(metric) or (
+            metric in trials and pd.api.types.is_numeric_dtype(trials[metric])):
         return
     numeric = [c for c in trials.columns if pd.api.types.is_numeric_dtype(trials[c])
                and "." not in c and c not in ("trial", SEED)]
-    raise ReportError(f"map metric {metric!r} is not a numeric column of trials.parquet; "
-                      f"choose one of: {', '.join(numeric)}")
+    raise ReportError(f"map metric {metric!r} is neither a numeric column of trials.parquet "
+                      f"nor a status; choose one of: {', '.join(numeric)}, or a status "
+                      f"({', '.join(STATUS_ORDER)}) to color by its share of seeds")
 
 
 def _empty_lr() -> dict[str, Any]:
@@ -199,11 +209,26 @@ def map_section(summary: pd.DataFrame | None, axes: SweepAxes,
              "initialization), divided by the median initial validation loss of the same "
              "task (tasks have different loss scales; 1 = no better than at initialization, "
              "below 1 = learned)" if smap.normalized
-             else f"median over seeds of {smap.metric}")
+             else f"share of the configuration's seeds that ended {metric}, 0 to 1"
+             if smap.share else f"median over seeds of {smap.metric}")
     scale = "log scale" if smap.log_color else "linear scale"
     symbols = "; ".join(f'"{figures.SYMBOLS[m]}" = {text}' for m, text in MARKERS.items())
     caption = (f"x: {layout.x}; y: {layout.y}; panels: {facets}. Color ({scale}): {color}. "
                f"Symbols: {symbols}. Gray: no trials.")
+    if smap.n_below or smap.n_above:
+        low, high = smap.color_limits
+        caption += (f" The color scale spans {low:.3g} to {high:.3g} (the quartiles of the "
+                    f"cells ± 3 interquartile ranges{', in log10 units' if smap.log_color else ''}"
+                    f"); {smap.n_below + smap.n_above} cell(s) beyond it "
+                    f"({smap.n_below} below, {smap.n_above} above) take the end color, as the "
+                    f"color bar's pointed ends show.")
+    undefined = summary[(summary["n"] > 0) & (summary["n_defined"] == 0)]
+    if len(undefined):
+        caption += (f" Hatched: {len(undefined)} configuration(s) with trials "
+                    f"({int(undefined['n'].sum())} in all) for which {smap.metric} is "
+                    f"undefined (NaN in trials.parquet, e.g. a spike count without "
+                    f"minibatch noise to measure it against, or a ratio without a net "
+                    f"decrease); see docs/metrics.md.")
     return _section(figures.figure_to_data_uri(figures.plot_stability_map(smap)), caption)
 
 

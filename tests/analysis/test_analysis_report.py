@@ -16,8 +16,9 @@ from analysis.__main__ import main
 from study.records import read_trials, write_trials
 
 REPO = Path(__file__).resolve().parents[2]
-HEADINGS = ("Findings", "Sweep", "Environment and files", "Stability map", "Learning-rate sensitivity", "Loss curves",
-            "Curves by status", "Cell summary", "Metric tables")
+HEADINGS = ("Findings", "Sweep", "Environment and files", "Stability map",
+            "Learning-rate sensitivity", "Loss curves", "Curves by status", "Cell summary",
+            "Metric tables")
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:

@@ -127,7 +127,7 @@ def test_map_colored_by_another_metric(run, summary):
                           "loss_diff_autocorr")
     assert "Color (linear scale): median over seeds of loss_diff_autocorr" in section["caption"]
     assert section["image"].startswith("data:image/png;base64,")
-    with pytest.raises(ReportError, match="not a numeric column"):
+    with pytest.raises(ReportError, match="neither a numeric column"):
         render_html(run, map_metric="nope")
 
 
