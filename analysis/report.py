@@ -39,6 +39,7 @@ from analysis.load import RunData, load_run
 from study.records import REPORT, RecordError, atomic_write_bytes, read_curves
 
 MAX_FILES = 60
+MAX_CURVE_PANELS = 18  # six rows of three at the page's width
 # Settings named in the header when every trial shares them (the rest: .hydra/config.yaml).
 HELD_COLUMNS = ("task", "model", "optimizer", "optimizer.lr", "train.batch_size",
                 "train.epochs", "model.depth", "model.width", "model.activation")
@@ -247,12 +248,20 @@ def curves_section(run: RunData, axes: SweepAxes) -> dict[str, Any]:
         return _section(note="No curves recorded for the selected trials.")
     line = line_axis(axes, [a for a in (row, *cols) if a]) or "trial"
     held = "; ".join(f"{k} = {v}" for k, v in fixed.items()) or "nothing else varies"
+    facets = list(dict.fromkeys(zip(frame["row"], frame["col"], strict=True)))
+    shown = ""
+    if len(facets) > MAX_CURVE_PANELS:
+        keep = pd.Series(list(zip(frame["row"], frame["col"], strict=True)),
+                         index=frame.index).isin(facets[:MAX_CURVE_PANELS])
+        frame = frame[keep]
+        shown = (f" Showing the first {MAX_CURVE_PANELS} of {len(facets)} panels; the trial "
+                 f"explorer below shows every trial.")
     caption = (f"{split.capitalize()} loss vs step (log scale) for up to 5 values of {line} "
                f"spread over the grid, first seed of each configuration; held fixed: {held}. "
                f"Diverged trials are dashed with an \"x\" at their divergence step (at the "
                f"top edge when the engine stopped them between evaluations, else at the first "
                f"evaluation of the final blow-up). Values above 10x the initial loss are drawn "
-               f"at the top edge.")
+               f"at the top edge.{shown}")
     image = figures.plot_loss_curves(frame, line, ylabel=f"{split} loss")
     return _section(figures.figure_to_data_uri(image), caption)
 
