@@ -1,6 +1,7 @@
 """Static metric tables: tidy frames (compute) rendered through pandas Styler (draw).
 
-Every table is capped at MAX_ROWS rows; a longer one keeps evenly spaced rows and says so.
+Every table is capped at MAX_ROWS rows; a longer one keeps evenly spaced rows and says so
+above the table, naming which rows it kept.
 Styler ids are fixed (`set_uuid`), so the HTML is the same on every rebuild.
 """
 
@@ -17,7 +18,7 @@ from analysis.axes import GROUP_LABELS, SEED
 from analysis.curves import spread
 from analysis.figures import plt
 
-MAX_ROWS = 200
+MAX_ROWS = 500
 # Known per-trial metrics in reading order; any other numeric column follows, sorted.
 METRIC_ORDER = (
     "val_loss_final", "val_loss_best", "val_loss_initial", "excess_loss_final",
@@ -79,8 +80,10 @@ def sample_rows(frame: pd.DataFrame, max_rows: int = MAX_ROWS) -> tuple[pd.DataF
     if len(frame) <= max_rows:
         return frame, ""
     kept = frame.iloc[spread(len(frame), max_rows)]
-    return kept, (f"Showing {len(kept)} of {len(frame)} rows, evenly spaced in this order; "
-                  f"every row is in trials.parquet.")
+    return kept, (f"Sampled: this table shows {len(kept)} of {len(frame)} rows, about every "
+                  f"{len(frame) / len(kept):.2g}th in the order below (first and last "
+                  f"included), not the most interesting ones; every row is in trials.parquet "
+                  f"and every trial in the trial explorer.")
 
 
 def fmt(value: float) -> str:

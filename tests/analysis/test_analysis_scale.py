@@ -80,5 +80,5 @@ def test_ten_thousand_trials_report_is_fast_and_small(tmp_path):
     assert size < 20 * 2**20
     html = path.read_text()
     assert "10000 finished trials" in html
-    assert "Showing 200 of 1000 rows" in html  # cell and metric tables sample
+    assert "this table shows 500 of 1000 rows" in html  # cell and metric tables sample
     assert "showing 3, evenly spread" in html  # galleries sample
