@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
 from collections.abc import Mapping
 from datetime import datetime, timezone
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import jinja2
 import pandas as pd
 
-from analysis import figures, findings, sections
+from analysis import explorer, figures, findings, sections
 from analysis.aggregate import (
     FINAL,
     MARKERS,
@@ -99,6 +102,7 @@ def render_html(run: RunData, map_metric: str = FINAL, claims: pd.DataFrame | No
         "diagnostics": (sections.diagnostics_section(run.run_dir, lab, axes) if has_trials
                         else None),
         "claims": sections.claims_section(claims),
+        "explorer": explorer_section(run, lab, axes) if has_trials else None,
     }
     env = jinja2.Environment(loader=jinja2.PackageLoader("analysis", "templates"),
                              autoescape=True, undefined=jinja2.StrictUndefined)
@@ -194,6 +198,21 @@ def _size(n: int) -> str:
             return f"{n} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return f"{n} B"
+
+
+# ----------------------------------------------------------------------- trial explorer
+def explorer_section(run: RunData, lab: pd.DataFrame, axes: SweepAxes) -> dict[str, Any]:
+    """The explorer's JSON payload, its script and the script's CSP hash, and a size note."""
+    payload = explorer.payload_json(explorer.explorer_payload(lab, axes, run.run_dir))
+    script = resources.files("analysis").joinpath("templates/explorer.js").read_text(
+        encoding="utf-8")
+    digest = base64.b64encode(hashlib.sha256(script.encode("utf-8")).digest()).decode()
+    n = len(lab)
+    size = len(payload.encode("utf-8"))
+    return {"data": payload, "script": script, "hash": f"sha256-{digest}",
+            "size": f"{_size(size)} for {n} trial{'s' if n != 1 else ''} "
+                    f"(about {size / max(n, 1) / 1024:.1f} KiB each)",
+            "n": n}
 
 
 # ----------------------------------------------------------------------- figure sections
