@@ -95,17 +95,20 @@ def bucketed(batch: pd.DataFrame, n_buckets: int) -> pd.DataFrame:
     return out.reset_index()
 
 
-def encode_trial(buckets: pd.DataFrame, evals: pd.DataFrame, divergence_step: float) -> str:
-    """The base64 blob of one trial (module docstring). `buckets`: its rows of `bucketed`;
-    `evals`: its evaluation rows with columns step, train, val (log10 values)."""
-    nb = int(buckets["bucket"].max()) + 1 if len(buckets) else 0
-    width = float(buckets["width"].iloc[0]) if len(buckets) else 1.0
-    full = {k: np.full(nb, np.nan) for k in ("loss_min", "loss_max", "grad_min", "grad_max")}
-    at = buckets["bucket"].to_numpy(dtype=int)
-    for key in full:
-        full[key][at] = buckets[key].to_numpy(dtype=float)
-    steps = evals["step"].to_numpy(dtype="<u4")
-    train, val = evals["train"].to_numpy(float), evals["val"].to_numpy(float)
+def encode_trial(buckets: dict[str, np.ndarray], evals: dict[str, np.ndarray],
+                 divergence_step: float) -> str:
+    """The base64 blob of one trial (module docstring). `buckets`: its `bucketed` columns
+    as arrays (bucket, width, loss_min, ...); `evals`: its eval_frame columns (step, train,
+    val: log10 values)."""
+    at = buckets["bucket"].astype(int)
+    nb = int(at.max()) + 1 if len(at) else 0
+    width = float(buckets["width"][0]) if len(at) else 1.0
+    full = {}
+    for key in ("loss_min", "loss_max", "grad_min", "grad_max"):
+        full[key] = np.full(nb, np.nan)
+        full[key][at] = buckets[key]
+    steps = evals["step"].astype("<u4")
+    train, val = evals["train"].astype(float), evals["val"].astype(float)
     loss_lo, loss_hi = _range(full["loss_min"], full["loss_max"])
     grad_lo, grad_hi = _range(full["grad_min"], full["grad_max"])
     eval_lo, eval_hi = _range(train, val)
@@ -118,6 +121,16 @@ def encode_trial(buckets: pd.DataFrame, evals: pd.DataFrame, divergence_step: fl
     body += [steps.tobytes(), quantize(train, eval_lo, eval_hi).tobytes(),
              quantize(val, eval_lo, eval_hi).tobytes()]
     return base64.b64encode(header + b"".join(body)).decode("ascii")
+
+
+def split_by_trial(frame: pd.DataFrame, ids: list[int]) -> list[dict[str, np.ndarray]]:
+    """`frame`'s columns as arrays, one dict per trial of `ids` (empty arrays if none)."""
+    frame = frame.sort_values("trial", kind="stable")
+    trial = frame["trial"].to_numpy()
+    columns = {c: frame[c].to_numpy() for c in frame.columns if c != "trial"}
+    starts = np.searchsorted(trial, ids, side="left")
+    ends = np.searchsorted(trial, ids, side="right")
+    return [{c: v[s:e] for c, v in columns.items()} for s, e in zip(starts, ends, strict=True)]
 
 
 def eval_frame(curves: pd.DataFrame) -> pd.DataFrame:
@@ -156,14 +169,10 @@ def explorer_payload(trials: pd.DataFrame, axes: SweepAxes, run_dir: Path) -> di
     n_buckets = buckets_for(len(ids))
     buckets = bucketed(curves[curves["split"] == "batch"], n_buckets)
     evals = eval_frame(curves)
-    by_trial_b = dict(tuple(buckets.groupby("trial"))) if len(buckets) else {}
-    by_trial_e = dict(tuple(evals.groupby("trial"))) if len(evals) else {}
-    empty_b = buckets.iloc[:0]
-    empty_e = evals.iloc[:0]
     divergence = (pd.to_numeric(trials["divergence_step"], errors="coerce")
                   if "divergence_step" in trials else pd.Series(np.nan, index=trials.index))
-    blobs = [encode_trial(by_trial_b.get(t, empty_b), by_trial_e.get(t, empty_e), d)
-             for t, d in zip(ids, divergence, strict=True)]
+    blobs = [encode_trial(b, e, d) for b, e, d in zip(
+        split_by_trial(buckets, ids), split_by_trial(evals, ids), divergence, strict=True)]
     metrics = [{"name": m, "values": [_number(v) for v in trials[m]]}
                for m in METRICS if m in trials.columns]
     return {"axes": [{"name": n, "values": axis_values[n]} for n in names], "codes": codes,

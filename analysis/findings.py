@@ -83,14 +83,17 @@ def _outcome_sentence(importance: pd.DataFrame, outcome: str) -> str:
             f"{_pct(noise['share'])}.")
 
 
-def _pct(value: float) -> str:
-    return "–" if not np.isfinite(value) else f"{100 * value:.0f}%"
+def _pct(value: float, sign: str = "%") -> str:
+    """A share in whole percent; rounding noise around 0 reads 0, never -0."""
+    if not np.isfinite(value):
+        return "–"
+    return f"{round(100 * value) + 0:.0f}{sign}"
 
 
 def _share(row: Any) -> str:
     if not np.isfinite(row["ci_low"]):
         return _pct(row["share"])
-    return f"{_pct(row['share'])} [{100 * row['ci_low']:.0f}, {100 * row['ci_high']:.0f}]"
+    return f"{_pct(row['share'])} [{_pct(row['ci_low'], '')}, {_pct(row['ci_high'], '')}]"
 
 
 def _suspects_table(importance: pd.DataFrame, order: list[str]) -> str:

@@ -69,49 +69,55 @@ def outcomes(trials: pd.DataFrame) -> pd.DataFrame:
 
 
 def variance_shares(y: np.ndarray, levels: dict[str, np.ndarray], cell: np.ndarray,
-                    weights: np.ndarray) -> dict[str, np.ndarray]:
-    """Shares of the weighted sum of squares of `y` ([n]) for every row of `weights` ([B, n]).
+                    seed: np.ndarray, counts: np.ndarray) -> dict[str, np.ndarray]:
+    """Shares of the sum of squares of `y` ([n]) when seed s counts `counts[b, s]` times,
+    for every row b of `counts` ([B, S]; one row of ones = the data as observed).
 
     `levels[a]` ([n] ints) is each trial's level of axis a, `cell` ([n] ints) its
-    configuration. Returns {axis: [B], INTERACTIONS: [B], SEED_NOISE: [B]}; NaN where the
-    total is 0 (the outcome does not vary).
+    configuration, `seed` ([n] ints in [0, S)) its seed. Returns {axis: [B], "a × b": [B]
+    for every pair, INTERACTIONS: [B] (three-way and higher), SEED_NOISE: [B]}; NaN where
+    the total is 0 (the outcome does not vary). Works on per-seed sums, so a bootstrap of
+    B resamples costs B x S x groups, not B x trials.
     """
-    w = weights  # (B, n)
-    total_w = w.sum(axis=1, keepdims=True)
-    mean = (w * y).sum(axis=1, keepdims=True) / total_w
-    ss_total = (w * (y - mean) ** 2).sum(axis=1)
+    y = y - y.mean()  # centred: the sums of squares below do not cancel
+    n_seeds = counts.shape[1]
+    ones = np.ones_like(y)
+    total_n = counts @ np.bincount(seed, minlength=n_seeds)  # (B,)
+    mean = (counts @ np.bincount(seed, weights=y, minlength=n_seeds)) / total_n
+    ss_total = counts @ np.bincount(seed, weights=y * y, minlength=n_seeds) \
+        - total_n * mean**2
+
+    def between(code: np.ndarray) -> np.ndarray:
+        """Between-group sum of squares, sum_g N_g (mean_g - mean)^2, per resample."""
+        groups = int(code.max()) + 1
+        index = seed * groups + code
+        n_g = counts @ np.bincount(index, ones, n_seeds * groups).reshape(n_seeds, groups)
+        s_g = counts @ np.bincount(index, y, n_seeds * groups).reshape(n_seeds, groups)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            m_g = np.where(n_g > 0, s_g / n_g, 0.0)
+        return (n_g * (m_g - mean[:, None]) ** 2).sum(axis=1)
+
     with np.errstate(divide="ignore", invalid="ignore"):
         shares: dict[str, np.ndarray] = {}
-        main_sum = np.zeros(len(w))
+        explained = np.zeros(len(counts))
         mains = {}
         for axis, code in levels.items():
-            mains[axis] = _between(y, code, w, mean)
+            mains[axis] = between(code)
             shares[axis] = mains[axis] / ss_total
-            main_sum += mains[axis]
+            explained += mains[axis]
         names = list(levels)
         for i, a in enumerate(names):
             for b in names[i + 1:]:
-                pair = pd.factorize(pd.Series(levels[a]) * (levels[b].max() + 1)
-                                    + levels[b])[0]
-                ss = _between(y, pair, w, mean) - mains[a] - mains[b]
+                pair = levels[a] * (int(levels[b].max()) + 1) + levels[b]
+                ss = between(pd.factorize(pair)[0]) - mains[a] - mains[b]
                 shares[f"{a}{PAIR}{b}"] = ss / ss_total
-                main_sum += ss
-        ss_seed = ss_total - _between(y, cell, w, mean)
-        shares[INTERACTIONS] = (ss_total - main_sum - ss_seed) / ss_total
+                explained += ss
+        ss_seed = ss_total - between(cell)
+        shares[INTERACTIONS] = (ss_total - explained - ss_seed) / ss_total
         shares[SEED_NOISE] = ss_seed / ss_total
-    flat = ss_total <= 1e-12 * np.maximum((w * y**2).sum(axis=1), 1e-300)
+    scale = counts @ np.bincount(seed, weights=y * y + 1e-300, minlength=n_seeds)
+    flat = ss_total <= 1e-12 * scale
     return {k: np.where(flat, np.nan, v) for k, v in shares.items()}
-
-
-def _between(y: np.ndarray, code: np.ndarray, w: np.ndarray, mean: np.ndarray) -> np.ndarray:
-    """Weighted between-group sum of squares, sum_g W_g (mean_g - mean)^2, per row of w."""
-    onehot = np.zeros((len(code), int(code.max()) + 1))
-    onehot[np.arange(len(code)), code] = 1.0
-    n_g = w @ onehot  # (B, G)
-    s_g = (w * y) @ onehot
-    with np.errstate(divide="ignore", invalid="ignore"):
-        m_g = np.where(n_g > 0, s_g / n_g, 0.0)
-    return (n_g * (m_g - mean) ** 2).sum(axis=1)
 
 
 def axis_importance(trials: pd.DataFrame, axes: Sequence[str],
@@ -142,8 +148,9 @@ def axis_importance(trials: pd.DataFrame, axes: Sequence[str],
         cell = (pd.factorize(part[list(axes)].astype(str).agg("\x1f".join, axis=1))[0]
                 if axes else np.zeros(len(y), dtype=int))
         seed_idx = np.searchsorted(unique_seeds, seeds[keep].to_numpy())
-        point = variance_shares(y, levels, cell, np.ones((1, len(y))))
-        boot = (variance_shares(y, levels, cell, counts[:, seed_idx].astype(float))
+        observed = np.ones((1, len(unique_seeds)))
+        point = variance_shares(y, levels, cell, seed_idx, observed)
+        boot = (variance_shares(y, levels, cell, seed_idx, counts.astype(float))
                 if len(unique_seeds) > 1 else None)
         tails = [(1 - CONFIDENCE) / 2 * 100, (1 + CONFIDENCE) / 2 * 100]
         for source, share in point.items():

@@ -32,7 +32,7 @@ def test_additive_effects_split_in_proportion_to_their_variances():
     y = (frame["A"].map(A_EFFECT) + frame["B"].map(B_EFFECT)).to_numpy()
     levels = {a: pd.factorize(frame[a])[0] for a in "ABC"}
     cell = pd.factorize(frame[["A", "B", "C"]].agg("".join, axis=1))[0]
-    shares = variance_shares(y, levels, cell, np.ones((1, len(y))))
+    shares = variance_shares(y, levels, cell, np.zeros(len(y), int), np.ones((1, 1)))
     total = 2 / 3 + 1 / 4
     assert shares["A"][0] == pytest.approx((2 / 3) / total)
     assert shares["B"][0] == pytest.approx((1 / 4) / total)
@@ -47,7 +47,7 @@ def test_a_pure_interaction_is_not_credited_to_either_axis():
     y = np.where(frame["A"] == "a1", 0.5, y)  # plus a main effect of A
     levels = {a: pd.factorize(frame[a])[0] for a in "ABC"}
     cell = pd.factorize(frame[["A", "B", "C"]].agg("".join, axis=1))[0]
-    shares = variance_shares(y, levels, cell, np.ones((1, len(y))))
+    shares = variance_shares(y, levels, cell, np.zeros(len(y), int), np.ones((1, 1)))
     parts = sum(shares[k][0] for k in shares)
     assert parts == pytest.approx(1.0)
     assert shares["A × B"][0] > 0.1 and shares["C"][0] == pytest.approx(0, abs=1e-12)
