@@ -146,12 +146,14 @@ def claim_lines(claims: pd.DataFrame | None) -> list[dict[str, str]]:
 
 
 def stable_lr_lines(lab: pd.DataFrame, axes: SweepAxes) -> list[str]:
-    """Per optimizer: the learning rates stable in every group (task x batch size x ...),
-    and where the per-group upper edges lie."""
+    """Per optimizer: the learning rates stable in every group (task x batch size x ...)
+    and where the per-group upper edges lie; when no lr is stable in every group, the lrs
+    stable in the most groups."""
     if LR not in axes.values:
         return []
     group = [a for a in axes.names if a != LR]
-    ranges = stable_lr_range(lr_curves(lab, group), group)
+    curves = lr_curves(lab, group)
+    ranges = stable_lr_range(curves, group)
     by = "optimizer" if "optimizer" in group else None
     lines = []
     for name, part in (ranges.groupby(by, sort=False) if by else [("all trials", ranges)]):
@@ -166,11 +168,32 @@ def stable_lr_lines(lab: pd.DataFrame, axes: SweepAxes) -> list[str]:
             upper = f"≥ {high:.3g}" if part["upper_open"].all() else f"{high:.3g}"
             text = f"{prefix}stable{where} from lr {low:.3g} to {upper}"
         else:
-            text = f"{prefix}no learning rate is stable{where or ''}"
+            text = f"{prefix}no learning rate is stable{where}"
+            counts = _groups_stable_at(curves[curves[by] == name] if by else curves,
+                                       part, others)
+            if len(counts) and counts.max() > 0:
+                best = counts.sort_values(ascending=False, kind="stable").head(3)
+                text += "; stable in the most groups: " + ", ".join(
+                    f"lr {lr:.3g} ({k} of {n})" for lr, k in best.items() if k > 0)
         edges = part["lr_max_stable"][np.isfinite(part["lr_max_stable"])]
         if others and n > 1 and len(edges) and edges.min() < edges.max():
-            worst = part.loc[edges.idxmin(), others].astype(str).tolist()
-            text += (f"; the largest stable lr per group ranges from {edges.min():.3g} "
-                     f"({', '.join(worst)}) to {edges.max():.3g}")
+            worst = part.loc[edges.idxmin(), others].astype(str)
+            text += (f"; the largest stable lr per group ranges from {edges.min():.3g} ("
+                     + ", ".join(f"{k}={v}" for k, v in worst.items())
+                     + f") to {edges.max():.3g}")
         lines.append(text + ".")
     return lines
+
+
+def _groups_stable_at(curves: pd.DataFrame, ranges: pd.DataFrame,
+                      others: list[str]) -> pd.Series:
+    """Per grid lr: in how many groups it lies inside the group's stable range."""
+    merged = curves.merge(ranges, on=[*others, *(["optimizer"] if "optimizer" in ranges
+                                                 and "optimizer" in curves else [])],
+                          how="inner") if others else curves.assign(
+        lr_min_progress=ranges["lr_min_progress"].iloc[0],
+        lr_max_stable=ranges["lr_max_stable"].iloc[0])
+    inside = ((merged["lr"] >= merged["lr_min_progress"])
+              & (merged["lr"] <= merged["lr_max_stable"])
+              & (merged["n_diverged"] == 0) & (merged["n_no_progress"] == 0))
+    return inside.groupby(merged["lr"]).sum().astype(int)

@@ -136,3 +136,21 @@ def test_claims_one_line_each():
     lines = claim_lines(claims)
     assert [line["verdict"] for line in lines] == ["supported", "inconclusive"]
     assert lines[0]["detail"] == "effect 0.4 [0.2, 0.6] share, q = 0.01"
+
+
+def test_stable_lr_when_no_lr_is_stable_in_every_group(sweep_run):
+    from analysis.axes import sweep_axes
+    from analysis.findings import stable_lr_lines
+    from analysis.load import load_run
+    from analysis.sections import labeled
+
+    run = load_run(sweep_run)
+    trials = run.trials.copy()
+    # sgd also makes no progress at 0.001 and 0.01 on blobs with full batches.
+    stuck = ((trials["optimizer"] == "sgd") & (trials["task"] == "blobs")
+             & (trials["train.batch_size"] == "full") & (trials["optimizer.lr"] < 0.1))
+    trials.loc[stuck, "status"] = "no_progress"
+    axes = sweep_axes(trials, run.meta)
+    sgd = stable_lr_lines(labeled(trials, axes), axes)[0]
+    assert sgd.startswith("sgd: no learning rate is stable in all 4 groups")
+    assert "stable in the most groups: lr 0.001 (3 of 4), lr 0.01 (3 of 4)" in sgd
