@@ -47,11 +47,28 @@ def findings_context(lab: pd.DataFrame, axes: SweepAxes,
     suspects_html, n_seeds = "", 0
     if names and not importance.empty:
         order = ranked_axes(importance, names)
+        headline.insert(0, _lead_sentence(importance, order[0]))
         headline += [s for s in (_outcome_sentence(importance, o) for o in OUTCOMES) if s]
         suspects_html = _suspects_table(importance, order)
         n_seeds = int(importance["n_seeds"].iloc[0])
     return {"headline": headline, "suspects": suspects_html, "n_seeds": n_seeds,
             "claims": claim_lines(claims), "stable_lr": stable_lr_lines(lab, axes)}
+
+
+def _lead_sentence(importance: pd.DataFrame, top: str) -> str:
+    """"Main suspect: X", with the outcomes it explains most of among the axes."""
+    mains = importance[~importance["source"].str.contains(PAIR, regex=False)
+                       & ~importance["source"].isin([INTERACTIONS, SEED_NOISE])]
+    led = [o for o in OUTCOMES
+           if not mains[mains["outcome"] == o].empty
+           and mains[mains["outcome"] == o]["share"].notna().any()
+           and mains.loc[mains[mains["outcome"] == o]["share"].idxmax(), "source"] == top]
+    shares = mains[mains["source"] == top].set_index("outcome")["share"]
+    parts = [f"{OUTCOME_TITLES[o]} {_pct(shares[o])}" for o in led]
+    if not parts:
+        return f"Main suspect: {top} (largest mean share of the outcomes' variance)."
+    return (f"Main suspect: {top}, the axis that explains most of the "
+            + ", ".join(parts) + " (share of variance).")
 
 
 def _status_sentence(counts: pd.DataFrame, n: int) -> str:
