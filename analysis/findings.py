@@ -64,11 +64,11 @@ def _lead_sentence(importance: pd.DataFrame, top: str) -> str:
            and mains[mains["outcome"] == o]["share"].notna().any()
            and mains.loc[mains[mains["outcome"] == o]["share"].idxmax(), "source"] == top]
     shares = mains[mains["source"] == top].set_index("outcome")["share"]
-    parts = [f"{OUTCOME_TITLES[o]} {_pct(shares[o])}" for o in led]
+    parts = [f"{OUTCOME_TITLES[o]} ({_pct(shares[o])})" for o in led]
     if not parts:
-        return f"Main suspect: {top} (largest mean share of the outcomes' variance)."
-    return (f"Main suspect: {top}, the axis that explains most of the "
-            + ", ".join(parts) + " (share of variance).")
+        return f"Main suspect: {top} (the largest mean share of the outcomes' variance)."
+    listed = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+    return f"Main suspect: {top}, the largest share of the variance in {listed}."
 
 
 def _status_sentence(counts: pd.DataFrame, n: int) -> str:
