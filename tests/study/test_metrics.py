@@ -216,3 +216,14 @@ def test_oscillation_of_a_trial_with_no_finite_step_warns_nothing() -> None:
         warnings.simplefilter("error")
         out = oscillation(rows)
     assert math.isnan(out["loss_diff_autocorr"][0]) and math.isnan(out["osc_tv_ratio"][0])
+
+
+def test_tv_ratio_reads_net_progress_between_robust_ends_not_noisy_endpoints() -> None:
+    rng = np.random.default_rng(0)
+    noise = rng.lognormal(0.0, 0.3, (2, 640))  # batch-8-like minibatch noise
+    stuck = 1.0 * noise[0]
+    stuck[0], stuck[-1] = 2.0, 0.4  # endpoints that alone suggest a 5x decrease
+    learning = np.geomspace(1.0, 0.1, 640) * noise[1]
+    out = oscillation(np.stack([stuck, learning]))
+    assert math.isnan(out["osc_tv_ratio"][0])
+    assert 10 < out["osc_tv_ratio"][1] < 200  # noise over a real 10x decrease
