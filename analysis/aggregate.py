@@ -200,8 +200,9 @@ def stability_map(summary: pd.DataFrame, axes: SweepAxes, layout: MapLayout,
 
 def robust_limits(values: pd.Series, log: bool) -> tuple[float, float]:
     """Color-scale ends: the finite min and max, pulled in to the quartiles -/+ FENCE x IQR
-    (of log10 values on a log scale) when values lie beyond; a flat range is widened (a
-    factor 2 each side on a log scale, +1 on a linear one)."""
+    (of log10 values on a log scale) when values lie beyond; when the quartiles coincide,
+    the 5th and 95th percentiles (else the whole range); a flat range is widened (a factor
+    2 each side on a log scale, +1 on a linear one)."""
     finite = values[np.isfinite(values) & ((values > 0) if log else True)]
     if finite.empty:
         return (0.1, 10.0) if log else (0.0, 1.0)
@@ -209,6 +210,12 @@ def robust_limits(values: pd.Series, log: bool) -> tuple[float, float]:
     q1, q3 = np.quantile(x, [0.25, 0.75])
     low = max(float(x.min()), q1 - FENCE * (q3 - q1))
     high = min(float(x.max()), q3 + FENCE * (q3 - q1))
+    if high <= low:
+        # Half the cells or more share one value (a count that is mostly 0): fences say
+        # nothing, so the 5th to 95th percentiles, else the whole range.
+        low, high = (float(v) for v in np.quantile(x, [0.05, 0.95]))
+        if high <= low:
+            low, high = float(x.min()), float(x.max())
     if log:
         low, high = 10.0**low, 10.0**high
         return (low / 2, high * 2) if high / low < 1.01 else (low, high)

@@ -237,9 +237,11 @@ def map_section(summary: pd.DataFrame | None, axes: SweepAxes,
                f"Symbols: {symbols}. Gray: no trials.")
     if smap.n_below or smap.n_above:
         low, high = smap.color_limits
-        caption += (f" The color scale spans {low:.3g} to {high:.3g} (the quartiles of the "
-                    f"cells ± 3 interquartile ranges{', in log10 units' if smap.log_color else ''}"
-                    f"); {smap.n_below + smap.n_above} cell(s) beyond it "
+        caption += (f" The color scale spans {low:.3g} to {high:.3g} (robust limits: the "
+                    f"quartiles of the cells ± 3 interquartile ranges"
+                    f"{', in log10 units' if smap.log_color else ''}, or the 5th to 95th "
+                    f"percentiles when most cells share one value); "
+                    f"{smap.n_below + smap.n_above} cell(s) beyond it "
                     f"({smap.n_below} below, {smap.n_above} above) take the end color, as the "
                     f"color bar's pointed ends show.")
     undefined = summary[(summary["n"] > 0) & (summary["n_defined"] == 0)]

@@ -217,8 +217,14 @@ def test_cells_whose_metric_is_undefined_are_not_called_empty(run, axes):
     summary = cell_summary(trials, axes, "spike_count")
     section = map_section(summary, axes, "spike_count")
     assert "Hatched: 12 configuration(s) with trials (24 in all)" in section["caption"]
-    exploded = run.trials.copy()
+    exploded = run.trials.assign(grad_norm_max=1.0 + run.trials["trial"] % 7)
     exploded.loc[exploded["trial"] < 2, "grad_norm_max"] = 1e12
     section = map_section(cell_summary(exploded, axes, "grad_norm_max"), axes,
                           "grad_norm_max")
     assert "(0 below, 1 above) take the end color" in section["caption"]
+    # A count that is 0 in most cells: the 5th-95th percentiles, not a collapsed 0-1 scale.
+    counts = run.trials.assign(spike_count=np.where(run.trials["trial"] % 8 == 0,
+                                                    run.trials["trial"] % 5, 0.0))
+    smap = stability_map(cell_summary(counts, axes, "spike_count"), axes,
+                         choose_map_layout(axes), "spike_count")
+    assert smap.color_limits[1] > 1 and not smap.log_color
