@@ -147,7 +147,7 @@ def plot_stability_map(smap: StabilityMap) -> Figure:
     xticks = 0.3 + 0.065 * longest_x  # 45-degree labels
     handles = _map_legend(smap, len(facets))
     fig, axes, _, ncols = wrapped_grid(
-        len(facets), (0.3 + 0.34 * len(smap.x_labels), 0.25 + 0.3 * len(smap.y_labels)),
+        len(facets), (0.3 + 0.3 * len(smap.x_labels), 0.25 + 0.3 * len(smap.y_labels)),
         n_legend=len(handles), title_lines=max(t.count("\n") + 1 for t in titles),
         left=0.5 + 0.075 * longest_y, right=1.45, xlabel=xticks + 0.25,
         gap_w=0.25, gap_h_extra=xticks - 0.45, inches_per_entry=3.6)
