@@ -100,7 +100,7 @@
   }
 
   // ------------------------------------------------------------------ drawing
-  var W = 540, H = 300, M = {l: 62, r: 62, t: 30, b: 42};
+  var W = 540, H = 310, M = {l: 62, r: 62, t: 46, b: 42};
 
   function logRange(arrays) {
     var lo = Infinity, hi = -Infinity;
@@ -122,7 +122,9 @@
   function ticks(range) {
     var out = [], lo = range[0], hi = range[1];
     var mult = (hi - lo) > 2.5 ? [1] : ((hi - lo) > 1 ? [1, 3] : [1, 2, 5]);
+    var every = Math.max(1, Math.ceil((hi - lo) / 6));  // at most ~7 labelled decades
     for (var d = Math.floor(lo); d <= Math.ceil(hi); d++) {
+      if (d % every !== 0) { continue; }
       mult.forEach(function (m) {
         var v = Math.log10(m) + d;
         if (v >= lo - 1e-9 && v <= hi + 1e-9) { out.push(v); }
@@ -201,8 +203,8 @@
     }
     var lx = M.l + 8;
     layers.forEach(function (layer) {
-      make("rect", {x: lx, y: M.t + 2, width: 12, height: 4, fill: layer.color}, svg, true);
-      var label = make("text", {x: lx + 16, y: M.t + 8, "font-size": 11, text: layer.label}, svg, true);
+      make("rect", {x: lx, y: 29, width: 12, height: 4, fill: layer.color}, svg, true);
+      var label = make("text", {x: lx + 16, y: 35, "font-size": 11, text: layer.label}, svg, true);
       lx += 24 + 6.2 * layer.label.length;
       return label;
     });
