@@ -22,7 +22,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--map-metric", default="val_loss_final", metavar="COLUMN",
                         help="numeric trials.parquet column that colors the stability map "
                              "(median over seeds; default: %(default)s, shown relative to "
-                             "the task's initial loss)")
+                             "the task's initial loss), or a status (diverged, unstable, "
+                             "...) to color by the share of seeds that ended so")
     args = parser.parse_args(argv)
     from analysis import build_report  # after parsing: --help stays fast
 

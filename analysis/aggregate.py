@@ -18,8 +18,13 @@ INITIAL = "val_loss_initial"
 MARKERS = {
     "diverged": "majority of seeds diverged",
     "no_progress": "majority of seeds made no progress",
+    "unstable": "majority of seeds unstable or recovered",
     "some_diverged": "some seeds (not a majority) diverged",
 }
+ERRATIC = ("unstable", "recovered")
+# Robust color limits: beyond the quartiles -/+ FENCE x IQR (in log10 units on a log
+# scale) the colors saturate, so a few exploded cells cannot flatten the rest.
+FENCE = 3.0
 
 
 def order_statuses(statuses: Iterable[str]) -> list[str]:
@@ -41,13 +46,21 @@ def status_counts(trials: pd.DataFrame) -> pd.DataFrame:
     })
 
 
-def cell_marker(n: int, n_diverged: int, n_no_progress: int) -> str:
-    """Majority diverged, else majority no progress, else any diverged, else ""."""
+def cell_marker(n: int, n_diverged: int, n_no_progress: int, n_erratic: int = 0) -> str:
+    """Majority diverged, else majority no progress, else majority unstable or recovered,
+    else any diverged, else ""."""
     if 2 * n_diverged > n:
         return "diverged"
     if 2 * n_no_progress > n:
         return "no_progress"
+    if 2 * n_erratic > n:
+        return "unstable"
     return "some_diverged" if n_diverged else ""
+
+
+def is_status_share(metric: str) -> bool:
+    """A map metric that names a status colors by the share of seeds that ended so."""
+    return metric in STATUS_ORDER
 
 
 def task_reference(trials: pd.DataFrame) -> pd.Series:
@@ -77,42 +90,49 @@ def cell_summary(trials: pd.DataFrame, axes: SweepAxes, metric: str = FINAL) -> 
     Columns: one per axis (display labels, e.g. "0.001", "full"), `n` trials, `n_<status>`
     for every status present in `trials` (order_statuses order), `median_final` (median of
     `metric`, falling back to `objective` when the column is absent; the final validation
-    loss is capped at each trial's initial loss first), `reference` (median
+    loss is capped at each trial's initial loss first; for a status name (is_status_share):
+    the share of the configuration's trials with that status), `n_defined` (trials with a
+    finite value), `reference` (median
     `val_loss_initial` over all trials of the configuration's task; NaN without that
     column), `ratio` = median_final / reference, and `marker` (a MARKERS key or "").
     Rows follow axis order. A run with no varying axis gives a single row.
     """
-    if metric not in trials.columns:
+    share = is_status_share(metric)
+    if metric not in trials.columns and not share:
         metric = "objective"
     names = axes.names
     work = pd.DataFrame({name: label_series(trials[name]) for name in names},
                         index=trials.index)
     work["status"] = trials["status"].astype(str)
-    work["value"] = pd.to_numeric(trials[metric], errors="coerce")
+    work["value"] = ((trials["status"].astype(str) == metric).astype(float) if share
+                     else pd.to_numeric(trials[metric], errors="coerce"))
     if metric == FINAL and INITIAL in trials.columns:
         work["value"] = capped_loss(trials)
     work["reference"] = task_reference(trials) if INITIAL in trials.columns else np.nan
     keys = names or [pd.Series(0, index=trials.index)]
     grouped = work.groupby(keys, sort=False, dropna=False)
-    cells = grouped.agg(n=("status", "size"), median_final=("value", "median"),
-                        reference=("reference", "first"))
+    work["defined"] = np.isfinite(work["value"]).astype(int)
+    cells = grouped.agg(n=("status", "size"),
+                        median_final=("value", "mean" if share else "median"),
+                        n_defined=("defined", "sum"), reference=("reference", "first"))
     counts = grouped["status"].value_counts().unstack(fill_value=0)
     statuses = order_statuses(work["status"])
     for status in statuses:
         cells[f"n_{status}"] = counts[status].astype(int)
     cells = cells.reset_index(drop=not names)
     cells["ratio"] = cells["median_final"] / cells["reference"]
+    erratic = sum(_column(cells, f"n_{s}") for s in ERRATIC)
     cells["marker"] = [
-        cell_marker(n, d, p) for n, d, p in zip(
+        cell_marker(n, d, p, e) for n, d, p, e in zip(
             cells["n"], _column(cells, "n_diverged"), _column(cells, "n_no_progress"),
-            strict=True)
+            erratic, strict=True)
     ]
     ranks = {name: cells[name].map(_rank([format_key(k) for k in axes.values[name]]))
              for name in names}
     order = pd.DataFrame(ranks, index=cells.index).sort_values(names).index if names \
         else cells.index
-    columns = [*names, "n", *(f"n_{s}" for s in statuses), "median_final", "reference",
-               "ratio", "marker"]
+    columns = [*names, "n", *(f"n_{s}" for s in statuses), "n_defined", "median_final",
+               "reference", "ratio", "marker"]
     return cells.loc[order, columns].reset_index(drop=True)
 
 
@@ -124,6 +144,8 @@ class StabilityMap:
     `x`/`y` display labels, `x_pos`/`y_pos` positions in `x_labels`/`y_labels` and
     `color_value` (`ratio` when normalized, else `median_final`). `log_color`: every finite
     color value is positive, so the color scale is logarithmic (else linear).
+    `color_limits`: the color scale's ends (robust_limits); cells beyond saturate, and
+    `n_above` / `n_below` count them. `share`: colored by the share of a status (0 to 1).
     """
 
     cells: pd.DataFrame
@@ -135,6 +157,10 @@ class StabilityMap:
     metric: str
     normalized: bool
     log_color: bool = True
+    color_limits: tuple[float, float] = (0.1, 10.0)
+    n_below: int = 0
+    n_above: int = 0
+    share: bool = False
 
 
 def stability_map(summary: pd.DataFrame, axes: SweepAxes, layout: MapLayout,
@@ -157,14 +183,43 @@ def stability_map(summary: pd.DataFrame, axes: SweepAxes, layout: MapLayout,
     cells["x_pos"] = cells["x"].map(_rank(x_labels))
     cells["y_pos"] = cells["y"].map(_rank(y_labels))
     cells["color_value"] = cells["ratio"] if normalized else cells["median_final"]
+    share = is_status_share(metric)
     finite = cells["color_value"][np.isfinite(cells["color_value"])]
+    log_color = bool((finite > 0).all()) and not share
+    limits = (0.0, 1.0) if share else robust_limits(finite, log_color)
     rows, cols = ordered_labels(axes, layout.row, layout.cols)
     return StabilityMap(
         cells=cells, layout=layout, x_labels=tuple(x_labels), y_labels=tuple(y_labels),
         row_labels=tuple(r for r in rows if r in set(cells["row"])),
         col_labels=tuple(c for c in cols if c in set(cells["col"])),
-        metric=metric, normalized=normalized, log_color=bool((finite > 0).all()),
+        metric=metric, normalized=normalized, log_color=log_color, color_limits=limits,
+        n_below=int((finite < limits[0]).sum()), n_above=int((finite > limits[1]).sum()),
+        share=share,
     )
+
+
+def robust_limits(values: pd.Series, log: bool) -> tuple[float, float]:
+    """Color-scale ends: the finite min and max, pulled in to the quartiles -/+ FENCE x IQR
+    (of log10 values on a log scale) when values lie beyond; when the quartiles coincide,
+    the 5th and 95th percentiles (else the whole range); a flat range is widened (a factor
+    2 each side on a log scale, +1 on a linear one)."""
+    finite = values[np.isfinite(values) & ((values > 0) if log else True)]
+    if finite.empty:
+        return (0.1, 10.0) if log else (0.0, 1.0)
+    x = np.log10(finite.to_numpy(float)) if log else finite.to_numpy(float)
+    q1, q3 = np.quantile(x, [0.25, 0.75])
+    low = max(float(x.min()), q1 - FENCE * (q3 - q1))
+    high = min(float(x.max()), q3 + FENCE * (q3 - q1))
+    if high <= low:
+        # Half the cells or more share one value (a count that is mostly 0): fences say
+        # nothing, so the 5th to 95th percentiles, else the whole range.
+        low, high = (float(v) for v in np.quantile(x, [0.05, 0.95]))
+        if high <= low:
+            low, high = float(x.min()), float(x.max())
+    if log:
+        low, high = 10.0**low, 10.0**high
+        return (low / 2, high * 2) if high / low < 1.01 else (low, high)
+    return (low, high + 1.0) if high <= low else (low, high)
 
 
 def label_series(values: pd.Series) -> pd.Series:

@@ -21,6 +21,7 @@ from analysis.figures import legend_columns, log_y_if_wide, plain_log_ticks, plt
 SHARPNESS_COLUMNS = ("sharpness_max", "sharpness_final")
 NOISE_COLUMNS = ("noise_scale_final",)
 DIAG_SPLIT = "diag"
+PER_ROW = 3  # 3 x 3.4 + 0.8 = 11 in: within the report's 11.4 in column
 STATUS_MARKERS = {"converged": "o", "slow": "s", "unstable": "D", "recovered": "P",
                   "no_progress": "^", "diverged": "x"}
 
@@ -53,8 +54,7 @@ def plot_sharpness(points: pd.DataFrame, column: str) -> Figure:
     The y axis ends at 10x the largest of (non-diverged sharpness, 2/lr); larger values
     (diverged trials) are drawn at that edge."""
     groups = list(dict.fromkeys(points["group"]))
-    fig, grid = plt.subplots(1, len(groups), squeeze=False, sharey=True,
-                             figsize=(3.4 * len(groups) + 0.8, 3.3), layout="constrained")
+    fig, axes = _wrapped_panels(len(groups), 3.3, sharey=True)
     lrs = np.geomspace(points["lr"].min(), points["lr"].max(), 50)
     # Diverged trials can report absurd sharpness (1e50): cap the axis, draw them at the top.
     calm = points.loc[points["status"] != "diverged", "sharpness"]
@@ -63,7 +63,7 @@ def plot_sharpness(points: pd.DataFrame, column: str) -> Figure:
     statuses = list(dict.fromkeys(points["status"]))
     colors = dict(zip(statuses, plt.get_cmap("viridis")(np.linspace(0, 0.85, len(statuses))),
                       strict=True))
-    for ax, group in zip(grid[0], groups, strict=True):
+    for ax, group in zip(axes, groups, strict=True):
         part = points[points["group"] == group]
         for status in statuses:
             sel = part[part["status"] == status]
@@ -77,7 +77,7 @@ def plot_sharpness(points: pd.DataFrame, column: str) -> Figure:
         ax.set_title(group, fontsize=9)
         ax.set_xlabel("learning rate")
         ax.grid(True, which="major", alpha=0.3)
-    grid[0, 0].set_ylabel(column.replace("_", " "))
+    axes[0].set_ylabel(column.replace("_", " "))
     handles = [Line2D([], [], linestyle="none", color=colors[s], markerfacecolor="none",
                       marker=STATUS_MARKERS.get(s, "v"), label=s) for s in statuses]
     handles.append(Line2D([], [], color="black", linestyle="--", label="2 / lr"))
@@ -101,11 +101,10 @@ def diag_curves(selection: pd.DataFrame, curves: pd.DataFrame, trials: pd.DataFr
 def plot_diag_curves(frame: pd.DataFrame, metric: str, line: str) -> Figure:
     """Diagnostic curves per panel (row, col); for sharpness each line's 2/lr is dotted."""
     panels = list(dict.fromkeys(zip(frame["row"], frame["col"], strict=True)))
-    fig, grid = plt.subplots(1, len(panels), squeeze=False,
-                             figsize=(3.4 * len(panels) + 0.8, 3.2), layout="constrained")
+    fig, axes = _wrapped_panels(len(panels), 3.2)
     n_lines = int(frame["line_pos"].max()) + 1
     colors = plt.get_cmap("plasma")(np.linspace(0.0, 0.85, max(n_lines, 1)))
-    for ax, (row, col) in zip(grid[0], panels, strict=True):
+    for ax, (row, col) in zip(axes, panels, strict=True):
         part = frame[(frame["row"] == row) & (frame["col"] == col)]
         for (pos, _), trace in part.groupby(["line_pos", "trial"], sort=True):
             ax.plot(trace["step"], trace["value"], color=colors[pos], linewidth=1.4)
@@ -116,7 +115,7 @@ def plot_diag_curves(frame: pd.DataFrame, metric: str, line: str) -> Figure:
         ax.set_title(", ".join(p for p in (row, col) if p), fontsize=9)
         ax.set_xlabel("step")
         ax.grid(True, which="major", alpha=0.3)
-    grid[0, 0].set_ylabel(metric.replace("_", " "))
+    axes[0].set_ylabel(metric.replace("_", " "))
     lines = frame[["line_pos", "line"]].drop_duplicates().sort_values("line_pos")
     handles = [Line2D([], [], color=colors[p], label=f"{line}={lab}")
                for p, lab in zip(lines["line_pos"], lines["line"], strict=True)]
@@ -125,3 +124,16 @@ def plot_diag_curves(frame: pd.DataFrame, metric: str, line: str) -> Figure:
     fig.legend(handles=handles, loc="outside lower center", frameon=False,
                ncols=legend_columns(fig, len(handles), 1.8))
     return fig
+
+
+def _wrapped_panels(n: int, height: float, sharey: bool = False) -> tuple[Figure, list]:
+    """n panels 3.4 in wide, at most PER_ROW a row (the figure stays within the page's
+    width, so it is shown unshrunk); spare grid cells hidden."""
+    cols = max(1, min(n, PER_ROW))
+    rows = -(-n // cols)
+    fig, grid = plt.subplots(rows, cols, squeeze=False, sharey=sharey,
+                             figsize=(3.4 * cols + 0.8, height * rows), layout="constrained")
+    flat = list(grid.ravel())
+    for ax in flat[n:]:
+        ax.set_visible(False)
+    return fig, flat[:n]

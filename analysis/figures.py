@@ -21,15 +21,20 @@ from matplotlib.axes import Axes  # noqa: E402
 from matplotlib.colors import Colormap, LogNorm, Normalize  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
-from matplotlib.patches import Patch  # noqa: E402
+from matplotlib.patches import Patch, Rectangle  # noqa: E402
 from matplotlib.ticker import LogFormatter, LogLocator, NullLocator  # noqa: E402
 
 from analysis.aggregate import MARKERS, StabilityMap  # noqa: E402
 
 CMAP = "viridis"
-SYMBOLS = {"diverged": "x", "no_progress": "o", "some_diverged": "+"}
+SYMBOLS = {"diverged": "x", "no_progress": "o", "unstable": "^", "some_diverged": "+"}
 MISSING_COLOR = "#d9d9d9"
+UNDEFINED_COLOR = "#f4f4f4"  # trials exist, but the metric is undefined for all of them
+UNDEFINED_HATCH = "////"
 DPI = 100
+# The report's column is 72rem = 1152 px; at DPI 100 a figure this wide or narrower is
+# shown at 100%, so its text keeps its size (10 pt = 14 px; nothing below 8 pt = 11 px).
+PAGE_WIDTH_IN = 11.4
 
 
 def figure_to_data_uri(fig: Figure) -> str:
@@ -76,6 +81,21 @@ def log_y_if_wide(ax: Axes, values: pd.Series, factor: float = 3.0) -> bool:
     return True
 
 
+def log_y(ax: Axes, values: pd.Series) -> None:
+    """Log y with plain tick labels whenever some value is positive (values <= 0 are not
+    drawn on a log axis): a figure whose caption says "log scale" always has one."""
+    positive = values[np.isfinite(values) & (values > 0)]
+    if positive.empty:
+        return
+    ax.set_yscale("log")
+    if positive.max() / positive.min() > 100:
+        ax.yaxis.set_major_locator(LogLocator(numticks=6))
+        ax.yaxis.set_minor_locator(NullLocator())
+        ax.yaxis.set_major_formatter(PlainLogFormatter(labelOnlyBase=False))
+    else:
+        plain_log_ticks(ax.yaxis)
+
+
 def short_label(label: str) -> str:
     """Tick-sized label: integers as is, other numbers to 2 significant digits (0.00032)."""
     try:
@@ -86,26 +106,6 @@ def short_label(label: str) -> str:
 
 
 # ----------------------------------------------------------------------- stability map
-def color_norm(values: pd.Series) -> LogNorm:
-    """Log color scale spanning the positive finite values (a factor 2 each side if flat)."""
-    finite = values[np.isfinite(values) & (values > 0)]
-    if finite.empty:
-        return LogNorm(0.1, 10.0)
-    low, high = float(finite.min()), float(finite.max())
-    if high / low < 1.01:
-        low, high = low / 2, high * 2
-    return LogNorm(low, high)
-
-
-def linear_norm(values: pd.Series) -> Normalize:
-    """Linear color scale over the finite values (for metrics that can be zero or negative)."""
-    finite = values[np.isfinite(values)]
-    if finite.empty:
-        return Normalize(0.0, 1.0)
-    low, high = float(finite.min()), float(finite.max())
-    return Normalize(low, high if high > low else low + 1.0)
-
-
 def draw_stability_panel(cells: pd.DataFrame, smap: StabilityMap, norm: Normalize,
                          ax: Axes | None = None) -> Axes:
     """Heatmap of one panel's `color_value` with a symbol on every marked cell."""
@@ -117,6 +117,10 @@ def draw_stability_panel(cells: pd.DataFrame, smap: StabilityMap, norm: Normaliz
     shown = np.where(grid > 0, grid, np.nan) if smap.log_color else grid
     ax.imshow(np.ma.masked_invalid(shown), cmap=cmap, norm=norm,
               origin="lower", aspect="auto", interpolation="nearest")
+    for cell in cells[~np.isfinite(cells["color_value"]) & (cells["n"] > 0)].itertuples():
+        ax.add_patch(Rectangle((cell.x_pos - 0.5, cell.y_pos - 0.5), 1, 1,
+                               facecolor=UNDEFINED_COLOR, edgecolor="0.6",
+                               hatch=UNDEFINED_HATCH, linewidth=0))
     for cell in cells[cells["marker"] != ""].itertuples():
         drawn = np.isfinite(cell.color_value) and (cell.color_value > 0 or not smap.log_color)
         rgba = cmap(norm(cell.color_value)) if drawn else (1, 1, 1, 1)
@@ -132,67 +136,121 @@ def draw_stability_panel(cells: pd.DataFrame, smap: StabilityMap, norm: Normaliz
 
 
 def plot_stability_map(smap: StabilityMap) -> Figure:
-    """One heatmap panel per (row, col) facet, a shared log color bar and a symbol legend."""
-    rows, cols = smap.row_labels, smap.col_labels
-    width = 1.2 + 0.42 * len(smap.x_labels)
-    height = 1.2 + 0.38 * len(smap.y_labels)
-    fig, grid = plt.subplots(len(rows), len(cols), squeeze=False, sharex=True, sharey=True,
-                             figsize=(width * len(cols) + 1.5, height * len(rows) + 1.0),
-                             layout="constrained")
-    norm = (color_norm(smap.cells["color_value"]) if smap.log_color
-            else linear_norm(smap.cells["color_value"]))
-    for i, row in enumerate(rows):
-        for j, col in enumerate(cols):
-            ax = grid[i, j]
-            panel = smap.cells[(smap.cells["row"] == row) & (smap.cells["col"] == col)]
-            draw_stability_panel(panel, smap, norm, ax=ax)
-            ax.set_title(", ".join(p for p in (row, col) if p), fontsize=10)
-            if i < len(rows) - 1:
-                ax.set_xlabel("")
-            if j:
-                ax.set_ylabel("")
+    """One heatmap panel per (row, col) facet, wrapped into as many columns as fit the
+    page; a color bar in a margin of its own (it never covers a panel) and a symbol legend.
+    """
+    facets = [(r, c) for r in smap.row_labels for c in smap.col_labels]
+    titles = [wrap_at_commas(", ".join(p for p in facet if p), 0.42 * len(smap.x_labels)
+                             + 0.3) for facet in facets]
+    longest_y = max((len(short_label(y)) for y in smap.y_labels), default=1)
+    longest_x = max((len(short_label(x)) for x in smap.x_labels), default=1)
+    xticks = 0.3 + 0.065 * longest_x  # 45-degree labels
+    handles = _map_legend(smap, len(facets))
+    fig, axes, _, ncols = wrapped_grid(
+        len(facets), (0.3 + 0.3 * len(smap.x_labels), 0.25 + 0.3 * len(smap.y_labels)),
+        n_legend=len(handles), title_lines=max(t.count("\n") + 1 for t in titles),
+        left=0.5 + 0.075 * longest_y, right=1.45, xlabel=xticks + 0.25,
+        gap_w=0.25, gap_h_extra=xticks - 0.45, inches_per_entry=3.6)
+    low, high = smap.color_limits
+    norm = LogNorm(low, high) if smap.log_color else Normalize(low, high)
+    for k, ((row, col), title) in enumerate(zip(facets, titles, strict=True)):
+        ax = axes[k]
+        panel = smap.cells[(smap.cells["row"] == row) & (smap.cells["col"] == col)]
+        draw_stability_panel(panel, smap, norm, ax=ax)
+        ax.set_title(title, fontsize=10)
+        if k % ncols:
+            ax.set_ylabel("")
+            ax.tick_params(labelleft=False)
+        if k + ncols < len(facets):
+            ax.set_xlabel("")
     mappable = plt.cm.ScalarMappable(norm=norm, cmap=CMAP)
     label = ("final / initial val loss (medians)" if smap.normalized
+             else f"share of seeds {smap.metric}" if smap.share
              else f"median {smap.metric}")
-    colorbar = fig.colorbar(mappable, ax=grid, label=label, shrink=0.9)
+    extend = {(False, False): "neither", (True, False): "min", (False, True): "max",
+              (True, True): "both"}[(smap.n_below > 0, smap.n_above > 0)]
+    first = axes[0].get_position()
+    width, height = fig.get_size_inches()
+    bar_height = min(first.height * height * 1.4 + 0.6, 3.2) / height
+    cax = fig.add_axes((1 - 1.15 / width, first.y1 - bar_height, 0.18 / width, bar_height))
+    colorbar = fig.colorbar(mappable, cax=cax, label=label, extend=extend)
     if smap.log_color:
         plain_log_ticks(colorbar.ax.yaxis)
-    handles = [Line2D([], [], linestyle="none", marker=SYMBOLS[m], color="black",
-                      markerfacecolor="none", markeredgewidth=2, label=text)
-               for m, text in MARKERS.items() if (smap.cells["marker"] == m).any()]
-    if len(smap.cells) < len(rows) * len(cols) * len(smap.x_labels) * len(smap.y_labels):
-        handles.append(Patch(color=MISSING_COLOR, label="no trials"))
     if handles:
-        fig.legend(handles=handles, loc="outside lower center", frameon=False,
-                   ncols=legend_columns(fig, len(handles)))
+        bottom_legend(fig, handles, legend_columns(fig, len(handles), 3.6))
     return fig
 
 
-def panel_grid(rows: int, cols: int, panel: tuple[float, float], n_legend: int,
-               inches_per_entry: float = 3.3, sharex: bool = False
-               ) -> tuple[Figure, np.ndarray, int]:
-    """A rows x cols grid of `panel`-sized axes (inches) with fixed margins: room for tick
-    labels and a y label on the left, a title above each panel, an x label under each row
-    and a legend strip of `n_legend` entries at the bottom. Returns (figure, axes [rows,
-    cols], legend columns); place the legend with `bottom_legend`.
+def _map_legend(smap: StabilityMap, n_panels: int) -> list:
+    handles = [Line2D([], [], linestyle="none", marker=SYMBOLS[m], color="black",
+                      markerfacecolor="none", markeredgewidth=2, label=text)
+               for m, text in MARKERS.items() if (smap.cells["marker"] == m).any()]
+    if len(smap.cells) < n_panels * len(smap.x_labels) * len(smap.y_labels):
+        handles.append(Patch(color=MISSING_COLOR, label="no trials"))
+    if (~np.isfinite(smap.cells["color_value"]) & (smap.cells["n"] > 0)).any():
+        handles.append(Patch(facecolor=UNDEFINED_COLOR, edgecolor="0.6", hatch=UNDEFINED_HATCH,
+                             label=f"{smap.metric} undefined for these trials"))
+    return handles
 
-    Fixed margins instead of constrained layout, which measures every tick label once more
-    before drawing: it took half of a 16-panel figure's drawing time.
+
+def wrap_at_commas(title: str, width_in: float, fontsize: float = 10) -> str:
+    """Break `title` at ", " so each line fits `width_in` inches at `fontsize` points
+    (about 0.55 em per character)."""
+    chars = max(int(width_in * 72 / (0.55 * fontsize)), 8)
+    lines, current = [], ""
+    for part in title.split(", "):
+        candidate = f"{current}, {part}" if current else part
+        if len(candidate) > chars and current:
+            lines.append(current + ",")
+            current = part
+        else:
+            current = candidate
+    return "\n".join([*lines, current])
+
+
+def wrapped_grid(n_panels: int, panel: tuple[float, float], n_legend: int,
+                 title_lines: int = 1, inches_per_entry: float = 3.3, sharex: bool = False,
+                 left: float = 0.85, right: float = 0.2, xlabel: float = 0.62,
+                 gap_w: float = 0.65, gap_h_extra: float = 0.0
+                 ) -> tuple[Figure, list[Axes], int, int]:
+    """`n_panels` axes of `panel` size (inches) wrapped into as many columns as fit
+    PAGE_WIDTH_IN, with fixed margins: `left` for tick labels and a y label, room above each
+    panel for a title of `title_lines` lines, `xlabel` under each row, and a legend strip of
+    `n_legend` entries at the bottom. Returns (figure, the n_panels axes in reading order,
+    legend columns, grid columns); spare grid cells are hidden. Place the legend with
+    `bottom_legend`.
+
+    The figure is never wider than the page, so the report shows it at 100%: a 10-point
+    label stays 14 px on screen. Fixed margins instead of constrained layout, which measures
+    every tick label once more before drawing: it took half of a 16-panel figure's drawing
+    time.
     """
-    left, right, top, gap_w, xlabel, entry_h = 0.85, 0.2, 0.35, 0.65, 0.62, 0.3
-    gap_h = 0.45 if sharex else 0.8  # shared x: no tick labels or x label between rows
+    entry_h, title_h = 0.3, 0.19
+    top = 0.15 + title_h * title_lines
+    gap_h = (0.45 if sharex else 0.8) + title_h * (title_lines - 1) + gap_h_extra
+    fit = int((PAGE_WIDTH_IN - left - right + gap_w) // (panel[0] + gap_w))
+    cols = max(1, min(n_panels, fit))
+    rows = -(-n_panels // cols)
     width = left + right + cols * panel[0] + (cols - 1) * gap_w
     ncols = _columns_that_fit(width, n_legend, inches_per_entry)
     bottom = xlabel + entry_h * -(-n_legend // ncols) + 0.1
     height = top + bottom + rows * panel[1] + (rows - 1) * gap_h
     fig, grid = plt.subplots(rows, cols, squeeze=False, sharex=sharex, figsize=(width, height))
     fig.subplots_adjust(left=left / width, right=1 - right / width, top=1 - top / height,
-                        bottom=bottom / height, wspace=gap_w / panel[0], hspace=gap_h / panel[1])
-    return fig, grid, ncols
+                        bottom=bottom / height, wspace=gap_w / panel[0],
+                        hspace=gap_h / panel[1])
+    flat = list(grid.ravel())
+    for ax in flat[n_panels:]:
+        ax.set_visible(False)
+    if sharex:
+        # The lowest visible panel of each column shows the x tick labels.
+        for k in range(max(n_panels - cols, 0), n_panels):
+            flat[k].tick_params(labelbottom=True)
+    return fig, flat[:n_panels], ncols, cols
 
 
 def bottom_legend(fig: Figure, handles: list, ncols: int) -> None:
-    """The legend strip `panel_grid` left room for, centred at the bottom edge."""
+    """The legend strip `wrapped_grid` left room for, centred at the bottom edge."""
     fig.legend(handles=handles, loc="lower center", bbox_to_anchor=(0.5, 0.0),
                frameon=False, ncols=ncols)
 
@@ -261,19 +319,22 @@ def draw_curve_panel(frame: pd.DataFrame, n_lines: int, ax: Axes | None = None) 
 
 
 def plot_loss_curves(frame: pd.DataFrame, line_axis: str, ylabel: str) -> Figure:
-    """One curve panel per (row, col) facet in frame order; a shared legend of line values."""
-    rows = list(dict.fromkeys(frame["row"]))
-    cols = list(dict.fromkeys(frame["col"]))
+    """One curve panel per (row, col) facet in frame order, wrapped into as many columns as
+    fit the page; a shared legend of line values."""
+    facets = list(dict.fromkeys(zip(frame["row"], frame["col"], strict=True)))
+    panel = (2.9, 1.9)
+    titles = [wrap_at_commas(", ".join(p for p in facet if p), panel[0]) for facet in facets]
     lines = frame[["line_pos", "line"]].drop_duplicates().sort_values("line_pos")
     n_lines = int(lines["line_pos"].max()) + 1
-    fig, grid, ncols = panel_grid(len(rows), len(cols), (2.8, 1.9), len(lines) + 1)
-    for i, row in enumerate(rows):
-        for j, col in enumerate(cols):
-            ax = grid[i, j]
-            draw_curve_panel(frame[(frame["row"] == row) & (frame["col"] == col)], n_lines,
-                             ax=ax)
-            ax.set_title(", ".join(p for p in (row, col) if p), fontsize=10)
-            ax.set_ylabel(ylabel if j == 0 else "")
+    fig, axes, ncols, per_row = wrapped_grid(
+        len(facets), panel, len(lines) + 1,
+        title_lines=max(t.count("\n") + 1 for t in titles))
+    for k, ((row, col), title) in enumerate(zip(facets, titles, strict=True)):
+        ax = axes[k]
+        draw_curve_panel(frame[(frame["row"] == row) & (frame["col"] == col)], n_lines,
+                         ax=ax)
+        ax.set_title(title, fontsize=10)
+        ax.set_ylabel(ylabel if k % per_row == 0 else "")
     colors = plt.get_cmap("plasma")(np.linspace(0.0, 0.85, max(n_lines, 1)))
     handles = [Line2D([], [], color=colors[p],
                       label=f"{line_axis}={short_label(lab)}" if lab else "first seed")

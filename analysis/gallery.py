@@ -10,7 +10,7 @@ from matplotlib.figure import Figure
 from analysis.aggregate import FINAL, INITIAL, order_statuses
 from analysis.axes import SEED, SweepAxes, format_key, value_key
 from analysis.curves import spread
-from analysis.figures import log_y_if_wide, plt, short_label
+from analysis.figures import log_y, plt, short_label
 
 PER_STATUS = 3
 TASK_OBJECTIVE = "task"  # `training_objective` of a trial whose minibatch loss is the task's
@@ -91,9 +91,12 @@ def plot_gallery(picks: pd.DataFrame, frame: pd.DataFrame) -> Figure:
     """
     n = max(len(picks), 1)
     # A fixed grid needs no layout engine (constrained layout doubles the drawing time).
-    fig, grid = plt.subplots(2, n, squeeze=False, figsize=(3.4 * n + 0.6, 4.8))
-    fig.subplots_adjust(left=0.8 / (3.4 * n + 0.6), right=0.98, top=0.87, bottom=0.2,
-                        wspace=0.32, hspace=0.12)
+    width = 3.4 * n + 0.6
+    fig, grid = plt.subplots(2, n, squeeze=False, figsize=(width, 4.8))
+    # Room on the right of every panel for a right-hand objective axis's tick labels.
+    twin = bool((picks["objective"] != TASK_OBJECTIVE).any())
+    fig.subplots_adjust(left=0.8 / width, right=1 - (0.55 if twin else 0.15) / width,
+                        top=0.87, bottom=0.2, wspace=0.5 if twin else 0.32, hspace=0.12)
     styles = {"batch": dict(color="0.55", linewidth=0.7, label="minibatch"),
               "train": dict(color="#1f4e9c", marker="o", ms=3, linewidth=1.2, label="train"),
               "val": dict(color="#c2571a", marker="s", ms=3, linewidth=1.2, linestyle="--",
@@ -113,20 +116,20 @@ def plot_gallery(picks: pd.DataFrame, frame: pd.DataFrame) -> Figure:
                 # Another loss than the evaluations': its own axis, never the same scale.
                 draw_objective_axis(ax, part[part["split"] == "batch"], pick.objective)
                 part = part[part["split"] != "batch"]
-            log_y_if_wide(ax, part["value"])
+            log_y(ax, part["value"])
             if np.isfinite(pick.divergence_step):
                 ax.axvline(pick.divergence_step, color="black", linestyle=":", linewidth=1)
             ax.grid(True, which="major", alpha=0.3)
             ax.set_ylabel(("loss" if panel == "loss" else "grad norm") if j == 0 else "")
             if i == 0:
-                ax.set_title(_wrap(pick.title), fontsize=8)
+                ax.set_title(_wrap(pick.title), fontsize=9)
             else:
                 ax.set_xlabel("step")
             if i == 0:
                 ax.tick_params(labelbottom=False)
     handles = [plt.Line2D([], [], **style) for style in styles.values()]
     handles.append(plt.Line2D([], [], color="black", linestyle=":", label="divergence step"))
-    fig.legend(handles=handles, loc="lower center", frameon=False, ncols=4, fontsize=8)
+    fig.legend(handles=handles, loc="lower center", frameon=False, ncols=4, fontsize=9)
     return fig
 
 
@@ -137,9 +140,9 @@ def draw_objective_axis(ax, line: pd.DataFrame, objective: str) -> None:
         return
     twin = ax.twinx()
     twin.plot(line["step"], line["value"], color="0.55", linewidth=0.7)
-    log_y_if_wide(twin, line["value"])
-    twin.set_ylabel(f"minibatch {objective}", fontsize=7, color="0.4")
-    twin.tick_params(labelsize=7, colors="0.4")
+    log_y(twin, line["value"])
+    twin.set_ylabel(f"minibatch {objective}", fontsize=8, color="0.4")
+    twin.tick_params(labelsize=8, colors="0.4")
     ax.set_zorder(twin.get_zorder() + 1)
     ax.patch.set_visible(False)
 

@@ -2,17 +2,28 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import logging
 from collections.abc import Mapping
 from datetime import datetime, timezone
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import jinja2
 import pandas as pd
 
-from analysis import figures, sections
-from analysis.aggregate import FINAL, MARKERS, cell_summary, stability_map, status_counts
+from analysis import explorer, figures, findings, sections
+from analysis.aggregate import (
+    FINAL,
+    MARKERS,
+    STATUS_ORDER,
+    cell_summary,
+    is_status_share,
+    stability_map,
+    status_counts,
+)
 from analysis.axes import (
     SEED,
     SweepAxes,
@@ -40,6 +51,7 @@ from study.records import (
 
 log = logging.getLogger(__name__)
 MAX_FILES = 60
+MAX_CURVE_PANELS = 18  # six rows of three at the page's width
 # Settings named in the header when every trial shares them (the rest: .hydra/config.yaml).
 HELD_COLUMNS = ("task", "model", "optimizer", "optimizer.lr", "train.batch_size",
                 "train.epochs", "model.depth", "model.width", "model.activation")
@@ -101,7 +113,10 @@ def render_html(run: RunData, map_metric: str = FINAL, claims: pd.DataFrame | No
     lab = sections.labeled(run.trials, axes) if has_trials else None
     built = built or datetime.now(timezone.utc)
     missing = missing_curves(run) if has_trials else []
+    claims = claims if claims is not None else run.claims
     context = {
+        "findings": (findings.findings_context(lab, axes, claims) if has_trials
+                     else None),
         **header_context(run, axes),
         "curves_warning": missing_curves_note(missing, run.run_dir) if missing else "",
         "built": built.strftime("%Y-%m-%d %H:%M:%S UTC"),
@@ -114,7 +129,8 @@ def render_html(run: RunData, map_metric: str = FINAL, claims: pd.DataFrame | No
         "metrics": (sections.metric_tables_section(lab, axes) if has_trials else None),
         "diagnostics": (sections.diagnostics_section(run.run_dir, lab, axes) if has_trials
                         else None),
-        "claims": sections.claims_section(claims if claims is not None else run.claims),
+        "claims": sections.claims_section(claims),
+        "explorer": explorer_section(run, lab, axes) if has_trials else None,
     }
     env = jinja2.Environment(loader=jinja2.PackageLoader("analysis", "templates"),
                              autoescape=True, undefined=jinja2.StrictUndefined)
@@ -122,12 +138,14 @@ def render_html(run: RunData, map_metric: str = FINAL, claims: pd.DataFrame | No
 
 
 def _check_metric(trials: pd.DataFrame, metric: str) -> None:
-    if metric == FINAL or (metric in trials and pd.api.types.is_numeric_dtype(trials[metric])):
+    if metric == FINAL or is_status_share(metric) or (
+            metric in trials and pd.api.types.is_numeric_dtype(trials[metric])):
         return
     numeric = [c for c in trials.columns if pd.api.types.is_numeric_dtype(trials[c])
                and "." not in c and c not in ("trial", SEED)]
-    raise ReportError(f"map metric {metric!r} is not a numeric column of trials.parquet; "
-                      f"choose one of: {', '.join(numeric)}")
+    raise ReportError(f"map metric {metric!r} is neither a numeric column of trials.parquet "
+                      f"nor a status; choose one of: {', '.join(numeric)}, or a status "
+                      f"({', '.join(STATUS_ORDER)}) to color by its share of seeds")
 
 
 def _empty_lr() -> dict[str, Any]:
@@ -210,6 +228,21 @@ def _size(n: int) -> str:
     return f"{n} B"
 
 
+# ----------------------------------------------------------------------- trial explorer
+def explorer_section(run: RunData, lab: pd.DataFrame, axes: SweepAxes) -> dict[str, Any]:
+    """The explorer's JSON payload, its script and the script's CSP hash, and a size note."""
+    payload = explorer.payload_json(explorer.explorer_payload(lab, axes, run.run_dir))
+    script = resources.files("analysis").joinpath("templates/explorer.js").read_text(
+        encoding="utf-8")
+    digest = base64.b64encode(hashlib.sha256(script.encode("utf-8")).digest()).decode()
+    n = len(lab)
+    size = len(payload.encode("utf-8"))
+    return {"data": payload, "script": script, "hash": f"sha256-{digest}",
+            "size": f"{_size(size)} for {n} trial{'s' if n != 1 else ''} "
+                    f"(about {size / max(n, 1) / 1024:.1f} KiB each)",
+            "n": n}
+
+
 # ----------------------------------------------------------------------- figure sections
 def map_section(summary: pd.DataFrame | None, axes: SweepAxes,
                 metric: str = FINAL) -> dict[str, Any]:
@@ -224,11 +257,28 @@ def map_section(summary: pd.DataFrame | None, axes: SweepAxes,
              "initialization), divided by the median initial validation loss of the same "
              "task (tasks have different loss scales; 1 = no better than at initialization, "
              "below 1 = learned)" if smap.normalized
-             else f"median over seeds of {smap.metric}")
+             else f"share of the configuration's seeds that ended {metric}, 0 to 1"
+             if smap.share else f"median over seeds of {smap.metric}")
     scale = "log scale" if smap.log_color else "linear scale"
     symbols = "; ".join(f'"{figures.SYMBOLS[m]}" = {text}' for m, text in MARKERS.items())
     caption = (f"x: {layout.x}; y: {layout.y}; panels: {facets}. Color ({scale}): {color}. "
                f"Symbols: {symbols}. Gray: no trials.")
+    if smap.n_below or smap.n_above:
+        low, high = smap.color_limits
+        caption += (f" The color scale spans {low:.3g} to {high:.3g} (robust limits: the "
+                    f"quartiles of the cells ± 3 interquartile ranges"
+                    f"{', in log10 units' if smap.log_color else ''}, or the 5th to 95th "
+                    f"percentiles when most cells share one value); "
+                    f"{smap.n_below + smap.n_above} cell(s) beyond it "
+                    f"({smap.n_below} below, {smap.n_above} above) take the end color, as the "
+                    f"color bar's pointed ends show.")
+    undefined = summary[(summary["n"] > 0) & (summary["n_defined"] == 0)]
+    if len(undefined):
+        caption += (f" Hatched: {len(undefined)} configuration(s) with trials "
+                    f"({int(undefined['n'].sum())} in all) for which {smap.metric} is "
+                    f"undefined (NaN in trials.parquet, e.g. a spike count without "
+                    f"minibatch noise to measure it against, or a ratio without a net "
+                    f"decrease); see docs/metrics.md.")
     return _section(figures.figure_to_data_uri(figures.plot_stability_map(smap)), caption)
 
 
@@ -247,12 +297,20 @@ def curves_section(run: RunData, axes: SweepAxes) -> dict[str, Any]:
         return _section(note="No curves recorded for the selected trials.")
     line = line_axis(axes, [a for a in (row, *cols) if a]) or "trial"
     held = "; ".join(f"{k} = {v}" for k, v in fixed.items()) or "nothing else varies"
+    facets = list(dict.fromkeys(zip(frame["row"], frame["col"], strict=True)))
+    shown = ""
+    if len(facets) > MAX_CURVE_PANELS:
+        keep = pd.Series(list(zip(frame["row"], frame["col"], strict=True)),
+                         index=frame.index).isin(facets[:MAX_CURVE_PANELS])
+        frame = frame[keep]
+        shown = (f" Showing the first {MAX_CURVE_PANELS} of {len(facets)} panels; the trial "
+                 f"explorer below shows every trial.")
     caption = (f"{split.capitalize()} loss vs step (log scale) for up to 5 values of {line} "
                f"spread over the grid, first seed of each configuration; held fixed: {held}. "
                f"Diverged trials are dashed with an \"x\" at their divergence step (at the "
                f"top edge when the engine stopped them between evaluations, else at the first "
                f"evaluation of the final blow-up). Values above 10x the initial loss are drawn "
-               f"at the top edge.")
+               f"at the top edge.{shown}")
     image = figures.plot_loss_curves(frame, line, ylabel=f"{split} loss")
     return _section(figures.figure_to_data_uri(image), caption)
 

@@ -24,8 +24,7 @@ from analysis.sensitivity import (
 from analysis.stats import N_RESAMPLES, divergence_rate, seed_spread
 from study.records import read_curves
 
-MAX_PANEL_ROWS = 4
-MAX_PANEL_COLS = 6
+MAX_PANELS = 16  # lr-sensitivity panels: four rows of four at the page's width
 CLAIM_COLUMNS = ("statement", "metric", "effect", "ci_low", "ci_high", "verdict", "n_trials")
 VERDICT_COLORS = {"supported": "#d7ecd9", "contradicted": "#f6d5d1",
                   "inconclusive": "#ececec"}
@@ -95,21 +94,16 @@ def _lr_range(row: Any) -> str:
 
 
 def _cap_panels(curves: pd.DataFrame, points: pd.DataFrame, row: str | None):
-    """Keep at most MAX_PANEL_ROWS rows and MAX_PANEL_COLS columns of panels."""
-    rows = list(dict.fromkeys(curves[row])) if row else []
-    cols = list(dict.fromkeys(curves["panel"]))
-    if len(rows) <= MAX_PANEL_ROWS and len(cols) <= MAX_PANEL_COLS:
+    """Keep the first MAX_PANELS panels (rows x columns, in order)."""
+    key = (curves[row].astype(str) + "\x1f" if row else "") + curves["panel"].astype(str)
+    facets = list(dict.fromkeys(key))
+    if len(facets) <= MAX_PANELS:
         return curves, points, ""
-    keep_rows, keep_cols = rows[:MAX_PANEL_ROWS], cols[:MAX_PANEL_COLS]
-
-    def keep(frame: pd.DataFrame) -> pd.DataFrame:
-        mask = frame["panel"].isin(keep_cols)
-        return frame[mask & frame[row].isin(keep_rows)] if row else frame[mask]
-
-    total = max(len(rows), 1) * len(cols)
-    shown = max(len(keep_rows), 1) * len(keep_cols)
-    return keep(curves), keep(points), (f" Showing the first {shown} of {total} panels; the "
-                                        f"table lists every group.")
+    kept = set(facets[:MAX_PANELS])
+    pkey = (points[row].astype(str) + "\x1f" if row else "") + points["panel"].astype(str)
+    return (curves[key.isin(kept)], points[pkey.isin(kept)],
+            f" Showing the first {MAX_PANELS} of {len(facets)} panels; the table lists "
+            f"every group, the trial explorer every trial.")
 
 
 # ------------------------------------------------------------------------------ gallery
@@ -130,8 +124,9 @@ def gallery_section(run_dir, lab: pd.DataFrame, axes: SweepAxes) -> list[dict[st
                    + "Top: minibatch loss (gray), train and validation evaluations in the "
                      "task's loss; a trial trained on another objective (Huber, standardized "
                      "targets, a hand-written loss) has its minibatch objective on a right-hand "
-                     "axis of its own, named there. Bottom: minibatch gradient norm; log "
-                     "scale. Dotted: divergence step.")
+                     "axis of its own, named there. Bottom: minibatch gradient norm. Every "
+                     "axis has a log scale (values <= 0 are not drawn). Dotted: divergence "
+                     "step.")
         if frame[frame["status"] == status].empty:
             out.append({"status": status, "image": None, "caption": "",
                         "note": "No curves recorded for these trials."})

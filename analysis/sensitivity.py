@@ -33,7 +33,13 @@ from matplotlib.ticker import LogLocator, NullLocator
 
 from analysis.aggregate import FINAL, INITIAL, capped_loss
 from analysis.axes import LR, value_key
-from analysis.figures import bottom_legend, log_y_if_wide, panel_grid, plt
+from analysis.figures import (
+    bottom_legend,
+    log_y_if_wide,
+    plt,
+    wrap_at_commas,
+    wrapped_grid,
+)
 
 FAILED = ("diverged", "no_progress")
 
@@ -178,22 +184,26 @@ def plot_lr_sensitivity(curves: pd.DataFrame, points: pd.DataFrame, row: str | N
     rows = list(dict.fromkeys(curves[row])) if row else [None]
     cols = list(dict.fromkeys(curves[col])) if col else [None]
     lines = list(dict.fromkeys(curves[line])) if line else [""]
-    fig, grid, ncols = panel_grid(len(rows), len(cols), (2.65, 1.8), len(lines) + 1,
-                                  inches_per_entry=2.6, sharex=True)
-    for i, r in enumerate(rows):
-        for j, c in enumerate(cols):
-            keep = pd.Series(True, index=curves.index)
-            pkeep = pd.Series(True, index=points.index)
-            for name, value in ((row, r), (col, c)):
-                if name:
-                    keep &= curves[name] == value
-                    pkeep &= points[name] == value
-            ax = grid[i, j]
-            draw_lr_panel(curves[keep], points[pkeep], line, lines, ax=ax)
-            ax.set_title(", ".join(str(p) for p in (r, c) if p is not None), fontsize=9)
-            ax.set_ylabel("final val loss (capped)" if j == 0 else "")
-            if i < len(rows) - 1:
-                ax.set_xlabel("")
+    facets = [(r, c) for r in rows for c in cols]
+    panel = (2.1, 1.7)
+    titles = [wrap_at_commas(", ".join(str(p) for p in facet if p is not None), panel[0])
+              for facet in facets]
+    fig, axes, ncols, per_row = wrapped_grid(
+        len(facets), panel, len(lines) + 1, title_lines=max(t.count("\n") + 1 for t in titles),
+        inches_per_entry=2.6, sharex=True, gap_w=0.55)
+    for k, ((r, c), title) in enumerate(zip(facets, titles, strict=True)):
+        keep = pd.Series(True, index=curves.index)
+        pkeep = pd.Series(True, index=points.index)
+        for name, value in ((row, r), (col, c)):
+            if name:
+                keep &= curves[name] == value
+                pkeep &= points[name] == value
+        ax = axes[k]
+        draw_lr_panel(curves[keep], points[pkeep], line, lines, ax=ax)
+        ax.set_title(title, fontsize=10)
+        ax.set_ylabel("final val loss (capped)" if k % per_row == 0 else "")
+        if k + per_row < len(facets):
+            ax.set_xlabel("")
     colors = plt.get_cmap("viridis")(np.linspace(0.0, 0.85, max(len(lines), 1)))
     handles = [Line2D([], [], color=colors[i], marker="osD^v<>p*h"[i % 10],
                       label=f"{line}={lab}" if line else "median over seeds")

@@ -1,6 +1,7 @@
 """Static metric tables: tidy frames (compute) rendered through pandas Styler (draw).
 
-Every table is capped at MAX_ROWS rows; a longer one keeps evenly spaced rows and says so.
+Every table is capped at MAX_ROWS rows; a longer one keeps evenly spaced rows and says so
+above the table, naming which rows it kept.
 Styler ids are fixed (`set_uuid`), so the HTML is the same on every rebuild.
 """
 
@@ -17,7 +18,7 @@ from analysis.axes import GROUP_LABELS, SEED
 from analysis.curves import spread
 from analysis.figures import plt
 
-MAX_ROWS = 200
+MAX_ROWS = 500
 # Known per-trial metrics in reading order; any other numeric column follows, sorted.
 METRIC_ORDER = (
     "val_loss_final", "val_loss_best", "val_loss_initial", "excess_loss_final",
@@ -79,8 +80,10 @@ def sample_rows(frame: pd.DataFrame, max_rows: int = MAX_ROWS) -> tuple[pd.DataF
     if len(frame) <= max_rows:
         return frame, ""
     kept = frame.iloc[spread(len(frame), max_rows)]
-    return kept, (f"Showing {len(kept)} of {len(frame)} rows, evenly spaced in this order; "
-                  f"every row is in trials.parquet.")
+    return kept, (f"Sampled: this table shows {len(kept)} of {len(frame)} rows, about every "
+                  f"{len(frame) / len(kept):.2g}th in the order below (first and last "
+                  f"included), not the most interesting ones; every row is in trials.parquet "
+                  f"and every trial in the trial explorer.")
 
 
 def fmt(value: float) -> str:
@@ -98,13 +101,16 @@ def fmt_interval(value: float, low: float, high: float, percent: bool = False) -
     return fmt(value) if pd.isna(low) else f"{fmt(value)} [{fmt(low)}, {fmt(high)}]"
 
 
-def shade_css(values: pd.Series, cmap: str = "Greys") -> list[str]:
-    """Light background per value, scaled between the finite min and max; "" for NaN."""
+def shade_css(values: pd.Series, cmap: str = "Greys",
+              fixed_range: tuple[float, float] | None = None) -> list[str]:
+    """Light background per value, scaled between the finite min and max (or
+    `fixed_range`); "" for NaN."""
     numbers = pd.to_numeric(values, errors="coerce").to_numpy(dtype=float)
     finite = numbers[np.isfinite(numbers)]
     if not len(finite):
         return [""] * len(numbers)
-    low, high = float(finite.min()), float(finite.max())
+    low, high = fixed_range or (float(finite.min()), float(finite.max()))
+    numbers = np.clip(numbers, low, high)
     scaled = (numbers - low) / (high - low) if high > low else np.zeros(len(numbers))
     colors = plt.get_cmap(cmap)(0.05 + 0.45 * np.nan_to_num(scaled))
     return ["" if not np.isfinite(v) else f"background-color: {to_hex(c)}"
@@ -112,7 +118,8 @@ def shade_css(values: pd.Series, cmap: str = "Greys") -> list[str]:
 
 
 def styled(frame: pd.DataFrame, uuid: str, shade: dict[str, pd.Series] | None = None,
-           cmap: str = "Greys", right: Sequence[str] = ()) -> str:
+           cmap: str = "Greys", right: Sequence[str] = (),
+           fixed_range: tuple[float, float] | None = None) -> str:
     """Static HTML of `frame` through pandas Styler, index hidden, fixed ids.
 
     `shade` maps a column to the numbers that tint its cells (a light gradient per column;
@@ -121,7 +128,8 @@ def styled(frame: pd.DataFrame, uuid: str, shade: dict[str, pd.Series] | None = 
     styler = frame.style.hide(axis="index").set_uuid(uuid).set_table_attributes(
         'class="metrics"')
     for column, values in (shade or {}).items():
-        styler = styler.apply(lambda _, v=values: shade_css(v, cmap), subset=[column])
+        styler = styler.apply(lambda _, v=values: shade_css(v, cmap, fixed_range),
+                              subset=[column])
     if right:
         styler = styler.set_properties(subset=list(right), **{"text-align": "right"})
     return styler.to_html()

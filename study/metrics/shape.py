@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
-from study.metrics.arrays import finite, first_valid, last_valid, nan_reduce
+from study.metrics.arrays import finite, nan_reduce
 
 # Changes of the loss smaller than this (relative) are float32 rounding, not dynamics.
 RELATIVE_NOISE = 1e-6
@@ -28,6 +28,14 @@ MAD_TO_SIGMA = 1.4826
 PLATEAU_FRACTION = 0.1
 # An evaluation rise must also exceed this share of the initial excess over the floor.
 RISE_SHARE = 0.02
+# osc_tv_ratio is undefined below this net decrease of log loss (0.1 = the loss fell by
+# less than ~10%): a ratio over a near-zero denominator ranks runs that never learned as
+# the most oscillatory.
+MIN_NET_LOG_DECREASE = 0.1
+# ... and below this many standard errors of the difference of the two end medians (the
+# end windows' own spread, 1.4826 x MAD, x 1.2533 / sqrt(w) for a median): with batch-8
+# noise a 10% fall between two windows can be chance.
+NET_DECREASE_Z = 2.0
 
 
 def steps_to_fraction(eval_step: np.ndarray, loss: np.ndarray, fraction: float) -> np.ndarray:
@@ -65,9 +73,16 @@ def _log_diffs(step_loss: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def oscillation(step_loss: np.ndarray) -> dict[str, np.ndarray]:
     """Oscillation of the minibatch loss L_k (see the module note on sampling noise).
 
-    - `osc_tv_ratio`: total variation of log L over its net decrease,
-      sum |log L_k+1 - log L_k| / (log L_first - log L_last); 1 for a monotone descent,
-      large when the loss goes up and down; NaN when there is no net decrease.
+    - `osc_tv_ratio`: total variation of log L over its net decrease, both measured between
+      robust ends: the first and last windows of ~10% of the finite steps (an odd count w,
+      at least 1), whose medians sit at steps i0 and i1 on a monotone curve;
+      sum_{i0 <= k < i1} |log L_k+1 - log L_k| / (median_first log L - median_last log L).
+      Exactly 1 for a monotone descent, large when the loss goes up and down; NaN when that
+      net decrease is below MIN_NET_LOG_DECREASE (0.1: the loss fell by less than ~10%) or
+      below NET_DECREASE_Z (2) standard errors of the difference of the two medians (each
+      1.2533 x 1.4826 x MAD of its window / sqrt(w)), i.e. not distinguishable from noise.
+      Noisy endpoints cannot fake progress: a run that does not learn has no net decrease
+      between its end windows, so it is not ranked "most oscillatory".
     - `up_step_fraction`: share of significant changes (relative > 1e-6) that are increases.
     - `loss_diff_autocorr`: lag-1 autocorrelation of the log-loss differences (sub-noise
       changes counted as 0); near -1 for a period-2 oscillation; NaN if they never change.
@@ -75,18 +90,54 @@ def oscillation(step_loss: np.ndarray) -> dict[str, np.ndarray]:
     d, significant = _log_diffs(step_loss)
     with np.errstate(divide="ignore", invalid="ignore"):
         log_loss = np.log(finite(step_loss))
-        net = first_valid(log_loss) - last_valid(log_loss)
-        tv = np.nansum(np.abs(d), axis=1)
-        tv_ratio = np.where(net > 0, tv / net, np.nan)
+        tv_ratio = _tv_ratio(np.where(np.isfinite(log_loss), log_loss, np.nan))
         n_sig = significant.sum(axis=1)
         up = (np.nan_to_num(d) > 0).sum(axis=1)
         up_fraction = np.where(n_sig > 0, up / np.maximum(n_sig, 1), np.nan)
-        centered = d - np.nanmean(d, axis=1, keepdims=True) if d.shape[1] else d
+        # Mean over the finite differences; a row with none (stopped at step 0) stays NaN
+        # without np.nanmean's "Mean of empty slice" warning.
+        n_finite = np.isfinite(d).sum(axis=1, keepdims=True)
+        mean = np.nansum(d, axis=1, keepdims=True) / np.where(n_finite > 0, n_finite, np.nan)
+        centered = d - mean
         num = np.nansum(centered[:, :-1] * centered[:, 1:], axis=1)
         den = np.nansum(centered**2, axis=1)
         autocorr = np.where((den > 0) & (d.shape[1] > 1), num / den, np.nan)
     return {"osc_tv_ratio": tv_ratio, "up_step_fraction": up_fraction,
             "loss_diff_autocorr": autocorr}
+
+
+def _tv_ratio(log_loss: np.ndarray) -> np.ndarray:
+    """osc_tv_ratio (see `oscillation`) of NaN-padded [T, S] log losses."""
+    n_rows, width = log_loss.shape
+    valid = np.isfinite(log_loss)
+    n = valid.sum(axis=1)  # (T,)
+    w = np.maximum(n // 10, 1)
+    w = w - (w % 2 == 0)  # odd: a window's median is one of its values
+    order = np.argsort(~valid, axis=1, kind="stable")  # finite steps first, in step order
+    packed = np.take_along_axis(log_loss, order, axis=1)  # (T, S)
+    rank = np.arange(width)[None, :]
+    first = np.where(rank < w[:, None], packed, np.nan)
+    last = np.where((rank >= (n - w)[:, None]) & (rank < n[:, None]), packed, np.nan)
+    rows = np.flatnonzero(n > 0)
+    net, se = np.full(n_rows, np.nan), np.full(n_rows, np.nan)
+    variance = np.zeros(len(rows))
+    medians = []
+    for window in (first[rows], last[rows]):
+        median = np.nanmedian(window, axis=1)
+        mad = np.nanmedian(np.abs(window - median[:, None]), axis=1)
+        variance += (1.2533 * MAD_TO_SIGMA * mad) ** 2 / w[rows]
+        medians.append(median)
+    net[rows] = medians[0] - medians[1]
+    se[rows] = np.sqrt(variance)
+    half = (w - 1) // 2
+    i0 = np.take_along_axis(order, np.minimum(half, width - 1)[:, None], axis=1)[:, 0]
+    i1 = np.take_along_axis(order, np.clip(n - 1 - half, 0, width - 1)[:, None], axis=1)[:, 0]
+    d = np.abs(np.diff(log_loss, axis=1))  # (T, S-1); NaN next to a missing step
+    step = np.arange(width - 1)[None, :]
+    inside = (step >= i0[:, None]) & (step < i1[:, None])
+    tv = np.nansum(np.where(inside, d, np.nan), axis=1)
+    enough = net >= np.maximum(MIN_NET_LOG_DECREASE, NET_DECREASE_Z * se)
+    return np.where(enough, tv / net, np.nan)
 
 
 def spikes(step_loss: np.ndarray) -> dict[str, np.ndarray]:

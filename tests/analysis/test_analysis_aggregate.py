@@ -169,3 +169,62 @@ def test_trial_curves_hold_every_split_and_metric(single_run):
     assert pairs == {("batch", "loss"), ("batch", "grad_norm"), ("train", "loss"),
                      ("val", "loss")}
     assert frame.groupby(["split", "metric"])["step"].is_monotonic_increasing.all()
+
+
+def test_majority_unstable_or_recovered_cells_are_marked(run, axes):
+    cell = ((run.trials["task"] == "blobs") & (run.trials["optimizer"] == "adam")
+            & (run.trials["optimizer.lr"] == 0.01) & (run.trials["train.batch_size"] == "32"))
+    statuses = np.where(run.trials.loc[cell, "seed"] == 0, "unstable", "recovered")
+    trials = run.trials.copy()
+    trials.loc[cell, "status"] = statuses
+    summary = cell_summary(trials, axes)
+    hit = summary[(summary["task"] == "blobs") & (summary["optimizer"] == "adam")
+                  & (summary["optimizer.lr"] == "0.01")
+                  & (summary["train.batch_size"] == "32")].iloc[0]
+    assert hit["marker"] == "unstable"
+    # One unstable seed of two (the fixture's blobs/adam/0.01/full) is not a majority.
+    other = summary[(summary["task"] == "blobs") & (summary["optimizer"] == "adam")
+                    & (summary["optimizer.lr"] == "0.01")
+                    & (summary["train.batch_size"] == "full")].iloc[0]
+    assert other["marker"] == ""
+
+
+def test_map_colored_by_the_share_of_a_status(run, axes):
+    summary = cell_summary(run.trials, axes, "diverged")
+    smap = stability_map(summary, axes, choose_map_layout(axes), "diverged")
+    assert smap.share and not smap.log_color and smap.color_limits == (0.0, 1.0)
+    by_cell = summary.set_index(["task", "optimizer", "optimizer.lr", "train.batch_size"])
+    assert by_cell.loc[("blobs", "sgd", "0.1", "32"), "median_final"] == 1.0
+    assert by_cell.loc[("blobs", "sgd", "0.1", "full"), "median_final"] == 0.5
+    assert by_cell.loc[("blobs", "adam", "0.1", "full"), "median_final"] == 0.0
+
+
+def test_a_few_exploded_cells_do_not_stretch_the_color_scale():
+    from analysis.aggregate import robust_limits
+
+    values = pd.Series(np.r_[np.geomspace(0.1, 1.0, 40), 1e9, 3e8])
+    low, high = robust_limits(values, log=True)
+    assert low == pytest.approx(0.1) and 1.0 <= high < 100
+    assert robust_limits(pd.Series([0.2, 0.5, 1.0]), log=True) == pytest.approx((0.2, 1.0))
+    assert robust_limits(pd.Series([-1.0, 0.0, 1.0]), log=False) == (-1.0, 1.0)
+
+
+def test_cells_whose_metric_is_undefined_are_not_called_empty(run, axes):
+    from analysis.report import map_section
+
+    trials = run.trials.assign(spike_count=np.where(
+        run.trials["train.batch_size"].astype(str) == "full", np.nan, 1.0))
+    summary = cell_summary(trials, axes, "spike_count")
+    section = map_section(summary, axes, "spike_count")
+    assert "Hatched: 12 configuration(s) with trials (24 in all)" in section["caption"]
+    exploded = run.trials.assign(grad_norm_max=1.0 + run.trials["trial"] % 7)
+    exploded.loc[exploded["trial"] < 2, "grad_norm_max"] = 1e12
+    section = map_section(cell_summary(exploded, axes, "grad_norm_max"), axes,
+                          "grad_norm_max")
+    assert "(0 below, 1 above) take the end color" in section["caption"]
+    # A count that is 0 in most cells: the 5th-95th percentiles, not a collapsed 0-1 scale.
+    counts = run.trials.assign(spike_count=np.where(run.trials["trial"] % 8 == 0,
+                                                    run.trials["trial"] % 5, 0.0))
+    smap = stability_map(cell_summary(counts, axes, "spike_count"), axes,
+                         choose_map_layout(axes), "spike_count")
+    assert smap.color_limits[1] > 1 and not smap.log_color

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import os
 import re
 import shutil
@@ -16,8 +18,9 @@ from analysis.__main__ import main
 from study.records import read_trials, write_trials
 
 REPO = Path(__file__).resolve().parents[2]
-HEADINGS = ("Run", "Stability map", "Learning-rate sensitivity", "Loss curves",
-            "Curves by status", "Cell summary", "Metric tables")
+HEADINGS = ("Findings", "Sweep", "Environment and files", "Stability map",
+            "Learning-rate sensitivity", "Loss curves", "Curves by status", "Cell summary",
+            "Metric tables")
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
@@ -44,9 +47,20 @@ def test_report_is_self_contained(sweep_html):
     assert all(s.startswith("data:image/png;base64,") for s in sources)
     links = re.findall(r"\b(?:src|href)\s*=\s*[\"']([^\"']*)", sweep_html)
     assert not [u for u in links if u.startswith(("http://", "https://", "//"))]
-    assert "http://" not in sweep_html and "https://" not in sweep_html
-    assert "<script" not in sweep_html and "<link" not in sweep_html
+    # The SVG namespace name is an identifier the explorer's script needs, never fetched.
+    text = sweep_html.replace('"http://www.w3.org/2000/svg"', "")
+    assert "http://" not in text and "https://" not in text
+    assert "<link" not in sweep_html
     assert "Content-Security-Policy" in sweep_html and "default-src 'none'" in sweep_html
+    # Two scripts: the explorer's data (not executable) and its code, the only script the
+    # policy lets run (by its hash; no inline script or eval otherwise).
+    scripts = re.findall(r"<script([^>]*)>(.*?)</script>", sweep_html, re.S)
+    assert [attrs for attrs, _ in scripts] == [' type="application/json" id="explorer-data"', ""]
+    digest = base64.b64encode(hashlib.sha256(scripts[1][1].encode()).digest()).decode()
+    policy = re.search(r'Content-Security-Policy" content="([^"]*)"', sweep_html).group(1)
+    directives = [d.strip() for d in policy.split(";")]
+    assert [d for d in directives if d.startswith("script-src")] == [
+        f"script-src 'sha256-{digest}'"]
 
 
 def test_report_sections_and_header(sweep_html):

@@ -80,5 +80,36 @@ def test_ten_thousand_trials_report_is_fast_and_small(tmp_path):
     assert size < 20 * 2**20
     html = path.read_text()
     assert "10000 finished trials" in html
-    assert "Showing 200 of 1000 rows" in html  # cell and metric tables sample
+    assert "this table shows 500 of 1000 rows" in html  # cell and metric tables sample
     assert "showing 3, evenly spread" in html  # galleries sample
+
+
+@pytest.mark.slow
+def test_thousand_trials_with_long_curves_stay_under_ten_megabytes(tmp_path):
+    """1,000 trials of 640 minibatch steps and 42 evaluations each (lr_batch's longest):
+    the report, trial explorer included, stays under 10 MB."""
+    rng = np.random.default_rng(2)
+    n, steps = 1000, np.arange(640)
+    grid = pd.DataFrame({"trial": np.arange(n), "optimizer.lr": np.repeat(
+        np.geomspace(1e-4, 10, 100), 10), "seed": np.tile(np.arange(10), 100)})
+    status = rng.choice(["converged", "unstable", "diverged"], n)
+    trials = grid.assign(status=status, val_loss_initial=1.0, val_loss_final=0.1,
+                         objective=0.1, divergence_step=np.where(status == "diverged", 300.0,
+                                                                 np.nan))
+    write_trials(tmp_path, trials, {"sweep": "long", "seeds": list(range(10)),
+                                    "axes": {"optimizer.lr": sorted(set(grid["optimizer.lr"]))}})
+    eval_at = steps[::16]
+    loss = np.exp(-steps[None, :] / 300) * rng.lognormal(0, 0.3, (n, len(steps)))  # (T, S)
+    parts = [pd.DataFrame({"trial": np.repeat(np.arange(n), len(at)),
+                           "step": np.tile(at, n), "split": split, "metric": metric,
+                           "value": values.ravel()})
+             for split, metric, at, values in (
+                 ("batch", "loss", steps, loss), ("batch", "grad_norm", steps, loss * 3),
+                 ("train", "loss", eval_at, loss[:, eval_at]),
+                 ("val", "loss", eval_at, loss[:, eval_at]))]
+    write_curves(tmp_path, "pop", pd.concat(parts, ignore_index=True))
+    path = build_report(tmp_path)
+    size = path.stat().st_size
+    print(f"1,000 trials x 640 steps: {size / 2**20:.2f} MiB")
+    assert size < 10_000_000
+    assert 'id="explorer-data"' in path.read_text()

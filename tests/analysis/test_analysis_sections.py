@@ -127,7 +127,7 @@ def test_map_colored_by_another_metric(run, summary):
                           "loss_diff_autocorr")
     assert "Color (linear scale): median over seeds of loss_diff_autocorr" in section["caption"]
     assert section["image"].startswith("data:image/png;base64,")
-    with pytest.raises(ReportError, match="not a numeric column"):
+    with pytest.raises(ReportError, match="neither a numeric column"):
         render_html(run, map_metric="nope")
 
 
@@ -203,3 +203,14 @@ def test_a_training_objective_other_than_the_task_loss_gets_its_own_labelled_axi
     assert not any(label.startswith("minibatch") for label in
                    (ax.get_ylabel() for ax in fig.axes))
     plt.close(fig)
+
+
+def test_a_sampled_table_says_so_above_itself():
+    from analysis.tables import sample_rows
+
+    kept, note = sample_rows(pd.DataFrame({"x": range(312)}), max_rows=200)
+    assert len(kept) == 200 and kept["x"].iloc[[0, -1]].tolist() == [0, 311]
+    assert note.startswith("Sampled: this table shows 200 of 312 rows, about every 1.6th")
+    assert sample_rows(pd.DataFrame({"x": range(312)}))[1] == ""  # 312 rows: all shown
+    template = (Path(__file__).parents[2] / "analysis/templates/report.html").read_text()
+    assert template.index("cells.note }}") < template.index("cells.table | safe")

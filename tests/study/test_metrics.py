@@ -206,3 +206,35 @@ def test_ten_percent_wiggles_near_the_floor_are_not_rises_but_real_rises_are() -
     bumpy = [1.1, 0.3, 0.4, 0.2, 0.3, 0.15, 0.15, 0.15, 0.15]
     row = summarize(_trace(bumpy, floor=0.01))
     assert row["eval_rise_count"] == 2 and row["status"] == "unstable"
+
+
+def test_tv_ratio_is_undefined_when_the_loss_barely_moved() -> None:
+    # A run that does not learn (net decrease 1%) with small wiggles: the ratio over a
+    # near-zero denominator would be ~100 and rank it as the most oscillatory.
+    k = np.arange(200)
+    flat = (1.0 + 0.005 * (k % 2)) * np.linspace(1.0, 0.99, 200)
+    learning = np.geomspace(1.0, 0.5, 200)
+    out = oscillation(np.stack([flat, learning]))
+    assert math.isnan(out["osc_tv_ratio"][0])
+    assert out["osc_tv_ratio"][1] == pytest.approx(1.0)
+
+
+def test_oscillation_of_a_trial_with_no_finite_step_warns_nothing() -> None:
+    import warnings
+
+    rows = np.array([[np.nan, np.nan, np.nan], [1.0, 0.5, 0.25]])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = oscillation(rows)
+    assert math.isnan(out["loss_diff_autocorr"][0]) and math.isnan(out["osc_tv_ratio"][0])
+
+
+def test_tv_ratio_reads_net_progress_between_robust_ends_not_noisy_endpoints() -> None:
+    rng = np.random.default_rng(0)
+    noise = rng.lognormal(0.0, 0.3, (2, 640))  # batch-8-like minibatch noise
+    stuck = 1.0 * noise[0]
+    stuck[0], stuck[-1] = 2.0, 0.4  # endpoints that alone suggest a 5x decrease
+    learning = np.geomspace(1.0, 0.1, 640) * noise[1]
+    out = oscillation(np.stack([stuck, learning]))
+    assert math.isnan(out["osc_tv_ratio"][0])
+    assert 10 < out["osc_tv_ratio"][1] < 200  # noise over a real 10x decrease
