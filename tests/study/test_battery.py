@@ -169,8 +169,8 @@ ROWS: list[Row] = [
 # The report program, on a finished run directory.
 ANALYSIS_ROWS: list[Row] = [
     ("analysis_missing_dir", ("RUN/../nowhere",), 2, "does not exist", "none", None),
-    ("analysis_bad_metric", ("RUN", "--map-metric", "nope"), 2, "map metric 'nope' is not a "
-     "numeric column", "unchanged", None),
+    ("analysis_bad_metric", ("RUN", "--map-metric", "nope"), 2, "map metric 'nope' is neither "
+     "a numeric column", "unchanged", None),
     ("analysis_corrupt_trials", ("RUN",), 2, "is not a readable Parquet file", "unchanged",
      _bad_trials),
     ("analysis_corrupt_curves", ("RUN",), 2, "cannot read curves under", "unchanged",
