@@ -186,7 +186,7 @@ def tried_rates(plan: EdgePlan, config: Sequence[GridPoint], rates: Sequence[flo
 def run_edge(plan: EdgePlan, study: optuna.Study, engine: Engine, device: torch.device,
              run_dir, objective: str, on_progress: Callable[[int, int], None] | None = None,
              direction: str = "minimize", leases: Any = None,
-             stop: Callable[[], bool] = lambda: False) -> Any:
+             stop: Callable[[], bool] = lambda: False, dashboard: bool = False) -> Any:
     """Rounds of every unresolved configuration's candidates, until all are resolved."""
     from study.sweep import Lease, SweepOutcome, run_sweep
 
@@ -202,7 +202,8 @@ def run_edge(plan: EdgePlan, study: optuna.Study, engine: Engine, device: torch.
         round_plan = SweepPlan(plan.name, {**plan.axes, AXIS: []}, plan.seeds, points,
                                distributions=plan.distributions())
         outcome = run_sweep(round_plan, study, engine, device, run_dir, objective,
-                            on_progress=None, direction=direction, leases=leases, stop=stop)
+                            on_progress=None, direction=direction, leases=leases, stop=stop,
+                            dashboard=dashboard)
         done_before = outcome.already_done if done_before is None else done_before
         trained, reclaimed = trained + outcome.trained, reclaimed + outcome.reclaimed
         wall += outcome.wall_time_s

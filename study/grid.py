@@ -17,6 +17,7 @@ import copy
 import dataclasses
 import itertools
 import logging
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -157,7 +158,30 @@ def expand(cfg: DictConfig, compose: Compose, overrides: Sequence[str],
                  "apply to the task (sweep.skip_inapplicable)", typed.sweep.name, skipped)
     if not points:
         raise ConfigError("sweep.axes: every point was skipped as inapplicable (empty grid)")
-    return SweepPlan(typed.sweep.name, axes, seeds, points)
+    return SweepPlan(typed.sweep.name, axes, seeds, points,
+                     numeric_distributions({a: axes[a] for a in scalar_axes}))
+
+
+def numeric_distributions(axes: dict[str, list[Any]]) -> dict[str, Any]:
+    """The distribution the storage records for each numeric axis: IntDistribution for
+    integers, FloatDistribution for other numbers, on a log scale when every value is
+    positive (>= 1 for integers) and they span at least a factor of 10; so Optuna's
+    tools (optuna-dashboard, importance evaluators) read the learning rate as a log-scaled
+    number. Axes with a non-numeric value (`full`, a string, a bool, a list) stay
+    categorical (absent here)."""
+    from optuna.distributions import FloatDistribution, IntDistribution
+
+    out: dict[str, Any] = {}
+    for name, values in axes.items():
+        if not values or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                 and math.isfinite(v) for v in values):
+            continue
+        low, high = min(values), max(values)
+        integer = all(isinstance(v, int) for v in values)
+        log = (low >= 1 if integer else low > 0) and high >= 10 * low
+        out[name] = (IntDistribution(low, high, log=log) if integer
+                     else FloatDistribution(float(low), float(high), log=log))
+    return out
 
 
 def _check_axes(raw: dict[str, Any]) -> dict[str, list[Any]]:

@@ -31,8 +31,10 @@ import pyarrow.parquet as pq
 SCHEMA_VERSION = 1
 # What the Optuna study holds (user attributes key/config/status/metrics/worker, the run's
 # config and this number in the study's user attribute STORAGE_VERSION_ATTR). A study
-# without the attribute predates it and is read as version 1.
-STORAGE_VERSION = 1
+# without the attribute predates it and is read as version 1. Version 2: numeric grid axes
+# recorded with numeric distributions (log-float learning rates), non-finite metrics as
+# strings.
+STORAGE_VERSION = 2
 STORAGE_VERSION_ATTR = "storage_version"
 JOURNAL = "study.journal"
 CURVES_DIR = "curves"

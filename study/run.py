@@ -217,14 +217,17 @@ def train(typed: StudyConfig, plan: SweepPlan, study: optuna.Study, study_name: 
         driver = run_search if isinstance(plan, SearchPlan) else run_edge
         return driver(plan, study, engine, device, run_dir, typed.objective.metric,
                       on_progress=bar, direction=typed.objective.direction,
-                      leases=leases, stop=lambda: stop.requested)
+                      leases=leases, stop=lambda: stop.requested,
+                      dashboard=typed.storage.dashboard)
     if typed.workers == 1:
         return run_sweep(plan, study, engine, device, run_dir, typed.objective.metric,
                          on_progress=bar, direction=typed.objective.direction,
-                         leases=leases, stop=lambda: stop.requested)
+                         leases=leases, stop=lambda: stop.requested,
+                         dashboard=typed.storage.dashboard)
     job = WorkerJob(plan, run_dir, url, study_name, typed.objective.direction,
                     typed.objective.metric, typed.engine, typed.device, leases,
-                    typed.storage.retries, threads_per_worker(typed.workers), os.getpid())
+                    typed.storage.retries, threads_per_worker(typed.workers), os.getpid(),
+                    typed.storage.dashboard)
     return run_with_workers(job, typed.workers, study, stop, bar, engine, device)
 
 
@@ -246,7 +249,7 @@ def run_with_workers(job: WorkerJob, workers: int, study: optuna.Study, stop: St
     if not stop.requested:
         last = run_sweep(job.plan, study, engine, device, job.run_dir, job.objective,
                          on_progress=bar, direction=job.direction, leases=job.leases,
-                         stop=lambda: stop.requested)
+                         stop=lambda: stop.requested, dashboard=job.dashboard)
     done = done_points(study, job.plan)
     return SweepOutcome(total, done - done_before, done_before,
                         time.perf_counter() - started, reclaimed + last.reclaimed, last.stopped)

@@ -246,7 +246,7 @@ def proposals_spent(study: optuna.Study) -> int:
 def run_search(plan: SearchPlan, study: optuna.Study, engine: Engine, device: torch.device,
                run_dir, objective: str, on_progress: Callable[[int, int], None] | None = None,
                direction: str = "minimize", leases: Any = None,
-               stop: Callable[[], bool] = lambda: False) -> Any:
+               stop: Callable[[], bool] = lambda: False, dashboard: bool = False) -> Any:
     """Spend the rest of `plan`'s budget in rounds of `population` proposals (module doc).
 
     Returns a `sweep.SweepOutcome`; `stop()` is polled between rounds (what a round queued
@@ -273,7 +273,8 @@ def run_search(plan: SearchPlan, study: optuna.Study, engine: Engine, device: to
                 break
             heart.beat()
             trained += train_batch(study, engine, device, run_dir, batch, objective,
-                                   direction, prune=plan.pruner is not None)
+                                   direction, prune=plan.pruner is not None,
+                                   dashboard=dashboard)
             heart.beat()
             if on_progress:
                 on_progress(len(study.get_trials(deepcopy=False, states=complete)),

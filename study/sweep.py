@@ -16,6 +16,7 @@ docs/scaling.md for the guarantees.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -102,7 +103,10 @@ def open_study(run_dir: Path, url: str | None, study_name: str,
 
     study = storage.with_retries(load_or_create, retries, "open the study in",
                                  url or str(run_dir))
-    version = study.user_attrs.get(records.STORAGE_VERSION_ATTR, records.STORAGE_VERSION)
+    empty = not study.get_trials(deepcopy=False)
+    # A study with trials and no version attribute was written before it existed (1).
+    version = study.user_attrs.get(records.STORAGE_VERSION_ATTR,
+                                   records.STORAGE_VERSION if empty else 1)
     if version != records.STORAGE_VERSION:
         where = storage.mask_url(url) if url else str(run_dir)
         raise records.RecordError(
@@ -110,8 +114,7 @@ def open_study(run_dir: Path, url: str | None, study_name: str,
             f"this version of study reads format {records.STORAGE_VERSION}. Resume it with "
             f"the version that wrote it, or start a new run directory."
         )
-    if records.STORAGE_VERSION_ATTR not in study.user_attrs and not study.get_trials(
-            deepcopy=False):
+    if records.STORAGE_VERSION_ATTR not in study.user_attrs and empty:
         study.set_user_attr(records.STORAGE_VERSION_ATTR, records.STORAGE_VERSION)
     return study
 
@@ -307,7 +310,8 @@ def run_sweep(plan: SweepPlan, study: optuna.Study, engine: Engine, device: torc
               run_dir: Path, objective: str, on_progress: Callable[[int, int], None]
               | None = None, budget_bytes: int | None = None,
               direction: str = "minimize", leases: Lease = Lease(),
-              stop: Callable[[], bool] = lambda: False, enqueue: bool = True) -> SweepOutcome:
+              stop: Callable[[], bool] = lambda: False, enqueue: bool = True,
+              dashboard: bool = False) -> SweepOutcome:
     """Train every point of `plan` not yet done in `study` (one worker); see the module doc.
 
     `on_progress(done, total)` is called after each population (done counts finished points
@@ -315,6 +319,7 @@ def run_sweep(plan: SweepPlan, study: optuna.Study, engine: Engine, device: torc
     (default: the planner's, from the device). `stop()` is polled between populations (and
     between claims): once true, claimed untrained trials are re-queued and the call returns.
     `enqueue=False` only claims what is queued (a worker started by a parent that enqueued).
+    `dashboard`: see `train_batch`.
     """
     started = time.perf_counter()
     me = lease.Worker.here()
@@ -336,7 +341,7 @@ def run_sweep(plan: SweepPlan, study: optuna.Study, engine: Engine, device: torc
             if batch:
                 _report_bad_data(batch, checked)
                 trained += train_batch(study, engine, device, run_dir, batch, objective,
-                                       direction)
+                                       direction, dashboard=dashboard)
             heart.beat()
             if on_progress:
                 on_progress(done_points(study, plan), total)
@@ -385,13 +390,20 @@ def done_points(study: optuna.Study, plan: SweepPlan) -> int:
 
 
 def train_batch(study: optuna.Study, engine: Engine, device: torch.device, run_dir: Path,
-                batch: list[Claim], objective: str, direction: str, prune: bool = False
-                ) -> int:
+                batch: list[Claim], objective: str, direction: str, prune: bool = False,
+                dashboard: bool = False) -> int:
     """Train one population, write its curves, tell each trial; how many were told.
 
     `prune`: every trial reports its validation loss at each evaluation (Optuna's
     intermediate values) and the study's pruner decides, once all rows of the evaluation
-    have reported, which stop there; those are told PRUNED, with `pruned_step`."""
+    have reported, which stop there; those are told PRUNED, with `pruned_step`.
+
+    Each trial's user attributes: `status`, and `metrics` (every summary metric, a
+    non-finite value as the string "nan", "inf" or "-inf" so that the storage holds plain
+    JSON; `trials_frame` reads them back as floats). `dashboard`: also every evaluation's
+    finite validation loss as an intermediate value (already there when pruning) and the
+    `KEY_METRICS` as attributes of their own (non-finite ones as strings), which
+    optuna-dashboard draws and lists."""
     pruned: dict[int, int] = {}
     hook = _pruning_hook([trial for trial, _ in batch], pruned) if prune else None
     traces = engine.run([point.trial for _, point in batch], device, on_eval=hook)
@@ -405,7 +417,10 @@ def train_batch(study: optuna.Study, engine: Engine, device: torch.device, run_d
     for i, ((trial, _), summary) in enumerate(zip(batch, summaries, strict=True)):
         try:
             trial.set_user_attr("status", summary["status"])
-            trial.set_user_attr("metrics", {k: v for k, v in summary.items() if k != "status"})
+            trial.set_user_attr("metrics", {k: _plain(v) for k, v in summary.items()
+                                            if k != "status"})
+            if dashboard:
+                _dashboard_attrs(trial, summary, traces[i], reported=prune)
             if i in pruned:
                 trial.set_user_attr("pruned_step", pruned[i])
                 study.tell(trial, state=TrialState.PRUNED)
@@ -418,6 +433,38 @@ def train_batch(study: optuna.Study, engine: Engine, device: torch.device, run_d
             continue
         told += 1
     return told
+
+
+# Summary metrics also stored as attributes of their own with `dashboard` (a dashboard
+# lists attributes, not the members of one).
+KEY_METRICS = ("val_loss_end", "val_loss_final", "train_loss_final", "divergence_step",
+               "spike_count", "eval_rise_count", "sharpness_ratio_max")
+
+
+def _plain(value: Any) -> Any:
+    """`value` as plain JSON: a non-finite float as its name ("nan", "inf", "-inf")."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value
+
+
+def _unplain(value: Any) -> Any:
+    """The inverse of `_plain`."""
+    return float(value) if value in ("nan", "inf", "-inf") else value
+
+
+def _dashboard_attrs(trial: optuna.Trial, summary: dict[str, Any], trace: Any,
+                     reported: bool) -> None:
+    """Key metrics as attributes and (unless pruning `reported` them) the validation
+    losses of every evaluation as intermediate values."""
+    for name in KEY_METRICS:
+        if name in summary:
+            trial.set_user_attr(name, _plain(summary[name]))
+    if reported:
+        return
+    for step, value in zip(trace.eval_step, trace.val_loss, strict=True):
+        if math.isfinite(value):
+            trial.report(float(value), int(step))
 
 
 def _pruning_hook(trials: Sequence[optuna.Trial], pruned: dict[int, int]):
@@ -477,7 +524,7 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
         rows.append({"trial": t.number, "key": t.user_attrs["key"], **extra,
                      "status": t.user_attrs.get("status"), "objective": t.value,
                      **t.params, **t.user_attrs.get("config", {}),
-                     **t.user_attrs.get("metrics", {})})
+                     **{k: _unplain(v) for k, v in t.user_attrs.get("metrics", {}).items()}})
     return pd.DataFrame(rows)
 
 

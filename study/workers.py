@@ -75,6 +75,7 @@ class WorkerJob:
     retries: int
     threads: int
     parent: int
+    dashboard: bool = False  # storage.dashboard
 
 
 def worker_main(job: WorkerJob, index: int) -> None:
@@ -90,7 +91,7 @@ def worker_main(job: WorkerJob, index: int) -> None:
     study = open_study(job.run_dir, job.url, job.study_name, job.direction, job.retries)
     outcome = run_sweep(job.plan, study, make_engine(job.engine), resolve_device(job.device),
                         job.run_dir, job.objective, direction=job.direction,
-                        leases=job.leases, enqueue=False,
+                        leases=job.leases, enqueue=False, dashboard=job.dashboard,
                         stop=lambda: stop.requested or os.getppid() != job.parent)
     sys.exit(130 if outcome.stopped else 0)
 

@@ -104,6 +104,13 @@ def test_single_configuration_run(tmp_path: Path, study_cli) -> None:
     assert (run_dir / records.REPORT).is_file()
 
 
+def test_help_introduces_study_not_hydra(study_cli) -> None:
+    done = study_cli("--help", expect=0)
+    assert done.stdout.startswith("python -m study: ")
+    assert "__main__" not in done.stdout and "+sweep=lr_batch" in done.stdout
+    assert "failure: absurd_lr" in done.stdout  # Hydra's list of groups and options stays
+
+
 def test_hydra_cfg_flag_prints_the_composed_sweep(study_cli) -> None:
     done = study_cli("+sweep=lr_batch", "--cfg", "job", expect=0)
     assert "name: lr_batch" in done.stdout and "logspace" in done.stdout

@@ -128,7 +128,7 @@ def test_a_study_of_another_storage_format_is_refused(tmp_path: Path) -> None:
     study = open_study(tmp_path, None, "s", "minimize")
     study.set_user_attr(records.STORAGE_VERSION_ATTR, 99)
     with pytest.raises(records.RecordError, match="written in storage format 99; this version "
-                                                  "of study reads format 1"):
+                                                  "of study reads format 2"):
         open_study(tmp_path, None, "s", "minimize")
 
 

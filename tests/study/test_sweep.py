@@ -108,3 +108,74 @@ def test_curves_are_written_before_trials_are_told(tmp_path: Path, tiny_plan) ->
     curves = records.read_curves(tmp_path, frame["trial"])
     per_trial = curves[curves["split"] == "val"].groupby("trial").size()
     assert set(per_trial.index) == set(frame["trial"])
+
+
+def test_numeric_axes_are_stored_with_numeric_distributions(tmp_path: Path, tiny_plan) -> None:
+    from optuna.distributions import (
+        CategoricalDistribution,
+        FloatDistribution,
+        IntDistribution,
+    )
+
+    from study.grid import numeric_distributions
+
+    assert numeric_distributions({
+        "optimizer.lr": [1e-3, 0.01, 0.1], "model.width": [8, 16], "model.depth": [1, 10],
+        "train.batch_size": [8, 32, "full"], "train.clip": [True, False],
+        "optimizer.momentum": [0.0, 0.9],
+    }) == {"optimizer.lr": FloatDistribution(1e-3, 0.1, log=True),
+           "model.width": IntDistribution(8, 16),
+           "model.depth": IntDistribution(1, 10, log=True),
+           "optimizer.momentum": FloatDistribution(0.0, 0.9)}
+    study = open_study(tmp_path, None, "tiny", "minimize")
+    run_sweep(tiny_plan, study, ReferenceEngine(), CPU, tmp_path, "val_loss_final")
+    dists = study.get_trials()[0].distributions
+    assert dists["optimizer.lr"] == FloatDistribution(min(tiny_plan.axes["optimizer.lr"]),
+                                                      max(tiny_plan.axes["optimizer.lr"]),
+                                                      log=True)
+    assert isinstance(dists["seed"], CategoricalDistribution)
+
+
+def test_metrics_are_stored_as_plain_json_and_read_back_as_measured(tmp_path: Path,
+                                                                    tiny_plan) -> None:
+    import json
+    import math
+
+    study = open_study(tmp_path, None, "tiny", "minimize")
+    run_sweep(tiny_plan, study, ReferenceEngine(), CPU, tmp_path, "val_loss_final")
+    for trial in study.get_trials():
+        json.dumps(trial.user_attrs, allow_nan=False)  # no NaN or Infinity in the storage
+        assert trial.intermediate_values == {}  # storage.dashboard is off
+    frame = trials_frame(study)
+    stopped = frame[frame["val_loss_final"] == math.inf]  # stopped at a non-finite loss
+    assert len(stopped) and (stopped["status"] == "diverged").all()
+    assert frame["osc_tv_ratio"].isna().any() and frame["osc_tv_ratio"].dtype == float
+
+
+def test_the_dashboard_gets_eval_losses_and_key_metrics(tmp_path: Path, tiny_plan) -> None:
+    import math
+
+    from study.sweep import KEY_METRICS
+
+    study = open_study(tmp_path, None, "tiny", "minimize")
+    run_sweep(tiny_plan, study, ReferenceEngine(), CPU, tmp_path, "val_loss_final",
+              dashboard=True)
+    frame = trials_frame(study).set_index("trial")
+    for trial in study.get_trials():
+        curve = trial.intermediate_values
+        assert curve and min(curve) == 0 and all(math.isfinite(v) for v in curve.values())
+        assert curve[0] == pytest.approx(frame.loc[trial.number, "val_loss_initial"])
+        for name in KEY_METRICS:
+            stored = trial.user_attrs[name]
+            measured = frame.loc[trial.number, name]
+            assert (str(measured) == stored if isinstance(stored, str)
+                    else stored == pytest.approx(measured, nan_ok=True))
+
+
+def test_a_study_written_before_numeric_distributions_is_refused(tmp_path: Path,
+                                                                  tiny_plan) -> None:
+    study = open_study(tmp_path, None, "tiny", "minimize")
+    run_sweep(tiny_plan, study, ReferenceEngine(), CPU, tmp_path, "val_loss_final")
+    study.set_user_attr(records.STORAGE_VERSION_ATTR, 1)
+    with pytest.raises(records.RecordError, match="written in storage format 1"):
+        open_study(tmp_path, None, "tiny", "minimize")
