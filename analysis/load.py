@@ -34,6 +34,7 @@ class RunData:
     hydra: Mapping[str, str]
     files: tuple[tuple[str, int], ...]
     claims: pd.DataFrame | None = None
+    edges: pd.DataFrame | None = None  # an edge search's edges.parquet (else None)
 
 
 def load_run(run_dir: Path) -> RunData:
@@ -51,7 +52,7 @@ def load_run(run_dir: Path) -> RunData:
         "trial", ignore_index=True)
     return RunData(run_dir=run_dir, trials=trials, meta=meta, env=read_env(run_dir),
                    hydra=_read_hydra(run_dir), files=_list_files(run_dir),
-                   claims=_read_claims(run_dir))
+                   claims=_read_claims(run_dir), edges=records.read_edges(run_dir))
 
 
 def _read_claims(run_dir: Path) -> pd.DataFrame | None:

@@ -39,6 +39,7 @@ from analysis.curves import (
     select_curve_trials,
     trial_curves,
 )
+from analysis.edges import edge_section
 from analysis.load import RunData, load_run
 from study.records import (
     CURVES_DIR,
@@ -131,6 +132,7 @@ def render_html(run: RunData, map_metric: str = FINAL, claims: pd.DataFrame | No
                         else None),
         "claims": sections.claims_section(claims),
         "explorer": explorer_section(run, lab, axes) if has_trials else None,
+        "edges": edge_section(run.edges),
     }
     env = jinja2.Environment(loader=jinja2.PackageLoader("analysis", "templates"),
                              autoescape=True, undefined=jinja2.StrictUndefined)

@@ -97,10 +97,12 @@ def test_the_edge_of_gradient_descent_on_a_quadratic_is_2_over_lambda_max(tmp_pa
 def test_the_cli_writes_the_edges(tmp_path: Path, conf: Path, study_cli) -> None:
     run_dir = tmp_path / "run"
     done = study_cli(*LINEAR, "sweep.edge.precision=0.2", f"hydra.run.dir={run_dir}",
-                     f"hydra.searchpath=[file://{conf}]", "progress=false", "report=false")
+                     f"hydra.searchpath=[file://{conf}]", "progress=false")
     assert done.returncode == 0, done.stderr[-2000:]
     edges = records.read_edges(run_dir)
     assert edges is not None and len(edges) == 1 and edges["resolved"].all()
+    report = (run_dir / records.REPORT).read_text()
+    assert 'id="stability-edge"' in report and "Bars: the same rule" in report
 
 
 @pytest.mark.parametrize("override, message", [
