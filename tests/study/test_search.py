@@ -162,3 +162,23 @@ def test_a_pruner_stops_rows_inside_the_population_and_they_are_told_pruned(
     assert proposals_spent(study) == 8
     again = run_search(plan, study, make_engine("batched"), CPU, tmp_path, "val_loss_final")
     assert again.trained == 0
+
+
+@pytest.mark.slow  # a PostgreSQL server and two CLI runs: ~40 s
+def test_a_search_on_postgres_gives_the_journal_search_and_resumes(tmp_path: Path, postgres,
+                                                                   study_cli) -> None:
+    url = postgres.database()
+    on_disk, in_db = tmp_path / "journal", tmp_path / "db"
+    study_cli(*SMALL, f"hydra.run.dir={on_disk}", "progress=false", "report=false", expect=0)
+    study_cli(*SMALL, "storage=postgres", f"hydra.run.dir={in_db}", "progress=false",
+              "report=false", env={"STUDY_STORAGE_URL": url}, expect=0)
+    journal, _ = records.read_trials(on_disk)
+    db, _ = records.read_trials(in_db)
+    columns = ["trial", "optimizer.lr", "optimizer.betas.0", "train.batch_size", "seed",
+               "objective", "status"]
+    assert len(db) == 12
+    assert db[columns].equals(journal[columns])  # same proposals, same numbers
+    again = study_cli(*SMALL, "storage=postgres", f"resume={in_db}", "progress=false",
+                      "report=false", env={"STUDY_STORAGE_URL": url}, expect=0)
+    assert "0 trials trained, 12 already done" in again.stdout
+    assert records.read_trials(in_db)[0][columns].equals(db[columns])
