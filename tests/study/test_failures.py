@@ -91,6 +91,28 @@ def test_sorted_sorts_training_targets_and_switches_shuffling_off() -> None:
     assert _trial(REG, [f.SortedByTarget()], [f.Shuffling()]).loop.shuffle is True
 
 
+@pytest.mark.parametrize("engine", ["reference", "batched"])
+def test_no_shuffle_repeats_the_stored_minibatches_every_epoch(engine: str) -> None:
+    """At lr 1e-30 (0 is refused) the float64 parameters never move (the updates are far
+    below an ulp of any weight), so a minibatch loss depends on its rows only:
+    without reshuffling epoch 2 repeats epoch 1's losses step by step; with it, it does not.
+    The data are untouched (unlike `sorted`)."""
+    from study.engine import ReferenceEngine
+
+    assert torch.equal(_trial(REG, [f.NoShuffling()]).dataset(0).y_train,
+                       REG.generate(0).y_train)
+    run = (ReferenceEngine() if engine == "reference" else BatchedEngine()).run
+    frozen = SGD(lr=1e-30)
+    fixed, shuffled = run([_trial(REG, [f.NoShuffling()], optimizer=frozen),
+                           _trial(REG, [], optimizer=frozen)], torch.device("cpu"))
+    assert _trial(REG, [f.NoShuffling()]).loop.shuffle is False
+    assert _trial(REG, [f.NoShuffling()], [f.Shuffling()]).loop.shuffle is True
+    per_epoch = len(fixed.step_loss) // 2  # 200 rows, batch 32: 7 steps, 2 epochs
+    assert per_epoch == 7
+    np.testing.assert_array_equal(fixed.step_loss[:per_epoch], fixed.step_loss[per_epoch:])
+    assert not np.array_equal(shuffled.step_loss[:per_epoch], shuffled.step_loss[per_epoch:])
+
+
 def test_normalization_mismatch_standardizes_train_only() -> None:
     data = _data(REG, f.NormalizationMismatch(offset=2.0, scale=5.0))
     assert torch.allclose(data.x_train.mean(0), torch.zeros(10, dtype=torch.float64),

@@ -52,6 +52,8 @@ REGRESSION_CASES = {
     "nan_features+mean_impute": ([f.NaNFeatures(fraction=0.02)], [f.MeanImputation()]),
     "sorted": ([f.SortedByTarget()], []),
     "sorted+shuffle": ([f.SortedByTarget()], [f.Shuffling()]),
+    "no_shuffle": ([f.NoShuffling()], []),
+    "no_shuffle+shuffle": ([f.NoShuffling()], [f.Shuffling()]),
     "norm_mismatch": ([f.NormalizationMismatch()], []),
     "leakage": ([f.Leakage()], []),
     "zero_init": ([f.ZeroInit()], []),
