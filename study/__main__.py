@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import logging
 import os
 import shutil
@@ -51,7 +52,8 @@ def main(cfg: DictConfig) -> None:
         if multirun:
             _mask_file(Path(hc.sweep.dir) / "multirun.yaml")
         typed = validate(cfg)
-        plan = expand(cfg, _compose, overrides, choices, typed=typed)
+        compose = functools.partial(_compose, search_path=_search_path(hc.overrides.hydra))
+        plan = expand(cfg, compose, overrides, choices, typed=typed)
         check_objective(typed.objective.metric, plan)
         status = execute(cfg, typed, plan, run_dir, overrides, hc)
     except ConfigError as err:
@@ -143,12 +145,20 @@ def _exit_multirun(status: int) -> NoReturn:
     raise JobFailed(status)
 
 
-def _compose(extra: Sequence[str]) -> DictConfig:
-    """The config composed again with `extra` overrides (grid.expand's group axes); a
-    composition error (an option file that is not valid YAML, a missing option) is a
-    ConfigError."""
+def _search_path(hydra_overrides: Sequence[str]) -> list[str]:
+    """The command line's `hydra.searchpath` overrides: a recomposition must see the user's
+    config directories too (`--config-dir` is in Hydra's global state already; a search
+    path given as an override is not)."""
+    return [o for o in hydra_overrides
+            if o.lstrip("+~").partition("=")[0] == "hydra.searchpath"]
+
+
+def _compose(extra: Sequence[str], search_path: Sequence[str] = ()) -> DictConfig:
+    """The config composed again with `extra` overrides (grid.expand's group axes) and the
+    invocation's `search_path` overrides; a composition error (an option file that is not
+    valid YAML, a missing option) is a ConfigError."""
     try:
-        return hydra.compose("config", overrides=list(extra))
+        return hydra.compose("config", overrides=[*search_path, *extra])
     except Exception as err:
         mark = getattr(err, "problem_mark", None)
         where = f"{mark.name}:{mark.line + 1}:{mark.column + 1}: invalid YAML: " if mark else ""

@@ -15,6 +15,14 @@ A claim (one entry of `sweep.claims`) names a metric, a comparison and the expec
       trend: optimizer.lr           # an axis; log10 of positive numbers, else the axis order
       expect: increasing            # increasing | decreasing
 
+    - statement: Standardized inputs at full batch beat raw inputs at batch 10
+      metric: val_loss_final
+      log: true
+      compare:                      # arms that differ on several axes: axis -> value each
+        arm: {mitigation: standardize_inputs, train.batch_size: full}
+        baseline: {mitigation: none, train.batch_size: 10}
+      expect: lower
+
     - statement: Standardizing already unit-scale features changes nothing
       metric: val_loss_final
       log: true
@@ -26,7 +34,9 @@ A claim (one entry of `sweep.claims`) names a metric, a comparison and the expec
 Evaluation (`evaluate_claims`):
 
 - **compare**, paired by seed: each trial of the `arm` is matched with the `baseline` trial
-  that has the same seed and the same value of every other sweep axis. Effect = mean of the
+  that has the same seed and the same value of every other sweep axis. With arms given as
+  mappings (axis -> value, the same axes in both), the arm and the baseline differ on all
+  of those axes, and pairs match on the remaining ones. Effect = mean of the
   paired differences (arm - baseline), in the metric's units (log10 ratio with `log:
   true`); for a status (0/1 per trial), a change in the share of trials with it.
 - **trend**: trials are grouped by seed and every other axis; effect = the pooled
@@ -98,13 +108,13 @@ def check_claims(claims: Sequence[Mapping[str, Any]], axes: Sequence[str],
         if claim["expect"] not in DIRECTIONS[kind]:
             raise ClaimError(f"{where}.expect: must be one of {list(DIRECTIONS[kind])} for a "
                              f"{kind} claim, got {claim['expect']!r}")
-        axis = claim["compare"]["axis"] if kind == "compare" else claim["trend"]
-        if axis not in axes:
-            raise ClaimError(f"{where}: {axis!r} is not an axis of the sweep ({list(axes)})")
         if kind == "compare":
-            missing = {"axis", "arm", "baseline"} - set(claim["compare"])
-            if missing:
-                raise ClaimError(f"{where}.compare.{sorted(missing)[0]}: missing")
+            compared = _compared_axes(claim["compare"], f"{where}.compare")
+        else:
+            compared = [claim["trend"]]
+        for axis in compared:
+            if axis not in axes:
+                raise ClaimError(f"{where}: {axis!r} is not an axis of the sweep ({list(axes)})")
         margin = claim.get("margin")
         if claim["expect"] == SAME:
             if isinstance(margin, bool) or not isinstance(margin, (int, float)) \
@@ -114,6 +124,35 @@ def check_claims(claims: Sequence[Mapping[str, Any]], axes: Sequence[str],
         elif margin is not None:
             raise ClaimError(f"{where}.margin: only an equivalence claim (expect: same) has "
                              f"a margin")
+
+
+def _compared_axes(spec: Any, where: str) -> list[str]:
+    """The axes a compare claim's arms differ on: `[axis]`, or the keys of mapping arms."""
+    if not isinstance(spec, Mapping):
+        raise ClaimError(f"{where}: expected a mapping with arm and baseline, got {spec!r}")
+    missing = {"arm", "baseline"} - set(spec)
+    if missing:
+        raise ClaimError(f"{where}.{sorted(missing)[0]}: missing")
+    arm, baseline = spec["arm"], spec["baseline"]
+    if isinstance(arm, Mapping) or isinstance(baseline, Mapping):
+        if "axis" in spec:
+            raise ClaimError(f"{where}.axis: arms given as axis -> value mappings name their "
+                             f"axes themselves; remove axis")
+        if not (isinstance(arm, Mapping) and isinstance(baseline, Mapping)) or not arm \
+                or set(arm) != set(baseline):
+            raise ClaimError(f"{where}: arm and baseline must both map the same axes to "
+                             f"values, got {arm!r} and {baseline!r}")
+        return list(arm)
+    if "axis" not in spec:
+        raise ClaimError(f"{where}.axis: missing")
+    return [spec["axis"]]
+
+
+def _arms(spec: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(arm, baseline) as axis -> value mappings (one axis, or several)."""
+    if isinstance(spec["arm"], Mapping):
+        return dict(spec["arm"]), dict(spec["baseline"])
+    return {spec["axis"]: spec["arm"]}, {spec["axis"]: spec["baseline"]}
 
 
 def _kind(claim: Mapping[str, Any], where: str = "claim") -> str:
@@ -153,8 +192,10 @@ def _evaluate(trials: pd.DataFrame, claim: dict[str, Any], axes: dict[str, Any],
     rate = claim["metric"] not in frame.columns
     capped = not rate and _initial_of(claim["metric"]) in frame.columns
     values = _metric(frame, claim["metric"], log)
-    axis = claim["compare"]["axis"] if kind == "compare" else claim["trend"]
-    keys = [a for a in axes if a != axis and a in frame.columns]
+    compared = _compared_axes(claim["compare"], "compare") if kind == "compare" \
+        else [claim["trend"]]
+    axis = "+".join(compared)
+    keys = [a for a in axes if a not in compared and a in frame.columns]
     keys += [k for k in claim.get("pair_by", []) if k not in keys]
     keys += ["seed"] if "seed" in frame.columns else []
     frame = frame.assign(_value=values)
@@ -162,9 +203,14 @@ def _evaluate(trials: pd.DataFrame, claim: dict[str, Any], axes: dict[str, Any],
     row = {"statement": claim["statement"], "metric": claim["metric"],
            "expect": claim["expect"], "margin": margin}
     if kind == "compare":
-        spec = claim["compare"]
-        row["comparison"] = f"{axis}: {spec['arm']} vs {spec['baseline']}, paired by seed"
-        stats = _paired(frame, axis, spec["arm"], spec["baseline"], keys, rng, margin)
+        arm, baseline = _arms(claim["compare"])
+        if len(arm) == 1:
+            row["comparison"] = f"{axis}: {arm[axis]} vs {baseline[axis]}, paired by seed"
+        else:
+            def label(side: dict[str, Any]) -> str:
+                return ", ".join(f"{k}={v}" for k, v in side.items())
+            row["comparison"] = f"{label(arm)} vs {label(baseline)}, paired by seed"
+        stats = _paired(frame, arm, baseline, keys, rng, margin)
     else:
         row["comparison"] = f"trend over {axis}, within seed"
         stats = _trend(frame, axis, axes.get(axis), keys, rng, margin)
@@ -246,10 +292,14 @@ def _empty(n_trials: int = 0) -> dict[str, Any]:
             "n_trials": n_trials, "n_units": 0}
 
 
-def _paired(frame: pd.DataFrame, axis: str, arm: Any, baseline: Any, keys: list[str],
-            rng: np.random.Generator, margin: float = np.nan) -> dict[str, Any]:
-    def side(value: Any) -> pd.Series:
-        part = frame[_matches(frame[axis], value)]
+def _paired(frame: pd.DataFrame, arm: Mapping[str, Any], baseline: Mapping[str, Any],
+            keys: list[str], rng: np.random.Generator, margin: float = np.nan
+            ) -> dict[str, Any]:
+    """Paired differences arm - baseline; each side is the trials whose axes take its
+    values (axis -> value), matched on `keys`."""
+    def side(values: Mapping[str, Any]) -> pd.Series:
+        mask = np.logical_and.reduce([_matches(frame[a], v) for a, v in values.items()])
+        part = frame[mask]
         return part.groupby([part[k].astype(str) for k in keys])["_value"].mean() \
             if keys else part["_value"]
 

@@ -13,15 +13,19 @@ from study.failures.base import (
 )
 from study.failures.data import (
     ClassImbalance,
+    InputOutliers,
     LabelNoise,
     Leakage,
     MeanImputation,
+    MixedUnits,
     NaNFeatures,
     NormalizationMismatch,
+    PureNoiseTargets,
     SortedByTarget,
     StandardizeInputs,
     StandardizeTargets,
     TargetOutliers,
+    TargetScale,
     UnscaledFeatures,
 )
 from study.failures.loop import (
@@ -35,6 +39,7 @@ from study.failures.loop import (
     HuberLoss,
     MissingZeroGrad,
     MSEForClassification,
+    NoShuffling,
     OversizedBatch,
     ReduceOnPlateau,
     Shuffling,
@@ -47,9 +52,10 @@ from study.failures.model import Dropout, InitScale, SigmoidStack, ZeroInit
 __all__ = [
     "AbsurdLR", "ClassImbalance", "ClassWeightedLoss", "CorrectLoss", "CosineDecay", "Dropout",
     "EarlyStopping", "FunctionTransform", "GradClip", "HandwrittenBCE", "HuberLoss", "InitScale",
-    "LabelNoise", "Leakage", "MSEForClassification", "MeanImputation", "MissingZeroGrad",
-    "NaNFeatures", "NormalizationMismatch", "OversizedBatch", "ReduceOnPlateau", "Shuffling",
-    "SigmoidStack", "SortedByTarget", "StandardizeInputs", "StandardizeTargets", "StepDecay",
-    "TargetOutliers", "UnscaledFeatures", "Warmup", "WeightDecay", "ZeroInit",
+    "InputOutliers", "LabelNoise", "Leakage", "MSEForClassification", "MeanImputation",
+    "MissingZeroGrad", "MixedUnits", "NaNFeatures", "NoShuffling", "NormalizationMismatch",
+    "OversizedBatch", "PureNoiseTargets", "ReduceOnPlateau", "Shuffling", "SigmoidStack",
+    "SortedByTarget", "StandardizeInputs", "StandardizeTargets", "StepDecay", "TargetOutliers",
+    "TargetScale", "UnscaledFeatures", "Warmup", "WeightDecay", "ZeroInit",
     "apply_data_transforms", "apply_transforms", "transform_generator",
 ]

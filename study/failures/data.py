@@ -62,22 +62,53 @@ class TargetOutliers:
 @dataclass(frozen=True)
 class UnscaledFeatures:
     """Features in wildly different units: feature j of both splits is multiplied by
-    10 ** (log10(min_scale) + (log10(max_scale) - log10(min_scale)) * j / (d - 1))."""
+    10 ** (log10(min_scale) + (log10(max_scale) - log10(min_scale)) * j / (d - 1)).
+
+    A one-feature task has no spread to span: its feature is multiplied by `max_scale`
+    (an unscaled feature is one too large for the learning rate; before, it got `min_scale`
+    and could only be made smaller). `scales` (one positive number per feature) replaces the
+    log-spaced scales with explicit ones; its length must equal the task's input dimension.
+    """
 
     min_scale: float = 1e-2
     max_scale: float = 1e2
+    scales: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
         if not (self.min_scale > 0 and self.max_scale > 0):
             raise ValueError("failure.unscaled: min_scale and max_scale must be > 0")
+        if self.scales is not None:
+            # YAML gives a list: kept as a tuple so the transform (part of a frozen,
+            # hashed TrialSpec) stays hashable.
+            object.__setattr__(self, "scales", tuple(float(v) for v in self.scales))
+            if not self.scales or not all(math.isfinite(v) and v > 0 for v in self.scales):
+                raise ValueError(f"failure.unscaled.scales: every entry must be a finite "
+                                 f"number > 0, got {list(self.scales)}")
 
-    def scales(self, dim: int) -> Tensor:
+    def params(self) -> dict[str, object]:
+        """Record fields; `scales` only when given (trial keys of runs before it stay)."""
+        out: dict[str, object] = {"min_scale": self.min_scale, "max_scale": self.max_scale}
+        if self.scales is not None:
+            out["scales"] = self.scales
+        return out
+
+    def check(self, task) -> None:
+        if self.scales is not None and len(self.scales) != task.input_dim:
+            raise ValueError(f"failure.unscaled.scales has {len(self.scales)} entries, the "
+                             f"task has {task.input_dim} features")
+
+    def scales_for(self, dim: int) -> Tensor:
+        """[dim] float64: the factor of each feature."""
+        if self.scales is not None:
+            return torch.tensor(self.scales, dtype=torch.float64)
+        if dim == 1:
+            return torch.tensor([self.max_scale], dtype=torch.float64)
         a, b = math.log10(self.min_scale), math.log10(self.max_scale)
-        steps = torch.arange(dim, dtype=torch.float64) / max(dim - 1, 1)
+        steps = torch.arange(dim, dtype=torch.float64) / (dim - 1)
         return 10 ** (a + (b - a) * steps)
 
     def apply_data(self, data: Dataset, generator: torch.Generator) -> Dataset:
-        s = self.scales(data.input_dim)
+        s = self.scales_for(data.input_dim)
         return dataclasses.replace(data, x_train=data.x_train * s, x_val=data.x_val * s)
 
 
@@ -204,6 +235,123 @@ class Leakage:
         x, y = data.x_train.clone(), data.y_train.clone()
         x[:k], y[:k] = data.x_val[:k], data.y_val[:k]
         return dataclasses.replace(data, x_train=x, y_train=y)
+
+
+def _feature_index(owner: str, feature: int, task) -> None:
+    if not 0 <= feature < task.input_dim:
+        raise ValueError(f"{owner}.feature must be in [0, {task.input_dim - 1}] (the task has "
+                         f"{task.input_dim} features), got {feature}")
+
+
+@dataclass(frozen=True)
+class InputOutliers:
+    """Outliers in the inputs: in `fraction` of the training rows (at least one when
+    `fraction` > 0), feature `feature` is multiplied by `magnitude` (a value recorded at
+    100x, the classic case for a robust scaler). Targets are untouched, so those rows no
+    longer follow the task's function. Training split only: the validation split is clean
+    and the task's floor holds for it."""
+
+    fraction: float = 0.02
+    magnitude: float = 100.0
+    feature: int = 0
+
+    def __post_init__(self) -> None:
+        _fraction("failure.input_outliers", "fraction", self.fraction)
+
+    def check(self, task) -> None:
+        _feature_index("failure.input_outliers", self.feature, task)
+
+    def apply_data(self, data: Dataset, generator: torch.Generator) -> Dataset:
+        n = data.n_train
+        k = max(1, _count(self.fraction, n)) if self.fraction > 0 else 0
+        rows = torch.randperm(n, generator=generator)[:k]
+        x = data.x_train.clone()
+        x[rows, self.feature] *= self.magnitude
+        return dataclasses.replace(data, x_train=x)
+
+
+@dataclass(frozen=True)
+class MixedUnits:
+    """One column in two units across rows (one source in grams, another in kilograms):
+    in `fraction` of the training rows, drawn at random, feature `feature` is multiplied by
+    `factor`. Unlike `unscaled` (whole columns), the rows of one column disagree. Training
+    split only: the validation split is in one unit and the task's floor holds for it."""
+
+    fraction: float = 0.5
+    factor: float = 1000.0
+    feature: int = 0
+
+    def __post_init__(self) -> None:
+        _fraction("failure.mixed_units", "fraction", self.fraction)
+        if not self.factor > 0:
+            raise ValueError(f"failure.mixed_units.factor must be > 0, got {self.factor}")
+
+    def check(self, task) -> None:
+        _feature_index("failure.mixed_units", self.feature, task)
+
+    def apply_data(self, data: Dataset, generator: torch.Generator) -> Dataset:
+        n = data.n_train
+        rows = torch.randperm(n, generator=generator)[:_count(self.fraction, n)]
+        x = data.x_train.clone()
+        x[rows, self.feature] *= self.factor
+        return dataclasses.replace(data, x_train=x)
+
+
+@dataclass(frozen=True)
+class TargetScale:
+    """Targets in other units: y -> offset + factor x y on both splits (targets "in the
+    thousands"). Regression only. The noise floor moves with them: it is multiplied by
+    factor^2 (an offset does not change it), so statuses stay judged against the right
+    floor."""
+
+    factor: float = 1000.0
+    offset: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not self.factor > 0:
+            raise ValueError(f"failure.target_scale.factor must be > 0, got {self.factor}")
+
+    def check(self, task) -> None:
+        _needs(task, "mse", "TargetScale")
+
+    def apply_data(self, data: Dataset, generator: torch.Generator) -> Dataset:
+        return dataclasses.replace(
+            data, y_train=self.offset + self.factor * data.y_train,
+            y_val=self.offset + self.factor * data.y_val,
+            irreducible_loss=data.irreducible_loss * self.factor**2)
+
+
+@dataclass(frozen=True)
+class PureNoiseTargets:
+    """Nothing to learn: the targets of both splits are replaced by draws independent of
+    the inputs. Regression: y ~ N(0, std^2 x var(y_train)) per output (the same spread as
+    the task's targets at `std` 1); classification: uniformly drawn classes.
+
+    The floor becomes the loss of the best predictor that ignores x, on the validation
+    split: mean(y_val^2) in the evaluation's units (the generating model predicts 0) for
+    regression, log(C) (the uniform posterior) for classification."""
+
+    std: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not self.std > 0:
+            raise ValueError(f"failure.pure_noise.std must be > 0, got {self.std}")
+
+    def apply_data(self, data: Dataset, generator: torch.Generator) -> Dataset:
+        if data.loss == "cross_entropy":
+            classes = int(max(data.y_train.max(), data.y_val.max())) + 1
+            y_train = torch.randint(classes, data.y_train.shape, generator=generator)
+            y_val = torch.randint(classes, data.y_val.shape, generator=generator)
+            return dataclasses.replace(data, y_train=y_train, y_val=y_val,
+                                       irreducible_loss=math.log(classes))
+        spread = self.std * data.y_train.std(dim=0)
+        y_train = spread * torch.randn(data.y_train.shape, generator=generator,
+                                       dtype=torch.float64)
+        y_val = spread * torch.randn(data.y_val.shape, generator=generator,
+                                     dtype=torch.float64)
+        scale = 1.0 if data.target_scale is None else data.target_scale
+        floor = float((y_val * scale).square().mean())
+        return dataclasses.replace(data, y_train=y_train, y_val=y_val, irreducible_loss=floor)
 
 
 # ---------------------------------------------------------------------------- mitigations

@@ -35,6 +35,16 @@ class MissingZeroGrad:
 
 
 @dataclass(frozen=True)
+class NoShuffling:
+    """The training split visited in its stored order every epoch (`loop.shuffle = False`,
+    a `DataLoader` without `shuffle=True`): the same minibatches, in the same order, every
+    epoch. The data are not touched (`sorted` also sorts them: a different suspect)."""
+
+    def apply_spec(self, trial):
+        return _with_loop(trial, shuffle=False)
+
+
+@dataclass(frozen=True)
 class HandwrittenBCE:
     """Binary cross-entropy written by hand on raw logits (no sigmoid) against one-hot
     targets: log of a negative logit is NaN. Classification only."""
@@ -181,7 +191,8 @@ class ClassWeightedLoss:
 
 @dataclass(frozen=True)
 class Shuffling:
-    """Reshuffle the training split every epoch (undoes `sorted`'s fixed order)."""
+    """Reshuffle the training split every epoch (undoes `sorted`'s and `no_shuffle`'s fixed
+    order)."""
 
     def apply_spec(self, trial):
         return _with_loop(trial, shuffle=True)

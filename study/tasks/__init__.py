@@ -1,4 +1,5 @@
-"""Synthetic tasks: deterministic generators of (X, y) from a data seed. No Hydra, no I/O.
+"""Tasks: deterministic generators of (X, y) from a data seed. No Hydra; only the real-data
+tasks (`table`) read files.
 
 Each task is a frozen dataclass whose fields are its config keys (the YAML under conf/task/
 instantiates it through `_target_`) and whose `generate(seed)` returns a `Dataset`.
@@ -7,5 +8,7 @@ instantiates it through `_target_`) and whose `generate(seed)` returns a `Datase
 from study.tasks.base import Dataset, Task
 from study.tasks.classification import Blobs, Spirals
 from study.tasks.regression import LinearRegression, TeacherMLP
+from study.tasks.table import SklearnData, Table
 
-__all__ = ["Blobs", "Dataset", "LinearRegression", "Spirals", "Task", "TeacherMLP"]
+__all__ = ["Blobs", "Dataset", "LinearRegression", "SklearnData", "Spirals", "Table", "Task",
+           "TeacherMLP"]

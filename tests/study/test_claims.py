@@ -133,3 +133,39 @@ def test_equivalence_margins_are_checked(claim, message) -> None:
             "compare": {"axis": "mitigation", "arm": "fix", "baseline": "none"}}
     with pytest.raises(ClaimError, match=message):
         check_claims([{**base, **claim}], list(AXES), ["val_loss_final"])
+
+
+def test_arms_that_differ_on_two_axes_pair_by_seed_and_the_remaining_axes() -> None:
+    """fix at lr 0.01 vs none at lr 0.1: one pair per seed (no other axis left); the effect
+    is the mean of exactly those differences."""
+    trials = _fixture()
+    claim = {"statement": "fix at a small lr beats none at a larger one",
+             "metric": "val_loss_final", "expect": "lower",
+             "compare": {"arm": {"mitigation": "fix", "optimizer.lr": 0.01},
+                         "baseline": {"mitigation": "none", "optimizer.lr": 0.1}}}
+    check_claims([claim], list(AXES), ["val_loss_final"])
+    out = evaluate_claims(trials, [claim], AXES)
+    arm = trials[(trials["mitigation"] == "fix") & (trials["optimizer.lr"] == 0.01)]
+    base = trials[(trials["mitigation"] == "none") & (trials["optimizer.lr"] == 0.1)]
+    want = (arm.set_index("seed")["val_loss_final"]
+            - base.set_index("seed")["val_loss_final"]).mean()
+    assert out.loc[0, "effect"] == pytest.approx(want)
+    assert out.loc[0, "n_units"] == 20 and out.loc[0, "verdict"] == "supported"
+    assert out.loc[0, "comparison"] == ("mitigation=fix, optimizer.lr=0.01 vs "
+                                        "mitigation=none, optimizer.lr=0.1, paired by seed")
+
+
+@pytest.mark.parametrize(("compare", "message"), [
+    ({"arm": {"mitigation": "fix", "optimizer.lr": 0.01}, "baseline": {"mitigation": "none"}},
+     "must both map the same axes"),
+    ({"arm": {"mitigation": "fix"}, "baseline": "none"}, "must both map the same axes"),
+    ({"axis": "mitigation", "arm": {"mitigation": "fix"}, "baseline": {"mitigation": "none"}},
+     "compare.axis: arms given as axis -> value mappings"),
+    ({"arm": {"train.batch_size": 8}, "baseline": {"train.batch_size": 32}}, "not an axis"),
+    ({"arm": "fix", "baseline": "none"}, "compare.axis: missing"),
+])
+def test_two_axis_arms_are_checked(compare, message) -> None:
+    claim = {"statement": "s", "metric": "val_loss_final", "expect": "lower",
+             "compare": compare}
+    with pytest.raises(ClaimError, match=message):
+        check_claims([claim], list(AXES), ["val_loss_final"])

@@ -231,3 +231,33 @@ def test_a_journal_cut_short_is_repaired_and_the_resume_finishes(smoke_run, tmp_
     assert "0 trials trained, 16 already done" in done.stdout
     assert journal.read_bytes().startswith(whole)
     assert len(list(run_dir.glob(f"{records.JOURNAL}.*.bak"))) == 1
+
+
+@pytest.mark.parametrize("how", ["--config-dir", "hydra.searchpath"])
+def test_a_user_config_directory_with_a_group_axis_sweep_runs_both_documented_ways(
+        tmp_path: Path, study_cli, how: str) -> None:
+    """The grid composes each group option again: it must find the user's sweep and the
+    user's own option (a failure mode only in that directory) either way."""
+    import pandas as pd
+
+    conf = tmp_path / "conf"
+    (conf / "sweep").mkdir(parents=True)
+    (conf / "failure").mkdir()
+    (conf / "failure" / "heavy_outliers.yaml").write_text(
+        "heavy_outliers:\n  _target_: study.failures.TargetOutliers\n  fraction: 0.2\n"
+        "  magnitude: 50.0\n")
+    (conf / "sweep" / "mine.yaml").write_text(
+        "# @package _global_\nsweep:\n  name: mine\n  seeds: [0]\n  axes:\n"
+        "    failure: [none, heavy_outliers]\n    task: [teacher_mlp, linear_regression]\n"
+        "train:\n  epochs: 1\nmodel:\n  width: 8\n")
+    where = (["--config-dir", str(conf)] if how == "--config-dir"
+             else [f"hydra.searchpath=[file://{conf}]"])
+    run_dir = tmp_path / "run"
+    study_cli(*where, "+sweep=mine", f"hydra.run.dir={run_dir}", "progress=false",
+              "report=false", expect=0)
+    trials = pd.read_parquet(run_dir / records.TRIALS)
+    assert sorted(zip(trials["failure"], trials["task"], strict=True)) == [
+        ("heavy_outliers", "linear_regression"), ("heavy_outliers", "teacher_mlp"),
+        ("none", "linear_regression"), ("none", "teacher_mlp")]
+    assert (trials.loc[trials["failure"] == "heavy_outliers",
+                       "failure.heavy_outliers.magnitude"] == 50.0).all()

@@ -18,11 +18,15 @@ def _options(group: str) -> list[str]:
 
 
 @pytest.mark.parametrize("group", ["task", "model", "optimizer"])
-def test_every_option_of_every_group_composes_and_instantiates(group: str) -> None:
+def test_every_option_of_every_group_composes_and_instantiates(group: str,
+                                                                tmp_path: Path) -> None:
     options = _options(group)
     assert options, f"no YAML under conf/{group}"
+    table = tmp_path / "table.csv"  # task=table needs a file: a small one
+    table.write_text("a,b,y\n" + "".join(f"{i},{i % 3},{i * 0.5}\n" for i in range(20)))
+    needs = {("task", "table"): [f"task.path={table}", "task.target=y"]}
     for option in options:
-        plan = plan_from_overrides([f"{group}={option}"])
+        plan = plan_from_overrides([f"{group}={option}", *needs.get((group, option), [])])
         (point,) = plan.points
         trial = point.trial
         assert trial.labels[group] == option

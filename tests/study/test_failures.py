@@ -54,6 +54,82 @@ def test_unscaled_features_span_the_declared_orders_of_magnitude() -> None:
     assert torch.allclose(dirty.x_val / clean.x_val, ratio[:1].expand_as(clean.x_val))
 
 
+def test_unscaled_on_one_feature_makes_it_larger_and_takes_explicit_scales() -> None:
+    one = LinearRegression(dim=1, n_train=50, n_val=50)
+    clean, dirty = one.generate(0), _data(one, f.UnscaledFeatures(1e-2, 1e2))
+    assert torch.allclose(dirty.x_train, 100 * clean.x_train)
+    explicit = f.UnscaledFeatures(scales=[0.1, 1, 1000] + [1] * 7)
+    ratio = _data(REG, explicit).x_val / REG.generate(0).x_val
+    assert torch.allclose(ratio[0, :3], torch.tensor([0.1, 1, 1000], dtype=torch.float64))
+    assert hash(explicit) and "scales" not in f.UnscaledFeatures().params()
+    with pytest.raises(ValueError, match="has 2 entries, the task has 10 features"):
+        _trial(REG, [f.UnscaledFeatures(scales=[1, 2])])
+    with pytest.raises(ValueError, match="finite number > 0"):
+        f.UnscaledFeatures(scales=[1, -2])
+
+
+def test_input_outliers_scale_one_feature_of_a_few_training_rows() -> None:
+    clean = REG.generate(0)
+    dirty = _data(REG, f.InputOutliers(fraction=0.02, magnitude=100.0, feature=3))
+    changed = (dirty.x_train != clean.x_train).nonzero()
+    assert len(changed) == 4 and (changed[:, 1] == 3).all()  # 2% of 200 rows, feature 3
+    rows = changed[:, 0]
+    assert torch.equal(dirty.x_train[rows, 3], 100 * clean.x_train[rows, 3])
+    assert torch.equal(dirty.x_val, clean.x_val) and torch.equal(dirty.y_train, clean.y_train)
+    assert dirty.irreducible_loss == clean.irreducible_loss
+    assert len((_data(REG, f.InputOutliers(fraction=0.001)).x_train
+                != clean.x_train).nonzero()) == 1  # at least one row
+    with pytest.raises(ValueError, match=r"feature must be in \[0, 9\]"):
+        _trial(REG, [f.InputOutliers(feature=10)])
+
+
+def test_mixed_units_rescale_one_column_in_a_fraction_of_the_rows() -> None:
+    clean = REG.generate(0)
+    dirty = _data(REG, f.MixedUnits(fraction=0.5, factor=1000.0, feature=1))
+    column, before = dirty.x_train[:, 1], clean.x_train[:, 1]
+    assert int((column == 1000 * before).sum()) == 100 and int((column == before).sum()) == 100
+    assert torch.equal(dirty.x_train[:, [0, *range(2, 10)]], clean.x_train[:, [0, *range(2, 10)]])
+    assert torch.equal(dirty.x_val, clean.x_val)
+
+
+def test_target_scale_moves_the_floor_with_the_targets() -> None:
+    clean = REG.generate(0)
+    dirty = _data(REG, f.TargetScale(factor=1000.0, offset=5.0))
+    assert torch.allclose(dirty.y_val, 5 + 1000 * clean.y_val)
+    assert dirty.irreducible_loss == pytest.approx(1e6 * clean.irreducible_loss)
+    with pytest.raises(ValueError, match="regression tasks only"):
+        _trial(CLS, [f.TargetScale()])
+
+
+def test_target_scale_with_standardized_targets_is_the_clean_run_in_other_units() -> None:
+    """Standardizing undoes the scale exactly, and losses and floor are both reported in
+    the scaled units, so every loss is factor^2 the clean run's and the status is the same:
+    the floor moved with the targets."""
+    from study.metrics import summarize
+
+    clean = _trial(REG, [], [f.StandardizeTargets()])
+    scaled = _trial(REG, [f.TargetScale(factor=30.0)], [f.StandardizeTargets()])
+    a, b = BatchedEngine().run([clean, scaled], torch.device("cpu"))
+    np.testing.assert_allclose(b.val_loss, 900 * a.val_loss, rtol=1e-9)
+    assert b.irreducible_loss == pytest.approx(900 * a.irreducible_loss)
+    assert summarize(a)["status"] == summarize(b)["status"]
+
+
+def test_pure_noise_targets_leave_nothing_to_learn_and_set_the_floor() -> None:
+    """Both splits redrawn independently of x; the floor is the best x-free predictor's loss,
+    and a trained model cannot beat it on validation (it only fits training noise)."""
+    clean = REG.generate(0)
+    noise = _data(REG, f.PureNoiseTargets())
+    assert noise.irreducible_loss == pytest.approx(float(noise.y_val.square().mean()))
+    assert abs(float(noise.y_train.std()) / float(clean.y_train.std()) - 1) < 0.2
+    assert torch.equal(_data(REG, f.PureNoiseTargets()).y_val, noise.y_val)  # seeded
+    classes = _data(CLS, f.PureNoiseTargets())
+    assert classes.irreducible_loss == pytest.approx(np.log(3))
+    assert set(classes.y_val.tolist()) == {0, 1, 2}
+    (trace,) = BatchedEngine().run([_trial(REG, [f.PureNoiseTargets()])], torch.device("cpu"))
+    assert trace.val_loss.min() > 0.9 * trace.irreducible_loss
+
+
 def test_label_noise_redraws_the_fraction_of_labels() -> None:
     clean, noisy = CLS.generate(0), _data(CLS, f.LabelNoise(fraction=0.3))
     changed = int((clean.y_train != noisy.y_train).sum())
@@ -89,6 +165,28 @@ def test_sorted_sorts_training_targets_and_switches_shuffling_off() -> None:
     assert (data.y_train[1:, 0] >= data.y_train[:-1, 0]).all()
     assert _trial(REG, [f.SortedByTarget()]).loop.shuffle is False
     assert _trial(REG, [f.SortedByTarget()], [f.Shuffling()]).loop.shuffle is True
+
+
+@pytest.mark.parametrize("engine", ["reference", "batched"])
+def test_no_shuffle_repeats_the_stored_minibatches_every_epoch(engine: str) -> None:
+    """At lr 1e-30 (0 is refused) the float64 parameters never move (the updates are far
+    below an ulp of any weight), so a minibatch loss depends on its rows only:
+    without reshuffling epoch 2 repeats epoch 1's losses step by step; with it, it does not.
+    The data are untouched (unlike `sorted`)."""
+    from study.engine import ReferenceEngine
+
+    assert torch.equal(_trial(REG, [f.NoShuffling()]).dataset(0).y_train,
+                       REG.generate(0).y_train)
+    run = (ReferenceEngine() if engine == "reference" else BatchedEngine()).run
+    frozen = SGD(lr=1e-30)
+    fixed, shuffled = run([_trial(REG, [f.NoShuffling()], optimizer=frozen),
+                           _trial(REG, [], optimizer=frozen)], torch.device("cpu"))
+    assert _trial(REG, [f.NoShuffling()]).loop.shuffle is False
+    assert _trial(REG, [f.NoShuffling()], [f.Shuffling()]).loop.shuffle is True
+    per_epoch = len(fixed.step_loss) // 2  # 200 rows, batch 32: 7 steps, 2 epochs
+    assert per_epoch == 7
+    np.testing.assert_array_equal(fixed.step_loss[:per_epoch], fixed.step_loss[per_epoch:])
+    assert not np.array_equal(shuffled.step_loss[:per_epoch], shuffled.step_loss[per_epoch:])
 
 
 def test_normalization_mismatch_standardizes_train_only() -> None:
