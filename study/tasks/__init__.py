@@ -7,8 +7,8 @@ instantiates it through `_target_`) and whose `generate(seed)` returns a `Datase
 
 from study.tasks.base import Dataset, Task
 from study.tasks.classification import Blobs, Spirals
-from study.tasks.regression import LinearRegression, TeacherMLP
+from study.tasks.regression import FunctionFit, LinearRegression, TeacherMLP
 from study.tasks.table import SklearnData, Table
 
-__all__ = ["Blobs", "Dataset", "LinearRegression", "SklearnData", "Spirals", "Table", "Task",
-           "TeacherMLP"]
+__all__ = ["Blobs", "Dataset", "FunctionFit", "LinearRegression", "SklearnData", "Spirals",
+           "Table", "Task", "TeacherMLP"]

@@ -146,6 +146,59 @@ class TeacherMLP:
         return _split(x, y, self.n_train, self.loss, self.noise**2)
 
 
+_FUNCTIONS = ("chebyshev", "sine")
+
+
+@dataclass(frozen=True)
+class FunctionFit:
+    """A fixed function of one input: training inputs on an even grid of `n_train` points
+    over [-1, 1], validation inputs drawn uniformly on [-1, 1] from the data seed, and
+    y = f(x) + noise * eps, the small setting of edge-of-stability and catapult studies
+    (Cohen et al. 2021 fit Chebyshev polynomials).
+
+    `function` "chebyshev" is the Chebyshev polynomial T_order(x) = cos(order * arccos x);
+    "sine" is sin(order * pi * x) (`order` half periods over [-1, 1]). f is the same for
+    every seed; the seed draws the validation inputs and the noise. The loss floor is
+    `noise**2` (0 by default: an MLP can fit f as closely as it likes).
+    """
+
+    function: str = "chebyshev"
+    order: int = 4
+    noise: float = 0.0
+    n_train: int = 64
+    n_val: int = 256
+    loss: LossName = field(default="mse", init=False)
+
+    def __post_init__(self) -> None:
+        check_positive("task", n_train=self.n_train, n_val=self.n_val)
+        check_non_negative("task", noise=self.noise, order=self.order)
+        if self.function not in _FUNCTIONS:
+            raise ValueError(f"task.function must be one of {list(_FUNCTIONS)}, "
+                             f"got {self.function!r}")
+
+    @property
+    def input_dim(self) -> int:
+        return 1
+
+    @property
+    def output_dim(self) -> int:
+        return 1
+
+    def f(self, x: torch.Tensor) -> torch.Tensor:
+        """The target function (noise-free) at inputs `x` in [-1, 1]."""
+        if self.function == "chebyshev":
+            return torch.cos(self.order * torch.arccos(x.clamp(-1.0, 1.0)))
+        return torch.sin(self.order * math.pi * x)
+
+    def generate(self, seed: int) -> Dataset:
+        g = torch.Generator().manual_seed(seed)
+        grid = torch.linspace(-1.0, 1.0, self.n_train, dtype=torch.float64)
+        drawn = torch.rand(self.n_val, generator=g, dtype=torch.float64) * 2.0 - 1.0
+        x = torch.cat([grid, drawn])[:, None]
+        y = self.f(x) + self.noise * torch.randn(x.shape, generator=g, dtype=torch.float64)
+        return _split(x, y, self.n_train, self.loss, self.noise**2)
+
+
 def _split(x: torch.Tensor, y: torch.Tensor, n_train: int, loss: LossName,
            floor: float) -> Dataset:
     return Dataset(x[:n_train], y[:n_train], x[n_train:], y[n_train:], loss, float(floor))

@@ -66,3 +66,16 @@ def test_cuda_real_data_trials_match_the_cpu_reference(tmp_path: Path) -> None:
     got = BatchedEngine().run(trials, torch.device("cuda"))
     for trial, g, w in zip(trials, got, want, strict=True):
         assert_equivalent(g, w, TOL[trial.train.dtype])
+
+
+def test_a_fixed_function_fit_matches_the_reference() -> None:
+    from study.tasks import FunctionFit
+
+    trials = [_trial(FunctionFit(function=fn, order=3, noise=noise), opt, seed)
+              for fn, noise, opt, seed in (("chebyshev", 0.0, SGD(lr=0.05), 0),
+                                           ("sine", 0.1, Adam(lr=1e-2), 1))]
+    want = ReferenceEngine().run(trials, CPU)
+    got = BatchedEngine().run(trials, CPU)
+    for g, w in zip(got, want, strict=True):
+        assert_equivalent(g, w, TOL["float64"])
+        assert w.divergence_step is None and w.val_loss[-1] < w.val_loss[0]
