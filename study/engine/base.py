@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, fields
 from typing import Protocol
@@ -54,6 +55,7 @@ class Trace:
     divergence_step: int | None
     planned_steps: int
     irreducible_loss: float
+    input_free_loss: float = math.nan  # Dataset.input_free_loss of the data it trained on
     grad_norm_first: np.ndarray | None = None
     grad_norm_last: np.ndarray | None = None
     param_norm: np.ndarray | None = None
@@ -73,7 +75,8 @@ class Trace:
             if isinstance(a, np.ndarray) or isinstance(b, np.ndarray):
                 if a is None or b is None or not np.array_equal(a, b, equal_nan=True):
                     return False
-            elif a != b:
+            elif a != b and not (isinstance(a, float) and isinstance(b, float)
+                                 and math.isnan(a) and math.isnan(b)):
                 return False
         return True
 

@@ -200,6 +200,8 @@ class _Population:
         self.loss, self.n_train = data[0].loss, data[0].n_train
         self.y_dtype = torch.int64 if self.loss == "cross_entropy" else self.dtype
         self.irreducible = [d.irreducible_loss for d in mine]
+        free = {id(d): d.input_free_loss() for d in data}
+        self.input_free = [free[id(d)] for d in mine]
         self.net = Network(tuple(first.model.layer_sizes(task.input_dim, task.output_dim)),
                            first.model.activation)
 
@@ -652,6 +654,7 @@ class _Population:
                                               else None)}
             out.append(Trace(eval_step=eval_steps[:n_evals].copy(), divergence_step=divergence,
                              planned_steps=self.planned, irreducible_loss=self.irreducible[t],
+                             input_free_loss=self.input_free[t],
                              **s, **e, **diag))
         return out
 

@@ -20,6 +20,8 @@ Losses:
 - `gen_gap`: val_loss_final - train_loss_final (generalization gap).
 - `irreducible_loss`: the task's noise floor, which holds for the validation split (failure
   modes corrupt the training split only); `excess_loss_final`: val_loss_final - floor.
+- `input_free_loss`: the validation loss of the best predictor that ignores the inputs
+  (training targets' mean / class frequencies, `Dataset.input_free_loss`).
 - `divergence_step` (update index, NaN if not diverged); `steps` (updates applied);
   `planned_steps`.
 
@@ -56,7 +58,7 @@ SUMMARY_METRICS = (
     "train_loss_initial", "train_loss_final", "train_loss_best",
     "val_loss_initial", "val_loss_final", "val_loss_best", "val_loss_end", "loss_blowup_max",
     "train_acc_final", "val_acc_final", "gen_gap", "excess_loss_final",
-    "divergence_step", "steps", "planned_steps", "irreducible_loss",
+    "divergence_step", "steps", "planned_steps", "irreducible_loss", "input_free_loss",
     "steps_to_50pct", "steps_to_90pct", "plateau_steps",
     "osc_tv_ratio", "up_step_fraction", "loss_diff_autocorr", "update_cosine_mean",
     "spike_count", "spike_max_ratio", "eval_rise_count",
@@ -88,7 +90,7 @@ def summarize_many(traces: Sequence[Trace],
     spikes = shape.spikes(a.step_loss)
     rises = shape.eval_rises(a.val_loss, a.irreducible_loss)
     verdict = classify(engine_divergence=engine_div, eval_step=a.eval_step, loss=a.val_loss,
-                       floor=a.irreducible_loss,
+                       floor=a.irreducible_loss, input_free=a.input_free_loss,
                        spike_count=np.nan_to_num(spikes["spike_count"]), eval_rises=rises)
     stopped = ~np.isnan(engine_div)
     cols: dict[str, np.ndarray] = {}
@@ -109,6 +111,7 @@ def summarize_many(traces: Sequence[Trace],
     cols["steps"] = np.array([_updates(tr) for tr in traces], dtype=float)
     cols["planned_steps"] = np.array([tr.planned_steps for tr in traces], dtype=float)
     cols["irreducible_loss"] = a.irreducible_loss
+    cols["input_free_loss"] = a.input_free_loss
     cols["steps_to_50pct"] = shape.steps_to_fraction(a.eval_step, a.train_loss, 0.5)
     cols["steps_to_90pct"] = shape.steps_to_fraction(a.eval_step, a.train_loss, 0.9)
     cols["plateau_steps"] = shape.plateau_steps(a.eval_step, a.train_loss)

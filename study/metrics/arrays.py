@@ -50,6 +50,7 @@ class TraceArrays:
     n_steps: np.ndarray  # [T] entries recorded in step fields
     n_evals: np.ndarray  # [T] entries recorded in eval fields
     irreducible_loss: np.ndarray  # [T]
+    input_free_loss: np.ndarray  # [T]
 
     @classmethod
     def stack(cls, traces: Sequence[Trace]) -> TraceArrays:
@@ -73,6 +74,7 @@ class TraceArrays:
             n_steps=np.array([len(t.step_loss) for t in traces]),
             n_evals=np.array([len(t.eval_step) for t in traces]),
             irreducible_loss=np.array([t.irreducible_loss for t in traces], dtype=float),
+            input_free_loss=np.array([t.input_free_loss for t in traces], dtype=float),
         )
 
 

@@ -63,10 +63,12 @@ def plateau_steps(eval_step: np.ndarray, loss: np.ndarray) -> np.ndarray:
 
 def _log_diffs(step_loss: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(log-loss differences with sub-noise changes set to 0, mask of significant ones)."""
+    # A loss of exactly 0 (float32 underflow on separable data) has log -inf: differences
+    # next to it are NaN and compare False, like a missing step.
     with np.errstate(divide="ignore", invalid="ignore"):
         log_loss = np.log(finite(step_loss))
-    d = np.diff(log_loss, axis=1)
-    significant = np.abs(np.expm1(d)) > RELATIVE_NOISE  # NaN compares False
+        d = np.diff(log_loss, axis=1)
+        significant = np.abs(np.expm1(d)) > RELATIVE_NOISE  # NaN compares False
     return np.where(np.isnan(d), np.nan, np.where(significant, d, 0.0)), significant
 
 
@@ -156,14 +158,15 @@ def spikes(step_loss: np.ndarray) -> dict[str, np.ndarray]:
         return {"spike_count": np.full(t, np.nan), "spike_max_ratio": np.full(t, np.nan)}
     windows = sliding_window_view(log_loss, SPIKE_WINDOW, axis=1)[:, :-1]  # [T, S-W, W]
     current = log_loss[:, SPIKE_WINDOW:]
-    median = np.median(windows, axis=2)  # NaN when the window leaves the trial's steps
-    mad = np.median(np.abs(windows - median[..., None]), axis=2)
-    scale = np.maximum(MAD_TO_SIGMA * mad, SPIKE_SCALE_FLOOR)
+    # A window holding a loss of exactly 0 (log -inf) gives NaN statistics: no spike there.
     with np.errstate(invalid="ignore"):
+        median = np.median(windows, axis=2)  # NaN when the window leaves the trial's steps
+        mad = np.median(np.abs(windows - median[..., None]), axis=2)
+        scale = np.maximum(MAD_TO_SIGMA * mad, SPIKE_SCALE_FLOOR)
         spiking = (current - median) / scale > SPIKE_Z
-    onsets = spiking & ~np.concatenate([np.zeros((t, 1), bool), spiking[:, :-1]], axis=1)
-    count = onsets.sum(axis=1).astype(float)
-    ratio = nan_reduce(np.nanmax, np.exp(current - median))
+        onsets = spiking & ~np.concatenate([np.zeros((t, 1), bool), spiking[:, :-1]], axis=1)
+        count = onsets.sum(axis=1).astype(float)
+        ratio = nan_reduce(np.nanmax, np.exp(current - median))
     count = np.where(np.isnan(ratio), np.nan, count)
     return {"spike_count": count, "spike_max_ratio": ratio}
 

@@ -8,17 +8,21 @@ a signal that the corruption does not fake, and the task's noise floor
 (`irreducible_loss`) is the right floor for it. Minibatch spikes are read on the training
 objective of every step (the optimizer's own dynamics).
 
-Writing L_0 for the initial validation loss (step 0), f for the floor and E for the end
-level, the median of the last `END_FRACTION` of the finite evaluations (at least one), so a
-single spike at the last evaluation does not decide the status:
+Writing L_0 for the initial validation loss (step 0), f for the floor, B for the
+input-free loss (the validation loss of the best predictor that ignores the inputs: the
+training targets' mean or class frequencies) and E for the end level, the median of the
+last `END_FRACTION` of the finite evaluations (at least one), so a single spike at the last
+evaluation does not decide the status:
 
 1. `diverged`: the engine stopped the trial at a non-finite minibatch loss, gradient norm or
    eval loss (the divergence step is that step); or the run ended blown up: its last
    `DIVERGENCE_EVALS` evaluations (all of them after step 0 when fewer) are above
    `DIVERGENCE_FACTOR` x L_0 (the divergence step is the first evaluation of that final
    streak).
-2. `no_progress`: E - f >= `NO_PROGRESS_FRACTION` x (L_0 - f): the run ends where it
-   started, or above it.
+2. `no_progress`: E - f >= `NO_PROGRESS_FRACTION` x (S - f) with S = min(L_0, B) (B only
+   when it is above f): the run ends where it started, above it, or no better than
+   ignoring the inputs (a classifier that settles on the class frequencies, whatever its
+   initial loss, or a regressor that predicts the mean) learned nothing.
 3. `recovered`: the loss blew up, an evaluation rose above `BLOWUP_FACTOR` x L_0
    (`loss_blowup_max`), and came back down far enough to make progress: a catapult
    (Lewkowycz et al. 2020), not a divergence.
@@ -110,12 +114,13 @@ def final_blowup_step(eval_step: np.ndarray, loss: np.ndarray) -> np.ndarray:
 
 
 def classify(*, engine_divergence: np.ndarray, eval_step: np.ndarray, loss: np.ndarray,
-             floor: np.ndarray, spike_count: np.ndarray, eval_rises: np.ndarray) -> Verdict:
+             floor: np.ndarray, spike_count: np.ndarray, eval_rises: np.ndarray,
+             input_free: np.ndarray | float = np.nan) -> Verdict:
     """The module's rules applied to T trials.
 
     `loss` [T, E]: the judged signal (validation loss at each evaluation, NaN-padded);
     `engine_divergence` [T]: the step at which the engine stopped each trial (NaN if it ran
-    to the end)."""
+    to the end); `input_free` [T]: B (NaN: unknown, only L_0 counts)."""
     loss = finite(np.atleast_2d(loss))
     blowup_step = final_blowup_step(eval_step, loss)
     divergence = np.where(np.isnan(engine_divergence), blowup_step, engine_divergence)
@@ -128,7 +133,9 @@ def classify(*, engine_divergence: np.ndarray, eval_step: np.ndarray, loss: np.n
     with np.errstate(invalid="ignore"):
         excess_initial = initial - floor
         excess_end = end - floor
-        no_progress = ~(excess_end < NO_PROGRESS_FRACTION * excess_initial)
+        start = np.where(np.asarray(input_free) > floor,
+                         np.fmin(initial, input_free), initial)
+        no_progress = ~(excess_end < NO_PROGRESS_FRACTION * (start - floor))
         recovered = peak > BLOWUP_FACTOR
         unstable = (spike_count >= UNSTABLE_SPIKES) | (eval_rises >= UNSTABLE_RISES)
         slow = (excess_end > SLOW_FAR * excess_initial) & (end < initial) & (

@@ -42,6 +42,19 @@ class Dataset:
     def n_train(self) -> int:
         return int(self.x_train.shape[0])
 
+    def input_free_loss(self) -> float:
+        """The validation loss of the best predictor that ignores the inputs and knows only
+        the training targets: their mean for regression (in original units, like every eval
+        loss), their class frequencies for classification (inf when a validation class never
+        occurs in training). A model that ends no better than this learned nothing from x."""
+        if self.loss == "mse":
+            scale = 1.0 if self.target_scale is None else self.target_scale
+            mean = self.y_train.double().mean(dim=0)
+            return float((((mean - self.y_val.double()) * scale) ** 2).mean())
+        classes = int(max(self.y_train.max(), self.y_val.max())) + 1
+        prior = torch.bincount(self.y_train, minlength=classes).double() / len(self.y_train)
+        return float(-torch.log(prior[self.y_val]).mean())
+
 
 class Task(Protocol):
     """A synthetic task: knows its loss and dimensions, draws data from a seed."""

@@ -238,3 +238,53 @@ def test_tv_ratio_reads_net_progress_between_robust_ends_not_noisy_endpoints() -
     out = oscillation(np.stack([stuck, learning]))
     assert math.isnan(out["osc_tv_ratio"][0])
     assert 10 < out["osc_tv_ratio"][1] < 200  # noise over a real 10x decrease
+
+
+def test_a_loss_that_reaches_exactly_zero_warns_nothing() -> None:
+    import warnings
+
+    from study.metrics.shape import spikes
+
+    rows = np.geomspace(1.0, 1e-3, 60)[None, :].repeat(2, axis=0)
+    rows[0, 40:] = 0.0  # float32 cross-entropy underflows to 0 on separable data
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        osc = oscillation(rows)
+        spk = spikes(rows)
+    assert spk["spike_count"][1] == 0 and spk["spike_count"][0] == 0
+    assert np.isfinite(osc["up_step_fraction"]).all()
+
+
+def test_ending_no_better_than_ignoring_the_inputs_is_no_progress() -> None:
+    # Raw inputs in the thousands: the first logits are huge (initial CE 8.1); the network
+    # settles on the class frequencies (B = 0.66 for a 63/37 split) and learns nothing else.
+    settles = [8.1, 2.0, 0.9, 0.7, 0.67, 0.665, 0.662, 0.661, 0.66, 0.66, 0.66]
+    row = summarize(_trace(settles, input_free_loss=0.66))
+    assert row["status"] == "no_progress" and row["input_free_loss"] == 0.66
+    # Without B only the initial loss counts: the same curve reads as converged.
+    assert summarize(_trace(settles))["status"] == "converged"
+    # Learning from x: well below B.
+    learns = [8.1, 2.0, 0.5, 0.3, 0.2, 0.15, 0.12, 0.1, 0.1, 0.1, 0.1]
+    assert summarize(_trace(learns, input_free_loss=0.66))["status"] == "converged"
+    # B below the floor is no reference (a noisy estimate): ignored.
+    assert summarize(_trace(settles, input_free_loss=0.0, floor=0.1))["status"] == "converged"
+
+
+def test_the_input_free_loss_is_the_targets_mean_or_class_frequencies() -> None:
+    import torch
+
+    from study.tasks.base import Dataset
+
+    x = torch.zeros(4, 1, dtype=torch.float64)
+    reg = Dataset(x, torch.tensor([[1.0], [3.0], [1.0], [3.0]]), x,
+                  torch.tensor([[0.0], [2.0], [4.0], [2.0]]), "mse", 0.0)
+    assert reg.input_free_loss() == pytest.approx((4 + 0 + 4 + 0) / 4)
+    scaled = Dataset(x, reg.y_train, x, reg.y_val, "mse", 0.0,
+                     target_scale=torch.tensor([10.0], dtype=torch.float64))
+    assert scaled.input_free_loss() == pytest.approx(100 * 2.0)  # in original units
+    cls = Dataset(x, torch.tensor([0, 0, 0, 1]), x, torch.tensor([0, 1, 1, 0]),
+                  "cross_entropy", 0.0)
+    assert cls.input_free_loss() == pytest.approx(-(2 * math.log(0.75) + 2 * math.log(0.25)) / 4)
+    unseen = Dataset(x, torch.tensor([0, 0, 1, 1]), x, torch.tensor([0, 2, 1, 0]),
+                     "cross_entropy", 0.0)
+    assert unseen.input_free_loss() == math.inf
