@@ -224,8 +224,11 @@ class FusedUpdate:
         self.dtype = params.dtype
         self.t = 0
         # As many kernel threads as torch has (local workers each get cores / workers).
-        numba.set_num_threads(max(1, min(numba.config.NUMBA_NUM_THREADS,
-                                         torch.get_num_threads())))
+        # Starting numba's thread pool (its OpenMP layer) resets the OpenMP thread count
+        # torch shares with it to NUMBA_NUM_THREADS: torch's own setting is put back.
+        threads = torch.get_num_threads()
+        numba.set_num_threads(max(1, min(numba.config.NUMBA_NUM_THREADS, threads)))
+        torch.set_num_threads(threads)
         self.kind = torch.tensor([_KINDS[type(s)] for s in specs], dtype=torch.int64)
         hp = []
         for s in specs:

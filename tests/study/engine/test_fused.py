@@ -146,3 +146,24 @@ def test_clipping_and_accumulation_take_the_eager_path() -> None:
     for f, e in zip(BatchedEngine().run(trials, CPU),
                     BatchedEngine(fused=False).run(trials, CPU), strict=True):
         assert f.equal(e)
+
+
+def test_the_fused_update_keeps_torchs_thread_count() -> None:
+    """numba's thread pool, started by the first fused update, resets the OpenMP thread
+    count it shares with torch; `python -m study.bench --threads 1` and the workers' thread
+    shares depend on it staying. A fresh process: the pool starts once per process."""
+    import os
+    import subprocess
+    import sys
+
+    script = (
+        "import torch; torch.set_num_threads(1)\n"
+        "from study.grid import plan_from_overrides\n"
+        "from study.engine import BatchedEngine\n"
+        "plan = plan_from_overrides(['+sweep=smoke', 'train.epochs=1', 'model.width=8'])\n"
+        "BatchedEngine().run([p.trial for p in plan.points], torch.device('cpu'))\n"
+        "print(torch.get_num_threads())\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "NUMBA_NUM_THREADS": "2"})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split()[-1] == "1"
