@@ -116,6 +116,13 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         raise
 
 
+def read_snapshot(path: Path) -> pa.Table:
+    """A Parquet file read from one open of it: another process may replace it meanwhile
+    (`atomic_write_bytes`), and pyarrow opening the path twice (footer, then pages) could
+    mix the old file's footer with the new one's pages."""
+    return pq.read_table(pa.BufferReader(Path(path).read_bytes()))
+
+
 def _atomic_parquet(table: pa.Table, path: Path) -> None:
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink, compression="zstd")
@@ -197,7 +204,7 @@ def read_trials(run_dir: Path) -> tuple[pd.DataFrame, dict[str, Any]]:
     if not path.is_file():
         raise MissingRecordError(f"{path} not found: is {run_dir} a study run directory?")
     try:
-        table = pq.read_table(path)
+        table = read_snapshot(path)
     except (pa.ArrowInvalid, OSError) as err:
         raise UnreadableRecordError(f"{path} is not a readable Parquet file: {err}") from err
     raw = (table.schema.metadata or {}).get(b"study")
@@ -245,7 +252,7 @@ def read_claims(run_dir: Path) -> pd.DataFrame | None:
     if not path.is_file():
         return None
     try:
-        return pq.read_table(path).to_pandas()
+        return read_snapshot(path).to_pandas()
     except (pa.ArrowInvalid, OSError) as err:
         raise RecordError(f"{path} is not a readable Parquet file: {err}") from err
 
@@ -266,6 +273,6 @@ def read_edges(run_dir: Path) -> pd.DataFrame | None:
     if not path.is_file():
         return None
     try:
-        return pq.read_table(path).to_pandas()
+        return read_snapshot(path).to_pandas()
     except (pa.ArrowInvalid, OSError) as err:
         raise RecordError(f"{path} is not a readable Parquet file: {err}") from err

@@ -50,3 +50,38 @@ def test_atomic_write_leaves_the_old_file_when_writing_fails(tmp_path: Path) -> 
         records.atomic_write_bytes(path, object())  # type: ignore[arg-type]
     assert path.read_bytes() == b"old"
     assert [p.name for p in tmp_path.iterdir()] == ["x.json"]
+
+
+def test_trials_are_read_whole_while_another_process_replaces_them(tmp_path: Path) -> None:
+    """Two invocations sharing a run directory each rewrite trials.parquet (atomically)
+    and read it back for the claims; a read must see one file, never the old footer with
+    the new pages (pyarrow opening the path twice: 'Page was smaller than expected')."""
+    import multiprocessing
+    import time
+
+    import numpy as np
+
+    ctx = multiprocessing.get_context("fork")
+    stop = ctx.Event()
+
+    def rewrite() -> None:
+        i = 0
+        while not stop.is_set():
+            n = 50 + (i % 7) * 13
+            records.write_trials(tmp_path, pd.DataFrame({"trial": np.arange(n), "x": 0.5}),
+                                 {"i": i})
+            i += 1
+
+    records.write_trials(tmp_path, pd.DataFrame({"trial": [0], "x": [0.5]}), {"i": -1})
+    writer = ctx.Process(target=rewrite)
+    writer.start()
+    try:
+        reads, until = 0, time.monotonic() + 3
+        while time.monotonic() < until:
+            frame, meta = records.read_trials(tmp_path)
+            assert len(frame) in {1} | {50 + k * 13 for k in range(7)}
+            reads += 1
+    finally:
+        stop.set()
+        writer.join()
+    assert reads > 50
