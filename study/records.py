@@ -123,6 +123,16 @@ def read_snapshot(path: Path) -> pa.Table:
     return pq.read_table(pa.BufferReader(Path(path).read_bytes()))
 
 
+def _read_optional(path: Path) -> pd.DataFrame | None:
+    """A derived Parquet record as a frame, None when absent; RecordError when unreadable."""
+    if not path.is_file():
+        return None
+    try:
+        return read_snapshot(path).to_pandas()
+    except (pa.ArrowInvalid, OSError) as err:
+        raise RecordError(f"{path} is not a readable Parquet file: {err}") from err
+
+
 def _atomic_parquet(table: pa.Table, path: Path) -> None:
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink, compression="zstd")
@@ -248,13 +258,7 @@ def write_claims(run_dir: Path, frame: pd.DataFrame) -> Path:
 
 def read_claims(run_dir: Path) -> pd.DataFrame | None:
     """The run's evaluated claims, or None when the sweep declared none."""
-    path = Path(run_dir) / CLAIMS
-    if not path.is_file():
-        return None
-    try:
-        return read_snapshot(path).to_pandas()
-    except (pa.ArrowInvalid, OSError) as err:
-        raise RecordError(f"{path} is not a readable Parquet file: {err}") from err
+    return _read_optional(Path(run_dir) / CLAIMS)
 
 
 # ----------------------------------------------------------------------------------- edges
@@ -269,10 +273,4 @@ def write_edges(run_dir: Path, frame: pd.DataFrame) -> Path:
 
 def read_edges(run_dir: Path) -> pd.DataFrame | None:
     """The run's stability edges, or None when it was not an edge search."""
-    path = Path(run_dir) / EDGES
-    if not path.is_file():
-        return None
-    try:
-        return read_snapshot(path).to_pandas()
-    except (pa.ArrowInvalid, OSError) as err:
-        raise RecordError(f"{path} is not a readable Parquet file: {err}") from err
+    return _read_optional(Path(run_dir) / EDGES)
