@@ -72,7 +72,8 @@ class BatchedOptimizer:
 
     spec_type: type[OptimizerSpec] = OptimizerSpec
 
-    def __init__(self, specs: Sequence[OptimizerSpec], params: Tensor) -> None:
+    def __init__(self, specs: Sequence[OptimizerSpec], params: Tensor,
+                 decay_mask: Tensor | None = None) -> None:
         if not specs:
             raise ValueError("a batched optimizer needs at least one trial")
         for spec in specs:
@@ -89,6 +90,10 @@ class BatchedOptimizer:
         self.t = 0
         self.width = params.shape[1]
         self.lrs: list[float] | None = None  # set_lr: this step's learning rate per row
+        # [T, P] bool, True where weight decay applies (torch param groups with a zero
+        # weight_decay elsewhere); None: every entry, torch's single group.
+        self.decay_mask = (None if decay_mask is None
+                           else decay_mask.to(self.device).expand(params.shape))
 
     def set_lr(self, lrs: Sequence[float]) -> None:
         """Learning rates (Python floats, one per row) for the next step, as a scheduler
@@ -110,6 +115,13 @@ class BatchedOptimizer:
         # Rounded on the host, then copied without waiting: a blocking copy to a GPU would
         # synchronise every step of a scheduled population (set_lr calls this per step).
         return column.to(self.dtype).to(self.device, non_blocking=True)
+
+    def decayed(self, column: Tensor, off: float) -> Tensor:
+        """`column` [T, 1] where weight decay applies and `off` elsewhere ([T, P] under a
+        decay mask): `off` is the value that makes the decay step a no-op (0 for the L2 term
+        added to the gradient, 1 for AdamW's factor), so undecayed entries round exactly as
+        torch's group without weight decay."""
+        return column if self.decay_mask is None else torch.where(self.decay_mask, column, off)
 
     def mask(self, values: Sequence[bool]) -> Tensor:
         return torch.tensor(list(values), dtype=torch.bool, device=self.device)[:, None]
@@ -197,10 +209,11 @@ class BatchedSGD(BatchedOptimizer):
 
     spec_type = SGD
 
-    def __init__(self, specs: Sequence[SGD], params: Tensor) -> None:
-        super().__init__(specs, params)
+    def __init__(self, specs: Sequence[SGD], params: Tensor,
+                 decay_mask: Tensor | None = None) -> None:
+        super().__init__(specs, params, decay_mask)
         self.neg_lr = self.column([-s.lr for s in specs])
-        self.weight_decay = self.column([s.weight_decay for s in specs])
+        self.weight_decay = self.decayed(self.column([s.weight_decay for s in specs]), 0.0)
         self.momentum = self.column([s.momentum for s in specs])
         self.one_minus_dampening = self.column(
             [1 - s.dampening if s.momentum != 0 else 1.0 for s in specs])
@@ -243,14 +256,16 @@ class BatchedAdam(BatchedOptimizer):
     spec_type = Adam
     decoupled = False
 
-    def __init__(self, specs: Sequence[Adam], params: Tensor) -> None:
-        super().__init__(specs, params)
+    def __init__(self, specs: Sequence[Adam], params: Tensor,
+                 decay_mask: Tensor | None = None) -> None:
+        super().__init__(specs, params, decay_mask)
         self.beta2 = self.column([s.betas[1] for s in specs])
         self.one_minus_beta1 = self.column([1 - s.betas[0] for s in specs])
         self.one_minus_beta2 = self.column([1 - s.betas[1] for s in specs])
         self.eps = self.column([s.eps for s in specs])
-        self.weight_decay = self.column([s.weight_decay for s in specs])
-        self.decay_factor = self.column([1 - s.lr * s.weight_decay for s in specs])  # AdamW
+        self.weight_decay = self.decayed(self.column([s.weight_decay for s in specs]), 0.0)
+        self.decay_factor = self.decayed(  # AdamW
+            self.column([1 - s.lr * s.weight_decay for s in specs]), 1.0)
         self.amsgrad = self.column([float(s.amsgrad) for s in specs])
         # torch: step_size = lr / (1 - beta1**t); bias_correction2_sqrt = (1 - beta2**t)**0.5
         self.neg_step_size = self.scalars(lambda t, lr, b1: -(lr / (1 - b1**t)),
@@ -269,8 +284,8 @@ class BatchedAdam(BatchedOptimizer):
                ) -> None:
         if self.use_decay:
             if self.decoupled:
-                decay = (self.decay_factor if self.lrs is None
-                         else self.lr_column(lambda lr, s: 1 - lr * s.weight_decay))
+                decay = (self.decay_factor if self.lrs is None else self.decayed(
+                    self.lr_column(lambda lr, s: 1 - lr * s.weight_decay), 1.0))
                 params = params * _or(live, decay, 1.0)
             else:
                 grad.addcmul_(params, self.weight_decay)
@@ -321,13 +336,14 @@ class BatchedRMSprop(BatchedOptimizer):
 
     spec_type = RMSprop
 
-    def __init__(self, specs: Sequence[RMSprop], params: Tensor) -> None:
-        super().__init__(specs, params)
+    def __init__(self, specs: Sequence[RMSprop], params: Tensor,
+                 decay_mask: Tensor | None = None) -> None:
+        super().__init__(specs, params, decay_mask)
         self.alpha = self.column([s.alpha for s in specs])
         self.one_minus_alpha = self.column([1 - s.alpha for s in specs])
         self.neg_lr = self.column([-s.lr for s in specs])
         self.eps = self.column([s.eps for s in specs])
-        self.weight_decay = self.column([s.weight_decay for s in specs])
+        self.weight_decay = self.decayed(self.column([s.weight_decay for s in specs]), 0.0)
         self.momentum = self.column([s.momentum for s in specs])
         self.neg_centered = self.column([-float(s.centered) for s in specs])
         self.with_momentum = self.mask([s.momentum > 0 for s in specs])
@@ -377,13 +393,14 @@ class BatchedAdagrad(BatchedOptimizer):
 
     spec_type = Adagrad
 
-    def __init__(self, specs: Sequence[Adagrad], params: Tensor) -> None:
-        super().__init__(specs, params)
+    def __init__(self, specs: Sequence[Adagrad], params: Tensor,
+                 decay_mask: Tensor | None = None) -> None:
+        super().__init__(specs, params, decay_mask)
         # torch: clr = lr / (1 + (t - 1) * lr_decay)
         self.neg_clr = self.scalars(lambda t, lr, decay: -(lr / (1 + (t - 1) * decay)),
                                     [(s.lr, s.lr_decay) for s in specs])
         self.eps = self.column([s.eps for s in specs])
-        self.weight_decay = self.column([s.weight_decay for s in specs])
+        self.weight_decay = self.decayed(self.column([s.weight_decay for s in specs]), 0.0)
         self.use_decay = any(s.weight_decay != 0 for s in specs)
         initial = self.column([s.initial_accumulator_value for s in specs])
         self.state_sum = initial.expand_as(params).clone()
@@ -463,8 +480,10 @@ OPTIMIZERS: dict[type[OptimizerSpec], type[BatchedOptimizer]] = {
 }
 
 
-def make_optimizer(specs: Sequence[OptimizerSpec], params: Tensor) -> BatchedOptimizer:
-    """The batched optimizer for `specs` (one spec type, one row of `params` each)."""
+def make_optimizer(specs: Sequence[OptimizerSpec], params: Tensor,
+                   decay_mask: Tensor | None = None) -> BatchedOptimizer:
+    """The batched optimizer for `specs` (one spec type, one row of `params` each);
+    `decay_mask` ([P] or [T, P] bool, None: all): the entries weight decay applies to."""
     kinds = {type(s) for s in specs}
     if len(kinds) != 1:
         names = sorted(k.__name__ for k in kinds)
@@ -472,7 +491,7 @@ def make_optimizer(specs: Sequence[OptimizerSpec], params: Tensor) -> BatchedOpt
     kind = kinds.pop()
     if kind not in OPTIMIZERS:
         raise ValueError(f"no batched optimizer for {kind.__name__}")
-    return OPTIMIZERS[kind](specs, params)
+    return OPTIMIZERS[kind](specs, params, decay_mask)
 
 
 class MixedOptimizer:
@@ -483,13 +502,17 @@ class MixedOptimizer:
     optimizer on views of the [T, P] rows, so every row gets exactly its family's update.
     """
 
-    def __init__(self, specs: Sequence[OptimizerSpec], params: Tensor) -> None:
+    def __init__(self, specs: Sequence[OptimizerSpec], params: Tensor,
+                 decay_mask: Tensor | None = None) -> None:
         self.blocks: list[tuple[int, int, BatchedOptimizer]] = []
+        if decay_mask is not None:
+            decay_mask = decay_mask.expand(params.shape)
         start = 0
         for _, run in itertools.groupby(specs, key=type):
             stop = start + len(list(run))
+            mask = None if decay_mask is None else decay_mask[start:stop]
             self.blocks.append((start, stop, make_optimizer(specs[start:stop],
-                                                            params[start:stop])))
+                                                            params[start:stop], mask)))
             start = stop
 
     def set_lr(self, lrs: Sequence[float]) -> None:
@@ -525,10 +548,12 @@ class MixedOptimizer:
         self.blocks = sorted(blocks, key=lambda block: block[0])
 
 
-def make_population_optimizer(specs: Sequence[OptimizerSpec], params: Tensor
+def make_population_optimizer(specs: Sequence[OptimizerSpec], params: Tensor,
+                              decay_mask: Tensor | None = None
                               ) -> BatchedOptimizer | MixedOptimizer:
     """One batched optimizer when every spec has one type, else a `MixedOptimizer`
-    (the specs' rows must then be grouped by type, see `MixedOptimizer`)."""
+    (the specs' rows must then be grouped by type, see `MixedOptimizer`); `decay_mask` as
+    in `make_optimizer`."""
     if len({type(s) for s in specs}) == 1:
-        return make_optimizer(specs, params)
-    return MixedOptimizer(specs, params)
+        return make_optimizer(specs, params, decay_mask)
+    return MixedOptimizer(specs, params, decay_mask)

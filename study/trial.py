@@ -149,6 +149,11 @@ class LoopSpec:
       (`plateau_factor`, `plateau_patience`, relative `plateau_threshold`).
     - `early_stopping_patience`: stop once the validation loss has not improved on its best
       for that many consecutive evaluations (the trace ends there, not diverged).
+    - `decay_layers`: the linear layers (0 = first, input to output) whose weight matrices
+      take the optimizer's `weight_decay`; every other parameter (their biases included)
+      takes none, as torch param groups `[{"params": [layer.weight, ...]}, {"params": rest,
+      "weight_decay": 0}]` or Keras' `kernel_regularizer` on those layers only. None: every
+      parameter, torch's single group.
     """
 
     loss: str = "task"
@@ -166,8 +171,12 @@ class LoopSpec:
     plateau_patience: int = 2
     plateau_threshold: float = 1e-4
     early_stopping_patience: int | None = None
+    decay_layers: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
+        if self.decay_layers is not None:  # a YAML list arrives as a list
+            layers = tuple(sorted({int(i) for i in self.decay_layers}))
+            object.__setattr__(self, "decay_layers", layers)
         if self.loss not in LOSSES:
             raise ValueError(f"loop.loss must be one of {list(LOSSES)}, got {self.loss!r}")
         checks = {
@@ -183,6 +192,8 @@ class LoopSpec:
             "plateau_threshold": self.plateau_threshold >= 0,
             "early_stopping_patience": (self.early_stopping_patience is None
                                         or self.early_stopping_patience >= 1),
+            "decay_layers": self.decay_layers is None or (
+                len(self.decay_layers) > 0 and self.decay_layers[0] >= 0),
         }
         for name, ok in checks.items():
             if not ok:
@@ -322,6 +333,8 @@ class TrialSpec:
             content["diagnostics"] = asdict(self.diagnostics)
         if self.loop != LoopSpec():  # likewise for trials without failures or mitigations
             content["loop"] = asdict(self.loop)
+            if self.loop.decay_layers is None:  # a field at its default leaves keys unchanged
+                del content["loop"]["decay_layers"]
         for group, transforms in (("failure", self.failures), ("mitigation", self.mitigations)):
             if transforms:
                 content[group] = [{"type": type(t).__name__, **transform_params(t)}

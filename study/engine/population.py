@@ -80,6 +80,18 @@ class DatasetCache:
         return self.items[key]
 
 
+def decay_mask(net: Network, layers: tuple[int, ...] | None) -> torch.Tensor | None:
+    """[P] bool: the entries of a parameter row that weight decay applies to (the weight
+    matrices of linear `layers`, see `LoopSpec.decay_layers`); None when it applies to all."""
+    if layers is None:
+        return None
+    mask = torch.zeros(1, net.n_params, dtype=torch.bool)
+    views = net.layers(mask)
+    for i in layers:
+        views[i][0].fill_(True)
+    return mask[0]
+
+
 def data_key(trial: TrialSpec, seed: int) -> tuple[str, str, int]:
     """What determines a trial's data: task, data transforms, data seed."""
     return repr(trial.task), repr(trial.data_transforms), seed
@@ -231,11 +243,12 @@ class _Population:
         # The CPU's fused update (study.engine.fused) where it applies, else the eager one.
         self.fused: FusedUpdate | None = None
         self.optimizer = None
-        if engine.fused and self.on_cpu and fusable(specs, self.clip is not None,
-                                                    self.accumulated is None):
+        if (engine.fused and self.on_cpu and first.loop.decay_layers is None
+                and fusable(specs, self.clip is not None, self.accumulated is None)):
             self.fused = FusedUpdate(specs, self.params)
         else:
-            self.optimizer = make_population_optimizer(specs, self.params)
+            self.optimizer = make_population_optimizer(
+                specs, self.params, decay_mask(self.net, first.loop.decay_layers))
 
         train = first.train
         self.batch = train.resolved_batch_size(self.n_train)

@@ -103,7 +103,7 @@ def train_trial(trial: TrialSpec, device: torch.device,
     for transform in trial.transforms:
         if hasattr(transform, "edit_module"):
             model = transform.edit_module(model)
-    optimizer = trial.optimizer.build(model.parameters())
+    optimizer = build_optimizer(trial, model)
     loop = trial.loop
     criterion = evaluation_loss(data, device, dtype)
     objective = training_loss(loop, data, trial.task.output_dim, device)
@@ -245,6 +245,19 @@ def train_trial(trial: TrialSpec, device: torch.device,
         noise_scale=None if dg is None else dg[:, 2],
         precond_sharpness=dg[:, 3] if precond else None,
     )
+
+
+def build_optimizer(trial: TrialSpec, model: torch.nn.Sequential) -> torch.optim.Optimizer:
+    """torch's optimizer over `model`, as a user writes it: one parameter group, or with
+    `loop.decay_layers` the weights of those linear layers in a group with the optimizer's
+    weight_decay and every other parameter in a group with none."""
+    layers = trial.loop.decay_layers
+    if layers is None:
+        return trial.optimizer.build(model.parameters())
+    linears = [m for m in model if isinstance(m, torch.nn.Linear)]
+    decayed = [linears[i].weight for i in layers]
+    rest = [p for p in model.parameters() if all(p is not q for q in decayed)]
+    return trial.optimizer.build([{"params": decayed}, {"params": rest, "weight_decay": 0.0}])
 
 
 def measure_diagnostics(trial: TrialSpec, model: torch.nn.Sequential, data: Dataset,

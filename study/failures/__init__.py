@@ -37,6 +37,7 @@ from study.failures.loop import (
     GradClip,
     HandwrittenBCE,
     HuberLoss,
+    LayerWeightDecay,
     MissingZeroGrad,
     MSEForClassification,
     NoShuffling,
@@ -52,7 +53,8 @@ from study.failures.model import Dropout, InitScale, SigmoidStack, ZeroInit
 __all__ = [
     "AbsurdLR", "ClassImbalance", "ClassWeightedLoss", "CorrectLoss", "CosineDecay", "Dropout",
     "EarlyStopping", "FunctionTransform", "GradClip", "HandwrittenBCE", "HuberLoss", "InitScale",
-    "InputOutliers", "LabelNoise", "Leakage", "MSEForClassification", "MeanImputation",
+    "InputOutliers", "LabelNoise", "LayerWeightDecay", "Leakage", "MSEForClassification",
+    "MeanImputation",
     "MissingZeroGrad", "MixedUnits", "NaNFeatures", "NoShuffling", "NormalizationMismatch",
     "OversizedBatch", "PureNoiseTargets", "ReduceOnPlateau", "Shuffling", "SigmoidStack",
     "SortedByTarget", "StandardizeInputs", "StandardizeTargets", "StepDecay", "TargetOutliers",

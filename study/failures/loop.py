@@ -178,6 +178,32 @@ class WeightDecay:
 
 
 @dataclass(frozen=True)
+class LayerWeightDecay:
+    """The optimizer's `weight_decay` set to `value` on the weight matrices of `layers` only
+    (0 = first linear layer; `loop.decay_layers`): L2 on one layer, as Keras'
+    `kernel_regularizer` or a torch param group. Keras' `l2(l)` adds l x ||W||^2 to the loss,
+    so it equals `value` = 2 l with SGD or Adam (not AdamW, whose decay is decoupled)."""
+
+    value: float = 1e-3
+    layers: tuple[int, ...] = (0,)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "layers", tuple(int(i) for i in self.layers))
+        if not self.layers or min(self.layers) < 0:
+            raise ValueError(f"LayerWeightDecay.layers must be layer indices >= 0, got "
+                             f"{list(self.layers)}")
+
+    def apply_spec(self, trial):
+        n_layers = trial.model.depth + 1
+        if max(self.layers) >= n_layers:
+            raise ValueError(f"LayerWeightDecay.layers {list(self.layers)}: the model has "
+                             f"{n_layers} linear layer(s), 0..{n_layers - 1}")
+        trial = dataclasses.replace(trial, optimizer=dataclasses.replace(
+            trial.optimizer, weight_decay=self.value))
+        return _with_loop(trial, decay_layers=self.layers)
+
+
+@dataclass(frozen=True)
 class ClassWeightedLoss:
     """Cross-entropy with class weights n_train / (C x count_c) from the training labels.
     Classification only."""

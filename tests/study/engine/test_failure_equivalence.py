@@ -71,6 +71,9 @@ REGRESSION_CASES = {
     "warmup+cosine": ([], [f.Warmup(fraction=0.3), f.CosineDecay(min_factor=0.1)]),
     "step_lr+weight_decay": ([], [f.StepDecay(epochs=1, gamma=0.5), f.WeightDecay(1e-2)]),
     "plateau": ([], [f.ReduceOnPlateau(factor=0.5, patience=0, threshold=0.5)]),
+    "first_layer_decay": ([f.LayerWeightDecay(0.05, (0,))], []),
+    "last_layers_decay+step_lr": ([f.LayerWeightDecay(0.05, (1, 2))],
+                                  [f.StepDecay(epochs=1, gamma=0.5)]),
     "early_stopping": ([], [f.EarlyStopping(patience=1)]),
     "dropout": ([], [f.Dropout(p=0.2)]),
     "dropout_at_eval": ([f.Dropout(p=0.5, at_eval=True)], []),
@@ -141,6 +144,63 @@ def test_cuda_failures_and_mitigations_match_the_cpu_reference(case) -> None:
     got = BatchedEngine().run(trials, torch.device("cuda"))
     for trial, g, w in zip(trials, got, want, strict=True):
         assert_equivalent(g, w, TOL[trial.train.dtype], 50 if name == "absurd_lr" else None)
+
+
+@pytest.mark.parametrize("optimizer", [SGD(lr=0.05, momentum=0.9, nesterov=True), Adam(lr=1e-2),
+                                       AdamW(lr=1e-2), RMSprop(lr=1e-3, momentum=0.5),
+                                       Adagrad(lr=0.05)],
+                         ids=lambda o: type(o).__name__)
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_per_layer_weight_decay_matches_torch_param_groups(optimizer, dtype) -> None:
+    """L2 on some layers only (torch param groups in the reference) for every family, with
+    a warm-up so AdamW's decoupled factor follows a scheduled learning rate."""
+    import dataclasses
+
+    trials = [dataclasses.replace(
+        _trial(REGRESSION, [f.LayerWeightDecay(0.1, layers)], [f.Warmup(fraction=0.3)],
+               dataclasses.replace(optimizer, lr=lr), seed=s),
+        train=dataclasses.replace(_trial(REGRESSION).train, dtype=dtype))
+        for s, (lr, layers) in enumerate([(optimizer.lr, (0,)), (optimizer.lr / 2, (0,))])]
+    _check(trials)
+
+
+def test_per_layer_weight_decay_decays_only_the_chosen_weights() -> None:
+    """The reference's param groups hold exactly the chosen layers' weights with the decay,
+    and the engines' numbers differ from both no decay and decay on every parameter."""
+    from study.engine.network import Network
+    from study.engine.population import decay_mask
+    from study.engine.reference import build_optimizer
+    from study.models import build_module, init_parameters
+
+    trial = _trial(REGRESSION, [f.LayerWeightDecay(0.5, (0, 2))], [], SGD(lr=0.05))
+    params = init_parameters(trial.model, REGRESSION.input_dim, REGRESSION.output_dim,
+                             torch.Generator().manual_seed(0))
+    model = build_module(trial.model, params, torch.float64, CPU, torch.Generator())
+    groups = build_optimizer(trial, model).param_groups
+    linears = [m for m in model if isinstance(m, torch.nn.Linear)]
+    assert [id(p) for p in groups[0]["params"]] == [id(linears[0].weight), id(linears[2].weight)]
+    assert groups[0]["weight_decay"] == 0.5 and groups[1]["weight_decay"] == 0.0
+    assert len(groups[1]["params"]) == 4  # the middle weight and the three biases
+
+    net = Network(tuple(trial.model.layer_sizes(REGRESSION.input_dim, REGRESSION.output_dim)),
+                  "relu")
+    mask = decay_mask(net, (0, 2))
+    sizes = net.sizes
+    assert int(mask.sum()) == sizes[0][0] * sizes[0][1] + sizes[2][0] * sizes[2][1]
+    assert bool(mask[:sizes[0][0] * sizes[0][1]].all())
+
+    plain = _trial(REGRESSION, [], [], SGD(lr=0.05))
+    everywhere = _trial(REGRESSION, [], [f.WeightDecay(0.5)], SGD(lr=0.05))
+    got = BatchedEngine().run([trial, plain, everywhere], CPU)
+    assert not np.array_equal(got[0].val_loss, got[1].val_loss)
+    assert not np.array_equal(got[0].val_loss, got[2].val_loss)
+
+
+def test_per_layer_weight_decay_refuses_a_layer_the_model_lacks() -> None:
+    with pytest.raises(ValueError, match="linear layer"):
+        _trial(REGRESSION, [f.LayerWeightDecay(0.1, (3,))])
+    with pytest.raises(ValueError, match="layer indices"):
+        f.LayerWeightDecay(0.1, ())
 
 
 def test_clipping_thresholds_and_early_stopping_are_per_trial() -> None:
