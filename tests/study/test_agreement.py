@@ -23,7 +23,8 @@ from study import records
 
 FAST = ["smoke", "loop_bugs"]
 SLOW = ["lr_batch", "outliers_normalization", "failure_modes", "clipping_schedules",
-        "optimizer_compare", "init_activation", "real_data", "layer_decay"]
+        "optimizer_compare", "init_activation", "real_data", "layer_decay",
+        "suspects"]
 
 
 def _per_trial(curves: pd.DataFrame) -> dict[int, dict[str, np.ndarray]]:
