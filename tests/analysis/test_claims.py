@@ -114,3 +114,18 @@ def test_arms_that_differ_on_two_axes_pair_by_seed_and_the_remaining_axes() -> N
     assert out.loc[0, "n_units"] == 20 and out.loc[0, "verdict"] == "supported"
     assert out.loc[0, "comparison"] == ("mitigation=fix, optimizer.lr=0.01 vs "
                                         "mitigation=none, optimizer.lr=0.1, paired by seed")
+
+
+def test_a_claims_interval_and_p_do_not_depend_on_the_other_claims() -> None:
+    """Each claim draws from its own generator (its statement): scoring it alone, with
+    others, or in another order gives the same bits; only q depends on the family."""
+    trials = _fixture()
+    together = evaluate_claims(trials, CLAIMS, AXES)
+    assert together.equals(evaluate_claims(trials, CLAIMS, AXES))
+    alone = evaluate_claims(trials, CLAIMS[2:3], AXES)
+    reordered = evaluate_claims(trials, CLAIMS[::-1], AXES)
+    drawn = ["effect", "ci_low", "ci_high", "p_value"]
+    assert together.loc[2, drawn].equals(alone.loc[0, drawn])
+    assert together.loc[2, drawn].equals(reordered.loc[1, drawn])
+    first = evaluate_claims(trials, CLAIMS[:1], AXES)
+    assert first.loc[0, "q_value"] == first.loc[0, "p_value"] < together.loc[0, "q_value"]
