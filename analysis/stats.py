@@ -14,6 +14,7 @@ Groups come out in order of first appearance in the input (callers sort first).
 
 from __future__ import annotations
 
+import warnings
 import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -61,16 +62,16 @@ def bootstrap(samples: Sequence[np.ndarray], statistic: Callable[..., np.ndarray
         point = np.asarray(statistic(*samples, axis=-1), dtype=float)
         distribution = np.repeat(point[..., None], n_resamples, axis=-1)
     else:
-        distribution = scipy.stats.bootstrap(
-            samples, statistic, n_resamples=n_resamples, vectorized=True,
-            paired=len(samples) > 1, confidence_level=confidence, method="percentile",
-            rng=rng).bootstrap_distribution
+        with warnings.catch_warnings():  # degenerate resamples are an answer: [v, v] or NaN
+            warnings.simplefilter("ignore", scipy.stats.DegenerateDataWarning)
+            distribution = scipy.stats.bootstrap(
+                samples, statistic, n_resamples=n_resamples, vectorized=True,
+                paired=len(samples) > 1, confidence_level=confidence, method="percentile",
+                rng=rng).bootstrap_distribution
     tails = [(1 - confidence) / 2 * 100, (1 + confidence) / 2 * 100]
-    with np.errstate(invalid="ignore"):
-        finite = np.where(np.isfinite(distribution), distribution, np.nan)
-    if np.isnan(finite).all(axis=-1).any():
-        low = high = np.full(distribution.shape[:-1], np.nan)
-    else:
+    finite = np.where(np.isfinite(distribution), distribution, np.nan)
+    with warnings.catch_warnings():  # a statistic never finite: NaN ends, said by the NaN
+        warnings.simplefilter("ignore", RuntimeWarning)
         low, high = np.nanpercentile(finite, tails, axis=-1)
     return Resampled(low, high, distribution)
 
