@@ -116,7 +116,10 @@ def score_claims(run_dir: Path, claims: Sequence[Mapping[str, Any]] | None = Non
         return None
     trials, meta = records.read_trials(run_dir)
     axes = meta.get("axes") or {}
-    check_claims(specs, list(axes), [*trials.columns, *STATUS_ORDER])
+    # A claim's own axis may be any column the trials vary on: a search records only its
+    # categorical keys as axes, yet a trend over its continuous lr is a claim it can make.
+    check_claims(specs, [*axes, *(c for c in trials.columns if c not in axes)],
+                 [*trials.columns, *STATUS_ORDER])
     return evaluate_claims(trials, specs, axes)
 
 
