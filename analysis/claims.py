@@ -35,8 +35,9 @@ Scoring:
 - 95% interval: percentile bootstrap (`analysis.stats.bootstrap`: 2,000 resamples of the
   pairs / of the groups' (Sxy, Sxx)).
 - p-value, two-sided: for a compare claim, a permutation test flipping the signs of the
-  paired differences (`analysis.stats.sign_flip_p`, exact over all 2^n sign patterns up to
-  n = 10 pairs); for a trend, 2,000 shuffles of the metric within each group
+  paired differences (`analysis.stats.sign_flip_p`: 9,999 random sign patterns, or exact
+  over all 2^n of them up to n = 13 pairs); for a trend, 9,999 shuffles of the metric
+  within each group
   (scipy's permutation test has no strata, so these are drawn here and scored with the same
   convention, `analysis.stats.permutation_p`). For an equivalence claim (`expect: same`,
   with `margin` m in the effect's unit): two one-sided tests (TOST) on the bootstrap
@@ -64,7 +65,7 @@ import yaml
 
 from analysis.aggregate import STATUS_ORDER
 from analysis.stats import (
-    N_RESAMPLES,
+    N_PERMUTATIONS,
     bootstrap,
     generator,
     permutation_p,
@@ -342,9 +343,9 @@ def _trend(frame: pd.DataFrame, axis: str, order: Sequence[Any] | None, keys: li
     if np.isfinite(margin):
         p = _tost_p(boot.distribution, margin)
     else:  # the metric shuffled within each group: the slope under no trend
-        null_sxy = np.zeros(N_RESAMPLES)
+        null_sxy = np.zeros(N_PERMUTATIONS)
         for cx, y in centred:
-            perms = rng.random((N_RESAMPLES, len(y))).argsort(axis=1)
+            perms = rng.random((N_PERMUTATIONS, len(y))).argsort(axis=1)
             null_sxy += (cx[None, :] * y[perms]).sum(axis=1)
         p = permutation_p(null_sxy / sxx.sum(), effect)
     return {"effect": effect, "ci_low": float(boot.low), "ci_high": float(boot.high),
