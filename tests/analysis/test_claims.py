@@ -129,3 +129,30 @@ def test_a_claims_interval_and_p_do_not_depend_on_the_other_claims() -> None:
     assert together.loc[2, drawn].equals(reordered.loc[1, drawn])
     first = evaluate_claims(trials, CLAIMS[:1], AXES)
     assert first.loc[0, "q_value"] == first.loc[0, "p_value"] < together.loc[0, "q_value"]
+
+
+def test_claims_files_in_three_shapes_and_merging_by_statement(tmp_path) -> None:
+    import yaml
+
+    from analysis.claims import merge_claims, read_claims_file, saved_claims
+    from study.claims import ClaimError
+
+    edited = {**CLAIMS[0], "expect": "higher"}
+    shapes = {"sweep.yaml": {"sweep": {"name": "x", "claims": [edited, CLAIMS[3]]}},
+              "mapping.yaml": {"claims": [edited, CLAIMS[3]]},
+              "list.yaml": [edited, CLAIMS[3]]}
+    for name, content in shapes.items():
+        (tmp_path / name).write_text(yaml.safe_dump(content))
+        assert read_claims_file(tmp_path / name) == [edited, CLAIMS[3]], name
+    # Saved claims keep their order; one with an edited statement's twin is replaced, the
+    # new one is added at the end.
+    merged = merge_claims(CLAIMS[:3], read_claims_file(tmp_path / "list.yaml"))
+    assert merged == [edited, CLAIMS[1], CLAIMS[2], CLAIMS[3]]
+    (tmp_path / ".hydra").mkdir()
+    (tmp_path / ".hydra/config.yaml").write_text(yaml.safe_dump(
+        {"seed": 0, "sweep": {"name": "x", "claims": CLAIMS[:2]}}))
+    assert saved_claims(tmp_path) == CLAIMS[:2]
+    assert saved_claims(tmp_path / "elsewhere") == []
+    (tmp_path / "bad.yaml").write_text("claims: {statement: not a list}")
+    with pytest.raises(ClaimError, match="expected a list of claims"):
+        read_claims_file(tmp_path / "bad.yaml")
