@@ -3,7 +3,9 @@ the resampling every interval and p-value of the report and the claims is drawn 
 
 Resampling is scipy's (`scipy.stats.bootstrap`, `permutation_test`,
 `false_discovery_control`) behind three functions: `bootstrap` (percentile intervals),
-`sign_flip_p` (paired permutation test) and `q_values` (Benjamini-Hochberg). Each resampled
+`sign_flip_p` (paired permutation test) and `q_values` (Benjamini-Hochberg);
+`permutation_p` scores a null drawn by the caller (a test scipy has no form for, such as
+shuffles within strata) with scipy's two-sided convention. Each resampled
 quantity draws from its own generator, `generator(*labels)`, seeded by BOOTSTRAP_SEED and
 the CRC32 of labels naming the quantity (a group's labels, a claim's statement): its
 interval never depends on which other groups or claims are computed, and reruns give the
@@ -87,7 +89,8 @@ def sign_flip_p(differences: np.ndarray, rng: np.random.Generator,
     patterns, when there are at most `n_resamples` of them)."""
     result = scipy.stats.permutation_test(
         (np.asarray(differences, dtype=float),), _mean, permutation_type="samples",
-        vectorized=True, n_resamples=n_resamples, alternative="two-sided", rng=rng)
+        vectorized=True, n_resamples=n_resamples, alternative="two-sided", rng=rng,
+        batch=1000)  # memory bounded for many pairs; the same draws and p as unbatched
     return float(result.pvalue)
 
 
