@@ -21,25 +21,24 @@ add up to 1; on an unbalanced grid the interaction term can come out slightly ne
 and is then reported as is.
 
 Intervals: the seed is the replicate (each seed runs the whole grid), so the bootstrap
-resamples whole seeds with replacement (N_RESAMPLES times, a fixed generator) and
-recomputes every share; the interval is the 2.5% and 97.5% percentiles. With 3 seeds the
+resamples whole seeds with replacement (`analysis.stats.bootstrap`, N_RESAMPLES times, one
+generator for every outcome) and recomputes every share; the interval is the 2.5% and
+97.5% percentiles of the resamples where the share is defined. With 3 seeds the
 intervals are coarse. An axis with no effect still gets a small positive share from seed
 noise (about 1/(number of seeds x configurations per level)); its interval shows that.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import pandas as pd
 
 from analysis.aggregate import capped_loss, task_reference
 from analysis.axes import SEED
+from analysis.stats import CONFIDENCE, N_RESAMPLES, bootstrap, generator
 
-N_RESAMPLES = 1000
-BOOTSTRAP_SEED = 20240519
-CONFIDENCE = 0.95
 INTERACTIONS = "higher-order interactions"
 SEED_NOISE = "seed (within a configuration)"
 PAIR = " × "
@@ -121,8 +120,7 @@ def variance_shares(y: np.ndarray, levels: dict[str, np.ndarray], cell: np.ndarr
 
 
 def axis_importance(trials: pd.DataFrame, axes: Sequence[str],
-                    n_resamples: int = N_RESAMPLES, seed: int = BOOTSTRAP_SEED
-                    ) -> pd.DataFrame:
+                    n_resamples: int = N_RESAMPLES) -> pd.DataFrame:
     """Share of each outcome's variance explained by each axis, with bootstrap intervals.
 
     Long format: `outcome` (OUTCOMES key), `source` (an axis, INTERACTIONS or SEED_NOISE),
@@ -133,10 +131,7 @@ def axis_importance(trials: pd.DataFrame, axes: Sequence[str],
     seeds = (trials[SEED].astype(str) if SEED in trials.columns
              else pd.Series("0", index=trials.index))
     rows = []
-    rng = np.random.default_rng(seed)
     unique_seeds = sorted(seeds.unique())
-    draws = rng.integers(0, len(unique_seeds), size=(n_resamples, len(unique_seeds)))
-    counts = np.stack([np.bincount(d, minlength=len(unique_seeds)) for d in draws])
     for outcome in OUTCOMES:
         y_all = values[outcome].to_numpy(dtype=float)
         keep = np.isfinite(y_all)
@@ -148,22 +143,39 @@ def axis_importance(trials: pd.DataFrame, axes: Sequence[str],
         cell = (pd.factorize(part[list(axes)].astype(str).agg("\x1f".join, axis=1))[0]
                 if axes else np.zeros(len(y), dtype=int))
         seed_idx = np.searchsorted(unique_seeds, seeds[keep].to_numpy())
-        observed = np.ones((1, len(unique_seeds)))
-        point = variance_shares(y, levels, cell, seed_idx, observed)
-        boot = (variance_shares(y, levels, cell, seed_idx, counts.astype(float))
-                if len(unique_seeds) > 1 else None)
-        tails = [(1 - CONFIDENCE) / 2 * 100, (1 + CONFIDENCE) / 2 * 100]
-        for source, share in point.items():
-            low = high = np.nan
-            if boot is not None and np.isfinite(share[0]):
-                finite = boot[source][np.isfinite(boot[source])]
-                if len(finite):
-                    low, high = np.percentile(finite, tails)
+        point = variance_shares(y, levels, cell, seed_idx, np.ones((1, len(unique_seeds))))
+        low = high = np.full(len(point), np.nan)
+        if len(unique_seeds) > 1:
+            # Every outcome resamples the same seeds: one generator, the same labels.
+            boot = bootstrap((np.arange(len(unique_seeds)),),
+                             _shares_of_resampled_seeds(y, levels, cell, seed_idx, list(point)),
+                             generator("axis importance"), n_resamples, CONFIDENCE)
+            low, high = boot.low, boot.high
+        for i, (source, share) in enumerate(point.items()):
+            finite = np.isfinite(share[0])
             rows.append({"outcome": outcome, "source": source, "share": float(share[0]),
-                         "ci_low": low, "ci_high": high, "n": int(len(y)),
+                         "ci_low": low[i] if finite else np.nan,
+                         "ci_high": high[i] if finite else np.nan, "n": int(len(y)),
                          "n_seeds": len(unique_seeds)})
     return pd.DataFrame(rows, columns=["outcome", "source", "share", "ci_low", "ci_high",
                                        "n", "n_seeds"])
+
+
+def _shares_of_resampled_seeds(y: np.ndarray, levels: dict[str, np.ndarray],
+                               cell: np.ndarray, seed: np.ndarray, sources: list[str]
+                               ) -> Callable[..., np.ndarray]:
+    """The bootstrap statistic: resampled seed indices ([B, S] or [S]) -> the shares of
+    `sources` ([k, B] or [k]), each seed weighted by how often it was drawn."""
+    n_seeds = int(seed.max()) + 1 if len(seed) else 0
+
+    def statistic(drawn: np.ndarray, axis: int = -1) -> np.ndarray:
+        rows = np.atleast_2d(drawn).astype(int)
+        counts = (rows[:, :, None] == np.arange(n_seeds)).sum(axis=1).astype(float)
+        shares = variance_shares(y, levels, cell, seed, counts)
+        out = np.stack([shares[s] for s in sources])
+        return out if np.ndim(drawn) > 1 else out[:, 0]
+
+    return statistic
 
 
 def ranked_axes(importance: pd.DataFrame, axes: Sequence[str]) -> list[str]:

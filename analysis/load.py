@@ -23,8 +23,7 @@ class RunData:
     `trials` has one row per finished trial with `status` as str; `meta` is the
     trials.parquet metadata; `hydra` maps file names under .hydra/ to their text; `files`
     lists the run directory's files (relative paths, sizes in bytes), report excluded;
-    `claims` is the run's claims table when study.records offers `read_claims` and the run
-    holds one (columns statement, metric, effect, ci_low, ci_high, verdict, n_trials).
+    `claims` is the run's claims.parquet (`analysis.claims.COLUMNS`), when it holds one.
     """
 
     run_dir: Path
@@ -52,13 +51,7 @@ def load_run(run_dir: Path) -> RunData:
         "trial", ignore_index=True)
     return RunData(run_dir=run_dir, trials=trials, meta=meta, env=read_env(run_dir),
                    hydra=_read_hydra(run_dir), files=_list_files(run_dir),
-                   claims=_read_claims(run_dir), edges=records.read_edges(run_dir))
-
-
-def _read_claims(run_dir: Path) -> pd.DataFrame | None:
-    """Claims through study.records (the owner of file formats), once it knows them."""
-    reader = getattr(records, "read_claims", None)
-    return reader(run_dir) if reader is not None else None
+                   claims=records.read_claims(run_dir), edges=records.read_edges(run_dir))
 
 
 def _read_hydra(run_dir: Path) -> dict[str, str]:

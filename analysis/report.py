@@ -69,7 +69,7 @@ def build_report(run_dir: Path, map_metric: str = FINAL,
     """Write `run_dir/report.html` (atomically) from the run directory's files; return its path.
 
     `map_metric` colors the stability map (median over seeds); `claims` (columns
-    CLAIM_COLUMNS) overrides the claims the run directory holds, if any.
+    `analysis.claims.COLUMNS`) overrides the claims the run directory holds, if any.
     Raises study.records.RecordError, before writing anything, when `run_dir` is missing,
     not a run directory, or holds an unreadable record, and ReportError when `map_metric`
     is not a numeric column of trials.parquet.

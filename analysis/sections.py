@@ -25,7 +25,6 @@ from analysis.stats import N_RESAMPLES, divergence_rate, seed_spread
 from study.records import read_curves
 
 MAX_PANELS = 16  # lr-sensitivity panels: four rows of four at the page's width
-CLAIM_COLUMNS = ("statement", "metric", "effect", "ci_low", "ci_high", "verdict", "n_trials")
 VERDICT_COLORS = {"supported": "#d7ecd9", "contradicted": "#f6d5d1",
                   "inconclusive": "#ececec"}
 

@@ -20,7 +20,6 @@ from typing import TYPE_CHECKING, Any
 from omegaconf import DictConfig, OmegaConf
 
 from study import records, storage
-from study.claims import write_sweep_claims
 from study.config import ConfigError, StudyConfig, plain_config
 from study.edge import EdgePlan, describe_edge, edges_frame, run_edge
 from study.engine import make_engine
@@ -263,7 +262,9 @@ def write_results(study: optuna.Study, plan: SweepPlan, run_dir: Path,
     if isinstance(plan, EdgePlan):
         records.write_edges(run_dir, edges_frame(plan, study))
     if typed.sweep is not None:
-        write_sweep_claims(run_dir, typed.sweep.claims)
+        from analysis.claims import score_run  # the scoring `python -m analysis` reruns
+
+        score_run(run_dir, typed.sweep.claims)
 
 
 def finish_env(run_dir: Path, env: dict[str, Any], invocations: list[dict[str, Any]],

@@ -138,7 +138,7 @@ def test_cli_rejects_unknown_map_metric(sweep_run, capsys):
 
 
 def test_claims_table_shows_units_n_p_q_and_equivalence_margins():
-    from study.claims import evaluate_claims
+    from analysis.claims import evaluate_claims
 
     rng = np.random.default_rng(0)
     trials = pd.DataFrame([{"seed": s, "mitigation": m, "val_loss_final": 1.0 + rng.normal(0, 0.01)

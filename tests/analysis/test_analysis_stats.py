@@ -5,8 +5,18 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
+import scipy.stats
 
-from analysis.stats import divergence_rate, seed_spread, wilson_interval
+from analysis.stats import (
+    bootstrap,
+    divergence_rate,
+    generator,
+    permutation_p,
+    q_values,
+    seed_spread,
+    sign_flip_p,
+    wilson_interval,
+)
 
 
 @pytest.mark.parametrize(("k", "n", "low", "high"), [
@@ -68,3 +78,46 @@ def test_seed_spread_is_deterministic_and_independent_of_other_groups():
     pd.testing.assert_frame_equal(full[full["cell"] == "b"].reset_index(drop=True), alone)
     other_seed = seed_spread(trials, ["cell"], "loss", seed=1)
     assert not np.allclose(full["median_low"], other_seed["median_low"])
+
+
+def test_bootstrap_is_scipys_percentile_interval_and_resamples_units_with_replacement():
+    values = np.random.default_rng(1).lognormal(size=9)
+    ours = bootstrap((values,), np.mean, generator("a"))
+    theirs = scipy.stats.bootstrap((values,), np.mean, n_resamples=2000, method="percentile",
+                                   rng=generator("a"))
+    assert (ours.low, ours.high) == (theirs.confidence_interval.low,
+                                     theirs.confidence_interval.high)
+    # The resamples are rows of indices drawn with replacement from the same generator.
+    drawn = values[generator("a").integers(0, 9, (2000, 9))].mean(axis=1)
+    assert np.array_equal(ours.distribution, drawn)
+    paired = bootstrap((values, 2 * values), lambda a, b, axis: b.sum(axis) / a.sum(axis),
+                       generator("a"))
+    assert paired.low == pytest.approx(2.0) and paired.high == pytest.approx(2.0)
+    single = bootstrap((values[:1],), np.mean, generator("a"))
+    assert single.low == single.high == values[0]
+
+
+def test_generator_draws_depend_on_the_labels_only():
+    assert generator("x", 1).random() == generator("x", 1).random()
+    assert generator("x", 1).random() != generator("x", 2).random()
+
+
+def test_sign_flip_p_is_exact_for_few_pairs_and_seeded_for_many():
+    # Five positive differences: 1 of the 32 sign patterns reaches the observed mean on
+    # each side, so p = 2 / 32.
+    assert sign_flip_p(np.arange(1.0, 6.0), generator("p")) == pytest.approx(2 / 32)
+    many = np.random.default_rng(2).normal(0.3, 1.0, 40)
+    p = sign_flip_p(many, generator("p"))
+    assert p == sign_flip_p(many, generator("p")) and 0 < p < 1
+
+
+def test_permutation_p_doubles_the_smaller_tail_with_the_plus_one_rule():
+    null = np.arange(-10.0, 11.0)  # 21 draws
+    assert permutation_p(null, 10.0) == pytest.approx(2 * 2 / 22)
+    assert permutation_p(null, -9.0) == pytest.approx(2 * 3 / 22)
+    assert permutation_p(null, 0.0) == 1.0
+
+
+def test_q_values_match_the_textbook_benjamini_hochberg_example():
+    assert np.allclose(q_values(np.array([0.01, 0.04, 0.03, 0.005])), [0.02, 0.04, 0.04, 0.02])
+    assert q_values(np.array([])).size == 0
