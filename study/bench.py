@@ -152,6 +152,8 @@ def bench(overrides: Sequence[str], device: torch.device, subset: int, seed: int
     result: dict[str, Any] = {
         "device": str(device), "device_name": _device_name(device),
         "torch": torch.__version__, "threads": torch.get_num_threads(),
+        "numba_threads": _numba_threads(),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         "python": platform.python_version(), "dtype": str(torch_dtype).removeprefix("torch."),
         # other processes on the machine skew every figure: recorded, not corrected for
         "load_average_1min_at_end": None, "load_averages": {
@@ -193,6 +195,15 @@ def bench(overrides: Sequence[str], device: torch.device, subset: int, seed: int
     end = result["load_averages"]["end"]
     result["load_average_1min_at_end"] = end[0] if end else None
     return result
+
+
+def _numba_threads() -> int | None:
+    """The fused update's kernel threads (None without numba)."""
+    try:
+        import numba
+    except ImportError:
+        return None
+    return numba.get_num_threads()
 
 
 def _device_name(device: torch.device) -> str:

@@ -51,8 +51,10 @@ def test_peer_takes_no_workload_options(argv, capsys) -> None:
 def test_the_peers_are_vendored_beside_their_readme() -> None:
     names = {p.name for p in bench_peer.PEERS_DIR.iterdir()}
     assert {"README.md", "common.py", "jax_optax.py", "plain_loop.py"} <= names
-    assert bench_peer.DEFAULT_PEER_PYTHON == (
-        Path(bench_peer.__file__).resolve().parents[2] / "peers-venv" / "bin" / "python")
+    checkout = bench_peer.PEERS_DIR.parents[1]  # a venv beside the checkout, not in it
+    assert bench_peer.DEFAULT_PEER_PYTHON.parents[2] == checkout.parent
+    assert bench_peer.DEFAULT_PEER_PYTHON.relative_to(checkout.parent) == Path(
+        "peers-venv/bin/python")
 
 
 def test_thread_environment_holds_every_runtime() -> None:
