@@ -159,7 +159,8 @@ def run_round(index: int, python: Path, threads: int | None, plain: bool,
     runs = []
     for system, command, out in jobs[shift:] + jobs[:shift]:
         cpu, before, after = _run(command, env)
-        result = json.loads(out.read_text().strip().splitlines()[-1])
+        text = out.read_text()  # study's bench writes one indented JSON; a peer, a line a run
+        result = json.loads(text if system == "study" else text.strip().splitlines()[-1])
         runs.append(_study_run(result, cpu, (before, after)) if system == "study"
                     else _peer_run(system, result, cpu, (before, after)))
     order = {system: i for i, (system, _, _) in enumerate(jobs)}
