@@ -136,6 +136,13 @@ def _study_run(result: dict[str, Any], process_cpu: float,
                batched["trial_steps_per_cpu_s"], batched["cpu_s"], process_cpu, *loads)
 
 
+def read_result(system: str, path: Path) -> dict[str, Any]:
+    """The JSON a system wrote: study's bench writes one indented document, a peer appends
+    one line per run (the last is this run's)."""
+    text = path.read_text()
+    return json.loads(text if system == "study" else text.strip().splitlines()[-1])
+
+
 def run_round(index: int, python: Path, threads: int | None, plain: bool,
               workdir: Path) -> list[Run]:
     """One round: each system once, the order rotated by `index`."""
@@ -159,8 +166,7 @@ def run_round(index: int, python: Path, threads: int | None, plain: bool,
     runs = []
     for system, command, out in jobs[shift:] + jobs[:shift]:
         cpu, before, after = _run(command, env)
-        text = out.read_text()  # study's bench writes one indented JSON; a peer, a line a run
-        result = json.loads(text if system == "study" else text.strip().splitlines()[-1])
+        result = read_result(system, out)
         runs.append(_study_run(result, cpu, (before, after)) if system == "study"
                     else _peer_run(system, result, cpu, (before, after)))
     order = {system: i for i, (system, _, _) in enumerate(jobs)}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -85,3 +86,12 @@ def test_summary_takes_medians_and_study_over_each_peer() -> None:
     text = table(summary, rounds)
     assert "| overall | 3,000 | 1,000 | 100 | 3.00x |" in text
     assert "1-minute load average 1.00-4.00" in text
+
+
+def test_results_are_read_as_each_system_writes_them(tmp_path) -> None:
+    study = tmp_path / "study.json"
+    study.write_text(json.dumps({"batched": {"cpu_s": 1.5}}, indent=2) + "\n")
+    assert bench_peer.read_result("study", study) == {"batched": {"cpu_s": 1.5}}
+    peer = tmp_path / "jax.jsonl"
+    peer.write_text('{"run": 1}\n{"run": 2}\n')
+    assert bench_peer.read_result("JAX/optax", peer) == {"run": 2}
