@@ -51,7 +51,7 @@ class Run:
     per_batch_cpu: dict[str, float]  # trial-steps per CPU-second, by batch size
     wall_rate: float
     cpu_rate: float
-    cpu_s: float  # CPU-seconds of the timed work
+    cpu_s: float  # CPU-seconds of the workload (the plain loop's extrapolated from its subset)
     process_cpu_s: float  # CPU-seconds of the whole process (start-up, compilation)
     load_before: list[float]
     load_after: list[float]
