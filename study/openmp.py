@@ -5,7 +5,7 @@ thread pools. Between parallel regions, and at each region's closing barrier, an
 thread spins on its core by default. On a machine where other processes want the cores
 (a shared server, a laptop, `workers=N`), a spinning thread takes the time slice that the
 thread it waits for needs, and each of the engine's many sub-millisecond regions waits a
-scheduler tick: lr_batch ran 7x slower with two threads at a load of 5 than with the
+scheduler tick: lr_batch ran 8 times slower with two threads at a load of 5 than with the
 threads passive (docs/performance.md). `OMP_WAIT_POLICY=PASSIVE` makes waiting threads
 sleep; on idle cores it costs a few percent.
 
