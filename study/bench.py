@@ -267,6 +267,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                         help="interleaved rounds of --peer (default 3)")
     parser.add_argument("--no-plain", action="store_true",
                         help="--peer without the plain loop")
+    parser.add_argument("--jax-opt", choices=["optax", "hand"], default="optax",
+                        help="--peer's JAX update: optax's transforms (default) or one "
+                             "hand-written update for every row")
     args = parser.parse_intermixed_args(argv)  # overrides may follow options
     if args.peer:
         return peer_main(args, parser)
@@ -300,7 +303,7 @@ def peer_main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict
         parser.error(f"--rounds must be at least 1, got {args.rounds}")
     try:
         result = bench_peer.compare(args.peer_python, args.rounds, args.threads,
-                                    plain=not args.no_plain)
+                                    plain=not args.no_plain, jax_opt=args.jax_opt)
     except bench_peer.PeerError as err:
         print(f"python -m study.bench: {err}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -144,8 +144,9 @@ def read_result(system: str, path: Path) -> dict[str, Any]:
 
 
 def run_round(index: int, python: Path, threads: int | None, plain: bool,
-              workdir: Path) -> list[Run]:
-    """One round: each system once, the order rotated by `index`."""
+              workdir: Path, jax_opt: str = "optax") -> list[Run]:
+    """One round: each system once, the order rotated by `index`. `jax_opt`: the peer's
+    update (`optax`, or `hand`: one hand-written update for every row)."""
     env = thread_environment(threads)
     study_out = workdir / f"study-{index}.json"
     study_cmd = [sys.executable, "-m", "study.bench", "--device", "cpu", "--subset", "0",
@@ -154,8 +155,9 @@ def run_round(index: int, python: Path, threads: int | None, plain: bool,
         study_cmd += ["--threads", str(threads)]
     jobs: list[tuple[str, list[str], Path]] = [
         ("study", study_cmd, study_out),
-        ("JAX/optax", [str(python), str(PEERS_DIR / "jax_optax.py"), "--out",
-                       str(workdir / f"jax-{index}.jsonl")], workdir / f"jax-{index}.jsonl")]
+        (f"JAX/{jax_opt}", [str(python), str(PEERS_DIR / "jax_optax.py"), "--opt", jax_opt,
+                            "--out", str(workdir / f"jax-{index}.jsonl")],
+         workdir / f"jax-{index}.jsonl")]
     if plain:
         plain_cmd = [str(python), str(PEERS_DIR / "plain_loop.py"), "--out",
                      str(workdir / f"plain-{index}.jsonl")]
@@ -206,7 +208,7 @@ def table(summary: dict[str, Any], rounds: list[list[Run]]) -> str:
     systems = list(medians)
     lines = ["| batch | " + " | ".join(systems) + " | study / JAX |",
              "|---|" + "---|" * (len(systems) + 1)]
-    jax = summary["study_over"].get("JAX/optax")
+    jax = next((v for k, v in summary["study_over"].items() if k.startswith("JAX")), None)
     for b in BATCHES:
         cells = [f"{medians[s]['per_batch_trial_steps_per_cpu_s'][b]:,.0f}" for s in systems]
         ratio = f"{jax['per_batch_per_cpu_s'][b]:.2f}x" if jax else "-"
@@ -224,13 +226,15 @@ def table(summary: dict[str, Any], rounds: list[list[Run]]) -> str:
     return "\n".join(lines)
 
 
-def compare(python: Path, rounds: int, threads: int | None, plain: bool = True
-            ) -> dict[str, Any]:
+def compare(python: Path, rounds: int, threads: int | None, plain: bool = True,
+            jax_opt: str = "optax") -> dict[str, Any]:
     """Run the interleaved rounds; the JSON of every round and the summary."""
     check_peer_python(python)
     with tempfile.TemporaryDirectory(prefix="study-peer-") as tmp:
-        done = [run_round(i, python, threads, plain, Path(tmp)) for i in range(rounds)]
+        done = [run_round(i, python, threads, plain, Path(tmp), jax_opt)
+                for i in range(rounds)]
     summary = summarize(done)
     return {"peer_python": str(python), "threads": threads, "rounds": rounds,
+            "jax_opt": jax_opt,
             "runs": [[r.as_dict() for r in one] for one in done], **summary,
             "table": table(summary, done)}
