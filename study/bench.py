@@ -12,6 +12,9 @@ planned step is a unit of the sweep's work, not of arithmetic). The achieved fra
 machine's dense matmul throughput compares the batched engine's useful FLOPs (6 * weights *
 batch per executed step, 2 * weights * examples per evaluation) with a dense matmul measured
 in the same run.
+
+`--peer` compares the batched engine with the JAX/optax peer and the plain PyTorch loop of
+bench/peers instead, each in a process of its own (study.bench_peer).
 """
 
 from __future__ import annotations
@@ -253,7 +256,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                         help="memory budget of a population (default: from the device)")
     parser.add_argument("--limit", type=int, default=None,
                         help="train only this many random trials of the workload")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads of torch and of the fused update (with --peer: of "
+                             "every system); default: one per core")
     parser.add_argument("--matmul-seconds", type=float, default=1.0,
                         help="how long to measure the dense matmul peak")
     parser.add_argument("--out", type=Path, default=None, help="write the JSON here too")
