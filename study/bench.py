@@ -278,6 +278,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parser.parse_intermixed_args(argv)  # overrides may follow options
     if args.peer:
         return peer_main(args, parser)
+    if args.subset < 0:
+        parser.error(f"--subset must be 0 or more, got {args.subset}")
     overrides, device_name = workload_overrides(args.overrides, args.device)
     if args.seeds is not None:
         if args.seeds < 1:

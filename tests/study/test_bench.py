@@ -59,6 +59,8 @@ def test_seeds_widens_every_population(tmp_path) -> None:
     assert [p["trials"] for p in result["populations"]] == [8, 8, 8, 8]
     with pytest.raises(SystemExit):
         main(["--seeds", "0", "+sweep=smoke"])
+    with pytest.raises(SystemExit):
+        main(["--subset", "-1", "+sweep=smoke"])
 
 
 def test_threads_holds_torch_and_the_fused_update_and_subset_0_skips_the_reference() -> None:
