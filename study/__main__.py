@@ -30,6 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 from study import cli, records, storage
 from study.config import ConfigError, register, validate
 from study.grid import expand
+from study.process_exit import exit_now
 from study.run import check_objective, execute
 
 register()
@@ -213,7 +214,7 @@ def run(argv: list[str] | None = None) -> None:
         cli.release_stderr()
     if status not in (0, None):
         cli.remove_empty(new_dirs)  # refused: no directory left that this command created
-    sys.exit(status)
+    exit_now(status)  # everything is written: skip the interpreter's teardown
 
 
 if __name__ == "__main__":

@@ -12,6 +12,9 @@ planned step is a unit of the sweep's work, not of arithmetic). The achieved fra
 machine's dense matmul throughput compares the batched engine's useful FLOPs (6 * weights *
 batch per executed step, 2 * weights * examples per evaluation) with a dense matmul measured
 in the same run.
+
+`--peer` compares the batched engine with the JAX/optax peer and the plain PyTorch loop of
+bench/peers instead, each in a process of its own (study.bench_peer).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from typing import Any
 
 import torch
 
+from study import bench_peer
 from study.engine import BatchedEngine, ReferenceEngine, Trace
 from study.engine.planner import plan_populations, trial_steps
 from study.grid import plan_from_overrides
@@ -79,16 +83,22 @@ def _timed(fn) -> tuple[Any, float]:
     return out, time.perf_counter() - start
 
 
+def load_averages() -> list[float] | None:
+    """The 1, 5 and 15-minute load averages (None where the platform has none)."""
+    return [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
+
+
 def population_label(trial: TrialSpec) -> str:
     """A short name of a trial's population for the per-population figures."""
     task = trial.labels.get("task", type(trial.task).__name__)
     return f"{task}, batch {trial.train.batch_size}"
 
 
-def run_batched(trials: Sequence[TrialSpec], device: torch.device,
-                budget_bytes: int | None) -> tuple[list[Trace], float, list[dict[str, Any]]]:
-    """Train every trial with the batched engine: traces, wall time, and per population
-    (planner chunk) its label, trials, planned trial-steps and wall time."""
+def run_batched(trials: Sequence[TrialSpec], device: torch.device, budget_bytes: int | None
+                ) -> tuple[list[Trace], float, float, list[dict[str, Any]]]:
+    """Train every trial with the batched engine: traces, wall time, CPU time (all the
+    process's threads), and per population (planner chunk) its label, trials, planned
+    trial-steps, wall and CPU time."""
     engine = BatchedEngine()
     chunks = plan_populations(trials, device, budget_bytes)
     populations: list[dict[str, Any]] = []
@@ -97,17 +107,19 @@ def run_batched(trials: Sequence[TrialSpec], device: torch.device,
         traces: list[Trace | None] = [None] * len(trials)
         for chunk in chunks:
             members = [trials[i] for i in chunk]
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), time.process_time()
             for i, trace in zip(chunk, engine.run(members, device), strict=True):
                 traces[i] = trace
             _sync(device)
             populations.append({"label": population_label(members[0]), "trials": len(chunk),
                                 "trial_steps": sum(trial_steps(t) for t in members),
-                                "wall_s": time.perf_counter() - start, "rows": list(chunk)})
+                                "wall_s": time.perf_counter() - start,
+                                "cpu_s": time.process_time() - cpu, "rows": list(chunk)})
         return traces  # type: ignore[return-value]
 
+    cpu = time.process_time()
     traces, wall = _timed(train)
-    return traces, wall, populations
+    return traces, wall, time.process_time() - cpu, populations
 
 
 def run_reference(sample: Sequence[int], trials: Sequence[TrialSpec], device: torch.device
@@ -130,20 +142,47 @@ def bench(overrides: Sequence[str], device: torch.device, subset: int, seed: int
     planned = sum(trial_steps(t) for t in trials)
     torch_dtype = trials[0].train.torch_dtype
 
+    load_start = load_averages()
     warm = random.Random(seed + 1).sample(trials, min(2, len(trials)))
-    ReferenceEngine().run(warm, device)
+    if subset > 0:
+        ReferenceEngine().run(warm, device)
     BatchedEngine().run(warm, device)
 
-    traces, batched_wall, populations = run_batched(trials, device, budget_bytes)
+    traces, batched_wall, batched_cpu, populations = run_batched(trials, device, budget_bytes)
+    load_batched = load_averages()
     flops = sum(useful_flops(t, tr) for t, tr in zip(trials, traces, strict=True))
-
-    sample = random.Random(seed).sample(range(len(trials)), min(subset, len(trials)))
-    sample_steps = sum(trial_steps(trials[i]) for i in sample)
-    reference_walls = run_reference(sample, trials, device)
-    reference_wall = sum(reference_walls.values())
-    reference_rate = sample_steps / reference_wall
-    peak = matmul_gflops(device, torch_dtype, matmul_seconds)
     batched_rate = planned / batched_wall
+    result: dict[str, Any] = {
+        "device": str(device), "device_name": _device_name(device),
+        "torch": torch.__version__, "threads": torch.get_num_threads(),
+        "numba_threads": _numba_threads(),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+        "python": platform.python_version(), "dtype": str(torch_dtype).removeprefix("torch."),
+        # other processes on the machine skew every figure: recorded, not corrected for
+        "load_average_1min_at_end": None, "load_averages": {
+            "start": load_start, "after_batched": load_batched, "end": None},
+        "workload": {"overrides": list(overrides), "trials": len(trials),
+                     "trial_steps": planned,
+                     "executed_trial_steps": int(sum(len(t.step_loss) for t in traces)),
+                     "gflop": flops / 1e9},
+        "batched": {"trials": len(trials), "populations": len(populations),
+                    "trial_steps": planned, "wall_s": batched_wall, "cpu_s": batched_cpu,
+                    "cpu_per_wall": batched_cpu / batched_wall,
+                    "trial_steps_per_s": batched_rate,
+                    "trial_steps_per_cpu_s": planned / batched_cpu},
+        "populations": populations,
+    }
+    sample = random.Random(seed).sample(range(len(trials)), min(subset, len(trials)))
+    reference_walls = run_reference(sample, trials, device)
+    if sample:  # --subset 0: the batched engine alone
+        sample_steps = sum(trial_steps(trials[i]) for i in sample)
+        reference_wall = sum(reference_walls.values())
+        reference_rate = sample_steps / reference_wall
+        result["reference"] = {
+            "trials": len(sample), "subset_seed": seed, "trial_steps": sample_steps,
+            "wall_s": reference_wall, "trial_steps_per_s": reference_rate,
+            "extrapolated_wall_s": planned / reference_rate}
+        result["ratio_batched_over_reference"] = batched_rate / reference_rate
     for population in populations:  # the ratio per population, where the subset has trials
         rows = [i for i in population.pop("rows") if i in reference_walls]
         population["reference_trials"] = len(rows)
@@ -152,28 +191,22 @@ def bench(overrides: Sequence[str], device: torch.device, subset: int, seed: int
                     / sum(reference_walls[i] for i in rows))
             population["ratio_batched_over_reference"] = (
                 population["trial_steps"] / population["wall_s"] / rate)
-    return {
-        "device": str(device), "device_name": _device_name(device),
-        "torch": torch.__version__, "threads": torch.get_num_threads(),
-        "python": platform.python_version(), "dtype": str(torch_dtype).removeprefix("torch."),
-        # other processes on the machine skew every figure: recorded, not corrected for
-        "load_average_1min_at_end": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
-        "workload": {"overrides": list(overrides), "trials": len(trials),
-                     "trial_steps": planned,
-                     "executed_trial_steps": int(sum(len(t.step_loss) for t in traces)),
-                     "gflop": flops / 1e9},
-        "batched": {"trials": len(trials), "populations": len(populations),
-                    "trial_steps": planned, "wall_s": batched_wall,
-                    "trial_steps_per_s": batched_rate},
-        "reference": {"trials": len(sample), "subset_seed": seed, "trial_steps": sample_steps,
-                      "wall_s": reference_wall, "trial_steps_per_s": reference_rate,
-                      "extrapolated_wall_s": planned / reference_rate},
-        "ratio_batched_over_reference": batched_rate / reference_rate,
-        "populations": populations,
-        "matmul_gflops": peak,
-        "batched_gflops": flops / 1e9 / batched_wall,
-        "batched_fraction_of_matmul_peak": flops / 1e9 / batched_wall / peak,
-    }
+    peak = matmul_gflops(device, torch_dtype, matmul_seconds)
+    result.update(matmul_gflops=peak, batched_gflops=flops / 1e9 / batched_wall,
+                  batched_fraction_of_matmul_peak=flops / 1e9 / batched_wall / peak)
+    result["load_averages"]["end"] = load_averages()
+    end = result["load_averages"]["end"]
+    result["load_average_1min_at_end"] = end[0] if end else None
+    return result
+
+
+def _numba_threads() -> int | None:
+    """The fused update's kernel threads (None without numba)."""
+    try:
+        import numba
+    except ImportError:
+        return None
+    return numba.get_num_threads()
 
 
 def _device_name(device: torch.device) -> str:
@@ -211,7 +244,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                              "names a sweep); device=cpu|cuda|auto picks the device")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--subset", type=int, default=32,
-                        help="trials the reference engine trains (default 32)")
+                        help="trials the reference engine trains (default 32; 0: none, "
+                             "the batched engine alone)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the subset draw")
     parser.add_argument("--dtype", choices=["float32", "float64"], default=None,
                         help="override train.dtype of the workload")
@@ -222,11 +256,30 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                         help="memory budget of a population (default: from the device)")
     parser.add_argument("--limit", type=int, default=None,
                         help="train only this many random trials of the workload")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads of torch and of the fused update (with --peer: of "
+                             "every system); default: one per core")
     parser.add_argument("--matmul-seconds", type=float, default=1.0,
                         help="how long to measure the dense matmul peak")
     parser.add_argument("--out", type=Path, default=None, help="write the JSON here too")
+    parser.add_argument("--peer", action="store_true",
+                        help="compare with the JAX/optax peer and the plain loop (bench/peers), "
+                             "each in its own process, on the lr_batch workload on the CPU")
+    parser.add_argument("--peer-python", type=Path, default=bench_peer.DEFAULT_PEER_PYTHON,
+                        help="the Python with jax and optax that runs the peers (default: "
+                             "%(default)s)")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="interleaved rounds of --peer (default 3)")
+    parser.add_argument("--no-plain", action="store_true",
+                        help="--peer without the plain loop")
+    parser.add_argument("--jax-opt", choices=["optax", "hand"], default="optax",
+                        help="--peer's JAX update: optax's transforms (default) or one "
+                             "hand-written update for every row")
     args = parser.parse_intermixed_args(argv)  # overrides may follow options
+    if args.peer:
+        return peer_main(args, parser)
+    if args.subset < 0:
+        parser.error(f"--subset must be 0 or more, got {args.subset}")
     overrides, device_name = workload_overrides(args.overrides, args.device)
     if args.seeds is not None:
         if args.seeds < 1:
@@ -245,6 +298,26 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(text + "\n")
+    return result
+
+
+def peer_main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict[str, Any]:
+    """`--peer`: the peer comparison's table on stdout, its JSON in `--out`."""
+    if args.overrides or args.seeds or args.limit or args.dtype or args.device == "cuda":
+        parser.error("--peer runs the lr_batch workload on the CPU as the peers rebuild it: "
+                     "it takes no overrides, --seeds, --limit, --dtype or --device cuda")
+    if args.rounds < 1:
+        parser.error(f"--rounds must be at least 1, got {args.rounds}")
+    try:
+        result = bench_peer.compare(args.peer_python, args.rounds, args.threads,
+                                    plain=not args.no_plain, jax_opt=args.jax_opt)
+    except bench_peer.PeerError as err:
+        print(f"python -m study.bench: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    print(result["table"])
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
     return result
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import platform
 import shlex
 import socket
@@ -49,6 +50,8 @@ def device_info(device: torch.device) -> dict[str, Any]:
     info: dict[str, Any] = {
         "device": str(device),
         "torch_threads": torch.get_num_threads(),
+        # idle OpenMP threads spin (ACTIVE, or unset) or sleep (PASSIVE): study/__init__.py
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         "float32_matmul_precision": torch.get_float32_matmul_precision(),
     }
     if device.type == "cuda":

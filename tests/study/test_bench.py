@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from study.bench import main, workload_overrides
 
@@ -58,3 +59,23 @@ def test_seeds_widens_every_population(tmp_path) -> None:
     assert [p["trials"] for p in result["populations"]] == [8, 8, 8, 8]
     with pytest.raises(SystemExit):
         main(["--seeds", "0", "+sweep=smoke"])
+    with pytest.raises(SystemExit):
+        main(["--subset", "-1", "+sweep=smoke"])
+
+
+def test_threads_holds_torch_and_the_fused_update_and_subset_0_skips_the_reference() -> None:
+    """`--threads 1` runs one thread: torch's and the fused update's pools both stay at one
+    after the populations are built; `--subset 0` times the batched engine alone."""
+    before = torch.get_num_threads()
+    try:
+        result = main(["+sweep=smoke", "train.epochs=1", "--device", "cpu", "--subset", "0",
+                       "--limit", "4", "--threads", "1", "--matmul-seconds", "0.05"])
+    finally:
+        torch.set_num_threads(before)
+    assert result["threads"] == 1 and result["numba_threads"] == 1
+    assert "reference" not in result and "ratio_batched_over_reference" not in result
+    batched = result["batched"]
+    assert batched["cpu_s"] > 0
+    assert batched["trial_steps_per_cpu_s"] * batched["cpu_s"] == pytest.approx(
+        batched["trial_steps"])
+    assert len(result["load_averages"]["start"]) == 3

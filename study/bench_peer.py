@@ -1,0 +1,240 @@
+"""`python -m study.bench --peer`: study's batched engine against the JAX/optax peer and the
+plain PyTorch loop, each in a process of its own, on the lr_batch workload.
+
+The peers (bench/peers/, with their README) rebuild the workload without `study`: the same
+trials, seeds, data, initialisation and batch orders. They need jax and optax, which the
+project does not depend on, so they run under another Python (`--peer-python`, a venv set
+up as docs/performance.md says). Rounds are interleaved (study, JAX, plain loop, with the
+order rotated every round) so that load drifts reach every system; each figure is the
+median over rounds.
+
+Rates are planned trial-steps per second of wall time and per CPU-second (all of a
+process's threads) of the timed work: study's batched training (`python -m study.bench
+--subset 0`), the peer's timed runs (its compilation excluded, as the peer reports it), the
+plain loop's subset extrapolated by planned trial-steps. Per batch size, a peer's
+CPU-second rate is its wall rate divided by its whole run's CPU per wall second. Load
+averages are read before and after every process: the machine may be shared, and nothing
+here corrects for that.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+BATCHES = ("8", "32", "128", "full")
+PEERS_DIR = Path(__file__).resolve().parents[1] / "bench" / "peers"
+# A venv beside the checkout (docs/performance.md): the peers' jax must not enter the
+# project's own environment.
+DEFAULT_PEER_PYTHON = Path(__file__).resolve().parents[2] / "peers-venv" / "bin" / "python"
+
+
+class PeerError(Exception):
+    """The peer comparison cannot run: one line for the user."""
+
+
+@dataclass(frozen=True)
+class Run:
+    """One system's figures of one round."""
+
+    system: str
+    per_batch_wall: dict[str, float]  # trial-steps per wall second, by batch size
+    per_batch_cpu: dict[str, float]  # trial-steps per CPU-second, by batch size
+    wall_rate: float
+    cpu_rate: float
+    cpu_s: float  # CPU-seconds of the workload (the plain loop's extrapolated from its subset)
+    process_cpu_s: float  # CPU-seconds of the whole process (start-up, compilation)
+    load_before: list[float]
+    load_after: list[float]
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def check_peer_python(python: Path) -> None:
+    """PeerError unless `python` runs and has jax, optax and torch."""
+    if not PEERS_DIR.is_dir():
+        raise PeerError(f"{PEERS_DIR} not found: --peer runs from a checkout of the "
+                        "repository")
+    if not python.exists():
+        raise PeerError(f"peer python {python} not found: set one up as docs/performance.md "
+                        "says, or name it with --peer-python")
+    probe = subprocess.run([str(python), "-c", "import jax, optax, torch"],
+                           capture_output=True, text=True, timeout=300)
+    if probe.returncode != 0:
+        last = (probe.stderr.strip().splitlines() or ["no output"])[-1]
+        raise PeerError(f"peer python {python} cannot import jax, optax and torch: {last}")
+
+
+def thread_environment(threads: int | None) -> dict[str, str]:
+    """Environment that holds a peer to `threads` threads (None: its own defaults)."""
+    if threads is None:
+        return {}
+    env = {name: str(threads) for name in
+           ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS")}
+    if threads == 1:  # XLA's CPU client sizes its pools by the cores unless told
+        env["XLA_FLAGS"] = ("--xla_cpu_multi_thread_eigen=false "
+                            "intra_op_parallelism_threads=1")
+    return env
+
+
+def _load() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _run(command: Sequence[str], env: dict[str, str]) -> tuple[float, list[float],
+                                                                 list[float]]:
+    """Run `command` to completion: its CPU-seconds (its own children included, one command
+    at a time), and the load averages before and after it."""
+    before, cpu = _load(), _children_cpu()
+    process = subprocess.run(list(command), env={**os.environ, **env},
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    cpu, after = _children_cpu() - cpu, _load()
+    if process.returncode != 0:
+        last = (process.stderr.strip().splitlines() or ["no output"])[-1]
+        name = Path(command[1]).name if command[1] != "-m" else command[2]
+        raise PeerError(f"{name} failed (exit {process.returncode}): {last}")
+    return cpu, before, after
+
+
+def _peer_run(system: str, result: dict[str, Any], process_cpu: float,
+              loads: tuple[list[float], list[float]]) -> Run:
+    per_wall = {str(k): float(v) for k, v in result["per_batch_trial_steps_per_s"].items()}
+    share = float(result["cpu_per_wall"])
+    wall_rate = float(result["trial_steps_per_s"])
+    return Run(system, per_wall, {k: v / share for k, v in per_wall.items()}, wall_rate,
+               wall_rate / share, float(result["workload_wall_s"]) * share, process_cpu,
+               *loads)
+
+
+def _study_run(result: dict[str, Any], process_cpu: float,
+               loads: tuple[list[float], list[float]]) -> Run:
+    sums: dict[str, list[float]] = {}
+    for population in result["populations"]:
+        batch = population["label"].rsplit("batch ", 1)[1]
+        acc = sums.setdefault(batch, [0.0, 0.0, 0.0])
+        acc[0] += population["trial_steps"]
+        acc[1] += population["wall_s"]
+        acc[2] += population["cpu_s"]
+    batched = result["batched"]
+    return Run("study", {k: v[0] / v[1] for k, v in sums.items()},
+               {k: v[0] / v[2] for k, v in sums.items()}, batched["trial_steps_per_s"],
+               batched["trial_steps_per_cpu_s"], batched["cpu_s"], process_cpu, *loads)
+
+
+def read_result(system: str, path: Path) -> dict[str, Any]:
+    """The JSON a system wrote: study's bench writes one indented document, a peer appends
+    one line per run (the last is this run's)."""
+    text = path.read_text()
+    return json.loads(text if system == "study" else text.strip().splitlines()[-1])
+
+
+def run_round(index: int, python: Path, threads: int | None, plain: bool,
+              workdir: Path, jax_opt: str = "optax") -> list[Run]:
+    """One round: each system once, the order rotated by `index`. `jax_opt`: the peer's
+    update (`optax`, or `hand`: one hand-written update for every row)."""
+    env = thread_environment(threads)
+    study_out = workdir / f"study-{index}.json"
+    study_cmd = [sys.executable, "-m", "study.bench", "--device", "cpu", "--subset", "0",
+                 "--matmul-seconds", "0.1", "--out", str(study_out)]
+    if threads is not None:
+        study_cmd += ["--threads", str(threads)]
+    jobs: list[tuple[str, list[str], Path]] = [
+        ("study", study_cmd, study_out),
+        (f"JAX/{jax_opt}", [str(python), str(PEERS_DIR / "jax_optax.py"), "--opt", jax_opt,
+                            "--out", str(workdir / f"jax-{index}.jsonl")],
+         workdir / f"jax-{index}.jsonl")]
+    if plain:
+        plain_cmd = [str(python), str(PEERS_DIR / "plain_loop.py"), "--out",
+                     str(workdir / f"plain-{index}.jsonl")]
+        if threads is not None:
+            plain_cmd += ["--threads", str(threads)]
+        jobs.append(("plain loop", plain_cmd, workdir / f"plain-{index}.jsonl"))
+    shift = index % len(jobs)
+    runs = []
+    for system, command, out in jobs[shift:] + jobs[:shift]:
+        cpu, before, after = _run(command, env)
+        result = read_result(system, out)
+        runs.append(_study_run(result, cpu, (before, after)) if system == "study"
+                    else _peer_run(system, result, cpu, (before, after)))
+    order = {system: i for i, (system, _, _) in enumerate(jobs)}
+    return sorted(runs, key=lambda r: order[r.system])
+
+
+def summarize(rounds: list[list[Run]]) -> dict[str, Any]:
+    """Medians over rounds of every system's rates, and study's ratios to each peer."""
+    systems = [r.system for r in rounds[0]]
+    medians: dict[str, dict[str, Any]] = {}
+    for system in systems:
+        runs = [r for one in rounds for r in one if r.system == system]
+        medians[system] = {
+            "trial_steps_per_s": statistics.median(r.wall_rate for r in runs),
+            "trial_steps_per_cpu_s": statistics.median(r.cpu_rate for r in runs),
+            "cpu_s": statistics.median(r.cpu_s for r in runs),
+            "per_batch_trial_steps_per_s": {
+                b: statistics.median(r.per_batch_wall[b] for r in runs) for b in BATCHES},
+            "per_batch_trial_steps_per_cpu_s": {
+                b: statistics.median(r.per_batch_cpu[b] for r in runs) for b in BATCHES}}
+    study = medians["study"]
+    ratios = {}
+    for system in systems[1:]:
+        peer = medians[system]
+        ratios[system] = {
+            "per_cpu_s": study["trial_steps_per_cpu_s"] / peer["trial_steps_per_cpu_s"],
+            "per_wall_s": study["trial_steps_per_s"] / peer["trial_steps_per_s"],
+            "per_batch_per_cpu_s": {
+                b: study["per_batch_trial_steps_per_cpu_s"][b]
+                / peer["per_batch_trial_steps_per_cpu_s"][b] for b in BATCHES}}
+    return {"medians": medians, "study_over": ratios}
+
+
+def table(summary: dict[str, Any], rounds: list[list[Run]]) -> str:
+    """The comparison as a Markdown table (trial-steps per CPU-second, medians)."""
+    medians = summary["medians"]
+    systems = list(medians)
+    lines = ["| batch | " + " | ".join(systems) + " | study / JAX |",
+             "|---|" + "---|" * (len(systems) + 1)]
+    jax = next((v for k, v in summary["study_over"].items() if k.startswith("JAX")), None)
+    for b in BATCHES:
+        cells = [f"{medians[s]['per_batch_trial_steps_per_cpu_s'][b]:,.0f}" for s in systems]
+        ratio = f"{jax['per_batch_per_cpu_s'][b]:.2f}x" if jax else "-"
+        lines.append(f"| {b} | " + " | ".join(cells) + f" | {ratio} |")
+    cells = [f"{medians[s]['trial_steps_per_cpu_s']:,.0f}" for s in systems]
+    lines.append("| overall | " + " | ".join(cells)
+                 + (f" | {jax['per_cpu_s']:.2f}x |" if jax else " | - |"))
+    cells = [f"{medians[s]['trial_steps_per_s']:,.0f}" for s in systems]
+    lines.append("| overall, per wall second | " + " | ".join(cells)
+                 + (f" | {jax['per_wall_s']:.2f}x |" if jax else " | - |"))
+    loads = [x for one in rounds for r in one for x in (r.load_before[0], r.load_after[0])]
+    lines.append("")
+    lines.append(f"trial-steps per CPU-second, medians of {len(rounds)} interleaved rounds; "
+                 f"1-minute load average {min(loads):.2f}-{max(loads):.2f}")
+    return "\n".join(lines)
+
+
+def compare(python: Path, rounds: int, threads: int | None, plain: bool = True,
+            jax_opt: str = "optax") -> dict[str, Any]:
+    """Run the interleaved rounds; the JSON of every round and the summary."""
+    check_peer_python(python)
+    with tempfile.TemporaryDirectory(prefix="study-peer-") as tmp:
+        done = [run_round(i, python, threads, plain, Path(tmp), jax_opt)
+                for i in range(rounds)]
+    summary = summarize(done)
+    return {"peer_python": str(python), "threads": threads, "rounds": rounds,
+            "jax_opt": jax_opt,
+            "runs": [[r.as_dict() for r in one] for one in done], **summary,
+            "table": table(summary, done)}
