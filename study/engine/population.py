@@ -34,9 +34,10 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from study.engine.base import OnEval, Trace, population_key
+from study.engine.base import OnEval, population_key
 from study.engine.fused import FusedUpdate, fusable
 from study.engine.network import Network, eval_losses, train_loss_and_grad
+from study.failures import trial_dataset
 from study.failures.loop import EarlyStopper, Plateau, class_weights
 from study.models import (
     PROBE_SIZE,
@@ -49,17 +50,13 @@ from study.models import (
 from study.optim import adaptive, make_population_optimizer
 from study.seeds import seed_streams
 from study.tasks import Dataset
+from study.trace import EVAL_FIELDS, STEP_FIELDS, Trace
 from study.trial import TrialSpec
 
 __all__ = ["BatchedEngine", "DatasetCache", "Network"]
 
 log = logging.getLogger(__name__)
 Tensor = torch.Tensor
-# Per-step records, in this order (see Trace); the last five exist only for updated steps.
-STEP_FIELDS = ("step_loss", "grad_norm", "grad_norm_first", "grad_norm_last", "param_norm",
-               "update_norm", "update_cosine")
-EVAL_FIELDS = ("train_loss", "val_loss", "train_acc", "val_acc", "dead_fraction",
-               "saturation_fraction")
 
 
 class DatasetCache:
@@ -73,7 +70,7 @@ class DatasetCache:
     def get(self, trial: TrialSpec, seed: int) -> Dataset:
         key = data_key(trial, seed)
         if key not in self.items:
-            self.items[key] = trial.dataset(seed)
+            self.items[key] = trial_dataset(trial, seed)
             if len(self.items) > self.size:
                 self.items.popitem(last=False)
         self.items.move_to_end(key)
@@ -564,7 +561,7 @@ class _Population:
     def diagnose(self, k: int) -> None:
         """Opt-in sharpness / noise scale / preconditioned sharpness (adaptive rows) of every
         row (NaN for non-finite parameters)."""
-        from study.engine.diagnostics import gradient_noise_scale, sharpness
+        from study.engine.landscape import gradient_noise_scale, sharpness
 
         spec = self.trials[0].diagnostics
         finite = torch.isfinite(self.params).all(dim=1)

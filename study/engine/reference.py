@@ -18,9 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch.nn.utils import parameters_to_vector
 
-from study.engine.base import OnEval, Trace
-from study.engine.diagnostics import gradient_noise_scale, sharpness
+from study.engine.base import OnEval
+from study.engine.landscape import gradient_noise_scale, sharpness
 from study.engine.network import Network
+from study.failures import trial_dataset
 from study.failures.loop import EarlyStopper, Plateau, class_weights
 from study.models import (
     PROBE_SIZE,
@@ -32,6 +33,7 @@ from study.models import (
 from study.optim import adaptive, preconditioner
 from study.seeds import seed_streams
 from study.tasks import Dataset
+from study.trace import Trace
 from study.trial import LoopSpec, TrialSpec
 
 
@@ -93,7 +95,7 @@ def train_trial(trial: TrialSpec, device: torch.device,
     there (its trace ends at that evaluation, not diverged; at the last one it changes
     nothing)."""
     seeds = seed_streams(trial.seed)
-    data = trial.dataset(seeds.data)
+    data = trial_dataset(trial, seeds.data)
     dtype = trial.train.torch_dtype
     x_train, y_train, x_val, y_val = _to_device(data, dtype, device)
     params = init_parameters(trial.model, trial.task.input_dim, trial.task.output_dim,
