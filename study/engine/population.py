@@ -40,7 +40,7 @@ from study.engine.network import Network, eval_losses, train_loss_and_grad
 from study.engine.population_data import DatasetCache, PopulationData
 from study.engine.population_loop import LoopState
 from study.engine.population_params import ParameterState
-from study.engine.population_records import DIAG_FIELDS, Records, StepRecord
+from study.engine.population_traces import DIAG_FIELDS, StepRecord, TraceBuffers
 from study.models import PROBE_SIZE, RELU_FAMILY, SATURATION_Z, init_parameters
 from study.optim import adaptive, make_population_optimizer
 from study.seeds import SeedStreams, seed_streams
@@ -165,11 +165,11 @@ class _Population:
         self.epochs = train.epochs
         self.loop = LoopState(trials, device, dtype, train.steps_per_epoch(n_train),
                               self.planned)
-        self.records = Records(len(trials), self.planned, train.eval_steps(n_train),
+        self.traces = TraceBuffers(len(trials), self.planned, train.eval_steps(n_train),
                                first.diagnostics.steps(train, n_train), dtype, device)
         # The reference's order after each step: diagnostics, then evaluation.
-        self.diag_at = {s: k for k, s in enumerate(self.records.diag_steps)}
-        self.eval_at = {s: k for k, s in enumerate(self.records.eval_steps)}
+        self.diag_at = {s: k for k, s in enumerate(self.traces.diag_steps)}
+        self.eval_at = {s: k for k, s in enumerate(self.traces.eval_steps)}
         params = _initial_parameters(self.net, trials, seeds).to(device=device, dtype=dtype)
         self.init_seeds = [s.init for s in seeds]  # diagnostics draw their start from it
         self.adaptive = [adaptive(t.optimizer) for t in trials]
@@ -209,7 +209,7 @@ class _Population:
                         break
                     if kept is not None:
                         x_epoch, y_epoch = x_epoch[kept], y_epoch[kept]
-        return self.records.traces(self.trials, self.data.irreducible, self.data.input_free,
+        return self.traces.traces(self.trials, self.data.irreducible, self.data.input_free,
                                    self.adaptive, self.data.loss == "cross_entropy")
 
     def after(self, step: int) -> None:
@@ -246,7 +246,7 @@ class _Population:
             out, saved = self.net.forward(params, xb, layers, masks)
         loss, grad_out = train_loss_and_grad(out, yb, self.data.loss, spec.loss,
                                              spec.huber_delta, self.data.class_weights)
-        record = self.records.step_buffer(step)  # [STEP_FIELDS, T], written in place
+        record = self.traces.step_buffer(step)  # [STEP_FIELDS, T], written in place
         named = StepRecord(*record)
         named.step_loss.copy_(loss)
         lrs = self.loop.learning_rates(step) if spec.scheduled else None
@@ -257,7 +257,7 @@ class _Population:
             used = state.eager_gradient(saved, grad_out, layers, masks, named)
             alive = self.mark_diverged(record[:2])  # step_loss and grad_norm
             state.eager_step(used, named, alive, self.loop.clip, lrs)
-        self.records.commit_step(step, record)
+        self.traces.commit_step(step, record)
 
     def mark_diverged(self, values: Tensor) -> Tensor | None:
         """Freeze the rows whose `values` [k, T] are not all finite; returns the optimizer's
@@ -293,7 +293,7 @@ class _Population:
                  if self.loop.dropout_at_eval else None)
         activation = self.net.activation
         inspect = lambda z: hidden.append(activation_health(activation, z[:, :probe]))  # noqa: E731
-        if self.whole_split and self.records.eval_steps[k] < self.planned:  # a step follows
+        if self.whole_split and self.traces.eval_steps[k] < self.planned:  # a step follows
             out, saved = self.net.forward(params, data.x_eval, self.state.layers(params),
                                           inspect=inspect)
             self.shared = (out, saved)
@@ -303,7 +303,7 @@ class _Population:
         values = list(eval_losses(out, data.y_eval, data.loss, data.n_train, data.target_scale))
         nan = torch.full((rows,), math.nan, dtype=torch.float64, device=self.device)
         dead, saturated = combine_health(hidden, nan, probe)
-        self.records.write_eval(k, torch.stack([nan if v is None else v.to(torch.float64)
+        self.traces.write_eval(k, torch.stack([nan if v is None else v.to(torch.float64)
                                                 for v in (*values, dead, saturated)]))
         self.alive &= torch.isfinite(values[0]) & torch.isfinite(values[1])
         self.alive_changed()
@@ -313,11 +313,11 @@ class _Population:
         sync)."""
         if not self.loop.tracks_validation and self.on_eval is None:
             return
-        val = self.records.validation_losses(k)
+        val = self.traces.validation_losses(k)
         alive = self.alive.tolist()
-        ids = self.records.id_list
+        ids = self.traces.id_list
         for row in self.loop.after_eval(step, val, alive, self.told(step, val, alive)):
-            self.records.stopped_at[ids[row]] = step
+            self.traces.stopped_at[ids[row]] = step
             self.alive[row] = False
         self.alive_changed()
 
@@ -326,7 +326,7 @@ class _Population:
         first `real` trials, by trial index."""
         if self.on_eval is None:
             return set()
-        ids = self.records.id_list
+        ids = self.traces.id_list
         told = set(self.on_eval(step, {i: val[row] for row, i in enumerate(ids)
                                        if alive[row] and i < self.real}))
         if self.real < len(self.trials) and 0 in told:
@@ -336,7 +336,7 @@ class _Population:
     def diagnose(self, k: int) -> None:
         """Opt-in sharpness / noise scale / preconditioned sharpness (adaptive rows) of every
         row (NaN for non-finite parameters)."""
-        spec, data, ids = self.trials[0].diagnostics, self.data, self.records.id_list
+        spec, data, ids = self.trials[0].diagnostics, self.data, self.traces.id_list
         finite = torch.isfinite(self.state.params).all(dim=1)
         flat = torch.where(finite[:, None], self.state.params,
                            torch.zeros_like(self.state.params))
@@ -353,14 +353,14 @@ class _Population:
             m = spec.max_examples
             values[1] = gradient_noise_scale(self.net, flat, x[:, :m], y[:, :m], data.loss)
         values[:, ~finite] = math.nan
-        self.records.write_diagnostics(k, values)
+        self.traces.write_diagnostics(k, values)
 
     def check(self, force: bool = False) -> Tensor | bool | None:
         """Synchronise on the alive count: False = none left; rows kept if it compacted."""
         alive = int(self.alive.sum())
         if alive == 0:
             return False
-        rows = len(self.records.id_list)
+        rows = len(self.traces.id_list)
         if alive == rows or (not force and alive > self.engine.compact_below * rows):
             return None
         kept = self.alive.nonzero().squeeze(1)
@@ -370,7 +370,7 @@ class _Population:
                 return None
         self.shared = None  # an evaluation's forward of the dropped rows too
         index = kept.tolist()
-        for part in (self.data, self.loop, self.state, self.records):
+        for part in (self.data, self.loop, self.state, self.traces):
             part.select(kept, index)
         self.alive = self.alive[kept]
         self.alive_changed()

@@ -12,7 +12,7 @@ import torch
 
 from study.engine.fused import FusedUpdate
 from study.engine.network import Network
-from study.engine.population_records import StepRecord
+from study.engine.population_traces import StepRecord
 
 Tensor = torch.Tensor
 

@@ -100,7 +100,7 @@ def train_trial(trial: TrialSpec, device: torch.device,
     nothing)."""
     run = _setup(trial, device)
     control = _LoopControl(trial, run.plan, on_eval)
-    records = _Records(run.model)
+    records = _TraceLists(run.model)
     if _after_updates(run, records, control, 0):
         for step, idx in zip(range(run.plan.planned), _minibatches(run), strict=False):
             if not _train_step(run, records, idx, control.learning_rate(step)):
@@ -200,7 +200,7 @@ class _LoopControl:
         return (stop or told) and step < self.plan.planned
 
 
-class _Records:
+class _TraceLists:
     """What the loop records, as Python lists until `trace`. Beyond the plain loop (see
     Trace): per-step layer, parameter and update norms; per-eval activation health on a
     fixed probe batch."""
@@ -267,7 +267,7 @@ def _minibatches(run: _Run) -> Iterator[torch.Tensor]:
             yield perm[start:start + batch]
 
 
-def _train_step(run: _Run, records: _Records, idx: torch.Tensor, lr: float | None) -> bool:
+def _train_step(run: _Run, records: _TraceLists, idx: torch.Tensor, lr: float | None) -> bool:
     """One update on the minibatch `idx`; False (and no update) when its loss or gradient
     norm is not finite."""
     model, optimizer, loop = run.model, run.optimizer, run.trial.loop
@@ -297,7 +297,7 @@ def _train_step(run: _Run, records: _Records, idx: torch.Tensor, lr: float | Non
     return True
 
 
-def _after_updates(run: _Run, records: _Records, control: _LoopControl, step: int) -> bool:
+def _after_updates(run: _Run, records: _TraceLists, control: _LoopControl, step: int) -> bool:
     """Diagnostics and evaluation due after `step` updates (in that order); False when the
     trial ends there (a non-finite evaluation loss, or a stop)."""
     if step in run.plan.diag_at:

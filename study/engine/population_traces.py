@@ -31,7 +31,7 @@ class StepRecord(NamedTuple):
     update_cosine: Tensor
 
 
-class Records:
+class TraceBuffers:
     """Every record of a population, by original trial index (NaN = not computed: the trace
     is cut before any of those), and which trial each computed row is.
 
