@@ -35,6 +35,7 @@ from study import lease, records, storage
 from study.config import ConfigError
 from study.engine import Engine, population_key
 from study.engine.planner import plan_populations
+from study.failures import trial_dataset
 from study.grid import GridPoint, SweepPlan
 from study.metrics import objective_value, summarize_many
 from study.metrics.curvature import stability_threshold
@@ -494,7 +495,7 @@ def _report_bad_data(batch: list[Claim], checked: set[tuple[str, int]]) -> None:
         if key in checked:
             continue
         checked.add(key)
-        data = spec.dataset(seed) if hasattr(spec, "dataset") else spec.task.generate(seed)
+        data = trial_dataset(spec, seed)
         bad = {name: int((~torch.isfinite(t.double())).sum()) for name, t in
                (("x_train", data.x_train), ("y_train", data.y_train),
                 ("x_val", data.x_val), ("y_val", data.y_val))}

@@ -13,7 +13,7 @@ import torch
 
 from study.models import ModelSpec
 from study.optimizers import OptimizerSpec
-from study.tasks import Dataset, Task
+from study.tasks import Task
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -241,8 +241,8 @@ class TrialSpec:
     `failures` and `mitigations` are the (config entry name, transform) pairs the trial
     carries (`study.failures`), in the order they apply (failures first). Their changes to
     the model, optimizer, training and loop are already folded into `model`, `optimizer`,
-    `train` and `loop` (see `study.failures.apply_transforms`); their data changes apply in
-    `dataset`.
+    `train` and `loop` (see `study.failures.apply_transforms`); their data changes apply when
+    the data is drawn (`study.failures.trial_dataset`).
     """
 
     task: Task
@@ -278,13 +278,6 @@ class TrialSpec:
     def data_transforms(self) -> tuple[Any, ...]:
         """The transforms that change the data, in the order they apply."""
         return tuple(t for t in self.transforms if hasattr(t, "apply_data"))
-
-    def dataset(self, data_seed: int) -> Dataset:
-        """The task's draw for `data_seed` after every data transform (deterministic)."""
-        from study.failures import apply_data_transforms
-
-        data = self.task.generate(data_seed)
-        return apply_data_transforms(data, self.data_transforms, data_seed)
 
     def flat(self) -> dict[str, Any]:
         """One flat record: group labels, `<group>.<field>` for every field, and `seed`.

@@ -10,6 +10,7 @@ from study.failures.base import (
     apply_data_transforms,
     apply_transforms,
     transform_generator,
+    trial_dataset,
 )
 from study.failures.data import (
     ClassImbalance,
@@ -59,5 +60,5 @@ __all__ = [
     "OversizedBatch", "PureNoiseTargets", "ReduceOnPlateau", "Shuffling", "SigmoidStack",
     "SortedByTarget", "StandardizeInputs", "StandardizeTargets", "StepDecay", "TargetOutliers",
     "TargetScale", "UnscaledFeatures", "Warmup", "WeightDecay", "ZeroInit",
-    "apply_data_transforms", "apply_transforms", "transform_generator",
+    "apply_data_transforms", "apply_transforms", "transform_generator", "trial_dataset",
 ]

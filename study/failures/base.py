@@ -1,4 +1,5 @@
-"""How transforms apply: the seeding of data transforms and the folding of spec changes.
+"""How transforms apply: the seeding of data transforms, the data a trial trains on
+(`trial_dataset`) and the folding of spec changes.
 
 A transform is a small frozen dataclass (or a function wrapped by `FunctionTransform`) with
 any of:
@@ -58,6 +59,13 @@ def apply_data_transforms(data: Dataset, transforms: Sequence[Any], data_seed: i
                 )
         data = out
     return data
+
+
+def trial_dataset(trial: TrialSpec, data_seed: int) -> Dataset:
+    """The data `trial` trains on: its task's draw for `data_seed` after every data transform
+    it carries, in order (deterministic)."""
+    return apply_data_transforms(trial.task.generate(data_seed), trial.data_transforms,
+                                 data_seed)
 
 
 def apply_transforms(trial: TrialSpec, failures: Sequence[tuple[str, Any]],

@@ -25,7 +25,7 @@ Losses:
 - `divergence_step` (update index, NaN if not diverged); `steps` (updates applied);
   `planned_steps`.
 
-Opt-in diagnostics (NaN unless the trial recorded them, see `study.engine.diagnostics`):
+Opt-in diagnostics (NaN unless the trial recorded them, see `study.engine.landscape`):
 - `sharpness_final`, `sharpness_max`: top Hessian eigenvalue of the full-batch training
   loss at the last measurement / its maximum over the run (1 / loss-units per parameter^2).
 - `precond_sharpness_final`, `precond_sharpness_max`: the same for the preconditioned
@@ -49,10 +49,10 @@ from typing import Any
 
 import numpy as np
 
-from study.engine.base import Trace
 from study.metrics import curvature, gradients, shape
 from study.metrics.arrays import TraceArrays, finite, last_valid, nan_reduce, pad
 from study.metrics.status import STATUSES, classify, final_blowup_step
+from study.trace import Trace
 
 SUMMARY_METRICS = (
     "train_loss_initial", "train_loss_final", "train_loss_best",

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from study.engine.base import Trace
+from study.trace import Trace
 
 
 def pad(rows: Sequence[np.ndarray | None], width: int | None = None) -> np.ndarray:

@@ -1,6 +1,6 @@
 """Gradients, updates and activations: why a run was unstable. Vectorized over trials.
 
-Inputs are NaN-padded [T, S] step records (see `study.engine.base.Trace`); a trial whose
+Inputs are NaN-padded [T, S] step records (see `study.trace.Trace`); a trial whose
 engine did not record a field gets NaN for the metrics that need it.
 """
 

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from study.config import ConfigError, linspace, logspace
+from study.failures import trial_dataset
 from study.grid import CONF_DIR, plan_from_overrides
 from study.models import ModelSpec
 from study.optimizers import OptimizerSpec
@@ -54,7 +55,7 @@ def test_every_failure_and_mitigation_option_composes_and_applies(group: str) ->
         assert trial.labels[group] == option
         entries = trial.failures if group == "failure" else trial.mitigations
         assert (len(entries) == 0) == (option == "none")
-        data = trial.dataset(seed_streams(0).data)
+        data = trial_dataset(trial, seed_streams(0).data)
         assert data.x_train.shape == (trial.task.n_train, trial.task.input_dim)
 
 

@@ -175,7 +175,7 @@ def test_no_shuffle_repeats_the_stored_minibatches_every_epoch(engine: str) -> N
     The data are untouched (unlike `sorted`)."""
     from study.engine import ReferenceEngine
 
-    assert torch.equal(_trial(REG, [f.NoShuffling()]).dataset(0).y_train,
+    assert torch.equal(f.trial_dataset(_trial(REG, [f.NoShuffling()]), 0).y_train,
                        REG.generate(0).y_train)
     run = (ReferenceEngine() if engine == "reference" else BatchedEngine()).run
     frozen = SGD(lr=1e-30)
@@ -222,7 +222,7 @@ def test_target_standardization_reports_losses_in_original_units() -> None:
     task = LinearRegression(n_train=64, n_val=64)
     raw = _trial(task, [f.ZeroInit()])  # predicts 0 at step 0
     std = _trial(task, [f.ZeroInit()], [f.StandardizeTargets()])  # predicts the train mean
-    data = std.dataset(seed_streams(0).data)
+    data = f.trial_dataset(std, seed_streams(0).data)
     assert torch.allclose(data.y_train.std(0, correction=0), torch.ones(1, dtype=torch.float64))
     clean = task.generate(seed_streams(0).data)
     a, b = BatchedEngine().run([raw, std], torch.device("cpu"))
@@ -360,7 +360,7 @@ def test_a_python_function_failure_mode(tmp_path: Path, monkeypatch) -> None:
     (conf / "failure" / "flipped.yaml").write_text(
         "flipped:\n  _target_: myfailures.flip_targets\n  factor: 2.0\n")
     (point,) = plan_from_overrides(["failure=flipped"], conf_dir=conf).points
-    data = point.trial.dataset(0)
+    data = f.trial_dataset(point.trial, 0)
     assert torch.equal(data.y_train, -2.0 * point.trial.task.generate(0).y_train)
     assert point.trial.flat()["failure.flipped.factor"] == 2.0
 

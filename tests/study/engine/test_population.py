@@ -415,14 +415,16 @@ def test_a_population_draws_each_dataset_once_even_past_the_cache_size(monkeypat
     """A population with more distinct data seeds than the dataset cache holds generates
     each draw once (asking the cache per trial regenerated them: 30x slower set-up for
     populations of thousands of trials)."""
+    from study.engine import population_data
+
     calls = []
-    real = TrialSpec.dataset
+    real = population_data.trial_dataset
 
-    def counted(self, seed):
+    def counted(trial, seed):
         calls.append(seed)
-        return real(self, seed)
+        return real(trial, seed)
 
-    monkeypatch.setattr(TrialSpec, "dataset", counted)
+    monkeypatch.setattr(population_data, "trial_dataset", counted)
     train = TrainSpec(batch_size="full", epochs=1, dtype="float32")
     task = TeacherMLP(n_train=16, n_val=8, width=4)
     trials = [_trial(SGD(lr=lr), task=task, train=train, seed=s,

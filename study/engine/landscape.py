@@ -1,5 +1,6 @@
-"""Opt-in diagnostics, batched over a population: sharpness (plain, and preconditioned by
-an adaptive optimizer's diagonal P) and gradient noise scale.
+"""The loss landscape of each trial, batched over a population: sharpness (plain, and
+preconditioned by an adaptive optimizer's diagonal P) and gradient noise scale (the opt-in
+diagnostics of `DiagnosticsSpec`).
 
 Both work on parameter rows in the population engine's layout (`network.Network`: one
 [T, P] row per trial, each layer's weight as [fan_in, fan_out] then its bias) and on each
@@ -50,7 +51,7 @@ def sharpness(net: Network, flat: Tensor, x: Tensor, y: Tensor, loss: str,
     random start drawn per trial from `seeds[t]` (default 0 for every row: a trial's value
     never depends on the other rows); the largest Ritz value. Exact once `iterations` reaches the
     number of parameters; on small MLPs 20 iterations land within 1e-4 relative of the
-    dense eigenvalue (tests/study/engine/test_diagnostics.py), where 5 cold-start power
+    dense eigenvalue (tests/study/engine/test_landscape.py), where 5 cold-start power
     iterations can read 30% low.
 
     `preconditioner` [T, P] (a diagonal P > 0 per row, `study.optim.preconditioner`): the

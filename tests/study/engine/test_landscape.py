@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from study.engine.diagnostics import gradient_noise_scale, sharpness, trial_losses
+from study.engine.landscape import gradient_noise_scale, sharpness, trial_losses
 from study.engine.population import Network
 from study.models import ModelSpec, init_parameters
 from study.tasks import Blobs, LinearRegression, TeacherMLP

@@ -1,0 +1,100 @@
+"""The loop state of a population, per row: what failure modes and mitigations change in the
+training loop (`LoopSpec`): clipping thresholds, the learning rate (schedule and
+ReduceLROnPlateau), early stopping and dropout masks."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from study.failures.loop import EarlyStopper, Plateau
+from study.models import dropout_mask, dropout_seed
+from study.trial import TrialSpec
+
+Tensor = torch.Tensor
+
+
+class LoopState:
+    """Per computed row (selected with the rows): clipping threshold, base learning rate,
+    plateau and early-stopping trackers, dropout generator. None where the loop has none."""
+
+    def __init__(self, trials: Sequence[TrialSpec], device: torch.device, dtype: torch.dtype,
+                 per_epoch: int, planned: int) -> None:
+        loop = self.spec = trials[0].loop
+        self.per_epoch, self.planned = per_epoch, planned
+        self.clip: Tensor | None = None
+        if loop.clip_norm is not None:
+            self.clip = torch.tensor([t.loop.clip_norm for t in trials], dtype=torch.float64,
+                                     device=device).to(dtype)
+        self.base_lr = [t.optimizer.lr for t in trials]
+        self.plateaus = ([Plateau(t.loop.plateau_factor, t.loop.plateau_patience,
+                                  t.loop.plateau_threshold) for t in trials]
+                         if loop.plateau_factor is not None else None)
+        self.stoppers = ([EarlyStopper(t.loop.early_stopping_patience) for t in trials]
+                         if loop.early_stopping_patience is not None else None)
+        model = trials[0].model
+        self.dropout = model.dropout
+        self.dropout_at_eval = model.dropout_at_eval and model.dropout > 0
+        self.dropout_gens = ([torch.Generator().manual_seed(dropout_seed(t.seed)) for t in trials]
+                             if model.dropout > 0 else None)
+
+    @property
+    def tracks_validation(self) -> bool:
+        """Whether an evaluation's validation losses change this state (plateau, stopping)."""
+        return self.plateaus is not None or self.stoppers is not None
+
+    def learning_rates(self, step: int) -> list[float]:
+        """Each row's learning rate for the update after `step` updates."""
+        factor = self.spec.lr_factor(step, self.per_epoch, self.planned)
+        lrs = [lr * factor for lr in self.base_lr]
+        if self.plateaus is not None:
+            lrs = [lr * plateau.multiplier for lr, plateau in zip(lrs, self.plateaus,
+                                                                  strict=True)]
+        return lrs
+
+    def after_eval(self, step: int, val: Sequence[float], alive: Sequence[bool],
+                   told: set[int]) -> list[int]:
+        """Plateau and early stopping on each alive row's validation loss `val[row]` after
+        `step` updates; returns the rows that stop there (early stopping, or named in `told`
+        by the caller's hook; never at the last step)."""
+        stopped = []
+        for row, ok in enumerate(alive):
+            if not ok:
+                continue
+            if self.plateaus is not None and step > 0:
+                plateau = self.plateaus[row]
+                plateau.update(val[row], self.base_lr[row] * plateau.multiplier)
+            stop = self.stoppers is not None and self.stoppers[row].update(val[row])
+            if (stop or row in told) and step < self.planned:
+                stopped.append(row)
+        return stopped
+
+    def masks(self, rows: Sequence[int], widths: Sequence[int], dtype: torch.dtype,
+              device: torch.device) -> list[Tensor] | None:
+        """Dropout masks [T, sum(rows), width] per hidden layer of `widths`, drawn per row in
+        the reference's order: for each block of `rows` examples, every hidden layer in
+        turn. None without dropout."""
+        if self.dropout_gens is None:
+            return None
+        per_row = []
+        for g in self.dropout_gens:  # drawn on the host (the trials' generators live there)
+            blocks = [[dropout_mask((r, w), self.dropout, g, dtype, "cpu") for w in widths]
+                      for r in rows]
+            per_row.append([torch.cat([b[layer] for b in blocks]) for layer in
+                            range(len(widths))])
+        # One copy per layer that does not wait for the device (not one per trial).
+        return [torch.stack([m[layer] for m in per_row]).to(device, non_blocking=True)
+                for layer in range(len(widths))]
+
+    def select(self, kept: Tensor, index: list[int]) -> None:
+        """Keep the rows `kept` (`index` on the host)."""
+        if self.clip is not None:
+            self.clip = self.clip[kept]
+        self.base_lr = [self.base_lr[i] for i in index]
+        if self.plateaus is not None:
+            self.plateaus = [self.plateaus[i] for i in index]
+        if self.stoppers is not None:
+            self.stoppers = [self.stoppers[i] for i in index]
+        if self.dropout_gens is not None:
+            self.dropout_gens = [self.dropout_gens[i] for i in index]
