@@ -19,6 +19,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import torch
 from hydra.core.config_store import ConfigStore
 from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
@@ -71,7 +72,7 @@ class StorageConfig:
     url: str | None = None  # None: JournalStorage file study.journal in the run directory
     study_name: str | None = None  # None: the sweep's name ("single" without a sweep)
     heartbeat_s: float = 10.0  # a worker refreshes its lease this often (study.lease)
-    grace_s: float = 60.0  # a claimed trial silent this long is stale: failed, re-queued
+    grace_s: float = 60.0  # a taken trial silent this long is stale: failed, re-queued
     retries: int = 4  # connection attempts (delays doubling from 0.5 s); calls mid-run: >= 30 s
     # True: every evaluation's validation loss as an Optuna intermediate value and the key
     # metrics (KEY_METRICS) as user attributes of their own, for optuna-dashboard; each is
@@ -163,8 +164,8 @@ _NEW_RUN_DIRS: dict[str, str] = {}
 
 def new_run_dir(resume: str | None, sweep_name: str) -> str:
     """`resume` when given, else a new directory `outputs/<sweep_name>/<stamp>` that this
-    process creates (claims): the stamp is the time to the second, with `_2`, `_3`, ...
-    appended when another invocation claimed it first, so two runs started in the same
+    process creates (takes): the stamp is the time to the second, with `_2`, `_3`, ...
+    appended when another invocation took it first, so two runs started in the same
     second never share a directory. The same value for every call in one process."""
     if resume is not None:
         return str(resume)
@@ -219,6 +220,16 @@ def validate(cfg: DictConfig) -> StudyConfig:
         if len(set(typed.sweep.seeds)) != len(typed.sweep.seeds):
             raise ConfigError(f"sweep.seeds: duplicate seeds in {typed.sweep.seeds}")
     return typed
+
+
+def resolve_device(name: str) -> torch.device:
+    """The torch device of `device`: `auto` is CUDA when available, else CPU; `cuda`
+    without CUDA is a ConfigError."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device: cuda was asked for but torch sees no CUDA device")
+    return torch.device(name)
 
 
 def plain_config(cfg: DictConfig) -> dict[str, Any]:

@@ -1,7 +1,8 @@
-"""Open the Optuna storage of a run: the journal file (kill-safe) or an RDB URL (PostgreSQL).
+"""Open the Optuna storage of a run, the journal file (kill-safe) or an RDB URL (PostgreSQL),
+and the study in it (`open_study`, `check_same_config`).
 
 Journal file (`study.journal` in the run directory, the default). Optuna appends each write
-under a lock; two things go wrong when a writer dies (FACTS, Optuna section):
+under a lock; two things go wrong when a writer dies:
 
 - its symlink lock is only force-released after 30 s, so every other worker stalls;
 - a last line cut short (SIGKILL mid-write, full disk) is silently skipped by readers, and
@@ -39,9 +40,8 @@ from typing import Any
 import optuna
 from optuna.storages import BaseStorage, RDBStorage, get_storage
 from optuna.storages.journal import JournalFileBackend, JournalStorage
-from optuna.storages.journal._file import BaseJournalFileLock
-from optuna.storages.journal._storage import JournalStorageReplayResult
 
+from study import queue, records
 from study.config import ConfigError
 from study.records import RecordError
 
@@ -163,13 +163,13 @@ def check_workers(url: str | None, workers: int) -> None:
         raise ConfigError(f"workers: must be >= 1, got {workers}")
     if workers > 1 and url is not None and url_scheme(url) == "sqlite":
         raise ConfigError(
-            f"workers: SQLite cannot serve {workers} workers (two workers can claim the same "
+            f"workers: SQLite cannot serve {workers} workers (two workers can take the same "
             f"trial); use storage=journal on one machine or storage=postgres"
         )
 
 
 # ------------------------------------------------------------------------------ journal
-class TailRepairingLock(BaseJournalFileLock):
+class TailRepairingLock(queue.JournalLock):
     """`flock` on `<journal>.flock`; once held, a dead writer's partial last line is removed.
 
     Note:
@@ -264,7 +264,7 @@ def validate_journal(path: Path) -> list[str]:
 
 def validate_lines(path: Path, lines: Iterable[bytes]) -> list[str]:
     """`validate_journal` of these `lines` of the journal at `path`."""
-    replay = JournalStorageReplayResult("validate-")
+    replay = queue.replay_journal()
     for number, line in enumerate(lines, start=1):
         try:
             record = json.loads(line)
@@ -357,8 +357,8 @@ class RetryingStorage(BaseStorage):
 
     Note:
         A retried write may have been applied before the connection dropped. The sweep
-        tolerates that: a trial created twice is dropped as a duplicate when claimed, and a
-        claim whose worker never recorded itself goes stale and is re-queued.
+        tolerates that: a trial created twice is dropped as a duplicate when taken, and a
+        trial taken by a worker that never recorded itself goes stale and is re-queued.
     """
 
     def __init__(self, inner: BaseStorage, url: str, attempts: int,
@@ -397,7 +397,7 @@ def open_rdb(url: str, attempts: int = 4, outage_s: float = 30.0) -> BaseStorage
     `outage_s` seconds as well (delays at most 5 s apart): a server restart or failover in
     the middle of a sweep costs a pause, not the sweep (tests/study/test_workers.py). The
     default stays below `storage.grace_s` minus `storage.heartbeat_s` (60 - 10 s): an
-    outage longer than that expires the workers' leases, and their claims are re-run.
+    outage longer than that expires the workers' leases, and the trials they hold are re-run.
     """
     full = rdb_url(url)
     kwargs = {"pool_pre_ping": True}  # a connection dropped while idle is replaced, not used
@@ -410,3 +410,62 @@ def open_rdb(url: str, attempts: int = 4, outage_s: float = 30.0) -> BaseStorage
     except optuna.exceptions.StorageInternalError as err:  # pragma: no cover
         raise StorageError(f"storage: {mask_url(str(err))}") from None
     return RetryingStorage(inner, url, attempts, outage_s)
+
+
+# -------------------------------------------------------------------------------- study
+def open_study(run_dir: Path, url: str | None, study_name: str,
+               direction: str, retries: int = 4) -> optuna.Study:
+    """Create or load the study: the journal `study.journal` in `run_dir`, or the RDB `url`.
+
+    The journal is validated and a partial last line repaired (logged); a study written in
+    another storage format (`records.STORAGE_VERSION`) is refused (RecordError).
+    """
+    if url is None:
+        backend, note = open_journal(Path(run_dir) / records.JOURNAL)
+        if note:
+            log.warning("%s", note)
+    else:
+        backend = open_rdb(url, retries)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    # Every trial is enqueued with fixed params: the sampler never picks a value.
+    sampler = optuna.samplers.RandomSampler(seed=0)
+
+    def load_or_create() -> optuna.Study:
+        try:  # loading first: create_study appends a record even when the study exists
+            return optuna.load_study(study_name=study_name, storage=backend, sampler=sampler)
+        except KeyError:
+            return optuna.create_study(storage=backend, study_name=study_name,
+                                       direction=direction, load_if_exists=True,
+                                       sampler=sampler)
+
+    study = with_retries(load_or_create, retries, "open the study in", url or str(run_dir))
+    empty = not study.get_trials(deepcopy=False)
+    # A study with trials and no version attribute was written before it existed (1).
+    version = study.user_attrs.get(records.STORAGE_VERSION_ATTR,
+                                   records.STORAGE_VERSION if empty else 1)
+    if version != records.STORAGE_VERSION:
+        where = mask_url(url) if url else str(run_dir)
+        raise RecordError(
+            f"{where}: the study {study_name!r} was written in storage format {version!r}; "
+            f"this version of study reads format {records.STORAGE_VERSION}. Resume it with "
+            f"the version that wrote it, or start a new run directory."
+        )
+    if records.STORAGE_VERSION_ATTR not in study.user_attrs and empty:
+        study.set_user_attr(records.STORAGE_VERSION_ATTR, records.STORAGE_VERSION)
+    return study
+
+
+def check_same_config(study: optuna.Study, config: dict[str, Any]) -> None:
+    """Record `config` on a new study; refuse to mix trials of a different config into it."""
+    stored = study.user_attrs.get("config")
+    if stored is None:
+        study.set_user_attr("config", config)
+        return
+    differing = sorted(k for k in set(stored) | set(config) if stored.get(k) != config.get(k))
+    if differing:
+        shown = ", ".join(f"{k} (was {stored.get(k)!r}, now {config.get(k)!r})"
+                          for k in differing[:5])
+        raise ConfigError(
+            f"the study {study.study_name!r} was started with a different config; "
+            f"differing keys: {shown}. Use a new run directory (or study name) instead."
+        )

@@ -135,7 +135,7 @@ def test_empty_axis_and_unknown_axis_key_are_rejected(tmp_path: Path) -> None:
         plan_from_overrides(["+sweep=noaxes"], conf_dir=conf)
 
 
-def test_a_new_run_directory_is_claimed_past_those_taken(tmp_path: Path, monkeypatch) -> None:
+def test_a_new_run_directory_is_made_past_those_taken(tmp_path: Path, monkeypatch) -> None:
     from datetime import datetime, timedelta
 
     from study import config
@@ -146,9 +146,9 @@ def test_a_new_run_directory_is_claimed_past_those_taken(tmp_path: Path, monkeyp
     taken = {(now + timedelta(seconds=s)).strftime("%Y-%m-%d_%H-%M-%S") for s in range(5)}
     for stamp in taken:
         (tmp_path / "outputs" / "smoke" / stamp).mkdir(parents=True)
-    claimed = Path(config.new_run_dir(None, "smoke"))
-    assert claimed.is_dir() and claimed.name[:-2] in taken and claimed.name.endswith("_2")
-    assert config.new_run_dir(None, "smoke") == str(claimed)  # one per process
+    made = Path(config.new_run_dir(None, "smoke"))
+    assert made.is_dir() and made.name[:-2] in taken and made.name.endswith("_2")
+    assert config.new_run_dir(None, "smoke") == str(made)  # one per process
     assert config.new_run_dir("some/run", "smoke") == "some/run"
 
 

@@ -15,11 +15,14 @@ import pytest
 import torch
 from optuna.trial import TrialState
 
-from study import lease, records, storage
+from study import lease, queue, records, storage
 from study.config import ConfigError
 from study.engine import ReferenceEngine
 from study.grid import plan_from_overrides
-from study.sweep import Lease, open_study, run_sweep, trials_frame
+from study.lease import Lease
+from study.records import trials_frame
+from study.storage import open_study
+from study.sweep import run_sweep
 
 CPU = torch.device("cpu")
 
@@ -51,7 +54,7 @@ def test_a_partial_last_line_is_backed_up_cut_and_reported(tmp_path: Path, finis
     backups = list(tmp_path.glob(f"{records.JOURNAL}.*.bak"))
     assert len(backups) == 1 and backups[0].read_bytes() == cut_short
     assert f"repaired {journal}: removed a partial last line of 46 bytes" in caplog.text
-    assert len(trials_frame(study)) == 16  # every finished trial is still COMPLETE
+    assert len(trials_frame(queue.finished(study))) == 16  # every finished trial is still COMPLETE
 
 
 def test_a_journal_corrupt_before_its_last_line_is_refused_and_left_alone(
@@ -195,7 +198,7 @@ def _running(study: optuna.Study, owner: dict | None) -> optuna.trial.FrozenTria
     return study.get_trials(deepcopy=False)[trial.number]
 
 
-def test_staleness_dead_pid_here_silent_heartbeat_anywhere_and_unowned_claims(
+def test_staleness_dead_pid_here_silent_heartbeat_anywhere_and_unowned_trials(
         tmp_path: Path) -> None:
     study = open_study(tmp_path, None, "s", "minimize")
     me = lease.Worker.here()
@@ -218,11 +221,11 @@ def test_staleness_dead_pid_here_silent_heartbeat_anywhere_and_unowned_claims(
 def test_a_stale_trial_is_failed_and_requeued_by_exactly_one_worker(tmp_path: Path) -> None:
     study = open_study(tmp_path, None, "s", "minimize")
     stale = _running(study, {"host": "other-host", "pid": 1, "id": "gone"})
-    study._storage.set_study_system_attr(study._study_id, "heartbeat:gone", time.time() - 100)
+    queue.heartbeat(study)("heartbeat:gone", time.time() - 100)
     requeued = []
-    first = lease.reclaim_stale(study, [stale], lease.Worker.here(), 1.0, requeued.append)
+    first = queue.reclaim_stale(study, [stale], lease.Worker.here(), 1.0, requeued.append)
     # A second worker acting on the same (old) snapshot loses the FAIL transition.
-    second = lease.reclaim_stale(study, [stale], lease.Worker.here(), 1.0, requeued.append)
+    second = queue.reclaim_stale(study, [stale], lease.Worker.here(), 1.0, requeued.append)
     assert (first, second, len(requeued)) == (1, 0, 1)
     assert study.get_trials(deepcopy=False)[stale.number].state == TrialState.FAIL
 
@@ -233,18 +236,18 @@ def test_only_the_lowest_live_trial_of_a_point_may_train(tmp_path: Path) -> None
         study.enqueue_trial({}, user_attrs={"key": key})
     done = study.ask()  # trial 0, key a
     study.tell(done, 1.0)
-    claimed = [study.ask().number for _ in range(3)]  # 1 (a), 2 (b), 3 (c)
+    taken = [study.ask().number for _ in range(3)]  # 1 (a), 2 (b), 3 (c)
     study.enqueue_trial({}, user_attrs={"key": "b"})  # 4: b queued twice
-    assert lease.duplicates([*claimed, 4], study.get_trials(deepcopy=False)) == {1, 4}
+    assert lease.duplicates([*taken, 4], study.get_trials(deepcopy=False)) == {1, 4}
 
 
-def test_a_stopped_worker_gives_its_claims_back(tmp_path: Path, tiny_plan) -> None:
+def test_a_stopped_worker_gives_its_taken_trials_back(tmp_path: Path, tiny_plan) -> None:
     study = open_study(tmp_path, None, "tiny", "minimize")
     calls = []
 
     def stop_after_first_population() -> bool:
         calls.append(datetime.now())
-        return len(trials_frame(study)) > 0
+        return len(trials_frame(queue.finished(study))) > 0
 
     outcome = run_sweep(tiny_plan, study, ReferenceEngine(), CPU, tmp_path, "val_loss_final",
                         leases=Lease(1, 5), stop=stop_after_first_population)
@@ -252,4 +255,5 @@ def test_a_stopped_worker_gives_its_claims_back(tmp_path: Path, tiny_plan) -> No
     assert not study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
     again = run_sweep(tiny_plan, study, ReferenceEngine(), CPU, tmp_path, "val_loss_final")
     assert again.trained + outcome.trained == 16
-    assert sorted(trials_frame(study)["key"]) == sorted(p.trial.key() for p in tiny_plan.points)
+    keys = trials_frame(queue.finished(study))["key"]
+    assert sorted(keys) == sorted(p.trial.key() for p in tiny_plan.points)
