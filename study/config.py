@@ -25,12 +25,12 @@ from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from study.engine import ENGINES
 from study.trial import DiagnosticsSpec, TrainSpec, TrialSpec
 
 SPEC_GROUPS = ("task", "model", "optimizer")  # one option each, built through its _target_
 TRANSFORM_GROUPS = ("failure", "mitigation")  # any number of named entries (study.failures)
 GROUPS = SPEC_GROUPS + TRANSFORM_GROUPS
-ENGINES = ("reference", "batched")
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -43,25 +43,33 @@ class NotApplicableError(ConfigError):
 
 
 # ------------------------------------------------------------------------------- schemas
+# Every default lives here or in the spec a schema mirrors (conf/config.yaml sets none of
+# them; tests/study/test_config.py checks both).
 @dataclass
 class TrainConfig:
-    batch_size: Any = 32  # int or "full": checked by TrainSpec
-    epochs: int = 20
-    eval_every: int | None = None
-    dtype: str = "float32"
+    """`train:`, as `study.trial.TrainSpec` (its defaults)."""
+
+    batch_size: Any = TrainSpec.batch_size  # examples per step, or "full": checked by TrainSpec
+    epochs: int = TrainSpec.epochs  # budget in epochs: every batch size sees the same examples
+    eval_every: int | None = TrainSpec.eval_every  # steps between evaluations (None: epochs)
+    dtype: str = TrainSpec.dtype
 
 
 @dataclass
 class DiagnosticsConfig:
-    sharpness: bool = False
-    noise_scale: bool = False
-    every: int | None = None
-    iterations: int = 20
-    max_examples: int = 256
+    """`diagnostics:` (opt-in, measured on the side), as `study.trial.DiagnosticsSpec`."""
+
+    sharpness: bool = DiagnosticsSpec.sharpness  # top Hessian eigenvalue (Lanczos)
+    noise_scale: bool = DiagnosticsSpec.noise_scale  # gradient noise scale B_simple
+    every: int | None = DiagnosticsSpec.every  # steps between measurements (None: each eval)
+    iterations: int = DiagnosticsSpec.iterations  # Lanczos iterations for sharpness
+    max_examples: int = DiagnosticsSpec.max_examples  # examples for per-example gradients
 
 
 @dataclass
 class ObjectiveConfig:
+    """The value told to Optuna (a diverged trial's is capped at its initial loss)."""
+
     metric: str = "val_loss_final"
     direction: str = "minimize"
 
@@ -111,13 +119,13 @@ class StudyConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     diagnostics: DiagnosticsConfig = field(default_factory=DiagnosticsConfig)
-    sweep: SweepConfig | None = None
-    seed: int = 0
-    engine: str = "batched"
-    device: str = "auto"
-    progress: bool = True
-    report: bool = True
-    resume: str | None = None
+    sweep: SweepConfig | None = None  # set by +sweep=NAME (conf/sweep/)
+    seed: int = 0  # trial seed: data, init and batch-order streams derive from it
+    engine: str = "batched"  # batched (population engine) | reference (one by one)
+    device: str = "auto"  # auto = cuda when available, else cpu
+    progress: bool = True  # progress bar on the terminal
+    report: bool = True  # write report.html at the end
+    resume: str | None = None  # a run directory to finish (same as hydra.run.dir=DIR)
     workers: int = 1  # local worker processes on one study (study.workers)
 
 
@@ -201,7 +209,7 @@ def validate(cfg: DictConfig) -> StudyConfig:
     except OmegaConfBaseException as err:
         raise ConfigError(_omegaconf_message(err)) from None
     if typed.engine not in ENGINES:
-        raise ConfigError(f"engine: must be one of {list(ENGINES)}, got {typed.engine!r}")
+        raise ConfigError(f"engine: must be one of {sorted(ENGINES)}, got {typed.engine!r}")
     if typed.device not in DEVICES:
         raise ConfigError(f"device: must be one of {list(DEVICES)}, got {typed.device!r}")
     if typed.objective.direction not in ("minimize", "maximize"):
