@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -23,6 +24,10 @@ from study.lease import Lease
 from study.records import trials_frame
 from study.storage import open_study
 from study.sweep import run_sweep
+
+# The tiny sweep of tests/study/conftest.py (TINY), as the run that wrote the fixture.
+TINY = ("+sweep=smoke", "train.epochs=1", "model.width=8", "report=false", "progress=false")
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
 
 CPU = torch.device("cpu")
 
@@ -257,3 +262,21 @@ def test_a_stopped_worker_gives_its_taken_trials_back(tmp_path: Path, tiny_plan)
     assert again.trained + outcome.trained == 16
     keys = trials_frame(queue.finished(study))["key"]
     assert sorted(keys) == sorted(p.trial.key() for p in tiny_plan.points)
+
+
+def test_a_run_directory_written_before_the_queue_module_resumes(
+        tmp_path: Path, tiny_baseline: Path, run_checks, study_cli) -> None:
+    """fixtures/interrupted_smoke: the tiny sweep as study 0.1.0 wrote it before the queue
+    had a module of its own (storage format 2), stopped with trials 0-7 told and 8-12 taken
+    by a worker long gone. It resumes: the taken trials are reclaimed (their holder's
+    heartbeat is old), every point is told once, and the numbers equal an uninterrupted
+    run's."""
+    tally, same_results = run_checks
+    run_dir = tmp_path / "run"
+    shutil.copytree(FIXTURES / "interrupted_smoke", run_dir)
+    done = study_cli(*TINY, f"hydra.run.dir={run_dir}", f"resume={run_dir}", expect=0)
+    assert "8 trials trained, 8 already done" in done.stdout
+    counts = tally(run_dir)
+    assert counts["complete"] == counts["points"] == 16
+    assert counts["lost"] == counts["duplicated"] == counts["running"] == 0
+    same_results(run_dir, tiny_baseline)
