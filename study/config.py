@@ -83,8 +83,8 @@ class StorageConfig:
     grace_s: float = 60.0  # a taken trial silent this long is stale: failed, re-queued
     retries: int = 4  # connection attempts (delays doubling from 0.5 s); calls mid-run: >= 30 s
     # True: every evaluation's validation loss as an Optuna intermediate value and the key
-    # metrics (KEY_METRICS) as user attributes of their own, for optuna-dashboard; each is
-    # one more storage write per trial.
+    # metrics (records.KEY_METRICS) as user attributes of their own, for optuna-dashboard;
+    # each is one more storage write per trial.
     dashboard: bool = False
 
 
