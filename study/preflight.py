@@ -14,6 +14,7 @@ import torch
 from study import records, storage
 from study.config import TRANSFORM_GROUPS, ConfigError
 from study.grid import SweepPlan
+from study.journal import journal_study_names
 from study.seeds import seed_streams
 from study.trial import TrialSpec
 
@@ -49,7 +50,7 @@ def check_run_dir(run_dir: Path, study_name: str, url: str | None) -> None:
     journal = run_dir / records.JOURNAL
     owner = env.get("study_name")
     if owner is None and journal.is_file():
-        names = storage.journal_study_names(journal)
+        names = journal_study_names(journal)
         owner = names[0] if names and study_name not in names else None
     if owner is not None and owner != study_name:
         raise ConfigError(

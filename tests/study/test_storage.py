@@ -20,6 +20,7 @@ from study import lease, queue, records, storage
 from study.config import ConfigError
 from study.engine import ReferenceEngine
 from study.grid import plan_from_overrides
+from study.journal import TailRepairingLock, repair_tail
 from study.lease import Lease
 from study.records import trials_frame
 from study.storage import open_study
@@ -87,9 +88,9 @@ def test_a_backup_the_disk_has_no_room_for_is_removed_not_left_empty(
         Path(target).write_bytes(b"")  # what copyfile leaves when the disk is full
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(storage.shutil, "copyfile", full_disk)
+    monkeypatch.setattr("study.journal.shutil.copyfile", full_disk)
     with pytest.raises(OSError, match="No space left"):
-        storage.repair_tail(journal)
+        repair_tail(journal)
     assert journal.read_bytes() == cut_short and not list(tmp_path.glob("*.bak"))
 
 
@@ -118,7 +119,7 @@ def test_the_lock_of_a_killed_writer_is_free_at_once(tmp_path: Path) -> None:
     journal = tmp_path / records.JOURNAL
     journal.write_bytes(b"")
     holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time; from pathlib import Path; from study.storage import "
+        "import sys, time; from pathlib import Path; from study.journal import "
         "TailRepairingLock; TailRepairingLock(Path(sys.argv[1])).acquire(); "
         "print('held', flush=True); time.sleep(60)"), str(journal)],
         stdout=subprocess.PIPE, text=True)
@@ -126,7 +127,7 @@ def test_the_lock_of_a_killed_writer_is_free_at_once(tmp_path: Path) -> None:
     holder.kill()
     holder.wait()
     started = time.perf_counter()
-    lock = storage.TailRepairingLock(journal)
+    lock = TailRepairingLock(journal)
     lock.acquire()
     lock.release()
     assert time.perf_counter() - started < 1.0  # Optuna's own lock: 30 s
