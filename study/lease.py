@@ -73,7 +73,6 @@ class Worker:
     def record(self) -> dict[str, str | int]:
         return {"host": self.host, "pid": self.pid, "id": self.id}
 
-
     @property
     def heartbeat_key(self) -> str:
         """The study system attribute that holds this worker's last heartbeat."""

@@ -245,7 +245,7 @@ def proposals_spent(study: optuna.Study) -> int:
 
 def run_search(plan: SearchPlan, study: optuna.Study, engine: Engine, device: torch.device,
                run_dir, objective: str, on_progress: Callable[[int, int], None] | None = None,
-               direction: str = "minimize", leases: Any = None,
+               direction: str = "minimize", leases: lease.Lease | None = None,
                stop: Callable[[], bool] = lambda: False, dashboard: bool = False) -> Any:
     """Spend the rest of `plan`'s budget in rounds of `population` proposals (module doc).
 
