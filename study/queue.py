@@ -73,8 +73,10 @@ def try_take(study: optuna.Study, waiting: FrozenTrial) -> optuna.Trial | None:
 def fail(study: optuna.Study, trial: FrozenTrial | optuna.Trial, reason: str) -> bool:
     """Move a RUNNING trial to FAIL with `status=reason`; False if someone finished it first.
 
-    Through the storage: `Study.tell` would also accept a trial another worker holds, and
-    a reclaimed trial is not this process's `optuna.Trial`.
+    Through the storage, whose state change is the atomic check (the token of
+    `study.lease`): `Study.tell` would read the trial first and refuse a finished one
+    itself, one more storage read per trial for the same answer, and a reclaimed trial is
+    a `FrozenTrial` of another worker, which has no public id to write its status by.
     """
     storage, _ = _backend(study)
     try:
