@@ -34,7 +34,7 @@ from study.grid import plan_from_overrides
 from study.metrics import objective_value, summarize_many
 from study.metrics.curvature import stability_threshold
 from study.search import PROPOSAL, SearchPlan, make_sampler, run_search
-from study.sweep import open_study
+from study.storage import open_study
 
 
 def _timed(fn) -> tuple[Any, float, float]:

@@ -19,17 +19,18 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import torch
 from hydra.core.config_store import ConfigStore
 from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from study.engine import ENGINES
 from study.trial import DiagnosticsSpec, TrainSpec, TrialSpec
 
 SPEC_GROUPS = ("task", "model", "optimizer")  # one option each, built through its _target_
 TRANSFORM_GROUPS = ("failure", "mitigation")  # any number of named entries (study.failures)
 GROUPS = SPEC_GROUPS + TRANSFORM_GROUPS
-ENGINES = ("reference", "batched")
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -42,25 +43,33 @@ class NotApplicableError(ConfigError):
 
 
 # ------------------------------------------------------------------------------- schemas
+# Every default lives here or in the spec a schema mirrors (conf/config.yaml sets none of
+# them; tests/study/test_config.py checks both).
 @dataclass
 class TrainConfig:
-    batch_size: Any = 32  # int or "full": checked by TrainSpec
-    epochs: int = 20
-    eval_every: int | None = None
-    dtype: str = "float32"
+    """`train:`, as `study.trial.TrainSpec` (its defaults)."""
+
+    batch_size: Any = TrainSpec.batch_size  # examples per step, or "full": checked by TrainSpec
+    epochs: int = TrainSpec.epochs  # budget in epochs: every batch size sees the same examples
+    eval_every: int | None = TrainSpec.eval_every  # steps between evaluations (None: epochs)
+    dtype: str = TrainSpec.dtype
 
 
 @dataclass
 class DiagnosticsConfig:
-    sharpness: bool = False
-    noise_scale: bool = False
-    every: int | None = None
-    iterations: int = 20
-    max_examples: int = 256
+    """`diagnostics:` (opt-in, measured on the side), as `study.trial.DiagnosticsSpec`."""
+
+    sharpness: bool = DiagnosticsSpec.sharpness  # top Hessian eigenvalue (Lanczos)
+    noise_scale: bool = DiagnosticsSpec.noise_scale  # gradient noise scale B_simple
+    every: int | None = DiagnosticsSpec.every  # steps between measurements (None: each eval)
+    iterations: int = DiagnosticsSpec.iterations  # Lanczos iterations for sharpness
+    max_examples: int = DiagnosticsSpec.max_examples  # examples for per-example gradients
 
 
 @dataclass
 class ObjectiveConfig:
+    """The value told to Optuna (a diverged trial's is capped at its initial loss)."""
+
     metric: str = "val_loss_final"
     direction: str = "minimize"
 
@@ -71,11 +80,11 @@ class StorageConfig:
     url: str | None = None  # None: JournalStorage file study.journal in the run directory
     study_name: str | None = None  # None: the sweep's name ("single" without a sweep)
     heartbeat_s: float = 10.0  # a worker refreshes its lease this often (study.lease)
-    grace_s: float = 60.0  # a claimed trial silent this long is stale: failed, re-queued
+    grace_s: float = 60.0  # a taken trial silent this long is stale: failed, re-queued
     retries: int = 4  # connection attempts (delays doubling from 0.5 s); calls mid-run: >= 30 s
     # True: every evaluation's validation loss as an Optuna intermediate value and the key
-    # metrics (KEY_METRICS) as user attributes of their own, for optuna-dashboard; each is
-    # one more storage write per trial.
+    # metrics (records.KEY_METRICS) as user attributes of their own, for optuna-dashboard;
+    # each is one more storage write per trial.
     dashboard: bool = False
 
 
@@ -110,13 +119,13 @@ class StudyConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     diagnostics: DiagnosticsConfig = field(default_factory=DiagnosticsConfig)
-    sweep: SweepConfig | None = None
-    seed: int = 0
-    engine: str = "batched"
-    device: str = "auto"
-    progress: bool = True
-    report: bool = True
-    resume: str | None = None
+    sweep: SweepConfig | None = None  # set by +sweep=NAME (conf/sweep/)
+    seed: int = 0  # trial seed: data, init and batch-order streams derive from it
+    engine: str = "batched"  # batched (population engine) | reference (one by one)
+    device: str = "auto"  # auto = cuda when available, else cpu
+    progress: bool = True  # progress bar on the terminal
+    report: bool = True  # write report.html at the end
+    resume: str | None = None  # a run directory to finish (same as hydra.run.dir=DIR)
     workers: int = 1  # local worker processes on one study (study.workers)
 
 
@@ -163,8 +172,8 @@ _NEW_RUN_DIRS: dict[str, str] = {}
 
 def new_run_dir(resume: str | None, sweep_name: str) -> str:
     """`resume` when given, else a new directory `outputs/<sweep_name>/<stamp>` that this
-    process creates (claims): the stamp is the time to the second, with `_2`, `_3`, ...
-    appended when another invocation claimed it first, so two runs started in the same
+    process creates (takes): the stamp is the time to the second, with `_2`, `_3`, ...
+    appended when another invocation took it first, so two runs started in the same
     second never share a directory. The same value for every call in one process."""
     if resume is not None:
         return str(resume)
@@ -200,7 +209,7 @@ def validate(cfg: DictConfig) -> StudyConfig:
     except OmegaConfBaseException as err:
         raise ConfigError(_omegaconf_message(err)) from None
     if typed.engine not in ENGINES:
-        raise ConfigError(f"engine: must be one of {list(ENGINES)}, got {typed.engine!r}")
+        raise ConfigError(f"engine: must be one of {sorted(ENGINES)}, got {typed.engine!r}")
     if typed.device not in DEVICES:
         raise ConfigError(f"device: must be one of {list(DEVICES)}, got {typed.device!r}")
     if typed.objective.direction not in ("minimize", "maximize"):
@@ -219,6 +228,16 @@ def validate(cfg: DictConfig) -> StudyConfig:
         if len(set(typed.sweep.seeds)) != len(typed.sweep.seeds):
             raise ConfigError(f"sweep.seeds: duplicate seeds in {typed.sweep.seeds}")
     return typed
+
+
+def resolve_device(name: str) -> torch.device:
+    """The torch device of `device`: `auto` is CUDA when available, else CPU; `cuda`
+    without CUDA is a ConfigError."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device: cuda was asked for but torch sees no CUDA device")
+    return torch.device(name)
 
 
 def plain_config(cfg: DictConfig) -> dict[str, Any]:

@@ -14,7 +14,7 @@ for every configuration; each later round tries `candidates` log-spaced rates st
 inside the configuration's bracket (lo, hi): hi is the smallest rate tried at which any
 seed diverged, lo the largest rate tried below it. Each round divides the bracket's log
 width by candidates + 1, and every unresolved configuration's candidates x seeds train as
-one batched sweep (`sweep.run_sweep`: enqueued, claimed, told like grid points). A
+one batched sweep (`sweep.run_sweep`: enqueued, taken, told like grid points). A
 configuration is resolved once hi / lo - 1 <= precision, when nothing diverged up to
 `high` (the edge lies beyond the range), or when even `low` diverged (below it).
 
@@ -188,7 +188,8 @@ def run_edge(plan: EdgePlan, study: optuna.Study, engine: Engine, device: torch.
              direction: str = "minimize", leases: Any = None,
              stop: Callable[[], bool] = lambda: False, dashboard: bool = False) -> Any:
     """Rounds of every unresolved configuration's candidates, until all are resolved."""
-    from study.sweep import Lease, SweepOutcome, run_sweep
+    from study.lease import Lease
+    from study.sweep import SweepOutcome, run_sweep
 
     leases = leases or Lease()
     trained, reclaimed, done_before, wall = 0, 0, None, 0.0

@@ -21,7 +21,7 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from omegaconf import DictConfig
 
@@ -37,6 +37,9 @@ from study.config import (
     validate,
 )
 from study.trial import TrialSpec
+
+if TYPE_CHECKING:
+    from study.edge import EdgePlan
 
 log = logging.getLogger(__name__)
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
@@ -92,21 +95,34 @@ def expand(cfg: DictConfig, compose: Compose, overrides: Sequence[str],
         raise ConfigError("sweep.pruner: only a sampler sweep prunes (a grid trains every "
                           "point to the end)")
     if typed.sweep.edge:
-        from study.edge import expand_edge
+        return _expand_edge(cfg, compose, overrides, choices, typed, base_labels)
+    return _expand_grid(cfg, compose, overrides, typed, base_labels)
 
-        if typed.workers > 1:
-            raise ConfigError("workers: an edge search runs its rounds from one process "
-                              "(each round is one batched population); use workers=1")
-        edge, claims = dict(typed.sweep.edge), list(typed.sweep.claims)
-        if typed.sweep.axes:
-            grid = dataclasses.replace(typed, sweep=dataclasses.replace(
-                typed.sweep, edge={}, claims=[]))
-            base = expand(cfg, compose, overrides, choices, typed=grid)
-        else:  # the edge of the one configuration composed
-            trial = build_trial(plain_config(cfg), typed.sweep.seeds[0], base_labels)
-            base = SweepPlan(typed.sweep.name, {}, list(typed.sweep.seeds), [
-                GridPoint({"seed": s}, _reseed(trial, s)) for s in typed.sweep.seeds])
-        return expand_edge(base, edge, claims)
+
+def _expand_edge(cfg: DictConfig, compose: Compose, overrides: Sequence[str],
+                 choices: dict[str, str], typed: StudyConfig, base_labels: dict[str, str]
+                 ) -> EdgePlan:
+    """The EdgePlan (study.edge) of the grid of the sweep's axes, or of the one config."""
+    from study.edge import expand_edge
+
+    if typed.workers > 1:
+        raise ConfigError("workers: an edge search runs its rounds from one process "
+                          "(each round is one batched population); use workers=1")
+    edge, claims = dict(typed.sweep.edge), list(typed.sweep.claims)
+    if typed.sweep.axes:
+        grid = dataclasses.replace(typed, sweep=dataclasses.replace(
+            typed.sweep, edge={}, claims=[]))
+        base = expand(cfg, compose, overrides, choices, typed=grid)
+    else:  # the edge of the one configuration composed
+        trial = build_trial(plain_config(cfg), typed.sweep.seeds[0], base_labels)
+        base = SweepPlan(typed.sweep.name, {}, list(typed.sweep.seeds), [
+            GridPoint({"seed": s}, _reseed(trial, s)) for s in typed.sweep.seeds])
+    return expand_edge(base, edge, claims)
+
+
+def _expand_grid(cfg: DictConfig, compose: Compose, overrides: Sequence[str],
+                 typed: StudyConfig, base_labels: dict[str, str]) -> SweepPlan:
+    """Every combination of the sweep's axes x its seeds, group axes outermost."""
     axes = _check_axes(typed.sweep.axes)
     _check_claims(typed.sweep.claims, axes)
     _check_overrides(overrides, axes, typed.sweep)

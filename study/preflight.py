@@ -1,6 +1,7 @@
 """What `study.run.execute` checks before it writes anything to a run directory: that
 `resume=` names a run, that the directory holds no other study, and that every task and
-data transform of the plan can draw its data."""
+data transform of the plan can draw its data; and what the sweep checks of the data each
+trial trains on (`DataNotes`: NaN or inf in it)."""
 
 from __future__ import annotations
 
@@ -8,9 +9,15 @@ import logging
 import os
 from pathlib import Path
 
+import torch
+
 from study import records, storage
 from study.config import TRANSFORM_GROUPS, ConfigError
+from study.failures import trial_dataset
 from study.grid import SweepPlan
+from study.journal import journal_study_names
+from study.seeds import seed_streams
+from study.trial import TrialSpec
 
 log = logging.getLogger("study")
 
@@ -44,7 +51,7 @@ def check_run_dir(run_dir: Path, study_name: str, url: str | None) -> None:
     journal = run_dir / records.JOURNAL
     owner = env.get("study_name")
     if owner is None and journal.is_file():
-        names = storage.journal_study_names(journal)
+        names = journal_study_names(journal)
         owner = names[0] if names and study_name not in names else None
     if owner is not None and owner != study_name:
         raise ConfigError(
@@ -65,12 +72,11 @@ def check_data(plan: SweepPlan) -> None:
     mitigation) of `plan` before anything is written: a transform that raises is a
     ConfigError naming it, not a traceback in the middle of training."""
     from study.failures import apply_data_transforms
-    from study.seeds import seed_streams
 
     seen: set[str] = set()
     for point in plan.points:
         spec = point.trial
-        transforms = getattr(spec, "data_transforms", ())
+        transforms = spec.data_transforms
         key = repr((spec.task, transforms))
         if key in seen:
             continue
@@ -91,3 +97,38 @@ def check_data(plan: SweepPlan) -> None:
                 raise ConfigError(f"{groups}: {name} raised {type(err).__name__}: {err} "
                                   f"(applied to the data of task {where}, seed {seed})"
                                   ) from None
+
+
+def nonfinite_note(spec: TrialSpec) -> tuple[str, bool] | None:
+    """None when the data `spec` trains on (`study.failures.trial_dataset` of its data seed)
+    is finite; else a note naming the task, the data seed and how many NaN or inf each split holds,
+    and whether a data transform (a failure mode) is there to have put them in."""
+    seed = seed_streams(spec.seed).data
+    data = trial_dataset(spec, seed)
+    bad = {name: int((~torch.isfinite(t.double())).sum()) for name, t in
+           (("x_train", data.x_train), ("y_train", data.y_train),
+            ("x_val", data.x_val), ("y_val", data.y_val))}
+    bad = {name: n for name, n in bad.items() if n}
+    if not bad:
+        return None
+    intended = bool(spec.data_transforms)
+    note = (f"task {spec.labels.get('task') or type(spec.task).__name__} with data seed "
+            f"{seed} has non-finite values ("
+            + ", ".join(f"{n} in {name}" for name, n in bad.items()) + ")"
+            + (" from its failure mode" if intended else ", not from any failure mode"))
+    return note, intended
+
+
+class DataNotes:
+    """`nonfinite_note` once per (task, data transforms, data seed): the data is drawn for
+    the first trial of each, and later trials of the same draw get None."""
+
+    def __init__(self) -> None:
+        self._seen: set[tuple[str, int]] = set()
+
+    def first(self, spec: TrialSpec) -> tuple[str, bool] | None:
+        key = (repr((spec.task, spec.data_transforms)), seed_streams(spec.seed).data)
+        if key in self._seen:
+            return None
+        self._seen.add(key)
+        return nonfinite_note(spec)

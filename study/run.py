@@ -19,28 +19,18 @@ from typing import TYPE_CHECKING, Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from study import records, storage
-from study.config import ConfigError, StudyConfig, plain_config
+from study import queue, records, storage
+from study.config import ConfigError, StudyConfig, plain_config, resolve_device
 from study.edge import EdgePlan, describe_edge, edges_frame, run_edge
 from study.engine import make_engine
 from study.environment import describe_environment, now_iso
 from study.grid import SweepPlan
+from study.lease import Lease
 from study.metrics import SUMMARY_METRICS
 from study.preflight import check_data, check_resume, check_run_dir
 from study.search import SearchPlan, describe_search, done_runs, run_search
-from study.sweep import (
-    Lease,
-    SweepOutcome,
-    check_same_config,
-    describe,
-    done_points,
-    open_study,
-    plan_chunks,
-    prepare,
-    resolve_device,
-    run_sweep,
-    write_trials_table,
-)
+from study.storage import check_same_config, open_study
+from study.sweep import SweepOutcome, describe, plan_chunks, run_sweep, write_trials_table
 from study.workers import StopRequest, WorkerJob, run_workers, threads_per_worker
 
 if TYPE_CHECKING:
@@ -235,11 +225,11 @@ def run_with_workers(job: WorkerJob, workers: int, study: optuna.Study, stop: St
     """Enqueue, run `workers` processes, then finish what a dead worker left (in-process)."""
     started = time.perf_counter()
     total = len(job.plan.points)
-    done_before, reclaimed = prepare(study, job.plan, plan_chunks(job.plan, device, engine),
-                                     job.leases)
+    done_before, reclaimed = queue.prepare(study, job.plan,
+                                           plan_chunks(job.plan, device, engine), job.leases)
     bar(done_before, total)
     codes = run_workers(job, workers, stop,
-                        poll=lambda: bar(done_points(study, job.plan), total))
+                        poll=lambda: bar(queue.done_points(study, job.plan), total))
     crashed = [i for i, c in enumerate(codes) if c not in (0, 130)]
     if crashed:
         log.warning("workers %s exited with codes %s; their trials are re-run",
@@ -249,7 +239,7 @@ def run_with_workers(job: WorkerJob, workers: int, study: optuna.Study, stop: St
         last = run_sweep(job.plan, study, engine, device, job.run_dir, job.objective,
                          on_progress=bar, direction=job.direction, leases=job.leases,
                          stop=lambda: stop.requested, dashboard=job.dashboard)
-    done = done_points(study, job.plan)
+    done = queue.done_points(study, job.plan)
     return SweepOutcome(total, done - done_before, done_before,
                         time.perf_counter() - started, reclaimed + last.reclaimed, last.stopped)
 
@@ -289,7 +279,7 @@ def print_outcome(outcome: SweepOutcome, study: optuna.Study, plan: SweepPlan,
     print(f"{outcome.trained} trials trained, {outcome.already_done} already done, "
           f"in {outcome.wall_time_s:.1f} s")
     missing = outcome.total - (done_runs(study) if isinstance(plan, (SearchPlan, EdgePlan))
-                               else done_points(study, plan))
+                               else queue.done_points(study, plan))
     if missing:
         print(f"{missing} trials are still held by other workers or were lost; finish with: "
               f"{resume_command}", file=sys.stderr)

@@ -23,7 +23,7 @@ trial is one training run (a proposal x one seed): its params are the proposal's
 with their real distributions, so optuna-dashboard draws log-lr axes), its seed and
 proposal number are user attributes. The budget counts proposals already told or queued,
 so a resumed search spends only what is left; trials left RUNNING by a killed run are
-failed and their params queued again (`lease`).
+failed and their params queued again (`study.lease`, `study.queue`).
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ from optuna.distributions import (
 )
 from optuna.trial import FrozenTrial, TrialState
 
-from study import lease
+from study import lease, queue
 from study.config import (
     GROUPS,
     TRANSFORM_GROUPS,
@@ -203,8 +203,8 @@ def set_key(plain: dict[str, Any], key: str, value: Any) -> None:
 
 def make_sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
     """Optuna's sampler for `name`, seeded. TPE uses the constant liar, so proposals asked
-    while others still train spread out; GP and CMA-ES have no batch mechanism in Optuna
-    and propose from the trials already told (docs/design.md)."""
+    while others still train spread out; GP and CMA-ES cannot propose several at once in
+    Optuna and propose from the trials already told (docs/design.md)."""
     if name == "tpe":
         return optuna.samplers.TPESampler(seed=seed, constant_liar=True, multivariate=True)
     if name == "gp":
@@ -245,15 +245,15 @@ def proposals_spent(study: optuna.Study) -> int:
 
 def run_search(plan: SearchPlan, study: optuna.Study, engine: Engine, device: torch.device,
                run_dir, objective: str, on_progress: Callable[[int, int], None] | None = None,
-               direction: str = "minimize", leases: Any = None,
+               direction: str = "minimize", leases: lease.Lease | None = None,
                stop: Callable[[], bool] = lambda: False, dashboard: bool = False) -> Any:
     """Spend the rest of `plan`'s budget in rounds of `population` proposals (module doc).
 
     Returns a `sweep.SweepOutcome`; `stop()` is polled between rounds (what a round queued
     and did not train stays queued: a resume trains it first)."""
-    from study.sweep import Lease, SweepOutcome, train_batch
+    from study.sweep import SweepOutcome, train_population
 
-    leases = leases or Lease()
+    leases = leases or lease.Lease()
     started = time.perf_counter()
     me = lease.Worker.here()
     study.sampler = make_sampler(plan.sampler, plan.sampler_seed)
@@ -261,20 +261,20 @@ def run_search(plan: SearchPlan, study: optuna.Study, engine: Engine, device: to
     complete = (TrialState.COMPLETE, TrialState.PRUNED)
     done_before = len(study.get_trials(deepcopy=False, states=complete))
     trained = 0
-    with lease.Heartbeat(study, me, leases.heartbeat_s) as heart:
-        reclaimed = lease.reclaim_stale(
+    with lease.Heartbeat(queue.heartbeat(study), me, leases.heartbeat_s) as heart:
+        reclaimed = queue.reclaim_stale(
             study, study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)), me,
             leases.grace_s, lambda t: _requeue(study, t))
         if on_progress:
             on_progress(done_before, plan.total)
         while not stop():
-            batch = _round(plan, study, me)
-            if not batch:
+            taken = _round(plan, study, me)
+            if not taken:
                 break
             heart.beat()
-            trained += train_batch(study, engine, device, run_dir, batch, objective,
-                                   direction, prune=plan.pruner is not None,
-                                   dashboard=dashboard)
+            trained += train_population(study, engine, device, run_dir, taken, objective,
+                                        direction, prune=plan.pruner is not None,
+                                        dashboard=dashboard)
             heart.beat()
             if on_progress:
                 on_progress(len(study.get_trials(deepcopy=False, states=complete)),
@@ -285,24 +285,24 @@ def run_search(plan: SearchPlan, study: optuna.Study, engine: Engine, device: to
 
 def _round(plan: SearchPlan, study: optuna.Study, me: lease.Worker
            ) -> list[tuple[optuna.Trial, GridPoint]]:
-    """Claim what is queued (copies of a stopped or failed round), then ask new proposals
+    """Take what is queued (copies of a stopped or failed round), then ask new proposals
     up to the population and the budget, each with its copies for the other seeds."""
-    batch = []
+    taken = []
     while study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
-        batch.append(_claim(plan, study, study.ask(plan.space), me))
-    room = plan.population - len({t.user_attrs[PROPOSAL] for t, _ in batch})
+        taken.append(_take(plan, study, study.ask(plan.space), me))
+    room = plan.population - len({t.user_attrs[PROPOSAL] for t, _ in taken})
     for _ in range(max(0, min(room, plan.trials - proposals_spent(study)))):
         trial = study.ask(plan.space)
         trial.set_user_attr(PROPOSAL, trial.number)
         trial.set_user_attr(SEED, plan.seeds[0])
-        batch.append(_claim(plan, study, trial, me))
+        taken.append(_take(plan, study, trial, me))
         for seed in plan.seeds[1:]:
             study.enqueue_trial(trial.params, user_attrs={PROPOSAL: trial.number, SEED: seed})
-            batch.append(_claim(plan, study, study.ask(plan.space), me))
-    return batch
+            taken.append(_take(plan, study, study.ask(plan.space), me))
+    return taken
 
 
-def _claim(plan: SearchPlan, study: optuna.Study, trial: optuna.Trial, me: lease.Worker
+def _take(plan: SearchPlan, study: optuna.Study, trial: optuna.Trial, me: lease.Worker
            ) -> tuple[optuna.Trial, GridPoint]:
     attrs = trial.user_attrs
     seed = attrs.get(SEED, plan.seeds[0])

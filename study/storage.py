@@ -1,16 +1,5 @@
-"""Open the Optuna storage of a run: the journal file (kill-safe) or an RDB URL (PostgreSQL).
-
-Journal file (`study.journal` in the run directory, the default). Optuna appends each write
-under a lock; two things go wrong when a writer dies (FACTS, Optuna section):
-
-- its symlink lock is only force-released after 30 s, so every other worker stalls;
-- a last line cut short (SIGKILL mid-write, full disk) is silently skipped by readers, and
-  the next append glues onto it: the journal is then corrupt in the middle.
-
-So our journals use `TailRepairingLock`: an `fcntl.flock` (the kernel releases it when the
-holder dies) that, once held, cuts off a partial last line left by a dead writer after
-copying the file aside. `open_journal` also validates every line and refuses, without
-touching it, a journal that is corrupt before its last line.
+"""Open the Optuna storage of a run, the journal file (`study.journal`, the default) or an
+RDB URL (PostgreSQL), and the study in it (`open_study`, `check_same_config`).
 
 RDB URL (`postgresql://...`, `mysql://...`, `sqlite:///...`): the scheme and its driver are
 checked first; connecting is retried with exponential backoff; every storage call is retried
@@ -21,28 +10,21 @@ is waited out (`RetryingStorage`, `open_rdb`). Passwords never leave this proces
 
 from __future__ import annotations
 
-import fcntl
 import functools
 import importlib.util
-import json
 import logging
-import os
 import re
-import shutil
-import threading
 import time
-from collections.abc import Callable, Iterable
-from datetime import datetime
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import optuna
 from optuna.storages import BaseStorage, RDBStorage, get_storage
-from optuna.storages.journal import JournalFileBackend, JournalStorage
-from optuna.storages.journal._file import BaseJournalFileLock
-from optuna.storages.journal._storage import JournalStorageReplayResult
 
+from study import records
 from study.config import ConfigError
+from study.journal import open_journal
 from study.records import RecordError
 
 log = logging.getLogger(__name__)
@@ -163,156 +145,9 @@ def check_workers(url: str | None, workers: int) -> None:
         raise ConfigError(f"workers: must be >= 1, got {workers}")
     if workers > 1 and url is not None and url_scheme(url) == "sqlite":
         raise ConfigError(
-            f"workers: SQLite cannot serve {workers} workers (two workers can claim the same "
+            f"workers: SQLite cannot serve {workers} workers (two workers can take the same "
             f"trial); use storage=journal on one machine or storage=postgres"
         )
-
-
-# ------------------------------------------------------------------------------ journal
-class TailRepairingLock(BaseJournalFileLock):
-    """`flock` on `<journal>.flock`; once held, a dead writer's partial last line is removed.
-
-    Note:
-        Every writer of the journal must use this lock (all `study` processes do). Optuna's
-        own default lock (a symlink) does not exclude it: do not point a plain Optuna
-        program that writes at a journal a sweep is using.
-    """
-
-    def __init__(self, journal: Path) -> None:
-        self._journal = Path(journal)
-        self._path = self._journal.with_name(self._journal.name + ".flock")
-        self._threads = threading.Lock()  # one flock per process: threads queue here
-        self._fd: int | None = None
-
-    def acquire(self) -> bool:
-        self.hold()
-        # Holding the lock, nobody is writing: a partial last line is a dead writer's.
-        repaired = repair_tail(self._journal)
-        if repaired:
-            log.warning("%s", repaired)
-        return True
-
-    def hold(self) -> None:
-        """Take the lock without looking at the journal."""
-        self._threads.acquire()
-        try:
-            fd = os.open(self._path, os.O_RDWR | os.O_CREAT, 0o666)
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        except BaseException:
-            self._threads.release()
-            raise
-        self._fd = fd
-
-    def release(self) -> None:
-        fd, self._fd = self._fd, None
-        if fd is not None:
-            fcntl.flock(fd, fcntl.LOCK_UN)
-            os.close(fd)
-        self._threads.release()
-
-
-def repair_tail(path: Path) -> str | None:
-    """Cut a partial last line off the journal at `path` (after a backup); what was done.
-
-    Call it only while holding the journal's lock. Returns None when the file is empty or
-    ends with a newline.
-    """
-    path = Path(path)
-    if not path.is_file() or path.stat().st_size == 0:
-        return None
-    with open(path, "rb+") as fh:
-        size = fh.seek(0, os.SEEK_END)
-        fh.seek(size - 1)
-        if fh.read(1) == b"\n":
-            return None
-        cut = _after_last_newline(fh, size)
-        stamp = datetime.now().strftime("%Y%m%d-%H%M%S-%f")
-        backup = path.with_name(f"{path.name}.{stamp}.bak")
-        try:
-            shutil.copyfile(path, backup)
-        except OSError:
-            backup.unlink(missing_ok=True)  # no empty or partial backup (a full disk)
-            raise
-        fh.truncate(cut)
-        fh.flush()
-        os.fsync(fh.fileno())
-    return (f"repaired {path}: removed a partial last line of {size - cut} bytes (a writer "
-            f"was killed mid-write or the disk was full); the file before the repair is "
-            f"{backup}")
-
-
-def _after_last_newline(fh, size: int, block: int = 1 << 16) -> int:
-    end = size
-    while end > 0:
-        start = max(0, end - block)
-        fh.seek(start)
-        chunk = fh.read(end - start)
-        at = chunk.rfind(b"\n")
-        if at >= 0:
-            return start + at + 1
-        end = start
-    return 0
-
-
-def validate_journal(path: Path) -> list[str]:
-    """The names of the studies in the journal at `path`; RecordError naming the first line
-    that is not a valid Optuna journal record (not JSON, or a record Optuna cannot apply:
-    an unknown op code, a missing field)."""
-    with open(path, "rb") as fh:
-        return validate_lines(path, fh)
-
-
-def validate_lines(path: Path, lines: Iterable[bytes]) -> list[str]:
-    """`validate_journal` of these `lines` of the journal at `path`."""
-    replay = JournalStorageReplayResult("validate-")
-    for number, line in enumerate(lines, start=1):
-        try:
-            record = json.loads(line)
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            record, reason = None, f"{type(err).__name__}: {err}"
-        else:
-            reason = "not an Optuna journal record"
-        if isinstance(record, dict) and "op_code" in record:
-            try:
-                replay.apply_logs([record])
-                continue
-            except Exception as err:  # what Optuna would raise on opening it
-                reason = (f"a record Optuna cannot apply: op_code {record['op_code']!r}, "
-                          f"{type(err).__name__} {err}".rstrip())
-        raise RecordError(
-            f"{path} is corrupt at line {number} ({reason}), so it cannot be repaired "
-            f"safely; nothing was changed. Restore it from a backup, or start a new run "
-            f"directory."
-        )
-    return [study.study_name for study in replay.get_all_studies()]
-
-
-def journal_study_names(path: Path) -> list[str]:
-    """The names of the studies in the journal at `path`, read under its lock (validated:
-    RecordError when corrupt; a partial last line is left for `open_journal` to repair)."""
-    lock = TailRepairingLock(Path(path))
-    lock.hold()
-    try:
-        with open(path, "rb") as fh:
-            complete = fh.read().rpartition(b"\n")[0]
-        return validate_lines(path, complete.splitlines())
-    finally:
-        lock.release()
-
-
-def open_journal(path: Path) -> tuple[JournalStorage, str | None]:
-    """The journal storage at `path`, validated and tail-repaired; (storage, repair note)."""
-    path = Path(path)
-    lock = TailRepairingLock(path)
-    note = None
-    if path.is_file():
-        lock.hold()
-        try:
-            note = repair_tail(path)
-            validate_journal(path)
-        finally:
-            lock.release()
-    return JournalStorage(JournalFileBackend(str(path), lock_obj=lock)), note
 
 
 # ---------------------------------------------------------------------------------- RDB
@@ -357,8 +192,8 @@ class RetryingStorage(BaseStorage):
 
     Note:
         A retried write may have been applied before the connection dropped. The sweep
-        tolerates that: a trial created twice is dropped as a duplicate when claimed, and a
-        claim whose worker never recorded itself goes stale and is re-queued.
+        tolerates that: a trial created twice is dropped as a duplicate when taken, and a
+        trial taken by a worker that never recorded itself goes stale and is re-queued.
     """
 
     def __init__(self, inner: BaseStorage, url: str, attempts: int,
@@ -397,7 +232,7 @@ def open_rdb(url: str, attempts: int = 4, outage_s: float = 30.0) -> BaseStorage
     `outage_s` seconds as well (delays at most 5 s apart): a server restart or failover in
     the middle of a sweep costs a pause, not the sweep (tests/study/test_workers.py). The
     default stays below `storage.grace_s` minus `storage.heartbeat_s` (60 - 10 s): an
-    outage longer than that expires the workers' leases, and their claims are re-run.
+    outage longer than that expires the workers' leases, and the trials they hold are re-run.
     """
     full = rdb_url(url)
     kwargs = {"pool_pre_ping": True}  # a connection dropped while idle is replaced, not used
@@ -410,3 +245,62 @@ def open_rdb(url: str, attempts: int = 4, outage_s: float = 30.0) -> BaseStorage
     except optuna.exceptions.StorageInternalError as err:  # pragma: no cover
         raise StorageError(f"storage: {mask_url(str(err))}") from None
     return RetryingStorage(inner, url, attempts, outage_s)
+
+
+# -------------------------------------------------------------------------------- study
+def open_study(run_dir: Path, url: str | None, study_name: str,
+               direction: str, retries: int = 4) -> optuna.Study:
+    """Create or load the study: the journal `study.journal` in `run_dir`, or the RDB `url`.
+
+    The journal is validated and a partial last line repaired (logged); a study written in
+    another storage format (`records.STORAGE_VERSION`) is refused (RecordError).
+    """
+    if url is None:
+        backend, note = open_journal(Path(run_dir) / records.JOURNAL)
+        if note:
+            log.warning("%s", note)
+    else:
+        backend = open_rdb(url, retries)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    # Every trial is enqueued with fixed params: the sampler never picks a value.
+    sampler = optuna.samplers.RandomSampler(seed=0)
+
+    def load_or_create() -> optuna.Study:
+        try:  # loading first: create_study appends a record even when the study exists
+            return optuna.load_study(study_name=study_name, storage=backend, sampler=sampler)
+        except KeyError:
+            return optuna.create_study(storage=backend, study_name=study_name,
+                                       direction=direction, load_if_exists=True,
+                                       sampler=sampler)
+
+    study = with_retries(load_or_create, retries, "open the study in", url or str(run_dir))
+    empty = not study.get_trials(deepcopy=False)
+    # A study with trials and no version attribute was written before it existed (1).
+    version = study.user_attrs.get(records.STORAGE_VERSION_ATTR,
+                                   records.STORAGE_VERSION if empty else 1)
+    if version != records.STORAGE_VERSION:
+        where = mask_url(url) if url else str(run_dir)
+        raise RecordError(
+            f"{where}: the study {study_name!r} was written in storage format {version!r}; "
+            f"this version of study reads format {records.STORAGE_VERSION}. Resume it with "
+            f"the version that wrote it, or start a new run directory."
+        )
+    if records.STORAGE_VERSION_ATTR not in study.user_attrs and empty:
+        study.set_user_attr(records.STORAGE_VERSION_ATTR, records.STORAGE_VERSION)
+    return study
+
+
+def check_same_config(study: optuna.Study, config: dict[str, Any]) -> None:
+    """Record `config` on a new study; refuse to mix trials of a different config into it."""
+    stored = study.user_attrs.get("config")
+    if stored is None:
+        study.set_user_attr("config", config)
+        return
+    differing = sorted(k for k in set(stored) | set(config) if stored.get(k) != config.get(k))
+    if differing:
+        shown = ", ".join(f"{k} (was {stored.get(k)!r}, now {config.get(k)!r})"
+                          for k in differing[:5])
+        raise ConfigError(
+            f"the study {study.study_name!r} was started with a different config; "
+            f"differing keys: {shown}. Use a new run directory (or study name) instead."
+        )

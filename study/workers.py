@@ -2,14 +2,14 @@
 
 The parent (`python -m study`) composes, validates, expands and enqueues; then it starts N
 processes (spawned, so no CUDA or thread state is inherited) that each open the same study
-and run `study.sweep.run_sweep(enqueue=False)`: they claim waiting trials through the
+and run `study.sweep.run_sweep(enqueue=False)`: they take waiting trials through the
 storage until none is left. Each worker gets `cores // N` torch threads and, when several
 GPUs are visible, one of them (`CUDA_VISIBLE_DEVICES`, round robin). When they are done the
 parent runs one last pass itself (re-running the trials of a worker that died) and writes
 trials.parquet and the report.
 
 Ctrl-C (SIGINT) or SIGTERM: the parent asks every worker to stop after its current
-population (SIGTERM to each); claimed untrained trials go back to the queue. A second
+population (SIGTERM to each); taken untrained trials go back to the queue. A second
 Ctrl-C kills them at once (their trials are re-run on resume). A worker whose parent
 died stops after its current population too.
 """
@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from study.grid import SweepPlan
-from study.sweep import Lease
+from study.lease import Lease
 
 log = logging.getLogger(__name__)
 
@@ -79,9 +79,11 @@ class WorkerJob:
 
 
 def worker_main(job: WorkerJob, index: int) -> None:
-    """Entry point of worker process `index`: claim and train until the queue is empty."""
+    """Entry point of worker process `index`: take and train until the queue is empty."""
+    from study.config import resolve_device
     from study.engine import make_engine
-    from study.sweep import open_study, resolve_device, run_sweep
+    from study.storage import open_study
+    from study.sweep import run_sweep
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides; it sends SIGTERM
     stop = StopRequest().install((signal.SIGTERM,), announce=False)

@@ -32,12 +32,7 @@ _STATE = {"sgd": 1, "adam": 2, "adamw": 2, "rmsprop": 3, "adagrad": 1}
 
 
 def _split_sizes(trial: TrialSpec) -> tuple[int, int]:
-    task = trial.task
-    n_train, n_val = getattr(task, "n_train", None), getattr(task, "n_val", None)
-    if n_train is None or n_val is None:  # a task without declared sizes: draw once
-        data = task.generate(0)
-        return data.n_train, int(data.x_val.shape[0])
-    return int(n_train), int(n_val)
+    return int(trial.task.n_train), int(trial.task.n_val)
 
 
 def trial_steps(trial: TrialSpec) -> int:

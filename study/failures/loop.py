@@ -90,7 +90,7 @@ class OversizedBatch:
             raise ValueError(f"oversized batch factor must be >= 1, got {self.factor}")
 
     def apply_spec(self, trial):
-        n_train = int(getattr(trial.task, "n_train", 0) or trial.task.generate(0).n_train)
+        n_train = int(trial.task.n_train)
         return dataclasses.replace(trial, train=dataclasses.replace(
             trial.train, batch_size=self.factor * n_train))
 

@@ -57,7 +57,11 @@ class Dataset:
 
 
 class Task(Protocol):
-    """A synthetic task: knows its loss and dimensions, draws data from a seed."""
+    """A task: knows its loss, dimensions and split sizes, draws data from a seed.
+
+    `n_train` and `n_val` are the row counts of every draw's splits: the planner sizes
+    populations and counts steps from them without drawing the data.
+    """
 
     loss: LossName
 
@@ -66,6 +70,12 @@ class Task(Protocol):
 
     @property
     def output_dim(self) -> int: ...
+
+    @property
+    def n_train(self) -> int: ...
+
+    @property
+    def n_val(self) -> int: ...
 
     def generate(self, seed: int) -> Dataset:
         """Draw a dataset; the same seed gives bit-identical tensors."""

@@ -155,9 +155,10 @@ def tally(run_dir: Path, url: str | None = None, study_name: str = "smoke") -> d
     import optuna
 
     from study import records, storage
+    from study.journal import open_journal
 
     if url is None:
-        backend, _ = storage.open_journal(run_dir / records.JOURNAL)
+        backend, _ = open_journal(run_dir / records.JOURNAL)
     else:
         backend = storage.open_rdb(url)
     study = optuna.load_study(study_name=study_name, storage=backend)

@@ -148,7 +148,7 @@ def _snapshot(run_dir: Path) -> dict[str, bytes]:
         (["storage.url=redis://u:hunter2@127.0.0.1/0"],
          "error: storage.url: unknown URL scheme 'redis' in 'redis://u:***@127.0.0.1/0'"),
         (["storage=rdb", "storage.url=sqlite:///study.db", "workers=2"],
-         "error: workers: SQLite cannot serve 2 workers (two workers can claim the same "
+         "error: workers: SQLite cannot serve 2 workers (two workers can take the same "
          "trial); use storage=journal on one machine or storage=postgres"),
         (["storage=postgres"], "error: storage.url: this storage needs a database URL: export "
                                "STUDY_STORAGE_URL=postgresql://USER:PASSWORD@HOST:PORT/DB"),

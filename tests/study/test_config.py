@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
+import yaml
 
+from study import config
 from study.config import ConfigError, linspace, logspace
 from study.failures import trial_dataset
 from study.grid import CONF_DIR, plan_from_overrides
 from study.models import ModelSpec
 from study.optimizers import OptimizerSpec
 from study.tasks import Dataset
+from study.trial import DiagnosticsSpec, TrainSpec
 
 
 def _options(group: str) -> list[str]:
@@ -35,7 +39,9 @@ def test_every_option_of_every_group_composes_and_instantiates(group: str,
         assert isinstance(trial.optimizer, OptimizerSpec)
         data = trial.task.generate(1)
         assert isinstance(data, Dataset)
+        # The sizes the task declares (the planner reads them without drawing).
         assert data.x_train.shape == (trial.task.n_train, trial.task.input_dim)
+        assert data.x_val.shape[0] == trial.task.n_val
 
 
 @pytest.mark.parametrize("group", ["failure", "mitigation"])
@@ -136,7 +142,7 @@ def test_empty_axis_and_unknown_axis_key_are_rejected(tmp_path: Path) -> None:
         plan_from_overrides(["+sweep=noaxes"], conf_dir=conf)
 
 
-def test_a_new_run_directory_is_claimed_past_those_taken(tmp_path: Path, monkeypatch) -> None:
+def test_a_new_run_directory_is_made_past_those_taken(tmp_path: Path, monkeypatch) -> None:
     from datetime import datetime, timedelta
 
     from study import config
@@ -147,9 +153,9 @@ def test_a_new_run_directory_is_claimed_past_those_taken(tmp_path: Path, monkeyp
     taken = {(now + timedelta(seconds=s)).strftime("%Y-%m-%d_%H-%M-%S") for s in range(5)}
     for stamp in taken:
         (tmp_path / "outputs" / "smoke" / stamp).mkdir(parents=True)
-    claimed = Path(config.new_run_dir(None, "smoke"))
-    assert claimed.is_dir() and claimed.name[:-2] in taken and claimed.name.endswith("_2")
-    assert config.new_run_dir(None, "smoke") == str(claimed)  # one per process
+    made = Path(config.new_run_dir(None, "smoke"))
+    assert made.is_dir() and made.name[:-2] in taken and made.name.endswith("_2")
+    assert config.new_run_dir(None, "smoke") == str(made)  # one per process
     assert config.new_run_dir("some/run", "smoke") == "some/run"
 
 
@@ -167,3 +173,33 @@ def test_check_values_names_the_key_of_a_value_that_is_no_finite_number(
     with pytest.raises(ConfigError, match=f"^{message.replace('(', '.').replace(')', '.')}$"):
         check_values("optimizer", values, {"lr": float, "depth": int})
     check_values("optimizer", {"lr": 0.1, "depth": 2}, {"lr": float, "depth": int})
+
+
+def _defaults(cls: type) -> dict:
+    return {f.name: f.default for f in dataclasses.fields(cls)}
+
+
+@pytest.mark.parametrize(("schema", "spec"), [(config.TrainConfig, TrainSpec),
+                                              (config.DiagnosticsConfig, DiagnosticsSpec)])
+def test_a_schema_has_the_keys_and_defaults_of_the_spec_it_builds(schema, spec) -> None:
+    assert _defaults(schema) == _defaults(spec)
+
+
+def test_the_yaml_sets_no_default_the_schema_holds() -> None:
+    """Defaults live in the schema (and the specs): conf/config.yaml holds the group
+    choices and Hydra's settings, a storage option its kind and URL."""
+    top = yaml.safe_load((CONF_DIR / "config.yaml").read_text())
+    assert set(top) == {"defaults", "hydra"}
+    for path in (CONF_DIR / "storage").glob("*.yaml"):
+        assert set(yaml.safe_load(path.read_text())) <= {"defaults", "kind", "url"}, path.name
+
+
+def test_lease_defaults_are_the_storage_defaults_and_engines_are_named_once() -> None:
+    from study.engine import ENGINES
+    from study.lease import Lease
+
+    storage = config.StorageConfig()
+    assert (Lease().heartbeat_s, Lease().grace_s) == (storage.heartbeat_s, storage.grace_s)
+    assert config.StudyConfig().engine in ENGINES
+    for name in ENGINES:
+        plan_from_overrides([f"engine={name}"])

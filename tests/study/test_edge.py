@@ -10,12 +10,13 @@ import numpy as np
 import pytest
 import torch
 
-from study import records
+from study import queue, records
 from study.config import ConfigError
 from study.edge import EdgeSpec, bracket, edges_frame, run_edge
 from study.engine import make_engine
 from study.grid import CONF_DIR, plan_from_overrides
-from study.sweep import open_study, trials_frame
+from study.records import trials_frame
+from study.storage import open_study
 
 CPU = torch.device("cpu")
 
@@ -87,7 +88,7 @@ def test_the_edge_of_gradient_descent_on_a_quadratic_is_2_over_lambda_max(tmp_pa
     assert edge >= threshold / 1.03
     # The search cost a fraction of a grid of the same precision (log10(1e5)/log10(1.02)).
     assert edges.loc[0, "rates_tried"] < 30 and outcome.trained == 2 * edges.loc[0, "rates_tried"]
-    frame = trials_frame(study)
+    frame = trials_frame(queue.finished(study))
     assert frame["optimizer.lr"].between(1e-5, 1).all()
     # Resuming recomputes the brackets from the storage and trains nothing more.
     again = run_edge(plan, study, make_engine("batched"), CPU, tmp_path, "val_loss_final")

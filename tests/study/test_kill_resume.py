@@ -58,7 +58,7 @@ def test_sigkill_at_random_moments_loses_and_duplicates_nothing(tmp_path: Path, 
         os.killpg(process.pid, signal.SIGKILL)
         process.communicate()
         kills += 1
-    time.sleep(3.5)  # past grace_s: a claim whose owner was never recorded is stale now
+    time.sleep(3.5)  # past grace_s: a trial taken by a holder never recorded is stale now
     study_cli(*SWEEP, f"hydra.run.dir={run_dir}", expect=0)
     counts = tally(run_dir)
     repairs = len(list(run_dir.glob("study.journal.*.bak")))

@@ -12,10 +12,12 @@ import torch
 from optuna.distributions import CategoricalDistribution, FloatDistribution
 from optuna.trial import TrialState
 
-from study import records
+from study import queue, records
 from study.config import ConfigError
 from study.engine import make_engine
 from study.grid import plan_from_overrides
+from study.lease import Lease
+from study.records import trials_frame
 from study.search import (
     PROPOSAL,
     SEED,
@@ -25,7 +27,7 @@ from study.search import (
     run_search,
     set_key,
 )
-from study.sweep import Lease, open_study, trials_frame
+from study.storage import open_study
 
 CPU = torch.device("cpu")
 SMALL = ["+sweep=adam_search", "sweep.trials=6", "sweep.population=4", "sweep.seeds=[0,1]",
@@ -65,7 +67,7 @@ def test_every_proposal_trains_once_per_seed_and_is_told_once(tmp_path: Path, pl
     # The first round asked a whole population: 4 proposals x 2 seeds trained together.
     first = sorted(told, key=lambda t: t.number)[:8]
     assert len({t.user_attrs[PROPOSAL] for t in first}) == 4
-    frame = trials_frame(study)
+    frame = trials_frame(queue.finished(study))
     assert {"optimizer.betas.0", "optimizer.lr", "seed", "status"} <= set(frame.columns)
     again = run_search(plan, study, make_engine("batched"), CPU, tmp_path, "val_loss_final")
     assert again.trained == 0 and len(_told(study)) == 12  # the budget is spent
@@ -151,7 +153,7 @@ def test_a_pruner_stops_rows_inside_the_population_and_they_are_told_pruned(
     # Successive halving prunes within the very first population: at each rung a row goes
     # on only if its loss is in the better half of the rows that reached the rung so far.
     assert pruned and complete
-    frame = trials_frame(study)
+    frame = trials_frame(queue.finished(study))
     assert len(frame) == 16 and frame["pruned_step"].notna().sum() == len(pruned)
     curves = records.read_curves(tmp_path)
     for t in pruned:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -15,11 +16,19 @@ import pytest
 import torch
 from optuna.trial import TrialState
 
-from study import lease, records, storage
+from study import lease, queue, records, storage
 from study.config import ConfigError
 from study.engine import ReferenceEngine
 from study.grid import plan_from_overrides
-from study.sweep import Lease, open_study, run_sweep, trials_frame
+from study.journal import TailRepairingLock, repair_tail
+from study.lease import Lease
+from study.records import trials_frame
+from study.storage import open_study
+from study.sweep import run_sweep
+
+# The tiny sweep of tests/study/conftest.py (TINY), as the run that wrote the fixture.
+TINY = ("+sweep=smoke", "train.epochs=1", "model.width=8", "report=false", "progress=false")
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
 
 CPU = torch.device("cpu")
 
@@ -51,7 +60,7 @@ def test_a_partial_last_line_is_backed_up_cut_and_reported(tmp_path: Path, finis
     backups = list(tmp_path.glob(f"{records.JOURNAL}.*.bak"))
     assert len(backups) == 1 and backups[0].read_bytes() == cut_short
     assert f"repaired {journal}: removed a partial last line of 46 bytes" in caplog.text
-    assert len(trials_frame(study)) == 16  # every finished trial is still COMPLETE
+    assert len(trials_frame(queue.finished(study))) == 16  # every finished trial is still COMPLETE
 
 
 def test_a_journal_corrupt_before_its_last_line_is_refused_and_left_alone(
@@ -79,9 +88,9 @@ def test_a_backup_the_disk_has_no_room_for_is_removed_not_left_empty(
         Path(target).write_bytes(b"")  # what copyfile leaves when the disk is full
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(storage.shutil, "copyfile", full_disk)
+    monkeypatch.setattr("study.journal.shutil.copyfile", full_disk)
     with pytest.raises(OSError, match="No space left"):
-        storage.repair_tail(journal)
+        repair_tail(journal)
     assert journal.read_bytes() == cut_short and not list(tmp_path.glob("*.bak"))
 
 
@@ -110,7 +119,7 @@ def test_the_lock_of_a_killed_writer_is_free_at_once(tmp_path: Path) -> None:
     journal = tmp_path / records.JOURNAL
     journal.write_bytes(b"")
     holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time; from pathlib import Path; from study.storage import "
+        "import sys, time; from pathlib import Path; from study.journal import "
         "TailRepairingLock; TailRepairingLock(Path(sys.argv[1])).acquire(); "
         "print('held', flush=True); time.sleep(60)"), str(journal)],
         stdout=subprocess.PIPE, text=True)
@@ -118,7 +127,7 @@ def test_the_lock_of_a_killed_writer_is_free_at_once(tmp_path: Path) -> None:
     holder.kill()
     holder.wait()
     started = time.perf_counter()
-    lock = storage.TailRepairingLock(journal)
+    lock = TailRepairingLock(journal)
     lock.acquire()
     lock.release()
     assert time.perf_counter() - started < 1.0  # Optuna's own lock: 30 s
@@ -195,7 +204,7 @@ def _running(study: optuna.Study, owner: dict | None) -> optuna.trial.FrozenTria
     return study.get_trials(deepcopy=False)[trial.number]
 
 
-def test_staleness_dead_pid_here_silent_heartbeat_anywhere_and_unowned_claims(
+def test_staleness_dead_pid_here_silent_heartbeat_anywhere_and_unowned_trials(
         tmp_path: Path) -> None:
     study = open_study(tmp_path, None, "s", "minimize")
     me = lease.Worker.here()
@@ -218,11 +227,11 @@ def test_staleness_dead_pid_here_silent_heartbeat_anywhere_and_unowned_claims(
 def test_a_stale_trial_is_failed_and_requeued_by_exactly_one_worker(tmp_path: Path) -> None:
     study = open_study(tmp_path, None, "s", "minimize")
     stale = _running(study, {"host": "other-host", "pid": 1, "id": "gone"})
-    study._storage.set_study_system_attr(study._study_id, "heartbeat:gone", time.time() - 100)
+    queue.heartbeat(study)("heartbeat:gone", time.time() - 100)
     requeued = []
-    first = lease.reclaim_stale(study, [stale], lease.Worker.here(), 1.0, requeued.append)
+    first = queue.reclaim_stale(study, [stale], lease.Worker.here(), 1.0, requeued.append)
     # A second worker acting on the same (old) snapshot loses the FAIL transition.
-    second = lease.reclaim_stale(study, [stale], lease.Worker.here(), 1.0, requeued.append)
+    second = queue.reclaim_stale(study, [stale], lease.Worker.here(), 1.0, requeued.append)
     assert (first, second, len(requeued)) == (1, 0, 1)
     assert study.get_trials(deepcopy=False)[stale.number].state == TrialState.FAIL
 
@@ -233,18 +242,18 @@ def test_only_the_lowest_live_trial_of_a_point_may_train(tmp_path: Path) -> None
         study.enqueue_trial({}, user_attrs={"key": key})
     done = study.ask()  # trial 0, key a
     study.tell(done, 1.0)
-    claimed = [study.ask().number for _ in range(3)]  # 1 (a), 2 (b), 3 (c)
+    taken = [study.ask().number for _ in range(3)]  # 1 (a), 2 (b), 3 (c)
     study.enqueue_trial({}, user_attrs={"key": "b"})  # 4: b queued twice
-    assert lease.duplicates([*claimed, 4], study.get_trials(deepcopy=False)) == {1, 4}
+    assert lease.duplicates([*taken, 4], study.get_trials(deepcopy=False)) == {1, 4}
 
 
-def test_a_stopped_worker_gives_its_claims_back(tmp_path: Path, tiny_plan) -> None:
+def test_a_stopped_worker_gives_its_taken_trials_back(tmp_path: Path, tiny_plan) -> None:
     study = open_study(tmp_path, None, "tiny", "minimize")
     calls = []
 
     def stop_after_first_population() -> bool:
         calls.append(datetime.now())
-        return len(trials_frame(study)) > 0
+        return len(trials_frame(queue.finished(study))) > 0
 
     outcome = run_sweep(tiny_plan, study, ReferenceEngine(), CPU, tmp_path, "val_loss_final",
                         leases=Lease(1, 5), stop=stop_after_first_population)
@@ -252,4 +261,23 @@ def test_a_stopped_worker_gives_its_claims_back(tmp_path: Path, tiny_plan) -> No
     assert not study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
     again = run_sweep(tiny_plan, study, ReferenceEngine(), CPU, tmp_path, "val_loss_final")
     assert again.trained + outcome.trained == 16
-    assert sorted(trials_frame(study)["key"]) == sorted(p.trial.key() for p in tiny_plan.points)
+    keys = trials_frame(queue.finished(study))["key"]
+    assert sorted(keys) == sorted(p.trial.key() for p in tiny_plan.points)
+
+
+def test_a_run_directory_written_before_the_queue_module_resumes(
+        tmp_path: Path, tiny_baseline: Path, run_checks, study_cli) -> None:
+    """fixtures/interrupted_smoke: the tiny sweep as study 0.1.0 wrote it before the queue
+    had a module of its own (storage format 2), stopped with trials 0-7 told and 8-12 taken
+    by a worker long gone. It resumes: the taken trials are reclaimed (their holder's
+    heartbeat is old), every point is told once, and the numbers equal an uninterrupted
+    run's."""
+    tally, same_results = run_checks
+    run_dir = tmp_path / "run"
+    shutil.copytree(FIXTURES / "interrupted_smoke", run_dir)
+    done = study_cli(*TINY, f"hydra.run.dir={run_dir}", f"resume={run_dir}", expect=0)
+    assert "8 trials trained, 8 already done" in done.stdout
+    counts = tally(run_dir)
+    assert counts["complete"] == counts["points"] == 16
+    assert counts["lost"] == counts["duplicated"] == counts["running"] == 0
+    same_results(run_dir, tiny_baseline)

@@ -10,11 +10,13 @@ import pytest
 import torch
 from optuna.trial import TrialState
 
-from study import records
+from study import queue, records
 from study.config import ConfigError
 from study.engine import ReferenceEngine
 from study.grid import plan_from_overrides
-from study.sweep import check_same_config, open_study, run_sweep, trials_frame
+from study.records import trials_frame
+from study.storage import check_same_config, open_study
+from study.sweep import run_sweep
 
 CPU = torch.device("cpu")
 
@@ -31,7 +33,7 @@ def test_every_point_trains_once_and_divergence_is_recorded(tmp_path: Path, tiny
                         on_progress=lambda done, total: progress.append((done, total)))
     assert outcome.trained == outcome.total == len(tiny_plan.points) == 16
     assert progress[0] == (0, 16) and progress[-1] == (16, 16)
-    frame = trials_frame(study)
+    frame = trials_frame(queue.finished(study))
     assert sorted(frame["key"]) == sorted(p.trial.key() for p in tiny_plan.points)
     diverged = frame[frame["status"] == "diverged"]
     assert len(diverged) > 0
@@ -41,10 +43,10 @@ def test_every_point_trains_once_and_divergence_is_recorded(tmp_path: Path, tiny
     assert (again.trained, again.already_done) == (0, 16)
 
 
-def test_claiming_reads_the_queue_once_per_pass_not_once_per_trial(tmp_path: Path, tiny_plan,
+def test_taking_reads_the_queue_once_per_pass_not_once_per_trial(tmp_path: Path, tiny_plan,
                                                                     monkeypatch) -> None:
     """Optuna's `ask` reads every waiting trial to pop one (quadratic in the sweep; on
-    PostgreSQL 0.7 s a claim at 936 queued). The sweep's claims read the queue once per
+    PostgreSQL 0.7 s a trial at 936 queued). The sweep's takes read the queue once per
     pass, and still record each trial's enqueued params, as `ask` did."""
     study = open_study(tmp_path, None, "tiny", "minimize")
     storage = study._storage
@@ -86,11 +88,11 @@ def test_a_point_whose_trial_failed_is_trained_again(tmp_path: Path, tiny_plan) 
     study = open_study(tmp_path, None, "tiny", "minimize")
     point = tiny_plan.points[0]
     study.enqueue_trial(point.params, user_attrs={"key": point.trial.key()})
-    claimed = study.ask()
-    claimed.set_user_attr("worker", {"host": socket.gethostname(), "pid": 1 << 30})
+    taken = study.ask()
+    taken.set_user_attr("worker", {"host": socket.gethostname(), "pid": 1 << 30})
     outcome = run_sweep(tiny_plan, study, ReferenceEngine(), CPU, tmp_path, "val_loss_final")
     assert outcome.trained == 16  # the orphan was failed and its point re-queued
-    assert len(trials_frame(study)) == 16
+    assert len(trials_frame(queue.finished(study))) == 16
 
 
 def test_a_changed_config_is_refused(tmp_path: Path) -> None:
@@ -104,7 +106,7 @@ def test_a_changed_config_is_refused(tmp_path: Path) -> None:
 def test_curves_are_written_before_trials_are_told(tmp_path: Path, tiny_plan) -> None:
     study = open_study(tmp_path, None, "tiny", "minimize")
     run_sweep(tiny_plan, study, ReferenceEngine(), CPU, tmp_path, "val_loss_final")
-    frame = trials_frame(study)
+    frame = trials_frame(queue.finished(study))
     curves = records.read_curves(tmp_path, frame["trial"])
     per_trial = curves[curves["split"] == "val"].groupby("trial").size()
     assert set(per_trial.index) == set(frame["trial"])
@@ -146,7 +148,7 @@ def test_metrics_are_stored_as_plain_json_and_read_back_as_measured(tmp_path: Pa
     for trial in study.get_trials():
         json.dumps(trial.user_attrs, allow_nan=False)  # no NaN or Infinity in the storage
         assert trial.intermediate_values == {}  # storage.dashboard is off
-    frame = trials_frame(study)
+    frame = trials_frame(queue.finished(study))
     stopped = frame[frame["val_loss_final"] == math.inf]  # stopped at a non-finite loss
     assert len(stopped) and (stopped["status"] == "diverged").all()
     assert frame["osc_tv_ratio"].isna().any() and frame["osc_tv_ratio"].dtype == float
@@ -155,12 +157,12 @@ def test_metrics_are_stored_as_plain_json_and_read_back_as_measured(tmp_path: Pa
 def test_the_dashboard_gets_eval_losses_and_key_metrics(tmp_path: Path, tiny_plan) -> None:
     import math
 
-    from study.sweep import KEY_METRICS
+    from study.records import KEY_METRICS
 
     study = open_study(tmp_path, None, "tiny", "minimize")
     run_sweep(tiny_plan, study, ReferenceEngine(), CPU, tmp_path, "val_loss_final",
               dashboard=True)
-    frame = trials_frame(study).set_index("trial")
+    frame = trials_frame(queue.finished(study)).set_index("trial")
     for trial in study.get_trials():
         curve = trial.intermediate_values
         assert curve and min(curve) == 0 and all(math.isfinite(v) for v in curve.values())
