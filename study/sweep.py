@@ -31,7 +31,6 @@ from optuna.trial import TrialState
 from study import lease, queue, records
 from study.engine import Engine, population_key
 from study.engine.planner import plan_populations
-from study.failures import trial_dataset
 from study.grid import GridPoint, SweepPlan
 from study.metrics import objective_value, summarize_many
 from study.metrics.curvature import stability_threshold
