@@ -1,6 +1,7 @@
 """`study`: a harness for systematic training-stability studies.
 
-Importing this package is cheap (no torch): `analysis` imports `study.records` only.
+Importing this package is cheap (no torch): `analysis` imports `study.records` and
+`study.claims` only.
 """
 
 import os

@@ -29,7 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from study import cli, records, storage
 from study.config import ConfigError, register, validate
-from study.grid import expand
+from study.plan import expand
 from study.process_exit import exit_now
 from study.run import check_objective, execute
 
@@ -155,7 +155,7 @@ def _search_path(hydra_overrides: Sequence[str]) -> list[str]:
 
 
 def _compose(extra: Sequence[str], search_path: Sequence[str] = ()) -> DictConfig:
-    """The config composed again with `extra` overrides (grid.expand's group axes) and the
+    """The config composed again with `extra` overrides (plan.expand's group axes) and the
     invocation's `search_path` overrides; a composition error (an option file that is not
     valid YAML, a missing option) is a ConfigError."""
     try:

@@ -35,7 +35,7 @@ import torch
 from study import bench_peer
 from study.engine import BatchedEngine, ReferenceEngine, Trace
 from study.engine.planner import plan_populations, trial_steps
-from study.grid import plan_from_overrides
+from study.plan import plan_from_overrides
 from study.trial import TrialSpec
 
 

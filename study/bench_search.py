@@ -30,9 +30,9 @@ import optuna
 import torch
 
 from study.engine import BatchedEngine, ReferenceEngine
-from study.grid import plan_from_overrides
 from study.metrics import objective_value, summarize_many
 from study.metrics.curvature import stability_threshold
+from study.plan import plan_from_overrides
 from study.search import PROPOSAL, SearchPlan, make_sampler, run_search
 from study.storage import open_study
 

@@ -94,7 +94,7 @@ class SweepConfig:
     seeds: list[int] = field(default_factory=lambda: [0])
     axes: dict[str, Any] = field(default_factory=dict)
     description: str = ""
-    claims: list[Any] = field(default_factory=list)  # evaluated by study.claims
+    claims: list[Any] = field(default_factory=list)  # scored by analysis.claims
     skip_inapplicable: bool = False  # drop points whose failure/mitigation misfits the task
     # A sampler sweep (study.search): `sampler` other than grid, a `space` instead of axes,
     # a budget of `trials` proposals asked `population` at a time.

@@ -40,7 +40,7 @@ from optuna.trial import TrialState
 
 from study.config import ConfigError
 from study.engine import Engine
-from study.grid import GridPoint, SweepPlan
+from study.grid import GridPoint, SweepPlan, check_sweep_claims
 
 AXIS = "optimizer.lr"
 EDGE_COLUMNS = ["edge", "edge_high", "precision", "resolved", "bound", "rates_tried",
@@ -154,9 +154,7 @@ def expand_edge(base: SweepPlan, edge: dict[str, Any], claims: list[Any]) -> Edg
                            for k, v in edge.items()})
     except (TypeError, ValueError) as err:
         raise ConfigError(f"sweep.edge: {err}") from None
-    from study.grid import _check_claims
-
-    _check_claims(claims, {**base.axes, AXIS: []})
+    check_sweep_claims(claims, {**base.axes, AXIS: []})
     configs: dict[str, list[GridPoint]] = {}
     for point in base.points:
         label = repr({k: v for k, v in point.params.items() if k != "seed"})

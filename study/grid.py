@@ -21,7 +21,7 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from omegaconf import DictConfig
 
@@ -33,13 +33,9 @@ from study.config import (
     StudyConfig,
     build_trial,
     plain_config,
-    register,
     validate,
 )
 from study.trial import TrialSpec
-
-if TYPE_CHECKING:
-    from study.edge import EdgePlan
 
 log = logging.getLogger(__name__)
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
@@ -67,64 +63,11 @@ class SweepPlan:
     distributions: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
-def expand(cfg: DictConfig, compose: Compose, overrides: Sequence[str],
-           choices: dict[str, str], *, typed: StudyConfig | None = None) -> SweepPlan:
-    """Expand `cfg` (composed from `overrides`) into its grid points.
-
-    `compose(overrides)` composes the config again with extra overrides (one call per
-    combination of group-axis options); `choices` are the config-group options chosen for
-    `cfg` (Hydra's runtime choices), used as labels. `typed` is `validate(cfg)` when the
-    caller has already run it (it is not run again); without it `cfg` is validated here.
-    Every config composed for a group axis is validated. Without a sweep, the plan has one
-    point: the config itself with seed `cfg.seed`.
-    """
-    if typed is None:
-        typed = validate(cfg)
-    base_labels = {g: _label(cfg, g, choices.get(g)) for g in GROUPS}
-    if typed.sweep is None:
-        trial = build_trial(plain_config(cfg), typed.seed, base_labels)
-        return SweepPlan(None, {}, [typed.seed], [GridPoint({"seed": typed.seed}, trial)])
-    if typed.sweep.sampler != "grid":
-        from study.search import expand_search
-
-        return expand_search(cfg, compose, overrides, choices, typed)
-    if typed.sweep.space:
-        raise ConfigError("sweep.space: a grid sweep declares axes; set sweep.sampler to "
-                          "search a space")
-    if typed.sweep.pruner:
-        raise ConfigError("sweep.pruner: only a sampler sweep prunes (a grid trains every "
-                          "point to the end)")
-    if typed.sweep.edge:
-        return _expand_edge(cfg, compose, overrides, choices, typed, base_labels)
-    return _expand_grid(cfg, compose, overrides, typed, base_labels)
-
-
-def _expand_edge(cfg: DictConfig, compose: Compose, overrides: Sequence[str],
-                 choices: dict[str, str], typed: StudyConfig, base_labels: dict[str, str]
-                 ) -> EdgePlan:
-    """The EdgePlan (study.edge) of the grid of the sweep's axes, or of the one config."""
-    from study.edge import expand_edge
-
-    if typed.workers > 1:
-        raise ConfigError("workers: an edge search runs its rounds from one process "
-                          "(each round is one batched population); use workers=1")
-    edge, claims = dict(typed.sweep.edge), list(typed.sweep.claims)
-    if typed.sweep.axes:
-        grid = dataclasses.replace(typed, sweep=dataclasses.replace(
-            typed.sweep, edge={}, claims=[]))
-        base = expand(cfg, compose, overrides, choices, typed=grid)
-    else:  # the edge of the one configuration composed
-        trial = build_trial(plain_config(cfg), typed.sweep.seeds[0], base_labels)
-        base = SweepPlan(typed.sweep.name, {}, list(typed.sweep.seeds), [
-            GridPoint({"seed": s}, _reseed(trial, s)) for s in typed.sweep.seeds])
-    return expand_edge(base, edge, claims)
-
-
-def _expand_grid(cfg: DictConfig, compose: Compose, overrides: Sequence[str],
+def expand_grid(cfg: DictConfig, compose: Compose, overrides: Sequence[str],
                  typed: StudyConfig, base_labels: dict[str, str]) -> SweepPlan:
     """Every combination of the sweep's axes x its seeds, group axes outermost."""
     axes = _check_axes(typed.sweep.axes)
-    _check_claims(typed.sweep.claims, axes)
+    check_sweep_claims(typed.sweep.claims, axes)
     _check_overrides(overrides, axes, typed.sweep)
     group_axes = [a for a in axes if a in GROUPS]
     scalar_axes = [a for a in axes if a not in GROUPS]
@@ -139,7 +82,7 @@ def _expand_grid(cfg: DictConfig, compose: Compose, overrides: Sequence[str],
 
     def transform_node(group: str, value: str) -> Any:
         if (group, value) not in transform_nodes:
-            composed = compose([*overrides, _override(group, value)])
+            composed = compose([*overrides, group_override(group, value)])
             transform_nodes[group, value] = plain_config(composed).get(group)
         return transform_nodes[group, value]
 
@@ -151,7 +94,7 @@ def _expand_grid(cfg: DictConfig, compose: Compose, overrides: Sequence[str],
         if spec_picked not in composed_specs:
             base = cfg  # validated above
             if spec_picked:
-                base = compose([*overrides, *(_override(g, v) for g, v in spec_picked)])
+                base = compose([*overrides, *(group_override(g, v) for g, v in spec_picked)])
                 validate(base)
             composed_specs[spec_picked] = plain_config(base)
         plain = {**composed_specs[spec_picked],
@@ -167,7 +110,7 @@ def _expand_grid(cfg: DictConfig, compose: Compose, overrides: Sequence[str],
                 skipped += 1
                 continue
             for seed in seeds:
-                trial = template if seed == seeds[0] else _reseed(template, seed)
+                trial = template if seed == seeds[0] else reseeded(template, seed)
                 points.append(GridPoint({**picked, **scalars, "seed": seed}, trial))
     if skipped:
         log.info("%s: skipped %d axis combinations whose failure mode or mitigation does not "
@@ -242,7 +185,7 @@ def _check_overrides(overrides: Sequence[str], axes: dict[str, list[Any]], sweep
             )
 
 
-def _check_claims(claims: list[Any], axes: dict[str, list[Any]]) -> None:
+def check_sweep_claims(claims: list[Any], axes: dict[str, list[Any]]) -> None:
     from study.claims import ClaimError, check_claims
     from study.metrics import STATUSES, SUMMARY_METRICS
 
@@ -259,7 +202,7 @@ def _combination(value: Any) -> str:
     return str(value)
 
 
-def _override(group: str, value: Any) -> str:
+def group_override(group: str, value: Any) -> str:
     """The Hydra override selecting `value` of `group` ("a+b" selects both options)."""
     if group in TRANSFORM_GROUPS:
         options = [v for v in str(value).split("+") if v]
@@ -267,7 +210,7 @@ def _override(group: str, value: Any) -> str:
     return f"{group}={value}"
 
 
-def _label(cfg: DictConfig, group: str, choice: Any) -> str:
+def group_label(cfg: DictConfig, group: str, choice: Any) -> str:
     """The label of `group` in `cfg`: Hydra's choice, or for an option list (Hydra records
     none) the entry names joined with "+" ("none" without entries)."""
     if choice is not None and group not in TRANSFORM_GROUPS:
@@ -294,25 +237,5 @@ def _with_values(plain: dict[str, Any], values: dict[str, Any]) -> dict[str, Any
     return out
 
 
-def _reseed(trial: TrialSpec, seed: int) -> TrialSpec:
+def reseeded(trial: TrialSpec, seed: int) -> TrialSpec:
     return dataclasses.replace(trial, seed=seed)
-
-
-def plan_from_overrides(overrides: Sequence[str] = (), conf_dir: Path = CONF_DIR) -> SweepPlan:
-    """Compose `conf/config.yaml` with `overrides` outside a Hydra app and expand it.
-
-    For tests, benchmarks and notebooks: `plan_from_overrides(["+sweep=lr_batch"])`.
-    """
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    register()
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):
-        cfg = compose("config", overrides=list(overrides), return_hydra_config=True)
-        choices = dict(cfg.hydra.runtime.choices)
-
-        def recompose(extra: Sequence[str]) -> DictConfig:
-            return compose("config", overrides=list(extra))
-
-        return expand(cfg, recompose, list(overrides), choices)

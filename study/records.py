@@ -1,6 +1,7 @@
 """The only module that knows file formats: run-directory layout, Parquet, JSON, Optuna storage.
 
-`analysis` imports this module (and nothing else of `study`), so it must not import torch.
+`analysis` imports this module (and of `study` only the claim language, `study.claims`), so
+it must not import torch.
 
 Run directory (see docs/design.md):
 

@@ -56,7 +56,7 @@ from study.config import (
     validate,
 )
 from study.engine import Engine
-from study.grid import Compose, GridPoint, _check_claims, _label, _override
+from study.grid import Compose, GridPoint, check_sweep_claims, group_label, group_override
 
 log = logging.getLogger(__name__)
 
@@ -131,14 +131,14 @@ def expand_search(cfg: Any, compose: Compose, overrides: Sequence[str],
     if not (isinstance(population, int) and population >= 1):
         raise ConfigError(f"sweep.population: must be >= 1, got {population!r}")
     space = {name: distribution(name, spec) for name, spec in sweep.space.items()}
-    base_labels = {g: _label(cfg, g, choices.get(g)) for g in GROUPS}
+    base_labels = {g: group_label(cfg, g, choices.get(g)) for g in GROUPS}
     base = plain_config(cfg)
     composed: dict[tuple[tuple[str, Any], ...], dict[str, Any]] = {}
 
     def build(params: dict[str, Any], seed: int) -> GridPoint:
         picked = tuple((g, params[g]) for g in space if g in GROUPS)
         if picked not in composed:
-            extra = [_override(g, v) for g, v in picked]
+            extra = [group_override(g, v) for g, v in picked]
             node = compose([*overrides, *extra]) if extra else None
             if node is not None:
                 validate(node)
@@ -154,7 +154,7 @@ def expand_search(cfg: Any, compose: Compose, overrides: Sequence[str],
     make_pruner(pruner)  # a bad pruner fails now
     plan = SearchPlan(sweep.name, sweep.sampler, space, list(sweep.seeds), sweep.trials,
                       population, typed.seed, build, list(sweep.claims), pruner)
-    _check_claims(plan.claims, {name: [] for name in space})
+    check_sweep_claims(plan.claims, {name: [] for name in space})
     plan.points  # noqa: B018 - every categorical choice builds (bad options fail now)
     return plan
 

@@ -66,7 +66,7 @@ def plan_chunks(plan: SweepPlan, device: torch.device, engine: Engine,
     (`population_limit`); the batched engine takes whatever fits the memory budget.
     """
     chunks = plan_populations([p.trial for p in plan.points], device, budget_bytes,
-                              max_trials=getattr(engine, "population_limit", None))
+                              max_trials=engine.population_limit)
     return {plan.points[i].trial.key(): c for c, chunk in enumerate(chunks) for i in chunk}
 
 

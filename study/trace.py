@@ -40,7 +40,7 @@ class Trace:
     `diag_step[i]` updates (NaN for the one not asked for); None when none was asked for.
     `precond_sharpness[i]`: with sharpness asked for and an adaptive optimizer (Adam, AdamW,
     RMSprop, Adagrad), the top eigenvalue of P^-1 H, P the diagonal preconditioner that the
-    optimizer's state defines after `diag_step[i]` updates (`study.optim.preconditioner`,
+    optimizer's state defines after `diag_step[i]` updates (`batched_optimizers.preconditioner`,
     the threshold it meets: `study.metrics.curvature`); NaN at step 0 (no update yet) and
     where the parameters are not finite; None otherwise.
 

@@ -14,6 +14,7 @@ import torch
 from study.models import ModelSpec
 from study.optimizers import OptimizerSpec
 from study.tasks import Task
+from study.transform import DataTransform, ObjectiveNote, Parametrized
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -261,7 +262,7 @@ class TrialSpec:
         """What the minibatch loss (curves split `batch`) measures, in words: `task` when it
         is the task's own loss in original units (the evaluations' loss), else the objective
         the optimizer minimizes (e.g. `huber`, `mse (standardized targets)`)."""
-        notes = [t.objective_note for t in self.transforms if hasattr(t, "objective_note")]
+        notes = [t.objective_note for t in self.transforms if isinstance(t, ObjectiveNote)]
         base = OBJECTIVE_NAMES.get(self.loop.loss, self.loop.loss)
         if self.loop.loss == "task" and not notes:
             return "task"
@@ -277,7 +278,7 @@ class TrialSpec:
     @property
     def data_transforms(self) -> tuple[Any, ...]:
         """The transforms that change the data, in the order they apply."""
-        return tuple(t for t in self.transforms if hasattr(t, "apply_data"))
+        return tuple(t for t in self.transforms if isinstance(t, DataTransform))
 
     def flat(self) -> dict[str, Any]:
         """One flat record: group labels, `<group>.<field>` for every field, and `seed`.
@@ -339,6 +340,6 @@ class TrialSpec:
 
 def transform_params(transform: Any) -> dict[str, Any]:
     """A transform's parameters (its init fields), for records and keys."""
-    if hasattr(transform, "params") and callable(transform.params):
+    if isinstance(transform, Parametrized):
         return transform.params()
     return {f.name: getattr(transform, f.name) for f in fields(transform) if f.init}

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from study.grid import SweepPlan, plan_from_overrides
+from study.grid import SweepPlan
+from study.plan import plan_from_overrides
 
 
 @pytest.fixture(scope="session")

@@ -31,6 +31,7 @@ class Engine(Protocol):
     """
 
     name: str
+    population_limit: int | None  # most trials one `run` call should take (None: no limit)
 
     def run(self, trials: Sequence[TrialSpec], device: torch.device,
             on_eval: OnEval | None = None) -> list[Trace]: ...
@@ -43,7 +44,7 @@ def population_key(trial: TrialSpec) -> tuple:
     dropout, training schedule and dtype, and the loop (training loss,
     zero_grad, shuffling, whether gradients are clipped, the learning-rate schedule, early
     stopping). Trials of different optimizer families share the forward and backward pass
-    and differ only in their update (`study.optim.MixedOptimizer`). Numbers that differ
+    and differ only in their update (`batched_optimizers.MixedOptimizer`). Numbers that differ
     within a population: learning rate and every other optimizer hyperparameter, init scheme
     and scale, clipping threshold, seeds, and the data
     (failure modes and mitigations that transform the data keep its shapes: each trial

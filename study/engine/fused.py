@@ -10,9 +10,9 @@ takes one row at a time, while it sits in L1/L2, through:
 3. the SGD / Adam / AdamW update;
 4. the update, its norm and its cosine with the previous update.
 
-Numbers: the arithmetic is `study.optim`'s (torch's single-tensor formulas, in the same
+Numbers: the arithmetic is `batched_optimizers`'s (torch's single-tensor formulas, in the same
 order, in the parameter dtype, every operation rounded on its own). torch's own CPU kernels
-may fuse some products into FMAs, so a row agrees with `study.optim` to a few units in the
+may fuse some products into FMAs, so a row agrees with `batched_optimizers` to a few units in the
 last place, not bit for bit (tests/study/engine/test_fused.py). Norms are summed in float64.
 Rows never interact, so a trial's numbers do not depend on its population.
 
@@ -28,7 +28,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from study.optim import StepScalars, preconditioner
+from study.engine.batched_optimizers import StepScalars, preconditioner
 from study.optimizers import SGD, Adam, AdamW, OptimizerSpec
 
 try:  # an optional accelerator: without numba the eager path runs
@@ -90,7 +90,7 @@ if njit is not None:
     @njit(cache=True, inline="always")
     def _sgd_row(p, g, new, upd, buf, first, neg_lr, wd, momentum, keep, grad_share,
                  buf_share):
-        # study.optim.BatchedSGD, one row: grad += p * wd; buf = buf * m + grad * keep
+        # engine.batched_optimizers.BatchedSGD, one row: grad += p * wd; buf = buf * m + grad * keep
         # (first step: buf = grad); direction = buf or grad * share + buf * share
         # (Nesterov); new = p + direction * -lr.
         n = p.shape[0]
@@ -118,7 +118,7 @@ if njit is not None:
     @njit(cache=True, inline="always")
     def _adam_row(p, g, new, upd, m, v, decoupled, neg_step, bc2, wd, beta2, omb2, eps,
                   decay, omb1):
-        # study.optim.BatchedAdam, one row: L2 decay into the gradient (Adam) or a
+        # engine.batched_optimizers.BatchedAdam, one row: L2 decay into the gradient (Adam) or a
         # decayed parameter (AdamW); m = lerp(m, grad, 1 - beta1) in torch's two-branch
         # form; v = v * beta2 + (grad * (1 - beta2)) * grad; denom = eps + sqrt(v) / bc2;
         # new = p' + (m * -step_size) / denom.
@@ -291,7 +291,7 @@ class FusedUpdate:
                     step_lr.contiguous().numpy(), self.step_bc2.at(t)[:, 0].contiguous().numpy())
 
     def preconditioner(self) -> Tensor:
-        """[T, P] float64: `study.optim.preconditioner` of each row (NaN for SGD rows)."""
+        """[T, P] float64: `batched_optimizers.preconditioner` of each row (NaN for SGD rows)."""
         if self.state2.shape[1] == 0:  # SGD only
             return torch.full(self.state1.shape, float("nan"), dtype=torch.float64)
         return preconditioner(self.specs, self.t, self.state2)

@@ -54,7 +54,7 @@ def sharpness(net: Network, flat: Tensor, x: Tensor, y: Tensor, loss: str,
     dense eigenvalue (tests/study/engine/test_landscape.py), where 5 cold-start power
     iterations can read 30% low.
 
-    `preconditioner` [T, P] (a diagonal P > 0 per row, `study.optim.preconditioner`): the
+    `preconditioner` [T, P] (a diagonal P > 0 per row, `batched_optimizers.preconditioner`): the
     top eigenvalue of P^-1/2 H P^-1/2 instead, which is similar to P^-1 H (same eigenvalues,
     symmetric, so Lanczos applies): the preconditioned sharpness of Cohen et al. (2022).
     NaN for a row whose P is not finite and positive everywhere (no preconditioner: SGD,

@@ -1,7 +1,7 @@
 """The population engine: many trials of one structure trained as one batched computation.
 
 Parameters are one [T, P] tensor (`study.engine.network`), the optimizer update a handful of
-elementwise ops on it (`study.optim`). Per step there is no Python loop over trials and no
+elementwise ops on it (`batched_optimizers`). Per step there is no Python loop over trials and no
 host synchronisation: records are written into preallocated [steps, ..., T] device tensors
 and copied back once, at the end.
 
@@ -34,6 +34,7 @@ from collections.abc import Sequence
 import torch
 
 from study.engine.base import OnEval, population_key
+from study.engine.batched_optimizers import adaptive, make_population_optimizer
 from study.engine.fused import FusedUpdate, fusable
 from study.engine.landscape import gradient_noise_scale, sharpness
 from study.engine.network import Network, eval_losses, train_loss_and_grad
@@ -42,9 +43,9 @@ from study.engine.population_loop import LoopState
 from study.engine.population_params import ParameterState
 from study.engine.population_traces import DIAG_FIELDS, StepRecord, TraceBuffers
 from study.models import PROBE_SIZE, RELU_FAMILY, SATURATION_Z, init_parameters
-from study.optim import adaptive, make_population_optimizer
 from study.seeds import SeedStreams, seed_streams
 from study.trace import Trace
+from study.transform import ModuleTransform
 from study.trial import TrialSpec
 
 __all__ = ["BatchedEngine", "DatasetCache", "Network"]
@@ -56,7 +57,7 @@ Tensor = torch.Tensor
 def reference_only(trial: TrialSpec) -> str | None:
     """Why `trial` cannot train batched (None: it can)."""
     for transform in trial.transforms:
-        if hasattr(transform, "edit_module"):
+        if isinstance(transform, ModuleTransform):
             return f"{type(transform).__name__} edits the nn.Module"
     return None
 
@@ -65,12 +66,13 @@ class BatchedEngine:
     """Trains each population of `trials` as one batched computation; see the module doc."""
 
     name = "batched"
+    population_limit = None  # a population takes whatever fits the memory budget
 
     def __init__(self, check_every: int = 32, compact_below: float = 0.75,
                  fused: bool = True) -> None:
         self.check_every = check_every
         self.compact_below = compact_below
-        self.fused = fused  # False: always the eager update (study.optim), also on the CPU
+        self.fused = fused  # False: always the eager update (batched_optimizers), also on the CPU
         self.datasets = DatasetCache()
 
     def run(self, trials: Sequence[TrialSpec], device: torch.device,

@@ -1,5 +1,5 @@
 """The parameter and optimizer state of a population: the [T, P] parameter rows, the batched
-optimizer that updates them (`study.optim`, or the CPU's fused update of
+optimizer that updates them (`study.engine.batched_optimizers`, or the CPU's fused update of
 `study.engine.fused`), the gradient and update buffers, and the previous update (for the
 update cosine)."""
 
@@ -79,7 +79,7 @@ class ParameterState:
     def eager_step(self, used: Tensor, record: StepRecord, alive: Tensor | None,
                    clip: Tensor | None, lrs: list[float] | None) -> None:
         """Clip `used` (per row `clip`), update the rows `alive` (None: all) with the batched
-        optimizer (`study.optim`; every device), and record the update's norm and cosine."""
+        optimizer (`batched_optimizers`; every device), and record the update's norm and cosine."""
         params, grad = self.params, self.grad
         # [T, P] buffers are reused step after step: params and the next params alternate,
         # and so do this update and the previous one (a fresh tensor costs page faults).

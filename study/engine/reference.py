@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch.nn.utils import parameters_to_vector
 
 from study.engine.base import OnEval
+from study.engine.batched_optimizers import adaptive, preconditioner
 from study.engine.landscape import gradient_noise_scale, sharpness
 from study.engine.network import Network
 from study.failures import trial_dataset
@@ -31,10 +32,10 @@ from study.models import (
     dropout_seed,
     init_parameters,
 )
-from study.optim import adaptive, preconditioner
 from study.seeds import seed_streams
 from study.tasks import Dataset
 from study.trace import Trace
+from study.transform import ModuleTransform
 from study.trial import LoopSpec, TrialSpec
 
 
@@ -157,7 +158,7 @@ def _setup(trial: TrialSpec, device: torch.device) -> _Run:
     dropout = torch.Generator().manual_seed(dropout_seed(trial.seed))
     model = build_module(trial.model, params, dtype, device, dropout)
     for transform in trial.transforms:
-        if hasattr(transform, "edit_module"):
+        if isinstance(transform, ModuleTransform):
             model = transform.edit_module(model)
     optimizer = build_optimizer(trial, model)
     return _Run(trial, data, *_to_device(data, dtype, device), model, optimizer,
@@ -364,7 +365,7 @@ def measure_diagnostics(trial: TrialSpec, model: torch.nn.Sequential, data: Data
                         ) -> tuple[float, float, float]:
     """(sharpness, noise scale, preconditioned sharpness) of `model` now, NaN for those not
     asked for; the preconditioned one with sharpness, for an adaptive `optimizer`, read from
-    its state (`study.optim.preconditioner`)."""
+    its state (`study.engine.batched_optimizers.preconditioner`)."""
     spec = trial.diagnostics
     layers = [m for m in model if isinstance(m, torch.nn.Linear)]
     net = Network(tuple((m.in_features, m.out_features) for m in layers), trial.model.activation)

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from study.tasks import Dataset
+from study.transform import Applicability, SpecTransform
 from study.trial import TrialSpec
 
 
@@ -77,11 +78,11 @@ def apply_transforms(trial: TrialSpec, failures: Sequence[tuple[str, Any]],
     transform does not apply to the task.
     """
     for _, transform in (*failures, *mitigations):
-        if hasattr(transform, "check"):
+        if isinstance(transform, Applicability):
             transform.check(trial.task)
     trial = dataclasses.replace(trial, failures=tuple(failures), mitigations=tuple(mitigations))
     for _, transform in (*failures, *mitigations):
-        if hasattr(transform, "apply_spec"):
+        if isinstance(transform, SpecTransform):
             trial = transform.apply_spec(trial)
     return trial
 

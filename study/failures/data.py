@@ -86,7 +86,7 @@ class UnscaledFeatures:
                                  f"number > 0, got {list(self.scales)}")
 
     def params(self) -> dict[str, object]:
-        """Record fields; `scales` only when given (trial keys of runs before it stay)."""
+        """Record fields; `scales` only when given, so a trial without it keeps its key."""
         out: dict[str, object] = {"min_scale": self.min_scale, "max_scale": self.max_scale}
         if self.scales is not None:
             out["scales"] = self.scales

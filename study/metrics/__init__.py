@@ -27,7 +27,7 @@ Losses:
 
 Opt-in diagnostics (NaN unless the trial recorded them, see `study.engine.landscape`):
 - `sharpness_final`, `sharpness_max`: top Hessian eigenvalue of the full-batch training
-  loss at the last measurement / its maximum over the run (1 / loss-units per parameter^2).
+  loss at the last measurement / its maximum over the run (loss units per parameter^2).
 - `precond_sharpness_final`, `precond_sharpness_max`: the same for the preconditioned
   Hessian P^-1 H of an adaptive optimizer (NaN for the others).
 - `sharpness_threshold`: the curvature the trial's optimizer tolerates

@@ -11,9 +11,10 @@ import yaml
 from study import config
 from study.config import ConfigError, linspace, logspace
 from study.failures import trial_dataset
-from study.grid import CONF_DIR, plan_from_overrides
+from study.grid import CONF_DIR
 from study.models import ModelSpec
 from study.optimizers import OptimizerSpec
+from study.plan import plan_from_overrides
 from study.tasks import Dataset
 from study.trial import DiagnosticsSpec, TrainSpec
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import itertools
 
-from study.grid import plan_from_overrides
+from study.plan import plan_from_overrides
 
 
 def test_lr_batch_is_2_tasks_x_3_optimizers_x_13_lrs_x_4_batches_x_3_seeds() -> None:

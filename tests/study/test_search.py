@@ -15,8 +15,8 @@ from optuna.trial import TrialState
 from study import queue, records
 from study.config import ConfigError
 from study.engine import make_engine
-from study.grid import plan_from_overrides
 from study.lease import Lease
+from study.plan import plan_from_overrides
 from study.records import trials_frame
 from study.search import (
     PROPOSAL,

@@ -19,9 +19,9 @@ from optuna.trial import TrialState
 from study import lease, queue, records, storage
 from study.config import ConfigError
 from study.engine import ReferenceEngine
-from study.grid import plan_from_overrides
 from study.journal import TailRepairingLock, repair_tail
 from study.lease import Lease
+from study.plan import plan_from_overrides
 from study.records import trials_frame
 from study.storage import open_study
 from study.sweep import run_sweep

@@ -13,7 +13,7 @@ from optuna.trial import TrialState
 from study import queue, records
 from study.config import ConfigError
 from study.engine import ReferenceEngine
-from study.grid import plan_from_overrides
+from study.plan import plan_from_overrides
 from study.records import trials_frame
 from study.storage import check_same_config, open_study
 from study.sweep import run_sweep

@@ -1,6 +1,6 @@
 """The fused CPU update against the eager optimizers it replaces (study/engine/fused.py).
 
-The eager path is bit-equal to torch.optim (tests/study/test_optim.py) and to the reference
+The eager path is bit-equal to torch.optim (test_batched_optimizers.py) and to the reference
 engine (test_population.py); the fused kernel rounds each operation on its own where torch
 may fuse a multiply-add, so here the two engines agree to a few units in the last place:
 1e-10 relative in float64 and 1e-5 in float32 over whole converging runs, with the same
@@ -158,7 +158,7 @@ def test_the_fused_update_keeps_torchs_thread_count() -> None:
 
     script = (
         "import torch; torch.set_num_threads(1)\n"
-        "from study.grid import plan_from_overrides\n"
+        "from study.plan import plan_from_overrides\n"
         "from study.engine import BatchedEngine\n"
         "plan = plan_from_overrides(['+sweep=smoke', 'train.epochs=1', 'model.width=8'])\n"
         "BatchedEngine().run([p.trial for p in plan.points], torch.device('cpu'))\n"

@@ -7,9 +7,9 @@ import torch
 
 from study.engine import population_key
 from study.engine.planner import default_budget, estimate_trial_bytes, plan_populations
-from study.grid import plan_from_overrides
 from study.models import ModelSpec
 from study.optimizers import SGD, Adam
+from study.plan import plan_from_overrides
 from study.tasks import Blobs, LinearRegression
 from study.trial import TrainSpec, TrialSpec
 

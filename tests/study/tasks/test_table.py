@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from study.config import ConfigError
-from study.grid import plan_from_overrides
+from study.plan import plan_from_overrides
 from study.tasks import SklearnData, Table
 
 

@@ -4,7 +4,7 @@ Each class mirrors one `torch.optim` family with per-trial hyperparameter tensor
 [T, 1] (trials of a population may differ in every numeric field and flag of their spec).
 The arithmetic follows torch's single-tensor implementation operation by operation, with the
 same association of products, so a batched step equals `torch.optim`'s step to rounding
-(usually bit for bit on the CPU; tests/study/test_optim.py checks it). Two forms recur:
+(usually bit for bit on the CPU; test_batched_optimizers.py checks it). Two forms recur:
 
 - torch's `a.add(b, alpha=s)` (a fused multiply-add on the CPU) is written
   `torch.addcmul(a, b, s)`, which rounds the same way;

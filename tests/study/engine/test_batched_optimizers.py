@@ -5,7 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from study.optim import adaptive, make_optimizer, make_population_optimizer, preconditioner
+from study.engine.batched_optimizers import (
+    adaptive,
+    make_optimizer,
+    make_population_optimizer,
+    preconditioner,
+)
 from study.optimizers import SGD, Adagrad, Adam, AdamW, RMSprop
 
 SHAPES = [(5, 3), (5,), (2, 5), (2,)]  # a tiny MLP's weights and biases, flattened per trial
