@@ -231,6 +231,11 @@ class LoopSpec:
                      if f.name != "clip_norm") + (("clip", self.clip_norm is not None),)
 
 
+# Loop options that a run's records and keys hold only where a trial uses them, so every
+# trial without them has the same record and key whichever version of study wrote it.
+_OPTIONAL_LOOP_FIELDS = frozenset({"decay_layers"})
+
+
 @dataclass(frozen=True)
 class TrialSpec:
     """Everything that determines one trial's numbers.
@@ -295,6 +300,8 @@ class TrialSpec:
                 if not f.init:
                     continue
                 value = getattr(spec, f.name)
+                if group == "loop" and f.name in _OPTIONAL_LOOP_FIELDS and value is None:
+                    continue  # a record has the column only where the option is in use
                 if isinstance(value, (list, tuple)):
                     value = json.dumps(list(value))
                 row[f"{group}.{f.name}"] = value
@@ -321,14 +328,17 @@ class TrialSpec:
             group: {"type": type(getattr(self, group)).__name__, **asdict(getattr(self, group))}
             for group in ("task", "model", "optimizer", "train")
         }
-        if self.model.dropout == 0 and not self.model.dropout_at_eval:  # keys stay as they were
+        # Options at their defaults stay out of the key, so adding an option never changes the
+        # key (and the stored results) of a trial that does not use it.
+        if self.model.dropout == 0 and not self.model.dropout_at_eval:
             del content["model"]["dropout"], content["model"]["dropout_at_eval"]
-        if self.diagnostics.enabled:  # keys of runs without diagnostics stay as they were
+        if self.diagnostics.enabled:
             content["diagnostics"] = asdict(self.diagnostics)
-        if self.loop != LoopSpec():  # likewise for trials without failures or mitigations
+        if self.loop != LoopSpec():
             content["loop"] = asdict(self.loop)
-            if self.loop.decay_layers is None:  # a field at its default leaves keys unchanged
-                del content["loop"]["decay_layers"]
+            for name in _OPTIONAL_LOOP_FIELDS:
+                if content["loop"][name] is None:
+                    del content["loop"][name]
         for group, transforms in (("failure", self.failures), ("mitigation", self.mitigations)):
             if transforms:
                 content[group] = [{"type": type(t).__name__, **transform_params(t)}
