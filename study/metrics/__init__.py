@@ -92,22 +92,7 @@ def summarize_many(traces: Sequence[Trace],
     verdict = classify(engine_divergence=engine_div, eval_step=a.eval_step, loss=a.val_loss,
                        floor=a.irreducible_loss, input_free=a.input_free_loss,
                        spike_count=np.nan_to_num(spikes["spike_count"]), eval_rises=rises)
-    stopped = ~np.isnan(engine_div)
-    cols: dict[str, np.ndarray] = {}
-    for split in ("train", "val"):
-        loss = getattr(a, f"{split}_loss")
-        initial = np.where(np.isfinite(loss[:, 0]), loss[:, 0], np.inf)
-        cols[f"{split}_loss_initial"] = initial
-        cols[f"{split}_loss_final"] = np.where(stopped, np.inf, last_valid(loss))
-        best = nan_reduce(np.nanmin, finite(loss))
-        cols[f"{split}_loss_best"] = np.where(np.isnan(best), initial, best)
-        cols[f"{split}_acc_final"] = last_valid(finite(getattr(a, f"{split}_acc")))
-    cols["val_loss_end"] = np.where(stopped, np.inf, verdict.end_level)
-    cols["loss_blowup_max"] = verdict.blowup_max
-    with np.errstate(invalid="ignore"):
-        cols["gen_gap"] = cols["val_loss_final"] - cols["train_loss_final"]
-    cols["excess_loss_final"] = cols["val_loss_final"] - a.irreducible_loss
-    cols["divergence_step"] = verdict.divergence_step
+    cols = _loss_columns(a, stopped=~np.isnan(engine_div), verdict=verdict)
     cols["steps"] = np.array([_updates(tr) for tr in traces], dtype=float)
     cols["planned_steps"] = np.array([tr.planned_steps for tr in traces], dtype=float)
     cols["irreducible_loss"] = a.irreducible_loss
@@ -124,18 +109,7 @@ def summarize_many(traces: Sequence[Trace],
                                                            a.grad_norm_last)
     cols["update_param_ratio"] = gradients.update_ratio(a.update_norm, a.param_norm)
     cols.update(gradients.final_activation_stats(a.dead_fraction, a.saturation_fraction))
-    sharp = finite(pad([tr.sharpness for tr in traces]))
-    cols["sharpness_final"] = last_valid(sharp)
-    cols["sharpness_max"] = nan_reduce(np.nanmax, sharp)
-    precond = finite(pad([tr.precond_sharpness for tr in traces], sharp.shape[1]))
-    cols["precond_sharpness_final"] = last_valid(precond)
-    cols["precond_sharpness_max"] = nan_reduce(np.nanmax, precond)
-    limits = thresholds or [curvature.Threshold(np.nan, False)] * t
-    cols["sharpness_threshold"] = np.array([lim.value for lim in limits], dtype=float)
-    uses = np.array([lim.preconditioned for lim in limits], dtype=bool)
-    cols.update(curvature.ratios(np.where(uses[:, None], precond, sharp),
-                                 cols["sharpness_threshold"]))
-    cols["noise_scale_final"] = last_valid(finite(pad([tr.noise_scale for tr in traces])))
+    cols.update(_diagnostic_columns(traces, thresholds))
     rows = []
     for i in range(t):
         row: dict[str, Any] = {"status": str(verdict.status[i])}
@@ -144,6 +118,47 @@ def summarize_many(traces: Sequence[Trace],
             row[name] = int(value) if name in _INTEGER and math.isfinite(value) else value
         rows.append(row)
     return rows
+
+
+def _loss_columns(a: TraceArrays, stopped: np.ndarray, verdict) -> dict[str, np.ndarray]:
+    """The loss and accuracy levels of `summarize_many` (a stopped trial's final loss: inf)."""
+    cols: dict[str, np.ndarray] = {}
+    for split in ("train", "val"):
+        loss = getattr(a, f"{split}_loss")
+        initial = np.where(np.isfinite(loss[:, 0]), loss[:, 0], np.inf)
+        cols[f"{split}_loss_initial"] = initial
+        cols[f"{split}_loss_final"] = np.where(stopped, np.inf, last_valid(loss))
+        best = nan_reduce(np.nanmin, finite(loss))
+        cols[f"{split}_loss_best"] = np.where(np.isnan(best), initial, best)
+        cols[f"{split}_acc_final"] = last_valid(finite(getattr(a, f"{split}_acc")))
+    cols["val_loss_end"] = np.where(stopped, np.inf, verdict.end_level)
+    cols["loss_blowup_max"] = verdict.blowup_max
+    with np.errstate(invalid="ignore"):
+        cols["gen_gap"] = cols["val_loss_final"] - cols["train_loss_final"]
+    cols["excess_loss_final"] = cols["val_loss_final"] - a.irreducible_loss
+    cols["divergence_step"] = verdict.divergence_step
+    return cols
+
+
+def _diagnostic_columns(traces: Sequence[Trace],
+                        thresholds: Sequence[curvature.Threshold] | None
+                        ) -> dict[str, np.ndarray]:
+    """The opt-in diagnostics of `summarize_many`: sharpness (plain and preconditioned), its
+    ratio to the optimizer's threshold, and the gradient noise scale."""
+    cols: dict[str, np.ndarray] = {}
+    sharp = finite(pad([tr.sharpness for tr in traces]))
+    cols["sharpness_final"] = last_valid(sharp)
+    cols["sharpness_max"] = nan_reduce(np.nanmax, sharp)
+    precond = finite(pad([tr.precond_sharpness for tr in traces], sharp.shape[1]))
+    cols["precond_sharpness_final"] = last_valid(precond)
+    cols["precond_sharpness_max"] = nan_reduce(np.nanmax, precond)
+    limits = thresholds or [curvature.Threshold(np.nan, False)] * len(traces)
+    cols["sharpness_threshold"] = np.array([lim.value for lim in limits], dtype=float)
+    uses = np.array([lim.preconditioned for lim in limits], dtype=bool)
+    cols.update(curvature.ratios(np.where(uses[:, None], precond, sharp),
+                                 cols["sharpness_threshold"]))
+    cols["noise_scale_final"] = last_valid(finite(pad([tr.noise_scale for tr in traces])))
+    return cols
 
 
 _INTEGER = {"steps", "planned_steps"}
