@@ -86,7 +86,10 @@ def sign_flip_p(differences: np.ndarray, rng: np.random.Generator,
                 n_resamples: int = N_PERMUTATIONS) -> float:
     """Two-sided p-value that paired differences have mean 0: a permutation test flipping
     the sign of each difference (`scipy.stats.permutation_test`; exact, over all 2^n sign
-    patterns, when there are at most `n_resamples` of them)."""
+    patterns, when there are at most `n_resamples` of them). One difference: 1 (both of its
+    sign patterns are as far from 0 as the observed one; scipy needs two)."""
+    if len(differences) < 2:
+        return 1.0
     result = scipy.stats.permutation_test(
         (np.asarray(differences, dtype=float),), _mean, permutation_type="samples",
         vectorized=True, n_resamples=n_resamples, alternative="two-sided", rng=rng,

@@ -19,10 +19,12 @@ evaluation does not decide the status:
    `DIVERGENCE_EVALS` evaluations (all of them after step 0 when fewer) are above
    `DIVERGENCE_FACTOR` x L_0 (the divergence step is the first evaluation of that final
    streak).
-2. `no_progress`: E - f >= `NO_PROGRESS_FRACTION` x (S - f) with S = min(L_0, B) (B only
-   when it is above f): the run ends where it started, above it, or no better than
-   ignoring the inputs (a classifier that settles on the class frequencies, whatever its
-   initial loss, or a regressor that predicts the mean) learned nothing.
+2. `no_progress`: E - r >= `NO_PROGRESS_FRACTION` x (S - r) with S = min(L_0, B) (B only
+   when it is above f) and r = min(f, S): the run ends where it started, above it, or no
+   better than ignoring the inputs (a classifier that settles on the class frequencies,
+   whatever its initial loss, or a regressor that predicts the mean) learned nothing. r is
+   the floor unless the floor lies above the start (pure-noise targets, whose floor is
+   estimated from a finite split): then the run must end below its start to make progress.
 3. `recovered`: the loss blew up, an evaluation rose above `BLOWUP_FACTOR` x L_0
    (`loss_blowup_max`), and came back down far enough to make progress: a catapult
    (Lewkowycz et al. 2020), not a divergence.
@@ -135,7 +137,10 @@ def classify(*, engine_divergence: np.ndarray, eval_step: np.ndarray, loss: np.n
         excess_end = end - floor
         start = np.where(np.asarray(input_free) > floor,
                          np.fmin(initial, input_free), initial)
-        no_progress = ~(excess_end < NO_PROGRESS_FRACTION * (start - floor))
+        # A floor above the start (an estimate, on a finite validation split) cannot be
+        # reached for: the run is judged against its start alone.
+        reach = np.fmin(floor, start)
+        no_progress = ~(end - reach < NO_PROGRESS_FRACTION * (start - reach))
         recovered = peak > BLOWUP_FACTOR
         unstable = (spike_count >= UNSTABLE_SPIKES) | (eval_rises >= UNSTABLE_RISES)
         slow = (excess_end > SLOW_FAR * excess_initial) & (end < initial) & (

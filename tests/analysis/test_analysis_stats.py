@@ -111,6 +111,13 @@ def test_sign_flip_p_is_exact_for_few_pairs_and_seeded_for_many():
     assert p == sign_flip_p(many, generator("p")) and 0 < p < 1
 
 
+def test_sign_flip_p_of_one_pair_is_one():
+    """A sweep of one seed pairs each arm once: both sign patterns of one difference are as
+    extreme as the observed one."""
+    assert sign_flip_p(np.array([0.7]), generator("p")) == 1.0
+    assert sign_flip_p(np.array([0.0]), generator("p")) == 1.0
+
+
 def test_permutation_p_doubles_the_smaller_tail_with_the_plus_one_rule():
     null = np.arange(-10.0, 11.0)  # 21 draws
     assert permutation_p(null, 10.0) == pytest.approx(2 * 2 / 22)

@@ -270,6 +270,18 @@ def test_ending_no_better_than_ignoring_the_inputs_is_no_progress() -> None:
     assert summarize(_trace(settles, input_free_loss=0.0, floor=0.1))["status"] == "converged"
 
 
+def test_a_floor_above_the_start_judges_the_run_against_its_start() -> None:
+    """Pure-noise targets: the floor (the input-free loss of the validation split, an
+    estimate) may lie above a start that happens to be lower. A run that dips and climbs back
+    above its start learned nothing; one that ends clearly below its start did move."""
+    floor, free = 1.0325, 1.0351
+    dips = [1.01312, 1.01294, 1.01250, 1.01251, 1.01269, 1.01287, 1.01305, 1.01322, 1.01331]
+    row = summarize(_trace(dips, floor=floor, input_free_loss=free))
+    assert row["status"] == "no_progress"
+    falls = [1.01312, 0.99, 0.97, 0.96, 0.955, 0.952, 0.951, 0.95, 0.95]
+    assert summarize(_trace(falls, floor=floor, input_free_loss=free))["status"] == "converged"
+
+
 def test_the_input_free_loss_is_the_targets_mean_or_class_frequencies() -> None:
     import torch
 
