@@ -14,9 +14,8 @@ import os
 # lr_batch ran 8 times slower with two threads at a load of 5 than with passive waits.
 # On idle cores passive waits cost 1.5-1.7x in wall time instead (docs/performance.md):
 # robustness on shared machines is the default, ACTIVE the choice for a dedicated one.
-# OpenMP reads the policy
-# once, when it loads, so it is set here, before any torch import; a policy already in the
-# environment (OMP_WAIT_POLICY=ACTIVE) is kept.
+# OpenMP reads the policy once, when it loads, so it is set here, before any torch import;
+# a policy already in the environment (OMP_WAIT_POLICY=ACTIVE) is kept.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 __version__ = "0.1.0"
