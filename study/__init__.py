@@ -6,16 +6,20 @@ Importing this package is cheap (no torch): `analysis` imports `study.records` a
 
 import os
 
-# Idle OpenMP threads sleep instead of spinning. torch's CPU kernels (MKL inside them) and
-# numba's fused update run on GNU OpenMP pools, whose idle threads spin by default, at
-# barriers too. Where other processes want the cores (a shared server, a laptop,
-# `workers=N`), a spinning thread holds the time slice the thread it waits for needs, and
-# each of the engine's many sub-millisecond parallel regions can wait a scheduler tick:
-# lr_batch ran 8 times slower with two threads at a load of 5 than with passive waits.
-# On idle cores passive waits cost 1.5-1.7x in wall time instead (docs/performance.md):
-# robustness on shared machines is the default, ACTIVE the choice for a dedicated one.
-# OpenMP reads the policy once, when it loads, so it is set here, before any torch import;
-# a policy already in the environment (OMP_WAIT_POLICY=ACTIVE) is kept.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# Idle OpenMP threads spin briefly, then sleep. torch's CPU kernels (MKL inside them) and
+# numba's fused update run on GNU OpenMP pools, whose idle threads spin for about 3 ms by
+# default, at barriers too. Where other processes want the cores (a shared server, a
+# laptop, `workers=N`), a spinning thread holds the time slice the thread it waits for
+# needs, and each of the engine's many sub-millisecond parallel regions can wait a
+# scheduler tick: lr_batch ran 8 times slower with two threads at a load of 5. Sleeping at
+# once (a spin count of 0) costs 1.4-1.7x in wall time on idle cores instead, where a
+# thread is woken for each short region. A bound of 1,000 spins (about 10 us) keeps both:
+# as fast as endless spinning on idle cores and as fast as sleeping under load
+# (docs/performance.md). OpenMP reads both variables once, when it loads, so they are set
+# here, before any torch import. A policy already in the environment
+# (OMP_WAIT_POLICY=ACTIVE) is kept, and so is a spin count.
+if "OMP_WAIT_POLICY" not in os.environ:
+    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+    os.environ.setdefault("GOMP_SPINCOUNT", "1000")
 
 __version__ = "0.1.0"

@@ -157,6 +157,7 @@ def bench(overrides: Sequence[str], device: torch.device, subset: int, seed: int
         "torch": torch.__version__, "threads": torch.get_num_threads(),
         "numba_threads": _numba_threads(),
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+        "gomp_spincount": os.environ.get("GOMP_SPINCOUNT"),
         "python": platform.python_version(), "dtype": str(torch_dtype).removeprefix("torch."),
         # other processes on the machine skew every figure: recorded, not corrected for
         "load_average_1min_at_end": None, "load_averages": {

@@ -50,8 +50,9 @@ def device_info(device: torch.device) -> dict[str, Any]:
     info: dict[str, Any] = {
         "device": str(device),
         "torch_threads": torch.get_num_threads(),
-        # idle OpenMP threads spin (ACTIVE, or unset) or sleep (PASSIVE): study/__init__.py
+        # how long idle OpenMP threads spin before they sleep: study/__init__.py
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+        "gomp_spincount": os.environ.get("GOMP_SPINCOUNT"),
         "float32_matmul_precision": torch.get_float32_matmul_precision(),
     }
     if device.type == "cuda":
