@@ -21,9 +21,10 @@ import logging
 import os
 import shutil
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 from optuna.storages.journal import JournalFileBackend, JournalStorage
 
@@ -176,4 +177,88 @@ def open_journal(path: Path) -> tuple[JournalStorage, str | None]:
             validate_journal(path)
         finally:
             lock.release()
-    return JournalStorage(JournalFileBackend(str(path), lock_obj=lock)), note
+    return JournalStorage(BatchingJournalBackend(path, lock)), note
+
+
+class BatchingJournalBackend(JournalFileBackend):
+    """Optuna's journal file backend whose writes between `begin_batch` and `end_batch` reach
+    the file as one append: one lock, one write, one fsync, instead of one each per write.
+
+    A sweep writes about six records per trial (queue, take, owner, status, metrics, tell);
+    each append locks the file, writes, fsyncs and unlocks, and that was a large share of a
+    small sweep's time. In a batch the file lock is held from `begin_batch` to `end_batch`,
+    so no other writer can append in between: records written in the batch are read back
+    (`read_logs`) right after the file's, at the numbers they will have in the file, and
+    the storage's replay (and with it every state check, such as taking a trial) sees
+    exactly what it would have seen unbatched. `end_batch` writes them, also after an
+    error (the replay has applied them already).
+
+    Durability is per batch: a process killed inside one leaves none of its records, as if
+    it had been killed before (a taken trial stays WAITING, a trained one RUNNING, and is
+    reclaimed and trained again).
+
+    Batches nest (the outermost one writes). The caller must keep other threads from
+    appending while a batch begins or ends (`study.queue.batched` holds the storage's
+    thread lock there).
+    """
+
+    def __init__(self, path: Path, lock: TailRepairingLock) -> None:
+        super().__init__(str(path), lock_obj=lock)
+        self._batch_lock = lock
+        self._depth = 0
+        self._pending: list[dict[str, Any]] = []
+        self._in_file = 0  # records in the file while a batch holds the lock
+
+    def begin_batch(self) -> None:
+        self._depth += 1
+        if self._depth > 1:
+            return
+        self._batch_lock.acquire()
+        try:
+            known = max(self._log_number_offset)
+            self._in_file = known + sum(1 for _ in super().read_logs(known))
+        except BaseException:
+            self._depth = 0
+            self._batch_lock.release()
+            raise
+
+    def end_batch(self) -> None:
+        self._depth -= 1
+        if self._depth > 0:
+            return
+        pending, self._pending = self._pending, []
+        try:
+            if pending:
+                _append(self._file_path, pending)
+        finally:
+            self._batch_lock.release()
+
+    def append_logs(self, logs: list[dict[str, Any]]) -> None:
+        if self._depth == 0:
+            super().append_logs(logs)
+            return
+        # As read back from the file: JSON turns tuples into lists.
+        self._pending.extend(json.loads(_line(log)) for log in logs)
+
+    def read_logs(self, log_number_from: int) -> Iterator[dict[str, Any]]:
+        if self._depth == 0:
+            yield from super().read_logs(log_number_from)
+            return
+        if log_number_from < self._in_file:
+            yield from super().read_logs(log_number_from)
+        yield from self._pending[max(0, log_number_from - self._in_file):]
+
+
+def _line(record: dict[str, Any]) -> str:
+    """One journal line, as Optuna's backend writes it."""
+    return json.dumps(record, separators=(",", ":"))
+
+
+def _append(path: str, records: list[dict[str, Any]]) -> None:
+    """Append `records` to the journal at `path` with one write and one fsync (the caller
+    holds the lock)."""
+    text = "".join(_line(r) + "\n" for r in records)
+    with open(path, "ab") as fh:
+        fh.write(text.encode("utf-8"))
+        fh.flush()
+        os.fsync(fh.fileno())

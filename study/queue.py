@@ -12,10 +12,11 @@ storage attribute names and values are those of `study.records` (STORAGE_VERSION
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import optuna
 from optuna.distributions import BaseDistribution, CategoricalDistribution
@@ -41,7 +42,42 @@ DONE = (TrialState.COMPLETE, TrialState.PRUNED)
 JournalLock = _journal_file.BaseJournalFileLock
 
 
+@runtime_checkable
+class BatchingBackend(Protocol):
+    """A journal backend that can group writes (`study.journal.BatchingJournalBackend`)."""
+
+    def begin_batch(self) -> None: ...
+
+    def end_batch(self) -> None: ...
+
+
 # ------------------------------------------------------------------- Optuna private state
+@contextlib.contextmanager
+def batched(study: optuna.Study) -> Iterator[None]:
+    """Group the storage writes made inside into one append, where the storage is a
+    journal file (`BatchingJournalBackend`); elsewhere (an RDB) a no-op.
+
+    The journal storage's thread lock is held while the batch begins and ends, so that no
+    other thread (a heartbeat) is inside a write then: one that had checked for a batch
+    just before it began would wait for the file lock the batch holds, while holding the
+    storage's thread lock the batch's next write needs. Optuna exposes neither the
+    backend nor that lock publicly.
+    """
+    storage = study._storage
+    if not (isinstance(storage, _journal_storage.JournalStorage)
+            and isinstance(storage._backend, BatchingBackend)):
+        yield
+        return
+    backend = storage._backend
+    with storage._thread_lock:
+        backend.begin_batch()
+    try:
+        yield
+    finally:
+        with storage._thread_lock:
+            backend.end_batch()
+
+
 def _backend(study: optuna.Study) -> tuple[optuna.storages.BaseStorage, int]:
     """The storage and id of `study`, as `Study.ask` reaches them: `Study` has no public
     call for a single trial's state transition nor for study system attributes."""
@@ -152,8 +188,9 @@ def enqueue_missing(study: optuna.Study, plan: SweepPlan, chunk_of: dict[str, in
     missing = [p for p in plan.points if p.trial.key() not in present]
     missing.sort(key=lambda p: chunk_of[p.trial.key()])
     dists = distributions(plan)
-    for point in missing:
-        enqueue(study, point, dists)
+    with batched(study):
+        for point in missing:
+            enqueue(study, point, dists)
     return len(missing), done
 
 

@@ -96,7 +96,8 @@ def run_sweep(plan: SweepPlan, study: optuna.Study, engine: Engine, device: torc
         taken, pending = queue.take_waiting(study, plan, me, stop, chunk_of), None
         notes = DataNotes()
         while True:
-            group, pending = queue.next_population(taken, pending, chunk_of)
+            with queue.batched(study):  # the takes of a population: one append
+                group, pending = queue.next_population(taken, pending, chunk_of)
             if not group:
                 break
             heart.beat()
@@ -141,24 +142,34 @@ def train_population(study: optuna.Study, engine: Engine, device: torch.device,
     summaries = summarize_many(traces, [stability_threshold(point.trial.optimizer)
                                         for _, point in taken])
     told = 0
-    for i, ((trial, _), summary) in enumerate(zip(taken, summaries, strict=True)):
-        try:
-            trial.set_user_attr("status", summary["status"])
-            trial.set_user_attr("metrics", records.encode_metrics(summary))
-            if dashboard:
-                _dashboard_attrs(trial, summary, traces[i], reported=prune)
-            if i in pruned:
-                trial.set_user_attr("pruned_step", pruned[i])
-                study.tell(trial, state=TrialState.PRUNED)
-            else:
-                study.tell(trial, objective_value(summary, objective, direction))
-        except UpdateFinishedTrialError:
-            # Another worker judged this one stale (a long stall) and re-queued its point.
-            log.warning("trial %d was reclaimed by another worker; its result is dropped",
-                        trial.number)
-            continue
-        told += 1
+    with queue.batched(study):  # one append for the population's results
+        for i, ((trial, _), summary) in enumerate(zip(taken, summaries, strict=True)):
+            told += _tell(study, trial, summary, traces[i], objective, direction,
+                          pruned.get(i), dashboard, prune)
     return told
+
+
+def _tell(study: optuna.Study, trial: optuna.Trial, summary: dict[str, Any], trace: Any,
+          objective: str, direction: str, pruned_step: int | None, dashboard: bool,
+          prune: bool) -> int:
+    """Record one trained trial: its status and metrics, then COMPLETE with its objective
+    value or PRUNED (`pruned_step`); 0 when another worker reclaimed it meanwhile, else 1."""
+    try:
+        trial.set_user_attr("status", summary["status"])
+        trial.set_user_attr("metrics", records.encode_metrics(summary))
+        if dashboard:
+            _dashboard_attrs(trial, summary, trace, reported=prune)
+        if pruned_step is not None:
+            trial.set_user_attr("pruned_step", pruned_step)
+            study.tell(trial, state=TrialState.PRUNED)
+        else:
+            study.tell(trial, objective_value(summary, objective, direction))
+    except UpdateFinishedTrialError:
+        # Another worker judged this one stale (a long stall) and re-queued its point.
+        log.warning("trial %d was reclaimed by another worker; its result is dropped",
+                    trial.number)
+        return 0
+    return 1
 
 
 def _dashboard_attrs(trial: optuna.Trial, summary: dict[str, Any], trace: Any,
