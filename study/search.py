@@ -268,7 +268,8 @@ def run_search(plan: SearchPlan, study: optuna.Study, engine: Engine, device: to
         if on_progress:
             on_progress(done_before, plan.total)
         while not stop():
-            taken = _round(plan, study, me)
+            with queue.batched(study):  # the round's asks, copies and takes: one append
+                taken = _round(plan, study, me)
             if not taken:
                 break
             heart.beat()

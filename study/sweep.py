@@ -133,7 +133,7 @@ def train_population(study: optuna.Study, engine: Engine, device: torch.device,
     as an intermediate value (already there when pruning) and the `records.KEY_METRICS` as
     attributes of their own, which optuna-dashboard draws and lists."""
     pruned: dict[int, int] = {}
-    hook = _pruning_hook([trial for trial, _ in taken], pruned) if prune else None
+    hook = _pruning_hook(study, [trial for trial, _ in taken], pruned) if prune else None
     traces = engine.run([point.trial for _, point in taken], device, on_eval=hook)
     numbers = [trial.number for trial, _ in taken]
     # Curves first (atomically), then tell: a COMPLETE trial always has its curves on disk.
@@ -186,13 +186,14 @@ def _dashboard_attrs(trial: optuna.Trial, summary: dict[str, Any], trace: Any,
             trial.report(float(value), int(step))
 
 
-def _pruning_hook(trials: Sequence[optuna.Trial], pruned: dict[int, int]):
+def _pruning_hook(study: optuna.Study, trials: Sequence[optuna.Trial], pruned: dict[int, int]):
     """`Engine.run`'s on_eval: report each row's validation loss, then ask the pruner;
     records the pruned rows (index -> step) in `pruned`."""
     def hook(step: int, values: dict[int, float]) -> set[int]:
-        for i, value in values.items():
-            if np.isfinite(value):
-                trials[i].report(float(value), step)
+        with queue.batched(study):  # an evaluation's reports: one append
+            for i, value in values.items():
+                if np.isfinite(value):
+                    trials[i].report(float(value), step)
         stop = {i for i in values if step > 0 and trials[i].should_prune()}
         pruned.update({i: step for i in stop})
         return stop
