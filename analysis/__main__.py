@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from study.claims import ClaimError
+from study.process_exit import exit_now
 from study.records import RecordError
 
 
@@ -53,4 +54,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Without the interpreter's teardown: Arrow's thread pools (parquet reads) can abort
+    # there, intermittently ("terminate called without an active exception", status -6),
+    # after everything was written and printed.
+    exit_now(main())

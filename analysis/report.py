@@ -41,6 +41,7 @@ from analysis.curves import (
 )
 from analysis.edges import edge_section
 from analysis.load import RunData, load_run
+from analysis.parallel import run_jobs
 from study.records import (
     CURVES_DIR,
     REPORT,
@@ -115,23 +116,36 @@ def render_html(run: RunData, map_metric: str = FINAL, claims: pd.DataFrame | No
     built = built or datetime.now(timezone.utc)
     missing = missing_curves(run) if has_trials else []
     claims = claims if claims is not None else run.claims
+    # The sections that draw or compute for long, built side by side (analysis.parallel),
+    # the longest first.
+    gallery_parts = sections.gallery_parts(run.run_dir, lab, axes) if has_trials else []
+    jobs = {"map": (map_section, (summary, axes, map_metric)),
+            "curves": (curves_section, (run, axes))}
+    if has_trials:
+        jobs = {"lr": (sections.lr_section, (lab, axes)),
+                "cells": (sections.cell_stats_section, (lab, stats_summary, axes)),
+                **jobs,
+                **{f"gallery {i}": (sections.gallery_entry, part)
+                   for i, part in enumerate(gallery_parts)},
+                "explorer": (explorer_section, (run, lab, axes)),
+                "findings": (findings.findings_context, (lab, axes, claims)),
+                "metrics": (sections.metric_tables_section, (lab, axes)),
+                "diagnostics": (sections.diagnostics_section, (run.run_dir, lab, axes))}
+    built_sections = run_jobs(jobs)
     context = {
-        "findings": (findings.findings_context(lab, axes, claims) if has_trials
-                     else None),
+        "findings": built_sections.get("findings"),
         **header_context(run, axes),
         "curves_warning": missing_curves_note(missing, run.run_dir) if missing else "",
         "built": built.strftime("%Y-%m-%d %H:%M:%S UTC"),
-        "map": map_section(summary, axes, map_metric),
-        "lr": sections.lr_section(lab, axes) if has_trials else _empty_lr(),
-        "curves": curves_section(run, axes),
-        "gallery": sections.gallery_section(run.run_dir, lab, axes) if has_trials else [],
-        "cells": (sections.cell_stats_section(lab, stats_summary, axes) if has_trials
-                  else None),
-        "metrics": (sections.metric_tables_section(lab, axes) if has_trials else None),
-        "diagnostics": (sections.diagnostics_section(run.run_dir, lab, axes) if has_trials
-                        else None),
+        "map": built_sections["map"],
+        "lr": built_sections["lr"] if has_trials else _empty_lr(),
+        "curves": built_sections["curves"],
+        "gallery": [built_sections[f"gallery {i}"] for i in range(len(gallery_parts))],
+        "cells": built_sections.get("cells"),
+        "metrics": built_sections.get("metrics"),
+        "diagnostics": built_sections.get("diagnostics"),
         "claims": sections.claims_section(claims),
-        "explorer": explorer_section(run, lab, axes) if has_trials else None,
+        "explorer": built_sections.get("explorer"),
         "edges": edge_section(run.edges),
     }
     env = jinja2.Environment(loader=jinja2.PackageLoader("analysis", "templates"),

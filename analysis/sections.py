@@ -106,34 +106,37 @@ def _cap_panels(curves: pd.DataFrame, points: pd.DataFrame, row: str | None):
 
 
 # ------------------------------------------------------------------------------ gallery
-def gallery_section(run_dir, lab: pd.DataFrame, axes: SweepAxes) -> list[dict[str, Any]]:
-    """One figure per status: representative trials' loss and gradient-norm curves."""
+def gallery_parts(run_dir, lab: pd.DataFrame, axes: SweepAxes) -> list[tuple]:
+    """The gallery (one figure per status: representative trials' loss and gradient-norm
+    curves) as the arguments of `gallery_entry` for each status, in the gallery's order;
+    the report draws the figures side by side."""
     picks = gallery.pick_representatives(lab, axes)
     if picks.empty:
         return []
     curves = read_curves(run_dir, trials=picks["trial"].tolist())
     frame = gallery.gallery_curves(picks, curves)
-    out = []
-    for status in dict.fromkeys(picks["status"]):
-        mine = picks[picks["status"] == status]
-        n = int(mine["n_status"].iloc[0])
-        caption = (f"{n} trial{'s' if n != 1 else ''} ended {status}; "
-                   + (f"showing {len(mine)}, evenly spread from the best to the worst final / "
-                      f"initial validation loss. " if n > len(mine) else "showing all. ")
-                   + "Top: minibatch loss (gray), train and validation evaluations in the "
-                     "task's loss; a trial trained on another objective (Huber, standardized "
-                     "targets, a hand-written loss) has its minibatch objective on a right-hand "
-                     "axis of its own, named there. Bottom: minibatch gradient norm. Every "
-                     "axis has a log scale (values <= 0 are not drawn). Dotted: divergence "
-                     "step.")
-        if frame[frame["status"] == status].empty:
-            out.append({"status": status, "image": None, "caption": "",
-                        "note": "No curves recorded for these trials."})
-            continue
-        image = gallery.plot_gallery(mine, frame[frame["status"] == status])
-        out.append({"status": status, "image": figures.figure_to_data_uri(image),
-                    "caption": caption, "note": ""})
-    return out
+    return [(status, picks[picks["status"] == status], frame[frame["status"] == status])
+            for status in dict.fromkeys(picks["status"])]
+
+
+def gallery_entry(status: str, mine: pd.DataFrame, frame: pd.DataFrame) -> dict[str, Any]:
+    """The gallery's figure of one status: its picked trials `mine` and their curves."""
+    n = int(mine["n_status"].iloc[0])
+    caption = (f"{n} trial{'s' if n != 1 else ''} ended {status}; "
+               + (f"showing {len(mine)}, evenly spread from the best to the worst final / "
+                  f"initial validation loss. " if n > len(mine) else "showing all. ")
+               + "Top: minibatch loss (gray), train and validation evaluations in the "
+                 "task's loss; a trial trained on another objective (Huber, standardized "
+                 "targets, a hand-written loss) has its minibatch objective on a right-hand "
+                 "axis of its own, named there. Bottom: minibatch gradient norm. Every "
+                 "axis has a log scale (values <= 0 are not drawn). Dotted: divergence "
+                 "step.")
+    if frame.empty:
+        return {"status": status, "image": None, "caption": "",
+                "note": "No curves recorded for these trials."}
+    image = gallery.plot_gallery(mine, frame)
+    return {"status": status, "image": figures.figure_to_data_uri(image),
+            "caption": caption, "note": ""}
 
 
 # ------------------------------------------------------------------------------- tables

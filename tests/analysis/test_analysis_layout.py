@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from analysis import figures
+from analysis import figures, parallel, report
 from analysis.load import load_run
 from analysis.report import render_html
 from study.records import write_curves, write_trials
@@ -83,6 +83,8 @@ def drawn(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
 
     mp = pytest.MonkeyPatch()
     mp.setattr(figures, "figure_to_data_uri", measure)
+    # One process: figures drawn in forked workers would be measured there.
+    mp.setattr(report, "run_jobs", lambda jobs: parallel.run_jobs(jobs, workers=1))
     try:
         html = render_html(run)
     finally:

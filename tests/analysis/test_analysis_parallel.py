@@ -1,0 +1,69 @@
+"""Report sections built side by side in forked processes (`analysis.parallel`): the same
+results, and the same report bytes, as one after another."""
+
+from __future__ import annotations
+
+import os
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pytest
+
+from analysis import parallel, report
+from analysis.load import load_run
+from tests.analysis.conftest import CLAIMS, write_diag_run
+
+BUILT = datetime(2024, 1, 2, 3, 4, 5, tzinfo=timezone.utc)
+forks = pytest.mark.skipif(parallel.workers_available() < 2,
+                           reason="needs Linux and two cores")
+
+
+def _pid(tag: str) -> tuple[str, int]:
+    return tag, os.getpid()
+
+
+def _fail(message: str) -> None:
+    raise ValueError(message)
+
+
+def _nested() -> dict:
+    return parallel.run_jobs({"inner": (_pid, ("x",))}, workers=2)
+
+
+@forks
+def test_jobs_run_in_other_processes_and_come_back_in_order() -> None:
+    jobs = {name: (_pid, (name,)) for name in ("a", "b", "c", "d")}
+    built = parallel.run_jobs(jobs, workers=2)
+    assert list(built) == ["a", "b", "c", "d"]
+    assert [tag for tag, _ in built.values()] == ["a", "b", "c", "d"]
+    assert os.getpid() not in {pid for _, pid in built.values()}
+
+
+def test_one_worker_runs_them_here() -> None:
+    built = parallel.run_jobs({"a": (_pid, ("a",))}, workers=1)
+    assert built == {"a": ("a", os.getpid())}
+
+
+@forks
+def test_an_exception_of_a_job_is_raised_here() -> None:
+    with pytest.raises(ValueError, match="boom"):
+        parallel.run_jobs({"ok": (_pid, ("ok",)), "bad": (_fail, ("boom",))}, workers=2)
+    assert parallel.run_jobs({"after": (_pid, ("after",))}, workers=1)["after"][0] == "after"
+
+
+@forks
+def test_a_job_that_runs_jobs_runs_them_in_its_own_process() -> None:
+    built = parallel.run_jobs({"outer": (_nested, ()), "other": (_pid, ("o",))}, workers=2)
+    tag, pid = built["outer"]["inner"]
+    assert tag == "x" and pid != os.getpid()
+
+
+@forks
+def test_the_report_is_the_same_bytes_built_side_by_side(tmp_path: Path, monkeypatch) -> None:
+    run = load_run(write_diag_run(tmp_path / "run"))
+    monkeypatch.setattr(report, "run_jobs", lambda jobs: parallel.run_jobs(jobs, workers=1))
+    alone = report.render_html(run, claims=CLAIMS, built=BUILT)
+    monkeypatch.setattr(report, "run_jobs", lambda jobs: parallel.run_jobs(jobs, workers=2))
+    side_by_side = report.render_html(run, claims=CLAIMS, built=BUILT)
+    assert side_by_side == alone
+    assert alone.count("data:image/png;base64,") >= 5  # the figures are in it
