@@ -15,12 +15,16 @@ loaded system frameworks is unsafe); there, and with one core, the jobs run in o
 
 from __future__ import annotations
 
+import logging
 import multiprocessing
 import os
 import sys
 from collections.abc import Callable, Mapping
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 Job = tuple[Callable[..., Any], tuple[Any, ...]]
 
@@ -38,18 +42,28 @@ def workers_available() -> int:
 def run_jobs(jobs: Mapping[str, Job], workers: int | None = None) -> dict[str, Any]:
     """{name: fn(*args)} for every `(fn, args)` in `jobs`, built by up to `workers` forked
     processes (default: `workers_available()`), in the order given (put the longest
-    first: a free worker takes the next job). An exception of a job is raised here."""
+    first: a free worker takes the next job). An exception of a job is raised here; a
+    worker that died (killed, out of memory) makes them run here, one after another."""
     workers = min(workers_available() if workers is None else workers, len(jobs))
     if workers <= 1 or _JOBS:  # one core, or called from inside a job
-        return {name: fn(*args) for name, (fn, args) in jobs.items()}
+        return _in_order(jobs)
     _JOBS[:] = jobs.values()
     try:
         context = multiprocessing.get_context("fork")
         with ProcessPoolExecutor(workers, mp_context=context) as pool:
             results = list(pool.map(_run, range(len(_JOBS))))
+    except BrokenProcessPool as err:
+        log.warning("a report worker process died (%s); building the report in this process",
+                    err)
+        _JOBS.clear()
+        return _in_order(jobs)
     finally:
         _JOBS.clear()
     return dict(zip(jobs, results, strict=True))
+
+
+def _in_order(jobs: Mapping[str, Job]) -> dict[str, Any]:
+    return {name: fn(*args) for name, (fn, args) in jobs.items()}
 
 
 def _run(index: int) -> Any:

@@ -26,6 +26,12 @@ def _fail(message: str) -> None:
     raise ValueError(message)
 
 
+def _die_in_a_worker(parent: int) -> str:
+    if os.getpid() != parent:
+        os._exit(9)  # a worker killed mid-job
+    return "built here"
+
+
 def _nested() -> dict:
     return parallel.run_jobs({"inner": (_pid, ("x",))}, workers=2)
 
@@ -49,6 +55,14 @@ def test_an_exception_of_a_job_is_raised_here() -> None:
     with pytest.raises(ValueError, match="boom"):
         parallel.run_jobs({"ok": (_pid, ("ok",)), "bad": (_fail, ("boom",))}, workers=2)
     assert parallel.run_jobs({"after": (_pid, ("after",))}, workers=1)["after"][0] == "after"
+
+
+@forks
+def test_a_worker_that_dies_makes_the_jobs_run_here(caplog) -> None:
+    built = parallel.run_jobs({"a": (_die_in_a_worker, (os.getpid(),)),
+                               "b": (_pid, ("b",))}, workers=2)
+    assert built == {"a": "built here", "b": ("b", os.getpid())}
+    assert "died" in caplog.text
 
 
 @forks
