@@ -51,15 +51,13 @@ def run_jobs(jobs: Mapping[str, Job], workers: int | None = None) -> dict[str, A
     try:
         context = multiprocessing.get_context("fork")
         with ProcessPoolExecutor(workers, mp_context=context) as pool:
-            results = list(pool.map(_run, range(len(_JOBS))))
+            return dict(zip(jobs, pool.map(_run, range(len(_JOBS))), strict=True))
     except BrokenProcessPool as err:
         log.warning("a report worker process died (%s); building the report in this process",
                     err)
-        _JOBS.clear()
-        return _in_order(jobs)
     finally:
         _JOBS.clear()
-    return dict(zip(jobs, results, strict=True))
+    return _in_order(jobs)
 
 
 def _in_order(jobs: Mapping[str, Job]) -> dict[str, Any]:
