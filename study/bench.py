@@ -94,12 +94,13 @@ def population_label(trial: TrialSpec) -> str:
     return f"{task}, batch {trial.train.batch_size}"
 
 
-def run_batched(trials: Sequence[TrialSpec], device: torch.device, budget_bytes: int | None
+def run_batched(trials: Sequence[TrialSpec], device: torch.device, budget_bytes: int | None,
+                engine: BatchedEngine | None = None
                 ) -> tuple[list[Trace], float, float, list[dict[str, Any]]]:
     """Train every trial with the batched engine: traces, wall time, CPU time (all the
     process's threads), and per population (planner chunk) its label, trials, planned
     trial-steps, wall and CPU time."""
-    engine = BatchedEngine()
+    engine = engine or BatchedEngine()
     chunks = plan_populations(trials, device, budget_bytes)
     populations: list[dict[str, Any]] = []
 
@@ -133,7 +134,7 @@ def run_reference(sample: Sequence[int], trials: Sequence[TrialSpec], device: to
 
 def bench(overrides: Sequence[str], device: torch.device, subset: int, seed: int,
           dtype: str | None, budget_bytes: int | None, limit: int | None,
-          matmul_seconds: float = 1.0) -> dict[str, Any]:
+          matmul_seconds: float = 1.0, kernel: str = "auto") -> dict[str, Any]:
     if dtype is not None:
         overrides = [*overrides, f"train.dtype={dtype}"]
     trials = [p.trial for p in plan_from_overrides(overrides).points]
@@ -146,16 +147,18 @@ def bench(overrides: Sequence[str], device: torch.device, subset: int, seed: int
     warm = random.Random(seed + 1).sample(trials, min(2, len(trials)))
     if subset > 0:
         ReferenceEngine().run(warm, device)
-    BatchedEngine().run(warm, device)
+    engine = BatchedEngine(trial_major=kernel != "layer_major")
+    engine.run(warm, device)
 
-    traces, batched_wall, batched_cpu, populations = run_batched(trials, device, budget_bytes)
+    traces, batched_wall, batched_cpu, populations = run_batched(trials, device, budget_bytes,
+                                                                 engine)
     load_batched = load_averages()
     flops = sum(useful_flops(t, tr) for t, tr in zip(trials, traces, strict=True))
     batched_rate = planned / batched_wall
     result: dict[str, Any] = {
         "device": str(device), "device_name": _device_name(device),
         "torch": torch.__version__, "threads": torch.get_num_threads(),
-        "numba_threads": _numba_threads(),
+        "numba_threads": _numba_threads(), "kernel": kernel,
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         "gomp_spincount": os.environ.get("GOMP_SPINCOUNT"),
         "python": platform.python_version(), "dtype": str(torch_dtype).removeprefix("torch."),
@@ -262,6 +265,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                              "every system); default: one per core")
     parser.add_argument("--matmul-seconds", type=float, default=1.0,
                         help="how long to measure the dense matmul peak")
+    parser.add_argument("--kernel", choices=["auto", "layer_major"], default="auto",
+                        help="the batched engine's CPU kernel: auto (trial-major where a "
+                             "population fits it, study.engine.trial_major) or layer_major "
+                             "(always one operation over all rows at a time)")
     parser.add_argument("--out", type=Path, default=None, help="write the JSON here too")
     parser.add_argument("--peer", action="store_true",
                         help="compare with the JAX/optax peer and the plain loop (bench/peers), "
@@ -293,7 +300,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     result = {"command": " ".join(["python -m study.bench", *(argv if argv is not None
                                                                else sys.argv[1:])]),
               **bench(overrides, device, args.subset, args.seed, args.dtype,
-                      args.budget_bytes, args.limit, args.matmul_seconds)}
+                      args.budget_bytes, args.limit, args.matmul_seconds, args.kernel)}
     text = json.dumps(result, indent=2)
     print(text)
     if args.out is not None:

@@ -33,6 +33,7 @@ from collections.abc import Sequence
 
 import torch
 
+from study.engine import trial_major
 from study.engine.base import OnEval, population_key
 from study.engine.batched_optimizers import adaptive, make_population_optimizer
 from study.engine.fused import FusedUpdate, fusable
@@ -69,10 +70,12 @@ class BatchedEngine:
     population_limit = None  # a population takes whatever fits the memory budget
 
     def __init__(self, check_every: int = 32, compact_below: float = 0.75,
-                 fused: bool = True) -> None:
+                 fused: bool = True, trial_major: bool = True) -> None:
         self.check_every = check_every
         self.compact_below = compact_below
         self.fused = fused  # False: always the eager update (batched_optimizers), also on the CPU
+        # False: never the trial-major kernel (study.engine.trial_major), always layer-major
+        self.trial_major = trial_major and fused
         self.datasets = DatasetCache()
 
     def run(self, trials: Sequence[TrialSpec], device: torch.device,
@@ -126,9 +129,34 @@ class BatchedEngine:
     def _train(self, trials: Sequence[TrialSpec], device: torch.device,
                on_eval: OnEval | None = None) -> list[Trace]:
         """`train` of trials already known to share one population_key."""
+        if self.trial_major and trial_major.fits(trials, device, on_eval is not None):
+            return self._train_trial_major(trials)
         if len(trials) == 1:
             return _Population([trials[0]] * 2, device, self, on_eval, real=1).run()[:1]
         return _Population(trials, device, self, on_eval).run()
+
+
+    def _train_trial_major(self, trials: Sequence[TrialSpec]) -> list[Trace]:
+        """`_train` on the trial-major kernel (`trial_major.fits` holds): each trial's run
+        as one loop nest, the same records as `_Population`."""
+        first, cpu = trials[0], torch.device("cpu")
+        dtype = first.train.torch_dtype
+        seeds = [seed_streams(t.seed) for t in trials]
+        data = PopulationData(trials, seeds, self.datasets, cpu, dtype)
+        task, train, n_train = first.task, first.train, data.n_train
+        net = Network(tuple(first.model.layer_sizes(task.input_dim, task.output_dim)),
+                      first.model.activation)
+        eval_steps = train.eval_steps(n_train)
+        traces = TraceBuffers(len(trials), train.total_steps(n_train), eval_steps, [], dtype,
+                              cpu)
+        params = _initial_parameters(net, trials, seeds).to(dtype).contiguous()
+        trial_major.train_population(net, params, [t.optimizer for t in trials], data,
+                                     train.resolved_batch_size(n_train), train.epochs,
+                                     first.loop.shuffle, eval_steps, traces.steps.numpy(),
+                                     traces.evals.numpy())
+        return traces.traces(trials, data.irreducible, data.input_free,
+                             [adaptive(t.optimizer) for t in trials],
+                             data.loss == "cross_entropy")
 
 
 def _shifted(on_eval: OnEval | None, indices: Sequence[int]) -> OnEval | None:

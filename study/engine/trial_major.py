@@ -1,0 +1,633 @@
+"""The trial-major CPU kernel: each trial's whole run as one loop nest (numba).
+
+The population engine's layer-major path runs a population one operation at a time over all
+of its rows: every step streams [T, B, width] activations and [T, P] parameter rows through
+memory and pays torch's dispatch per operation. Here a trial is the unit of work instead: one
+thread takes a trial and runs all of it, every epoch's batches (forward, loss, backward,
+step records, freeze decision, update) and every evaluation of the full splits (losses,
+accuracy, activation health on the probe), with the trial's parameters, optimizer state and
+activations (about 100 KB for a 2 x 64 MLP) resident in its core's L1/L2 cache. Trials are
+handed to the threads one at a time (numba's `prange` with chunk size 1), so a trial that
+diverges early frees its thread for the next.
+
+Numbers: the same arithmetic as the layer-major path, in the parameter dtype, with the
+update of `study.engine.fused` (torch's single-tensor optimizer formulas, in torch's order).
+The matrix products accumulate in their own order (one product at a time along the inner
+dimension; dot products vectorised), as MKL's do in theirs: a trial agrees with the
+reference engine to the rounding of its products, the equivalence contract of
+tests/study/engine/test_population.py. Nothing is shared between trials, and every loop is
+the same whatever the population, so a trial's numbers are bit-identical alone or in any
+population. Losses, norms and evaluation means are summed in float64.
+
+What it runs (`fits`): CPU populations with numba, no dropout, a ReLU / tanh / sigmoid /
+identity MLP, the task's loss (MSE or cross-entropy), zero_grad, SGD / Adam / AdamW without
+amsgrad, no clipping, no learning-rate schedule, no early stopping, no weight-decay mask,
+no opt-in diagnostics and no hook on evaluations (pruning). Everything else takes the
+layer-major path.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+
+from study.engine.fused import _KINDS, FusedUpdate, _step_bc2, _step_lr, available
+from study.engine.network import Network
+from study.models import PROBE_SIZE, SATURATION_Z
+from study.trial import TrialSpec
+
+try:
+    import numba
+    from numba import njit
+
+    from study.engine.fused import _adam_row, _dot, _sgd_row, _sumsq
+except ImportError:  # pragma: no cover - numba is a dependency; this guards broken installs
+    numba = njit = None
+
+Tensor = torch.Tensor
+
+# Activation codes of the kernel.
+_ACTIVATIONS = {"identity": 0, "relu": 1, "tanh": 2, "sigmoid": 3}
+_IDENTITY, _RELU, _TANH, _SIGMOID = range(4)
+
+
+def fits(trials: Sequence[TrialSpec], device: torch.device, hooked: bool) -> bool:
+    """Whether a population of `trials` (one `population_key`) can take the kernel; see the
+    module doc. `hooked`: an `on_eval` hook watches its evaluations."""
+    first = trials[0]
+    loop, model = first.loop, first.model
+    return (available() and device.type == "cpu" and not hooked
+            and first.train.dtype in ("float32", "float64")
+            and model.activation in _ACTIVATIONS and model.dropout == 0
+            and not first.diagnostics.enabled
+            and loop.loss == "task" and loop.zero_grad and loop.clip_norm is None
+            and not loop.scheduled and loop.early_stopping_patience is None
+            and loop.decay_layers is None
+            and all(type(t.optimizer) in _KINDS and not getattr(t.optimizer, "amsgrad", False)
+                    for t in trials))
+
+
+if njit is not None:
+    # The products are compiled apart, each with its own fastmath flags (numba's inlining
+    # would compile them with the caller's): FMA contraction everywhere; reassociation only
+    # in the dot products, whose sums are then vectorised. Four examples at a time share
+    # each load of a weight row.
+    _PRODUCT = {"contract"}
+    _DOT = {"reassoc", "nsz", "contract"}
+
+    @njit(cache=True, fastmath=_PRODUCT)
+    def _product(a, w, b, z):
+        # z[i] = b + sum_k a[i, k] * w[k], vectorised along z's rows: two rows of z take four
+        # rows of w at a time, so that each load of z feeds eight products and each load of
+        # w two (the shape that ran fastest here, 40-50 GFLOP/s on one core for 64 x 64).
+        # `a` may be a transposed view (the weight gradient h^T g).
+        rows, inner = a.shape
+        n = z.shape[1]
+        i = 0
+        while i + 2 <= rows:
+            z0, z1 = z[i], z[i + 1]
+            for o in range(n):
+                z0[o] = b[o]
+                z1[o] = b[o]
+            k = 0
+            while k + 4 <= inner:
+                a0, a1, a2, a3 = a[i, k], a[i, k + 1], a[i, k + 2], a[i, k + 3]
+                c0, c1, c2, c3 = a[i + 1, k], a[i + 1, k + 1], a[i + 1, k + 2], a[i + 1, k + 3]
+                w0, w1, w2, w3 = w[k], w[k + 1], w[k + 2], w[k + 3]
+                for o in range(n):
+                    x0, x1, x2, x3 = w0[o], w1[o], w2[o], w3[o]
+                    z0[o] += a0 * x0 + a1 * x1 + a2 * x2 + a3 * x3
+                    z1[o] += c0 * x0 + c1 * x1 + c2 * x2 + c3 * x3
+                k += 4
+            while k < inner:
+                a0, c0, w0 = a[i, k], a[i + 1, k], w[k]
+                for o in range(n):
+                    z0[o] += a0 * w0[o]
+                    z1[o] += c0 * w0[o]
+                k += 1
+            i += 2
+        if i < rows:
+            z0 = z[i]
+            for o in range(n):
+                z0[o] = b[o]
+            for k in range(inner):
+                a0, w0 = a[i, k], w[k]
+                for o in range(n):
+                    z0[o] += a0 * w0[o]
+
+    @njit(cache=True, fastmath=_DOT)
+    def _forward_narrow(h, w, b, z):
+        # z[i, o] = b[o] + h[i] . w[o]: w [fan_out, fan_in] (torch's layout), one dot each.
+        for i in range(h.shape[0]):
+            hi = h[i]
+            for o in range(z.shape[1]):
+                wo = w[o]
+                s = hi.dtype.type(0)
+                for k in range(hi.shape[0]):
+                    s += hi[k] * wo[k]
+                z[i, o] = s + b[o]
+
+    @njit(cache=True)
+    def _activate(z, out, act):
+        # out = act(z), row by row. Out of place: an in-place select compiles to masked
+        # stores (relu), 8x slower here than writing every entry.
+        zero, one = z.dtype.type(0), z.dtype.type(1)
+        for i in range(z.shape[0]):
+            zi, oi = z[i], out[i]
+            for o in range(zi.shape[0]):
+                v = zi[o]
+                if act == _RELU:
+                    oi[o] = v if not v <= 0 else zero  # torch.relu keeps NaN
+                elif act == _TANH:
+                    oi[o] = np.tanh(v)
+                elif act == _SIGMOID:
+                    oi[o] = one / (one + np.exp(-v))
+                else:
+                    oi[o] = v
+
+    @njit(cache=True)
+    def _activation_backward(g, a, out, act):
+        # out = g * act'(z), from the activation a = act(z), as torch's backward kernels
+        # (out of place, as `_activate`).
+        zero, one = g.dtype.type(0), g.dtype.type(1)
+        for i in range(g.shape[0]):
+            gi, ai, oi = g[i], a[i], out[i]
+            for o in range(gi.shape[0]):
+                if act == _RELU:
+                    oi[o] = gi[o] if ai[o] > 0 else zero
+                elif act == _TANH:
+                    oi[o] = gi[o] * (one - ai[o] * ai[o])
+                elif act == _SIGMOID:
+                    oi[o] = gi[o] * (one - ai[o]) * ai[o]
+                else:
+                    oi[o] = gi[o]
+
+    @njit(cache=True, fastmath=_PRODUCT)
+    def _weight_grad_narrow(h, g, gw):
+        # gw[o] = sum_i g[i, o] * h[i]: gw [fan_out, fan_in].
+        rows, fan_in = h.shape
+        gw[:] = 0
+        i = 0
+        while i + 4 <= rows:
+            h0, h1, h2, h3 = h[i], h[i + 1], h[i + 2], h[i + 3]
+            for o in range(g.shape[1]):
+                a0, a1, a2, a3 = g[i, o], g[i + 1, o], g[i + 2, o], g[i + 3, o]
+                gwo = gw[o]
+                for k in range(fan_in):
+                    gwo[k] += a0 * h0[k] + a1 * h1[k] + a2 * h2[k] + a3 * h3[k]
+            i += 4
+        while i < rows:
+            hi = h[i]
+            for o in range(g.shape[1]):
+                go = g[i, o]
+                gwo = gw[o]
+                for k in range(fan_in):
+                    gwo[k] += go * hi[k]
+            i += 1
+
+    @njit(cache=True, fastmath=_DOT)
+    def _input_grad_dot(g, w, gh):
+        # gh[i, k] = g[i] . w[k]: w [fan_in, fan_out].
+        for i in range(g.shape[0]):
+            gi = g[i]
+            for k in range(gh.shape[1]):
+                wk = w[k]
+                s = gi.dtype.type(0)
+                for o in range(gi.shape[0]):
+                    s += gi[o] * wk[o]
+                gh[i, k] = s
+
+    @njit(cache=True, fastmath=_PRODUCT)
+    def _input_grad_narrow(g, w, gh):
+        # gh[i] = sum_o g[i, o] * w[o]: w [fan_out, fan_in].
+        gh[:] = 0
+        for i in range(g.shape[0]):
+            ghi = gh[i]
+            for o in range(g.shape[1]):
+                go = g[i, o]
+                wo = w[o]
+                for k in range(ghi.shape[0]):
+                    ghi[k] += go * wo[k]
+
+    @njit(cache=True)
+    def _health(z, live, act, sat_z):
+        # On a probe block z [rows, units] of pre-activations: live[u] |= some z > 0 or NaN
+        # (relu: a unit is dead when its largest pre-activation is <= 0; NaN is not dead);
+        # returns how many |z| > sat_z (tanh, sigmoid).
+        count = 0
+        if act == _RELU:
+            for r in range(z.shape[0]):
+                zr = z[r]
+                for u in range(zr.shape[0]):
+                    live[u] |= np.uint8(not zr[u] <= 0)
+        elif act in (_TANH, _SIGMOID):
+            sat = z.dtype.type(sat_z)  # compared in the dtype, as torch compares
+            for r in range(z.shape[0]):
+                zr = z[r]
+                for u in range(zr.shape[0]):
+                    count += abs(zr[u]) > sat
+        return count
+
+    @njit(cache=True, inline="always")
+    def _layer(flat, w_off, fan_in, fan_out, narrow):
+        # The weight of a layer as a 2-D view of the flat row, in its storage layout.
+        w = flat[w_off:w_off + fan_in * fan_out]
+        if narrow:
+            return w.reshape((fan_out, fan_in))
+        return w.reshape((fan_in, fan_out))
+
+    @njit(cache=True)
+    def _forward(p, x, acts, pre, a_off, w_off, b_off, fan_in, fan_out, narrow, act, rows):
+        # The MLP on x [rows, in]; layer i's output (activated, except the last layer's)
+        # goes to acts[a_off[i]:] as [rows, fan_out]; `pre` is scratch for pre-activations.
+        # Returns the output view.
+        h = x
+        layers = len(w_off)
+        for i in range(layers):
+            fo = fan_out[i]
+            out = acts[a_off[i]:a_off[i] + rows * fo].reshape((rows, fo))
+            z = pre[:rows * fo].reshape((rows, fo)) if i < layers - 1 else out
+            w = _layer(p, w_off[i], fan_in[i], fo, narrow[i])
+            b = p[b_off[i]:b_off[i] + fo]
+            if narrow[i]:
+                _forward_narrow(h, w, b, z)
+            else:
+                _product(h, w, b, z)
+            if i < layers - 1:
+                _activate(z, out, act)
+            h = out
+        return h
+
+    @njit(cache=True)
+    def _loss_grad(out, yf, yi, classify, g):
+        # The batch's mean loss (float64) and its gradient wrt `out` into g [rows, C]:
+        # F.mse_loss / F.cross_entropy with mean reduction and autograd's backward kernels.
+        rows, c = out.shape
+        total = 0.0
+        if classify:
+            inv = out.dtype.type(1.0 / rows)
+            for i in range(rows):
+                m = out[i, 0]
+                for j in range(1, c):
+                    if out[i, j] > m:
+                        m = out[i, j]
+                s = 0.0
+                for j in range(c):
+                    s += np.exp(out[i, j] - m)
+                lse = out.dtype.type(np.log(s))
+                for j in range(c):
+                    logp = out[i, j] - m - lse
+                    g[i, j] = np.exp(logp) * inv
+                    if j == yi[i]:
+                        g[i, j] -= inv
+                        total -= logp
+        else:
+            scale = out.dtype.type(2.0 / (rows * c))
+            for i in range(rows):
+                for j in range(c):
+                    d = out[i, j] - yf[i, j]
+                    total += np.float64(d) * np.float64(d)
+                    g[i, j] = d * scale
+        return total / (rows * c) if not classify else total / rows
+
+    @njit(cache=True)
+    def _backward(p, grad, x, acts, g0, g1, raw, wt, zeros, a_off, w_off, b_off, fan_in,
+                  fan_out, narrow, act, rows):
+        # The gradient row `grad` (the parameter layout) from the outputs' gradient in g0
+        # [rows, C]; g0 and g1 are scratch for the layers' input gradients, raw for one
+        # before its activation's backward, wt for a transposed weight, zeros a row of
+        # zeros.
+        layers = len(w_off)
+        g = g0[:rows * fan_out[layers - 1]].reshape((rows, fan_out[layers - 1]))
+        into_g1 = True  # where the next input gradient goes (g holds the current one)
+        for i in range(layers - 1, -1, -1):
+            fi, fo = fan_in[i], fan_out[i]
+            h = x
+            if i > 0:
+                h = acts[a_off[i - 1]:a_off[i - 1] + rows * fi].reshape((rows, fi))
+            gb = grad[b_off[i]:b_off[i] + fo]
+            gb[:] = 0
+            for r in range(rows):
+                gr = g[r]
+                for o in range(fo):
+                    gb[o] += gr[o]
+            gw = _layer(grad, w_off[i], fi, fo, narrow[i])
+            if narrow[i]:
+                _weight_grad_narrow(h, g, gw)
+            else:
+                _product(h.T, g, zeros[:fo], gw)
+            if i > 0:
+                w = _layer(p, w_off[i], fi, fo, narrow[i])
+                spare = g1 if into_g1 else g0
+                gh = raw[:rows * fi].reshape((rows, fi))
+                if narrow[i]:
+                    _input_grad_narrow(g, w, gh)
+                elif rows < 32:  # small batches: a transposed copy costs more than it saves
+                    _input_grad_dot(g, w, gh)
+                else:  # g w^T as a product with w transposed
+                    w_t = wt[:fo * fi].reshape((fo, fi))
+                    for k in range(fi):
+                        for o in range(fo):
+                            w_t[o, k] = w[k, o]
+                    _product(g, w_t, zeros[:fi], gh)
+                g = spare[:rows * fi].reshape((rows, fi))
+                _activation_backward(gh, h, g, act)
+                into_g1 = not into_g1
+
+    @njit(cache=True)
+    def _evaluate(p, x, yf, yi, classify, scale, n_train, chunk, acts, pre, a_off, w_off,
+                  b_off, fan_in, fan_out, narrow, act, probe, sat_z, unit_live, out_rec):
+        # Train and val loss (and accuracy) over x = train rows then val rows, and activation
+        # health of the hidden pre-activations on the first `probe` rows, into out_rec [6].
+        out_rec[:] = np.nan
+        layers = len(w_off)
+        n = x.shape[0]
+        c = fan_out[layers - 1]
+        loss = np.zeros(2)
+        hits = np.zeros(2)
+        unit_live[:] = 0
+        saturated = 0
+        start = 0
+        while start < n:
+            rows = min(chunk, n - start)
+            h = x[start:start + rows]
+            base = 0  # the layer's first unit among the hidden units
+            for i in range(layers):
+                fo = fan_out[i]
+                out = acts[a_off[i]:a_off[i] + rows * fo].reshape((rows, fo))
+                z = pre[:rows * fo].reshape((rows, fo)) if i < layers - 1 else out
+                w = _layer(p, w_off[i], fan_in[i], fo, narrow[i])
+                b = p[b_off[i]:b_off[i] + fo]
+                if narrow[i]:
+                    _forward_narrow(h, w, b, z)
+                else:
+                    _product(h, w, b, z)
+                if i < layers - 1:
+                    if start < probe:  # the probe: the first training rows, unshuffled
+                        saturated += _health(z[:min(rows, probe - start)],
+                                             unit_live[base:base + fo], act, sat_z)
+                    _activate(z, out, act)
+                    base += fo
+                h = out
+            for r in range(rows):
+                split = 0 if start + r < n_train else 1
+                if classify:
+                    m = h[r, 0]
+                    best = 0
+                    for j in range(1, c):
+                        if h[r, j] > m:
+                            m = h[r, j]
+                            best = j
+                    s = 0.0
+                    for j in range(c):
+                        s += np.exp(h[r, j] - m)
+                    lse = h.dtype.type(np.log(s))
+                    loss[split] -= h[r, yi[start + r]] - m - lse
+                    # NaN logits: torch's argmax picks the NaN, never the label's class
+                    if best == yi[start + r] and h[r, best] == h[r, best]:
+                        hits[split] += 1
+                else:
+                    for j in range(c):
+                        d = (h[r, j] - yf[start + r, j]) * scale[j]
+                        loss[split] += np.float64(d) * np.float64(d)
+            start += rows
+        n_val = n - n_train
+        # the means in the dtype, as torch's
+        per = c if not classify else 1
+        out_rec[0] = x.dtype.type(loss[0] / (n_train * per))
+        out_rec[1] = x.dtype.type(loss[1] / (n_val * per))
+        if classify:
+            out_rec[2] = hits[0] / n_train
+            out_rec[3] = hits[1] / n_val
+        units = len(unit_live)
+        if act == _RELU and units > 0:
+            dead = 0
+            for u in range(units):
+                if not unit_live[u]:
+                    dead += 1
+            out_rec[4] = dead / units
+        if act in (_TANH, _SIGMOID) and units > 0:
+            out_rec[5] = saturated / (units * probe)
+
+    @njit(cache=True)
+    def _update(kind, p, grad, new, update, state1, state2, first, lr, bc2, hp):
+        # The fused kernel's update of one row (study.engine.fused), into new and update.
+        if kind == 0:
+            _sgd_row(p, grad, new, update, state1, first, lr, hp[0], hp[1], hp[2], hp[3], hp[4])
+        else:
+            _adam_row(p, grad, new, update, state1, state2, kind == 2, lr, bc2, hp[0], hp[1],
+                      hp[2], hp[3], hp[5], hp[6])
+
+    @njit(cache=True, nogil=True)
+    def _train_one(t, params, x_eval, yf_eval, yi_eval, classify, scale, orders, batch,
+                   n_train, epochs, eval_index, w_off, b_off, fan_in, fan_out, narrow, act,
+                   probe, sat_z, kind, hp, step_lr, step_bc2, steps_rec, evals_rec, chunk):
+        # Trial t's whole run (see the module doc).
+        n_params = params.shape[1]
+        layers = len(w_off)
+        dtype = params.dtype
+        widest = 0
+        for i in range(layers):
+            widest = max(widest, fan_out[i], fan_in[i])
+        a_off = np.zeros(layers + 1, dtype=np.int64)
+        hidden = 0
+        for i in range(layers):
+            a_off[i + 1] = a_off[i] + max(batch, chunk) * fan_out[i]
+            if i < layers - 1:
+                hidden += fan_out[i]
+        n_in = x_eval.shape[2]
+        c = fan_out[layers - 1]
+        p = params[t]
+        x_all = x_eval[t]
+        acts = np.empty(a_off[layers], dtype=dtype)
+        g0 = np.empty(batch * widest, dtype=dtype)
+        g1 = np.empty(batch * widest, dtype=dtype)
+        pre = np.empty(max(batch, chunk) * widest, dtype=dtype)
+        xb = np.empty((batch, n_in), dtype=dtype)
+        yfb = np.empty((batch, yf_eval.shape[2]), dtype=dtype)
+        yib = np.empty(batch, dtype=np.int64)
+        grad = np.empty(n_params, dtype=dtype)
+        wt = np.empty(widest * widest, dtype=dtype)
+        zeros = np.zeros(widest, dtype=dtype)
+        new = np.empty(n_params, dtype=dtype)
+        update = np.zeros(n_params, dtype=dtype)
+        previous = np.zeros(n_params, dtype=dtype)
+        state1 = np.zeros(n_params, dtype=dtype)
+        state2 = np.zeros(n_params if kind[t] != 0 else 0, dtype=dtype)
+        unit_live = np.zeros(hidden, dtype=np.uint8)
+        rec = np.empty(6)
+        prev_norm = 0.0
+        live = True
+        _evaluate(p, x_all, yf_eval[t], yi_eval[t], classify, scale[t], n_train, chunk,
+                  acts, pre, a_off, w_off, b_off, fan_in, fan_out, narrow, act, probe, sat_z,
+                  unit_live, rec)
+        evals_rec[0, :, t] = rec
+        if not (np.isfinite(rec[0]) and np.isfinite(rec[1])):
+            live = False
+        step = 0
+        for epoch in range(epochs):
+            if not live:
+                break
+            order = orders[t, epoch]
+            for start in range(0, n_train, batch):
+                rows = min(batch, n_train - start)
+                for r in range(rows):
+                    e = order[start + r]
+                    for k in range(n_in):
+                        xb[r, k] = x_all[e, k]
+                    if classify:
+                        yib[r] = yi_eval[t, e]
+                    else:
+                        for j in range(yf_eval.shape[2]):
+                            yfb[r, j] = yf_eval[t, e, j]
+                xr = xb[:rows]
+                out = _forward(p, xr, acts, pre, a_off, w_off, b_off, fan_in, fan_out,
+                               narrow, act, rows)
+                gout = g0[:rows * c].reshape((rows, c))
+                loss = _loss_grad(out, yfb[:rows], yib[:rows], classify, gout)
+                _backward(p, grad, xr, acts, g0, g1, pre, wt, zeros, a_off, w_off, b_off,
+                          fan_in, fan_out, narrow, act, rows)
+                rs = steps_rec[step, :, t]
+                rs[0] = loss
+                # One pass per weight and bias, summed in storage order (the fused kernel's
+                # norm); a sum of squares is rounded to the dtype before its root.
+                total = 0.0
+                for i in range(layers):
+                    part = _sumsq(grad[w_off[i]:b_off[i]])
+                    if i == 0:
+                        rs[2] = part
+                    if i == layers - 1:
+                        rs[3] = part
+                    total += part
+                    total += _sumsq(grad[b_off[i]:b_off[i] + fan_out[i]])
+                rs[1] = total
+                rs[4] = _sumsq(p)
+                for f in range(1, 5):
+                    rs[f] = np.sqrt(rs[f])
+                if not (np.isfinite(rs[0]) and np.isfinite(rs[1])):
+                    live = False
+                    break
+                _update(kind[t], p, grad, new, update, state1, state2, step == 0,
+                        step_lr[t, step], step_bc2[t, step], hp[:, t])
+                rs[5] = _sumsq(update)
+                rs[5] = np.sqrt(rs[5])
+                if step > 0:  # F.cosine_similarity(eps=1e-30)
+                    rs[6] = _dot(update, previous) / (
+                        max(np.float64(rs[5]), 1e-30) * max(np.float64(prev_norm), 1e-30))
+                else:
+                    rs[6] = np.nan
+                prev_norm = rs[5]
+                p, new = new, p  # the new parameters; the old row is the next step's scratch
+                previous, update = update, previous
+                step += 1
+                k = eval_index[step]
+                if k >= 0:
+                    _evaluate(p, x_all, yf_eval[t], yi_eval[t], classify, scale[t],
+                              n_train, chunk, acts, pre, a_off, w_off, b_off, fan_in, fan_out,
+                              narrow, act, probe, sat_z, unit_live, rec)
+                    evals_rec[k, :, t] = rec
+                    if not (np.isfinite(rec[0]) and np.isfinite(rec[1])):
+                        live = False
+                        break
+
+
+def _step_table(specs, planned: int, dtype: torch.dtype) -> tuple[np.ndarray, np.ndarray]:
+    """[T, planned] each trial's -lr (SGD) or Adam's bias-corrected -step size, and Adam's
+    sqrt(1 - beta2**t), at every step: `fused._step_lr` / `fused._step_bc2` in Python floats,
+    rounded once to the dtype (as torch rounds a Python scalar)."""
+    lr_rows, bc2_rows = {}, {}
+    lrs, bc2s = [], []
+    for s in specs:
+        kind = _KINDS[type(s)]
+        betas = getattr(s, "betas", (0.0, 0.0))
+        key = (s.lr, kind, betas[0])
+        if key not in lr_rows:
+            lr_rows[key] = [_step_lr(t, *key) for t in range(1, planned + 1)]
+        key2 = (kind, betas[1])
+        if key2 not in bc2_rows:
+            bc2_rows[key2] = [_step_bc2(t, *key2) for t in range(1, planned + 1)]
+        lrs.append(lr_rows[key])
+        bc2s.append(bc2_rows[key2])
+    as_array = lambda rows: torch.tensor(rows, dtype=torch.float64).to(dtype).numpy()  # noqa: E731
+    return as_array(lrs), as_array(bc2s)
+
+
+def batch_orders(orders: Sequence[torch.Generator], epochs: int, n_train: int,
+                 shuffle: bool, whole: bool) -> np.ndarray:
+    """[T, epochs, n_train] int64: each row's batch order per epoch, drawn as the layer-major
+    path draws it (`PopulationData.epoch`: one `torch.randperm` per epoch from the row's order
+    generator); the stored order without shuffling or for a whole-split batch."""
+    if not shuffle or whole:
+        return np.broadcast_to(np.arange(n_train, dtype=np.int64),
+                               (len(orders), epochs, n_train)).copy()
+    return torch.stack([torch.stack([torch.randperm(n_train, generator=g)
+                                     for _ in range(epochs)]) for g in orders]).numpy()
+
+
+def train_population(net: Network, params: Tensor, specs: Sequence, data, batch: int,
+                     epochs: int, shuffle: bool, eval_steps: Sequence[int], steps: np.ndarray,
+                     evals: np.ndarray) -> None:
+    """Train every row of `params` [T, P] (in place) with the kernel, writing the records
+    into `steps` [planned, STEP_FIELDS, T] and `evals` [evaluations, EVAL_FIELDS, T]
+    (`TraceBuffers`' arrays, NaN where nothing is recorded).
+
+    `data`: the population's `PopulationData` (each row's splits and order generator).
+    """
+    dtype = params.dtype
+    planned = steps.shape[0]
+    n_train = data.n_train
+    fused = FusedUpdate(specs, params)  # the hyperparameter table; sets numba's threads
+    step_lr, step_bc2 = _step_table(specs, planned, dtype)
+    classify = data.loss == "cross_entropy"
+    rows = len(specs)
+    x_eval = data.x_eval.contiguous().numpy()
+    if classify:
+        yi = data.y_eval.contiguous().numpy()
+        yf = np.zeros((rows, 1, 1), dtype=x_eval.dtype)
+    else:
+        yf = data.y_eval.contiguous().numpy()
+        yi = np.zeros((rows, 1), dtype=np.int64)
+    c = net.sizes[-1][1]
+    scale = (np.ones((rows, c), dtype=x_eval.dtype) if data.target_scale is None
+             else data.target_scale[:, 0, :].contiguous().numpy())
+    orders = batch_orders(data.orders, epochs, n_train, shuffle, batch >= n_train)
+    eval_index = np.full(planned + 1, -1, dtype=np.int64)
+    eval_index[np.asarray(eval_steps)] = np.arange(len(eval_steps))
+    w_off, b_off, offset = [], [], 0
+    for fi, fo in net.sizes:
+        w_off.append(offset)
+        b_off.append(offset + fi * fo)
+        offset += fi * fo + fo
+    as_int = lambda v: np.asarray(v, dtype=np.int64)  # noqa: E731
+    sat_z = SATURATION_Z.get(net.activation, math.inf)
+    sat_z = float(np.asarray(sat_z, dtype=x_eval.dtype))  # compared in the dtype, as torch does
+    chunk = 64  # evaluation rows per pass: a chunk's activations stay in L1/L2
+    args = (params.numpy(), x_eval, yf, yi, classify, scale, orders, batch, n_train, epochs,
+            eval_index, as_int(w_off), as_int(b_off), as_int([fi for fi, _ in net.sizes]),
+            as_int([fo for _, fo in net.sizes]), np.asarray(net.narrowing, dtype=np.bool_),
+            _ACTIVATIONS[net.activation], min(PROBE_SIZE, n_train), sat_z, fused.kind.numpy(),
+            fused.hp.numpy(), step_lr, step_bc2, steps, evals, chunk)
+    _spread(lambda t: _train_one(t, *args), rows, torch.get_num_threads())
+
+
+def _spread(run, trials: int, threads: int) -> None:
+    """`run(t)` for every trial t, on `threads` threads that each take the next trial as
+    they finish one (runs end at different steps). The kernel releases the GIL; Python
+    threads rather than numba's `prange`, whose parallel passes take the kernel minutes to
+    compile."""
+    queue = iter(range(trials))  # next() on a range iterator is atomic under the GIL
+
+    def worker() -> None:
+        for t in queue:
+            run(t)
+
+    if threads <= 1 or trials <= 1:
+        worker()
+        return
+    with ThreadPoolExecutor(min(threads, trials)) as pool:
+        for future in [pool.submit(worker) for _ in range(min(threads, trials))]:
+            future.result()
