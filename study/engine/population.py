@@ -30,6 +30,7 @@ import logging
 import math
 from collections import defaultdict
 from collections.abc import Sequence
+from functools import partial
 
 import torch
 
@@ -129,16 +130,18 @@ class BatchedEngine:
     def _train(self, trials: Sequence[TrialSpec], device: torch.device,
                on_eval: OnEval | None = None) -> list[Trace]:
         """`train` of trials already known to share one population_key."""
-        if self.trial_major and trial_major.fits(trials, device, on_eval is not None):
-            return self._train_trial_major(trials)
+        if self.trial_major and trial_major.fits(trials, device):
+            return self._train_trial_major(trials, on_eval)
         if len(trials) == 1:
             return _Population([trials[0]] * 2, device, self, on_eval, real=1).run()[:1]
         return _Population(trials, device, self, on_eval).run()
 
 
-    def _train_trial_major(self, trials: Sequence[TrialSpec]) -> list[Trace]:
+    def _train_trial_major(self, trials: Sequence[TrialSpec],
+                           on_eval: OnEval | None = None) -> list[Trace]:
         """`_train` on the trial-major kernel (`trial_major.fits` holds): each trial's run
-        as one loop nest, the same records as `_Population`."""
+        as one loop nest between evaluations and diagnostics, which run here as
+        `_Population` runs them; the same records."""
         first, cpu = trials[0], torch.device("cpu")
         dtype = first.train.torch_dtype
         seeds = [seed_streams(t.seed) for t in trials]
@@ -146,16 +149,43 @@ class BatchedEngine:
         task, train, n_train = first.task, first.train, data.n_train
         net = Network(tuple(first.model.layer_sizes(task.input_dim, task.output_dim)),
                       first.model.activation)
-        eval_steps = train.eval_steps(n_train)
-        traces = TraceBuffers(len(trials), train.total_steps(n_train), eval_steps, [], dtype,
-                              cpu)
+        planned, eval_steps = train.total_steps(n_train), train.eval_steps(n_train)
+        diag_steps = first.diagnostics.steps(train, n_train)
+        traces = TraceBuffers(len(trials), planned, eval_steps, diag_steps, dtype, cpu)
         params = _initial_parameters(net, trials, seeds).to(dtype).contiguous()
-        trial_major.train_population(net, params, [t.optimizer for t in trials], data,
-                                     train.resolved_batch_size(n_train), train.epochs,
-                                     first.loop.shuffle, eval_steps, traces.steps.numpy(),
-                                     traces.evals.numpy())
-        return traces.traces(trials, data.irreducible, data.input_free,
-                             [adaptive(t.optimizer) for t in trials],
+        kernel = trial_major.Kernel(net, params, [t.optimizer for t in trials], data,
+                                    train.resolved_batch_size(n_train), train.epochs,
+                                    first.loop.shuffle, traces.steps.numpy(),
+                                    traces.evals.numpy())
+        loop = LoopState(trials, cpu, dtype, train.steps_per_epoch(n_train), planned)
+        adaptive_rows = [adaptive(t.optimizer) for t in trials]
+        eval_at = {s: k for k, s in enumerate(eval_steps)}
+        diag_at = {s: k for k, s in enumerate(diag_steps)}
+        done = 0
+        for boundary in sorted({*eval_steps, *diag_steps}):
+            if loop.spec.scheduled:  # a plateau changes the rates only at an evaluation
+                kernel.schedule(done, [loop.learning_rates(s) for s in range(done, boundary)])
+            kernel.advance(done, boundary, eval_at.get(boundary, -1))
+            done = boundary
+            if boundary in diag_at:  # the reference's order: diagnostics, then evaluation
+                flat = torch.from_numpy(kernel.params)
+                values = diagnostics(trials, net, data, flat, [s.init for s in seeds],
+                                     adaptive_rows, partial(kernel.preconditioner, boundary))
+                traces.write_diagnostics(diag_at[boundary], values)
+            if boundary in eval_at and (loop.tracks_validation or on_eval is not None):
+                val = traces.validation_losses(eval_at[boundary])
+                alive = kernel.alive.tolist()
+                told: set[int] = set()
+                if on_eval is not None:
+                    told = set(on_eval(boundary, {t: val[t] for t in range(len(trials))
+                                                  if alive[t]}))
+                stopped = loop.after_eval(boundary, val, alive, told)
+                for row in stopped:
+                    traces.stopped_at[row] = boundary
+                kernel.stop(stopped)
+            if not kernel.alive.any():
+                break
+        return traces.traces(trials, data.irreducible, data.input_free, adaptive_rows,
                              data.loss == "cross_entropy")
 
 
@@ -365,25 +395,11 @@ class _Population:
         return {row for row, i in enumerate(ids) if i in told}
 
     def diagnose(self, k: int) -> None:
-        """Opt-in sharpness / noise scale / preconditioned sharpness (adaptive rows) of every
-        row (NaN for non-finite parameters)."""
-        spec, data, ids = self.trials[0].diagnostics, self.data, self.traces.id_list
-        finite = torch.isfinite(self.state.params).all(dim=1)
-        flat = torch.where(finite[:, None], self.state.params,
-                           torch.zeros_like(self.state.params))
-        x, y = data.x_train, data.y_train
-        values = torch.full((len(DIAG_FIELDS), len(ids)), math.nan, dtype=torch.float64,
-                            device=self.device)
-        seeds = [self.init_seeds[i] for i in ids]
-        if spec.sharpness:
-            values[0] = sharpness(self.net, flat, x, y, data.loss, spec.iterations, seeds)
-            if any(self.adaptive[i] for i in ids):
-                values[2] = sharpness(self.net, flat, x, y, data.loss, spec.iterations, seeds,
-                                      preconditioner=self.state.preconditioner())
-        if spec.noise_scale:
-            m = spec.max_examples
-            values[1] = gradient_noise_scale(self.net, flat, x[:, :m], y[:, :m], data.loss)
-        values[:, ~finite] = math.nan
+        """Opt-in diagnostics of every row (`diagnostics`)."""
+        ids = self.traces.id_list
+        values = diagnostics([self.trials[i] for i in ids], self.net, self.data,
+                             self.state.params, [self.init_seeds[i] for i in ids],
+                             [self.adaptive[i] for i in ids], self.state.preconditioner)
         self.traces.write_diagnostics(k, values)
 
     def check(self, force: bool = False) -> Tensor | bool | None:
@@ -406,6 +422,31 @@ class _Population:
         self.alive = self.alive[kept]
         self.alive_changed()
         return kept
+
+
+def diagnostics(trials: Sequence[TrialSpec], net: Network, data: PopulationData,
+                params: Tensor, init_seeds: Sequence[int], adaptive_rows: Sequence[bool],
+                preconditioner) -> Tensor:
+    """[DIAG_FIELDS, rows]: the opt-in sharpness, noise scale and preconditioned sharpness
+    (adaptive rows; `preconditioner()` gives their [rows, P] preconditioner) of each row of
+    `params` (`data`'s rows, one per trial); NaN for non-finite parameters and where not
+    asked for."""
+    spec = trials[0].diagnostics
+    finite = torch.isfinite(params).all(dim=1)
+    flat = torch.where(finite[:, None], params, torch.zeros_like(params))
+    x, y = data.x_train, data.y_train
+    values = torch.full((len(DIAG_FIELDS), len(trials)), math.nan, dtype=torch.float64,
+                        device=params.device)
+    if spec.sharpness:
+        values[0] = sharpness(net, flat, x, y, data.loss, spec.iterations, init_seeds)
+        if any(adaptive_rows):
+            values[2] = sharpness(net, flat, x, y, data.loss, spec.iterations, init_seeds,
+                                  preconditioner=preconditioner())
+    if spec.noise_scale:
+        m = spec.max_examples
+        values[1] = gradient_noise_scale(net, flat, x[:, :m], y[:, :m], data.loss)
+    values[:, ~finite] = math.nan
+    return values
 
 
 def decay_mask(net: Network, layers: tuple[int, ...] | None) -> Tensor | None:

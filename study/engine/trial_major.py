@@ -21,9 +21,11 @@ population. Losses, norms and evaluation means are summed in float64.
 
 What it runs (`fits`): CPU populations with numba, no dropout, a ReLU / tanh / sigmoid /
 identity MLP, the task's loss (MSE or cross-entropy), zero_grad, SGD / Adam / AdamW without
-amsgrad, no clipping, no learning-rate schedule, no early stopping, no weight-decay mask,
-no opt-in diagnostics and no hook on evaluations (pruning). Everything else takes the
-layer-major path.
+amsgrad, no clipping and no weight-decay mask. The kernel stops at every evaluation and
+opt-in diagnostics step (`Kernel.advance`), where the population engine runs its loop in
+Python as for the layer-major path: the `on_eval` hook (pruning), early stopping,
+ReduceLROnPlateau, learning-rate schedules (`Kernel.schedule`) and the diagnostics.
+Everything else takes the layer-major path.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
+from study.engine.batched_optimizers import preconditioner
 from study.engine.fused import _KINDS, FusedUpdate, _step_bc2, _step_lr, available
 from study.engine.network import Network
 from study.models import PROBE_SIZE, SATURATION_Z
@@ -55,17 +58,15 @@ _ACTIVATIONS = {"identity": 0, "relu": 1, "tanh": 2, "sigmoid": 3}
 _IDENTITY, _RELU, _TANH, _SIGMOID = range(4)
 
 
-def fits(trials: Sequence[TrialSpec], device: torch.device, hooked: bool) -> bool:
+def fits(trials: Sequence[TrialSpec], device: torch.device) -> bool:
     """Whether a population of `trials` (one `population_key`) can take the kernel; see the
-    module doc. `hooked`: an `on_eval` hook watches its evaluations."""
+    module doc."""
     first = trials[0]
     loop, model = first.loop, first.model
-    return (available() and device.type == "cpu" and not hooked
+    return (available() and device.type == "cpu"
             and first.train.dtype in ("float32", "float64")
             and model.activation in _ACTIVATIONS and model.dropout == 0
-            and not first.diagnostics.enabled
             and loop.loss == "task" and loop.zero_grad and loop.clip_norm is None
-            and not loop.scheduled and loop.early_stopping_patience is None
             and loop.decay_layers is None
             and all(type(t.optimizer) in _KINDS and not getattr(t.optimizer, "amsgrad", False)
                     for t in trials))
@@ -414,19 +415,26 @@ if njit is not None:
             out_rec[5] = saturated / (units * probe)
 
     @njit(cache=True)
-    def _update(kind, p, grad, new, update, state1, state2, first, lr, bc2, hp):
+    def _update(kind, p, grad, new, update, state1, state2, first, lr, bc2, decay, hp):
         # The fused kernel's update of one row (study.engine.fused), into new and update.
         if kind == 0:
             _sgd_row(p, grad, new, update, state1, first, lr, hp[0], hp[1], hp[2], hp[3], hp[4])
         else:
             _adam_row(p, grad, new, update, state1, state2, kind == 2, lr, bc2, hp[0], hp[1],
-                      hp[2], hp[3], hp[5], hp[6])
+                      hp[2], hp[3], decay, hp[6])
 
     @njit(cache=True, nogil=True)
-    def _train_one(t, params, x_eval, yf_eval, yi_eval, classify, scale, orders, batch,
-                   n_train, epochs, eval_index, w_off, b_off, fan_in, fan_out, narrow, act,
-                   probe, sat_z, kind, hp, step_lr, step_bc2, steps_rec, evals_rec, chunk):
-        # Trial t's whole run (see the module doc).
+    def _segment(t, first_step, end_step, k_eval, params, previous, state1, state2, prev_norm,
+                 live, x_eval, yf_eval, yi_eval, classify, scale, orders, batch, n_train,
+                 w_off, b_off, fan_in, fan_out, narrow, act, probe, sat_z, kind, hp, step_lr,
+                 step_bc2, step_decay, steps_rec, evals_rec, chunk):
+        # Trial t from `first_step` updates to `end_step` (each step: batch, forward, loss,
+        # backward, records, freeze decision, update), then evaluation `k_eval` (k_eval >= 0)
+        # of the full splits. Its state lives in row t of params, previous (the last update),
+        # state1 / state2 (optimizer), prev_norm and live (0: frozen or stopped, nothing
+        # more is computed).
+        if not live[t]:
+            return
         n_params = params.shape[1]
         layers = len(w_off)
         dtype = params.dtype
@@ -441,7 +449,7 @@ if njit is not None:
                 hidden += fan_out[i]
         n_in = x_eval.shape[2]
         c = fan_out[layers - 1]
-        p = params[t]
+        per_epoch = (n_train + batch - 1) // batch
         x_all = x_eval[t]
         acts = np.empty(a_off[layers], dtype=dtype)
         g0 = np.empty(batch * widest, dtype=dtype)
@@ -453,87 +461,78 @@ if njit is not None:
         grad = np.empty(n_params, dtype=dtype)
         wt = np.empty(widest * widest, dtype=dtype)
         zeros = np.zeros(widest, dtype=dtype)
-        new = np.empty(n_params, dtype=dtype)
-        update = np.zeros(n_params, dtype=dtype)
-        previous = np.zeros(n_params, dtype=dtype)
-        state1 = np.zeros(n_params, dtype=dtype)
-        state2 = np.zeros(n_params if kind[t] != 0 else 0, dtype=dtype)
-        unit_live = np.zeros(hidden, dtype=np.uint8)
-        rec = np.empty(6)
-        prev_norm = 0.0
-        live = True
-        _evaluate(p, x_all, yf_eval[t], yi_eval[t], classify, scale[t], n_train, chunk,
-                  acts, pre, a_off, w_off, b_off, fan_in, fan_out, narrow, act, probe, sat_z,
-                  unit_live, rec)
-        evals_rec[0, :, t] = rec
-        if not (np.isfinite(rec[0]) and np.isfinite(rec[1])):
-            live = False
-        step = 0
-        for epoch in range(epochs):
-            if not live:
-                break
+        # The new parameters and update go to scratch rows, then the rows swap roles: no
+        # copy per step; the state is written back to row t at the end.
+        p, new = params[t], np.empty(n_params, dtype=dtype)
+        last, update = previous[t], np.empty(n_params, dtype=dtype)
+        swapped = False  # p and last are the scratch rows
+        s1, s2 = state1[t], state2[t]
+        norm = prev_norm[t]
+        for step in range(first_step, end_step):
+            epoch, start = step // per_epoch, (step % per_epoch) * batch
+            rows = min(batch, n_train - start)
             order = orders[t, epoch]
-            for start in range(0, n_train, batch):
-                rows = min(batch, n_train - start)
-                for r in range(rows):
-                    e = order[start + r]
-                    for k in range(n_in):
-                        xb[r, k] = x_all[e, k]
-                    if classify:
-                        yib[r] = yi_eval[t, e]
-                    else:
-                        for j in range(yf_eval.shape[2]):
-                            yfb[r, j] = yf_eval[t, e, j]
-                xr = xb[:rows]
-                out = _forward(p, xr, acts, pre, a_off, w_off, b_off, fan_in, fan_out,
-                               narrow, act, rows)
-                gout = g0[:rows * c].reshape((rows, c))
-                loss = _loss_grad(out, yfb[:rows], yib[:rows], classify, gout)
-                _backward(p, grad, xr, acts, g0, g1, pre, wt, zeros, a_off, w_off, b_off,
-                          fan_in, fan_out, narrow, act, rows)
-                rs = steps_rec[step, :, t]
-                rs[0] = loss
-                # One pass per weight and bias, summed in storage order (the fused kernel's
-                # norm); a sum of squares is rounded to the dtype before its root.
-                total = 0.0
-                for i in range(layers):
-                    part = _sumsq(grad[w_off[i]:b_off[i]])
-                    if i == 0:
-                        rs[2] = part
-                    if i == layers - 1:
-                        rs[3] = part
-                    total += part
-                    total += _sumsq(grad[b_off[i]:b_off[i] + fan_out[i]])
-                rs[1] = total
-                rs[4] = _sumsq(p)
-                for f in range(1, 5):
-                    rs[f] = np.sqrt(rs[f])
-                if not (np.isfinite(rs[0]) and np.isfinite(rs[1])):
-                    live = False
-                    break
-                _update(kind[t], p, grad, new, update, state1, state2, step == 0,
-                        step_lr[t, step], step_bc2[t, step], hp[:, t])
-                rs[5] = _sumsq(update)
-                rs[5] = np.sqrt(rs[5])
-                if step > 0:  # F.cosine_similarity(eps=1e-30)
-                    rs[6] = _dot(update, previous) / (
-                        max(np.float64(rs[5]), 1e-30) * max(np.float64(prev_norm), 1e-30))
+            for r in range(rows):
+                e = order[start + r]
+                for k in range(n_in):
+                    xb[r, k] = x_all[e, k]
+                if classify:
+                    yib[r] = yi_eval[t, e]
                 else:
-                    rs[6] = np.nan
-                prev_norm = rs[5]
-                p, new = new, p  # the new parameters; the old row is the next step's scratch
-                previous, update = update, previous
-                step += 1
-                k = eval_index[step]
-                if k >= 0:
-                    _evaluate(p, x_all, yf_eval[t], yi_eval[t], classify, scale[t],
-                              n_train, chunk, acts, pre, a_off, w_off, b_off, fan_in, fan_out,
-                              narrow, act, probe, sat_z, unit_live, rec)
-                    evals_rec[k, :, t] = rec
-                    if not (np.isfinite(rec[0]) and np.isfinite(rec[1])):
-                        live = False
-                        break
-
+                    for j in range(yf_eval.shape[2]):
+                        yfb[r, j] = yf_eval[t, e, j]
+            xr = xb[:rows]
+            out = _forward(p, xr, acts, pre, a_off, w_off, b_off, fan_in, fan_out, narrow, act,
+                           rows)
+            gout = g0[:rows * c].reshape((rows, c))
+            loss = _loss_grad(out, yfb[:rows], yib[:rows], classify, gout)
+            _backward(p, grad, xr, acts, g0, g1, pre, wt, zeros, a_off, w_off, b_off, fan_in,
+                      fan_out, narrow, act, rows)
+            rs = steps_rec[step, :, t]
+            rs[0] = loss
+            # One pass per weight and bias, summed in storage order (the fused kernel's
+            # norm); a sum of squares is rounded to the dtype before its root.
+            total = 0.0
+            for i in range(layers):
+                part = _sumsq(grad[w_off[i]:b_off[i]])
+                if i == 0:
+                    rs[2] = part
+                if i == layers - 1:
+                    rs[3] = part
+                total += part
+                total += _sumsq(grad[b_off[i]:b_off[i] + fan_out[i]])
+            rs[1] = total
+            rs[4] = _sumsq(p)
+            for f in range(1, 5):
+                rs[f] = np.sqrt(rs[f])
+            if not (np.isfinite(rs[0]) and np.isfinite(rs[1])):
+                live[t] = 0
+                break
+            _update(kind[t], p, grad, new, update, s1, s2, step == 0, step_lr[t, step],
+                    step_bc2[t, step], step_decay[t, step], hp[:, t])
+            rs[5] = _sumsq(update)
+            rs[5] = np.sqrt(rs[5])
+            if step > 0:  # F.cosine_similarity(eps=1e-30)
+                rs[6] = _dot(update, last) / (max(np.float64(rs[5]), 1e-30)
+                                              * max(np.float64(norm), 1e-30))
+            else:
+                rs[6] = np.nan
+            norm = rs[5]
+            p, new = new, p
+            last, update = update, last
+            swapped = not swapped
+        if swapped:
+            params[t] = p
+            previous[t] = last
+        prev_norm[t] = norm
+        if live[t] and k_eval >= 0:
+            rec = np.empty(6)
+            _evaluate(p, x_all, yf_eval[t], yi_eval[t], classify, scale[t], n_train, chunk,
+                      acts, pre, a_off, w_off, b_off, fan_in, fan_out, narrow, act, probe,
+                      sat_z, np.zeros(hidden, dtype=np.uint8), rec)
+            evals_rec[k_eval, :, t] = rec
+            if not (np.isfinite(rec[0]) and np.isfinite(rec[1])):
+                live[t] = 0
 
 def _step_table(specs, planned: int, dtype: torch.dtype) -> tuple[np.ndarray, np.ndarray]:
     """[T, planned] each trial's -lr (SGD) or Adam's bias-corrected -step size, and Adam's
@@ -568,66 +567,119 @@ def batch_orders(orders: Sequence[torch.Generator], epochs: int, n_train: int,
                                      for _ in range(epochs)]) for g in orders]).numpy()
 
 
-def train_population(net: Network, params: Tensor, specs: Sequence, data, batch: int,
-                     epochs: int, shuffle: bool, eval_steps: Sequence[int], steps: np.ndarray,
-                     evals: np.ndarray) -> None:
-    """Train every row of `params` [T, P] (in place) with the kernel, writing the records
-    into `steps` [planned, STEP_FIELDS, T] and `evals` [evaluations, EVAL_FIELDS, T]
-    (`TraceBuffers`' arrays, NaN where nothing is recorded).
+class Kernel:
+    """A population's state on the kernel (row t = trial t, never reordered) and the call
+    that advances it: `advance(first, end, k)` trains every live trial from `first` updates
+    to `end`, then runs evaluation k. Between calls the caller reads the records, stops
+    trials (`stop`) and sets learning rates (`schedule`): the population engine's loop
+    (evaluation hooks, early stopping, plateaus, diagnostics) runs there, in Python.
 
-    `data`: the population's `PopulationData` (each row's splits and order generator).
+    `data`: the population's `PopulationData`; `steps` [planned, STEP_FIELDS, T] and `evals`
+    [evaluations, EVAL_FIELDS, T]: `TraceBuffers`' arrays, written in place.
     """
-    dtype = params.dtype
-    planned = steps.shape[0]
-    n_train = data.n_train
-    fused = FusedUpdate(specs, params)  # the hyperparameter table; sets numba's threads
-    step_lr, step_bc2 = _step_table(specs, planned, dtype)
-    classify = data.loss == "cross_entropy"
-    rows = len(specs)
-    x_eval = data.x_eval.contiguous().numpy()
-    if classify:
-        yi = data.y_eval.contiguous().numpy()
-        yf = np.zeros((rows, 1, 1), dtype=x_eval.dtype)
-    else:
-        yf = data.y_eval.contiguous().numpy()
-        yi = np.zeros((rows, 1), dtype=np.int64)
-    c = net.sizes[-1][1]
-    scale = (np.ones((rows, c), dtype=x_eval.dtype) if data.target_scale is None
-             else data.target_scale[:, 0, :].contiguous().numpy())
-    orders = batch_orders(data.orders, epochs, n_train, shuffle, batch >= n_train)
-    eval_index = np.full(planned + 1, -1, dtype=np.int64)
-    eval_index[np.asarray(eval_steps)] = np.arange(len(eval_steps))
-    w_off, b_off, offset = [], [], 0
-    for fi, fo in net.sizes:
-        w_off.append(offset)
-        b_off.append(offset + fi * fo)
-        offset += fi * fo + fo
-    as_int = lambda v: np.asarray(v, dtype=np.int64)  # noqa: E731
-    sat_z = SATURATION_Z.get(net.activation, math.inf)
-    sat_z = float(np.asarray(sat_z, dtype=x_eval.dtype))  # compared in the dtype, as torch does
-    chunk = 64  # evaluation rows per pass: a chunk's activations stay in L1/L2
-    args = (params.numpy(), x_eval, yf, yi, classify, scale, orders, batch, n_train, epochs,
-            eval_index, as_int(w_off), as_int(b_off), as_int([fi for fi, _ in net.sizes]),
-            as_int([fo for _, fo in net.sizes]), np.asarray(net.narrowing, dtype=np.bool_),
-            _ACTIVATIONS[net.activation], min(PROBE_SIZE, n_train), sat_z, fused.kind.numpy(),
-            fused.hp.numpy(), step_lr, step_bc2, steps, evals, chunk)
-    _spread(lambda t: _train_one(t, *args), rows, torch.get_num_threads())
+
+    def __init__(self, net: Network, params: Tensor, specs: Sequence, data, batch: int,
+                 epochs: int, shuffle: bool, steps: np.ndarray, evals: np.ndarray) -> None:
+        dtype = params.dtype
+        planned, n_train, rows = steps.shape[0], data.n_train, len(specs)
+        self.specs, self.dtype = list(specs), dtype
+        fused = FusedUpdate(specs, params)  # the hyperparameter table, as the fused update's
+        self.params = params.contiguous().numpy()
+        self.previous = np.zeros_like(self.params)
+        self.state1 = np.zeros_like(self.params)
+        adam = any(k != 0 for k in fused.kind.tolist())
+        self.state2 = np.zeros_like(self.params) if adam else self.params[:, :0].copy()
+        self.prev_norm = np.zeros(rows)
+        self.live = np.ones(rows, dtype=np.uint8)
+        self.kind, self.hp = fused.kind.numpy(), fused.hp.numpy()
+        self.step_lr, self.step_bc2 = _step_table(specs, planned, dtype)
+        self.step_decay = np.repeat(self.hp[5][:, None], planned, axis=1)
+        classify = data.loss == "cross_entropy"
+        x_eval = data.x_eval.contiguous().numpy()
+        if classify:
+            yi = data.y_eval.contiguous().numpy()
+            yf = np.zeros((rows, 1, 1), dtype=x_eval.dtype)
+        else:
+            yf = data.y_eval.contiguous().numpy()
+            yi = np.zeros((rows, 1), dtype=np.int64)
+        c = net.sizes[-1][1]
+        scale = (np.ones((rows, c), dtype=x_eval.dtype) if data.target_scale is None
+                 else data.target_scale[:, 0, :].contiguous().numpy())
+        orders = batch_orders(data.orders, epochs, n_train, shuffle, batch >= n_train)
+        w_off, b_off, offset = [], [], 0
+        for fi, fo in net.sizes:
+            w_off.append(offset)
+            b_off.append(offset + fi * fo)
+            offset += fi * fo + fo
+        as_int = lambda v: np.asarray(v, dtype=np.int64)  # noqa: E731
+        sat_z = SATURATION_Z.get(net.activation, math.inf)
+        chunk = 64  # evaluation rows per pass: a chunk's activations stay in L1/L2
+        self.data_args = (x_eval, yf, yi, classify, scale, orders, batch, n_train,
+                          as_int(w_off), as_int(b_off), as_int([fi for fi, _ in net.sizes]),
+                          as_int([fo for _, fo in net.sizes]),
+                          np.asarray(net.narrowing, dtype=np.bool_),
+                          _ACTIVATIONS[net.activation], min(PROBE_SIZE, n_train), sat_z)
+        self.steps, self.evals, self.chunk = steps, evals, chunk
+        self.threads = torch.get_num_threads()
+
+    def schedule(self, first: int, lrs: Sequence[Sequence[float]]) -> None:
+        """This population's learning rates for steps first, first + 1, ...: `lrs[i][t]` is
+        trial t's at step first + i (a schedule's, or a plateau's). Each becomes the update's
+        step size and AdamW's decay 1 - lr * weight_decay, as `FusedUpdate.step` computes
+        them from a step's rates."""
+        t_kind = self.kind.tolist()
+        for i, row in enumerate(lrs):
+            step = first + i
+            values = [_step_lr(step + 1, lr, k, getattr(s, "betas", (0.0, 0.0))[0])
+                      for lr, k, s in zip(row, t_kind, self.specs, strict=True)]
+            decay = [1 - lr * s.weight_decay for lr, s in zip(row, self.specs, strict=True)]
+            self.step_lr[:, step] = torch.tensor(values, dtype=torch.float64).to(
+                self.dtype).numpy()
+            self.step_decay[:, step] = torch.tensor(decay, dtype=torch.float64).to(
+                self.dtype).numpy()
+
+    def advance(self, first: int, end: int, k_eval: int) -> None:
+        """Every live trial from `first` updates to `end`, then evaluation `k_eval` (-1:
+        none); a trial whose loss, gradient norm or evaluation is non-finite freezes
+        (`alive` false from there)."""
+        live = np.flatnonzero(self.live).tolist()
+        args = (first, end, k_eval, self.params, self.previous, self.state1, self.state2,
+                self.prev_norm, self.live, *self.data_args, self.kind, self.hp, self.step_lr,
+                self.step_bc2, self.step_decay, self.steps, self.evals, self.chunk)
+        _spread(lambda t: _segment(t, *args), live, self.threads)
+
+    @property
+    def alive(self) -> np.ndarray:
+        """[T] bool: the trials still training."""
+        return self.live.astype(bool)
+
+    def stop(self, rows: Sequence[int]) -> None:
+        """Stop `rows` (early stopping, a pruner): nothing more is computed for them."""
+        self.live[list(rows)] = 0
+
+    def preconditioner(self, step: int) -> Tensor:
+        """[T, P] float64: each row's Adam preconditioner after `step` updates (NaN for SGD
+        rows), as `FusedUpdate.preconditioner`."""
+        if self.state2.shape[1] == 0:
+            return torch.full(self.state1.shape, float("nan"), dtype=torch.float64)
+        return preconditioner(self.specs, step, torch.from_numpy(self.state2))
 
 
-def _spread(run, trials: int, threads: int) -> None:
-    """`run(t)` for every trial t, on `threads` threads that each take the next trial as
-    they finish one (runs end at different steps). The kernel releases the GIL; Python
-    threads rather than numba's `prange`, whose parallel passes take the kernel minutes to
-    compile."""
-    queue = iter(range(trials))  # next() on a range iterator is atomic under the GIL
+def _spread(run, trials: Sequence[int], threads: int) -> None:
+    """`run(t)` for every trial t of `trials`, on `threads` threads that each take the next
+    trial as they finish one (runs end at different steps). The kernel releases the GIL;
+    Python threads rather than numba's `prange`, whose parallel passes take the kernel
+    minutes to compile."""
+    queue = iter(trials)  # next() on a list iterator is atomic under the GIL
 
     def worker() -> None:
         for t in queue:
             run(t)
 
-    if threads <= 1 or trials <= 1:
+    workers = min(threads, len(trials))
+    if workers <= 1:
         worker()
         return
-    with ThreadPoolExecutor(min(threads, trials)) as pool:
-        for future in [pool.submit(worker) for _ in range(min(threads, trials))]:
+    with ThreadPoolExecutor(workers) as pool:
+        for future in [pool.submit(worker) for _ in range(workers)]:
             future.result()
