@@ -11,7 +11,9 @@ import time
 from datetime import datetime
 from pathlib import Path
 
+import numpy as np
 import optuna
+import pandas as pd
 import pytest
 import torch
 from optuna.trial import TrialState
@@ -271,8 +273,10 @@ def test_a_run_directory_written_before_the_queue_module_resumes(
     had a module of its own (storage format 2), stopped with trials 0-7 told and 8-12 taken
     by a worker long gone. It resumes: the taken trials are reclaimed (their holder's
     heartbeat is old), every point is told once, and the numbers equal an uninterrupted
-    run's."""
-    tally, same_results = run_checks
+    run's: those trained now to the bit, those told by 0.1.0 (its layer-major CPU engine,
+    whose products round in another order than the trial-major kernel's) within the
+    engine's float32 bound."""
+    tally, _ = run_checks
     run_dir = tmp_path / "run"
     shutil.copytree(FIXTURES / "interrupted_smoke", run_dir)
     done = study_cli(*TINY, f"hydra.run.dir={run_dir}", f"resume={run_dir}", expect=0)
@@ -280,4 +284,15 @@ def test_a_run_directory_written_before_the_queue_module_resumes(
     counts = tally(run_dir)
     assert counts["complete"] == counts["points"] == 16
     assert counts["lost"] == counts["duplicated"] == counts["running"] == 0
-    same_results(run_dir, tiny_baseline)
+    got = records.read_trials(run_dir)[0].set_index("key").sort_index()
+    want = records.read_trials(tiny_baseline)[0].set_index("key").sort_index()
+    assert list(got.index) == list(want.index)
+    assert sorted(got.columns) == sorted(want.columns)
+    columns = [c for c in want.columns if c != "trial"]
+    numbers = [c for c in columns if pd.api.types.is_float_dtype(want[c])]
+    others = [c for c in columns if c not in numbers]
+    assert got[others].equals(want[others])
+    assert np.allclose(got[numbers].to_numpy(), want[numbers].to_numpy(), rtol=1e-4,
+                       atol=1e-6, equal_nan=True)
+    exact = (got[numbers].fillna(0) == want[numbers].fillna(0)).all(axis=1)
+    assert exact.sum() >= 8  # at least the points trained after the resume

@@ -122,15 +122,20 @@ OPTIMIZERS = {
 }
 
 
-@pytest.mark.parametrize("fused", [True, False], ids=["fused", "eager"])
+PATHS = {"trial_major": {}, "fused": {"trial_major": False}, "eager": {"fused": False}}
+
+
+@pytest.mark.parametrize("path", sorted(PATHS))
 @pytest.mark.parametrize("task", [REGRESSION, CLASSIFICATION], ids=["regression", "classify"])
 @pytest.mark.parametrize("family", sorted(OPTIMIZERS))
-def test_every_optimizer_family_matches_the_reference(family: str, task, fused: bool) -> None:
-    """Both updates of the CPU: the fused kernel (where it applies: SGD, Adam and AdamW
-    without amsgrad, so the amsgrad row is left out) and the eager optimizers."""
+def test_every_optimizer_family_matches_the_reference(family: str, task, path: str) -> None:
+    """Every CPU path: the trial-major kernel and the layer-major fused update (where they
+    apply: SGD, Adam and AdamW without amsgrad, so the amsgrad row is left out; other
+    families take the eager optimizers) and the eager optimizers."""
+    fused = path != "eager"
     specs = [s for s in OPTIMIZERS[family] if not (fused and getattr(s, "amsgrad", False))]
     trials = [_trial(opt, task=task, seed=i) for i, opt in enumerate(specs)]
-    _check(trials, engine=BatchedEngine(fused=fused))
+    _check(trials, engine=BatchedEngine(**PATHS[path]))
 
 
 @pytest.mark.parametrize("activation", sorted(ACTIVATIONS))
@@ -222,8 +227,9 @@ def test_a_diverging_trial_is_frozen_and_cut_without_touching_the_others() -> No
     trials.append(_trial(SGD(lr=1e-2), train=train, seed=3,
                          model=ModelSpec(depth=2, width=16, init="normal", init_scale=1e30)))
     want = ReferenceEngine().run(trials, CPU)
-    got = BatchedEngine().run(trials, CPU)
-    alone = BatchedEngine().run([trials[0]], CPU)[0]
+    layer_major = BatchedEngine(trial_major=False)  # the kernel's own: test_trial_major.py
+    got = layer_major.run(trials, CPU)
+    alone = layer_major.run([trials[0]], CPU)[0]
     assert want[1].divergence_step is not None and want[5].divergence_step == 0
     for g, w in zip(got, want, strict=True):
         assert_equivalent(g, w, TOL["float32"], first=50)
@@ -242,8 +248,8 @@ def test_compaction_of_diverged_rows_changes_nothing() -> None:
     train = TrainSpec(batch_size=8, epochs=2, dtype="float64")
     lrs = [1e-2, 1e3, 3e2, 1e-2, 1e2, 1e3, 1e-2, 1e4]
     trials = [_trial(SGD(lr=lr, momentum=0.9), train=train, seed=i) for i, lr in enumerate(lrs)]
-    often = BatchedEngine(check_every=1, compact_below=1.0)
-    never = BatchedEngine(check_every=10**9)
+    often = BatchedEngine(check_every=1, compact_below=1.0, trial_major=False)
+    never = BatchedEngine(check_every=10**9, trial_major=False)
     got = _check(trials, first=50, engine=often)
     for g, n in zip(got, never.run(trials, CPU), strict=True):
         assert g.equal(n)
@@ -258,7 +264,8 @@ def test_the_cpu_all_alive_shortcut_changes_no_bit(monkeypatch) -> None:
              Adam(lr=3e-3, weight_decay=0.1), RMSprop(lr=1e-2), Adagrad(lr=0.1)]
     trials = [_trial(spec, task=CLASSIFICATION, train=train, seed=i)
               for i, spec in enumerate(specs)]
-    shortcut = BatchedEngine().run(trials, CPU)
+    layer_major = BatchedEngine(trial_major=False)
+    shortcut = layer_major.run(trials, CPU)
     diverged = [t.divergence_step for t in shortcut]
     assert diverged[1] is not None and diverged[2] is not None and diverged[0] is None
 
@@ -267,26 +274,29 @@ def test_the_cpu_all_alive_shortcut_changes_no_bit(monkeypatch) -> None:
         return self.alive
 
     monkeypatch.setattr(_Population, "mark_diverged", always_mask)
-    for fast, masked in zip(shortcut, BatchedEngine().run(trials, CPU), strict=True):
+    for fast, masked in zip(shortcut, layer_major.run(trials, CPU), strict=True):
         assert fast.equal(masked)
 
 
 def test_a_population_where_every_trial_diverges_stops_early() -> None:
     train = TrainSpec(batch_size=8, epochs=3, dtype="float32")
     trials = [_trial(SGD(lr=lr), train=train, seed=i) for i, lr in enumerate([1e4, 1e5])]
-    got = _check(trials, first=50, engine=BatchedEngine(check_every=4))
+    got = _check(trials, first=50, engine=BatchedEngine(check_every=4, trial_major=False))
     assert all(t.divergence_step is not None for t in got)
 
 
-def test_a_trial_alone_equals_the_same_trial_in_a_population_of_64() -> None:
-    """Bit-identical on the CPU: the rows never interact and every kernel is per row."""
+@pytest.mark.parametrize("trial_major", [True, False], ids=["trial_major", "layer_major"])
+def test_a_trial_alone_equals_the_same_trial_in_a_population_of_64(trial_major: bool) -> None:
+    """Bit-identical on the CPU, on either path: the rows never interact and every kernel is
+    per row."""
     rng = np.random.default_rng(0)
     crowd = [_trial(Adam(lr=float(10 ** rng.uniform(-4, 0))), task=CLASSIFICATION,
                     seed=int(rng.integers(0, 20))) for _ in range(63)]
     me = _trial(Adam(lr=3e-3), task=CLASSIFICATION, seed=42)
     population = crowd[:20] + [me] + crowd[20:]
-    got = BatchedEngine().run(population, CPU)[20]
-    alone = BatchedEngine().run([me], CPU)[0]
+    engine = BatchedEngine(trial_major=trial_major)
+    got = engine.run(population, CPU)[20]
+    alone = engine.run([me], CPU)[0]
     assert got.equal(alone)
     assert_equivalent(alone, ReferenceEngine().run([me], CPU)[0], TOL["float64"])
 

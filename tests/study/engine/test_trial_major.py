@@ -1,0 +1,218 @@
+"""The trial-major kernel (study.engine.trial_major) under the equivalence contract of
+test_population.py: float64 within 1e-6 and float32 within 1e-4 of the reference engine over
+whole runs, diverging trials the same status and divergence step within a few steps, and a
+trial's numbers bit-identical whatever population (and however many threads) it trains in.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from study.engine import BatchedEngine, ReferenceEngine
+from study.engine import trial_major as kernel_module
+from study.engine.population import _Population
+from study.models import ModelSpec
+from study.optimizers import SGD, Adagrad, Adam, AdamW, RMSprop
+from study.tasks import Blobs, LinearRegression, TeacherMLP
+from study.trial import DiagnosticsSpec, LoopSpec, TrainSpec, TrialSpec
+from tests.study.engine.test_population import TOL, assert_equivalent
+
+CPU = torch.device("cpu")
+REGRESSION = TeacherMLP(n_train=100, n_val=64, width=16)
+CLASSIFICATION = Blobs(n_train=100, n_val=64)
+FAMILIES = [SGD(lr=0.05), SGD(lr=0.02, momentum=0.9, weight_decay=1e-3),
+            SGD(lr=0.03, momentum=0.5, dampening=0.5), SGD(lr=0.01, momentum=0.9, nesterov=True),
+            Adam(lr=1e-2), Adam(lr=3e-3, betas=(0.8, 0.99), weight_decay=1e-2),
+            AdamW(lr=1e-2), AdamW(lr=3e-3, weight_decay=0.1, eps=1e-6)]
+
+
+def _trial(optimizer=None, task=REGRESSION, model=None, train=None, seed=0, loop=None,
+           diagnostics=None) -> TrialSpec:
+    return TrialSpec(task, model or ModelSpec(depth=2, width=16),
+                     optimizer or SGD(lr=0.05, momentum=0.9),
+                     train or TrainSpec(batch_size=32, epochs=3, dtype="float64"), seed,
+                     loop=loop or LoopSpec(),
+                     diagnostics=diagnostics or DiagnosticsSpec())
+
+
+@pytest.fixture
+def kernel_only(monkeypatch):
+    """The engine under test takes the kernel: the layer-major path raises."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("the layer-major path ran")
+
+    monkeypatch.setattr(_Population, "__init__", refuse)
+
+
+def _check(trials, first=None, on_eval=None) -> list:
+    want = ReferenceEngine().run(trials, CPU, on_eval)
+    got = BatchedEngine().run(trials, CPU, on_eval)
+    for trial, g, w in zip(trials, got, want, strict=True):
+        assert_equivalent(g, w, TOL[trial.train.dtype], first)
+    return got
+
+
+def test_what_fits_the_kernel() -> None:
+    base = _trial()
+    assert kernel_module.fits([base], CPU)
+    assert kernel_module.fits([_trial(model=ModelSpec(depth=0, width=0,
+                                                      activation="identity"))], CPU)
+    refused = [
+        _trial(model=ModelSpec(depth=2, width=16, dropout=0.1)),
+        _trial(model=ModelSpec(depth=2, width=16, activation="gelu")),
+        _trial(loop=LoopSpec(clip_norm=1.0)),
+        _trial(loop=LoopSpec(zero_grad=False)),
+        _trial(loop=LoopSpec(loss="huber")),
+        _trial(loop=LoopSpec(decay_layers=(0,))),
+        _trial(Adam(lr=1e-3, amsgrad=True)),
+        _trial(RMSprop(lr=1e-3)),
+        _trial(Adagrad(lr=0.1)),
+    ]
+    for trial in refused:
+        assert not kernel_module.fits([trial], CPU), trial
+    assert not kernel_module.fits([base], torch.device("cuda"))
+    assert not kernel_module.fits([base, _trial(RMSprop(lr=1e-3))], CPU)
+
+
+@pytest.mark.parametrize("task", [REGRESSION, CLASSIFICATION], ids=["regression", "classify"])
+def test_every_family_matches_the_reference(task, kernel_only) -> None:
+    _check([_trial(spec, task=task, seed=i) for i, spec in enumerate(FAMILIES)])
+
+
+@pytest.mark.parametrize("activation", ["relu", "tanh", "sigmoid", "identity"])
+def test_every_activation_matches_the_reference(activation: str, kernel_only) -> None:
+    model = ModelSpec(depth=2, width=16, activation=activation)
+    trials = [_trial(SGD(lr=0.05), model=model, seed=s) for s in range(2)]
+    trials += [_trial(Adam(lr=1e-2), task=CLASSIFICATION, model=model, seed=3)]
+    _check(trials)
+
+
+@pytest.mark.parametrize("batch_size", [1, 7, 32, 100, "full"])
+def test_batch_sizes_a_partial_last_batch_and_linear_models(batch_size, kernel_only) -> None:
+    train = TrainSpec(batch_size=batch_size, epochs=2, dtype="float64")
+    linear = ModelSpec(depth=0, width=0, activation="identity")
+    regression = LinearRegression(dim=5, out_dim=2, n_train=72, feature_scale=[1, 2, 3, 4, 0.1])
+    _check([_trial(SGD(lr=0.05, momentum=0.9), train=train, seed=0),
+            _trial(Adam(lr=1e-2), task=CLASSIFICATION, train=train, seed=1),
+            _trial(SGD(lr=0.01), task=regression, model=linear, train=train, seed=2),
+            _trial(SGD(lr=0.01), task=regression, train=train, seed=3)])
+
+
+@pytest.mark.parametrize("task", [REGRESSION, CLASSIFICATION], ids=["regression", "classify"])
+def test_float32_within_1e_4(task, kernel_only) -> None:
+    train = TrainSpec(batch_size=16, epochs=3, dtype="float32")
+    _check([_trial(SGD(lr=0.05, momentum=0.9), task=task, train=train, seed=0),
+            _trial(Adam(lr=3e-3), task=task, train=train, seed=5)])
+
+
+def test_no_shuffle_and_eval_every(kernel_only) -> None:
+    train = TrainSpec(batch_size=24, epochs=2, eval_every=3, dtype="float64")
+    got = _check([_trial(SGD(lr=0.05), train=train, seed=s, loop=LoopSpec(shuffle=False))
+                  for s in range(2)])
+    assert list(got[0].eval_step[:3]) == [0, 3, 6]
+
+
+def test_diverging_trials_freeze_and_cut_as_the_reference(kernel_only) -> None:
+    """lr 1e3 and 30 beside lr 1e-2, and an init so large that the first evaluation is not
+    finite (divergence at step 0, before any minibatch)."""
+    train = TrainSpec(batch_size=16, epochs=3, dtype="float32")
+    trials = [_trial(SGD(lr=lr), train=train, seed=i % 2)
+              for i, lr in enumerate([1e-2, 1e3, 1e-2, 30.0])]
+    trials.append(_trial(SGD(lr=1e-2), train=train, seed=3,
+                         model=ModelSpec(depth=2, width=16, init="normal", init_scale=1e30)))
+    got = _check(trials, first=50)
+    assert got[1].divergence_step is not None and got[4].divergence_step == 0
+    assert got[0].divergence_step is None
+    for g in got:
+        if g.divergence_step is not None:  # the non-finite value is the last entry
+            at_eval = len(g.step_loss) == g.divergence_step
+            last = (g.train_loss[-1] + g.val_loss[-1]) if at_eval else g.step_loss[-1]
+            assert not np.isfinite(last)
+            assert np.isfinite(g.step_loss[:g.divergence_step]).all()
+    assert got[0].equal(got[2])  # the same trial twice in one population: the same bits
+
+
+def test_a_trial_is_bit_identical_alone_in_a_crowd_and_on_one_thread(kernel_only) -> None:
+    rng = np.random.default_rng(0)
+    crowd = [_trial(Adam(lr=float(10 ** rng.uniform(-4, 0))), task=CLASSIFICATION,
+                    seed=int(rng.integers(0, 20))) for _ in range(40)]
+    me = _trial(Adam(lr=3e-3), task=CLASSIFICATION, seed=42)
+    got = BatchedEngine().run(crowd[:20] + [me] + crowd[20:], CPU)[20]
+    alone = BatchedEngine().run([me], CPU)[0]
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one_thread = BatchedEngine().run([crowd[3], me], CPU)[1]
+    finally:
+        torch.set_num_threads(threads)
+    assert got.equal(alone) and got.equal(one_thread)
+
+
+def test_schedules_plateau_and_early_stopping_match_the_reference(kernel_only) -> None:
+    train = TrainSpec(batch_size=20, epochs=6, dtype="float64")
+    loops = [LoopSpec(warmup_fraction=0.2, cosine=True), LoopSpec(step_epochs=2, step_gamma=0.5),
+             LoopSpec(plateau_factor=0.5, plateau_patience=0, plateau_threshold=0.5),
+             LoopSpec(early_stopping_patience=1)]
+    for loop in loops:
+        trials = [_trial(spec, train=train, seed=i, loop=loop)
+                  for i, spec in enumerate([SGD(lr=0.05, momentum=0.9), AdamW(lr=1e-2),
+                                            SGD(lr=0.5)])]
+        got = _check(trials)
+        if loop.early_stopping_patience is not None:
+            assert any(len(g.eval_step) < 7 for g in got)
+
+
+def test_an_evaluation_hook_stops_its_rows_and_changes_no_other_number(kernel_only) -> None:
+    train = TrainSpec(batch_size=20, epochs=4, dtype="float64")
+    trials = [_trial(SGD(lr=0.05 * (i + 1)), train=train, seed=i) for i in range(4)]
+    seen: list[tuple[int, dict]] = []
+
+    def hook(step: int, values: dict[int, float]) -> set[int]:
+        seen.append((step, dict(values)))
+        return {1} if step == 10 else set()
+
+    _check(trials, on_eval=lambda step, values: {1} if step == 10 and 1 in values else set())
+    got = BatchedEngine().run(trials, CPU, hook)
+    plain = BatchedEngine().run(trials, CPU)
+    assert [s for s, _ in seen][:3] == [0, 5, 10]
+    assert set(seen[0][1]) == {0, 1, 2, 3} and 1 not in seen[3][1]
+    assert list(got[1].eval_step) == [0, 5, 10] and got[1].divergence_step is None
+    for i in (0, 2, 3):
+        assert got[i].equal(plain[i])
+
+
+def test_diagnostics_match_the_reference_and_change_no_training_number(kernel_only) -> None:
+    diagnostics = DiagnosticsSpec(sharpness=True, noise_scale=True, every=4, iterations=10)
+    train = TrainSpec(batch_size=16, epochs=2, dtype="float64")
+    task = TeacherMLP(n_train=48, n_val=16)
+    specs = [Adam(lr=1e-2), SGD(lr=1e30), AdamW(lr=3e-3, betas=(0.8, 0.99))]
+    trials = [_trial(spec, task=task, train=train, seed=s, diagnostics=diagnostics,
+                     model=ModelSpec(1, 8, "tanh")) for s, spec in enumerate(specs)]
+    got = _check(trials, first=50)
+    assert got[1].divergence_step is not None and got[1].precond_sharpness is None
+    assert np.isfinite(got[0].sharpness).all() and np.isfinite(got[0].noise_scale).all()
+    plain = BatchedEngine().run([_trial(spec, task=task, train=train, seed=s,
+                                        model=ModelSpec(1, 8, "tanh"))
+                                 for s, spec in enumerate(specs)], CPU)
+    for a, b in zip(got, plain, strict=True):
+        for name in ("step_loss", "grad_norm", "val_loss", "update_norm", "update_cosine"):
+            assert np.array_equal(getattr(a, name), getattr(b, name), equal_nan=True), name
+
+
+def test_the_kernel_and_the_layer_major_path_agree_on_the_lr_batch_shapes() -> None:
+    """Both CPU paths on lr_batch's model and tasks (2 x 64 relu, float32, batch 8 and full):
+    every stable trial within the float32 bound of the other path, statuses equal."""
+    model = ModelSpec(depth=2, width=64)
+    trials = []
+    for task in (TeacherMLP(n_train=64, n_val=32), Blobs(n_train=64, n_val=32)):
+        for batch in (8, "full"):
+            train = TrainSpec(batch_size=batch, epochs=3, dtype="float32")
+            trials += [_trial(spec, task=task, model=model, train=train, seed=s)
+                       for s, spec in enumerate([SGD(lr=0.01), SGD(lr=0.01, momentum=0.9),
+                                                 Adam(lr=1e-3)])]
+    kernel = BatchedEngine().run(trials, CPU)
+    layer = BatchedEngine(trial_major=False).run(trials, CPU)
+    for a, b in zip(kernel, layer, strict=True):
+        assert_equivalent(a, b, TOL["float32"])
