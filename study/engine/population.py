@@ -155,17 +155,21 @@ class BatchedEngine:
         params = _initial_parameters(net, trials, seeds).to(dtype).contiguous()
         kernel = trial_major.Kernel(net, params, [t.optimizer for t in trials], data,
                                     train.resolved_batch_size(n_train), train.epochs,
-                                    first.loop.shuffle, traces.steps.numpy(),
+                                    first.loop.shuffle, eval_steps, traces.steps.numpy(),
                                     traces.evals.numpy())
         loop = LoopState(trials, cpu, dtype, train.steps_per_epoch(n_train), planned)
         adaptive_rows = [adaptive(t.optimizer) for t in trials]
         eval_at = {s: k for k, s in enumerate(eval_steps)}
         diag_at = {s: k for k, s in enumerate(diag_steps)}
+        watched = loop.tracks_validation or on_eval is not None or diag_steps
+        # Nothing to do between evaluations: the whole run in one call. Else one call per
+        # evaluation or diagnostics step, and the loop runs in between.
+        boundaries = sorted({*eval_steps, *diag_steps}) if watched else [0, planned]
         done = 0
-        for boundary in sorted({*eval_steps, *diag_steps}):
+        for boundary in boundaries:
             if loop.spec.scheduled:  # a plateau changes the rates only at an evaluation
                 kernel.schedule(done, [loop.learning_rates(s) for s in range(done, boundary)])
-            kernel.advance(done, boundary, eval_at.get(boundary, -1))
+            kernel.advance(done, boundary, eval_first=boundary == 0)
             done = boundary
             if boundary in diag_at:  # the reference's order: diagnostics, then evaluation
                 flat = torch.from_numpy(kernel.params)

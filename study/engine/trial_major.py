@@ -341,9 +341,11 @@ if njit is not None:
 
     @njit(cache=True)
     def _evaluate(p, x, yf, yi, classify, scale, n_train, chunk, acts, pre, a_off, w_off,
-                  b_off, fan_in, fan_out, narrow, act, probe, sat_z, unit_live, out_rec):
+                  b_off, fan_in, fan_out, narrow, act, probe, sat_z, unit_live, out_rec, whole):
         # Train and val loss (and accuracy) over x = train rows then val rows, and activation
         # health of the hidden pre-activations on the first `probe` rows, into out_rec [6].
+        # `whole`: the training rows last, as one chunk, so that acts ends holding the
+        # forward pass of a whole-split step (the next step's, same rows, same parameters).
         out_rec[:] = np.nan
         layers = len(w_off)
         n = x.shape[0]
@@ -352,9 +354,17 @@ if njit is not None:
         hits = np.zeros(2)
         unit_live[:] = 0
         saturated = 0
-        start = 0
-        while start < n:
-            rows = min(chunk, n - start)
+        val_chunks = (n - n_train + chunk - 1) // chunk
+        chunks = val_chunks + 1 if whole else (n + chunk - 1) // chunk
+        for part in range(chunks):
+            if not whole:
+                start = part * chunk
+                rows = min(chunk, n - start)
+            elif part < val_chunks:
+                start = n_train + part * chunk
+                rows = min(chunk, n - start)
+            else:
+                start, rows = 0, n_train
             h = x[start:start + rows]
             base = 0  # the layer's first unit among the hidden units
             for i in range(layers):
@@ -395,7 +405,6 @@ if njit is not None:
                     for j in range(c):
                         d = (h[r, j] - yf[start + r, j]) * scale[j]
                         loss[split] += np.float64(d) * np.float64(d)
-            start += rows
         n_val = n - n_train
         # the means in the dtype, as torch's
         per = c if not classify else 1
@@ -424,15 +433,16 @@ if njit is not None:
                       hp[2], hp[3], decay, hp[6])
 
     @njit(cache=True, nogil=True)
-    def _segment(t, first_step, end_step, k_eval, params, previous, state1, state2, prev_norm,
-                 live, x_eval, yf_eval, yi_eval, classify, scale, orders, batch, n_train,
-                 w_off, b_off, fan_in, fan_out, narrow, act, probe, sat_z, kind, hp, step_lr,
-                 step_bc2, step_decay, steps_rec, evals_rec, chunk):
+    def _segment(t, first_step, end_step, eval_first, eval_index, params, previous, state1,
+                 state2, prev_norm, live, x_eval, yf_eval, yi_eval, classify, scale, orders,
+                 batch, n_train, w_off, b_off, fan_in, fan_out, narrow, act, probe, sat_z, kind,
+                 hp, step_lr, step_bc2, step_decay, steps_rec, evals_rec, chunk):
         # Trial t from `first_step` updates to `end_step` (each step: batch, forward, loss,
-        # backward, records, freeze decision, update), then evaluation `k_eval` (k_eval >= 0)
-        # of the full splits. Its state lives in row t of params, previous (the last update),
-        # state1 / state2 (optimizer), prev_norm and live (0: frozen or stopped, nothing
-        # more is computed).
+        # backward, records, freeze decision, update), with the evaluations of the full
+        # splits after the steps that `eval_index` names (>= 0: which evaluation), and
+        # before the first step too where `eval_first`. Its state lives in row t of params,
+        # previous (the last update), state1 / state2 (optimizer), prev_norm and live (0:
+        # frozen or stopped, nothing more is computed).
         if not live[t]:
             return
         n_params = params.shape[1]
@@ -468,6 +478,20 @@ if njit is not None:
         swapped = False  # p and last are the scratch rows
         s1, s2 = state1[t], state2[t]
         norm = prev_norm[t]
+        whole = batch >= n_train  # one batch per epoch: the split as stored
+        unit_live = np.zeros(hidden, dtype=np.uint8)
+        rec = np.empty(6)
+        shared = False  # acts hold the coming step's forward pass (an evaluation's)
+        k = eval_index[first_step]
+        if eval_first and k >= 0:
+            _evaluate(p, x_all, yf_eval[t], yi_eval[t], classify, scale[t], n_train, chunk,
+                      acts, pre, a_off, w_off, b_off, fan_in, fan_out, narrow, act, probe,
+                      sat_z, unit_live, rec, whole)
+            evals_rec[k, :, t] = rec
+            if not (np.isfinite(rec[0]) and np.isfinite(rec[1])):
+                live[t] = 0
+                return
+            shared = whole
         for step in range(first_step, end_step):
             epoch, start = step // per_epoch, (step % per_epoch) * batch
             rows = min(batch, n_train - start)
@@ -482,8 +506,12 @@ if njit is not None:
                     for j in range(yf_eval.shape[2]):
                         yfb[r, j] = yf_eval[t, e, j]
             xr = xb[:rows]
-            out = _forward(p, xr, acts, pre, a_off, w_off, b_off, fan_in, fan_out, narrow, act,
-                           rows)
+            if shared:
+                out = acts[a_off[layers - 1]:a_off[layers - 1] + rows * c].reshape((rows, c))
+            else:
+                out = _forward(p, xr, acts, pre, a_off, w_off, b_off, fan_in, fan_out, narrow,
+                               act, rows)
+            shared = False
             gout = g0[:rows * c].reshape((rows, c))
             loss = _loss_grad(out, yfb[:rows], yib[:rows], classify, gout)
             _backward(p, grad, xr, acts, g0, g1, pre, wt, zeros, a_off, w_off, b_off, fan_in,
@@ -521,18 +549,21 @@ if njit is not None:
             p, new = new, p
             last, update = update, last
             swapped = not swapped
+            k = eval_index[step + 1]
+            if k >= 0:
+                _evaluate(p, x_all, yf_eval[t], yi_eval[t], classify, scale[t], n_train,
+                          chunk, acts, pre, a_off, w_off, b_off, fan_in, fan_out, narrow, act,
+                          probe, sat_z, unit_live, rec, whole)
+                evals_rec[k, :, t] = rec
+                if not (np.isfinite(rec[0]) and np.isfinite(rec[1])):
+                    live[t] = 0
+                    break
+                shared = whole
         if swapped:
             params[t] = p
             previous[t] = last
         prev_norm[t] = norm
-        if live[t] and k_eval >= 0:
-            rec = np.empty(6)
-            _evaluate(p, x_all, yf_eval[t], yi_eval[t], classify, scale[t], n_train, chunk,
-                      acts, pre, a_off, w_off, b_off, fan_in, fan_out, narrow, act, probe,
-                      sat_z, np.zeros(hidden, dtype=np.uint8), rec)
-            evals_rec[k_eval, :, t] = rec
-            if not (np.isfinite(rec[0]) and np.isfinite(rec[1])):
-                live[t] = 0
+
 
 def _step_table(specs, planned: int, dtype: torch.dtype) -> tuple[np.ndarray, np.ndarray]:
     """[T, planned] each trial's -lr (SGD) or Adam's bias-corrected -step size, and Adam's
@@ -569,17 +600,19 @@ def batch_orders(orders: Sequence[torch.Generator], epochs: int, n_train: int,
 
 class Kernel:
     """A population's state on the kernel (row t = trial t, never reordered) and the call
-    that advances it: `advance(first, end, k)` trains every live trial from `first` updates
-    to `end`, then runs evaluation k. Between calls the caller reads the records, stops
-    trials (`stop`) and sets learning rates (`schedule`): the population engine's loop
-    (evaluation hooks, early stopping, plateaus, diagnostics) runs there, in Python.
+    that advances it: `advance(first, end)` trains every live trial from `first` updates
+    to `end`, with the evaluations of `eval_steps` on the way. Between calls the caller
+    reads the records, stops trials (`stop`) and sets learning rates (`schedule`): the
+    population engine's loop (evaluation hooks, early stopping, plateaus, diagnostics) runs
+    there, in Python.
 
     `data`: the population's `PopulationData`; `steps` [planned, STEP_FIELDS, T] and `evals`
     [evaluations, EVAL_FIELDS, T]: `TraceBuffers`' arrays, written in place.
     """
 
     def __init__(self, net: Network, params: Tensor, specs: Sequence, data, batch: int,
-                 epochs: int, shuffle: bool, steps: np.ndarray, evals: np.ndarray) -> None:
+                 epochs: int, shuffle: bool, eval_steps: Sequence[int], steps: np.ndarray,
+                 evals: np.ndarray) -> None:
         dtype = params.dtype
         planned, n_train, rows = steps.shape[0], data.n_train, len(specs)
         self.specs, self.dtype = list(specs), dtype
@@ -620,6 +653,8 @@ class Kernel:
                           np.asarray(net.narrowing, dtype=np.bool_),
                           _ACTIVATIONS[net.activation], min(PROBE_SIZE, n_train), sat_z)
         self.steps, self.evals, self.chunk = steps, evals, chunk
+        self.eval_index = np.full(planned + 1, -1, dtype=np.int64)
+        self.eval_index[np.asarray(eval_steps)] = np.arange(len(eval_steps))
         self.threads = torch.get_num_threads()
 
     def schedule(self, first: int, lrs: Sequence[Sequence[float]]) -> None:
@@ -638,14 +673,16 @@ class Kernel:
             self.step_decay[:, step] = torch.tensor(decay, dtype=torch.float64).to(
                 self.dtype).numpy()
 
-    def advance(self, first: int, end: int, k_eval: int) -> None:
-        """Every live trial from `first` updates to `end`, then evaluation `k_eval` (-1:
-        none); a trial whose loss, gradient norm or evaluation is non-finite freezes
-        (`alive` false from there)."""
+    def advance(self, first: int, end: int, eval_first: bool = False) -> None:
+        """Every live trial from `first` updates to `end`, with the evaluations after steps
+        first + 1 ... end that the schedule has (and the one at `first` where
+        `eval_first`); a trial whose loss, gradient norm or evaluation is non-finite
+        freezes (`alive` false from there)."""
         live = np.flatnonzero(self.live).tolist()
-        args = (first, end, k_eval, self.params, self.previous, self.state1, self.state2,
-                self.prev_norm, self.live, *self.data_args, self.kind, self.hp, self.step_lr,
-                self.step_bc2, self.step_decay, self.steps, self.evals, self.chunk)
+        args = (first, end, eval_first, self.eval_index, self.params, self.previous,
+                self.state1, self.state2, self.prev_norm, self.live, *self.data_args,
+                self.kind, self.hp, self.step_lr, self.step_bc2, self.step_decay, self.steps,
+                self.evals, self.chunk)
         _spread(lambda t: _segment(t, *args), live, self.threads)
 
     @property

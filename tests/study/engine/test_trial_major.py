@@ -216,3 +216,20 @@ def test_the_kernel_and_the_layer_major_path_agree_on_the_lr_batch_shapes() -> N
     layer = BatchedEngine(trial_major=False).run(trials, CPU)
     for a, b in zip(kernel, layer, strict=True):
         assert_equivalent(a, b, TOL["float32"])
+
+
+@pytest.mark.parametrize("batch_size", ["full", 16])
+def test_one_call_or_one_per_evaluation_give_the_same_bits(batch_size, kernel_only) -> None:
+    """Without a hook the kernel runs a population in one call, and a whole-split step
+    takes its forward pass from the evaluation before it; with one (stopping nothing), one
+    call per evaluation and every step's own forward pass. The same bits either way."""
+    train = TrainSpec(batch_size=batch_size, epochs=4, dtype="float32")
+    trials = [_trial(spec, task=task, train=train, seed=s)
+              for s, (spec, task) in enumerate([(SGD(lr=0.05, momentum=0.9), REGRESSION),
+                                                (Adam(lr=1e-2), CLASSIFICATION),
+                                                (SGD(lr=30.0), REGRESSION)])]
+    together = BatchedEngine().run(trials, CPU)
+    apart = BatchedEngine().run(trials, CPU, lambda step, values: set())
+    for a, b in zip(together, apart, strict=True):
+        assert a.equal(b)
+    assert together[2].divergence_step is not None
