@@ -7,17 +7,18 @@ thread takes a trial and runs all of it, every epoch's batches (forward, loss, b
 step records, freeze decision, update) and every evaluation of the full splits (losses,
 accuracy, activation health on the probe), with the trial's parameters, optimizer state and
 activations (about 100 KB for a 2 x 64 MLP) resident in its core's L1/L2 cache. Trials are
-handed to the threads one at a time (numba's `prange` with chunk size 1), so a trial that
-diverges early frees its thread for the next.
+handed to the threads (Python threads; the kernel releases the GIL) one at a time, so a
+trial that diverges early frees its thread for the next, and no thread ever waits for
+another.
 
 Numbers: the same arithmetic as the layer-major path, in the parameter dtype, with the
 update of `study.engine.fused` (torch's single-tensor optimizer formulas, in torch's order).
-The matrix products accumulate in their own order (one product at a time along the inner
-dimension; dot products vectorised), as MKL's do in theirs: a trial agrees with the
-reference engine to the rounding of its products, the equivalence contract of
-tests/study/engine/test_population.py. Nothing is shared between trials, and every loop is
-the same whatever the population, so a trial's numbers are bit-identical alone or in any
-population. Losses, norms and evaluation means are summed in float64.
+The matrix products are register-blocked loops (`_product`) that sum in their own order, as
+MKL's do in theirs: a trial agrees with the reference engine to the rounding of its
+products, the equivalence contract of tests/study/engine/test_population.py. Nothing is
+shared between trials, and every loop is the same whatever the population and the thread,
+so a trial's numbers are bit-identical alone, in any population and on any number of
+threads. Losses, norms and evaluation means are summed in float64.
 
 What it runs (`fits`): CPU populations with numba, no dropout, a ReLU / tanh / sigmoid /
 identity MLP, the task's loss (MSE or cross-entropy), zero_grad, SGD / Adam / AdamW without
@@ -44,12 +45,11 @@ from study.models import PROBE_SIZE, SATURATION_Z
 from study.trial import TrialSpec
 
 try:
-    import numba
     from numba import njit
 
     from study.engine.fused import _adam_row, _dot, _sgd_row, _sumsq
 except ImportError:  # pragma: no cover - numba is a dependency; this guards broken installs
-    numba = njit = None
+    njit = None
 
 Tensor = torch.Tensor
 
@@ -75,8 +75,7 @@ def fits(trials: Sequence[TrialSpec], device: torch.device) -> bool:
 if njit is not None:
     # The products are compiled apart, each with its own fastmath flags (numba's inlining
     # would compile them with the caller's): FMA contraction everywhere; reassociation only
-    # in the dot products, whose sums are then vectorised. Four examples at a time share
-    # each load of a weight row.
+    # in the dot products, whose sums are then vectorised.
     _PRODUCT = {"contract"}
     _DOT = {"reassoc", "nsz", "contract"}
 
