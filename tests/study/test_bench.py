@@ -79,3 +79,22 @@ def test_threads_holds_torch_and_the_fused_update_and_subset_0_skips_the_referen
     assert batched["trial_steps_per_cpu_s"] * batched["cpu_s"] == pytest.approx(
         batched["trial_steps"])
     assert len(result["load_averages"]["start"]) == 3
+
+
+def test_kernel_picks_the_cpu_path_and_is_recorded(monkeypatch) -> None:
+    """`--kernel layer_major` trains every population on the layer-major path (the
+    trial-major kernel never runs), the default takes the kernel; the JSON says which."""
+    from study.engine import trial_major
+
+    args = ["+sweep=smoke", "train.epochs=1", "--device", "cpu", "--subset", "0", "--limit",
+            "4", "--matmul-seconds", "0.05"]
+    calls = []
+    advance = trial_major.Kernel.advance
+    monkeypatch.setattr(trial_major.Kernel, "advance",
+                        lambda self, *a, **k: (calls.append(a), advance(self, *a, **k))[1])
+    assert main([*args, "--kernel", "layer_major"])["kernel"] == "layer_major"
+    assert calls == []
+    assert main(args)["kernel"] == "auto"
+    assert calls
+    with pytest.raises(SystemExit):
+        main([*args, "--kernel", "fast"])
