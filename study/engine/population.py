@@ -154,8 +154,8 @@ class BatchedEngine:
         traces = TraceBuffers(len(trials), planned, eval_steps, diag_steps, dtype, cpu)
         params = _initial_parameters(net, trials, seeds).to(dtype).contiguous()
         kernel = trial_major.Kernel(net, params, [t.optimizer for t in trials], data,
-                                    train.resolved_batch_size(n_train), train.epochs,
-                                    first.loop.shuffle, eval_steps, traces.steps.numpy(),
+                                    train.resolved_batch_size(n_train), first.loop.shuffle,
+                                    eval_steps, traces.steps.numpy(),
                                     traces.evals.numpy())
         loop = LoopState(trials, cpu, dtype, train.steps_per_epoch(n_train), planned)
         adaptive_rows = [adaptive(t.optimizer) for t in trials]

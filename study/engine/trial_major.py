@@ -434,8 +434,9 @@ if njit is not None:
     @njit(cache=True, nogil=True)
     def _segment(t, first_step, end_step, eval_first, eval_index, params, previous, state1,
                  state2, prev_norm, live, x_eval, yf_eval, yi_eval, classify, scale, orders,
-                 batch, n_train, w_off, b_off, fan_in, fan_out, narrow, act, probe, sat_z, kind,
-                 hp, step_lr, step_bc2, step_decay, steps_rec, evals_rec, chunk):
+                 epoch_base, epoch_stride, batch, n_train, w_off, b_off, fan_in, fan_out,
+                 narrow, act, probe, sat_z, kind, hp, step_lr, step_bc2, step_decay,
+                 steps_rec, evals_rec, chunk):
         # Trial t from `first_step` updates to `end_step` (each step: batch, forward, loss,
         # backward, records, freeze decision, update), with the evaluations of the full
         # splits after the steps that `eval_index` names (>= 0: which evaluation), and
@@ -494,7 +495,7 @@ if njit is not None:
         for step in range(first_step, end_step):
             epoch, start = step // per_epoch, (step % per_epoch) * batch
             rows = min(batch, n_train - start)
-            order = orders[t, epoch]
+            order = orders[t, (epoch - epoch_base) * epoch_stride]
             for r in range(rows):
                 e = order[start + r]
                 for k in range(n_in):
@@ -585,16 +586,17 @@ def _step_table(specs, planned: int, dtype: torch.dtype) -> tuple[np.ndarray, np
     return as_array(lrs), as_array(bc2s)
 
 
-def batch_orders(orders: Sequence[torch.Generator], epochs: int, n_train: int,
-                 shuffle: bool, whole: bool) -> np.ndarray:
-    """[T, epochs, n_train] int64: each row's batch order per epoch, drawn as the layer-major
-    path draws it (`PopulationData.epoch`: one `torch.randperm` per epoch from the row's order
-    generator); the stored order without shuffling or for a whole-split batch."""
-    if not shuffle or whole:
-        return np.broadcast_to(np.arange(n_train, dtype=np.int64),
-                               (len(orders), epochs, n_train)).copy()
+def draw_orders(orders: Sequence[torch.Generator], epochs: int, n_train: int) -> np.ndarray:
+    """[T, epochs, n_train] int64: each row's batch order for its next `epochs` epochs, drawn
+    as the layer-major path draws them (`PopulationData.epoch`: one `torch.randperm` per
+    epoch from the row's order generator, epoch after epoch)."""
     return torch.stack([torch.stack([torch.randperm(n_train, generator=g)
                                      for _ in range(epochs)]) for g in orders]).numpy()
+
+
+# The most memory the drawn batch orders of a population may take: a call of the kernel
+# covers at most the epochs whose orders fit (at least one).
+ORDER_BYTES = 64 * 2**20
 
 
 class Kernel:
@@ -610,7 +612,7 @@ class Kernel:
     """
 
     def __init__(self, net: Network, params: Tensor, specs: Sequence, data, batch: int,
-                 epochs: int, shuffle: bool, eval_steps: Sequence[int], steps: np.ndarray,
+                 shuffle: bool, eval_steps: Sequence[int], steps: np.ndarray,
                  evals: np.ndarray) -> None:
         dtype = params.dtype
         planned, n_train, rows = steps.shape[0], data.n_train, len(specs)
@@ -637,7 +639,14 @@ class Kernel:
         c = net.sizes[-1][1]
         scale = (np.ones((rows, c), dtype=x_eval.dtype) if data.target_scale is None
                  else data.target_scale[:, 0, :].contiguous().numpy())
-        orders = batch_orders(data.orders, epochs, n_train, shuffle, batch >= n_train)
+        # Shuffled batches: orders drawn epoch by epoch as calls need them (`_orders_for`);
+        # else (no shuffling, or the whole split as stored) one order for every epoch.
+        self.generators = data.orders if shuffle and batch < n_train else None
+        self.per_epoch = -(-n_train // batch)
+        self.epoch_base, self.drawn = 0, 0
+        self.window = max(1, ORDER_BYTES // (8 * rows * n_train))
+        self.orders = np.broadcast_to(np.arange(n_train, dtype=np.int64),
+                                      (rows, 1, n_train)).copy()
         w_off, b_off, offset = [], [], 0
         for fi, fo in net.sizes:
             w_off.append(offset)
@@ -646,11 +655,11 @@ class Kernel:
         as_int = lambda v: np.asarray(v, dtype=np.int64)  # noqa: E731
         sat_z = SATURATION_Z.get(net.activation, math.inf)
         chunk = 64  # evaluation rows per pass: a chunk's activations stay in L1/L2
-        self.data_args = (x_eval, yf, yi, classify, scale, orders, batch, n_train,
-                          as_int(w_off), as_int(b_off), as_int([fi for fi, _ in net.sizes]),
-                          as_int([fo for _, fo in net.sizes]),
-                          np.asarray(net.narrowing, dtype=np.bool_),
-                          _ACTIVATIONS[net.activation], min(PROBE_SIZE, n_train), sat_z)
+        self.data_args = (x_eval, yf, yi, classify, scale)
+        self.layout = (batch, n_train, as_int(w_off), as_int(b_off),
+                       as_int([fi for fi, _ in net.sizes]), as_int([fo for _, fo in net.sizes]),
+                       np.asarray(net.narrowing, dtype=np.bool_),
+                       _ACTIVATIONS[net.activation], min(PROBE_SIZE, n_train), sat_z)
         self.steps, self.evals, self.chunk = steps, evals, chunk
         self.eval_index = np.full(planned + 1, -1, dtype=np.int64)
         self.eval_index[np.asarray(eval_steps)] = np.arange(len(eval_steps))
@@ -676,13 +685,39 @@ class Kernel:
         """Every live trial from `first` updates to `end`, with the evaluations after steps
         first + 1 ... end that the schedule has (and the one at `first` where
         `eval_first`); a trial whose loss, gradient norm or evaluation is non-finite
-        freezes (`alive` false from there)."""
+        freezes (`alive` false from there). Calls move forward only: `first` is where the
+        last call ended."""
+        while True:  # one kernel call per window of epochs whose orders fit ORDER_BYTES
+            stop = end
+            if self.generators is not None:
+                stop = min(end, (first // self.per_epoch + self.window) * self.per_epoch)
+            self._call(first, stop, eval_first)
+            if stop >= end:
+                return
+            first, eval_first = stop, False
+
+    def _call(self, first: int, end: int, eval_first: bool) -> None:
+        stride = 0
+        if self.generators is not None:
+            self._orders_for(first // self.per_epoch, -(-end // self.per_epoch))
+            stride = 1
         live = np.flatnonzero(self.live).tolist()
         args = (first, end, eval_first, self.eval_index, self.params, self.previous,
                 self.state1, self.state2, self.prev_norm, self.live, *self.data_args,
-                self.kind, self.hp, self.step_lr, self.step_bc2, self.step_decay, self.steps,
-                self.evals, self.chunk)
+                self.orders, self.epoch_base, stride, *self.layout, self.kind, self.hp,
+                self.step_lr, self.step_bc2, self.step_decay, self.steps, self.evals,
+                self.chunk)
         _spread(lambda t: _segment(t, *args), live, self.threads)
+
+    def _orders_for(self, low: int, high: int) -> None:
+        """Hold the batch orders of epochs low ... high - 1, drawing those not drawn yet in
+        order from each row's generator (`low` never moves back)."""
+        if high <= self.drawn:
+            return
+        fresh = draw_orders(self.generators, high - self.drawn, self.orders.shape[2])
+        held = self.orders[:, low - self.epoch_base:] if self.drawn > low else fresh[:, :0]
+        self.orders = np.concatenate([held, fresh], axis=1)
+        self.epoch_base, self.drawn = high - self.orders.shape[1], high
 
     @property
     def alive(self) -> np.ndarray:

@@ -233,3 +233,16 @@ def test_one_call_or_one_per_evaluation_give_the_same_bits(batch_size, kernel_on
     for a, b in zip(together, apart, strict=True):
         assert a.equal(b)
     assert together[2].divergence_step is not None
+
+
+def test_batch_orders_drawn_window_by_window_give_the_same_bits(monkeypatch,
+                                                                 kernel_only) -> None:
+    """A population whose batch orders do not fit `ORDER_BYTES` runs one call per window of
+    epochs, drawing each window's orders as it comes: the same orders, the same bits."""
+    train = TrainSpec(batch_size=16, epochs=4, dtype="float32")
+    trials = [_trial(spec, train=train, seed=s)
+              for s, spec in enumerate([SGD(lr=0.05, momentum=0.9), Adam(lr=1e-2)])]
+    whole = BatchedEngine().run(trials, CPU)
+    monkeypatch.setattr(kernel_module, "ORDER_BYTES", 1)  # one epoch per call
+    for a, b in zip(whole, BatchedEngine().run(trials, CPU), strict=True):
+        assert a.equal(b)
