@@ -32,6 +32,7 @@ Everything else takes the layer-major path.
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
@@ -740,11 +741,15 @@ def _spread(run, trials: Sequence[int], threads: int) -> None:
     """`run(t)` for every trial t of `trials`, on `threads` threads that each take the next
     trial as they finish one (runs end at different steps). The kernel releases the GIL;
     Python threads rather than numba's `prange`, whose parallel passes take the kernel
-    minutes to compile."""
+    minutes to compile. An exception in this thread (Ctrl-C) or in a worker stops the
+    workers after the trial each is on, and is raised here."""
     queue = iter(trials)  # next() on a list iterator is atomic under the GIL
+    stop = threading.Event()
 
     def worker() -> None:
         for t in queue:
+            if stop.is_set():
+                return
             run(t)
 
     workers = min(threads, len(trials))
@@ -752,5 +757,10 @@ def _spread(run, trials: Sequence[int], threads: int) -> None:
         worker()
         return
     with ThreadPoolExecutor(workers) as pool:
-        for future in [pool.submit(worker) for _ in range(workers)]:
-            future.result()
+        futures = [pool.submit(worker) for _ in range(workers)]
+        try:
+            for future in futures:
+                future.result()
+        except BaseException:
+            stop.set()
+            raise

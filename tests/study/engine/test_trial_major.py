@@ -6,6 +6,8 @@ trial's numbers bit-identical whatever population (and however many threads) it 
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -246,3 +248,19 @@ def test_batch_orders_drawn_window_by_window_give_the_same_bits(monkeypatch,
     monkeypatch.setattr(kernel_module, "ORDER_BYTES", 1)  # one epoch per call
     for a, b in zip(whole, BatchedEngine().run(trials, CPU), strict=True):
         assert a.equal(b)
+
+
+def test_a_failure_stops_the_other_threads_after_their_trial() -> None:
+    """An exception (a worker's, or Ctrl-C in the caller) stops every thread after the
+    trial it is on: the rest of the population is not trained before it is raised."""
+    done: list[int] = []
+
+    def run(t: int) -> None:
+        if t == 0:
+            raise RuntimeError("trial 0 failed")
+        time.sleep(0.002)
+        done.append(t)
+
+    with pytest.raises(RuntimeError, match="trial 0 failed"):
+        kernel_module._spread(run, list(range(200)), threads=2)
+    assert len(done) < 100
