@@ -274,21 +274,27 @@ class FusedUpdate:
         if lrs is None:
             step_lr = self.step_lr.at(t)[:, 0]
             hp = self.hp
-        else:  # computed per row from this step's lr, as the eager optimizers do
-            kinds = self.kind.tolist()
-            step_lr = torch.tensor(
-                [_step_lr(t, lr, k, getattr(s, "betas", (0.0, 0.0))[0])
-                 for lr, k, s in zip(lrs, kinds, self.specs, strict=True)],
-                dtype=torch.float64).to(self.dtype)
+        else:
             hp = self.hp.clone()
-            hp[_DECAY] = torch.tensor([1 - lr * s.weight_decay for lr, s in
-                                       zip(lrs, self.specs, strict=True)],
-                                      dtype=torch.float64).to(self.dtype)
+            step_lr, hp[_DECAY] = self.scheduled(t, lrs)
         _fused_step(params.numpy(), blocks.numpy(), offsets,
                     previous.numpy(), self.state1.numpy(), self.state2.numpy(),
                     loss.numpy(), alive.numpy(), rec.numpy(), self.prev_norm.numpy(),
                     t > 1, t == 1, self.kind.numpy(), hp.numpy(),
                     step_lr.contiguous().numpy(), self.step_bc2.at(t)[:, 0].contiguous().numpy())
+
+    def scheduled(self, t: int, lrs: Sequence[float]) -> tuple[Tensor, Tensor]:
+        """([T] step size, [T] AdamW decay 1 - lr * weight_decay) of step t from each row's
+        learning rate `lrs` at that step (a schedule's), in the dtype, as the eager
+        optimizers compute them."""
+        kinds = self.kind.tolist()
+        step_lr = torch.tensor([_step_lr(t, lr, k, getattr(s, "betas", (0.0, 0.0))[0])
+                                for lr, k, s in zip(lrs, kinds, self.specs, strict=True)],
+                               dtype=torch.float64).to(self.dtype)
+        decay = torch.tensor([1 - lr * s.weight_decay for lr, s in
+                              zip(lrs, self.specs, strict=True)],
+                             dtype=torch.float64).to(self.dtype)
+        return step_lr, decay
 
     def preconditioner(self) -> Tensor:
         """[T, P] float64: `batched_optimizers.preconditioner` of each row (NaN for SGD rows)."""

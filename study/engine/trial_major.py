@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 from study.engine.batched_optimizers import preconditioner
-from study.engine.fused import _KINDS, FusedUpdate, _step_bc2, _step_lr, available
+from study.engine.fused import FusedUpdate, fusable
 from study.engine.network import Network
 from study.models import PROBE_SIZE, SATURATION_Z
 from study.trial import TrialSpec
@@ -64,13 +64,11 @@ def fits(trials: Sequence[TrialSpec], device: torch.device) -> bool:
     module doc."""
     first = trials[0]
     loop, model = first.loop, first.model
-    return (available() and device.type == "cpu"
-            and first.train.dtype in ("float32", "float64")
+    return (device.type == "cpu" and first.train.dtype in ("float32", "float64")
             and model.activation in _ACTIVATIONS and model.dropout == 0
-            and loop.loss == "task" and loop.zero_grad and loop.clip_norm is None
-            and loop.decay_layers is None
-            and all(type(t.optimizer) in _KINDS and not getattr(t.optimizer, "amsgrad", False)
-                    for t in trials))
+            and loop.loss == "task" and loop.decay_layers is None
+            and fusable([t.optimizer for t in trials], loop.clip_norm is not None,
+                        loop.zero_grad))
 
 
 if njit is not None:
@@ -242,12 +240,17 @@ if njit is not None:
         return w.reshape((fan_in, fan_out))
 
     @njit(cache=True)
-    def _forward(p, x, acts, pre, a_off, w_off, b_off, fan_in, fan_out, narrow, act, rows):
+    def _forward(p, x, acts, pre, a_off, w_off, b_off, fan_in, fan_out, narrow, act, rows,
+                 probe_rows, unit_live, sat_z):
         # The MLP on x [rows, in]; layer i's output (activated, except the last layer's)
         # goes to acts[a_off[i]:] as [rows, fan_out]; `pre` is scratch for pre-activations.
-        # Returns the output view.
+        # The first `probe_rows` rows are the probe: `_health` of each hidden layer's
+        # pre-activations (unit_live: all hidden units, layer after layer). Returns the
+        # output view and the probe's saturated count.
         h = x
         layers = len(w_off)
+        saturated = 0
+        base = 0  # the layer's first unit among the hidden units
         for i in range(layers):
             fo = fan_out[i]
             out = acts[a_off[i]:a_off[i] + rows * fo].reshape((rows, fo))
@@ -259,9 +262,13 @@ if njit is not None:
             else:
                 _product(h, w, b, z)
             if i < layers - 1:
+                if probe_rows > 0:
+                    saturated += _health(z[:probe_rows], unit_live[base:base + fo], act,
+                                         sat_z)
                 _activate(z, out, act)
+                base += fo
             h = out
-        return h
+        return h, saturated
 
     @njit(cache=True)
     def _loss_grad(out, yf, yi, classify, g):
@@ -365,25 +372,11 @@ if njit is not None:
                 rows = min(chunk, n - start)
             else:
                 start, rows = 0, n_train
-            h = x[start:start + rows]
-            base = 0  # the layer's first unit among the hidden units
-            for i in range(layers):
-                fo = fan_out[i]
-                out = acts[a_off[i]:a_off[i] + rows * fo].reshape((rows, fo))
-                z = pre[:rows * fo].reshape((rows, fo)) if i < layers - 1 else out
-                w = _layer(p, w_off[i], fan_in[i], fo, narrow[i])
-                b = p[b_off[i]:b_off[i] + fo]
-                if narrow[i]:
-                    _forward_narrow(h, w, b, z)
-                else:
-                    _product(h, w, b, z)
-                if i < layers - 1:
-                    if start < probe:  # the probe: the first training rows, unshuffled
-                        saturated += _health(z[:min(rows, probe - start)],
-                                             unit_live[base:base + fo], act, sat_z)
-                    _activate(z, out, act)
-                    base += fo
-                h = out
+            # the probe: the first training rows, unshuffled
+            h, count = _forward(p, x[start:start + rows], acts, pre, a_off, w_off, b_off,
+                                fan_in, fan_out, narrow, act, rows,
+                                max(0, min(rows, probe - start)), unit_live, sat_z)
+            saturated += count
             for r in range(rows):
                 split = 0 if start + r < n_train else 1
                 if classify:
@@ -510,8 +503,8 @@ if njit is not None:
             if shared:
                 out = acts[a_off[layers - 1]:a_off[layers - 1] + rows * c].reshape((rows, c))
             else:
-                out = _forward(p, xr, acts, pre, a_off, w_off, b_off, fan_in, fan_out, narrow,
-                               act, rows)
+                out, _ = _forward(p, xr, acts, pre, a_off, w_off, b_off, fan_in, fan_out,
+                                  narrow, act, rows, 0, unit_live, sat_z)
             shared = False
             gout = g0[:rows * c].reshape((rows, c))
             loss = _loss_grad(out, yfb[:rows], yib[:rows], classify, gout)
@@ -566,27 +559,6 @@ if njit is not None:
         prev_norm[t] = norm
 
 
-def _step_table(specs, planned: int, dtype: torch.dtype) -> tuple[np.ndarray, np.ndarray]:
-    """[T, planned] each trial's -lr (SGD) or Adam's bias-corrected -step size, and Adam's
-    sqrt(1 - beta2**t), at every step: `fused._step_lr` / `fused._step_bc2` in Python floats,
-    rounded once to the dtype (as torch rounds a Python scalar)."""
-    lr_rows, bc2_rows = {}, {}
-    lrs, bc2s = [], []
-    for s in specs:
-        kind = _KINDS[type(s)]
-        betas = getattr(s, "betas", (0.0, 0.0))
-        key = (s.lr, kind, betas[0])
-        if key not in lr_rows:
-            lr_rows[key] = [_step_lr(t, *key) for t in range(1, planned + 1)]
-        key2 = (kind, betas[1])
-        if key2 not in bc2_rows:
-            bc2_rows[key2] = [_step_bc2(t, *key2) for t in range(1, planned + 1)]
-        lrs.append(lr_rows[key])
-        bc2s.append(bc2_rows[key2])
-    as_array = lambda rows: torch.tensor(rows, dtype=torch.float64).to(dtype).numpy()  # noqa: E731
-    return as_array(lrs), as_array(bc2s)
-
-
 def draw_orders(orders: Sequence[torch.Generator], epochs: int, n_train: int) -> np.ndarray:
     """[T, epochs, n_train] int64: each row's batch order for its next `epochs` epochs, drawn
     as the layer-major path draws them (`PopulationData.epoch`: one `torch.randperm` per
@@ -627,7 +599,11 @@ class Kernel:
         self.prev_norm = np.zeros(rows)
         self.live = np.ones(rows, dtype=np.uint8)
         self.kind, self.hp = fused.kind.numpy(), fused.hp.numpy()
-        self.step_lr, self.step_bc2 = _step_table(specs, planned, dtype)
+        self.fused = fused
+        # [T, planned]: each step's scalars, as FusedUpdate serves them step by step
+        steps_ahead = range(1, planned + 1)
+        self.step_lr = np.stack([fused.step_lr.at(t)[:, 0].numpy() for t in steps_ahead], 1)
+        self.step_bc2 = np.stack([fused.step_bc2.at(t)[:, 0].numpy() for t in steps_ahead], 1)
         self.step_decay = np.repeat(self.hp[5][:, None], planned, axis=1)
         classify = data.loss == "cross_entropy"
         x_eval = data.x_eval.contiguous().numpy()
@@ -671,16 +647,10 @@ class Kernel:
         trial t's at step first + i (a schedule's, or a plateau's). Each becomes the update's
         step size and AdamW's decay 1 - lr * weight_decay, as `FusedUpdate.step` computes
         them from a step's rates."""
-        t_kind = self.kind.tolist()
         for i, row in enumerate(lrs):
-            step = first + i
-            values = [_step_lr(step + 1, lr, k, getattr(s, "betas", (0.0, 0.0))[0])
-                      for lr, k, s in zip(row, t_kind, self.specs, strict=True)]
-            decay = [1 - lr * s.weight_decay for lr, s in zip(row, self.specs, strict=True)]
-            self.step_lr[:, step] = torch.tensor(values, dtype=torch.float64).to(
-                self.dtype).numpy()
-            self.step_decay[:, step] = torch.tensor(decay, dtype=torch.float64).to(
-                self.dtype).numpy()
+            step_lr, decay = self.fused.scheduled(first + i + 1, row)
+            self.step_lr[:, first + i] = step_lr.numpy()
+            self.step_decay[:, first + i] = decay.numpy()
 
     def advance(self, first: int, end: int, eval_first: bool = False) -> None:
         """Every live trial from `first` updates to `end`, with the evaluations after steps
