@@ -90,10 +90,12 @@ class UnreadableRecordError(RecordError):
 
 
 @contextlib.contextmanager
-def env_lock(run_dir: Path) -> Iterator[None]:
+def run_lock(run_dir: Path) -> Iterator[None]:
     """Hold an exclusive lock on `run_dir` (flock on the directory itself: no file is
-    added) while env.json is read and rewritten; where the filesystem has no flock, go on
-    without it."""
+    added) while files that invocations sharing the directory all rewrite (env.json,
+    trials.parquet and what is built from it) are read and rewritten; where the filesystem
+    has no flock, go on without it. Not reentrant: a second `run_lock` on the same
+    directory in the same process waits for ever."""
     try:
         fd = os.open(run_dir, os.O_RDONLY)
     except OSError:

@@ -112,10 +112,14 @@ def execute(cfg: DictConfig, typed: StudyConfig, plan: SweepPlan, run_dir: Path,
         print(f"stopped after {outcome.trained} trials; nothing is lost. "
               f"Finish with: {env['resume_command']}", file=sys.stderr)
         return 130
-    write_results(study, plan, run_dir, typed)
-    finish_env(run_dir, env, invocations, outcome, round(time.perf_counter() - started, 3))
-    print_outcome(outcome, study, plan, env["resume_command"])
-    report(run_dir, typed.report)
+    # Invocations sharing the run directory (SLURM array jobs) finish in turn: each reads
+    # the study after the one before it wrote, so the last files written hold every trial.
+    with records.run_lock(run_dir):
+        write_results(study, plan, run_dir, typed)
+        finish_env(run_dir, env, invocations, outcome,
+                   round(time.perf_counter() - started, 3))
+        print_outcome(outcome, study, plan, env["resume_command"])
+        report(run_dir, typed.report)
     return 0
 
 
@@ -180,10 +184,10 @@ def start_env(run_dir: Path, overrides: list[str], device: torch.device, engine_
     A resumed run keeps the command, resume command and start time of the invocation that
     created it, and its list of earlier invocations; the storage URL is masked. Invocations
     that share the run directory at once (workers on several machines) read and write
-    env.json in turn (`records.env_lock`), so none is lost.
+    env.json in turn (`records.run_lock`), so none is lost.
     """
     env = storage.redact(describe_environment(overrides, run_dir, device, engine_name))
-    with records.env_lock(run_dir):
+    with records.run_lock(run_dir):
         previous = records.read_env(run_dir)
         for key in ("command", "resume_command", "started"):
             env[key] = previous.get(key, env.get(key))
@@ -262,14 +266,14 @@ def finish_env(run_dir: Path, env: dict[str, Any], invocations: list[dict[str, A
     """Append this invocation (argv, finish time, `wall_s`, trials trained) to the
     invocations env.json holds now (others may have finished meanwhile; `invocations` is
     what it held at the start) and write the final env.json: finish time, trials in the
-    plan, the invocations and their summed wall time."""
+    plan, the invocations and their summed wall time. The caller holds
+    `records.run_lock(run_dir)`."""
     mine = {"argv": env["argv"], "finished": now_iso(), "wall_time_s": wall_s,
             "trials_trained": outcome.trained}
-    with records.env_lock(run_dir):
-        invocations = [*records.read_env(run_dir).get("invocations", invocations), mine]
-        env.update(finished=now_iso(), trials_total=outcome.total, invocations=invocations,
-                   wall_time_s=round(sum(i["wall_time_s"] for i in invocations), 3))
-        records.write_env(run_dir, env)
+    invocations = [*records.read_env(run_dir).get("invocations", invocations), mine]
+    env.update(finished=now_iso(), trials_total=outcome.total, invocations=invocations,
+               wall_time_s=round(sum(i["wall_time_s"] for i in invocations), 3))
+    records.write_env(run_dir, env)
 
 
 def print_outcome(outcome: SweepOutcome, study: optuna.Study, plan: SweepPlan,

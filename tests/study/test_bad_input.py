@@ -137,6 +137,42 @@ def test_invocations_sharing_a_run_directory_on_purpose_are_all_recorded(
     assert sum(i["trials_trained"] for i in invocations) == 16
 
 
+@SLOW
+def test_an_invocation_writes_its_results_only_while_no_other_is_writing(
+        tmp_path: Path) -> None:
+    """Results are read from the study and written under the run directory's lock: an
+    invocation that finished training waits while another holds it (say, one whose read of
+    the study predates this one's last trial), so the files written last hold every trial."""
+    import time
+
+    import optuna
+    from optuna.storages.journal import JournalFileBackend
+
+    run_dir = tmp_path / "shared"
+    proc = subprocess.Popen([sys.executable, "-m", "study", *TINY, f"hydra.run.dir={run_dir}"],
+                            cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (run_dir / records.ENV).exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        with records.run_lock(run_dir):
+            journal = optuna.storages.JournalStorage(
+                JournalFileBackend(str(run_dir / records.JOURNAL)))
+            while time.monotonic() < deadline and proc.poll() is None and sum(
+                    t.state == optuna.trial.TrialState.COMPLETE
+                    for s in journal.get_all_studies()
+                    for t in journal.get_all_trials(s._study_id)) < 16:
+                time.sleep(0.05)
+            time.sleep(1.0)  # ample for the trials table, were it written without the lock
+            assert proc.poll() is None, proc.stderr.read()
+            assert not (run_dir / records.TRIALS).exists()
+        assert proc.wait(timeout=120) == 0, proc.stderr.read()
+    finally:
+        proc.kill()
+    assert len(records.read_trials(run_dir)[0]) == 16
+
+
 # ------------------------------------------------------------------------ 3: no password leaks
 @pytest.mark.parametrize("password", [ODD_PASSWORD, "p/w", "a+b=c", "with space", "q'uo\"te",
                                       "s3cret-pw"])
