@@ -13,12 +13,15 @@ another.
 
 Numbers: the same arithmetic as the layer-major path, in the parameter dtype, with the
 update of `study.engine.fused` (torch's single-tensor optimizer formulas, in torch's order).
-The matrix products are register-blocked loops (`_product`) that sum in their own order, as
-MKL's do in theirs: a trial agrees with the reference engine to the rounding of its
-products, the equivalence contract of tests/study/engine/test_population.py. Nothing is
+The matrix products are register-blocked loops (`_product`) on fewer than `BLAS_ROWS` rows
+and BLAS's gemm (numba's `np.dot`: scipy's BLAS, held to one thread while the kernel runs)
+on more, each summing in its own order, as MKL's do in theirs: a trial agrees with the
+reference engine to the rounding of its products, the equivalence contract of
+tests/study/engine/test_population.py. Nothing is
 shared between trials, and every loop is the same whatever the population and the thread,
 so a trial's numbers are bit-identical alone, in any population and on any number of
-threads. Losses, norms and evaluation means are summed in float64.
+threads (on one machine: BLAS picks its code for the processor). Losses, norms and
+evaluation means are summed in float64.
 
 What it runs (`fits`): CPU populations with numba, no dropout, a ReLU / tanh / sigmoid /
 identity MLP, the task's loss (MSE or cross-entropy), zero_grad, SGD / Adam / AdamW without
@@ -38,6 +41,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
+from threadpoolctl import ThreadpoolController
 
 from study.engine.batched_optimizers import preconditioner
 from study.engine.fused import FusedUpdate, fusable
@@ -70,6 +74,11 @@ def fits(trials: Sequence[TrialSpec], device: torch.device) -> bool:
             and fusable([t.optimizer for t in trials], loop.clip_norm is not None,
                         loop.zero_grad))
 
+
+# Products of this many rows or more go to BLAS's gemm: on 64 x 64 weights, one core of
+# the 2-core CI machine ran it at 40-60 GFLOP/s from 64 rows to 256 against 26-40 for
+# `_product` (whose accumulators live in memory), and slower below 32 rows (call cost).
+BLAS_ROWS = 64
 
 if njit is not None:
     # The products are compiled apart, each with its own fastmath flags (numba's inlining
@@ -117,6 +126,18 @@ if njit is not None:
                 a0, w0 = a[i, k], w[k]
                 for o in range(n):
                     z0[o] += a0 * w0[o]
+
+    @njit(cache=True)
+    def _affine(a, w, b, z):
+        # z = a w + b: BLAS from BLAS_ROWS rows, else `_product`.
+        if a.shape[0] < BLAS_ROWS:
+            _product(a, w, b, z)
+            return
+        np.dot(a, w, z)
+        for i in range(z.shape[0]):
+            zi = z[i]
+            for o in range(zi.shape[0]):
+                zi[o] += b[o]
 
     @njit(cache=True, fastmath=_DOT)
     def _forward_narrow(h, w, b, z):
@@ -260,7 +281,7 @@ if njit is not None:
             if narrow[i]:
                 _forward_narrow(h, w, b, z)
             else:
-                _product(h, w, b, z)
+                _affine(h, w, b, z)
             if i < layers - 1:
                 if probe_rows > 0:
                     saturated += _health(z[:probe_rows], unit_live[base:base + fo], act,
@@ -326,6 +347,8 @@ if njit is not None:
             gw = _layer(grad, w_off[i], fi, fo, narrow[i])
             if narrow[i]:
                 _weight_grad_narrow(h, g, gw)
+            elif rows >= BLAS_ROWS:
+                np.dot(h.T, g, gw)
             else:
                 _product(h.T, g, zeros[:fo], gw)
             if i > 0:
@@ -336,6 +359,8 @@ if njit is not None:
                     _input_grad_narrow(g, w, gh)
                 elif rows < 32:  # small batches: a transposed copy costs more than it saves
                     _input_grad_dot(g, w, gh)
+                elif rows >= BLAS_ROWS:
+                    np.dot(g, w.T, gh)
                 else:  # g w^T as a product with w transposed
                     w_t = wt[:fo * fi].reshape((fo, fi))
                     for k in range(fi):
@@ -631,7 +656,7 @@ class Kernel:
             offset += fi * fo + fo
         as_int = lambda v: np.asarray(v, dtype=np.int64)  # noqa: E731
         sat_z = SATURATION_Z.get(net.activation, math.inf)
-        chunk = 64  # evaluation rows per pass: a chunk's activations stay in L1/L2
+        chunk = 256  # evaluation rows per pass: one BLAS product each on 512-row splits
         self.data_args = (x_eval, yf, yi, classify, scale)
         self.layout = (batch, n_train, as_int(w_off), as_int(b_off),
                        as_int([fi for fi, _ in net.sizes]), as_int([fo for _, fo in net.sizes]),
@@ -678,7 +703,8 @@ class Kernel:
                 self.orders, self.epoch_base, stride, *self.layout, self.kind, self.hp,
                 self.step_lr, self.step_bc2, self.step_decay, self.steps, self.evals,
                 self.chunk)
-        _spread(lambda t: _segment(t, *args), live, self.threads)
+        with _one_blas_thread():
+            _spread(lambda t: _segment(t, *args), live, self.threads)
 
     def _orders_for(self, low: int, high: int) -> None:
         """Hold the batch orders of epochs low ... high - 1, drawing those not drawn yet in
@@ -705,6 +731,23 @@ class Kernel:
         if self.state2.shape[1] == 0:
             return torch.full(self.state1.shape, float("nan"), dtype=torch.float64)
         return preconditioner(self.specs, step, torch.from_numpy(self.state2))
+
+
+_BLAS = None  # threadpoolctl's view of the loaded BLAS libraries, made at the first call
+
+
+def _one_blas_thread():
+    """BLAS at one thread while the kernel runs: each of the kernel's threads calls gemm on
+    its own trial, and a gemm that spread itself over the cores too would oversubscribe
+    them."""
+    global _BLAS
+    if _BLAS is None:
+        # The BLAS that numba's np.dot calls, loaded before threadpoolctl looks for the
+        # loaded ones (numba would load it only at the kernel's first call).
+        import scipy.linalg.cython_blas  # noqa: F401
+
+        _BLAS = ThreadpoolController()
+    return _BLAS.limit(limits=1, user_api="blas")
 
 
 def _spread(run, trials: Sequence[int], threads: int) -> None:
