@@ -17,6 +17,9 @@ from analysis.load import load_run
 from analysis.report import render_html
 from study.records import write_curves, write_trials
 
+# The fixture draws a wide report first (about 15 s): these run with the slow tests.
+pytestmark = pytest.mark.slow
+
 AXES = {"task": ["teacher_mlp", "linear_regression"],
         "failure": ["none", "outliers", "unscaled", "outliers+unscaled"],
         "mitigation": ["none", "standardize_inputs", "standardize_targets", "huber"],

@@ -72,6 +72,7 @@ def test_a_job_that_runs_jobs_runs_them_in_its_own_process() -> None:
     assert tag == "x" and pid != os.getpid()
 
 
+@pytest.mark.slow
 @forks
 def test_the_report_is_the_same_bytes_built_side_by_side(tmp_path: Path, monkeypatch) -> None:
     run = load_run(write_diag_run(tmp_path / "run"))

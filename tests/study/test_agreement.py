@@ -21,8 +21,8 @@ import pytest
 
 from study import records
 
-FAST = ["smoke", "loop_bugs"]
-SLOW = ["lr_batch", "outliers_normalization", "failure_modes", "clipping_schedules",
+FAST = ["smoke"]
+SLOW = ["loop_bugs", "lr_batch", "outliers_normalization", "failure_modes", "clipping_schedules",
         "optimizer_compare", "init_activation", "real_data", "layer_decay",
         "suspects"]
 

@@ -74,6 +74,7 @@ def test_report_mentions_each_task(smoke_run) -> None:
     assert "teacher_mlp" in html and "blobs" in html
 
 
+@pytest.mark.slow
 def test_resuming_a_finished_sweep_trains_nothing(smoke_run, study_cli) -> None:
     run_dir, _ = smoke_run
     before = records.read_trials(run_dir)[0]
@@ -164,6 +165,7 @@ def test_bad_storage_settings_are_refused_before_anything_is_written(
     assert not run_dir.exists()
 
 
+@pytest.mark.slow
 def test_an_unreachable_database_is_retried_then_reported(tmp_path: Path, monkeypatch,
                                                          study_cli) -> None:
     pytest.importorskip("psycopg")
@@ -218,6 +220,7 @@ def test_a_run_directory_of_another_version_is_refused(smoke_run, tmp_path: Path
     assert _snapshot(run_dir) == before
 
 
+@pytest.mark.slow
 def test_a_journal_cut_short_is_repaired_and_the_resume_finishes(smoke_run, tmp_path: Path,
                                                                  study_cli) -> None:
     run_dir = tmp_path / "run"
@@ -233,6 +236,7 @@ def test_a_journal_cut_short_is_repaired_and_the_resume_finishes(smoke_run, tmp_
     assert len(list(run_dir.glob(f"{records.JOURNAL}.*.bak"))) == 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how", ["--config-dir", "hydra.searchpath"])
 def test_a_user_config_directory_with_a_group_axis_sweep_runs_both_documented_ways(
         tmp_path: Path, study_cli, how: str) -> None:

@@ -45,6 +45,7 @@ def test_every_option_of_every_group_composes_and_instantiates(group: str,
         assert data.x_val.shape[0] == trial.task.n_val
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("group", ["failure", "mitigation"])
 def test_every_failure_and_mitigation_option_composes_and_applies(group: str) -> None:
     from study.config import NotApplicableError
@@ -66,6 +67,7 @@ def test_every_failure_and_mitigation_option_composes_and_applies(group: str) ->
         assert data.x_train.shape == (trial.task.n_train, trial.task.input_dim)
 
 
+@pytest.mark.slow
 def test_every_sweep_composes_and_expands() -> None:
     for option in _options("sweep"):
         plan = plan_from_overrides([f"+sweep={option}"])

@@ -96,6 +96,7 @@ def test_the_edge_of_gradient_descent_on_a_quadratic_is_2_over_lambda_max(tmp_pa
     assert again.trained == 0
 
 
+@pytest.mark.slow
 def test_the_cli_writes_the_edges(tmp_path: Path, conf: Path, study_cli) -> None:
     run_dir = tmp_path / "run"
     done = study_cli(*LINEAR, "sweep.edge.precision=0.2", f"hydra.run.dir={run_dir}",

@@ -100,6 +100,7 @@ def test_a_stopped_search_resumes_without_losing_or_duplicating_a_run(tmp_path: 
     assert len({p for p, _ in runs}) == 6
 
 
+@pytest.mark.slow
 def test_the_cli_runs_a_search_and_writes_its_records(tmp_path: Path, study_cli) -> None:
     run_dir = tmp_path / "run"
     done = study_cli(*SMALL, f"hydra.run.dir={run_dir}", "progress=false", "report=false")

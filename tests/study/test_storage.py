@@ -267,6 +267,7 @@ def test_a_stopped_worker_gives_its_taken_trials_back(tmp_path: Path, tiny_plan)
     assert sorted(keys) == sorted(p.trial.key() for p in tiny_plan.points)
 
 
+@pytest.mark.slow
 def test_a_run_directory_written_before_the_queue_module_resumes(
         tmp_path: Path, tiny_baseline: Path, run_checks, study_cli) -> None:
     """fixtures/interrupted_smoke: the tiny sweep as study 0.1.0 wrote it before the queue

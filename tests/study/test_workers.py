@@ -17,6 +17,7 @@ ROOT = Path(__file__).resolve().parents[2]
 TINY = ("+sweep=smoke", "train.epochs=1", "model.width=8", "report=false", "progress=false")
 
 
+@pytest.mark.slow
 def test_three_journal_workers_train_every_point_once(tmp_path: Path, tiny_baseline,
                                                       run_checks, study_cli) -> None:
     tally, same_results = run_checks

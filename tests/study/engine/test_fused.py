@@ -148,6 +148,7 @@ def test_clipping_and_accumulation_take_the_eager_path() -> None:
         assert f.equal(e)
 
 
+@pytest.mark.slow
 def test_the_fused_update_keeps_torchs_thread_count() -> None:
     """numba's thread pool, started by the first fused update, resets the OpenMP thread
     count it shares with torch; `python -m study.bench --threads 1` and the workers' thread
