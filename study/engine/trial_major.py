@@ -17,11 +17,11 @@ The matrix products are register-blocked loops (`_product`) on fewer than `BLAS_
 and BLAS's gemm (numba's `np.dot`: scipy's BLAS, held to one thread while the kernel runs)
 on more, each summing in its own order, as MKL's do in theirs: a trial agrees with the
 reference engine to the rounding of its products, the equivalence contract of
-tests/study/engine/test_population.py. Nothing is
-shared between trials, and every loop is the same whatever the population and the thread,
-so a trial's numbers are bit-identical alone, in any population and on any number of
-threads (on one machine: BLAS picks its code for the processor). Losses, norms and
-evaluation means are summed in float64.
+tests/study/engine/test_population.py. Nothing is shared between trials, and every loop and
+gemm call is the same whatever the population and the thread, so a trial's numbers are
+bit-identical alone, in any population and on any number of threads (on one machine: BLAS
+picks its code for the processor). Losses, norms and evaluation means are summed in
+float64.
 
 What it runs (`fits`): CPU populations with numba, no dropout, a ReLU / tanh / sigmoid /
 identity MLP, the task's loss (MSE or cross-entropy), zero_grad, SGD / Adam / AdamW without
@@ -75,9 +75,9 @@ def fits(trials: Sequence[TrialSpec], device: torch.device) -> bool:
                         loop.zero_grad))
 
 
-# Products of this many rows or more go to BLAS's gemm: on 64 x 64 weights, one core of
-# the 2-core CI machine ran it at 40-60 GFLOP/s from 64 rows to 256 against 26-40 for
-# `_product` (whose accumulators live in memory), and slower below 32 rows (call cost).
+# Products of this many rows or more go to BLAS's gemm: on 64 x 64 weights, one core of a
+# 2-core AMD EPYC ran it at 39-60 GFLOP/s from 64 rows to 256 against 26-30 for `_product`
+# (whose accumulators go through memory there), and slower below 32 rows (call cost).
 BLAS_ROWS = 64
 
 if njit is not None:
