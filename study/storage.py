@@ -151,13 +151,16 @@ def check_workers(url: str | None, workers: int) -> None:
 
 
 # ---------------------------------------------------------------------------------- RDB
-_TRANSIENT: tuple[type[BaseException], ...] = (optuna.exceptions.StorageInternalError,)
-try:  # SQLAlchemy comes with Optuna; its errors are what a lost connection raises
-    from sqlalchemy.exc import DBAPIError, OperationalError
-
-    _TRANSIENT = (*_TRANSIENT, OperationalError, DBAPIError)
-except ImportError:  # pragma: no cover
-    pass
+@functools.cache
+def _transient() -> tuple[type[BaseException], ...]:
+    """The errors a lost connection raises: Optuna's, and SQLAlchemy's (it comes with
+    Optuna), imported at the first call: SQLAlchemy takes about 0.2 s to import, which a
+    run on the journal file never needs."""
+    try:
+        from sqlalchemy.exc import DBAPIError, OperationalError
+    except ImportError:  # pragma: no cover
+        return (optuna.exceptions.StorageInternalError,)
+    return (optuna.exceptions.StorageInternalError, OperationalError, DBAPIError)
 
 
 def with_retries(call: Callable[[], Any], attempts: int, what: str, url: str,
@@ -171,7 +174,7 @@ def with_retries(call: Callable[[], Any], attempts: int, what: str, url: str,
         attempt += 1
         try:
             return call()
-        except _TRANSIENT as err:
+        except _transient() as err:
             now = time.monotonic()
             first_failure = now if first_failure is None else first_failure
             if attempt >= attempts and now - first_failure >= window_s:
