@@ -146,7 +146,10 @@ if njit is not None:
             new[j] = q
             upd[j] = q - p[j]
 
-    @njit(parallel=True, cache=True)
+    # IEEE division (error_model="numpy") rather than Python's ZeroDivisionError: the check
+    # for a zero divisor kept Adam's division from being vectorised (about 4x slower on a
+    # row of 4,676). Adam's divisor is at least eps > 0: the same bits either way.
+    @njit(parallel=True, cache=True, error_model="numpy")
     def _fused_step(params, blocks, offsets, previous, state1, state2, loss, alive, rec,
                     prev_norm, has_prev, first, kind, hp, step_lr, step_bc2):
         rows, n = params.shape

@@ -441,7 +441,7 @@ if njit is not None:
         if act in (_TANH, _SIGMOID) and units > 0:
             out_rec[5] = saturated / (units * probe)
 
-    @njit(cache=True)
+    @njit(cache=True, error_model="numpy")  # IEEE division, vectorised (fused._fused_step)
     def _update(kind, p, grad, new, update, state1, state2, first, lr, bc2, decay, hp):
         # The fused kernel's update of one row (study.engine.fused), into new and update.
         if kind == 0:
