@@ -34,6 +34,7 @@ Everything else takes the layer-major path.
 
 from __future__ import annotations
 
+import functools
 import math
 import threading
 from collections.abc import Sequence
@@ -733,21 +734,21 @@ class Kernel:
         return preconditioner(self.specs, step, torch.from_numpy(self.state2))
 
 
-_BLAS = None  # threadpoolctl's view of the loaded BLAS libraries, made at the first call
+@functools.cache
+def _blas() -> ThreadpoolController:
+    """threadpoolctl's view of the loaded BLAS libraries, made at the first kernel call."""
+    # The BLAS that numba's np.dot calls, loaded before threadpoolctl looks for the loaded
+    # ones (numba would load it only at the kernel's first call).
+    import scipy.linalg.cython_blas  # noqa: F401
+
+    return ThreadpoolController()
 
 
 def _one_blas_thread():
     """BLAS at one thread while the kernel runs: each of the kernel's threads calls gemm on
     its own trial, and a gemm that spread itself over the cores too would oversubscribe
     them."""
-    global _BLAS
-    if _BLAS is None:
-        # The BLAS that numba's np.dot calls, loaded before threadpoolctl looks for the
-        # loaded ones (numba would load it only at the kernel's first call).
-        import scipy.linalg.cython_blas  # noqa: F401
-
-        _BLAS = ThreadpoolController()
-    return _BLAS.limit(limits=1, user_api="blas")
+    return _blas().limit(limits=1, user_api="blas")
 
 
 def _spread(run, trials: Sequence[int], threads: int) -> None:
