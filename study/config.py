@@ -10,6 +10,7 @@ config-group options through their `_target_` after checking their keys.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 import itertools
 import math
@@ -371,8 +372,10 @@ def check_values(group: str, values: dict[str, Any], hints: dict[str, Any]) -> N
             raise ConfigError(f"{group}.{key}: must be a finite number, got {value!r}")
 
 
+@functools.cache  # resolving annotations is slow, and a sweep asks once per point and group
 def _hints(target: Any) -> dict[str, Any]:
-    """The resolved type annotations of `target`'s fields or arguments ({} if unresolvable)."""
+    """The resolved type annotations of `target`'s fields or arguments ({} if unresolvable;
+    shared: read it, never change it)."""
     try:
         return typing.get_type_hints(target if dataclasses.is_dataclass(target)
                                      else target.__init__)
