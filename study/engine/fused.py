@@ -76,6 +76,14 @@ if njit is not None:
         return s
 
     @njit(cache=True, inline="always")
+    def _put(dst, src):
+        # dst[:] = src as a loop: outside a parallel loop, a slice assignment compiles
+        # numba's broadcasting and its error messages, about 3 s of the trial-major
+        # kernel's first compilation.
+        for j in range(src.shape[0]):
+            dst[j] = src[j]
+
+    @njit(cache=True, inline="always")
     def _part(blocks, offsets, rows, k, r):
         # Row r of gradient part k: parts lie one after another in `blocks`, each a
         # contiguous [rows, width] block (Network.part_views).

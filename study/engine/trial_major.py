@@ -53,7 +53,7 @@ from study.trial import TrialSpec
 try:
     from numba import njit
 
-    from study.engine.fused import _adam_row, _dot, _sgd_row, _sumsq
+    from study.engine.fused import _adam_row, _dot, _put, _sgd_row, _sumsq
 except ImportError:  # pragma: no cover - numba is a dependency; this guards broken installs
     njit = None
 
@@ -507,7 +507,7 @@ if njit is not None:
             _evaluate(p, x_all, yf_eval[t], yi_eval[t], classify, scale[t], n_train, chunk,
                       acts, pre, a_off, w_off, b_off, fan_in, fan_out, narrow, act, probe,
                       sat_z, unit_live, rec, whole)
-            evals_rec[k, :, t] = rec
+            _put(evals_rec[k, :, t], rec)
             if not (np.isfinite(rec[0]) and np.isfinite(rec[1])):
                 live[t] = 0
                 return
@@ -574,14 +574,14 @@ if njit is not None:
                 _evaluate(p, x_all, yf_eval[t], yi_eval[t], classify, scale[t], n_train,
                           chunk, acts, pre, a_off, w_off, b_off, fan_in, fan_out, narrow, act,
                           probe, sat_z, unit_live, rec, whole)
-                evals_rec[k, :, t] = rec
+                _put(evals_rec[k, :, t], rec)
                 if not (np.isfinite(rec[0]) and np.isfinite(rec[1])):
                     live[t] = 0
                     break
                 shared = whole
         if swapped:
-            params[t] = p
-            previous[t] = last
+            _put(params[t], p)
+            _put(previous[t], last)
         prev_norm[t] = norm
 
 
