@@ -502,6 +502,9 @@ if njit is not None:
         unit_live = np.zeros(hidden, dtype=np.uint8)
         rec = np.empty(6)
         shared = False  # acts hold the coming step's forward pass (an evaluation's)
+        # A step's forward pass has no probe; an int64, not the literal 0, so that it
+        # shares the evaluation's compiled `_forward` (a literal compiles another one).
+        no_probe = np.int64(0)
         k = eval_index[first_step]
         if eval_first and k >= 0:
             _evaluate(p, x_all, yf_eval[t], yi_eval[t], classify, scale[t], n_train, chunk,
@@ -530,7 +533,7 @@ if njit is not None:
                 out = acts[a_off[layers - 1]:a_off[layers - 1] + rows * c].reshape((rows, c))
             else:
                 out, _ = _forward(p, xr, acts, pre, a_off, w_off, b_off, fan_in, fan_out,
-                                  narrow, act, rows, 0, unit_live, sat_z)
+                                  narrow, act, rows, no_probe, unit_live, sat_z)
             shared = False
             gout = g0[:rows * c].reshape((rows, c))
             loss = _loss_grad(out, yfb[:rows], yib[:rows], classify, gout)
