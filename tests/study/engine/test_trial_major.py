@@ -264,3 +264,39 @@ def test_a_failure_stops_the_other_threads_after_their_trial() -> None:
     with pytest.raises(RuntimeError, match="trial 0 failed"):
         kernel_module._spread(run, list(range(200)), threads=2)
     assert len(done) < 100
+
+
+@pytest.mark.slow
+def test_a_fresh_compilation_makes_one_specialisation_of_each_function(tmp_path) -> None:
+    """Compiled from scratch (an empty numba cache), each kernel function is specialised
+    once for a dtype, `_product` twice (its `a` is a transposed view for the weight
+    gradient): a literal argument or a stray layout would compile a callee again, seconds
+    of every first run (docs/performance.md)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    script = """
+import json, torch
+from numba.core.registry import CPUDispatcher
+from study.engine import BatchedEngine
+from study.engine import trial_major
+from study.models import ModelSpec
+from study.optimizers import SGD, Adam
+from study.tasks import Blobs, TeacherMLP
+from study.trial import TrainSpec, TrialSpec
+train = TrainSpec(batch_size=32, epochs=1, dtype="float64")
+for task in (Blobs(n_train=64, n_val=64), TeacherMLP(n_train=64, n_val=64, width=8)):
+    BatchedEngine().run([TrialSpec(task, ModelSpec(depth=2, width=16), o, train, 0)
+                         for o in (SGD(lr=0.1), Adam(lr=1e-2))], torch.device("cpu"))
+print(json.dumps({n: len(d.signatures) for n, d in vars(trial_major).items()
+                  if isinstance(d, CPUDispatcher) and d.py_func.__module__ == trial_major.__name__}))
+"""
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path)}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    counts = json.loads(done.stdout.strip().splitlines()[-1])
+    assert counts["_segment"] == 1 and counts["_forward"] == 1
+    assert {n: c for n, c in counts.items() if c > 1} == {"_product": 2}
