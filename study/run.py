@@ -9,6 +9,7 @@ it writes `.hydra/` or env.json (docs/design.md).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -98,8 +99,9 @@ def execute(cfg: DictConfig, typed: StudyConfig, plan: SweepPlan, run_dir: Path,
     stop = StopRequest().install()
     started = time.perf_counter()
     try:
-        outcome = train(typed, plan, study, study_name, url, leases, engine, device, run_dir,
-                        stop, bar)
+        with bar.logs_above():
+            outcome = train(typed, plan, study, study_name, url, leases, engine, device,
+                            run_dir, stop, bar)
     except KeyboardInterrupt:
         bar.close()
         print(f"\ninterrupted. Finish with: {env['resume_command']}", file=sys.stderr)
@@ -307,6 +309,15 @@ class ProgressBar:
 
         self._bar = tqdm(total=total, desc=desc, unit="trial", disable=not enabled,
                          dynamic_ncols=True, file=sys.stderr)
+
+    def logs_above(self):
+        """A context in which the console's log lines print above the bar (tqdm.write), not
+        into it; a no-op when the bar is off."""
+        if self._bar.disable:
+            return contextlib.nullcontext()
+        from tqdm.contrib.logging import logging_redirect_tqdm
+
+        return logging_redirect_tqdm()
 
     def __call__(self, done: int, total: int) -> None:
         self._bar.total = total

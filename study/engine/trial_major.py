@@ -35,6 +35,7 @@ Everything else takes the layer-major path.
 from __future__ import annotations
 
 import functools
+import logging
 import math
 import threading
 from collections.abc import Sequence
@@ -52,12 +53,14 @@ from study.trial import TrialSpec
 
 try:
     from numba import njit
+    from numba.core import event as numba_event
 
     from study.engine.fused import _adam_row, _dot, _put, _sgd_row, _sumsq
 except ImportError:  # pragma: no cover - numba is a dependency; this guards broken installs
     njit = None
 
 Tensor = torch.Tensor
+log = logging.getLogger(__name__)
 
 # Activation codes of the kernel.
 _ACTIVATIONS = {"identity": 0, "relu": 1, "tanh": 2, "sigmoid": 3}
@@ -586,6 +589,22 @@ if njit is not None:
             _put(params[t], p)
             _put(previous[t], last)
         prev_norm[t] = norm
+
+
+    class _CompileNotice(numba_event.Listener):
+        # numba's "numba:compile" event fires when a function is compiled, not when it is
+        # loaded from the cache: the first run on a machine (or of a new version) waits
+        # about 25 s for the kernel with nothing else on the screen, so it says why.
+        def on_start(self, event) -> None:
+            if event.data["dispatcher"] is _segment:
+                log.info("compiling the CPU kernel for %s (first use on this machine or of "
+                         "this version: about 25 s, then cached on disk)",
+                         event.data["args"][5].dtype)
+
+        def on_end(self, event) -> None:
+            pass
+
+    numba_event.register("numba:compile", _CompileNotice())
 
 
 def draw_orders(orders: Sequence[torch.Generator], epochs: int, n_train: int) -> np.ndarray:
