@@ -310,7 +310,7 @@ class ProgressBar:
         self._bar = tqdm(total=total, desc=desc, unit="trial", disable=not enabled,
                          dynamic_ncols=True, file=sys.stderr)
 
-    def logs_above(self):
+    def logs_above(self) -> contextlib.AbstractContextManager[object]:
         """A context in which the console's log lines print above the bar (tqdm.write), not
         into it; a no-op when the bar is off."""
         if self._bar.disable:
