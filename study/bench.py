@@ -88,6 +88,13 @@ def load_averages() -> list[float] | None:
     return [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
 
 
+def write_json(result: dict[str, Any], out: Path | None) -> None:
+    """Write `result` as indented JSON to `out` (a bench's `--out`; nothing when None)."""
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2) + "\n")
+
+
 def population_label(trial: TrialSpec) -> str:
     """A short name of a trial's population for the per-population figures."""
     task = trial.labels.get("task", type(trial.task).__name__)
@@ -301,11 +308,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                                                                else sys.argv[1:])]),
               **bench(overrides, device, args.subset, args.seed, args.dtype,
                       args.budget_bytes, args.limit, args.matmul_seconds, args.kernel)}
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
+    print(json.dumps(result, indent=2))
+    write_json(result, args.out)
     return result
 
 
@@ -323,9 +327,7 @@ def peer_main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict
         print(f"python -m study.bench: {err}", file=sys.stderr)
         raise SystemExit(2) from None
     print(result["table"])
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2) + "\n")
+    write_json(result, args.out)
     return result
 
 

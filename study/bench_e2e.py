@@ -34,7 +34,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from study.bench import load_averages
+from study.bench import load_averages, write_json
 
 STAGES = ("start_up", "training", "results", "report", "exit")
 DEFAULT_OVERRIDES = ("+sweep=lr_batch",)
@@ -128,10 +128,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
               **({"against": str(args.against.resolve())} if args.against else {}),
               "median": {name: medians(rows) for name, rows in rounds.items()},
               "rounds": rounds}
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        args.out.write_text(text)
+    print(json.dumps(result, indent=2))
+    write_json(result, args.out)
     return result
 
 

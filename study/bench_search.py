@@ -29,6 +29,7 @@ from typing import Any
 import optuna
 import torch
 
+from study.bench import write_json
 from study.engine import BatchedEngine, ReferenceEngine
 from study.metrics import objective_value, summarize_many
 from study.metrics.curvature import stability_threshold
@@ -133,10 +134,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         for unit in ("wall_s", "cpu_s"):
             result[f"speedup_{unit}"] = (result["median"]["sequential"][unit]
                                          / result["median"]["study"][unit])
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        args.out.write_text(text)
+    print(json.dumps(result, indent=2))
+    write_json(result, args.out)
     return result
 
 
