@@ -34,6 +34,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from study import records
 from study.bench import load_averages, write_json
 
 STAGES = ("start_up", "training", "results", "report", "exit")
@@ -51,9 +52,9 @@ def stages(run_dir: Path, started: float, ended: float) -> dict[str, float | Non
     def mtime(path: Path) -> float | None:
         return path.stat().st_mtime if path.is_file() else None
 
-    curves = [p.stat().st_mtime for p in (run_dir / "curves").glob("*.parquet")]
+    curves = [p.stat().st_mtime for p in (run_dir / records.CURVES_DIR).glob("*.parquet")]
     marks = [started, mtime(run_dir / ".hydra" / "config.yaml"), max(curves, default=None),
-             mtime(run_dir / "env.json"), mtime(run_dir / "report.html"), ended]
+             mtime(run_dir / records.ENV), mtime(run_dir / records.REPORT), ended]
     out: dict[str, float | None] = {}
     last = started
     for name, mark in zip(STAGES, marks[1:], strict=True):
