@@ -41,7 +41,7 @@ from analysis.curves import (
 )
 from analysis.edges import edge_section
 from analysis.load import RunData, load_run
-from analysis.parallel import run_jobs
+from study.parallel import run_jobs
 from study.records import (
     CURVES_DIR,
     REPORT,

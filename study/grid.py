@@ -18,10 +18,10 @@ import dataclasses
 import itertools
 import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from omegaconf import DictConfig
 
@@ -35,11 +35,13 @@ from study.config import (
     plain_config,
     validate,
 )
+from study.parallel import run_jobs
 from study.trial import TrialSpec
 
 log = logging.getLogger(__name__)
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 Compose = Callable[[Sequence[str]], DictConfig]
+K = TypeVar("K")
 
 
 @dataclass(frozen=True)
@@ -75,30 +77,15 @@ def expand_grid(cfg: DictConfig, compose: Compose, overrides: Sequence[str],
 
     points: list[GridPoint] = []
     skipped = 0  # axis combinations whose failure/mitigation does not apply to the task
-    # Failure/mitigation nodes are composed once per option and swapped into the config
-    # (a Hydra composition costs about 0.5 s; their product with the other group axes
-    # would cost minutes for a sweep over every failure mode).
-    transform_nodes: dict[tuple[str, str], Any] = {}
-
-    def transform_node(group: str, value: str) -> Any:
-        if (group, value) not in transform_nodes:
-            composed = compose([*overrides, group_override(group, value)])
-            transform_nodes[group, value] = plain_config(composed).get(group)
-        return transform_nodes[group, value]
-
     spec_axes = [a for a in group_axes if a not in TRANSFORM_GROUPS]
-    composed_specs: dict[tuple, dict[str, Any]] = {}
+    composed = compose_plain(compose, overrides, _compositions(axes, group_axes, spec_axes))
+    base = plain_config(cfg)  # validated above
     for group_values in itertools.product(*(axes[a] for a in group_axes)):
         picked = dict(zip(group_axes, group_values, strict=True))
         spec_picked = tuple((g, picked[g]) for g in spec_axes)
-        if spec_picked not in composed_specs:
-            base = cfg  # validated above
-            if spec_picked:
-                base = compose([*overrides, *(group_override(g, v) for g, v in spec_picked)])
-                validate(base)
-            composed_specs[spec_picked] = plain_config(base)
-        plain = {**composed_specs[spec_picked],
-                 **{g: transform_node(g, v) for g, v in picked.items() if g in TRANSFORM_GROUPS}}
+        plain = {**(composed[spec_picked] if spec_picked else base),
+                 **{g: composed[((g, v),)].get(g) for g, v in picked.items()
+                    if g in TRANSFORM_GROUPS}}
         labels = {**base_labels, **{g: str(v) for g, v in picked.items()}}
         for scalar_values in itertools.product(*(axes[a] for a in scalar_axes)):
             scalars = dict(zip(scalar_axes, scalar_values, strict=True))
@@ -119,6 +106,62 @@ def expand_grid(cfg: DictConfig, compose: Compose, overrides: Sequence[str],
         raise ConfigError("sweep.axes: every point was skipped as inapplicable (empty grid)")
     return SweepPlan(typed.sweep.name, axes, seeds, points,
                      numeric_distributions({a: axes[a] for a in scalar_axes}))
+
+
+def _compositions(axes: dict[str, list[Any]], group_axes: list[str],
+                  spec_axes: list[str]) -> dict[tuple, tuple[list[str], bool]]:
+    """What `expand_grid` composes, as `compose_plain` takes it, keyed by the picked
+    `(group, option)` pairs: each combination of the spec axes' options (validated), and
+    each failure/mitigation option alone. A failure/mitigation node is composed once per
+    option and swapped into every configuration: a Hydra composition costs about 0.2 s,
+    and its product with the other group axes would cost minutes for a sweep over every
+    failure mode. In the order the grid meets them, so the first that fails is the one
+    reported."""
+    wanted: dict[tuple, tuple[list[str], bool]] = {}
+    for group_values in itertools.product(*(axes[a] for a in group_axes)):
+        picked = dict(zip(group_axes, group_values, strict=True))
+        spec_picked = tuple((g, picked[g]) for g in spec_axes)
+        if spec_picked:
+            wanted.setdefault(spec_picked,
+                              ([group_override(g, v) for g, v in spec_picked], True))
+        for g, v in picked.items():
+            if g in TRANSFORM_GROUPS:
+                wanted.setdefault(((g, v),), ([group_override(g, v)], False))
+    return wanted
+
+
+def compose_plain(compose: Compose, overrides: Sequence[str],
+                  wanted: Mapping[K, tuple[Sequence[str], bool]]) -> dict[K, dict[str, Any]]:
+    """`{key: plain_config(compose([*overrides, *extra]))}` for each `key: (extra, check)`
+    of `wanted`, validated (`study.config.validate`) where `check`.
+
+    The compositions run side by side in forked processes (`study.parallel`; Hydra's
+    merging holds the GIL). One that fails in a worker is composed again here, in
+    `wanted`'s order, so the error raised is the one composing them in turn would raise.
+    """
+    jobs = {key: (_plain_or_none, (compose, [*overrides, *extra], check))
+            for key, (extra, check) in wanted.items()}
+    done = run_jobs(jobs)
+    for key, (extra, check) in wanted.items():
+        if done[key] is None:
+            done[key] = _plain(compose, [*overrides, *extra], check)
+    return done
+
+
+def _plain(compose: Compose, overrides: list[str], check: bool) -> dict[str, Any]:
+    node = compose(overrides)
+    if check:
+        validate(node)
+    return plain_config(node)
+
+
+def _plain_or_none(compose: Compose, overrides: list[str], check: bool) -> dict[str, Any] | None:
+    # In a worker: an error travels back as None, not pickled (Hydra's exceptions do not
+    # all survive pickling), and the caller raises it by composing again.
+    try:
+        return _plain(compose, overrides, check)
+    except Exception:  # noqa: BLE001
+        return None
 
 
 def numeric_distributions(axes: dict[str, list[Any]]) -> dict[str, Any]:

@@ -12,9 +12,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from analysis import figures, parallel, report
+from analysis import figures, report
 from analysis.load import load_run
 from analysis.report import render_html
+from study import parallel
 from study.records import write_curves, write_trials
 
 # The fixture draws a wide report first (about 15 s): these run with the slow tests.

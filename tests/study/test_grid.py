@@ -1,10 +1,17 @@
-"""The flagship expands to exactly the declared grid."""
+"""The flagship expands to exactly the declared grid; compositions side by side change
+nothing."""
 
 from __future__ import annotations
 
 import itertools
 
+import pytest
+from hydra.errors import MissingConfigException
+
+from study import parallel
 from study.plan import plan_from_overrides
+
+forks = pytest.mark.skipif(parallel.workers_available() < 2, reason="needs Linux and two cores")
 
 
 def test_lr_batch_is_2_tasks_x_3_optimizers_x_13_lrs_x_4_batches_x_3_seeds() -> None:
@@ -41,3 +48,23 @@ def test_user_overrides_apply_to_every_point() -> None:
     plan = plan_from_overrides(["+sweep=smoke", "train.epochs=2", "model.width=8"])
     assert {p.trial.train.epochs for p in plan.points} == {2}
     assert {p.trial.model.width for p in plan.points} == {8}
+
+
+@forks
+def test_compositions_side_by_side_give_the_plan_composed_in_turn(monkeypatch) -> None:
+    # layer_decay: a spec axis (optimizer, 3 options) and a transform axis (failure, 2).
+    side_by_side = plan_from_overrides(["+sweep=layer_decay"])
+    monkeypatch.setattr(parallel, "workers_available", lambda: 1)
+    in_turn = plan_from_overrides(["+sweep=layer_decay"])
+    assert side_by_side == in_turn
+    assert len(in_turn.points) == 3 * 5 * 2 * len(in_turn.seeds)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_composition_that_fails_raises_its_own_error_the_first_in_grid_order(
+        monkeypatch, workers: int) -> None:
+    monkeypatch.setattr(parallel, "workers_available", lambda: workers)
+    with pytest.raises(MissingConfigException, match="failure/no_such_a'") as raised:
+        plan_from_overrides(["+sweep=layer_decay",
+                             "sweep.axes.failure=[none,no_such_a,no_such_b]"])
+    assert "Available options in 'failure'" in str(raised.value)

@@ -1,16 +1,19 @@
-"""Independent pieces of the report built side by side, one forked process per core.
+"""Independent pieces of work done side by side, one forked process per core.
 
-A report is a handful of sections, each a pure function of the loaded run that draws its
-figures and returns text (PNG data URIs, tables). Matplotlib draws on one core, so on a
-machine with two or more, `run_jobs` builds them in forked worker processes: a child
-inherits the loaded run (nothing is pickled on the way in) and sends back only the
-section's text. The result is the same as building them one after another (tested byte
-for byte): each job reads only its arguments and writes nothing.
+Two users: the report (`analysis.report`) draws its sections, each a pure function of the
+loaded run that returns text (PNG data URIs, tables), and the grid (`study.grid`) composes
+the configurations of its group options, each a Hydra composition that returns a plain
+dict. Both run Python that holds the GIL (matplotlib's drawing, OmegaConf's merging), so
+threads would not overlap them; processes do. A forked child inherits the parent's state
+(the loaded run, Hydra's initialised config search path): nothing is pickled on the way
+in, and only the job's result comes back. The results are the same as doing the jobs one
+after another (tested): each job reads only its arguments and writes nothing.
 
-Forked, not spawned: a spawned child would import matplotlib, pandas and scipy again and
-receive the run pickled, which costs about as much as it saves. Fork is used on Linux
-only (elsewhere the platform's default is spawn, and on macOS forking a process that has
-loaded system frameworks is unsafe); there, and with one core, the jobs run in order.
+Forked, not spawned: a spawned child would import matplotlib, pandas and scipy (or Hydra)
+again and receive its inputs pickled, which costs about as much as it saves. Fork is used
+on Linux only (elsewhere the platform's default is spawn, and on macOS forking a process
+that has loaded system frameworks is unsafe); there, and with one core, the jobs run in
+order. A child never runs OpenMP or numba code, so forking after torch has loaded is safe.
 """
 
 from __future__ import annotations
@@ -19,14 +22,15 @@ import logging
 import multiprocessing
 import os
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Hashable, Mapping
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from typing import Any
+from typing import Any, TypeVar
 
 log = logging.getLogger(__name__)
 
 Job = tuple[Callable[..., Any], tuple[Any, ...]]
+K = TypeVar("K", bound=Hashable)
 
 # The jobs of the `run_jobs` call in progress: forked workers inherit them.
 _JOBS: list[Job] = []
@@ -39,7 +43,7 @@ def workers_available() -> int:
     return len(os.sched_getaffinity(0))
 
 
-def run_jobs(jobs: Mapping[str, Job], workers: int | None = None) -> dict[str, Any]:
+def run_jobs(jobs: Mapping[K, Job], workers: int | None = None) -> dict[K, Any]:
     """{name: fn(*args)} for every `(fn, args)` in `jobs`, built by up to `workers` forked
     processes (default: `workers_available()`), in the order given (put the longest
     first: a free worker takes the next job). An exception of a job is raised here; a
@@ -53,14 +57,13 @@ def run_jobs(jobs: Mapping[str, Job], workers: int | None = None) -> dict[str, A
         with ProcessPoolExecutor(workers, mp_context=context) as pool:
             return dict(zip(jobs, pool.map(_run, range(len(_JOBS))), strict=True))
     except BrokenProcessPool as err:
-        log.warning("a report worker process died (%s); building the report in this process",
-                    err)
+        log.warning("a worker process died (%s); doing its jobs in this process", err)
     finally:
         _JOBS.clear()
     return _in_order(jobs)
 
 
-def _in_order(jobs: Mapping[str, Job]) -> dict[str, Any]:
+def _in_order(jobs: Mapping[K, Job]) -> dict[K, Any]:
     return {name: fn(*args) for name, (fn, args) in jobs.items()}
 
 

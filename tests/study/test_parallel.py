@@ -1,5 +1,5 @@
-"""Report sections built side by side in forked processes (`analysis.parallel`): the same
-results, and the same report bytes, as one after another."""
+"""Jobs done side by side in forked processes (`study.parallel`): the same results, and
+the same report bytes, as one after another."""
 
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from analysis import parallel, report
+from analysis import report
 from analysis.load import load_run
+from study import parallel
 from tests.analysis.conftest import CLAIMS, write_diag_run
 
 BUILT = datetime(2024, 1, 2, 3, 4, 5, tzinfo=timezone.utc)
