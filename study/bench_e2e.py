@@ -17,6 +17,12 @@ was ready:
 `PYTHONPATH=DIR`), so that a change is compared with what it changes under the same load.
 Every round comes with its wall seconds, the process's CPU-seconds (user + system) and the
 load averages before it.
+
+Before the rounds, each side runs the command once untimed (`--no-warm-up` skips it): a
+checkout's first run on a machine compiles the CPU kernel into numba's cache (about 25 s,
+and numba keys that cache by the source file's path, so a fresh clone compiles again),
+and that first round would otherwise time the compilation, not the command. The warm-up's
+wall seconds are in the JSON (`warm_up_s`).
 """
 
 from __future__ import annotations
@@ -109,6 +115,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--against", type=Path, default=None,
                         help="another checkout of study, run in turn with this one")
     parser.add_argument("--out", type=Path, default=None, help="write the JSON here too")
+    parser.add_argument("--warm-up", action=argparse.BooleanOptionalAction, default=True,
+                        help="run each side once, untimed, before the rounds (default: on)")
     args = parser.parse_intermixed_args(argv)
     if args.rounds < 1:
         parser.error("--rounds must be at least 1")
@@ -116,7 +124,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         parser.error(f"--against: {args.against} is not a checkout of study")
     sides = {"this": None, **({"against": args.against.resolve()} if args.against else {})}
     rounds: dict[str, list[dict[str, Any]]] = {name: [] for name in sides}
+    warm_up: dict[str, float] = {}
     try:
+        if args.warm_up:
+            for name, checkout in sides.items():
+                warm_up[name] = run_once(args.overrides, checkout)["wall_s"]
+                print(json.dumps({"side": name, "warm_up_s": warm_up[name]}), file=sys.stderr)
         for index in range(args.rounds):
             for name, checkout in sides.items():
                 row = run_once(args.overrides, checkout)
@@ -127,6 +140,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         sys.exit(1)
     result = {"command": " ".join(["python -m study", *args.overrides]),
               **({"against": str(args.against.resolve())} if args.against else {}),
+              **({"warm_up_s": warm_up} if warm_up else {}),
               "median": {name: medians(rows) for name, rows in rounds.items()},
               "rounds": rounds}
     print(json.dumps(result, indent=2))

@@ -66,11 +66,33 @@ def test_against_must_be_a_checkout(tmp_path, capsys) -> None:
     assert "is not a checkout of study" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("warm_up", [True, False])
+def test_each_side_warms_up_once_untimed_before_the_rounds(monkeypatch, warm_up: bool) -> None:
+    calls = []
+
+    def fake_run(overrides, checkout):
+        calls.append(checkout)
+        return {"wall_s": 10.0 + len(calls), "cpu_s": 1.0, "load_avg": [0.0, 0.0, 0.0],
+                "stages_s": dict.fromkeys(STAGES, 1.0)}
+
+    monkeypatch.setattr(bench_e2e, "run_once", fake_run)
+    result = bench_e2e.main(["+sweep=smoke", "--rounds", "2", "--against", str(REPO),
+                             *([] if warm_up else ["--no-warm-up"])])
+    alternating = [None, REPO, None, REPO]
+    assert calls == ([None, REPO] if warm_up else []) + alternating
+    assert [r["wall_s"] for r in result["rounds"]["this"]] == (
+        [13.0, 15.0] if warm_up else [11.0, 13.0])
+    if warm_up:
+        assert result["warm_up_s"] == {"this": 11.0, "against": 12.0}
+    else:
+        assert "warm_up_s" not in result
+
+
 @pytest.mark.slow
 def test_the_real_command_against_a_checkout_stage_by_stage(tmp_path) -> None:
     """Both sides run the smoke sweep; the stages cover the round's wall time."""
     out = tmp_path / "e2e.json"
-    result = bench_e2e.main(["+sweep=smoke", "report=false", "--rounds", "1",
+    result = bench_e2e.main(["+sweep=smoke", "report=false", "--rounds", "1", "--no-warm-up",
                              "--against", str(REPO), "--out", str(out)])
     assert out.is_file()
     for side in ("this", "against"):
