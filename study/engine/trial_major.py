@@ -37,6 +37,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
@@ -51,10 +52,8 @@ from study.models import PROBE_SIZE, SATURATION_Z
 from study.trial import TrialSpec
 
 try:
-    from numba import njit, types
-    from numba.core import cgutils
+    from numba import njit
     from numba.core import event as numba_event
-    from numba.extending import intrinsic
 
     from study.engine.fused import _adam_row, _dot, _put, _sgd_row, _sumsq
 except ImportError:  # pragma: no cover - numba is a dependency; this guards broken installs
@@ -592,48 +591,15 @@ if njit is not None:
         prev_norm[t] = norm
 
 
-    @intrinsic
-    def _fetch_add(typingctx, counters, index, amount):
-        # counters[index] += amount as one atomic instruction; returns the value before.
-        # What lets the kernel's threads take trials off one queue without the GIL.
-        def codegen(context, builder, signature, args):
-            array = context.make_array(signature.args[0])(context, builder, args[0])
-            at = cgutils.get_item_pointer(context, builder, signature.args[0], array,
-                                          [args[1]])
-            return builder.atomic_rmw("add", at, args[2], "seq_cst")
-        return types.int64(counters, index, amount), codegen
-
-    @njit(cache=True, nogil=True)
-    def _segments(queue, trials, first_step, end_step, eval_first, eval_index, params,
-                  previous, state1, state2, prev_norm, live, x_eval, yf_eval, yi_eval,
-                  classify, scale, orders, epoch_base, epoch_stride, batch, n_train, w_off,
-                  b_off, fan_in, fan_out, narrow, act, probe, sat_z, kind, hp, step_lr,
-                  step_bc2, step_decay, steps_rec, evals_rec, chunk):
-        # `_segment` for trials[queue[0]], then the next one not taken, ..., by every thread
-        # that runs this at once: each takes the next trial as it finishes one (runs end at
-        # different steps), with no lock and no GIL. queue[1] != 0 stops them after the
-        # trial each is on.
-        while True:
-            if _fetch_add(queue, 1, 0) != 0:
-                return
-            i = _fetch_add(queue, 0, 1)
-            if i >= len(trials):
-                return
-            _segment(trials[i], first_step, end_step, eval_first, eval_index, params,
-                     previous, state1, state2, prev_norm, live, x_eval, yf_eval, yi_eval,
-                     classify, scale, orders, epoch_base, epoch_stride, batch, n_train,
-                     w_off, b_off, fan_in, fan_out, narrow, act, probe, sat_z, kind, hp,
-                     step_lr, step_bc2, step_decay, steps_rec, evals_rec, chunk)
-
     class _CompileNotice(numba_event.Listener):
         # numba's "numba:compile" event fires when a function is compiled, not when it is
         # loaded from the cache: the first run on a machine (or of a new version) waits
         # about 25 s for the kernel with nothing else on the screen, so it says why.
         def on_start(self, event) -> None:
-            if event.data["dispatcher"] is _segments:
+            if event.data["dispatcher"] is _segment:
                 log.info("compiling the CPU kernel for %s (first use on this machine or of "
                          "this version: about 25 s, then cached on disk)",
-                         event.data["args"][6].dtype)
+                         event.data["args"][5].dtype)
 
         def on_end(self, event) -> None:
             pass
@@ -754,14 +720,14 @@ class Kernel:
         if self.generators is not None:
             self._orders_for(first // self.per_epoch, -(-end // self.per_epoch))
             stride = 1
-        live = np.flatnonzero(self.live)
+        live = np.flatnonzero(self.live).tolist()
         args = (first, end, eval_first, self.eval_index, self.params, self.previous,
                 self.state1, self.state2, self.prev_norm, self.live, *self.data_args,
                 self.orders, self.epoch_base, stride, *self.layout, self.kind, self.hp,
                 self.step_lr, self.step_bc2, self.step_decay, self.steps, self.evals,
                 self.chunk)
         with _one_blas_thread():
-            _spread(args, live, self.threads)
+            _spread(lambda t: _segment(t, *args), live, self.threads)
 
     def _orders_for(self, low: int, high: int) -> None:
         """Hold the batch orders of epochs low ... high - 1, drawing those not drawn yet in
@@ -807,18 +773,20 @@ def _one_blas_thread():
     return _blas().limit(limits=1, user_api="blas")
 
 
-def _spread(args: tuple, trials: np.ndarray, threads: int) -> None:
-    """`_segment(t, *args)` for every trial t of `trials`, on `threads` threads that each
-    take the next trial as they finish one (runs end at different steps). The threads take
-    trials off a queue inside the kernel (`_segments`), without the GIL: Python work in
-    another thread (a progress bar, imports) never holds a trial back. Python threads
-    rather than numba's `prange`, whose parallel passes take the kernel minutes to compile.
-    An exception in this thread (Ctrl-C) or in a worker stops the workers after the trial
-    each is on, and is raised here."""
-    queue = np.zeros(2, dtype=np.int64)  # the next trial's index; a stop flag
+def _spread(run, trials: Sequence[int], threads: int) -> None:
+    """`run(t)` for every trial t of `trials`, on `threads` threads that each take the next
+    trial as they finish one (runs end at different steps). The kernel releases the GIL;
+    Python threads rather than numba's `prange`, whose parallel passes take the kernel
+    minutes to compile. An exception in this thread (Ctrl-C) or in a worker stops the
+    workers after the trial each is on, and is raised here."""
+    queue = iter(trials)  # next() on a list iterator is atomic under the GIL
+    stop = threading.Event()
 
     def worker() -> None:
-        _segments(queue, trials, *args)
+        for t in queue:
+            if stop.is_set():
+                return
+            run(t)
 
     workers = min(threads, len(trials))
     if workers <= 1:
@@ -830,5 +798,5 @@ def _spread(args: tuple, trials: np.ndarray, threads: int) -> None:
             for future in futures:
                 future.result()
         except BaseException:
-            queue[1] = 1
+            stop.set()
             raise

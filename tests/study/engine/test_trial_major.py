@@ -6,7 +6,6 @@ trial's numbers bit-identical whatever population (and however many threads) it 
 
 from __future__ import annotations
 
-import threading
 import time
 
 import numpy as np
@@ -251,44 +250,20 @@ def test_batch_orders_drawn_window_by_window_give_the_same_bits(monkeypatch,
         assert a.equal(b)
 
 
-def test_a_failure_stops_the_other_threads_after_their_trial(monkeypatch) -> None:
+def test_a_failure_stops_the_other_threads_after_their_trial() -> None:
     """An exception (a worker's, or Ctrl-C in the caller) stops every thread after the
     trial it is on: the rest of the population is not trained before it is raised."""
     done: list[int] = []
-    lock = threading.Lock()
 
-    def segments(queue, trials, *args) -> None:  # `_segments`' queue, in Python
-        while True:
-            with lock:
-                if queue[1] or queue[0] >= len(trials):
-                    return
-                t = int(trials[queue[0]])
-                queue[0] += 1
-            if t == 0:
-                raise RuntimeError("trial 0 failed")
-            time.sleep(0.002)
-            done.append(t)
+    def run(t: int) -> None:
+        if t == 0:
+            raise RuntimeError("trial 0 failed")
+        time.sleep(0.002)
+        done.append(t)
 
-    monkeypatch.setattr(kernel_module, "_segments", segments)
     with pytest.raises(RuntimeError, match="trial 0 failed"):
-        kernel_module._spread((), np.arange(200), threads=2)
+        kernel_module._spread(run, list(range(200)), threads=2)
     assert len(done) < 100
-
-
-def test_the_kernel_takes_no_trial_once_stopped(monkeypatch, kernel_only) -> None:
-    """`_segments` with its stop flag set trains nothing; the same call without it trains
-    every trial once (the population then matches the reference)."""
-    spread = kernel_module._spread
-
-    def stopped_first(args, trials, threads) -> None:
-        params = args[4].copy()
-        queue = np.array([0, 1], dtype=np.int64)
-        kernel_module._segments(queue, trials, *args)
-        assert queue[0] == 0 and np.array_equal(args[4], params)
-        spread(args, trials, threads)
-
-    monkeypatch.setattr(kernel_module, "_spread", stopped_first)
-    _check([_trial(SGD(lr=lr)) for lr in (0.01, 0.05, 0.1)])
 
 
 @pytest.mark.slow
@@ -333,8 +308,6 @@ print(json.dumps({n: len(d.signatures) for n, d in vars(trial_major).items()
         assert said == ([notice] if fresh else [])
         counts.append(json.loads(done.stdout.strip().splitlines()[-1]))
     compiled, loaded = counts
-    assert compiled["_segments"] == 1 and compiled["_segment"] == 1
-    assert compiled["_forward"] == 1
+    assert compiled["_segment"] == 1 and compiled["_forward"] == 1
     assert {n: c for n, c in compiled.items() if c > 1} == {"_product": 2}
-    # The entry point is loaded from the cache, and its callees with it.
-    assert loaded["_segments"] == 1 and loaded["_segment"] == 0 and loaded["_forward"] == 0
+    assert loaded["_segment"] == 1 and loaded["_forward"] == 0  # the cache holds the rest
