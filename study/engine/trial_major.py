@@ -37,6 +37,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import multiprocessing
 import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -52,6 +53,7 @@ from study.models import PROBE_SIZE, SATURATION_Z
 from study.trial import TrialSpec
 
 try:
+    import numba
     from numba import njit
     from numba.core import event as numba_event
 
@@ -594,17 +596,82 @@ if njit is not None:
     class _CompileNotice(numba_event.Listener):
         # numba's "numba:compile" event fires when a function is compiled, not when it is
         # loaded from the cache: the first run on a machine (or of a new version) waits
-        # about 25 s for the kernel with nothing else on the screen, so it says why.
+        # about 25 s for the kernel with nothing else on the screen, so it says why, and
+        # compiles its two largest callees side by side (`_compile_callees`).
         def on_start(self, event) -> None:
             if event.data["dispatcher"] is _segment:
                 log.info("compiling the CPU kernel for %s (first use on this machine or of "
-                         "this version: about 25 s, then cached on disk)",
+                         "this version: about 20 s, then cached on disk)",
                          event.data["args"][5].dtype)
+                _compile_callees(event.data["args"])
 
         def on_end(self, event) -> None:
             pass
 
     numba_event.register("numba:compile", _CompileNotice())
+
+
+def callee_signatures(segment: Sequence) -> dict[str, tuple]:
+    """The argument types `_segment` calls its largest callees with (`_evaluate`,
+    `_backward`, `_update`, `_loss_grad`), from its own argument types `segment` (numba
+    types, in `_segment`'s order): rows of its [T, ...] arrays, its scratch arrays (1-D or
+    2-D, C order), elements of its arrays, its scalars."""
+    from numba import types
+
+    def row(array):  # array[t]: one dimension less, the same layout
+        return array.copy(ndim=array.ndim - 1)
+
+    params, x_eval, yf_eval, yi_eval, classify, scale = (segment[5], *segment[11:16])
+    n_train, layout, act, probe, sat_z, chunk = (segment[20], segment[21:26], segment[26],
+                                                 segment[27], segment[28], segment[36])
+    vector = types.Array(params.dtype, 1, "C")  # a row of params, or a scratch array
+    matrix = types.Array(params.dtype, 2, "C")  # a batch's rows
+    offsets = types.Array(types.int64, 1, "C")
+    state1, state2, kind, hp, step_lr, step_bc2, step_decay = (*segment[7:9], *segment[29:34])
+    return {
+        "_evaluate": (vector, row(x_eval), row(yf_eval), row(yi_eval), classify, row(scale),
+                      n_train, chunk, vector, vector, offsets, *layout, act, probe, sat_z,
+                      types.Array(types.uint8, 1, "C"), types.Array(types.float64, 1, "C"),
+                      types.boolean),
+        "_backward": (vector, vector, matrix, *[vector] * 6, offsets, *layout, act,
+                      types.int64),
+        "_update": (kind.dtype, *[vector] * 4, row(state1), row(state2), types.boolean,
+                    step_lr.dtype, step_bc2.dtype, step_decay.dtype, hp.copy(ndim=1, layout="A")),
+        "_loss_grad": (matrix, matrix, types.Array(types.int64, 1, "C"), classify, matrix),
+    }
+
+
+def _compile_callees(segment: Sequence) -> None:
+    """Compile `_evaluate` here and `_backward`, `_update` and `_loss_grad` in a forked
+    process at the same time (about 9 s each side, of the kernel's 28), before numba
+    compiles `_segment` (argument types `segment`): the child writes its functions to
+    numba's disk cache, and `_segment` loads them from there. The loaded code gives the
+    same bits as compiling them here (lr_batch's trials and curves). With one core, off
+    Linux, or if anything fails, numba compiles them here as it would have."""
+    from study.parallel import workers_available
+
+    if workers_available() < 2:
+        return
+    signatures = callee_signatures(segment)
+    try:
+        child = multiprocessing.get_context("fork").Process(
+            target=_compile_each, args=([(_backward, signatures["_backward"]),
+                                         (_update, signatures["_update"]),
+                                         (_loss_grad, signatures["_loss_grad"])],),
+            daemon=True)
+        child.start()
+    except OSError as err:  # no fork (out of memory, process limit): one after the other
+        log.debug("compiling the kernel's callees in turn: %s", err)
+        return
+    try:
+        _evaluate.compile(signatures["_evaluate"])
+    finally:
+        child.join()
+
+
+def _compile_each(jobs: Sequence[tuple]) -> None:
+    for dispatcher, signature in jobs:
+        dispatcher.compile(signature)
 
 
 def draw_orders(orders: Sequence[torch.Generator], epochs: int, n_train: int) -> np.ndarray:
@@ -726,6 +793,10 @@ class Kernel:
                 self.orders, self.epoch_base, stride, *self.layout, self.kind, self.hp,
                 self.step_lr, self.step_bc2, self.step_decay, self.steps, self.evals,
                 self.chunk)
+        if live:
+            # Loaded or compiled here, on the caller's thread, not in a worker: a first
+            # compilation forks a process (`_compile_callees`).
+            _segment.compile(tuple(numba.typeof(a) for a in (live[0], *args)))
         with _one_blas_thread():
             _spread(lambda t: _segment(t, *args), live, self.threads)
 

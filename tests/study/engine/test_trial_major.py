@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from study import parallel
 from study.engine import BatchedEngine, ReferenceEngine
 from study.engine import trial_major as kernel_module
 from study.engine.population import _Population
@@ -269,10 +270,12 @@ def test_a_failure_stops_the_other_threads_after_their_trial() -> None:
 @pytest.mark.slow
 def test_a_fresh_compilation_says_so_and_specialises_each_function_once(tmp_path) -> None:
     """Compiled from scratch (an empty numba cache), the kernel says once that it is
-    compiling, and each kernel function is specialised once for a dtype, `_product` twice
-    (its `a` is a transposed view for the weight gradient): a literal argument or a stray
-    layout would compile a callee again, seconds of every first run (docs/performance.md).
-    Loaded from the cache, it says nothing."""
+    compiling, and each kernel function is specialised once for a dtype: a literal argument
+    or a stray layout would compile a callee again, seconds of every first run
+    (docs/performance.md). With two cores `_backward`, `_update` and `_loss_grad` are
+    compiled in a forked process and only loaded here: had `callee_signatures` missed
+    their argument types, they would be compiled here as well. Loaded from the cache, it
+    says nothing."""
     import json
     import os
     import subprocess
@@ -281,6 +284,7 @@ def test_a_fresh_compilation_says_so_and_specialises_each_function_once(tmp_path
     script = """
 import json, logging, torch
 logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+from numba.core import event
 from numba.core.registry import CPUDispatcher
 from study.engine import BatchedEngine
 from study.engine import trial_major
@@ -288,26 +292,48 @@ from study.models import ModelSpec
 from study.optimizers import SGD, Adam
 from study.tasks import Blobs, TeacherMLP
 from study.trial import TrainSpec, TrialSpec
+compiled_here = []
+class Seen(event.Listener):
+    def on_start(self, ev):
+        function = ev.data["dispatcher"].py_func
+        if function.__module__.startswith("study."):
+            compiled_here.append(function.__name__)
+    def on_end(self, ev):
+        pass
+event.register("numba:compile", Seen())
 train = TrainSpec(batch_size=32, epochs=1, dtype="float64")
 for task in (Blobs(n_train=64, n_val=64), TeacherMLP(n_train=64, n_val=64, width=8)):
-    BatchedEngine().run([TrialSpec(task, ModelSpec(depth=2, width=16), o, train, 0)
-                         for o in (SGD(lr=0.1), Adam(lr=1e-2))], torch.device("cpu"))
+    for optimizers in ((SGD(lr=0.1),), (SGD(lr=0.1), Adam(lr=1e-2))):
+        BatchedEngine().run([TrialSpec(task, ModelSpec(depth=2, width=16), o, train, 0)
+                             for o in optimizers], torch.device("cpu"))
 own = trial_major.__name__
-print(json.dumps({n: len(d.signatures) for n, d in vars(trial_major).items()
-                  if isinstance(d, CPUDispatcher) and d.py_func.__module__ == own}))
+print(json.dumps({"here": compiled_here,
+                  "signatures": {n: len(d.signatures) for n, d in vars(trial_major).items()
+                                 if isinstance(d, CPUDispatcher)
+                                 and d.py_func.__module__ == own}}))
 """
     env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path)}
     notice = ("study.engine.trial_major: compiling the CPU kernel for float64 (first use on "
-              "this machine or of this version: about 25 s, then cached on disk)")
-    counts = []
+              "this machine or of this version: about 20 s, then cached on disk)")
+    runs = []
     for fresh in (True, False):
         done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
                               text=True, timeout=600)
         assert done.returncode == 0, done.stderr
         said = [line for line in done.stderr.splitlines() if "compiling" in line]
         assert said == ([notice] if fresh else [])
-        counts.append(json.loads(done.stdout.strip().splitlines()[-1]))
-    compiled, loaded = counts
-    assert compiled["_segment"] == 1 and compiled["_forward"] == 1
-    assert {n: c for n, c in compiled.items() if c > 1} == {"_product": 2}
-    assert loaded["_segment"] == 1 and loaded["_forward"] == 0  # the cache holds the rest
+        runs.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    compiled, loaded = runs
+    here, counts = compiled["here"], compiled["signatures"]
+    assert here.count("_segment") == 1 and here.count("_forward") == 1
+    assert {n: c for n, c in counts.items() if c > 1} == {}
+    if parallel.workers_available() >= 2:
+        # compiled in the child, loaded here; their own callees never reach this process
+        assert not {"_backward", "_update", "_loss_grad", "_weight_grad_narrow"} & set(here)
+        assert counts["_backward"] == counts["_update"] == counts["_loss_grad"] == 1
+    else:
+        assert counts["_product"] == 2  # `a` a transposed view for the weight gradient
+    assert len(here) == len(set(here))  # nothing compiled twice
+    assert loaded["here"] == []
+    counts = loaded["signatures"]
+    assert counts["_segment"] == 1 and counts["_forward"] == 0  # the cache holds the rest
