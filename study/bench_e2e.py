@@ -19,7 +19,7 @@ Every round comes with its wall seconds, the process's CPU-seconds (user + syste
 load averages before it.
 
 Before the rounds, each side runs the command once untimed (`--no-warm-up` skips it): a
-checkout's first run on a machine compiles the CPU kernel into numba's cache (about 25 s,
+checkout's first run on a machine compiles the CPU kernel into numba's cache (about 20-30 s,
 and numba keys that cache by the source file's path, so a fresh clone compiles again),
 and that first round would otherwise time the compilation, not the command. The warm-up's
 wall seconds are in the JSON (`warm_up_s`).

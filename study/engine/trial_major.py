@@ -596,12 +596,12 @@ if njit is not None:
     class _CompileNotice(numba_event.Listener):
         # numba's "numba:compile" event fires when a function is compiled, not when it is
         # loaded from the cache: the first run on a machine (or of a new version) waits
-        # about 25 s for the kernel with nothing else on the screen, so it says why, and
-        # compiles its two largest callees side by side (`_compile_callees`).
+        # about 20-30 s for the kernel with nothing else on the screen, so it says why, and
+        # compiles its largest callees side by side (`_compile_callees`).
         def on_start(self, event) -> None:
             if event.data["dispatcher"] is _segment:
                 log.info("compiling the CPU kernel for %s (first use on this machine or of "
-                         "this version: about 20 s, then cached on disk)",
+                         "this version: about 20-30 s, then cached on disk)",
                          event.data["args"][5].dtype)
                 _compile_callees(event.data["args"])
 

@@ -314,7 +314,7 @@ print(json.dumps({"here": compiled_here,
 """
     env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path)}
     notice = ("study.engine.trial_major: compiling the CPU kernel for float64 (first use on "
-              "this machine or of this version: about 20 s, then cached on disk)")
+              "this machine or of this version: about 20-30 s, then cached on disk)")
     runs = []
     for fresh in (True, False):
         done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
