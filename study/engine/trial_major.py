@@ -37,7 +37,6 @@ from __future__ import annotations
 import functools
 import logging
 import math
-import multiprocessing
 import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -50,6 +49,7 @@ from study.engine.batched_optimizers import preconditioner
 from study.engine.fused import FusedUpdate, fusable
 from study.engine.network import Network
 from study.models import PROBE_SIZE, SATURATION_Z
+from study.parallel import run_jobs
 from study.trial import TrialSpec
 
 try:
@@ -642,36 +642,28 @@ def callee_signatures(segment: Sequence) -> dict[str, tuple]:
 
 
 def _compile_callees(segment: Sequence) -> None:
-    """Compile `_evaluate` here and `_backward`, `_update` and `_loss_grad` in a forked
-    process at the same time (about 9 s each side, of the kernel's 28), before numba
-    compiles `_segment` (argument types `segment`): the child writes its functions to
-    numba's disk cache, and `_segment` loads them from there. The loaded code gives the
-    same bits as compiling them here (lr_batch's trials and curves). With one core, off
-    Linux, or if anything fails, numba compiles them here as it would have."""
-    from study.parallel import workers_available
-
-    if workers_available() < 2:
-        return
+    """Compile `_evaluate` in one forked process and `_backward`, `_update` and
+    `_loss_grad` in another, side by side (about 9 s each, of the kernel's 28 one after
+    another), before numba compiles `_segment` (argument types `segment`): the children
+    write them to numba's disk cache, and `_segment` loads them from there. The loaded
+    code gives the same bits as compiling them in this process (lr_batch's trials and
+    curves). With one core or off Linux they are compiled here, in turn
+    (`study.parallel`); one that fails in a child is compiled again with `_segment`, as
+    it would have been."""
     signatures = callee_signatures(segment)
-    try:
-        child = multiprocessing.get_context("fork").Process(
-            target=_compile_each, args=([(_backward, signatures["_backward"]),
-                                         (_update, signatures["_update"]),
-                                         (_loss_grad, signatures["_loss_grad"])],),
-            daemon=True)
-        child.start()
-    except OSError as err:  # no fork (out of memory, process limit): one after the other
-        log.debug("compiling the kernel's callees in turn: %s", err)
-        return
-    try:
-        _evaluate.compile(signatures["_evaluate"])
-    finally:
-        child.join()
+    run_jobs({"evaluation": (_compile_each, ([(_evaluate, signatures["_evaluate"])],)),
+              "step": (_compile_each, ([(_backward, signatures["_backward"]),
+                                        (_update, signatures["_update"]),
+                                        (_loss_grad, signatures["_loss_grad"])],))})
 
 
 def _compile_each(jobs: Sequence[tuple]) -> None:
     for dispatcher, signature in jobs:
-        dispatcher.compile(signature)
+        try:
+            dispatcher.compile(signature)
+        except Exception as err:  # noqa: BLE001 - `_segment`'s own compilation reports it
+            log.debug("compiling %s ahead of the kernel failed: %s", dispatcher, err)
+            return
 
 
 def draw_orders(orders: Sequence[torch.Generator], epochs: int, n_train: int) -> np.ndarray:
