@@ -53,10 +53,16 @@ from study.config import (
     StudyConfig,
     build_trial,
     plain_config,
-    validate,
 )
 from study.engine import Engine
-from study.grid import Compose, GridPoint, check_sweep_claims, group_label, group_override
+from study.grid import (
+    Compose,
+    GridPoint,
+    check_sweep_claims,
+    compose_plain,
+    group_label,
+    group_override,
+)
 
 log = logging.getLogger(__name__)
 
@@ -98,15 +104,18 @@ class SearchPlan:
 
     @property
     def points(self) -> list[GridPoint]:
-        """One point per combination of categorical choices at the space's lower corner:
-        what validation and the objective check look at before any proposal exists."""
+        """One point per `corners()`: what validation and the objective check look at
+        before any proposal exists."""
+        return [self.build(params, self.seeds[0]) for params in self.corners()]
+
+    def corners(self) -> list[dict[str, Any]]:
+        """The params of the space's lower corner with each categorical key set to each of
+        its choices in turn (the corner alone when no key is categorical)."""
         corner = {n: d.choices[0] if isinstance(d, CategoricalDistribution) else d.low
                   for n, d in self.space.items()}
-        points = []
-        for name, dist in self.space.items():
-            if isinstance(dist, CategoricalDistribution):
-                points += [self.build({**corner, name: c}, self.seeds[0]) for c in dist.choices]
-        return points or [self.build(corner, self.seeds[0])]
+        corners = [{**corner, name: c} for name, dist in self.space.items()
+                   if isinstance(dist, CategoricalDistribution) for c in dist.choices]
+        return corners or [corner]
 
 
 # ------------------------------------------------------------------------------ expand
@@ -135,15 +144,18 @@ def expand_search(cfg: Any, compose: Compose, overrides: Sequence[str],
     base = plain_config(cfg)
     composed: dict[tuple[tuple[str, Any], ...], dict[str, Any]] = {}
 
+    def groups(params: dict[str, Any]) -> tuple[tuple[str, Any], ...]:
+        return tuple((g, params[g]) for g in space if g in GROUPS)
+
+    def wanted(params_list: list[dict[str, Any]]) -> dict[tuple, tuple[list[str], bool]]:
+        # compose_plain's requests: each combination of group options, validated
+        return {groups(p): ([group_override(g, v) for g, v in groups(p)], True)
+                for p in params_list if groups(p) and groups(p) not in composed}
+
     def build(params: dict[str, Any], seed: int) -> GridPoint:
-        picked = tuple((g, params[g]) for g in space if g in GROUPS)
-        if picked not in composed:
-            extra = [group_override(g, v) for g, v in picked]
-            node = compose([*overrides, *extra]) if extra else None
-            if node is not None:
-                validate(node)
-            composed[picked] = plain_config(node) if node is not None else base
-        plain = copy.deepcopy(composed[picked])
+        picked = groups(params)
+        composed.update(compose_plain(compose, overrides, wanted([params])))
+        plain = copy.deepcopy(composed[picked] if picked else base)
         for name, value in params.items():
             if name not in GROUPS:
                 set_key(plain, name, value)
@@ -155,6 +167,9 @@ def expand_search(cfg: Any, compose: Compose, overrides: Sequence[str],
     plan = SearchPlan(sweep.name, sweep.sampler, space, list(sweep.seeds), sweep.trials,
                       population, typed.seed, build, list(sweep.claims), pruner)
     check_sweep_claims(plan.claims, {name: [] for name in space})
+    # The corners' group options composed side by side (study.grid.compose_plain); a
+    # proposal that picks another combination composes it when it is built.
+    composed.update(compose_plain(compose, overrides, wanted(plan.corners())))
     plan.points  # noqa: B018 - every categorical choice builds (bad options fail now)
     return plan
 

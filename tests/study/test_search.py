@@ -9,10 +9,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from hydra.errors import MissingConfigException
 from optuna.distributions import CategoricalDistribution, FloatDistribution
 from optuna.trial import TrialState
 
-from study import queue, records
+from study import parallel, queue, records
 from study.config import ConfigError
 from study.engine import make_engine
 from study.lease import Lease
@@ -185,3 +186,26 @@ def test_a_search_on_postgres_gives_the_journal_search_and_resumes(tmp_path: Pat
                       "report=false", env={"STUDY_STORAGE_URL": url}, expect=0)
     assert "0 trials trained, 12 already done" in again.stdout
     assert records.read_trials(in_db)[0][columns].equals(db[columns])
+
+
+GROUP_SPACE = [*SMALL, "+sweep.space.task=[teacher_mlp,blobs]", "+sweep.space.model=[mlp,linear]"]
+
+
+@pytest.mark.skipif(parallel.workers_available() < 2, reason="needs Linux and two cores")
+def test_the_corners_group_options_composed_side_by_side_build_the_same_points(
+        monkeypatch) -> None:
+    side_by_side = plan_from_overrides(GROUP_SPACE).points
+    monkeypatch.setattr(parallel, "workers_available", lambda: 1)
+    in_turn = plan_from_overrides(GROUP_SPACE).points
+    assert side_by_side == in_turn
+    assert {(p.params["task"], p.params["model"]) for p in in_turn} == {
+        ("teacher_mlp", "mlp"), ("blobs", "mlp"), ("teacher_mlp", "linear")}
+    assert {p.trial.labels["model"] for p in in_turn} == {"mlp", "linear"}
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_missing_group_option_in_the_space_raises_hydras_error(monkeypatch,
+                                                                  workers: int) -> None:
+    monkeypatch.setattr(parallel, "workers_available", lambda: workers)
+    with pytest.raises(MissingConfigException, match="model/no_such_model'"):
+        plan_from_overrides([*SMALL, "+sweep.space.model=[mlp,no_such_model,no_such_b]"])
