@@ -116,7 +116,7 @@ def render_html(run: RunData, map_metric: str = FINAL, claims: pd.DataFrame | No
     built = built or datetime.now(timezone.utc)
     missing = missing_curves(run) if has_trials else []
     claims = claims if claims is not None else run.claims
-    # The sections that draw or compute for long, built side by side (analysis.parallel),
+    # The sections that draw or compute for long, built side by side (study.parallel),
     # the longest first.
     gallery_parts = sections.gallery_parts(run.run_dir, lab, axes) if has_trials else []
     jobs = {"map": (map_section, (summary, axes, map_metric)),
