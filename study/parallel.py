@@ -1,19 +1,23 @@
 """Independent pieces of work done side by side, one forked process per core.
 
-Two users: the report (`analysis.report`) draws its sections, each a pure function of the
-loaded run that returns text (PNG data URIs, tables), and the grid (`study.grid`) composes
-the configurations of its group options, each a Hydra composition that returns a plain
-dict. Both run Python that holds the GIL (matplotlib's drawing, OmegaConf's merging), so
-threads would not overlap them; processes do. A forked child inherits the parent's state
-(the loaded run, Hydra's initialised config search path): nothing is pickled on the way
-in, and only the job's result comes back. The results are the same as doing the jobs one
-after another (tested): each job reads only its arguments and writes nothing.
+Three users: the report (`analysis.report`) draws its sections, each a pure function of
+the loaded run that returns text (PNG data URIs, tables); the grid (`study.grid`, and
+`study.search` for its space's corners) composes the configurations of its group options,
+each a Hydra composition that returns a plain dict; and the trial-major kernel's first
+compilation (`study.engine.trial_major`) compiles its largest callees into numba's disk
+cache. All of it is Python that holds the GIL (matplotlib's drawing, OmegaConf's merging,
+numba's typing), so threads would not overlap them; processes do. A forked child inherits
+the parent's state (the loaded run, Hydra's initialised config search path, the imported
+kernel): nothing is pickled on the way in, and only the job's result comes back. The
+results are the same as doing the jobs one after another (tested): each job reads only
+its arguments, and the only thing one writes is numba's cache, which numba reads back.
 
 Forked, not spawned: a spawned child would import matplotlib, pandas and scipy (or Hydra)
 again and receive its inputs pickled, which costs about as much as it saves. Fork is used
 on Linux only (elsewhere the platform's default is spawn, and on macOS forking a process
 that has loaded system frameworks is unsafe); there, and with one core, the jobs run in
-order. A child never runs OpenMP or numba code, so forking after torch has loaded is safe.
+order. A child runs no OpenMP region and no numba-compiled code (the kernel's jobs only
+compile), so forking after torch has loaded is safe.
 """
 
 from __future__ import annotations
