@@ -21,7 +21,7 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from omegaconf import DictConfig
 
@@ -35,13 +35,12 @@ from study.config import (
     plain_config,
     validate,
 )
-from study.parallel import run_jobs
+from study.parallel import K, run_jobs
 from study.trial import TrialSpec
 
 log = logging.getLogger(__name__)
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 Compose = Callable[[Sequence[str]], DictConfig]
-K = TypeVar("K")
 
 
 @dataclass(frozen=True)

@@ -148,13 +148,16 @@ def expand_search(cfg: Any, compose: Compose, overrides: Sequence[str],
         return tuple((g, params[g]) for g in space if g in GROUPS)
 
     def wanted(params_list: list[dict[str, Any]]) -> dict[tuple, tuple[list[str], bool]]:
-        # compose_plain's requests: each combination of group options, validated
-        return {groups(p): ([group_override(g, v) for g, v in groups(p)], True)
-                for p in params_list if groups(p) and groups(p) not in composed}
+        # compose_plain's requests: each combination of group options not composed yet,
+        # validated, in the order given
+        return {picked: ([group_override(g, v) for g, v in picked], True)
+                for picked in dict.fromkeys(map(groups, params_list))
+                if picked and picked not in composed}
 
     def build(params: dict[str, Any], seed: int) -> GridPoint:
         picked = groups(params)
-        composed.update(compose_plain(compose, overrides, wanted([params])))
+        if picked and picked not in composed:
+            composed.update(compose_plain(compose, overrides, wanted([params])))
         plain = copy.deepcopy(composed[picked] if picked else base)
         for name, value in params.items():
             if name not in GROUPS:
