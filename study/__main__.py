@@ -28,10 +28,8 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from study import cli, records, storage
-from study.config import ConfigError, register, validate
-from study.plan import expand
 from study.process_exit import exit_now
-from study.run import check_objective, execute
+from study.schema import ConfigError, register
 
 register()
 
@@ -52,6 +50,12 @@ def main(cfg: DictConfig) -> None:
     try:
         if multirun:
             _mask_file(Path(hc.sweep.dir) / "multirun.yaml")
+        # Imported once Hydra has composed the config: a mistyped command line is refused
+        # without waiting for torch, numba and the engine.
+        from study.config import validate
+        from study.plan import expand
+        from study.run import check_objective, execute
+
         typed = validate(cfg)
         compose = functools.partial(_compose, search_path=_search_path(hc.overrides.hydra))
         plan = expand(cfg, compose, overrides, choices, typed=typed)

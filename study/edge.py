@@ -38,9 +38,9 @@ import torch
 from optuna.distributions import BaseDistribution, FloatDistribution
 from optuna.trial import TrialState
 
-from study.config import ConfigError
 from study.engine import Engine
 from study.grid import GridPoint, SweepPlan, check_sweep_claims
+from study.schema import ConfigError
 
 AXIS = "optimizer.lr"
 EDGE_COLUMNS = ["edge", "edge_high", "precision", "resolved", "bound", "rates_tried",

@@ -28,14 +28,13 @@ from omegaconf import DictConfig
 from study.config import (
     GROUPS,
     TRANSFORM_GROUPS,
-    ConfigError,
     NotApplicableError,
-    StudyConfig,
     build_trial,
     plain_config,
     validate,
 )
 from study.parallel import K, run_jobs
+from study.schema import ConfigError, StudyConfig
 from study.trial import TrialSpec
 
 log = logging.getLogger(__name__)

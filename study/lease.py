@@ -36,7 +36,7 @@ from dataclasses import dataclass
 
 from optuna.trial import FrozenTrial, TrialState
 
-from study.config import ConfigError, StorageConfig
+from study.schema import ConfigError, StorageConfig
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from study.config import ConfigError, StudyConfig, build_trial, plain_config, register, validate
+from study.config import build_trial, plain_config, validate
 from study.edge import EdgePlan, expand_edge
 from study.grid import (
     CONF_DIR,
@@ -25,6 +25,7 @@ from study.grid import (
     group_label,
     reseeded,
 )
+from study.schema import ConfigError, StudyConfig, register
 from study.search import expand_search
 
 

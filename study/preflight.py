@@ -12,10 +12,11 @@ from pathlib import Path
 import torch
 
 from study import records, storage
-from study.config import TRANSFORM_GROUPS, ConfigError
+from study.config import TRANSFORM_GROUPS
 from study.failures import trial_dataset
 from study.grid import SweepPlan
 from study.journal import journal_study_names
+from study.schema import ConfigError
 from study.seeds import seed_streams
 from study.trial import TrialSpec
 

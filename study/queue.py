@@ -26,7 +26,7 @@ from optuna.storages.journal import _storage as _journal_storage
 from optuna.trial import FrozenTrial, TrialState
 
 from study import lease
-from study.config import ConfigError
+from study.schema import ConfigError
 
 if TYPE_CHECKING:
     from study.grid import GridPoint, SweepPlan

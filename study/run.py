@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 from omegaconf import DictConfig, OmegaConf
 
 from study import queue, records, storage
-from study.config import ConfigError, StudyConfig, plain_config, resolve_device
+from study.config import plain_config, resolve_device
 from study.edge import EdgePlan, describe_edge, edges_frame, run_edge
 from study.engine import make_engine
 from study.environment import describe_environment, now_iso
@@ -29,6 +29,7 @@ from study.grid import SweepPlan
 from study.lease import Lease
 from study.metrics import SUMMARY_METRICS
 from study.preflight import check_data, check_resume, check_run_dir
+from study.schema import ConfigError, StudyConfig
 from study.search import SearchPlan, describe_search, done_runs, run_search
 from study.storage import check_same_config, open_study
 from study.sweep import SweepOutcome, describe, plan_chunks, run_sweep, write_trials_table

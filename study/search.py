@@ -46,14 +46,7 @@ from optuna.distributions import (
 from optuna.trial import FrozenTrial, TrialState
 
 from study import lease, queue
-from study.config import (
-    GROUPS,
-    TRANSFORM_GROUPS,
-    ConfigError,
-    StudyConfig,
-    build_trial,
-    plain_config,
-)
+from study.config import GROUPS, TRANSFORM_GROUPS, build_trial, plain_config
 from study.engine import Engine
 from study.grid import (
     Compose,
@@ -63,6 +56,7 @@ from study.grid import (
     group_label,
     group_override,
 )
+from study.schema import ConfigError, StudyConfig
 
 log = logging.getLogger(__name__)
 

@@ -23,9 +23,9 @@ import optuna
 from optuna.storages import BaseStorage, RDBStorage, get_storage
 
 from study import records
-from study.config import ConfigError
 from study.journal import open_journal
 from study.records import RecordError
+from study.schema import ConfigError
 
 log = logging.getLogger(__name__)
 

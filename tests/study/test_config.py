@@ -2,21 +2,18 @@
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import pytest
 import yaml
 
-from study import config
-from study.config import ConfigError, linspace, logspace
 from study.failures import trial_dataset
 from study.grid import CONF_DIR
 from study.models import ModelSpec
 from study.optimizers import OptimizerSpec
 from study.plan import plan_from_overrides
+from study.schema import ConfigError
 from study.tasks import Dataset
-from study.trial import DiagnosticsSpec, TrainSpec
 
 
 def _options(group: str) -> list[str]:
@@ -94,15 +91,6 @@ def test_single_run_overrides_reach_the_specs() -> None:
     assert point.trial.model.activation == "sigmoid"
 
 
-def test_logspace_resolver_gives_13_log_spaced_values_with_exact_ends() -> None:
-    values = logspace(1e-4, 10, 13)
-    assert len(values) == 13
-    assert values[0] == 1e-4 and values[-1] == 10.0
-    ratios = [b / a for a, b in zip(values, values[1:], strict=False)]
-    assert max(ratios) / min(ratios) < 1 + 1e-5
-    assert linspace(0, 1, 3) == [0.0, 0.5, 1.0]
-
-
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
@@ -145,23 +133,6 @@ def test_empty_axis_and_unknown_axis_key_are_rejected(tmp_path: Path) -> None:
         plan_from_overrides(["+sweep=noaxes"], conf_dir=conf)
 
 
-def test_a_new_run_directory_is_made_past_those_taken(tmp_path: Path, monkeypatch) -> None:
-    from datetime import datetime, timedelta
-
-    from study import config
-
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(config, "_NEW_RUN_DIRS", {})
-    now = datetime.now()
-    taken = {(now + timedelta(seconds=s)).strftime("%Y-%m-%d_%H-%M-%S") for s in range(5)}
-    for stamp in taken:
-        (tmp_path / "outputs" / "smoke" / stamp).mkdir(parents=True)
-    made = Path(config.new_run_dir(None, "smoke"))
-    assert made.is_dir() and made.name[:-2] in taken and made.name.endswith("_2")
-    assert config.new_run_dir(None, "smoke") == str(made)  # one per process
-    assert config.new_run_dir("some/run", "smoke") == "some/run"
-
-
 @pytest.mark.parametrize(("values", "message"), [
     ({"lr": float("inf")}, "optimizer.lr: must be a finite number, got inf"),
     ({"lr": float("nan")}, "optimizer.lr: must be a finite number, got nan"),
@@ -178,16 +149,6 @@ def test_check_values_names_the_key_of_a_value_that_is_no_finite_number(
     check_values("optimizer", {"lr": 0.1, "depth": 2}, {"lr": float, "depth": int})
 
 
-def _defaults(cls: type) -> dict:
-    return {f.name: f.default for f in dataclasses.fields(cls)}
-
-
-@pytest.mark.parametrize(("schema", "spec"), [(config.TrainConfig, TrainSpec),
-                                              (config.DiagnosticsConfig, DiagnosticsSpec)])
-def test_a_schema_has_the_keys_and_defaults_of_the_spec_it_builds(schema, spec) -> None:
-    assert _defaults(schema) == _defaults(spec)
-
-
 def test_the_yaml_sets_no_default_the_schema_holds() -> None:
     """Defaults live in the schema (and the specs): conf/config.yaml holds the group
     choices and Hydra's settings, a storage option its kind and URL."""
@@ -195,14 +156,3 @@ def test_the_yaml_sets_no_default_the_schema_holds() -> None:
     assert set(top) == {"defaults", "hydra"}
     for path in (CONF_DIR / "storage").glob("*.yaml"):
         assert set(yaml.safe_load(path.read_text())) <= {"defaults", "kind", "url"}, path.name
-
-
-def test_lease_defaults_are_the_storage_defaults_and_engines_are_named_once() -> None:
-    from study.engine import ENGINES
-    from study.lease import Lease
-
-    storage = config.StorageConfig()
-    assert (Lease().heartbeat_s, Lease().grace_s) == (storage.heartbeat_s, storage.grace_s)
-    assert config.StudyConfig().engine in ENGINES
-    for name in ENGINES:
-        plan_from_overrides([f"engine={name}"])

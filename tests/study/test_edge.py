@@ -11,12 +11,12 @@ import pytest
 import torch
 
 from study import queue, records
-from study.config import ConfigError
 from study.edge import EdgeSpec, bracket, edges_frame, run_edge
 from study.engine import make_engine
 from study.grid import CONF_DIR
 from study.plan import plan_from_overrides
 from study.records import trials_frame
+from study.schema import ConfigError
 from study.storage import open_study
 
 CPU = torch.device("cpu")

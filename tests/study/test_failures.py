@@ -11,13 +11,13 @@ import pytest
 import torch
 
 import study.failures as f
-from study.config import ConfigError
 from study.engine import BatchedEngine
 from study.failures import apply_transforms, transform_generator
 from study.grid import CONF_DIR
 from study.models import ModelSpec
 from study.optimizers import SGD, Adam
 from study.plan import plan_from_overrides
+from study.schema import ConfigError
 from study.tasks import Blobs, LinearRegression, TeacherMLP
 from study.trial import LoopSpec, TrainSpec, TrialSpec
 

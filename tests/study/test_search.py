@@ -14,11 +14,11 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution
 from optuna.trial import TrialState
 
 from study import parallel, queue, records
-from study.config import ConfigError
 from study.engine import make_engine
 from study.lease import Lease
 from study.plan import plan_from_overrides
 from study.records import trials_frame
+from study.schema import ConfigError
 from study.search import (
     PROPOSAL,
     SEED,

@@ -19,12 +19,12 @@ import torch
 from optuna.trial import TrialState
 
 from study import lease, queue, records, storage
-from study.config import ConfigError
 from study.engine import ReferenceEngine
 from study.journal import TailRepairingLock, repair_tail
 from study.lease import Lease
 from study.plan import plan_from_overrides
 from study.records import trials_frame
+from study.schema import ConfigError
 from study.storage import open_study
 from study.sweep import run_sweep
 

@@ -11,10 +11,10 @@ import torch
 from optuna.trial import TrialState
 
 from study import queue, records
-from study.config import ConfigError
 from study.engine import ReferenceEngine
 from study.plan import plan_from_overrides
 from study.records import trials_frame
+from study.schema import ConfigError
 from study.storage import check_same_config, open_study
 from study.sweep import run_sweep
 

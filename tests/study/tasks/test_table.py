@@ -10,8 +10,8 @@ import pandas as pd
 import pytest
 import torch
 
-from study.config import ConfigError
 from study.plan import plan_from_overrides
+from study.schema import ConfigError
 from study.tasks import SklearnData, Table
 
 
