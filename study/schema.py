@@ -23,10 +23,9 @@ class ConfigError(ValueError):
     """A composed config is invalid; the message names the key and what is wrong."""
 
 
-
 # ------------------------------------------------------------------------------- schemas
 # Every default lives here or in the spec a schema mirrors (conf/config.yaml sets none of
-# them; tests/study/test_config.py checks both: this module imports no spec, so that Hydra
+# them; tests/study/test_schema.py checks both: this module imports no spec, so that Hydra
 # composes, and refuses a mistyped command line, before torch is imported).
 @dataclass
 class TrainConfig:
