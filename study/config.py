@@ -1,11 +1,10 @@
 """Config validation and the specs built from it: the Hydra edge of `study`.
 
-Only this module, `study.schema` and the entry points see `DictConfig`. Composition catches
-wrong types and unknown options (Hydra itself, against the `StudyConfig` schema that
-`study.schema` registers);
-`validate` catches what Hydra lets through (keys appended with `+`, out-of-range values);
-`build_trial` turns a composed config into a frozen `TrialSpec`, instantiating the
-config-group options through their `_target_` after checking their keys.
+Only this module and the entry points see `DictConfig`. Composition catches wrong types and
+unknown options (Hydra itself, against the `StudyConfig` schema that `study.schema`
+registers); `validate` catches what Hydra lets through (keys appended with `+`,
+out-of-range values); `build_trial` turns a composed config into a frozen `TrialSpec`,
+instantiating the config-group options through their `_target_` after checking their keys.
 """
 
 from __future__ import annotations
