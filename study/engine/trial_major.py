@@ -34,7 +34,6 @@ Everything else takes the layer-major path.
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
 import threading
@@ -43,7 +42,6 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
-from threadpoolctl import ThreadpoolController
 
 from study.engine.batched_optimizers import preconditioner
 from study.engine.fused import FusedUpdate, fusable
@@ -58,6 +56,7 @@ try:
     from numba.core import event as numba_event
 
     from study.engine.fused import _adam_row, _dot, _put, _sgd_row, _sumsq
+    from study.engine.intrinsics import fma, fma_scalar, lanes_of, load, load_at, matrix, store_at
 except ImportError:  # pragma: no cover - numba is a dependency; this guards broken installs
     njit = None
 
@@ -81,69 +80,69 @@ def fits(trials: Sequence[TrialSpec], device: torch.device) -> bool:
                         loop.zero_grad))
 
 
-# Products of this many rows or more go to BLAS's gemm: on 64 x 64 weights, one core of a
-# 2-core AMD EPYC ran it at 39-60 GFLOP/s from 64 rows to 256 against 26-30 for `_product`
-# (whose accumulators go through memory there), and slower below 32 rows (call cost).
-BLAS_ROWS = 64
-
 if njit is not None:
-    # The products are compiled apart, each with its own fastmath flags (numba's inlining
-    # would compile them with the caller's): FMA contraction everywhere; reassociation only
-    # in the dot products, whose sums are then vectorised.
+    # The dot products (narrow layers) reassociate their sums, so that they vectorise; the
+    # other loops keep numba's strict order.
     _PRODUCT = {"contract"}
     _DOT = {"reassoc", "nsz", "contract"}
 
-    @njit(cache=True, fastmath=_PRODUCT)
+    @njit(cache=True)
     def _product(a, w, b, z):
-        # z[i] = b + sum_k a[i, k] * w[k], vectorised along z's rows: two rows of z take four
-        # rows of w at a time, so that each load of z feeds eight products and each load of
-        # w two (the shape that ran fastest here, 40-50 GFLOP/s on one core for 64 x 64).
-        # `a` may be a transposed view (the weight gradient h^T g).
+        # z[i, o] = b[o] + sum_k a[i, k] * w[k, o], each entry one chain of fused
+        # multiply-adds over k in order, whatever the shapes and however the entry is
+        # reached. Blocks of 4 rows x 2 vectors of z stay in registers (`intrinsics.Vector`)
+        # for the whole k loop, so each load of w feeds four products and nothing goes back
+        # to memory until the block is done. `a` may be a transposed view (the weight
+        # gradient h^T g); w and z are C-contiguous.
         rows, inner = a.shape
         n = z.shape[1]
+        lanes = lanes_of(z)
+        wide = n - n % (2 * lanes)  # columns in blocks of 2 vectors
+        single = n - n % lanes  # then of 1 vector; the rest one by one
         i = 0
-        while i + 2 <= rows:
-            z0, z1 = z[i], z[i + 1]
-            for o in range(n):
-                z0[o] = b[o]
-                z1[o] = b[o]
-            k = 0
-            while k + 4 <= inner:
-                a0, a1, a2, a3 = a[i, k], a[i, k + 1], a[i, k + 2], a[i, k + 3]
-                c0, c1, c2, c3 = a[i + 1, k], a[i + 1, k + 1], a[i + 1, k + 2], a[i + 1, k + 3]
-                w0, w1, w2, w3 = w[k], w[k + 1], w[k + 2], w[k + 3]
-                for o in range(n):
-                    x0, x1, x2, x3 = w0[o], w1[o], w2[o], w3[o]
-                    z0[o] += a0 * x0 + a1 * x1 + a2 * x2 + a3 * x3
-                    z1[o] += c0 * x0 + c1 * x1 + c2 * x2 + c3 * x3
-                k += 4
-            while k < inner:
-                a0, c0, w0 = a[i, k], a[i + 1, k], w[k]
-                for o in range(n):
-                    z0[o] += a0 * w0[o]
-                    z1[o] += c0 * w0[o]
-                k += 1
-            i += 2
-        if i < rows:
-            z0 = z[i]
-            for o in range(n):
-                z0[o] = b[o]
-            for k in range(inner):
-                a0, w0 = a[i, k], w[k]
-                for o in range(n):
-                    z0[o] += a0 * w0[o]
-
-    @njit(cache=True)
-    def _affine(a, w, b, z):
-        # z = a w + b: BLAS from BLAS_ROWS rows, else `_product`.
-        if a.shape[0] < BLAS_ROWS:
-            _product(a, w, b, z)
-            return
-        np.dot(a, w, z)
-        for i in range(z.shape[0]):
-            zi = z[i]
-            for o in range(zi.shape[0]):
-                zi[o] += b[o]
+        while i + 4 <= rows:
+            for o in range(0, wide, 2 * lanes):
+                c00, c01 = load(b, o), load(b, o + lanes)
+                c10, c11, c20, c21, c30, c31 = c00, c01, c00, c01, c00, c01
+                for k in range(inner):
+                    x0, x1 = load_at(w, k, o), load_at(w, k, o + lanes)
+                    a0, a1, a2, a3 = a[i, k], a[i + 1, k], a[i + 2, k], a[i + 3, k]
+                    c00 = fma(x0, a0, c00)
+                    c01 = fma(x1, a0, c01)
+                    c10 = fma(x0, a1, c10)
+                    c11 = fma(x1, a1, c11)
+                    c20 = fma(x0, a2, c20)
+                    c21 = fma(x1, a2, c21)
+                    c30 = fma(x0, a3, c30)
+                    c31 = fma(x1, a3, c31)
+                store_at(z, i, o, c00)
+                store_at(z, i, o + lanes, c01)
+                store_at(z, i + 1, o, c10)
+                store_at(z, i + 1, o + lanes, c11)
+                store_at(z, i + 2, o, c20)
+                store_at(z, i + 2, o + lanes, c21)
+                store_at(z, i + 3, o, c30)
+                store_at(z, i + 3, o + lanes, c31)
+            i += 4
+        for r in range(i, rows):
+            for o in range(0, wide, 2 * lanes):
+                c0, c1 = load(b, o), load(b, o + lanes)
+                for k in range(inner):
+                    c0 = fma(load_at(w, k, o), a[r, k], c0)
+                    c1 = fma(load_at(w, k, o + lanes), a[r, k], c1)
+                store_at(z, r, o, c0)
+                store_at(z, r, o + lanes, c1)
+        for r in range(rows):
+            for o in range(wide, single, lanes):
+                c0 = load(b, o)
+                for k in range(inner):
+                    c0 = fma(load_at(w, k, o), a[r, k], c0)
+                store_at(z, r, o, c0)
+            for o in range(single, n):
+                s = b[o]
+                for k in range(inner):
+                    s = fma_scalar(a[r, k], w[k, o], s)
+                z[r, o] = s
 
     @njit(cache=True, fastmath=_DOT)
     def _forward_narrow(h, w, b, z):
@@ -261,10 +260,9 @@ if njit is not None:
     @njit(cache=True, inline="always")
     def _layer(flat, w_off, fan_in, fan_out, narrow):
         # The weight of a layer as a 2-D view of the flat row, in its storage layout.
-        w = flat[w_off:w_off + fan_in * fan_out]
         if narrow:
-            return w.reshape((fan_out, fan_in))
-        return w.reshape((fan_in, fan_out))
+            return matrix(flat, w_off, fan_out, fan_in)
+        return matrix(flat, w_off, fan_in, fan_out)
 
     @njit(cache=True)
     def _forward(p, x, acts, pre, a_off, w_off, b_off, fan_in, fan_out, narrow, act, rows,
@@ -280,14 +278,14 @@ if njit is not None:
         base = 0  # the layer's first unit among the hidden units
         for i in range(layers):
             fo = fan_out[i]
-            out = acts[a_off[i]:a_off[i] + rows * fo].reshape((rows, fo))
-            z = pre[:rows * fo].reshape((rows, fo)) if i < layers - 1 else out
+            out = matrix(acts, a_off[i], rows, fo)
+            z = matrix(pre, 0, rows, fo) if i < layers - 1 else out
             w = _layer(p, w_off[i], fan_in[i], fo, narrow[i])
             b = p[b_off[i]:b_off[i] + fo]
             if narrow[i]:
                 _forward_narrow(h, w, b, z)
             else:
-                _affine(h, w, b, z)
+                _product(h, w, b, z)
             if i < layers - 1:
                 if probe_rows > 0:
                     saturated += _health(z[:probe_rows], unit_live[base:base + fo], act,
@@ -337,13 +335,13 @@ if njit is not None:
         # before its activation's backward, wt for a transposed weight, zeros a row of
         # zeros.
         layers = len(w_off)
-        g = g0[:rows * fan_out[layers - 1]].reshape((rows, fan_out[layers - 1]))
+        g = matrix(g0, 0, rows, fan_out[layers - 1])
         into_g1 = True  # where the next input gradient goes (g holds the current one)
         for i in range(layers - 1, -1, -1):
             fi, fo = fan_in[i], fan_out[i]
             h = x
             if i > 0:
-                h = acts[a_off[i - 1]:a_off[i - 1] + rows * fi].reshape((rows, fi))
+                h = matrix(acts, a_off[i - 1], rows, fi)
             gb = grad[b_off[i]:b_off[i] + fo]
             gb[:] = 0
             for r in range(rows):
@@ -353,27 +351,23 @@ if njit is not None:
             gw = _layer(grad, w_off[i], fi, fo, narrow[i])
             if narrow[i]:
                 _weight_grad_narrow(h, g, gw)
-            elif rows >= BLAS_ROWS:
-                np.dot(h.T, g, gw)
             else:
                 _product(h.T, g, zeros[:fo], gw)
             if i > 0:
                 w = _layer(p, w_off[i], fi, fo, narrow[i])
                 spare = g1 if into_g1 else g0
-                gh = raw[:rows * fi].reshape((rows, fi))
+                gh = matrix(raw, 0, rows, fi)
                 if narrow[i]:
                     _input_grad_narrow(g, w, gh)
                 elif rows < 32:  # small batches: a transposed copy costs more than it saves
                     _input_grad_dot(g, w, gh)
-                elif rows >= BLAS_ROWS:
-                    np.dot(g, w.T, gh)
                 else:  # g w^T as a product with w transposed
-                    w_t = wt[:fo * fi].reshape((fo, fi))
+                    w_t = matrix(wt, 0, fo, fi)
                     for k in range(fi):
                         for o in range(fo):
                             w_t[o, k] = w[k, o]
                     _product(g, w_t, zeros[:fi], gh)
-                g = spare[:rows * fi].reshape((rows, fi))
+                g = matrix(spare, 0, rows, fi)
                 _activation_backward(gh, h, g, act)
                 into_g1 = not into_g1
 
@@ -535,12 +529,12 @@ if njit is not None:
                         yfb[r, j] = yf_eval[t, e, j]
             xr = xb[:rows]
             if shared:
-                out = acts[a_off[layers - 1]:a_off[layers - 1] + rows * c].reshape((rows, c))
+                out = matrix(acts, a_off[layers - 1], rows, c)
             else:
                 out, _ = _forward(p, xr, acts, pre, a_off, w_off, b_off, fan_in, fan_out,
                                   narrow, act, rows, no_probe, unit_live, sat_z)
             shared = False
-            gout = g0[:rows * c].reshape((rows, c))
+            gout = matrix(g0, 0, rows, c)
             loss = _loss_grad(out, yfb[:rows], yib[:rows], classify, gout)
             _backward(p, grad, xr, acts, g0, g1, pre, wt, zeros, a_off, w_off, b_off, fan_in,
                       fan_out, narrow, act, rows)
@@ -789,8 +783,7 @@ class Kernel:
             # Loaded or compiled here, on the caller's thread, not in a worker: a first
             # compilation forks a process (`_compile_callees`).
             _segment.compile(tuple(numba.typeof(a) for a in (live[0], *args)))
-        with _one_blas_thread():
-            _spread(lambda t: _segment(t, *args), live, self.threads)
+        _spread(lambda t: _segment(t, *args), live, self.threads)
 
     def _orders_for(self, low: int, high: int) -> None:
         """Hold the batch orders of epochs low ... high - 1, drawing those not drawn yet in
@@ -817,23 +810,6 @@ class Kernel:
         if self.state2.shape[1] == 0:
             return torch.full(self.state1.shape, float("nan"), dtype=torch.float64)
         return preconditioner(self.specs, step, torch.from_numpy(self.state2))
-
-
-@functools.cache
-def _blas() -> ThreadpoolController:
-    """threadpoolctl's view of the loaded BLAS libraries, made at the first kernel call."""
-    # The BLAS that numba's np.dot calls, loaded before threadpoolctl looks for the loaded
-    # ones (numba would load it only at the kernel's first call).
-    import scipy.linalg.cython_blas  # noqa: F401
-
-    return ThreadpoolController()
-
-
-def _one_blas_thread():
-    """BLAS at one thread while the kernel runs: each of the kernel's threads calls gemm on
-    its own trial, and a gemm that spread itself over the cores too would oversubscribe
-    them."""
-    return _blas().limit(limits=1, user_api="blas")
 
 
 def _spread(run, trials: Sequence[int], threads: int) -> None:

@@ -1,0 +1,231 @@
+"""Building blocks of the trial-major kernel that numba does not offer: SIMD vectors held
+in registers (`Vector`, `load`, `store`, `fma`) and unchecked 2-D views of a flat row
+(`matrix`).
+
+numba compiles array accesses into loads and stores that LLVM may not keep in registers:
+it cannot prove that two arrays do not overlap, so an accumulator held in an array goes
+back to memory after every update. A matrix product written with array accumulators ran
+at 24-31 GFLOP/s on one core here whatever the blocking; with its accumulators held as
+values of this type (SSA values, so nothing can alias them) the same product ran at 68-85.
+
+A `Vector` is `lanes(dtype)` numbers of the dtype (256 bits: 8 float32 or 4 float64) as an
+LLVM vector. On a processor with narrower registers LLVM splits it; `fma` is LLVM's
+`llvm.fma` (one rounding), so the results are the same bits on every processor.
+
+numba's `reshape` checks and normalises the new shape and calls a C helper to find the
+strides, about 60 ns each; the kernel takes about 25 views of its flat buffers per step,
+so a batch-8 step spent a tenth of its time there. `matrix` builds the same view directly.
+"""
+
+from __future__ import annotations
+
+try:
+    import llvmlite.ir as ir
+    from numba import types
+    from numba.core import cgutils
+    from numba.core.errors import TypingError
+    from numba.core.imputils import impl_ret_borrowed
+    from numba.extending import intrinsic, models, register_model
+    from numba.np.arrayobj import populate_array
+except ImportError:  # pragma: no cover - numba is a dependency; this guards broken installs
+    intrinsic = None
+
+BITS = 256  # one AVX register
+
+if intrinsic is not None:
+
+    class Vector(types.Type):
+        """`lanes` numbers of `dtype` in one register."""
+
+        def __init__(self, dtype: types.Float) -> None:
+            self.dtype = dtype
+            self.lanes = BITS // dtype.bitwidth
+            super().__init__(name=f"Vector({dtype} x {self.lanes})")
+
+    @register_model(Vector)
+    class _VectorModel(models.PrimitiveModel):
+        def __init__(self, dmm, fe_type: Vector) -> None:
+            element = dmm.lookup(fe_type.dtype).get_value_type()
+            super().__init__(dmm, fe_type, ir.VectorType(element, fe_type.lanes))
+
+    def _row(array, name: str, ndim: int = 1) -> None:
+        # Raised at compile time: a strided row would need a gather, not a vector load.
+        if not (isinstance(array, types.Array) and array.ndim == ndim and array.layout == "C"
+                and isinstance(array.dtype, types.Float)):
+            raise TypingError(f"intrinsics.{name} takes a C-contiguous {ndim}-D float array, "
+                              f"not {array}")
+
+    def _address(context, builder, array_type, array, indices, index_types):
+        # The address of array[indices] (unchecked, no wraparound).
+        indices = [context.cast(builder, v, t, types.intp)
+                   for v, t in zip(indices, index_types, strict=True)]
+        return cgutils.get_item_pointer(context, builder, array_type,
+                                        context.make_array(array_type)(context, builder, array),
+                                        indices, wraparound=False)
+
+    def _fma_function(builder, llvm_type, suffix: str):
+        return cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(llvm_type, [llvm_type] * 3), f"llvm.fma.{suffix}")
+
+    @intrinsic
+    def lanes_of(typingctx, array):
+        """How many numbers of `array`'s dtype one Vector holds (a constant)."""
+        if not (isinstance(array, types.Array) and isinstance(array.dtype, types.Float)):
+            raise TypingError(f"lanes_of takes a float array, not {array}")
+        count = BITS // array.dtype.bitwidth
+
+        def codegen(context, builder, signature, args):
+            return context.get_constant(types.intp, count)
+
+        return types.intp(array), codegen
+
+    def _load(array, indices, index_types):
+        def codegen(context, builder, signature, args):
+            address = _address(context, builder, signature.args[0], args[0], args[1:],
+                               signature.args[1:])
+            llvm_type = context.get_value_type(signature.return_type)
+            return builder.load(builder.bitcast(address, llvm_type.as_pointer()),
+                                align=array.dtype.bitwidth // 8)
+
+        return Vector(array.dtype)(array, *index_types), codegen
+
+    def _store(array, vector, index_types):
+        if not (isinstance(vector, Vector) and vector.dtype == array.dtype):
+            raise TypingError(f"intrinsics.store: {vector} into {array}")
+
+        def codegen(context, builder, signature, args):
+            address = _address(context, builder, signature.args[0], args[0], args[1:-1],
+                               signature.args[1:-1])
+            llvm_type = context.get_value_type(signature.args[-1])
+            builder.store(args[-1], builder.bitcast(address, llvm_type.as_pointer()),
+                          align=array.dtype.bitwidth // 8)
+            return context.get_dummy_value()
+
+        return types.none(array, *index_types, vector), codegen
+
+    @intrinsic
+    def load(typingctx, array, index):
+        """array[index:index + lanes] of a 1-D array as a Vector (unchecked bounds)."""
+        _row(array, "load")
+        return _load(array, (index,), (index,))
+
+    @intrinsic
+    def load_at(typingctx, array, row, index):
+        """array[row, index:index + lanes] of a 2-D array as a Vector (unchecked bounds):
+        no view of the row is made (a view costs a reference count)."""
+        _row(array, "load_at", 2)
+        return _load(array, (row, index), (row, index))
+
+    @intrinsic
+    def store(typingctx, array, index, vector):
+        """array[index:index + lanes] = vector (unchecked bounds)."""
+        _row(array, "store")
+        return _store(array, vector, (index,))
+
+    @intrinsic
+    def store_at(typingctx, array, row, index, vector):
+        """array[row, index:index + lanes] = vector (unchecked bounds)."""
+        _row(array, "store_at", 2)
+        return _store(array, vector, (row, index))
+
+    @intrinsic
+    def fma(typingctx, x, scalar, acc):
+        """acc + x * scalar in every lane, rounded once (the scalar cast to the dtype)."""
+        if not (isinstance(x, Vector) and x == acc):
+            raise TypingError(f"intrinsics.fma: {x}, {acc}")
+
+        def codegen(context, builder, signature, args):
+            llvm_type = context.get_value_type(signature.args[0])
+            value = context.cast(builder, args[1], signature.args[1], x.dtype)
+            lane = ir.Constant(ir.IntType(32), 0)
+            spread = builder.insert_element(ir.Constant(llvm_type, ir.Undefined), value, lane)
+            spread = builder.shuffle_vector(
+                spread, ir.Constant(llvm_type, ir.Undefined),
+                ir.Constant(ir.VectorType(ir.IntType(32), x.lanes), [0] * x.lanes))
+            function = _fma_function(builder, llvm_type, f"v{x.lanes}f{x.dtype.bitwidth}")
+            return builder.call(function, [args[0], spread, args[2]])
+
+        return x(x, scalar, acc), codegen
+
+    @intrinsic
+    def fma_scalar(typingctx, a, b, acc):
+        """acc + a * b, rounded once, in acc's float dtype (`fma`'s arithmetic, one lane)."""
+        if not isinstance(acc, types.Float):
+            raise TypingError(f"intrinsics.fma_scalar: {acc}")
+
+        def codegen(context, builder, signature, args):
+            llvm_type = context.get_value_type(acc)
+            values = [context.cast(builder, v, t, acc)
+                      for v, t in zip(args, signature.args, strict=True)]
+            function = _fma_function(builder, llvm_type, f"f{acc.bitwidth}")
+            return builder.call(function, values)
+
+        return acc(a, b, acc), codegen
+
+    @intrinsic
+    def matrix(typingctx, flat, offset, rows, cols):
+        """flat[offset:offset + rows * cols] as a C-contiguous [rows, cols] view, as
+        `reshape` gives it, without its checks (unchecked bounds)."""
+        _row(flat, "matrix")
+        result = types.Array(flat.dtype, 2, "C", readonly=not flat.mutable)
+
+        def codegen(context, builder, signature, args):
+            source = context.make_array(signature.args[0])(context, builder, args[0])
+            offset, rows, cols = (context.cast(builder, v, t, types.intp)
+                                  for v, t in zip(args[1:], signature.args[1:], strict=True))
+            view = context.make_array(result)(context, builder)
+            itemsize = context.get_constant(
+                types.intp, context.get_abi_sizeof(context.get_data_type(flat.dtype)))
+            populate_array(view, data=builder.gep(source.data, [offset]), shape=[rows, cols],
+                           strides=[builder.mul(cols, itemsize), itemsize], itemsize=itemsize,
+                           meminfo=source.meminfo, parent=source.parent)
+            return impl_ret_borrowed(context, builder, result, view._getvalue())
+
+        return result(flat, offset, rows, cols), codegen
+
+    @intrinsic
+    def zeros_of(typingctx, array):
+        """A Vector of zeros of `array`'s dtype."""
+        if not (isinstance(array, types.Array) and isinstance(array.dtype, types.Float)):
+            raise TypingError(f"intrinsics.zeros_of takes a float array, not {array}")
+        vector = Vector(array.dtype)
+
+        def codegen(context, builder, signature, args):
+            return ir.Constant(context.get_value_type(vector), None)
+
+        return vector(array), codegen
+
+    @intrinsic
+    def fma_lanes(typingctx, x, y, acc):
+        """acc + x * y lane by lane, rounded once."""
+        if not (isinstance(x, Vector) and x == y == acc):
+            raise TypingError(f"intrinsics.fma_lanes: {x}, {y}, {acc}")
+
+        def codegen(context, builder, signature, args):
+            llvm_type = context.get_value_type(x)
+            function = _fma_function(builder, llvm_type, f"v{x.lanes}f{x.dtype.bitwidth}")
+            return builder.call(function, list(args))
+
+        return x(x, y, acc), codegen
+
+    @intrinsic
+    def total(typingctx, x):
+        """The sum of x's lanes, in a fixed order: the halves added lane by lane until one
+        lane is left (for 8 lanes: ((l0 + l4) + (l2 + l6)) + ((l1 + l5) + (l3 + l7)))."""
+        if not isinstance(x, Vector):
+            raise TypingError(f"intrinsics.total: {x}")
+
+        def codegen(context, builder, signature, args):
+            value, width = args[0], x.lanes
+            while width > 1:
+                width //= 2
+                low = builder.shuffle_vector(
+                    value, value, ir.Constant(ir.VectorType(ir.IntType(32), width),
+                                              list(range(width))))
+                high = builder.shuffle_vector(
+                    value, value, ir.Constant(ir.VectorType(ir.IntType(32), width),
+                                              list(range(width, 2 * width))))
+                value = builder.fadd(low, high)
+            return builder.extract_element(value, ir.Constant(ir.IntType(32), 0))
+
+        return x.dtype(x), codegen
