@@ -1,6 +1,6 @@
 """Building blocks of the trial-major kernel that numba does not offer: SIMD vectors held
-in registers (`Vector`, `load`, `store`, `fma`) and unchecked 2-D views of a flat row
-(`matrix`).
+in registers (`Vector`: `load`, `load_at`, `store_at`, `fma`) and 2-D views of a flat row
+made without `reshape`'s checks (`matrix`).
 
 numba compiles array accesses into loads and stores that LLVM may not keep in registers:
 it cannot prove that two arrays do not overlap, so an accumulator held in an array goes
@@ -8,7 +8,7 @@ back to memory after every update. A matrix product written with array accumulat
 at 24-31 GFLOP/s on one core here whatever the blocking; with its accumulators held as
 values of this type (SSA values, so nothing can alias them) the same product ran at 68-85.
 
-A `Vector` is `lanes(dtype)` numbers of the dtype (256 bits: 8 float32 or 4 float64) as an
+A `Vector` is `lanes_of(array)` numbers of the dtype (256 bits: 8 float32 or 4 float64) as an
 LLVM vector. On a processor with narrower registers LLVM splits it; `fma` is LLVM's
 `llvm.fma` (one rounding), so the results are the same bits on every processor.
 
@@ -71,7 +71,7 @@ if intrinsic is not None:
     def lanes_of(typingctx, array):
         """How many numbers of `array`'s dtype one Vector holds (a constant)."""
         if not (isinstance(array, types.Array) and isinstance(array.dtype, types.Float)):
-            raise TypingError(f"lanes_of takes a float array, not {array}")
+            raise TypingError(f"intrinsics.lanes_of takes a float array, not {array}")
         count = BITS // array.dtype.bitwidth
 
         def codegen(context, builder, signature, args):
@@ -91,7 +91,7 @@ if intrinsic is not None:
 
     def _store(array, vector, index_types):
         if not (isinstance(vector, Vector) and vector.dtype == array.dtype):
-            raise TypingError(f"intrinsics.store: {vector} into {array}")
+            raise TypingError(f"intrinsics.store_at: {vector} into {array}")
 
         def codegen(context, builder, signature, args):
             address = _address(context, builder, signature.args[0], args[0], args[1:-1],
@@ -115,12 +115,6 @@ if intrinsic is not None:
         no view of the row is made (a view costs a reference count)."""
         _row(array, "load_at", 2)
         return _load(array, (row, index), (row, index))
-
-    @intrinsic
-    def store(typingctx, array, index, vector):
-        """array[index:index + lanes] = vector (unchecked bounds)."""
-        _row(array, "store")
-        return _store(array, vector, (index,))
 
     @intrinsic
     def store_at(typingctx, array, row, index, vector):
@@ -182,50 +176,3 @@ if intrinsic is not None:
             return impl_ret_borrowed(context, builder, result, view._getvalue())
 
         return result(flat, offset, rows, cols), codegen
-
-    @intrinsic
-    def zeros_of(typingctx, array):
-        """A Vector of zeros of `array`'s dtype."""
-        if not (isinstance(array, types.Array) and isinstance(array.dtype, types.Float)):
-            raise TypingError(f"intrinsics.zeros_of takes a float array, not {array}")
-        vector = Vector(array.dtype)
-
-        def codegen(context, builder, signature, args):
-            return ir.Constant(context.get_value_type(vector), None)
-
-        return vector(array), codegen
-
-    @intrinsic
-    def fma_lanes(typingctx, x, y, acc):
-        """acc + x * y lane by lane, rounded once."""
-        if not (isinstance(x, Vector) and x == y == acc):
-            raise TypingError(f"intrinsics.fma_lanes: {x}, {y}, {acc}")
-
-        def codegen(context, builder, signature, args):
-            llvm_type = context.get_value_type(x)
-            function = _fma_function(builder, llvm_type, f"v{x.lanes}f{x.dtype.bitwidth}")
-            return builder.call(function, list(args))
-
-        return x(x, y, acc), codegen
-
-    @intrinsic
-    def total(typingctx, x):
-        """The sum of x's lanes, in a fixed order: the halves added lane by lane until one
-        lane is left (for 8 lanes: ((l0 + l4) + (l2 + l6)) + ((l1 + l5) + (l3 + l7)))."""
-        if not isinstance(x, Vector):
-            raise TypingError(f"intrinsics.total: {x}")
-
-        def codegen(context, builder, signature, args):
-            value, width = args[0], x.lanes
-            while width > 1:
-                width //= 2
-                low = builder.shuffle_vector(
-                    value, value, ir.Constant(ir.VectorType(ir.IntType(32), width),
-                                              list(range(width))))
-                high = builder.shuffle_vector(
-                    value, value, ir.Constant(ir.VectorType(ir.IntType(32), width),
-                                              list(range(width, 2 * width))))
-                value = builder.fadd(low, high)
-            return builder.extract_element(value, ir.Constant(ir.IntType(32), 0))
-
-        return x.dtype(x), codegen

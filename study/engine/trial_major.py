@@ -13,15 +13,13 @@ another.
 
 Numbers: the same arithmetic as the layer-major path, in the parameter dtype, with the
 update of `study.engine.fused` (torch's single-tensor optimizer formulas, in torch's order).
-The matrix products are register-blocked loops (`_product`) on fewer than `BLAS_ROWS` rows
-and BLAS's gemm (numba's `np.dot`: scipy's BLAS, held to one thread while the kernel runs)
-on more, each summing in its own order, as MKL's do in theirs: a trial agrees with the
-reference engine to the rounding of its products, the equivalence contract of
-tests/study/engine/test_population.py. Nothing is shared between trials, and every loop and
-gemm call is the same whatever the population and the thread, so a trial's numbers are
-bit-identical alone, in any population and on any number of threads (on one machine: BLAS
-picks its code for the processor). Losses, norms and evaluation means are summed in
-float64.
+The matrix products are the kernel's own (`_product`: each entry a chain of fused
+multiply-adds in order, its accumulators held in SIMD registers, `intrinsics`), not BLAS's:
+a trial agrees with the reference engine (MKL's products, summed in their own order) to the
+rounding of its products, the equivalence contract of tests/study/engine/test_population.py.
+Nothing is shared between trials, and every loop is the same whatever the population and
+the thread, so a trial's numbers are bit-identical alone, in any population and on any
+number of threads. Losses, norms and evaluation means are summed in float64.
 
 What it runs (`fits`): CPU populations with numba, no dropout, a ReLU / tanh / sigmoid /
 identity MLP, the task's loss (MSE or cross-entropy), zero_grad, SGD / Adam / AdamW without
@@ -732,7 +730,7 @@ class Kernel:
             offset += fi * fo + fo
         as_int = lambda v: np.asarray(v, dtype=np.int64)  # noqa: E731
         sat_z = SATURATION_Z.get(net.activation, math.inf)
-        chunk = 256  # evaluation rows per pass: one BLAS product each on 512-row splits
+        chunk = 256  # evaluation rows per pass
         self.data_args = (x_eval, yf, yi, classify, scale)
         self.layout = (batch, n_train, as_int(w_off), as_int(b_off),
                        as_int([fi for fi, _ in net.sizes]), as_int([fo for _, fo in net.sizes]),

@@ -1,0 +1,87 @@
+"""The trial-major kernel's building blocks (study.engine.intrinsics) and its product
+(`trial_major._product`): the product against float64 numpy on every path of its blocking,
+each entry the same bits however it is reached, and `matrix` views as `reshape` gives them.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+numba = pytest.importorskip("numba")
+
+from study.engine.intrinsics import matrix  # noqa: E402
+from study.engine.trial_major import _product  # noqa: E402
+
+# rows: 4-row blocks and the rest; columns: blocks of 2 vectors, of 1, then one by one
+ROWS = [1, 3, 4, 7, 9]
+COLUMNS = [1, 7, 8, 16, 17, 24, 64, 70]
+
+
+def _operands(rows, inner, cols, dtype, transposed, seed=0):
+    rng = np.random.default_rng(seed)
+    a = rng.standard_normal((inner, rows) if transposed else (rows, inner)).astype(dtype)
+    a = a.T if transposed else a
+    w = rng.standard_normal((inner, cols)).astype(dtype)
+    b = rng.standard_normal(cols).astype(dtype)
+    return a, w, b
+
+
+@pytest.mark.parametrize("dtype, tol", [(np.float32, 1e-5), (np.float64, 1e-13)])
+@pytest.mark.parametrize("transposed", [False, True])
+def test_the_product_matches_numpy_on_every_path(dtype, tol, transposed):
+    for rows in ROWS:
+        for cols in COLUMNS:
+            for inner in (1, 2, 10, 64):
+                a, w, b = _operands(rows, inner, cols, dtype, transposed)
+                z = np.full((rows, cols), np.nan, dtype=dtype)
+                _product(a, w, b, z)
+                exact = a.astype(np.float64) @ w.astype(np.float64) + b
+                scale = np.abs(a).astype(np.float64) @ np.abs(w) + np.abs(b)
+                assert np.all(np.abs(z - exact) <= tol * scale), (rows, inner, cols)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_each_entry_is_the_same_bits_however_it_is_reached(dtype):
+    # A 9 x 70 product takes every path: 4-row blocks, the last row alone, column blocks of
+    # two vectors and of one, and columns one by one. Each entry must equal the same entry
+    # computed alone (a 1 x 1 product: the scalar chain of fused multiply-adds), so a
+    # trial's numbers cannot depend on its batch's size or its layer's width.
+    a, w, b = _operands(9, 64, 70, dtype, transposed=False, seed=1)
+    z = np.empty((9, 70), dtype=dtype)
+    _product(a, w, b, z)
+    alone = np.empty((1, 1), dtype=dtype)
+    for i in range(9):
+        for o in range(70):
+            _product(a[i:i + 1], np.ascontiguousarray(w[:, o:o + 1]), b[o:o + 1], alone)
+            assert z[i, o] == alone[0, 0], (i, o)
+
+
+@pytest.mark.parametrize("cols", [1, 16])  # one by one, and on vectors
+def test_each_entry_sums_over_k_in_order_rounding_once_per_multiply_add(cols):
+    # In order: 2**24 + 0.5 + 0.5 + 0.5 is 2**24 in float32 step by step (each 0.5 is
+    # half a unit, rounded to even), 2**24 + 2 if the halves were summed first.
+    a = np.array([[2.0**24, 1.0, 1.0, 1.0]], dtype=np.float32)
+    w = np.tile(np.array([[1.0], [0.5], [0.5], [0.5]], dtype=np.float32), (1, cols))
+    z = np.empty((1, cols), dtype=np.float32)
+    _product(a, w, np.zeros(cols, dtype=np.float32), z)
+    assert np.all(z == np.float32(2.0**24))
+    # Once: (1 + 2**-12)**2 - 1 is 2**-11 + 2**-24 exactly (a float32); rounding the
+    # product to float32 first would lose the 2**-24.
+    x = np.float32(1 + 2.0**-12)
+    _product(np.array([[x]], dtype=np.float32), np.full((1, cols), x, dtype=np.float32),
+             np.full(cols, -1.0, dtype=np.float32), z)
+    assert np.all(z == np.float32(2.0**-11 + 2.0**-24))
+
+
+def test_matrix_is_the_view_reshape_gives():
+    @numba.njit
+    def view(flat, offset, rows, cols):
+        return matrix(flat, offset, rows, cols)
+
+    flat = np.arange(40, dtype=np.float32)
+    m = view(flat, 6, 3, 5)
+    np.testing.assert_array_equal(m, flat[6:21].reshape(3, 5))
+    assert m.flags["C_CONTIGUOUS"] and m.strides == (20, 4)
+    m[2, 4] = -1  # a view: the flat row sees the write
+    assert flat[20] == -1
