@@ -79,9 +79,9 @@ def fits(trials: Sequence[TrialSpec], device: torch.device) -> bool:
 
 
 if njit is not None:
-    # The dot products (narrow layers) reassociate their sums, so that they vectorise; the
-    # other loops keep numba's strict order.
-    _PRODUCT = {"contract"}
+    # The dot products (the forward pass of a narrow layer, the input gradient of a small
+    # batch) reassociate their sums, so that they vectorise; the other loops keep numba's
+    # strict order.
     _DOT = {"reassoc", "nsz", "contract"}
 
     @njit(cache=True)
@@ -189,29 +189,6 @@ if njit is not None:
                 else:
                     oi[o] = gi[o]
 
-    @njit(cache=True, fastmath=_PRODUCT)
-    def _weight_grad_narrow(h, g, gw):
-        # gw[o] = sum_i g[i, o] * h[i]: gw [fan_out, fan_in].
-        rows, fan_in = h.shape
-        gw[:] = 0
-        i = 0
-        while i + 4 <= rows:
-            h0, h1, h2, h3 = h[i], h[i + 1], h[i + 2], h[i + 3]
-            for o in range(g.shape[1]):
-                a0, a1, a2, a3 = g[i, o], g[i + 1, o], g[i + 2, o], g[i + 3, o]
-                gwo = gw[o]
-                for k in range(fan_in):
-                    gwo[k] += a0 * h0[k] + a1 * h1[k] + a2 * h2[k] + a3 * h3[k]
-            i += 4
-        while i < rows:
-            hi = h[i]
-            for o in range(g.shape[1]):
-                go = g[i, o]
-                gwo = gw[o]
-                for k in range(fan_in):
-                    gwo[k] += go * hi[k]
-            i += 1
-
     @njit(cache=True, fastmath=_DOT)
     def _input_grad_dot(g, w, gh):
         # gh[i, k] = g[i] . w[k]: w [fan_in, fan_out].
@@ -223,18 +200,6 @@ if njit is not None:
                 for o in range(gi.shape[0]):
                     s += gi[o] * wk[o]
                 gh[i, k] = s
-
-    @njit(cache=True, fastmath=_PRODUCT)
-    def _input_grad_narrow(g, w, gh):
-        # gh[i] = sum_o g[i, o] * w[o]: w [fan_out, fan_in].
-        gh[:] = 0
-        for i in range(g.shape[0]):
-            ghi = gh[i]
-            for o in range(g.shape[1]):
-                go = g[i, o]
-                wo = w[o]
-                for k in range(ghi.shape[0]):
-                    ghi[k] += go * wo[k]
 
     @njit(cache=True)
     def _health(z, live, act, sat_z):
@@ -347,16 +312,16 @@ if njit is not None:
                 for o in range(fo):
                     gb[o] += gr[o]
             gw = _layer(grad, w_off[i], fi, fo, narrow[i])
-            if narrow[i]:
-                _weight_grad_narrow(h, g, gw)
+            if narrow[i]:  # gw [fo, fi] = g^T h
+                _product(g.T, h, zeros[:fi], gw)
             else:
                 _product(h.T, g, zeros[:fo], gw)
             if i > 0:
                 w = _layer(p, w_off[i], fi, fo, narrow[i])
                 spare = g1 if into_g1 else g0
                 gh = matrix(raw, 0, rows, fi)
-                if narrow[i]:
-                    _input_grad_narrow(g, w, gh)
+                if narrow[i]:  # w [fo, fi]: gh = g w
+                    _product(g, w, zeros[:fi], gh)
                 elif rows < 32:  # small batches: a transposed copy costs more than it saves
                     _input_grad_dot(g, w, gh)
                 else:  # g w^T as a product with w transposed

@@ -330,7 +330,7 @@ print(json.dumps({"here": compiled_here,
     assert here.count("_segment") == 1
     if parallel.workers_available() >= 2:
         # compiled in the children, loaded here; their own callees never reach this process
-        assert not (ahead | {"_weight_grad_narrow", "_product"}) & set(here)
+        assert not (ahead | {"_product"}) & set(here)
         assert all(counts[n] == 1 for n in ahead)
         assert twice == {} and {n: c for n, c in counts.items() if c > 1} == {}
     else:  # all here, in turn; `_product` twice: its `a` is a transposed view for gw
