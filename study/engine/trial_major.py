@@ -189,6 +189,14 @@ if njit is not None:
                 else:
                     oi[o] = gi[o]
 
+    @njit(cache=True, fastmath=_DOT, inline="always")
+    def _dot_row(g, i, w, k):
+        # g[i] . w[k]
+        s = g.dtype.type(0)
+        for o in range(g.shape[1]):
+            s += g[i, o] * w[k, o]
+        return s
+
     @njit(cache=True, fastmath=_DOT)
     def _input_grad_dot(g, w, gh):
         # gh[i, k] = g[i] . w[k]: w [fan_in, fan_out]. Blocks of 2 rows of g by 4 rows of w,
@@ -224,14 +232,6 @@ if njit is not None:
         for r in range(i, rows):
             for kk in range(fi):
                 gh[r, kk] = _dot_row(g, r, w, kk)
-
-    @njit(cache=True, fastmath=_DOT, inline="always")
-    def _dot_row(g, i, w, k):
-        # g[i] . w[k]
-        s = g.dtype.type(0)
-        for o in range(g.shape[1]):
-            s += g[i, o] * w[k, o]
-        return s
 
     @njit(cache=True)
     def _health(z, live, act, sat_z):

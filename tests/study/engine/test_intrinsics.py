@@ -1,6 +1,7 @@
-"""The trial-major kernel's building blocks (study.engine.intrinsics) and its product
-(`trial_major._product`): the product against float64 numpy on every path of its blocking,
-each entry the same bits however it is reached, and `matrix` views as `reshape` gives them.
+"""The trial-major kernel's building blocks (study.engine.intrinsics) and its products
+(`trial_major._product`, `_input_grad_dot`): against float64 numpy on every path of their
+blocking, each entry of `_product` the same bits however it is reached, and `matrix` views
+as `reshape` gives them.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import pytest
 numba = pytest.importorskip("numba")
 
 from study.engine.intrinsics import matrix  # noqa: E402
-from study.engine.trial_major import _product  # noqa: E402
+from study.engine.trial_major import _input_grad_dot, _product  # noqa: E402
 
 # rows: 4-row blocks and the rest; columns: blocks of 2 vectors, of 1, then one by one
 ROWS = [1, 3, 4, 7, 9]
@@ -72,6 +73,22 @@ def test_each_entry_sums_over_k_in_order_rounding_once_per_multiply_add(cols):
     _product(np.array([[x]], dtype=np.float32), np.full((1, cols), x, dtype=np.float32),
              np.full(cols, -1.0, dtype=np.float32), z)
     assert np.all(z == np.float32(2.0**-11 + 2.0**-24))
+
+
+@pytest.mark.parametrize("dtype, tol", [(np.float32, 1e-5), (np.float64, 1e-13)])
+def test_the_input_gradient_matches_numpy_on_every_path(dtype, tol):
+    # gh = g w^T in blocks of 2 rows of g by 4 rows of w, and the rest one dot at a time
+    rng = np.random.default_rng(2)
+    for rows in ROWS:
+        for fan_in in (1, 3, 4, 6, 9):
+            for fan_out in (1, 8, 17, 64):
+                g = rng.standard_normal((rows, fan_out)).astype(dtype)
+                w = rng.standard_normal((fan_in, fan_out)).astype(dtype)
+                gh = np.full((rows, fan_in), np.nan, dtype=dtype)
+                _input_grad_dot(g, w, gh)
+                exact = g.astype(np.float64) @ w.T.astype(np.float64)
+                scale = np.abs(g).astype(np.float64) @ np.abs(w.T)
+                assert np.all(np.abs(gh - exact) <= tol * scale), (rows, fan_in, fan_out)
 
 
 def test_matrix_is_the_view_reshape_gives():
