@@ -146,12 +146,10 @@ if njit is not None:
     def _forward_narrow(h, w, b, z):
         # z[i, o] = b[o] + h[i] . w[o]: w [fan_out, fan_in] (torch's layout), one dot each.
         for i in range(h.shape[0]):
-            hi = h[i]
             for o in range(z.shape[1]):
-                wo = w[o]
-                s = hi.dtype.type(0)
-                for k in range(hi.shape[0]):
-                    s += hi[k] * wo[k]
+                s = h.dtype.type(0)
+                for k in range(h.shape[1]):
+                    s += h[i, k] * w[o, k]
                 z[i, o] = s + b[o]
 
     @njit(cache=True)
@@ -160,17 +158,16 @@ if njit is not None:
         # stores (relu), 8x slower here than writing every entry.
         zero, one = z.dtype.type(0), z.dtype.type(1)
         for i in range(z.shape[0]):
-            zi, oi = z[i], out[i]
-            for o in range(zi.shape[0]):
-                v = zi[o]
+            for o in range(z.shape[1]):
+                v = z[i, o]
                 if act == _RELU:
-                    oi[o] = v if not v <= 0 else zero  # torch.relu keeps NaN
+                    out[i, o] = v if not v <= 0 else zero  # torch.relu keeps NaN
                 elif act == _TANH:
-                    oi[o] = np.tanh(v)
+                    out[i, o] = np.tanh(v)
                 elif act == _SIGMOID:
-                    oi[o] = one / (one + np.exp(-v))
+                    out[i, o] = one / (one + np.exp(-v))
                 else:
-                    oi[o] = v
+                    out[i, o] = v
 
     @njit(cache=True)
     def _activation_backward(g, a, out, act):
@@ -178,16 +175,15 @@ if njit is not None:
         # (out of place, as `_activate`).
         zero, one = g.dtype.type(0), g.dtype.type(1)
         for i in range(g.shape[0]):
-            gi, ai, oi = g[i], a[i], out[i]
-            for o in range(gi.shape[0]):
+            for o in range(g.shape[1]):
                 if act == _RELU:
-                    oi[o] = gi[o] if ai[o] > 0 else zero
+                    out[i, o] = g[i, o] if a[i, o] > 0 else zero
                 elif act == _TANH:
-                    oi[o] = gi[o] * (one - ai[o] * ai[o])
+                    out[i, o] = g[i, o] * (one - a[i, o] * a[i, o])
                 elif act == _SIGMOID:
-                    oi[o] = gi[o] * (one - ai[o]) * ai[o]
+                    out[i, o] = g[i, o] * (one - a[i, o]) * a[i, o]
                 else:
-                    oi[o] = gi[o]
+                    out[i, o] = g[i, o]
 
     @njit(cache=True, fastmath=_DOT, inline="always")
     def _dot_row(g, i, w, k):
@@ -338,11 +334,11 @@ if njit is not None:
             if i > 0:
                 h = matrix(acts, a_off[i - 1], rows, fi)
             gb = grad[b_off[i]:b_off[i] + fo]
-            gb[:] = 0
+            for o in range(fo):  # a loop: a slice assignment costs about 0.25 us here
+                gb[o] = 0
             for r in range(rows):
-                gr = g[r]
                 for o in range(fo):
-                    gb[o] += gr[o]
+                    gb[o] += g[r, o]
             gw = _layer(grad, w_off[i], fi, fo, narrow[i])
             if narrow[i]:  # gw [fo, fi] = g^T h
                 _product(g.T, h, zeros[:fi], gw)
