@@ -11,7 +11,7 @@ import pytest
 
 numba = pytest.importorskip("numba")
 
-from study.engine.intrinsics import matrix  # noqa: E402
+from study.engine.intrinsics import load_at, matrix  # noqa: E402
 from study.engine.trial_major import _input_grad_dot, _product  # noqa: E402
 
 # rows: 4-row blocks and the rest; columns: blocks of 2 vectors, of 1, then one by one
@@ -102,3 +102,14 @@ def test_matrix_is_the_view_reshape_gives():
     assert m.flags["C_CONTIGUOUS"] and m.strides == (20, 4)
     m[2, 4] = -1  # a view: the flat row sees the write
     assert flat[20] == -1
+
+
+def test_a_vector_load_refuses_a_strided_row_at_compile_time():
+    # A vector load reads `lanes` neighbours: on a strided array it would read the wrong
+    # numbers, so the kernel's compilation stops instead.
+    @numba.njit
+    def first(m):
+        return load_at(m, 0, 0)
+
+    with pytest.raises(numba.core.errors.TypingError, match="C-contiguous 2-D float array"):
+        first(np.zeros((8, 16), dtype=np.float32)[:, ::2])
