@@ -6,7 +6,7 @@ numba compiles array accesses into loads and stores that LLVM may not keep in re
 it cannot prove that two arrays do not overlap, so an accumulator held in an array goes
 back to memory after every update. A matrix product written with array accumulators ran
 at 24-49 GFLOP/s on one core here whatever the blocking; with its accumulators held as
-values of this type (SSA values, so nothing can alias them) the same product ran at 70-97
+values of this type (SSA values, so nothing can alias them) the same product ran at 69-97
 (docs/performance.md).
 
 A `Vector` is `lanes_of(array)` numbers of the dtype (256 bits: 8 float32 or 4 float64),
