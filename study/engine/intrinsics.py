@@ -17,6 +17,10 @@ numba's `reshape` checks and normalises the new shape and calls a C helper to fi
 strides, about 60 ns each, and the kernel takes about 25 views of its flat buffers per
 step: a batch-8 forward pass took 2.5 us with `reshape` and 1.7 us with `matrix`, which
 builds the same view directly.
+
+numba caches the kernel's functions by the stamp of their own file (`trial_major.py`), not
+of the intrinsics they inline: after editing this file, delete `study/engine/__pycache__`
+(or touch `trial_major.py`) so that the kernel compiles again.
 """
 
 from __future__ import annotations
