@@ -78,7 +78,7 @@ if intrinsic is not None:
         """How many numbers of `array`'s dtype one Vector holds (a constant)."""
         if not (isinstance(array, types.Array) and isinstance(array.dtype, types.Float)):
             raise TypingError(f"intrinsics.lanes_of takes a float array, not {array}")
-        count = BITS // array.dtype.bitwidth
+        count = Vector(array.dtype).lanes
 
         def codegen(context, builder, signature, args):
             return context.get_constant(types.intp, count)
