@@ -28,6 +28,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from study import cli, records, storage
+from study.analyst import Analyst
 from study.process_exit import exit_now
 from study.schema import ConfigError, register
 
@@ -47,6 +48,8 @@ def main(cfg: DictConfig) -> None:
     _mask_logs()
     with contextlib.suppress(Exception):  # an unresolvable value: validate() names it
         storage.register_url(OmegaConf.select(cfg, "storage.url", default=None))
+    # Forked before torch is imported: it imports the analysis libraries meanwhile.
+    analyst = Analyst.start() if _analyses(cfg) else None
     try:
         if multirun:
             _mask_file(Path(hc.sweep.dir) / "multirun.yaml")
@@ -60,7 +63,7 @@ def main(cfg: DictConfig) -> None:
         compose = functools.partial(_compose, search_path=_search_path(hc.overrides.hydra))
         plan = expand(cfg, compose, overrides, choices, typed=typed)
         check_objective(typed.objective.metric, plan)
-        status = execute(cfg, typed, plan, run_dir, overrides, hc)
+        status = execute(cfg, typed, plan, run_dir, overrides, hc, analyst)
     except ConfigError as err:
         print(f"error: {cli.one_line(storage.mask_url(str(err)))}", file=sys.stderr)
         if fresh:
@@ -80,8 +83,20 @@ def main(cfg: DictConfig) -> None:
         if fresh:
             _remove_if_only_logs(run_dir)
         end(3)
+    finally:
+        if analyst is not None:
+            analyst.close()
     if status:
         end(status)
+
+
+def _analyses(cfg: DictConfig) -> bool:
+    """Whether the run ends with analysis work (a report, a sweep's claims), as far as the
+    unvalidated config tells."""
+    with contextlib.suppress(Exception):
+        return bool(OmegaConf.select(cfg, "report", default=True)) or (
+            OmegaConf.select(cfg, "sweep", default=None) is not None)
+    return False
 
 
 def _os_error_message(err: OSError, run_dir: Path) -> str:

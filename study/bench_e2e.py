@@ -9,8 +9,9 @@ was ready:
 - start-up: from the start of the process to `.hydra/config.yaml` (the imports, Hydra's
   compositions, the expansion of the grid, the checks, the storage opened);
 - training: to the last curves file (every population trained and its curves written);
-- results: to env.json (the last population's tells, trials.parquet, the claims);
-- report: to report.html (none with `report=false`);
+- results: to env.json (the last population's tells, trials.parquet);
+- report: to report.html (the claims scored into claims.parquet, then the report; none with
+  `report=false`);
 - exit: to the end of the process.
 
 `--against DIR` alternates every round with the checkout in DIR (run with

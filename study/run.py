@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 from omegaconf import DictConfig, OmegaConf
 
 from study import queue, records, storage
+from study.analyst import Analyst, score_and_report
 from study.config import plain_config, resolve_device
 from study.edge import EdgePlan, describe_edge, edges_frame, run_edge
 from study.engine import make_engine
@@ -63,12 +64,13 @@ def check_objective(metric: str, plan: SweepPlan) -> None:
 
 
 def execute(cfg: DictConfig, typed: StudyConfig, plan: SweepPlan, run_dir: Path,
-            overrides: list[str], hydra_cfg: Any) -> int:
+            overrides: list[str], hydra_cfg: Any, analyst: Analyst | None = None) -> int:
     """Train the missing points of `plan` into `run_dir`, record them and report; return
     the exit status.
 
     `cfg` is the composed config, `typed` its `validate(cfg)`, `plan` its expansion,
-    `overrides` the command line's and `hydra_cfg` Hydra's own config (for .hydra/).
+    `overrides` the command line's and `hydra_cfg` Hydra's own config (for .hydra/);
+    `analyst`, where given, scores the claims and builds the report (else this process).
     Raises ConfigError, RecordError or StorageError before `.hydra/` and env.json are
     written when the device, storage settings, run directory or stored config refuse the
     run. Returns 0 when it finished (points still held by other workers are reported on
@@ -122,7 +124,7 @@ def execute(cfg: DictConfig, typed: StudyConfig, plan: SweepPlan, run_dir: Path,
         finish_env(run_dir, env, invocations, outcome,
                    round(time.perf_counter() - started, 3))
         print_outcome(outcome, study, plan, env["resume_command"])
-        report(run_dir, typed.report)
+        analyse(run_dir, typed, analyst)
     return 0
 
 
@@ -253,15 +255,11 @@ def run_with_workers(job: WorkerJob, workers: int, study: optuna.Study, stop: St
 
 def write_results(study: optuna.Study, plan: SweepPlan, run_dir: Path,
                   typed: StudyConfig) -> None:
-    """Write trials.parquet from the study and, for a sweep, claims.parquet."""
+    """Write trials.parquet from the study and, for an edge search, edges.parquet."""
     write_trials_table(study, plan, run_dir, {"metric": typed.objective.metric,
                                               "direction": typed.objective.direction})
     if isinstance(plan, EdgePlan):
         records.write_edges(run_dir, edges_frame(plan, study))
-    if typed.sweep is not None:
-        from analysis.claims import score_run  # the scoring `python -m analysis` reruns
-
-        score_run(run_dir, typed.sweep.claims)
 
 
 def finish_env(run_dir: Path, env: dict[str, Any], invocations: list[dict[str, Any]],
@@ -292,14 +290,16 @@ def print_outcome(outcome: SweepOutcome, study: optuna.Study, plan: SweepPlan,
               f"{resume_command}", file=sys.stderr)
 
 
-def report(run_dir: Path, enabled: bool) -> None:
-    """Build report.html and print its path (`enabled`), else print the run directory."""
-    if enabled:
-        from analysis import build_report
-
-        print(f"report: {build_report(run_dir)}")
+def analyse(run_dir: Path, typed: StudyConfig, analyst: Analyst | None) -> None:
+    """For a sweep, score its claims into claims.parquet (the scoring `python -m analysis`
+    reruns); build report.html where `typed.report`; print the report's path, else the run
+    directory. By `analyst` where given, else here; the files are the same."""
+    claims = typed.sweep.claims if typed.sweep is not None else None
+    if analyst is None:
+        path = score_and_report(run_dir, claims, typed.report)
     else:
-        print(f"run directory: {run_dir}")
+        path = analyst.finish(run_dir, claims, typed.report)
+    print(f"report: {path}" if path is not None else f"run directory: {run_dir}")
 
 
 class ProgressBar:

@@ -1,0 +1,130 @@
+"""The run's analysis (claims.parquet and report.html) in a process forked before training.
+
+What the end of a run needs first is its libraries: scipy.stats for the claims,
+matplotlib, seaborn and the report's modules, about 2 CPU-seconds of imports on one core.
+A process forked at start-up imports them while this one imports torch and the engine
+(single-threaded too, so on two or more cores they overlap), then waits. When the run has
+written trials.parquet and env.json, `Analyst.finish` hands it the run directory and the
+claims; it scores them (`analysis.claims.score_run`), builds the report
+(`analysis.report.build_report`, which forks its own workers) and answers with the
+report's path. The files are the same, byte for byte, as when this process writes them:
+the same functions read the same files.
+
+Nothing is lost when the analyst fails: an exception there, or its death (killed, out of
+memory), makes `finish` do the work in this process, where an error is raised as it would
+have been without an analyst (a bad record: RecordError, exit 3). `close` kills the analyst
+(after its answer, or when the run was refused, stopped or interrupted while waiting), so
+no command leaves a process behind. Forked, so Linux only, and only with a second core
+(`study.parallel`): elsewhere `start` returns None and the caller does the work itself.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+from collections.abc import Mapping, Sequence
+from multiprocessing.connection import Connection, Pipe
+from pathlib import Path
+from typing import Any
+
+from study.parallel import workers_available
+
+log = logging.getLogger(__name__)
+
+Claims = Sequence[Mapping[str, Any]] | None
+
+
+def score_and_report(run_dir: Path, claims: Claims, report: bool) -> Path | None:
+    """Score `claims` (a sweep's, None for a single configuration) into
+    run_dir/claims.parquet (`analysis.claims.score_run`: nothing written without a claim)
+    and, where `report`, build run_dir/report.html; return its path (None without one)."""
+    from analysis.claims import score_run
+
+    if claims is not None:
+        score_run(run_dir, claims)
+    if not report:
+        return None
+    from analysis.report import build_report
+
+    return build_report(run_dir)
+
+
+class Analyst:
+    """A forked process holding the analysis libraries, waiting for one run directory."""
+
+    def __init__(self, pid: int, conn: Connection) -> None:
+        self._pid: int | None = pid
+        self._conn = conn
+
+    @property
+    def pid(self) -> int | None:
+        """The analyst's process id (None once closed)."""
+        return self._pid
+
+    @classmethod
+    def start(cls) -> Analyst | None:
+        """Fork the analyst (it starts importing at once); None where forking is not
+        used (not Linux, one core) or fails."""
+        if workers_available() < 2:
+            return None
+        mine, theirs = Pipe()
+        try:
+            pid = os.fork()
+        except OSError as err:
+            log.debug("no analyst process (%s); the run analyses its results itself", err)
+            return None
+        if pid == 0:  # the analyst
+            mine.close()
+            status = 1
+            try:
+                status = _serve(theirs)
+            finally:
+                os._exit(status)
+        theirs.close()
+        return cls(pid, mine)
+
+    def finish(self, run_dir: Path, claims: Claims, report: bool) -> Path | None:
+        """`score_and_report(run_dir, claims, report)`, done by the analyst, or here when it
+        failed or died (an error is raised from here, as without an analyst)."""
+        try:
+            self._conn.send((Path(run_dir), None if claims is None else list(claims), report))
+            outcome, value = self._conn.recv()
+        except (EOFError, OSError) as err:
+            outcome, value = "died", repr(err)
+        finally:
+            self.close()
+        if outcome == "done":
+            return value
+        log.debug("the analyst process %s (%s); analysing here", outcome, value)
+        return score_and_report(run_dir, claims, report)
+
+    def close(self) -> None:
+        """End the analyst and reap it: it holds nothing that needs an orderly end (it
+        answers only once its files are written). Safe to call twice."""
+        if self._pid is None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self._pid, signal.SIGKILL)
+        self._conn.close()
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(self._pid, 0)
+        self._pid = None
+
+
+def _serve(conn: Connection) -> int:
+    """The analyst's life: import, wait for one piece of work, do it, answer."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the run's to handle
+    # The libraries the work imports, in the order it needs them.
+    import analysis.claims  # noqa: F401  (scipy.stats, pandas)
+    import analysis.report  # noqa: F401  (matplotlib, jinja2, the sections)
+    try:
+        run_dir, claims, report = conn.recv()
+    except EOFError:  # the run ended without results
+        return 0
+    try:
+        conn.send(("done", score_and_report(run_dir, claims, report)))
+    except Exception as err:  # noqa: BLE001  (redone by the run, which raises it)
+        conn.send(("failed", f"{type(err).__name__}: {err}"))
+    return 0

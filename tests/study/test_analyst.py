@@ -1,0 +1,97 @@
+"""The analysis in a process forked ahead (`study.analyst`): the same files as done here,
+done here when it fails or dies, and no process left behind."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+from pathlib import Path
+
+import pytest
+
+from study import parallel
+from study.analyst import Analyst, score_and_report
+from study.records import RecordError
+from tests.analysis.conftest import write_sweep_run
+
+pytestmark = pytest.mark.skipif(parallel.workers_available() < 2,
+                                reason="forks only on Linux with two cores")
+
+CLAIMS = [{"statement": "divergence rises with the learning rate", "metric": "diverged",
+           "trend": "optimizer.lr", "expect": "increasing"},
+          {"statement": "adam ends lower than sgd", "metric": "val_loss_final",
+           "compare": {"axis": "optimizer", "arm": "adam", "baseline": "sgd"},
+           "expect": "lower"}]
+
+
+def _html(run_dir: Path) -> str:
+    # The footer says when the report was built, and the page names its run directory:
+    # the rest must be the same bytes.
+    text = (run_dir / "report.html").read_text().replace(str(run_dir), "RUN_DIR")
+    return re.sub(r'<p class="built">.*?</p>', "", text)
+
+
+@pytest.fixture()
+def two_runs(tmp_path: Path) -> tuple[Path, Path]:
+    first = write_sweep_run(tmp_path / "first")
+    second = tmp_path / "second"
+    shutil.copytree(first, second)
+    return first, second
+
+
+def _gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+def test_the_analyst_writes_what_this_process_writes(two_runs) -> None:
+    there, here = two_runs
+    analyst = Analyst.start()
+    assert analyst is not None
+    pid = analyst.pid
+    assert analyst.finish(there, CLAIMS, report=True) == there / "report.html"
+    assert pid != os.getpid() and _gone(pid)  # answered, then reaped
+    assert score_and_report(here, CLAIMS, report=True) == here / "report.html"
+    assert (there / "claims.parquet").read_bytes() == (here / "claims.parquet").read_bytes()
+    assert _html(there) == _html(here)
+
+
+def test_without_a_report_only_the_claims_are_written(two_runs) -> None:
+    there, _ = two_runs
+    analyst = Analyst.start()
+    assert analyst.finish(there, CLAIMS, report=False) is None
+    assert (there / "claims.parquet").exists() and not (there / "report.html").exists()
+
+
+def test_the_work_of_an_analyst_that_died_is_done_here(two_runs) -> None:
+    there, here = two_runs
+    analyst = Analyst.start()
+    os.kill(analyst.pid, signal.SIGKILL)  # killed, out of memory
+    assert analyst.finish(there, CLAIMS, report=False) is None
+    score_and_report(here, CLAIMS, report=False)
+    assert (there / "claims.parquet").read_bytes() == (here / "claims.parquet").read_bytes()
+
+
+def test_an_error_of_the_analyst_is_raised_here(tmp_path: Path) -> None:
+    run_dir = write_sweep_run(tmp_path / "run")
+    (run_dir / "trials.parquet").write_bytes(b"not parquet")
+    analyst = Analyst.start()
+    pid = analyst.pid
+    with pytest.raises(RecordError):
+        analyst.finish(run_dir, CLAIMS, report=True)
+    assert _gone(pid)
+    assert not (run_dir / "claims.parquet").exists()
+    assert not (run_dir / "report.html").exists()
+
+
+def test_close_ends_an_analyst_that_had_no_work() -> None:
+    analyst = Analyst.start()
+    pid = analyst.pid
+    analyst.close()
+    analyst.close()  # twice: nothing more
+    assert _gone(pid)
