@@ -3,7 +3,8 @@
 What the end of a run needs first is its libraries: scipy.stats for the claims,
 matplotlib, seaborn and the report's modules, about 2 CPU-seconds of imports on one core.
 A process forked at start-up imports them while this one imports torch and the engine
-(single-threaded too, so on two or more cores they overlap), then waits. When the run has
+(single-threaded too, so on two or more cores they overlap), at the lowest priority, so
+that they take only the CPU time the run leaves; then it waits. When the run has
 written trials.parquet and env.json, `Analyst.finish` hands it the run directory and the
 claims; it scores them (`analysis.claims.score_run`), builds the report
 (`analysis.report.build_report`, which forks its own workers) and answers with the
@@ -24,6 +25,7 @@ import contextlib
 import logging
 import os
 import signal
+import threading
 from collections.abc import Mapping, Sequence
 from multiprocessing.connection import Connection, Pipe
 from pathlib import Path
@@ -114,17 +116,31 @@ class Analyst:
 
 
 def _serve(conn: Connection) -> int:
-    """The analyst's life: import, wait for one piece of work, do it, answer."""
+    """The analyst's life: import in the background, wait for one piece of work, do it,
+    answer."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the run's to handle
-    # The libraries the work imports, in the order it needs them.
-    import analysis.claims  # noqa: F401  (scipy.stats, pandas)
-    import analysis.report  # noqa: F401  (matplotlib, jinja2, the sections)
+    importer = threading.Thread(target=_import_quietly, name="analyst-imports")
+    importer.start()
     try:
         run_dir, claims, report = conn.recv()
     except EOFError:  # the run ended without results
         return 0
+    finally:
+        importer.join()
     try:
         conn.send(("done", score_and_report(run_dir, claims, report)))
     except Exception as err:  # noqa: BLE001  (redone by the run, which raises it)
         conn.send(("failed", f"{type(err).__name__}: {err}"))
     return 0
+
+
+def _import_quietly() -> None:
+    """Import what the work needs, at the lowest priority (the nice value is per thread on
+    Linux): the run's own start-up and training come first, and these imports take the
+    CPU time they leave (a single-threaded start-up, the Python between populations). The
+    work itself runs on the analyst's main thread, at the run's priority."""
+    with contextlib.suppress(OSError):
+        os.setpriority(os.PRIO_PROCESS, 0, 19)
+    with contextlib.suppress(Exception):  # an error shows again where the work imports
+        import analysis.claims  # noqa: F401  (scipy.stats, pandas)
+        import analysis.report  # noqa: F401  (matplotlib, jinja2, the sections)
