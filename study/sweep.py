@@ -161,9 +161,9 @@ def _tell(study: optuna.Study, trial: optuna.Trial, summary: dict[str, Any], tra
             _dashboard_attrs(trial, summary, trace, reported=prune)
         if pruned_step is not None:
             trial.set_user_attr("pruned_step", pruned_step)
-            study.tell(trial, state=TrialState.PRUNED)
+            queue.tell(study, trial, state=TrialState.PRUNED)
         else:
-            study.tell(trial, objective_value(summary, objective, direction))
+            queue.tell(study, trial, objective_value(summary, objective, direction))
     except UpdateFinishedTrialError:
         # Another worker judged this one stale (a long stall) and re-queued its point.
         log.warning("trial %d was reclaimed by another worker; its result is dropped",
