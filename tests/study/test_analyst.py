@@ -7,6 +7,7 @@ import os
 import re
 import shutil
 import signal
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ from study import parallel
 from study.analyst import Analyst, score_and_report
 from study.records import RecordError
 from tests.analysis.conftest import write_sweep_run
+from tests.study.conftest import TINY, run_study
 
 pytestmark = pytest.mark.skipif(parallel.workers_available() < 2,
                                 reason="forks only on Linux with two cores")
@@ -95,3 +97,30 @@ def test_close_ends_an_analyst_that_had_no_work() -> None:
     analyst.close()
     analyst.close()  # twice: nothing more
     assert _gone(pid)
+
+
+def _processes_naming(text: str) -> list[str]:
+    ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True, check=True)
+    return [line for line in ps.stdout.splitlines() if text in line]
+
+
+def test_a_refused_command_leaves_no_analyst_behind(tmp_path: Path) -> None:
+    # The analyst is forked as soon as Hydra has composed the config, before validation
+    # refuses it: the refusal must end it (it shares the command line, run directory
+    # included).
+    run_dir = tmp_path / "refused-run"
+    done = run_study("optimizer.lr=-1", f"hydra.run.dir={run_dir}")
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip() == "error: optimizer.lr is out of range: -1"
+    assert _processes_naming(str(run_dir)) == []
+    assert not run_dir.exists()
+
+
+def test_a_run_writes_its_report_through_the_analyst_and_leaves_no_process(
+        tmp_path: Path) -> None:
+    run_dir = tmp_path / "smoke-run"
+    done = run_study(*TINY[:-2], "progress=false", f"hydra.run.dir={run_dir}")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[-1] == f"report: {run_dir / 'report.html'}"
+    assert (run_dir / "claims.parquet").exists() and (run_dir / "report.html").exists()
+    assert _processes_naming(str(run_dir)) == []
