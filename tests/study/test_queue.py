@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import optuna
 import pytest
@@ -19,13 +20,18 @@ from study import queue
 def test_tell_records_what_study_tell_records(value, state, expected) -> None:
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     mine, theirs = optuna.create_study(), optuna.create_study()
+    warned = {}
     for study in (mine, theirs):
         trial = study.ask()
         trial.set_user_attr("status", "converged")
-        if study is mine:
-            queue.tell(study, trial, value, state=state)
-        else:
-            study.tell(trial, value, state=state)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            if study is mine:
+                queue.tell(study, trial, value, state=state)
+            else:
+                study.tell(trial, value, state=state)
+        warned[study is mine] = [str(w.message) for w in caught]
+    assert warned[True] == warned[False]  # the same warnings (a NaN value: one)
     told, reference = mine.trials[0], theirs.trials[0]
     assert told.state == reference.state == expected
     assert told.values == reference.values
