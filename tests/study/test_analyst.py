@@ -51,6 +51,7 @@ def _gone(pid: int) -> bool:
     return False
 
 
+@pytest.mark.slow  # two reports, about 10 s
 def test_the_analyst_writes_what_this_process_writes(two_runs) -> None:
     there, here = two_runs
     analyst = Analyst.start()
@@ -116,6 +117,7 @@ def test_a_refused_command_leaves_no_analyst_behind(tmp_path: Path) -> None:
     assert not run_dir.exists()
 
 
+@pytest.mark.slow  # a run and its report through the command line
 def test_a_run_writes_its_report_through_the_analyst_and_leaves_no_process(
         tmp_path: Path) -> None:
     run_dir = tmp_path / "smoke-run"
