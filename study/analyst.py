@@ -91,7 +91,7 @@ class Analyst:
         """`score_and_report(run_dir, claims, report)`, done by the analyst, or here when it
         failed or died (an error is raised from here, as without an analyst)."""
         try:
-            self._conn.send((Path(run_dir), None if claims is None else list(claims), report))
+            self._conn.send((Path(run_dir), claims, report))
             outcome, value = self._conn.recv()
         except (EOFError, OSError) as err:
             outcome, value = "died", repr(err)

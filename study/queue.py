@@ -246,7 +246,7 @@ def take_waiting(study: optuna.Study, plan: SweepPlan, me: lease.Worker,
             key = queued.user_attrs.get("key")
             if key not in by_key:  # queued by hand, or by another config of the study
                 trial.set_user_attr("status", "unused")
-                study.tell(trial, state=TrialState.FAIL)
+                tell(study, trial, state=TrialState.FAIL)
                 if key is None:
                     continue
                 raise ConfigError(f"trial {trial.number} of study {study.study_name!r} has key "
