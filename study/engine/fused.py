@@ -105,23 +105,36 @@ if njit is not None:
         if wd != 0:
             for j in range(n):
                 g[j] = g[j] + p[j] * wd
+        if momentum != 0 and grad_share == 0:
+            # Heavy ball: the buffer and the new row in one pass over the row.
+            if first:
+                for j in range(n):
+                    buf[j] = g[j]
+                    _sgd_tail(j, buf, p, new, upd, neg_lr)
+            else:
+                for j in range(n):
+                    buf[j] = buf[j] * momentum + g[j] * keep
+                    _sgd_tail(j, buf, p, new, upd, neg_lr)
+            return
         direction = g
-        if momentum != 0:
+        if momentum != 0:  # Nesterov
             if first:
                 for j in range(n):
                     buf[j] = g[j]
             else:
                 for j in range(n):
                     buf[j] = buf[j] * momentum + g[j] * keep
-            direction = buf
-            if grad_share != 0:
-                for j in range(n):
-                    g[j] = g[j] * grad_share + buf[j] * buf_share
-                direction = g
+            for j in range(n):
+                g[j] = g[j] * grad_share + buf[j] * buf_share
         for j in range(n):
-            q = p[j] + direction[j] * neg_lr
-            new[j] = q
-            upd[j] = q - p[j]
+            _sgd_tail(j, direction, p, new, upd, neg_lr)
+
+    @njit(cache=True, inline="always")
+    def _sgd_tail(j, direction, p, new, upd, neg_lr):
+        # Entry j of SGD's new row and update along `direction` (as stored: in the dtype).
+        q = p[j] + direction[j] * neg_lr
+        new[j] = q
+        upd[j] = q - p[j]
 
     @njit(cache=True, inline="always")
     def _adam_row(p, g, new, upd, m, v, decoupled, neg_step, bc2, wd, beta2, omb2, eps,
@@ -129,30 +142,48 @@ if njit is not None:
         # engine.batched_optimizers.BatchedAdam, one row: L2 decay into the gradient (Adam) or a
         # decayed parameter (AdamW); m = lerp(m, grad, 1 - beta1) in torch's two-branch
         # form; v = v * beta2 + (grad * (1 - beta2)) * grad; denom = eps + sqrt(v) / bc2;
-        # new = p' + (m * -step_size) / denom.
+        # new = p' + (m * -step_size) / denom. The moments and the new row in one pass
+        # over the row (a fifth to a quarter faster than a pass each), a loop per choice.
         n = p.shape[0]
         if wd != 0 and not decoupled:
             for j in range(n):
                 g[j] = g[j] + p[j] * wd
+        shrink = wd != 0 and decoupled
         if omb1 < 0.5:
-            for j in range(n):
-                m[j] = m[j] + omb1 * (g[j] - m[j])
+            if shrink:
+                for j in range(n):
+                    m[j] = m[j] + omb1 * (g[j] - m[j])
+                    _adam_tail(j, new.dtype.type(p[j] * decay), p, g, m, v, new, upd,
+                               neg_step, bc2, beta2, omb2, eps)
+            else:
+                for j in range(n):
+                    m[j] = m[j] + omb1 * (g[j] - m[j])
+                    _adam_tail(j, p[j], p, g, m, v, new, upd, neg_step, bc2, beta2, omb2, eps)
         else:
+            # A pass of its own: w is a float64, and with the rest in the same loop the
+            # float32 loop was not vectorised (2x slower).
             w = omb1 * 0 + 1 - omb1  # 1 - weight in the dtype, as torch computes it
             for j in range(n):
                 m[j] = g[j] - (g[j] - m[j]) * w
-        if wd != 0 and decoupled:
-            for j in range(n):
-                new[j] = p[j] * decay  # the decayed parameter, completed below
-        else:
-            for j in range(n):
-                new[j] = p[j]
-        for j in range(n):
-            vj = v[j] * beta2 + (g[j] * omb2) * g[j]
-            v[j] = vj
-            q = new[j] + (m[j] * neg_step) / (eps + np.sqrt(vj) / bc2)
-            new[j] = q
-            upd[j] = q - p[j]
+            if shrink:
+                for j in range(n):
+                    _adam_tail(j, new.dtype.type(p[j] * decay), p, g, m, v, new, upd,
+                               neg_step, bc2, beta2, omb2, eps)
+            else:
+                for j in range(n):
+                    _adam_tail(j, p[j], p, g, m, v, new, upd, neg_step, bc2, beta2, omb2, eps)
+
+    @njit(cache=True, inline="always")
+    def _adam_tail(j, start, p, g, m, v, new, upd, neg_step, bc2, beta2, omb2, eps):
+        # Entry j of Adam's second moment, new row and update, from the new first moment
+        # m[j] (read back as stored: rounded to the dtype) and `start`, the parameter
+        # (AdamW: decayed, rounded to the dtype as a stored entry).
+        gj = g[j]
+        vj = v[j] * beta2 + (gj * omb2) * gj
+        v[j] = vj
+        q = start + (m[j] * neg_step) / (eps + np.sqrt(vj) / bc2)
+        new[j] = q
+        upd[j] = q - p[j]
 
     # IEEE division (error_model="numpy") rather than Python's ZeroDivisionError: the check
     # for a zero divisor kept Adam's division from being vectorised (about 4x slower on a
