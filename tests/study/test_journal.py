@@ -123,3 +123,52 @@ def test_an_rdb_storage_is_left_unbatched(tmp_path: Path) -> None:
 def test_open_journal_uses_the_batching_backend(tmp_path: Path) -> None:
     storage, _ = open_journal(tmp_path / "study.journal")
     assert isinstance(storage._backend, BatchingJournalBackend)
+
+
+def test_a_batched_record_reads_back_as_the_json_round_trip_gives_it() -> None:
+    import enum
+    import json
+
+    import numpy as np
+
+    from study.journal import _line, _read_back
+
+    class Level(enum.IntEnum):
+        HIGH = 3
+
+    class Name(str):
+        pass
+
+    odd = {"tuple": (1, 2.5, [True, None, float("nan"), float("inf"), -0.0]),
+           "numpy float": np.float64(0.1), "int enum": Level.HIGH, "str": Name("x"),
+           "nested": {"pairs": (("g", 1),)}, "int key": {1: "one", "x": 2.0},
+           "float key": {1.5: None}, "empty": ([], {}, ())}
+    for record in (odd, *({k: v} for k, v in odd.items())):
+        back, want = _read_back(record), json.loads(_line(record))
+        assert repr(back) == repr(want)  # types (list, float, int), NaN and key order
+        assert _line(back) == _line(want)
+    fresh = {"list": [1, [2]]}
+    back = _read_back(fresh)
+    back["list"][1].append(3)
+    assert fresh == {"list": [1, [2]]}  # a copy: the caller's objects are not shared
+    with pytest.raises(TypeError):
+        _read_back({"x": np.int64(3)})  # what JSON cannot write fails as it did
+
+
+def test_a_sweep_study_reads_back_batched_as_unbatched(tmp_path: Path) -> None:
+    # Records with tuples and non-str keys in their attributes, written batched and not.
+    def record(study: optuna.Study) -> None:
+        study.enqueue_trial({"x": 1.0}, user_attrs={"key": "a", "betas": (0.9, 0.999)})
+        trial = study.ask()
+        trial.set_user_attr("metrics", {"loss": float("nan"), "steps": (1, 2)})
+        trial.set_user_attr("by_step", {3: 0.5})
+        study.tell(trial, 0.5)
+
+    plain = _study(tmp_path / "plain.journal")
+    record(plain)
+    batched = _study(tmp_path / "batched.journal")
+    with queue.batched(batched):
+        record(batched)
+        inside = repr(_view(batched))
+    assert inside == repr(_view(plain))
+    assert repr(_view(_study(tmp_path / "batched.journal"))) == repr(_view(plain))
