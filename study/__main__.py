@@ -29,6 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from study import cli, records, storage
 from study.analyst import Analyst
+from study.compositions import Ahead
 from study.process_exit import exit_now
 from study.schema import ConfigError, register
 
@@ -48,8 +49,11 @@ def main(cfg: DictConfig) -> None:
     _mask_logs()
     with contextlib.suppress(Exception):  # an unresolvable value: validate() names it
         storage.register_url(OmegaConf.select(cfg, "storage.url", default=None))
-    # Forked before torch is imported: it imports the analysis libraries meanwhile.
+    compose = functools.partial(_compose, search_path=_search_path(hc.overrides.hydra))
+    # Forked before torch is imported: they import the analysis libraries and compose the
+    # grid's configurations meanwhile.
     analyst = Analyst.start() if _analyses(cfg) else None
+    ahead = Ahead.start(cfg, compose, overrides)
     try:
         if multirun:
             _mask_file(Path(hc.sweep.dir) / "multirun.yaml")
@@ -60,8 +64,8 @@ def main(cfg: DictConfig) -> None:
         from study.run import check_objective, execute
 
         typed = validate(cfg)
-        compose = functools.partial(_compose, search_path=_search_path(hc.overrides.hydra))
-        plan = expand(cfg, compose, overrides, choices, typed=typed)
+        plan = expand(cfg, compose, overrides, choices, typed=typed,
+                      ready=ahead.take() if ahead is not None else None)
         check_objective(typed.objective.metric, plan)
         status = execute(cfg, typed, plan, run_dir, overrides, hc, analyst)
     except ConfigError as err:
@@ -84,6 +88,8 @@ def main(cfg: DictConfig) -> None:
             _remove_if_only_logs(run_dir)
         end(3)
     finally:
+        if ahead is not None:
+            ahead.close()
         if analyst is not None:
             analyst.close()
     if status:

@@ -22,12 +22,16 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from study.engine import ENGINES
-from study.schema import ConfigError, StudyConfig
+from study.schema import (  # noqa: F401  (GROUPS and plain_config: imported from here too)
+    GROUPS,
+    SPEC_GROUPS,
+    TRANSFORM_GROUPS,
+    ConfigError,
+    StudyConfig,
+    plain_config,
+)
 from study.trial import DiagnosticsSpec, TrainSpec, TrialSpec
 
-SPEC_GROUPS = ("task", "model", "optimizer")  # one option each, built through its _target_
-TRANSFORM_GROUPS = ("failure", "mitigation")  # any number of named entries (study.failures)
-GROUPS = SPEC_GROUPS + TRANSFORM_GROUPS
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -44,6 +48,15 @@ def validate(cfg: DictConfig) -> StudyConfig:
     """
     try:
         plain = plain_config(cfg)
+    except OmegaConfBaseException as err:
+        raise ConfigError(_omegaconf_message(err)) from None
+    return validate_plain(plain)
+
+
+def validate_plain(plain: dict[str, Any]) -> StudyConfig:
+    """`validate` of a config already made plain (`plain_config`): the same checks, the
+    same errors."""
+    try:
         typed = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(StudyConfig), plain))
     except OmegaConfBaseException as err:
         raise ConfigError(_omegaconf_message(err)) from None
@@ -77,13 +90,6 @@ def resolve_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device: cuda was asked for but torch sees no CUDA device")
     return torch.device(name)
-
-
-def plain_config(cfg: DictConfig) -> dict[str, Any]:
-    """`cfg` without the `hydra` node, interpolations resolved, as plain containers."""
-    raw = OmegaConf.to_container(cfg, resolve=False)
-    raw.pop("hydra", None)
-    return OmegaConf.to_container(OmegaConf.create(raw), resolve=True)
 
 
 def _omegaconf_message(err: OmegaConfBaseException) -> str:

@@ -18,28 +18,20 @@ import dataclasses
 import itertools
 import logging
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig
 
-from study.config import (
-    GROUPS,
-    TRANSFORM_GROUPS,
-    NotApplicableError,
-    build_trial,
-    plain_config,
-    validate,
-)
-from study.parallel import K, run_jobs
+from study.compositions import Compose, Ready, combination, compose_plain, compositions
+from study.config import GROUPS, TRANSFORM_GROUPS, NotApplicableError, build_trial, plain_config
 from study.schema import ConfigError, StudyConfig
 from study.trial import TrialSpec
 
 log = logging.getLogger(__name__)
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
-Compose = Callable[[Sequence[str]], DictConfig]
 
 
 @dataclass(frozen=True)
@@ -64,8 +56,10 @@ class SweepPlan:
 
 
 def expand_grid(cfg: DictConfig, compose: Compose, overrides: Sequence[str],
-                 typed: StudyConfig, base_labels: dict[str, str]) -> SweepPlan:
-    """Every combination of the sweep's axes x its seeds, group axes outermost."""
+                 typed: StudyConfig, base_labels: dict[str, str],
+                 ready: Ready | None = None) -> SweepPlan:
+    """Every combination of the sweep's axes x its seeds, group axes outermost; the group
+    options' configurations in `ready` were composed ahead (`compositions.Ahead`)."""
     axes = _check_axes(typed.sweep.axes)
     check_sweep_claims(typed.sweep.claims, axes)
     _check_overrides(overrides, axes, typed.sweep)
@@ -76,7 +70,7 @@ def expand_grid(cfg: DictConfig, compose: Compose, overrides: Sequence[str],
     points: list[GridPoint] = []
     skipped = 0  # axis combinations whose failure/mitigation does not apply to the task
     spec_axes = [a for a in group_axes if a not in TRANSFORM_GROUPS]
-    composed = compose_plain(compose, overrides, _compositions(axes, group_axes, spec_axes))
+    composed = compose_plain(compose, overrides, compositions(axes), ready)
     base = plain_config(cfg)  # validated above
     for group_values in itertools.product(*(axes[a] for a in group_axes)):
         picked = dict(zip(group_axes, group_values, strict=True))
@@ -104,62 +98,6 @@ def expand_grid(cfg: DictConfig, compose: Compose, overrides: Sequence[str],
         raise ConfigError("sweep.axes: every point was skipped as inapplicable (empty grid)")
     return SweepPlan(typed.sweep.name, axes, seeds, points,
                      numeric_distributions({a: axes[a] for a in scalar_axes}))
-
-
-def _compositions(axes: dict[str, list[Any]], group_axes: list[str],
-                  spec_axes: list[str]) -> dict[tuple, tuple[list[str], bool]]:
-    """What `expand_grid` composes, as `compose_plain` takes it, keyed by the picked
-    `(group, option)` pairs: each combination of the spec axes' options (validated), and
-    each failure/mitigation option alone. A failure/mitigation node is composed once per
-    option and swapped into every configuration: a Hydra composition costs about 0.2 s,
-    and its product with the other group axes would cost minutes for a sweep over every
-    failure mode. In the order the grid meets them, so the first that fails is the one
-    reported."""
-    wanted: dict[tuple, tuple[list[str], bool]] = {}
-    for group_values in itertools.product(*(axes[a] for a in group_axes)):
-        picked = dict(zip(group_axes, group_values, strict=True))
-        spec_picked = tuple((g, picked[g]) for g in spec_axes)
-        if spec_picked:
-            wanted.setdefault(spec_picked,
-                              ([group_override(g, v) for g, v in spec_picked], True))
-        for g, v in picked.items():
-            if g in TRANSFORM_GROUPS:
-                wanted.setdefault(((g, v),), ([group_override(g, v)], False))
-    return wanted
-
-
-def compose_plain(compose: Compose, overrides: Sequence[str],
-                  wanted: Mapping[K, tuple[Sequence[str], bool]]) -> dict[K, dict[str, Any]]:
-    """`{key: plain_config(compose([*overrides, *extra]))}` for each `key: (extra, check)`
-    of `wanted`, validated (`study.config.validate`) where `check`.
-
-    The compositions run side by side in forked processes (`study.parallel`; Hydra's
-    merging holds the GIL). One that fails in a worker is composed again here, in
-    `wanted`'s order, so the error raised is the one composing them in turn would raise.
-    """
-    jobs = {key: (_plain_or_none, (compose, [*overrides, *extra], check))
-            for key, (extra, check) in wanted.items()}
-    done = run_jobs(jobs)
-    for key, (extra, check) in wanted.items():
-        if done[key] is None:
-            done[key] = _plain(compose, [*overrides, *extra], check)
-    return done
-
-
-def _plain(compose: Compose, overrides: list[str], check: bool) -> dict[str, Any]:
-    node = compose(overrides)
-    if check:
-        validate(node)
-    return plain_config(node)
-
-
-def _plain_or_none(compose: Compose, overrides: list[str], check: bool) -> dict[str, Any] | None:
-    # In a worker: an error travels back as None, not pickled (Hydra's exceptions do not
-    # all survive pickling), and the caller raises it by composing again.
-    try:
-        return _plain(compose, overrides, check)
-    except Exception:  # noqa: BLE001
-        return None
 
 
 def numeric_distributions(axes: dict[str, list[Any]]) -> dict[str, Any]:
@@ -194,7 +132,7 @@ def _check_axes(raw: dict[str, Any]) -> dict[str, list[Any]]:
         if not isinstance(values, list):
             raise ConfigError(f"sweep.axes.{name}: expected a list of values, got {values!r}")
         if name in TRANSFORM_GROUPS:  # [outliers, unscaled] and "outliers+unscaled" alike
-            values = [_combination(v) for v in values]
+            values = [combination(v) for v in values]
         if not values:
             raise ConfigError(f"sweep.axes.{name}: no values (empty grid)")
         if len({repr(v) for v in values}) != len(values):
@@ -234,21 +172,6 @@ def check_sweep_claims(claims: list[Any], axes: dict[str, list[Any]]) -> None:
         check_claims(claims, list(axes), [*SUMMARY_METRICS, *STATUSES, "objective"])
     except ClaimError as err:
         raise ConfigError(str(err)) from None
-
-
-def _combination(value: Any) -> str:
-    """An axis value of a failure/mitigation axis as one label: "outliers+unscaled"."""
-    if isinstance(value, (list, tuple)):
-        return "+".join(str(v) for v in value) if value else "none"
-    return str(value)
-
-
-def group_override(group: str, value: Any) -> str:
-    """The Hydra override selecting `value` of `group` ("a+b" selects both options)."""
-    if group in TRANSFORM_GROUPS:
-        options = [v for v in str(value).split("+") if v]
-        return f"{group}=[{','.join(options)}]" if len(options) != 1 else f"{group}={options[0]}"
-    return f"{group}={value}"
 
 
 def group_label(cfg: DictConfig, group: str, choice: Any) -> str:

@@ -13,12 +13,12 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
+from study.compositions import Compose, Ready
 from study.config import build_trial, plain_config, validate
 from study.edge import EdgePlan, expand_edge
 from study.grid import (
     CONF_DIR,
     GROUPS,
-    Compose,
     GridPoint,
     SweepPlan,
     expand_grid,
@@ -30,15 +30,17 @@ from study.search import expand_search
 
 
 def expand(cfg: DictConfig, compose: Compose, overrides: Sequence[str],
-           choices: dict[str, str], *, typed: StudyConfig | None = None) -> SweepPlan:
+           choices: dict[str, str], *, typed: StudyConfig | None = None,
+           ready: Ready | None = None) -> SweepPlan:
     """Expand `cfg` (composed from `overrides`) into its grid points.
 
     `compose(overrides)` composes the config again with extra overrides (one call per
     combination of group-axis options); `choices` are the config-group options chosen for
     `cfg` (Hydra's runtime choices), used as labels. `typed` is `validate(cfg)` when the
     caller has already run it (it is not run again); without it `cfg` is validated here.
-    Every config composed for a group axis is validated. Without a sweep, the plan has one
-    point: the config itself with seed `cfg.seed`.
+    Every config composed for a group axis is validated; those in `ready` were composed
+    ahead (`study.compositions.Ahead`) and are not composed again. Without a sweep, the
+    plan has one point: the config itself with seed `cfg.seed`.
     """
     if typed is None:
         typed = validate(cfg)
@@ -55,13 +57,13 @@ def expand(cfg: DictConfig, compose: Compose, overrides: Sequence[str],
         raise ConfigError("sweep.pruner: only a sampler sweep prunes (a grid trains every "
                           "point to the end)")
     if typed.sweep.edge:
-        return _expand_edge(cfg, compose, overrides, choices, typed, base_labels)
-    return expand_grid(cfg, compose, overrides, typed, base_labels)
+        return _expand_edge(cfg, compose, overrides, choices, typed, base_labels, ready)
+    return expand_grid(cfg, compose, overrides, typed, base_labels, ready)
 
 
 def _expand_edge(cfg: DictConfig, compose: Compose, overrides: Sequence[str],
-                 choices: dict[str, str], typed: StudyConfig, base_labels: dict[str, str]
-                 ) -> EdgePlan:
+                 choices: dict[str, str], typed: StudyConfig, base_labels: dict[str, str],
+                 ready: Ready | None) -> EdgePlan:
     """The EdgePlan (study.edge) of the grid of the sweep's axes, or of the one config."""
     if typed.workers > 1:
         raise ConfigError("workers: an edge search runs its rounds from one process "
@@ -70,7 +72,7 @@ def _expand_edge(cfg: DictConfig, compose: Compose, overrides: Sequence[str],
     if typed.sweep.axes:
         grid = dataclasses.replace(typed, sweep=dataclasses.replace(
             typed.sweep, edge={}, claims=[]))
-        base = expand(cfg, compose, overrides, choices, typed=grid)
+        base = expand(cfg, compose, overrides, choices, typed=grid, ready=ready)
     else:  # the edge of the one configuration composed
         trial = build_trial(plain_config(cfg), typed.sweep.seeds[0], base_labels)
         base = SweepPlan(typed.sweep.name, {}, list(typed.sweep.seeds), [

@@ -16,11 +16,22 @@ from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
+
+SPEC_GROUPS = ("task", "model", "optimizer")  # one option each, built through its _target_
+TRANSFORM_GROUPS = ("failure", "mitigation")  # any number of named entries (study.failures)
+GROUPS = SPEC_GROUPS + TRANSFORM_GROUPS
 
 
 class ConfigError(ValueError):
     """A composed config is invalid; the message names the key and what is wrong."""
+
+
+def plain_config(cfg: DictConfig) -> dict[str, Any]:
+    """`cfg` without the `hydra` node, interpolations resolved, as plain containers."""
+    raw = OmegaConf.to_container(cfg, resolve=False)
+    raw.pop("hydra", None)
+    return OmegaConf.to_container(OmegaConf.create(raw), resolve=True)
 
 
 # ------------------------------------------------------------------------------- schemas

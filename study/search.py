@@ -46,16 +46,10 @@ from optuna.distributions import (
 from optuna.trial import FrozenTrial, TrialState
 
 from study import lease, queue
+from study.compositions import Compose, compose_plain, group_override
 from study.config import GROUPS, TRANSFORM_GROUPS, build_trial, plain_config
 from study.engine import Engine
-from study.grid import (
-    Compose,
-    GridPoint,
-    check_sweep_claims,
-    compose_plain,
-    group_label,
-    group_override,
-)
+from study.grid import GridPoint, check_sweep_claims, group_label
 from study.schema import ConfigError, StudyConfig
 
 log = logging.getLogger(__name__)
@@ -164,7 +158,7 @@ def expand_search(cfg: Any, compose: Compose, overrides: Sequence[str],
     plan = SearchPlan(sweep.name, sweep.sampler, space, list(sweep.seeds), sweep.trials,
                       population, typed.seed, build, list(sweep.claims), pruner)
     check_sweep_claims(plan.claims, {name: [] for name in space})
-    # The corners' group options composed side by side (study.grid.compose_plain); a
+    # The corners' group options composed side by side (study.compositions.compose_plain); a
     # proposal that picks another combination composes it when it is built.
     composed.update(compose_plain(compose, overrides, wanted(plan.corners())))
     plan.points  # noqa: B018 - every categorical choice builds (bad options fail now)
