@@ -10,7 +10,7 @@ from matplotlib.figure import Figure
 from analysis.aggregate import FINAL, INITIAL, order_statuses
 from analysis.axes import SEED, SweepAxes, format_key, value_key
 from analysis.curves import spread
-from analysis.figures import log_y, plt, short_label
+from analysis.figures import log_y, plt, set_panel_title, short_label
 
 PER_STATUS = 3
 TASK_OBJECTIVE = "task"  # `training_objective` of a trial whose minibatch loss is the task's
@@ -122,7 +122,7 @@ def plot_gallery(picks: pd.DataFrame, frame: pd.DataFrame) -> Figure:
             ax.grid(True, which="major", alpha=0.3)
             ax.set_ylabel(("loss" if panel == "loss" else "grad norm") if j == 0 else "")
             if i == 0:
-                ax.set_title(_wrap(pick.title), fontsize=9)
+                set_panel_title(ax, _wrap(pick.title), 9)
             else:
                 ax.set_xlabel("step")
             if i == 0:

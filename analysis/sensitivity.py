@@ -37,6 +37,7 @@ from analysis.figures import (
     bottom_legend,
     log_y_if_wide,
     plt,
+    set_panel_title,
     wrap_at_commas,
     wrapped_grid,
 )
@@ -200,7 +201,7 @@ def plot_lr_sensitivity(curves: pd.DataFrame, points: pd.DataFrame, row: str | N
                 pkeep &= points[name] == value
         ax = axes[k]
         draw_lr_panel(curves[keep], points[pkeep], line, lines, ax=ax)
-        ax.set_title(title, fontsize=10)
+        set_panel_title(ax, title, 10)
         ax.set_ylabel("final val loss (capped)" if k % per_row == 0 else "")
         if k + per_row < len(facets):
             ax.set_xlabel("")
