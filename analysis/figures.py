@@ -50,22 +50,33 @@ def figure_to_data_uri(fig: Figure) -> str:
 
 def set_panel_title(ax: Axes, title: str, fontsize: float) -> None:
     """`ax.set_title(title, fontsize=fontsize)`, pinned at the top of the panel where
-    matplotlib's automatic placement could not move it.
+    matplotlib's automatic placement would not move it. Call it once the panel and its
+    twins hold their data and limits.
 
     At every draw matplotlib places a title above the x axis's tick labels when they are
-    on top, and above the y axis's offset text (the "1e-5" of a linear axis); to find the
-    offset text it lays out every tick label of the axis once more, 6-10% of the report's
-    drawing. A panel (and every panel sharing its x axis: its twins) with x ticks at the
-    bottom and a log or labelled y axis has neither, so its title stays at y = 1.0 either
-    way: the same pixels, without the layout.
+    on top, and above the y axis's offset text (the "1e-5" or "+1e6" of a linear axis); to
+    find the offset text it lays out every tick label of the axis once more, 6-10% of the
+    report's drawing. A panel whose twins (the axes drawn in its place, itself included)
+    all have their x ticks at the bottom and a y axis without offset text (log, labelled,
+    or linear with ticks that need none) keeps its title at y = 1.0 either way: the same
+    pixels, without the layout.
     """
-    siblings = ax.get_shared_x_axes().get_siblings(ax)
+    where = ax.get_position().bounds
+    twins = {a for group in (ax.get_shared_x_axes(), ax.get_shared_y_axes())
+             for a in group.get_siblings(ax) if a.get_position().bounds == where}
     fixed = all(a.xaxis.get_ticks_position() == "bottom"
                 and a.xaxis.get_label_position() == "bottom"
-                and (a.get_yscale() == "log"
-                     or not isinstance(a.yaxis.get_major_formatter(), ScalarFormatter))
-                for a in siblings)
+                and not _offset_text(a) for a in twins)
     ax.set_title(title, fontsize=fontsize, y=1.0 if fixed else None)
+
+
+def _offset_text(ax: Axes) -> str:
+    """The offset text the y axis of `ax` will show with its present limits ("" for none)."""
+    formatter = ax.yaxis.get_major_formatter()
+    if ax.get_yscale() == "log" or not isinstance(formatter, ScalarFormatter):
+        return ""
+    formatter.set_locs(ax.yaxis.get_majorticklocs())
+    return formatter.get_offset()
 
 
 class PlainLogFormatter(LogFormatter):
