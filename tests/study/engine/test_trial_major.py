@@ -139,12 +139,13 @@ def test_diverging_trials_freeze_and_cut_as_the_reference(kernel_only) -> None:
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_a_product_entry_is_the_same_bits_in_any_block(dtype) -> None:
-    # Rows go through blocks of 6, of 4 and one by one, columns through blocks of 2
-    # vectors, 1 vector and one by one: every entry must be the same in-order chain of
-    # fused multiply-adds wherever it falls, and as close to the exact product as a sum.
+    # Rows go through blocks of 6 (`_product_tall`), of 4 and one by one, columns through
+    # blocks of 2 vectors, 1 vector and one by one: every entry must be the same in-order
+    # chain of fused multiply-adds wherever it falls, and as close to the exact product
+    # as a sum.
     rng = np.random.default_rng(0)
     for rows in (1, 2, 3, 4, 5, 6, 7, 8, 10, 11, 13, 14, 16, 22, 23):
-        for inner, cols in ((10, 64), (64, 37), (7, 3)):
+        for inner, cols in ((10, 64), (64, 37), (7, 3), (130, 32)):
             a = rng.standard_normal((rows, inner)).astype(dtype)
             w = rng.standard_normal((inner, cols)).astype(dtype)
             b = rng.standard_normal(cols).astype(dtype)
@@ -158,9 +159,10 @@ def test_a_product_entry_is_the_same_bits_in_any_block(dtype) -> None:
                 kernel_module._product(a[r:r + 1], w, b, alone)
                 assert alone.tobytes() == z[r:r + 1].tobytes(), (rows, inner, cols, r)
             h = np.ascontiguousarray(a.T)  # the weight gradient's transposed view
-            zt = np.empty((rows, cols), dtype)
-            kernel_module._product(h.T, w, b, zt)
-            assert zt.tobytes() == z.tobytes()
+            for product in (kernel_module._product, kernel_module._product_tall):
+                zt = np.empty((rows, cols), dtype)
+                product(h.T, w, b, zt)
+                assert zt.tobytes() == z.tobytes(), (product, rows, inner, cols)
 
 
 def test_a_trial_is_bit_identical_alone_in_a_crowd_and_on_one_thread(kernel_only) -> None:
