@@ -60,19 +60,23 @@ class Run:
         return dict(self.__dict__)
 
 
-def check_peer_python(python: Path) -> None:
-    """PeerError unless `python` runs and has jax, optax and torch."""
+def check_peer_python(python: Path) -> dict[str, str]:
+    """The versions of jax, optax and torch under `python` (the peer's speed depends on
+    jax's); PeerError unless it runs and has them."""
     if not PEERS_DIR.is_dir():
         raise PeerError(f"{PEERS_DIR} not found: --peer runs from a checkout of the "
                         "repository")
     if not python.exists():
         raise PeerError(f"peer python {python} not found: set one up as docs/performance.md "
                         "says, or name it with --peer-python")
-    probe = subprocess.run([str(python), "-c", "import jax, optax, torch"],
-                           capture_output=True, text=True, timeout=300)
+    probe = subprocess.run(
+        [str(python), "-c", "import json, jax, optax, torch; print(json.dumps({m.__name__: "
+         "m.__version__ for m in (jax, optax, torch)}))"],
+        capture_output=True, text=True, timeout=300)
     if probe.returncode != 0:
         last = (probe.stderr.strip().splitlines() or ["no output"])[-1]
         raise PeerError(f"peer python {python} cannot import jax, optax and torch: {last}")
+    return json.loads(probe.stdout.strip().splitlines()[-1])
 
 
 def thread_environment(threads: int | None) -> dict[str, str]:
@@ -229,12 +233,13 @@ def table(summary: dict[str, Any], rounds: list[list[Run]]) -> str:
 def compare(python: Path, rounds: int, threads: int | None, plain: bool = True,
             jax_opt: str = "optax") -> dict[str, Any]:
     """Run the interleaved rounds; the JSON of every round and the summary."""
-    check_peer_python(python)
+    versions = check_peer_python(python)
     with tempfile.TemporaryDirectory(prefix="study-peer-") as tmp:
         done = [run_round(i, python, threads, plain, Path(tmp), jax_opt)
                 for i in range(rounds)]
     summary = summarize(done)
-    return {"peer_python": str(python), "threads": threads, "rounds": rounds,
-            "jax_opt": jax_opt,
+    return {"peer_python": str(python), "peer_versions": versions, "threads": threads,
+            "rounds": rounds, "jax_opt": jax_opt,
             "runs": [[r.as_dict() for r in one] for one in done], **summary,
-            "table": table(summary, done)}
+            "table": table(summary, done) + "; peer: " + ", ".join(
+                f"{name} {version}" for name, version in versions.items())}

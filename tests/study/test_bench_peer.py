@@ -95,3 +95,17 @@ def test_results_are_read_as_each_system_writes_them(tmp_path) -> None:
     peer = tmp_path / "jax.jsonl"
     peer.write_text('{"run": 1}\n{"run": 2}\n')
     assert bench_peer.read_result("JAX/optax", peer) == {"run": 2}
+
+
+def test_the_peer_python_reports_its_versions(tmp_path) -> None:
+    # A Python that finds stand-ins for jax and optax: their versions travel to the JSON
+    # (the peer's speed depends on jax's version).
+    import torch
+
+    (tmp_path / "jax.py").write_text('__version__ = "9.9.1"\n')
+    (tmp_path / "optax.py").write_text('__version__ = "0.0.7"\n')
+    python = tmp_path / "python"
+    python.write_text(f'#!/bin/sh\nPYTHONPATH={tmp_path} exec {sys.executable} "$@"\n')
+    python.chmod(0o755)
+    assert bench_peer.check_peer_python(python) == {
+        "jax": "9.9.1", "optax": "0.0.7", "torch": torch.__version__}
