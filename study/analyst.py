@@ -24,14 +24,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import signal
 import threading
 from collections.abc import Mapping, Sequence
-from multiprocessing.connection import Connection, Pipe
+from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
-from study.parallel import workers_available
+from study.parallel import end_forked, fork_serving
 
 log = logging.getLogger(__name__)
 
@@ -69,23 +68,11 @@ class Analyst:
     def start(cls) -> Analyst | None:
         """Fork the analyst (it starts importing at once); None where forking is not
         used (not Linux, one core) or fails."""
-        if workers_available() < 2:
+        forked = fork_serving(_serve)
+        if forked is None:
+            log.debug("no analyst process; the run analyses its results itself")
             return None
-        mine, theirs = Pipe()
-        try:
-            pid = os.fork()
-        except OSError as err:
-            log.debug("no analyst process (%s); the run analyses its results itself", err)
-            return None
-        if pid == 0:  # the analyst
-            mine.close()
-            status = 1
-            try:
-                status = _serve(theirs)
-            finally:
-                os._exit(status)
-        theirs.close()
-        return cls(pid, mine)
+        return cls(*forked)
 
     def finish(self, run_dir: Path, claims: Claims, report: bool) -> Path | None:
         """`score_and_report(run_dir, claims, report)`, done by the analyst, or here when it
@@ -107,18 +94,13 @@ class Analyst:
         answers only once its files are written). Safe to call twice."""
         if self._pid is None:
             return
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(self._pid, signal.SIGKILL)
-        self._conn.close()
-        with contextlib.suppress(ChildProcessError):
-            os.waitpid(self._pid, 0)
+        end_forked(self._pid, self._conn)
         self._pid = None
 
 
 def _serve(conn: Connection) -> int:
     """The analyst's life: import in the background, wait for one piece of work, do it,
     answer."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the run's to handle
     importer = threading.Thread(target=_import_quietly, name="analyst-imports")
     importer.start()
     try:

@@ -17,18 +17,17 @@ is raised there, as without it.
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import logging
-import os
-import signal
 import time
 from collections.abc import Callable, Mapping, Sequence
-from multiprocessing.connection import Connection, Pipe
+from multiprocessing.connection import Connection
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from study.parallel import K, run_jobs, workers_available
+from study.parallel import K, end_forked, fork_serving, run_jobs
 from study.schema import GROUPS, TRANSFORM_GROUPS, plain_config
 
 log = logging.getLogger(__name__)
@@ -158,23 +157,10 @@ class Ahead:
                       for extra, _ in compositions(grid_axes(cfg)).values()]
         except Exception:  # noqa: BLE001  (an unhashable option: validation says so, later)
             return None
-        if not wanted or workers_available() < 2:
+        if not wanted:
             return None
-        mine, theirs = Pipe(duplex=False)
-        try:
-            pid = os.fork()
-        except OSError as err:
-            log.debug("no process composing ahead (%s)", err)
-            return None
-        if pid == 0:
-            status = 1
-            try:
-                mine.close()
-                status = _compose_all(compose, wanted, theirs)
-            finally:
-                os._exit(status)
-        theirs.close()
-        return cls(pid, mine, len(wanted))
+        forked = fork_serving(functools.partial(_compose_all, compose, wanted))
+        return cls(*forked, len(wanted)) if forked is not None else None
 
     def take(self, timeout: float = 0.0) -> dict[tuple[str, ...], dict[str, Any] | None]:
         """The compositions done by now, or within `timeout` seconds (by whole override
@@ -193,17 +179,12 @@ class Ahead:
         """End the process and reap it. Safe to call twice."""
         if self._pid is None:
             return
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(self._pid, signal.SIGKILL)
-        self._conn.close()
-        with contextlib.suppress(ChildProcessError):
-            os.waitpid(self._pid, 0)
+        end_forked(self._pid, self._conn)
         self._pid = None
 
 
 def _compose_all(compose: Compose, wanted: list[list[str]], conn: Connection) -> int:
     """In the forked process: compose each override list in turn and send it back."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the run's to handle
     for whole in wanted:
         try:
             plain = plain_config(compose(whole))

@@ -22,13 +22,16 @@ compile), so forking after torch has loaded is safe.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing
 import os
+import signal
 import sys
 from collections.abc import Callable, Hashable, Mapping
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
+from multiprocessing.connection import Connection, Pipe
 from typing import Any, TypeVar
 
 log = logging.getLogger(__name__)
@@ -74,3 +77,39 @@ def _in_order(jobs: Mapping[K, Job]) -> dict[K, Any]:
 def _run(index: int) -> Any:
     fn, args = _JOBS[index]
     return fn(*args)
+
+
+def fork_serving(serve: Callable[[Connection], int]) -> tuple[int, Connection] | None:
+    """Fork a process that runs `serve(conn)` and exits with its status, `conn` one end of
+    a pipe; return its pid and the other end. None where forking is not used (not Linux,
+    one core) or fails. The child ignores Ctrl-C (the parent's to handle) and ends with
+    `os._exit`, so it runs none of the parent's exit handlers."""
+    if workers_available() < 2:
+        return None
+    mine, theirs = Pipe()
+    try:
+        pid = os.fork()
+    except OSError as err:
+        log.debug("no forked process (%s)", err)
+        mine.close()
+        theirs.close()
+        return None
+    if pid == 0:
+        status = 1
+        try:
+            mine.close()
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            status = serve(theirs)
+        finally:
+            os._exit(status)
+    theirs.close()
+    return pid, mine
+
+
+def end_forked(pid: int, conn: Connection) -> None:
+    """Kill a process of `fork_serving`, close this end of its pipe and reap it."""
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+    conn.close()
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, 0)

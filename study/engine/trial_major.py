@@ -148,8 +148,8 @@ if njit is not None:
         # w and a broadcast of a: 15 of AVX2's 16 registers), for a weight gradient h^T g
         # over many rows, whose operands outgrow L1: each is read a third fewer times
         # from L2 (25% faster at 256 inner steps). Each entry is the same chain of fused
-        # multiply-adds as `_product`'s. Apart from `_product`: in one function, the
-        # 6-row loop made the 4-row loop slower at a few inner steps (batch 8).
+        # multiply-adds as `_product`'s. A function of its own: inside `_product`, the
+        # 6-row loop slowed its 4-row loop at few inner steps (batch 8).
         rows, inner = a.shape
         lanes = lanes_of(z)
         if z.shape[1] % (2 * lanes):  # columns left over: `_product`'s loops cover them

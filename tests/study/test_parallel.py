@@ -83,3 +83,30 @@ def test_the_report_is_the_same_bytes_built_side_by_side(tmp_path: Path, monkeyp
     side_by_side = report.render_html(run, claims=CLAIMS, built=BUILT)
     assert side_by_side == alone
     assert alone.count("data:image/png;base64,") >= 5  # the figures are in it
+
+
+def _echo(conn) -> int:
+    conn.send(("pid", os.getpid(), conn.recv()))
+    conn.recv()  # waits until killed
+    return 0
+
+
+@forks
+def test_a_forked_server_answers_ignores_ctrl_c_and_is_reaped() -> None:
+    import signal
+
+    pid, conn = parallel.fork_serving(_echo)
+    conn.send("hello")
+    assert conn.recv() == ("pid", pid, "hello")
+    os.kill(pid, signal.SIGINT)  # Ctrl-C reaches the process group: the parent's to handle
+    assert conn.poll(0.5) is False  # still serving
+    assert os.waitpid(pid, os.WNOHANG) == (0, 0)
+    parallel.end_forked(pid, conn)
+    with pytest.raises(ChildProcessError):
+        os.waitpid(pid, os.WNOHANG)
+    assert conn.closed
+
+
+def test_no_fork_where_forking_is_not_used(monkeypatch) -> None:
+    monkeypatch.setattr(parallel, "workers_available", lambda: 1)
+    assert parallel.fork_serving(_echo) is None
