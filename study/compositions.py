@@ -103,12 +103,12 @@ def compose_plain(compose: Compose, overrides: Sequence[str],
 
 
 def _plain(compose: Compose, overrides: list[str], check: bool) -> dict[str, Any]:
-    from study.config import validate_plain
+    from study.config import validate
 
-    plain = plain_config(compose(overrides))
+    node = compose(overrides)
     if check:
-        validate_plain(plain)
-    return plain
+        validate(node)  # a value that does not resolve is a ConfigError here too
+    return plain_config(node)
 
 
 def _plain_or_none(compose: Compose, overrides: list[str], check: bool) -> dict[str, Any] | None:

@@ -265,14 +265,16 @@ class _NotPlain(Exception):
 
 
 def _json_copy(value: Any) -> Any:
+    # The base types' own conversions, as JSON writes a subclass (a str enum's value, not
+    # its __str__).
     if isinstance(value, str):
-        return str(value)
+        return str.__str__(value)
     if value is None or value is True or value is False:
         return value
     if isinstance(value, float):
-        return float(value)
+        return float.__float__(value)
     if isinstance(value, int) and not isinstance(value, bool):
-        return int(value)
+        return int.__int__(value)
     if isinstance(value, dict):
         if not all(type(k) is str for k in value):
             raise _NotPlain  # JSON turns other keys into strings

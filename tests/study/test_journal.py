@@ -139,8 +139,12 @@ def test_a_batched_record_reads_back_as_the_json_round_trip_gives_it() -> None:
     class Name(str):
         pass
 
+    class Color(str, enum.Enum):
+        RED = "red"
+
     odd = {"tuple": (1, 2.5, [True, None, float("nan"), float("inf"), -0.0]),
            "numpy float": np.float64(0.1), "int enum": Level.HIGH, "str": Name("x"),
+           "str enum": Color.RED,
            "nested": {"pairs": (("g", 1),)}, "int key": {1: "one", "x": 2.0},
            "float key": {1.5: None}, "empty": ([], {}, ())}
     for record in (odd, *({k: v} for k, v in odd.items())):
