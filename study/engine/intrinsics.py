@@ -163,6 +163,58 @@ if intrinsic is not None:
         return acc(a, b, acc), codegen
 
     @intrinsic
+    def transpose_block(typingctx, src, row, col, dst):
+        """dst[col + j, row + i] = src[row + i, col + j] for i, j < lanes: a square block of
+        `lanes` rows moved to its transposed place, as `lanes` vector loads, shuffles in
+        registers and `lanes` vector stores (unchecked bounds). The numbers are moved, not
+        computed: the same bits."""
+        _row(src, "transpose_block", 2)
+        _row(dst, "transpose_block", 2)
+        if src.dtype != dst.dtype:
+            raise TypingError(f"intrinsics.transpose_block: {src} into {dst}")
+        lanes = Vector(src.dtype).lanes
+        index_types = (row, col)
+
+        def codegen(context, builder, signature, args):
+            src_type, _, _, dst_type = signature.args
+            vector_type = ir.VectorType(context.get_value_type(src.dtype), lanes)
+            align = src.dtype.bitwidth // 8
+            rows = []
+            for i in range(lanes):
+                r = builder.add(context.cast(builder, args[1], index_types[0], types.intp),
+                                context.get_constant(types.intp, i))
+                address = _address(context, builder, src_type, args[0], (r, args[2]),
+                                   (types.intp, index_types[1]))
+                rows.append(builder.load(builder.bitcast(address, vector_type.as_pointer()),
+                                         align=align))
+            # Butterfly: at half-width h, rows i and i + h (bit h of i clear) swap their
+            # off-diagonal h x h blocks; after every h the block is transposed.
+            h = 1
+            while h < lanes:
+                low = [j for j in range(lanes) if not j & h]
+                first, second = [0] * lanes, [0] * lanes
+                for j in low:
+                    first[j], first[j + h] = j, lanes + j
+                    second[j], second[j + h] = j + h, lanes + j + h
+                masks = [ir.Constant(ir.VectorType(ir.IntType(32), lanes), m)
+                         for m in (first, second)]
+                for i in (i for i in range(lanes) if not i & h):
+                    a, b = rows[i], rows[i + h]
+                    rows[i] = builder.shuffle_vector(a, b, masks[0])
+                    rows[i + h] = builder.shuffle_vector(a, b, masks[1])
+                h *= 2
+            for j in range(lanes):
+                r = builder.add(context.cast(builder, args[2], index_types[1], types.intp),
+                                context.get_constant(types.intp, j))
+                address = _address(context, builder, dst_type, args[3], (r, args[1]),
+                                   (types.intp, index_types[0]))
+                builder.store(rows[j], builder.bitcast(address, vector_type.as_pointer()),
+                              align=align)
+            return context.get_dummy_value()
+
+        return types.none(src, row, col, dst), codegen
+
+    @intrinsic
     def matrix(typingctx, flat, offset, rows, cols):
         """flat[offset:offset + rows * cols] as a C-contiguous [rows, cols] view, as
         `reshape` gives it, without its checks (unchecked bounds)."""

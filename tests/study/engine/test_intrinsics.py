@@ -1,7 +1,7 @@
 """The trial-major kernel's building blocks (study.engine.intrinsics) and its products
 (`trial_major._product`, `_input_grad_dot`): against float64 numpy on every path of their
-blocking, each entry of `_product` the same bits however it is reached, and `matrix` views
-as `reshape` gives them.
+blocking, each entry of `_product` the same bits however it is reached, `matrix` views as
+`reshape` gives them, and transposes (`transpose_block`, `trial_major._transpose`) exact.
 """
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ import pytest
 
 numba = pytest.importorskip("numba")
 
-from study.engine.intrinsics import load_at, matrix  # noqa: E402
-from study.engine.trial_major import _input_grad_dot, _product  # noqa: E402
+from study.engine.intrinsics import lanes_of, load_at, matrix, transpose_block  # noqa: E402
+from study.engine.trial_major import _input_grad_dot, _product, _transpose  # noqa: E402
 
 # rows: 4-row blocks and the rest; columns: blocks of 2 vectors, of 1, then one by one
 ROWS = [1, 3, 4, 7, 9]
@@ -113,3 +113,32 @@ def test_a_vector_load_refuses_a_strided_row_at_compile_time():
 
     with pytest.raises(numba.core.errors.TypingError, match="C-contiguous 2-D float array"):
         first(np.zeros((8, 16), dtype=np.float32)[:, ::2])
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_a_transposed_block_lands_in_its_transposed_place_and_nothing_else_moves(dtype):
+    @numba.njit
+    def block(src, row, col, dst):
+        transpose_block(src, row, col, dst)
+        return lanes_of(src)
+
+    src = np.arange(11 * 13, dtype=dtype).reshape(11, 13) * dtype(1.5) - 7
+    dst = np.full((13, 11), -1, dtype=dtype)
+    lanes = block(src, 2, 3, dst)
+    assert lanes == 256 // (8 * np.dtype(dtype).itemsize)
+    expected = np.full_like(dst, -1)
+    expected[3:3 + lanes, 2:2 + lanes] = src[2:2 + lanes, 3:3 + lanes].T
+    np.testing.assert_array_equal(dst, expected)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_the_transpose_is_exact_on_every_edge(dtype):
+    # whole blocks of lanes, then the columns and the rows left over, NaN and signs kept
+    rng = np.random.default_rng(1)
+    for rows in (1, 3, 4, 8, 10, 17, 64):
+        for cols in (1, 5, 8, 16, 21, 64):
+            w = rng.standard_normal((rows, cols)).astype(dtype)
+            w[0, -1], w[-1, 0] = np.nan, -0.0
+            w_t = np.full((cols, rows), 7, dtype=dtype)
+            _transpose(w, w_t)
+            assert w_t.tobytes() == np.ascontiguousarray(w.T).tobytes(), (rows, cols)
