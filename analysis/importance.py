@@ -140,7 +140,8 @@ def axis_importance(trials: pd.DataFrame, axes: Sequence[str],
         y = y_all[keep]
         part = trials.loc[keep]
         levels = {a: pd.factorize(part[a].astype(str))[0] for a in axes}
-        cell = (pd.factorize(part[list(axes)].astype(str).agg("\x1f".join, axis=1))[0]
+        # A cell: one combination of the axes' levels, numbered in order of first appearance
+        cell = (pd.DataFrame(levels).groupby(list(axes), sort=False).ngroup().to_numpy()
                 if axes else np.zeros(len(y), dtype=int))
         seed_idx = np.searchsorted(unique_seeds, seeds[keep].to_numpy())
         point = variance_shares(y, levels, cell, seed_idx, np.ones((1, len(unique_seeds))))
