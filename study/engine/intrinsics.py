@@ -1,6 +1,7 @@
 """Building blocks of the trial-major kernel that numba does not offer: SIMD vectors held
-in registers (`Vector`: `load`, `load_at`, `store_at`, `fma`) and 2-D views of a flat row
-made without `reshape`'s checks (`matrix`).
+in registers (`Vector`: `load`, `load_at`, `store_at`, `fma`), a square block transposed
+in registers (`transpose_block`) and 2-D views of a flat row made without `reshape`'s
+checks (`matrix`).
 
 numba compiles array accesses into loads and stores that LLVM may not keep in registers:
 it cannot prove that two arrays do not overlap, so an accumulator held in an array goes
