@@ -55,6 +55,9 @@ class Run:
     process_cpu_s: float  # CPU-seconds of the whole process (start-up, compilation)
     load_before: list[float]
     load_after: list[float]
+    # The dense matmul GFLOP/s that study's bench measured in its run (None for a peer):
+    # how fast the machine was in that round.
+    matmul_gflops: float | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -137,7 +140,8 @@ def _study_run(result: dict[str, Any], process_cpu: float,
     batched = result["batched"]
     return Run("study", {k: v[0] / v[1] for k, v in sums.items()},
                {k: v[0] / v[2] for k, v in sums.items()}, batched["trial_steps_per_s"],
-               batched["trial_steps_per_cpu_s"], batched["cpu_s"], process_cpu, *loads)
+               batched["trial_steps_per_cpu_s"], batched["cpu_s"], process_cpu, *loads,
+               matmul_gflops=result.get("matmul_gflops"))
 
 
 def read_result(system: str, path: Path) -> dict[str, Any]:
@@ -227,6 +231,10 @@ def table(summary: dict[str, Any], rounds: list[list[Run]]) -> str:
     lines.append("")
     lines.append(f"trial-steps per CPU-second, medians of {len(rounds)} interleaved rounds; "
                  f"1-minute load average {min(loads):.2f}-{max(loads):.2f}")
+    speeds = [r.matmul_gflops for one in rounds for r in one if r.matmul_gflops is not None]
+    if speeds:  # a shared machine's speed moves the systems unequally: say what it was
+        lines[-1] += (f"; dense matmul in study's runs {min(speeds):.0f}-{max(speeds):.0f} "
+                      "GFLOP/s")
     return "\n".join(lines)
 
 

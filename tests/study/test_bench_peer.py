@@ -86,6 +86,24 @@ def test_summary_takes_medians_and_study_over_each_peer() -> None:
     text = table(summary, rounds)
     assert "| overall | 3,000 | 1,000 | 100 | 3.00x |" in text
     assert "1-minute load average 1.00-4.00" in text
+    assert "GFLOP/s" not in text  # no run measured the machine
+
+
+def test_the_table_says_how_fast_the_machine_was() -> None:
+    """study's runs carry the dense matmul their bench measured: the footer gives its range,
+    since a slower machine moves the systems unequally."""
+    result = {"populations": [{"label": f"blobs, batch {b}", "trial_steps": 100,
+                               "wall_s": 1.0, "cpu_s": 2.0} for b in BATCHES],
+              "batched": {"trial_steps_per_s": 400.0, "trial_steps_per_cpu_s": 200.0,
+                          "cpu_s": 2.0}}
+    runs = [bench_peer._study_run({**result, "matmul_gflops": g}, 3.0, ([1.0], [1.5]))
+            for g in (71.4, 182.6)]
+    assert [r.matmul_gflops for r in runs] == [71.4, 182.6]
+    assert runs[0].per_batch_cpu == {b: 50.0 for b in BATCHES}
+    rounds = [[run, _run("JAX/optax", 1.0, 1.0)] for run in runs]
+    assert table(summarize(rounds), rounds).endswith(
+        "; dense matmul in study's runs 71-183 GFLOP/s")
+    assert bench_peer._study_run(result, 3.0, ([1.0], [1.5])).matmul_gflops is None
 
 
 def test_results_are_read_as_each_system_writes_them(tmp_path) -> None:
