@@ -152,13 +152,18 @@ def _atomic_parquet(table: pa.Table, path: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------- curves
-def write_curves(run_dir: Path, name: str, frame: pd.DataFrame) -> Path:
-    """Write one curves file (`curves/<name>.parquet`, atomically) from a long-format frame."""
-    missing = set(CURVE_COLUMNS) - set(frame.columns)
+def write_curves(run_dir: Path, name: str, rows: pd.DataFrame | pa.Table) -> Path:
+    """Write one curves file (`curves/<name>.parquet`, atomically) from long-format rows:
+    a frame or an Arrow table (`curves_table`) with the `CURVE_COLUMNS`."""
+    missing = set(CURVE_COLUMNS) - set(rows.column_names if isinstance(rows, pa.Table)
+                                       else rows.columns)
     if missing:
         raise ValueError(f"curves frame lacks columns {sorted(missing)}")
-    table = pa.Table.from_pandas(frame[list(CURVE_COLUMNS)], schema=_CURVE_SCHEMA,
-                                 preserve_index=False)
+    if isinstance(rows, pa.Table):
+        table = rows.select(list(CURVE_COLUMNS)).cast(_CURVE_SCHEMA)
+    else:
+        table = pa.Table.from_pandas(rows[list(CURVE_COLUMNS)], schema=_CURVE_SCHEMA,
+                                     preserve_index=False)
     path = Path(run_dir) / CURVES_DIR / f"{name}.parquet"
     _atomic_parquet(table, path)
     return path
@@ -198,17 +203,18 @@ def curve_trials(run_dir: Path) -> set[int]:
     return found
 
 
-def curves_frame(numbers: Sequence[int], traces: Sequence[Any]) -> pd.DataFrame:
-    """Traces (`study.engine.Trace`, of trials `numbers`) in the long curves format, trial
-    by trial; built from whole arrays at once (a frame per curve costs ~1 ms, 6 per trial)."""
-    trial, step, split, metric, value = [], [], [], [], []
+def curves_table(numbers: Sequence[int], traces: Sequence[Any]) -> pa.Table:
+    """Traces (`study.engine.Trace`, of trials `numbers`) as the rows of a curves file
+    (`CURVE_COLUMNS`, long format), trial by trial. Built from whole arrays in Arrow: the
+    split and metric names are taken from a short list by index, never converted one row
+    at a time."""
+    trial, step, value, runs = [], [], [], []
 
     def add(number: int, split_name: str, metric_name: str, steps, values) -> None:
         if values is not None and len(values):
             trial.append(np.full(len(values), number, dtype=np.int64))
             step.append(np.asarray(steps, dtype=np.int64))
-            split.append((split_name, len(values)))
-            metric.append((metric_name, len(values)))
+            runs.append((split_name, metric_name, len(values)))
             value.append(np.asarray(values, dtype=np.float64))
 
     for number, trace in zip(numbers, traces, strict=True):
@@ -225,13 +231,18 @@ def curves_frame(numbers: Sequence[int], traces: Sequence[Any]) -> pd.DataFrame:
                                  ("precond_sharpness", trace.precond_sharpness)):
                 if values is not None and not np.isnan(values).all():
                     add(number, "diag", name, trace.diag_step, values)
+    if not runs:
+        return _CURVE_SCHEMA.empty_table()
+    counts = [n for _, _, n in runs]
 
-    def labels(runs: list[tuple[str, int]]) -> np.ndarray:
-        return np.repeat(np.array([r[0] for r in runs], dtype=object), [r[1] for r in runs])
+    def labels(which: int) -> pa.Array:
+        names, index = np.unique([r[which] for r in runs], return_inverse=True)
+        return pa.array(names.tolist(), pa.string()).take(
+            pa.array(np.repeat(index.astype(np.int32), counts)))
 
-    return pd.DataFrame({"trial": np.concatenate(trial), "step": np.concatenate(step),
-                         "split": labels(split), "metric": labels(metric),
-                         "value": np.concatenate(value)})
+    # NaN values are stored as nulls, as `pa.Table.from_pandas` stores a frame's.
+    return pa.table([np.concatenate(trial), np.concatenate(step), labels(0), labels(1),
+                     pa.array(np.concatenate(value), from_pandas=True)], schema=_CURVE_SCHEMA)
 
 
 # ------------------------------------------------------------------------ storage values

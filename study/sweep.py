@@ -138,7 +138,7 @@ def train_population(study: optuna.Study, engine: Engine, device: torch.device,
     numbers = [trial.number for trial, _ in taken]
     # Curves first (atomically), then tell: a COMPLETE trial always has its curves on disk.
     records.write_curves(run_dir, f"trials-{min(numbers):06d}-{max(numbers):06d}",
-                         records.curves_frame(numbers, traces))
+                         records.curves_table(numbers, traces))
     summaries = summarize_many(traces, [stability_threshold(point.trial.optimizer)
                                         for _, point in taken])
     told = 0

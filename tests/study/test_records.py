@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -40,6 +42,49 @@ def test_curves_filter_by_trial(tmp_path: Path) -> None:
     records.write_curves(tmp_path, "a", frame)
     assert list(records.read_curves(tmp_path, [1])["value"]) == [2.0]
     assert len(records.read_curves(tmp_path)) == 3
+
+
+def _trace(n_steps: int, diag: bool) -> SimpleNamespace:
+    nan = float("nan")
+    evals = np.array([0, n_steps])
+    return SimpleNamespace(
+        step_loss=np.linspace(1.0, 2.0, n_steps), grad_norm=np.full(n_steps, 0.5),
+        eval_step=evals, train_loss=np.array([1.0, nan]), train_acc=np.array([0.1, 0.2]),
+        val_loss=np.array([float("inf"), 3.0]), val_acc=None,
+        diag_step=np.array([0]) if diag else None, sharpness=np.array([4.0]),
+        noise_scale=np.array([nan]), precond_sharpness=None)
+
+
+def test_a_curves_table_holds_what_a_frame_of_the_same_rows_holds(tmp_path: Path) -> None:
+    """`curves_table` builds the rows in Arrow; the file is the one a pandas frame of the
+    same rows gives (NaN stored as null, inf kept), and reads back the same."""
+    numbers, traces = [7, 3], [_trace(3, diag=True), _trace(2, diag=False)]
+    rows = []
+    for number, trace in zip(numbers, traces, strict=True):
+        steps = list(range(len(trace.step_loss)))
+        for split, metric, at, values in (
+                ("batch", "loss", steps, trace.step_loss),
+                ("batch", "grad_norm", steps, trace.grad_norm),
+                ("train", "loss", trace.eval_step, trace.train_loss),
+                ("train", "accuracy", trace.eval_step, trace.train_acc),
+                ("val", "loss", trace.eval_step, trace.val_loss),
+                ("diag", "sharpness", trace.diag_step, trace.sharpness)):
+            if values is not None and at is not None:
+                rows += [(number, int(k), split, metric, float(v))
+                         for k, v in zip(at, values, strict=True)]
+    frame = pd.DataFrame(rows, columns=list(records.CURVE_COLUMNS))
+    records.write_curves(tmp_path / "frame", "a", frame)
+    records.write_curves(tmp_path / "table", "a", records.curves_table(numbers, traces))
+    by_frame = pq.read_table(tmp_path / "frame" / records.CURVES_DIR / "a.parquet")
+    by_table = pq.read_table(tmp_path / "table" / records.CURVES_DIR / "a.parquet")
+    assert by_table.equals(by_frame, check_metadata=False)
+    assert by_table.column("value").null_count == 2  # each trial's NaN train loss
+    pd.testing.assert_frame_equal(records.read_curves(tmp_path / "table"),
+                                  records.read_curves(tmp_path / "frame"), check_exact=True)
+    assert records.curves_table([], []).schema == by_table.schema.remove_metadata()
+    with pytest.raises(ValueError, match="lacks columns"):
+        records.write_curves(tmp_path, "b", records.curves_table(numbers, traces)
+                             .drop_columns(["metric"]))
 
 
 def test_atomic_write_leaves_the_old_file_when_writing_fails(tmp_path: Path) -> None:
