@@ -142,6 +142,20 @@ def _tv_ratio(log_loss: np.ndarray) -> np.ndarray:
     return np.where(enough, tv / net, np.nan)
 
 
+def window_median(windows: np.ndarray) -> np.ndarray:
+    """`np.median(windows, axis=-1)`, the same bits (NaN where a window holds a NaN; the
+    mean of the two middle values of an even window, summed then halved as `np.mean` does
+    them), from one sort of each window: numpy's vectorised sort of short rows is several
+    times faster than the partition `np.median` does row by row. Windows hold at least one
+    value; an odd window whose middle is a zero may differ from `np.median` in that zero's
+    sign (0.0 and -0.0 sort as equals)."""
+    ordered = np.sort(windows, axis=-1)  # NaN sorts last
+    n = ordered.shape[-1]
+    middle = (ordered[..., n // 2] if n % 2 else
+              (ordered[..., n // 2 - 1] + ordered[..., n // 2]) / 2)
+    return np.where(np.isnan(ordered[..., -1]), np.nan, middle)
+
+
 def spikes(step_loss: np.ndarray) -> dict[str, np.ndarray]:
     """Loss spikes by robust z-score of log L against the previous `SPIKE_WINDOW` steps.
 
@@ -160,8 +174,8 @@ def spikes(step_loss: np.ndarray) -> dict[str, np.ndarray]:
     current = log_loss[:, SPIKE_WINDOW:]
     # A window holding a loss of exactly 0 (log -inf) gives NaN statistics: no spike there.
     with np.errstate(invalid="ignore"):
-        median = np.median(windows, axis=2)  # NaN when the window leaves the trial's steps
-        mad = np.median(np.abs(windows - median[..., None]), axis=2)
+        median = window_median(windows)  # NaN when the window leaves the trial's steps
+        mad = window_median(np.abs(windows - median[..., None]))
         scale = np.maximum(MAD_TO_SIGMA * mad, SPIKE_SCALE_FLOOR)
         spiking = (current - median) / scale > SPIKE_Z
         onsets = spiking & ~np.concatenate([np.zeros((t, 1), bool), spiking[:, :-1]], axis=1)

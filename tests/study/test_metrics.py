@@ -9,7 +9,7 @@ import pytest
 
 from study.engine.base import Trace
 from study.metrics import objective_value, summarize, summarize_many
-from study.metrics.shape import oscillation, spikes, steps_to_fraction
+from study.metrics.shape import oscillation, spikes, steps_to_fraction, window_median
 from study.metrics.status import end_level, final_blowup_step
 
 
@@ -58,6 +58,22 @@ def test_a_single_spike_is_counted_once_with_its_ratio() -> None:
     assert out["spike_max_ratio"][0] == pytest.approx(10 * math.exp(-0.105), rel=0.01)
     smooth = spikes(np.exp(-0.01 * np.arange(200))[None, :])
     assert smooth["spike_count"][0] == 0
+
+
+@pytest.mark.parametrize("width", [1, 2, 5, 20])
+def test_window_median_is_np_median_bit_for_bit(width: int) -> None:
+    """The spike detector's medians: NaN anywhere in a window gives NaN, infinities and ties
+    order as np.median orders them, and an even window's middle pair is averaged alike."""
+    rng = np.random.default_rng(width)
+    values = rng.choice([-np.inf, np.inf, np.nan, 0.0, 1.5, -2.25, 3.0], size=(6, 40),
+                        p=[0.03, 0.03, 0.02, 0.1, 0.1, 0.1, 0.62])
+    values = np.where(values == 3.0, rng.normal(size=values.shape), values)
+    windows = np.lib.stride_tricks.sliding_window_view(values, width, axis=1)
+    with np.errstate(invalid="ignore"):
+        expected = np.median(windows, axis=2)
+    got = window_median(windows)
+    assert np.isnan(expected).any() and np.isfinite(expected).any()
+    assert got.tobytes() == expected.tobytes()
 
 
 def test_plateau_then_drop_gives_known_step_counts() -> None:
