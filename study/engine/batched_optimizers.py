@@ -61,6 +61,14 @@ class StepScalars:
             self.table = table.to(self.device).index_select(1, self.inverse)
         return self.table[t - self.start][:, None]
 
+    def columns(self, first: int, last: int) -> Tensor:
+        """[T, last - first + 1]: column i is `at(first + i)[:, 0]` (the same values), all
+        steps at once."""
+        values = [[self.fn(step, *row) for row in self.unique]
+                  for step in range(first, last + 1)]
+        table = torch.tensor(values, dtype=torch.float64).reshape(len(values), len(self.unique))
+        return table.to(self.dtype).to(self.device).index_select(1, self.inverse).T
+
     def select(self, index: Tensor) -> None:
         self.inverse = self.inverse.index_select(0, index)
         if self.table is not None:

@@ -738,12 +738,12 @@ def _compile_each(jobs: Sequence[tuple]) -> None:
             return
 
 
-def draw_orders(orders: Sequence[torch.Generator], epochs: int, n_train: int) -> np.ndarray:
-    """[T, epochs, n_train] int64: each row's batch order for its next `epochs` epochs, drawn
+def draw_orders(generator: torch.Generator, into: np.ndarray) -> None:
+    """Fill `into` [epochs, n_train] with one row's batch orders for its next epochs, drawn
     as the layer-major path draws them (`PopulationData.epoch`: one `torch.randperm` per
     epoch from the row's order generator, epoch after epoch)."""
-    return torch.stack([torch.stack([torch.randperm(n_train, generator=g)
-                                     for _ in range(epochs)]) for g in orders]).numpy()
+    for epoch in range(into.shape[0]):
+        into[epoch] = torch.randperm(into.shape[1], generator=generator).numpy()
 
 
 # The most memory the drawn batch orders of a population may take: a call of the kernel
@@ -780,9 +780,8 @@ class Kernel:
         self.kind, self.hp = fused.kind.numpy(), fused.hp.numpy()
         self.fused = fused
         # [T, planned]: each step's scalars, as FusedUpdate serves them step by step
-        steps_ahead = range(1, planned + 1)
-        self.step_lr = np.stack([fused.step_lr.at(t)[:, 0].numpy() for t in steps_ahead], 1)
-        self.step_bc2 = np.stack([fused.step_bc2.at(t)[:, 0].numpy() for t in steps_ahead], 1)
+        self.step_lr = fused.step_lr.columns(1, planned).contiguous().numpy()
+        self.step_bc2 = fused.step_bc2.columns(1, planned).contiguous().numpy()
         self.step_decay = np.repeat(self.hp[5][:, None], planned, axis=1)
         classify = data.loss == "cross_entropy"
         x_eval = data.x_eval.contiguous().numpy()
@@ -795,8 +794,9 @@ class Kernel:
         c = net.sizes[-1][1]
         scale = (np.ones((rows, c), dtype=x_eval.dtype) if data.target_scale is None
                  else data.target_scale[:, 0, :].contiguous().numpy())
-        # Shuffled batches: orders drawn epoch by epoch as calls need them (`_orders_for`);
-        # else (no shuffling, or the whole split as stored) one order for every epoch.
+        # Shuffled batches: orders drawn epoch by epoch as calls need them (`_orders_for`),
+        # each row's by the thread that then trains it; else (no shuffling, or the whole
+        # split as stored) one order for every epoch.
         self.generators = data.orders if shuffle and batch < n_train else None
         self.per_epoch = -(-n_train // batch)
         self.epoch_base, self.drawn = 0, 0
@@ -847,9 +847,9 @@ class Kernel:
             first, eval_first = stop, False
 
     def _call(self, first: int, end: int, eval_first: bool) -> None:
-        stride = 0
+        stride, fresh = 0, slice(0, 0)
         if self.generators is not None:
-            self._orders_for(first // self.per_epoch, -(-end // self.per_epoch))
+            fresh = self._orders_for(first // self.per_epoch, -(-end // self.per_epoch))
             stride = 1
         live = np.flatnonzero(self.live).tolist()
         args = (first, end, eval_first, self.eval_index, self.params, self.previous,
@@ -861,17 +861,30 @@ class Kernel:
             # Loaded or compiled here, on the caller's thread, not in a worker: a first
             # compilation forks a process (`_compile_callees`).
             _segment.compile(tuple(numba.typeof(a) for a in (live[0], *args)))
-        _spread(lambda t: _segment(t, *args), live, self.threads)
+        orders, generators = self.orders, self.generators
 
-    def _orders_for(self, low: int, high: int) -> None:
-        """Hold the batch orders of epochs low ... high - 1, drawing those not drawn yet in
-        order from each row's generator (`low` never moves back)."""
+        def run(t: int) -> None:
+            if fresh.stop > fresh.start:  # the row's new epochs, then its training
+                draw_orders(generators[t], orders[t, fresh])
+            _segment(t, *args)
+
+        _spread(run, live, self.threads)
+
+    def _orders_for(self, low: int, high: int) -> slice:
+        """Hold the batch orders of epochs low ... high - 1 (`low` never moves back): keep
+        those drawn already and make room for the rest; the epochs of `self.orders` that
+        each live row must still draw (`draw_orders`) before it trains. A row that is not
+        live draws nothing: it never trains again."""
         if high <= self.drawn:
-            return
-        fresh = draw_orders(self.generators, high - self.drawn, self.orders.shape[2])
-        held = self.orders[:, low - self.epoch_base:] if self.drawn > low else fresh[:, :0]
-        self.orders = np.concatenate([held, fresh], axis=1)
-        self.epoch_base, self.drawn = high - self.orders.shape[1], high
+            return slice(0, 0)
+        held = self.orders[:, low - self.epoch_base:] if self.drawn > low else \
+            self.orders[:, :0]
+        orders = np.empty((held.shape[0], held.shape[1] + high - self.drawn, held.shape[2]),
+                          dtype=np.int64)
+        orders[:, :held.shape[1]] = held
+        self.orders = orders
+        self.epoch_base, self.drawn = high - orders.shape[1], high
+        return slice(held.shape[1], orders.shape[1])
 
     @property
     def alive(self) -> np.ndarray:

@@ -187,3 +187,21 @@ def test_preconditioner_is_nan_for_sgd_rows_and_mixed_populations_keep_row_order
     adagrad = opt.blocks[-1][2]
     torch.testing.assert_close(got[3], adagrad.state_sum[0].sqrt() + 1e-10, rtol=0, atol=0)
     assert adaptive(Adam()) and adaptive(RMSprop()) and not adaptive(SGD())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_step_scalars_columns_are_the_values_served_step_by_step(dtype) -> None:
+    """`columns(first, last)` (the trial-major kernel's [T, steps] table) holds what `at(t)`
+    serves at each step, across several of its blocks, for repeated and distinct rows."""
+    from study.engine.batched_optimizers import _BLOCK, StepScalars
+
+    rows = [(0.1, 0.9), (0.03, 0.5), (0.1, 0.9), (1e-3, 0.999)]
+    scalars = StepScalars(lambda t, lr, beta: lr / (1 - beta**t), rows, dtype,
+                          torch.device("cpu"))
+    last = 2 * _BLOCK + 7
+    step_by_step = torch.cat([scalars.at(t) for t in range(1, last + 1)], dim=1)
+    table = StepScalars(scalars.fn, rows, dtype, torch.device("cpu")).columns(1, last)
+    assert table.dtype == dtype and table.shape == (len(rows), last)
+    assert torch.equal(table, step_by_step)
+    assert torch.equal(scalars.columns(5, 9), step_by_step[:, 4:9])
+    assert scalars.columns(3, 2).shape == (len(rows), 0)

@@ -272,10 +272,16 @@ def test_batch_orders_drawn_window_by_window_give_the_same_bits(monkeypatch,
     epochs, drawing each window's orders as it comes: the same orders, the same bits."""
     train = TrainSpec(batch_size=16, epochs=4, dtype="float32")
     trials = [_trial(spec, train=train, seed=s)
-              for s, spec in enumerate([SGD(lr=0.05, momentum=0.9), Adam(lr=1e-2)])]
+              for s, spec in enumerate([SGD(lr=0.05, momentum=0.9), Adam(lr=1e-2),
+                                        SGD(lr=30.0)])]
     whole = BatchedEngine().run(trials, CPU)
+    assert whole[2].divergence_step is not None  # a row that stops drawing its orders
     monkeypatch.setattr(kernel_module, "ORDER_BYTES", 1)  # one epoch per call
     for a, b in zip(whole, BatchedEngine().run(trials, CPU), strict=True):
+        assert a.equal(b)
+    # and a call per evaluation as well: calls inside a window draw nothing new
+    for a, b in zip(whole, BatchedEngine().run(trials, CPU, lambda step, values: set()),
+                    strict=True):
         assert a.equal(b)
 
 
