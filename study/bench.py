@@ -160,7 +160,8 @@ def bench(overrides: Sequence[str], device: torch.device, subset: int, seed: int
     traces, batched_wall, batched_cpu, populations = run_batched(trials, device, budget_bytes,
                                                                  engine)
     load_batched = load_averages()
-    flops = sum(useful_flops(t, tr) for t, tr in zip(trials, traces, strict=True))
+    trial_flops = [useful_flops(t, tr) for t, tr in zip(trials, traces, strict=True)]
+    flops = sum(trial_flops)
     batched_rate = planned / batched_wall
     result: dict[str, Any] = {
         "device": str(device), "device_name": _device_name(device),
@@ -195,6 +196,7 @@ def bench(overrides: Sequence[str], device: torch.device, subset: int, seed: int
             "extrapolated_wall_s": planned / reference_rate}
         result["ratio_batched_over_reference"] = batched_rate / reference_rate
     for population in populations:  # the ratio per population, where the subset has trials
+        population["gflop"] = sum(trial_flops[i] for i in population["rows"]) / 1e9
         rows = [i for i in population.pop("rows") if i in reference_walls]
         population["reference_trials"] = len(rows)
         if rows:
@@ -205,10 +207,36 @@ def bench(overrides: Sequence[str], device: torch.device, subset: int, seed: int
     peak = matmul_gflops(device, torch_dtype, matmul_seconds)
     result.update(matmul_gflops=peak, batched_gflops=flops / 1e9 / batched_wall,
                   batched_fraction_of_matmul_peak=flops / 1e9 / batched_wall / peak)
+    if device.type == "cpu":
+        result["bound"] = arithmetic_bound(populations, torch_dtype, matmul_seconds)
     result["load_averages"]["end"] = load_averages()
     end = result["load_averages"]["end"]
     result["load_average_1min_at_end"] = end[0] if end else None
     return result
+
+
+def arithmetic_bound(populations: Sequence[dict[str, Any]], dtype: torch.dtype,
+                     matmul_seconds: float) -> dict[str, Any]:
+    """The most trial-steps per CPU-second the arithmetic allows on this CPU: each
+    population's useful FLOPs (`gflop`) at one core's dense matmul speed, as if every
+    operation ran at it. Overall and per batch size (the population labels' `batch ...`)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        core = matmul_gflops(torch.device("cpu"), dtype, matmul_seconds)
+    finally:
+        torch.set_num_threads(threads)
+    sums: dict[str, list[float]] = {}
+    for population in populations:
+        batch = population["label"].rsplit("batch ", 1)[1]
+        acc = sums.setdefault(batch, [0.0, 0.0])
+        acc[0] += population["trial_steps"]
+        acc[1] += population["gflop"]
+    steps, gflop = (sum(v[i] for v in sums.values()) for i in (0, 1))
+    return {"one_core_matmul_gflops": core,
+            "trial_steps_per_cpu_s": steps / (gflop / core) if gflop else None,
+            "per_batch_trial_steps_per_cpu_s": {
+                b: v[0] / (v[1] / core) if v[1] else None for b, v in sums.items()}}
 
 
 def _numba_threads() -> int | None:

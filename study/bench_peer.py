@@ -58,6 +58,9 @@ class Run:
     # The dense matmul GFLOP/s that study's bench measured in its run (None for a peer):
     # how fast the machine was in that round.
     matmul_gflops: float | None = None
+    # The most trial-steps per CPU-second the arithmetic allows (`study.bench.arithmetic_bound`,
+    # study's runs only).
+    bound_per_cpu_s: float | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -141,7 +144,8 @@ def _study_run(result: dict[str, Any], process_cpu: float,
     return Run("study", {k: v[0] / v[1] for k, v in sums.items()},
                {k: v[0] / v[2] for k, v in sums.items()}, batched["trial_steps_per_s"],
                batched["trial_steps_per_cpu_s"], batched["cpu_s"], process_cpu, *loads,
-               matmul_gflops=result.get("matmul_gflops"))
+               matmul_gflops=result.get("matmul_gflops"),
+               bound_per_cpu_s=(result.get("bound") or {}).get("trial_steps_per_cpu_s"))
 
 
 def read_result(system: str, path: Path) -> dict[str, Any]:
@@ -235,6 +239,13 @@ def table(summary: dict[str, Any], rounds: list[list[Run]]) -> str:
     if speeds:  # a shared machine's speed moves the systems unequally: say what it was
         lines[-1] += (f"; dense matmul in study's runs {min(speeds):.0f}-{max(speeds):.0f} "
                       "GFLOP/s")
+    bounds = [r.bound_per_cpu_s for one in rounds for r in one if r.bound_per_cpu_s]
+    if bounds and jax:
+        peer = next(m for k, m in medians.items() if k.startswith("JAX"))
+        lines.append(f"the arithmetic allows study at most {statistics.median(bounds):,.0f} "
+                     "trial-steps per CPU-second (every FLOP at one core's dense matmul "
+                     f"speed): {statistics.median(bounds) / peer['trial_steps_per_cpu_s']:.2f}x "
+                     "the JAX peer")
     return "\n".join(lines)
 
 

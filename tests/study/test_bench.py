@@ -34,6 +34,17 @@ def test_bench_smoke_writes_consistent_json(tmp_path) -> None:
     assert sum(p["reference_trials"] for p in populations) == 2
     for p in populations:  # a ratio exactly where the reference subset has trials
         assert ("ratio_batched_over_reference" in p) == (p["reference_trials"] > 0)
+    # the bound: the populations' useful FLOPs at one core's matmul speed
+    assert sum(p["gflop"] for p in populations) == pytest.approx(result["workload"]["gflop"])
+    bound = result["bound"]
+    core = bound["one_core_matmul_gflops"]
+    assert core > 0 and torch.get_num_threads() == result["threads"]  # threads restored
+    assert bound["trial_steps_per_cpu_s"] == pytest.approx(
+        steps / (result["workload"]["gflop"] / core))
+    for batch, rate in bound["per_batch_trial_steps_per_cpu_s"].items():
+        mine = [p for p in populations if p["label"].endswith(f"batch {batch}")]
+        assert rate == pytest.approx(sum(p["trial_steps"] for p in mine)
+                                     / (sum(p["gflop"] for p in mine) / core))
 
 
 def test_device_override_and_default_workload() -> None:

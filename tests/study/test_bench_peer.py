@@ -106,6 +106,23 @@ def test_the_table_says_how_fast_the_machine_was() -> None:
     assert bench_peer._study_run(result, 3.0, ([1.0], [1.5])).matmul_gflops is None
 
 
+def test_the_table_says_what_the_arithmetic_allows() -> None:
+    """study's bench gives the bound on a CPU (`bound`); the table compares its median with
+    the peer's rate per CPU-second, and says nothing without it."""
+    result = {"populations": [{"label": f"blobs, batch {b}", "trial_steps": 100,
+                               "wall_s": 1.0, "cpu_s": 2.0} for b in BATCHES],
+              "batched": {"trial_steps_per_s": 400.0, "trial_steps_per_cpu_s": 200.0,
+                          "cpu_s": 2.0}}
+    runs = [bench_peer._study_run({**result, "bound": {"trial_steps_per_cpu_s": b}}, 3.0,
+                                  ([1.0], [1.5])) for b in (3000.0, 3500.0, 5000.0)]
+    rounds = [[run, _run("JAX/optax", 1.0, 1.0)] for run in runs]  # JAX: 1,000 per CPU-s
+    assert table(summarize(rounds), rounds).splitlines()[-1] == (
+        "the arithmetic allows study at most 3,500 trial-steps per CPU-second (every FLOP at "
+        "one core's dense matmul speed): 3.50x the JAX peer")
+    plain = [[bench_peer._study_run(result, 3.0, ([1.0], [1.5])), _run("JAX/optax", 1.0, 1.0)]]
+    assert "arithmetic" not in table(summarize(plain), plain)
+
+
 def test_results_are_read_as_each_system_writes_them(tmp_path) -> None:
     study = tmp_path / "study.json"
     study.write_text(json.dumps({"batched": {"cpu_s": 1.5}}, indent=2) + "\n")
