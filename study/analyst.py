@@ -11,6 +11,12 @@ claims; it scores them (`analysis.claims.score_run`), builds the report
 report's path. The files are the same, byte for byte, as when this process writes them:
 the same functions read the same files.
 
+Its imports run at the lowest priority, and a process cannot take that back: on a machine
+busy with other processes they get almost no CPU (a smoke sweep beside two CPU-bound
+processes waited 100 s for them). So the analyst says when its imports are done, and
+`finish` waits for that only `READY_WAIT_S`; an analyst not ready by then is ended and the
+work is done in this process, at the run's priority, as without an analyst.
+
 Nothing is lost when the analyst fails: an exception there, or its death (killed, out of
 memory), makes `finish` do the work in this process, where an error is raised as it would
 have been without an analyst (a bad record: RecordError, exit 3). `close` kills the analyst
@@ -33,6 +39,11 @@ from typing import Any
 from study.parallel import end_forked, fork_serving
 
 log = logging.getLogger(__name__)
+
+# How long `finish` waits for an analyst still importing: on an idle machine its imports
+# (about 2 CPU-seconds, started with the run) are done long before the results; an analyst
+# still importing then is starved by other processes, and this process does the work.
+READY_WAIT_S = 2.0
 
 Claims = Sequence[Mapping[str, Any]] | None
 
@@ -74,12 +85,18 @@ class Analyst:
             return None
         return cls(*forked)
 
-    def finish(self, run_dir: Path, claims: Claims, report: bool) -> Path | None:
-        """`score_and_report(run_dir, claims, report)`, done by the analyst, or here when it
-        failed or died (an error is raised from here, as without an analyst)."""
+    def finish(self, run_dir: Path, claims: Claims, report: bool,
+               wait_s: float = READY_WAIT_S) -> Path | None:
+        """`score_and_report(run_dir, claims, report)`, done by the analyst once its imports
+        are done (waiting at most `wait_s` seconds for them), or here when it is not ready
+        by then, failed or died (an error is raised from here, as without an analyst)."""
         try:
-            self._conn.send((Path(run_dir), claims, report))
-            outcome, value = self._conn.recv()
+            if not self._conn.poll(wait_s):
+                outcome, value = "not ready", f"imports not done after {wait_s:g} s"
+            else:
+                self._conn.recv()  # ("ready", None)
+                self._conn.send((Path(run_dir), claims, report))
+                outcome, value = self._conn.recv()
         except (EOFError, OSError) as err:
             outcome, value = "died", repr(err)
         finally:
@@ -99,13 +116,18 @@ class Analyst:
 
 
 def _serve(conn: Connection) -> int:
-    """The analyst's life: import in the background, wait for one piece of work, do it,
-    answer."""
-    importer = threading.Thread(target=_import_quietly, name="analyst-imports")
+    """The analyst's life: import in the background and say so when done, wait for one
+    piece of work, do it, answer."""
+    def imports() -> None:
+        _import_quietly()
+        with contextlib.suppress(OSError):  # the run may have given up on this process
+            conn.send(("ready", None))
+
+    importer = threading.Thread(target=imports, name="analyst-imports")
     importer.start()
     try:
         run_dir, claims, report = conn.recv()
-    except EOFError:  # the run ended without results
+    except EOFError:  # the run ended without results, or did them itself
         return 0
     finally:
         importer.join()

@@ -3,11 +3,13 @@ done here when it fails or dies, and no process left behind."""
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import shutil
 import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -52,12 +54,14 @@ def _gone(pid: int) -> bool:
 
 
 @pytest.mark.slow  # two reports, about 10 s
-def test_the_analyst_writes_what_this_process_writes(two_runs) -> None:
+def test_the_analyst_writes_what_this_process_writes(two_runs, caplog) -> None:
     there, here = two_runs
     analyst = Analyst.start()
     assert analyst is not None
     pid = analyst.pid
-    assert analyst.finish(there, CLAIMS, report=True) == there / "report.html"
+    with caplog.at_level(logging.DEBUG, logger="study.analyst"):
+        assert analyst.finish(there, CLAIMS, report=True, wait_s=120) == there / "report.html"
+    assert "analysing here" not in caplog.text  # the analyst did it
     assert pid != os.getpid() and _gone(pid)  # answered, then reaped
     assert score_and_report(here, CLAIMS, report=True) == here / "report.html"
     assert (there / "claims.parquet").read_bytes() == (here / "claims.parquet").read_bytes()
@@ -80,13 +84,30 @@ def test_the_work_of_an_analyst_that_died_is_done_here(two_runs) -> None:
     assert (there / "claims.parquet").read_bytes() == (here / "claims.parquet").read_bytes()
 
 
+def test_an_analyst_still_importing_is_ended_and_the_work_done_here(two_runs,
+                                                                  caplog) -> None:
+    """Its imports run at the lowest priority, which other processes can starve for
+    minutes: `finish` waits for them only so long, then ends it and works here."""
+    there, here = two_runs
+    analyst = Analyst.start()
+    pid = analyst.pid
+    os.kill(pid, signal.SIGSTOP)  # as starved: it never gets to say it is ready
+    started = time.perf_counter()
+    with caplog.at_level(logging.DEBUG, logger="study.analyst"):
+        assert analyst.finish(there, CLAIMS, report=False, wait_s=0.3) is None
+    assert "not ready" in caplog.text and "analysing here" in caplog.text
+    assert time.perf_counter() - started < 60 and _gone(pid)
+    score_and_report(here, CLAIMS, report=False)
+    assert (there / "claims.parquet").read_bytes() == (here / "claims.parquet").read_bytes()
+
+
 def test_an_error_of_the_analyst_is_raised_here(tmp_path: Path) -> None:
     run_dir = write_sweep_run(tmp_path / "run")
     (run_dir / "trials.parquet").write_bytes(b"not parquet")
     analyst = Analyst.start()
     pid = analyst.pid
     with pytest.raises(RecordError):
-        analyst.finish(run_dir, CLAIMS, report=True)
+        analyst.finish(run_dir, CLAIMS, report=True, wait_s=120)
     assert _gone(pid)
     assert not (run_dir / "claims.parquet").exists()
     assert not (run_dir / "report.html").exists()
