@@ -13,7 +13,7 @@ the same functions read the same files.
 
 Its imports run at the lowest priority, and a process cannot take that back: on a machine
 busy with other processes they get almost no CPU (a smoke sweep beside two CPU-bound
-processes waited 100 s for them). So the analyst says when its imports are done, and
+processes waited 95 s for them). So the analyst says when its imports are done, and
 `finish` waits for that only `READY_WAIT_S`; an analyst not ready by then is ended and the
 work is done in this process, at the run's priority, as without an analyst.
 
