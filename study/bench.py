@@ -226,12 +226,7 @@ def arithmetic_bound(populations: Sequence[dict[str, Any]], dtype: torch.dtype,
         core = matmul_gflops(torch.device("cpu"), dtype, matmul_seconds)
     finally:
         torch.set_num_threads(threads)
-    sums: dict[str, list[float]] = {}
-    for population in populations:
-        batch = population["label"].rsplit("batch ", 1)[1]
-        acc = sums.setdefault(batch, [0.0, 0.0])
-        acc[0] += population["trial_steps"]
-        acc[1] += population["gflop"]
+    sums = bench_peer.sums_by_batch(populations, ("trial_steps", "gflop"))
     steps, gflop = (sum(v[i] for v in sums.values()) for i in (0, 1))
     return {"one_core_matmul_gflops": core,
             "trial_steps_per_cpu_s": steps / (gflop / core) if gflop else None,

@@ -131,15 +131,21 @@ def _peer_run(system: str, result: dict[str, Any], process_cpu: float,
                *loads)
 
 
+def sums_by_batch(populations: Sequence[dict[str, Any]], keys: Sequence[str]
+                  ) -> dict[str, list[float]]:
+    """Per batch size (a population label's `batch ...`, `study.bench.population_label`),
+    the sums of the populations' `keys`, in that order."""
+    sums: dict[str, list[float]] = {}
+    for population in populations:
+        acc = sums.setdefault(population["label"].rsplit("batch ", 1)[1], [0.0] * len(keys))
+        for i, key in enumerate(keys):
+            acc[i] += population[key]
+    return sums
+
+
 def _study_run(result: dict[str, Any], process_cpu: float,
                loads: tuple[list[float], list[float]]) -> Run:
-    sums: dict[str, list[float]] = {}
-    for population in result["populations"]:
-        batch = population["label"].rsplit("batch ", 1)[1]
-        acc = sums.setdefault(batch, [0.0, 0.0, 0.0])
-        acc[0] += population["trial_steps"]
-        acc[1] += population["wall_s"]
-        acc[2] += population["cpu_s"]
+    sums = sums_by_batch(result["populations"], ("trial_steps", "wall_s", "cpu_s"))
     batched = result["batched"]
     return Run("study", {k: v[0] / v[1] for k, v in sums.items()},
                {k: v[0] / v[2] for k, v in sums.items()}, batched["trial_steps_per_s"],

@@ -55,19 +55,19 @@ class StepScalars:
     def at(self, t: int) -> Tensor:
         if self.table is None or not self.start <= t < self.start + _BLOCK:
             self.start = t
-            values = [[self.fn(step, *row) for row in self.unique]
-                      for step in range(t, t + _BLOCK)]
-            table = torch.tensor(values, dtype=torch.float64).to(self.dtype)
-            self.table = table.to(self.device).index_select(1, self.inverse)
+            self.table = self._rows(t, t + _BLOCK)
         return self.table[t - self.start][:, None]
 
     def columns(self, first: int, last: int) -> Tensor:
         """[T, last - first + 1]: column i is `at(first + i)[:, 0]` (the same values), all
         steps at once."""
-        values = [[self.fn(step, *row) for row in self.unique]
-                  for step in range(first, last + 1)]
+        return self._rows(first, last + 1).T
+
+    def _rows(self, first: int, stop: int) -> Tensor:
+        """[stop - first, T]: row i holds every trial's value at step first + i."""
+        values = [[self.fn(step, *row) for row in self.unique] for step in range(first, stop)]
         table = torch.tensor(values, dtype=torch.float64).reshape(len(values), len(self.unique))
-        return table.to(self.dtype).to(self.device).index_select(1, self.inverse).T
+        return table.to(self.dtype).to(self.device).index_select(1, self.inverse)
 
     def select(self, index: Tensor) -> None:
         self.inverse = self.inverse.index_select(0, index)
