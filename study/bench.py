@@ -104,25 +104,49 @@ def population_label(trial: TrialSpec) -> str:
 def run_batched(trials: Sequence[TrialSpec], device: torch.device, budget_bytes: int | None,
                 engine: BatchedEngine | None = None
                 ) -> tuple[list[Trace], float, float, list[dict[str, Any]]]:
-    """Train every trial with the batched engine: traces, wall time, CPU time (all the
-    process's threads), and per population (planner chunk) its label, trials, planned
-    trial-steps, wall and CPU time."""
+    """Train every trial with the batched engine as a run trains it (`study.sweep`): a
+    population that trains in the background (`BatchedEngine.start`) is set up while the
+    one before it trains. Returns the traces, the wall time, the CPU time (all the process's
+    threads), and per population (planner chunk) its label, trials, planned trial-steps,
+    wall time (from its start to its traces: a population trained in the background
+    overlaps the next one's set-up) and CPU time (its own: the caller's thread on its
+    set-up and traces plus the kernel's threads, or the process's while it trained in
+    `start`)."""
     engine = engine or BatchedEngine()
     chunks = plan_populations(trials, device, budget_bytes)
     populations: list[dict[str, Any]] = []
 
     def train() -> list[Trace]:
         traces: list[Trace | None] = [None] * len(trials)
-        for chunk in chunks:
-            members = [trials[i] for i in chunk]
-            start, cpu = time.perf_counter(), time.process_time()
-            for i, trace in zip(chunk, engine.run(members, device), strict=True):
+        flight: list[tuple] = []  # the population under way: chunk, pending, start, cpu
+
+        def finish() -> None:
+            chunk, pending, start, cpu = flight.pop()
+            mine = time.thread_time()
+            for i, trace in zip(chunk, pending.result(), strict=True):
                 traces[i] = trace
             _sync(device)
+            members = [trials[i] for i in chunk]
             populations.append({"label": population_label(members[0]), "trials": len(chunk),
                                 "trial_steps": sum(trial_steps(t) for t in members),
                                 "wall_s": time.perf_counter() - start,
-                                "cpu_s": time.process_time() - cpu, "rows": list(chunk)})
+                                "cpu_s": cpu + time.thread_time() - mine
+                                + pending.thread_cpu_s(), "rows": list(chunk)})
+
+        for chunk in chunks:
+            members = [trials[i] for i in chunk]
+            background = engine.in_background(members, device)
+            if flight and not background:  # trains in `start`: alone, so that its CPU is its own
+                finish()
+            start, mine, process = time.perf_counter(), time.thread_time(), time.process_time()
+            pending = engine.start(members, device)
+            cpu = (time.thread_time() - mine if background
+                   else time.process_time() - process)
+            if flight:
+                finish()
+            flight.append((chunk, pending, start, cpu))
+        if flight:
+            finish()
         return traces  # type: ignore[return-value]
 
     cpu = time.process_time()

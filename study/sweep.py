@@ -3,8 +3,11 @@
 Optuna is the source of truth. Every grid point x seed is enqueued once (`study.queue`);
 workers take waiting trials (the storage hands each to exactly one worker), train them in
 populations, write their curves, then `tell` each one a finite objective with its status and
-summary metrics as user attributes. Re-running against the same storage resumes: points
-whose key already has a COMPLETE (or live RUNNING/WAITING) trial are not enqueued again.
+summary metrics as user attributes. Where the engine can train in the background
+(`study.engine.start`), the next population trains while the last one's curves are written
+and its trials told: the caller's work between populations no longer leaves cores idle.
+Re-running against the same storage resumes: points whose key already has a COMPLETE (or
+live RUNNING/WAITING) trial are not enqueued again.
 
 Several workers (processes or machines) may run `run_sweep` on one study at once; leases
 (`study.lease`) re-queue the trials of a worker that died, and drop a point queued twice.
@@ -29,7 +32,8 @@ from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import TrialState
 
 from study import lease, queue, records
-from study.engine import Engine, population_key
+from study.engine import Engine, Pending, population_key, start
+from study.engine.base import OnEval
 from study.engine.planner import plan_populations
 from study.grid import GridPoint, SweepPlan
 from study.metrics import objective_value, summarize_many
@@ -95,23 +99,41 @@ def run_sweep(plan: SweepPlan, study: optuna.Study, engine: Engine, device: torc
             on_progress(done, total)
         taken, pending = queue.take_waiting(study, plan, me, stop, chunk_of), None
         notes = DataNotes()
-        while True:
-            with queue.batched(study):  # the takes of a population: one append
-                group, pending = queue.next_population(taken, pending, chunk_of)
-            if not group:
-                break
-            heart.beat()
-            group = queue.drop_duplicates(study, group)
-            reclaimed += queue.reclaim(study, plan, me, leases.grace_s)
-            if group:
-                _note_bad_data(group, notes)
-                trained += train_population(study, engine, device, run_dir, group, objective,
-                                            direction, dashboard=dashboard)
-            heart.beat()
+        # Populations under way, oldest first: at most two, the one being told while the
+        # next trains. Cancelled (their trials left RUNNING, as by a crash) if this raises.
+        training: list[tuple[list[Taken], Pending]] = []
+
+        def finish_oldest() -> int:
+            group, traces = training[0][0], training[0][1].result()
+            training.pop(0)
+            told = finish_population(study, run_dir, group, traces, objective, direction,
+                                     dashboard=dashboard)
             if on_progress:
                 on_progress(queue.done_points(study, plan), total)
-            if stop():
-                break
+            return told
+
+        try:
+            while True:
+                with queue.batched(study):  # the takes of a population: one append
+                    group, pending = queue.next_population(taken, pending, chunk_of)
+                if not group:
+                    break
+                heart.beat()
+                group = queue.drop_duplicates(study, group)
+                reclaimed += queue.reclaim(study, plan, me, leases.grace_s)
+                if group:
+                    _note_bad_data(group, notes)
+                    training.append((group, start_population(engine, device, group)))
+                while len(training) > 1:
+                    trained += finish_oldest()
+                heart.beat()
+                if stop():
+                    break
+            while training:
+                trained += finish_oldest()
+        finally:
+            for _, running in training:
+                running.cancel()
         stopped = stop()
         if pending:
             queue.release(study, plan, [pending], "released")
@@ -134,7 +156,26 @@ def train_population(study: optuna.Study, engine: Engine, device: torch.device,
     attributes of their own, which optuna-dashboard draws and lists."""
     pruned: dict[int, int] = {}
     hook = _pruning_hook(study, [trial for trial, _ in taken], pruned) if prune else None
-    traces = engine.run([point.trial for _, point in taken], device, on_eval=hook)
+    traces = start_population(engine, device, taken, hook).result()
+    return finish_population(study, run_dir, taken, traces, objective, direction, pruned,
+                             dashboard, prune)
+
+
+def start_population(engine: Engine, device: torch.device, taken: list[Taken],
+                     on_eval: OnEval | None = None) -> Pending:
+    """The `taken` trials' training as one population, under way in the background where
+    the engine can (`study.engine.start`)."""
+    return start(engine, [point.trial for _, point in taken], device, on_eval)
+
+
+def finish_population(study: optuna.Study, run_dir: Path, taken: list[Taken],
+                      traces: Sequence[Any], objective: str, direction: str,
+                      pruned: dict[int, int] | None = None, dashboard: bool = False,
+                      prune: bool = False) -> int:
+    """Write the curves of the `taken` trials' `traces`, then tell each trial (see
+    `train_population`; `pruned`: row -> step of the rows a pruner stopped); how many
+    were told."""
+    pruned = pruned or {}
     numbers = [trial.number for trial, _ in taken]
     # Curves first (atomically), then tell: a COMPLETE trial always has its curves on disk.
     records.write_curves(run_dir, f"trials-{min(numbers):06d}-{max(numbers):06d}",

@@ -3,9 +3,10 @@
 Every engine has the same contract (`Engine`): same inputs, same outputs, results per trial
 that never depend on which other trials share the population. `reference` is the plain
 PyTorch loop (the oracle and the baseline); `batched` trains a population as one computation.
+`start` trains a population in the background where the engine can (`Pending`).
 """
 
-from study.engine.base import Engine, Trace, population_key
+from study.engine.base import Engine, Pending, Trace, population_key, start
 from study.engine.population import BatchedEngine
 from study.engine.reference import ReferenceEngine
 
@@ -19,5 +20,5 @@ def make_engine(name: str) -> Engine:
     return ENGINES[name]()
 
 
-__all__ = ["ENGINES", "BatchedEngine", "Engine", "ReferenceEngine", "Trace", "make_engine",
-           "population_key"]
+__all__ = ["ENGINES", "BatchedEngine", "Engine", "Pending", "ReferenceEngine", "Trace",
+           "make_engine", "population_key", "start"]

@@ -1,4 +1,5 @@
-"""The engine contract: `Engine` (who trains) returns one `Trace` (`study.trace`) per trial."""
+"""The engine contract: `Engine` (who trains) returns one `Trace` (`study.trace`) per trial;
+`start` trains in the background where the engine can (`Pending`)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import torch
 from study.trace import Trace
 from study.trial import TrialSpec
 
-__all__ = ["Engine", "OnEval", "Trace", "population_key"]
+__all__ = ["Engine", "OnEval", "Pending", "Trace", "population_key", "start"]
 
 
 # Called after every evaluation with the validation loss of each trial still training (by
@@ -35,6 +36,35 @@ class Engine(Protocol):
 
     def run(self, trials: Sequence[TrialSpec], device: torch.device,
             on_eval: OnEval | None = None) -> list[Trace]: ...
+
+
+class Pending:
+    """Traces under way: `result()` waits for them (one per trial, in the order given) and
+    raises what the training raised; `cancel()` stops the training and waits for it to end
+    (its traces are lost; after `result()` it does nothing). `result()` is called once.
+    `thread_cpu_s()`: the CPU-seconds that threads other than the caller's spent on it
+    (the kernel's; 0 for traces trained in the caller's thread), once `result()` returned."""
+
+    def __init__(self, result: Callable[[], list[Trace]],
+                 cancel: Callable[[], None] = lambda: None,
+                 thread_cpu_s: Callable[[], float] = lambda: 0.0) -> None:
+        self.result, self.cancel, self.thread_cpu_s = result, cancel, thread_cpu_s
+
+    @classmethod
+    def done(cls, traces: list[Trace]) -> Pending:
+        """Traces already trained."""
+        return cls(lambda: traces)
+
+
+def start(engine: Engine, trials: Sequence[TrialSpec], device: torch.device,
+          on_eval: OnEval | None = None) -> Pending:
+    """`engine.run(trials, device, on_eval)` in the background where the engine can
+    (its `start`: it returns once the training is under way, the caller's thread free until
+    `Pending.result`), else trained here and returned done."""
+    begin = getattr(engine, "start", None)
+    if begin is not None:
+        return begin(trials, device, on_eval)
+    return Pending.done(engine.run(trials, device, on_eval))
 
 
 def population_key(trial: TrialSpec) -> tuple:

@@ -1,7 +1,7 @@
 """Building blocks of the trial-major kernel that numba does not offer: SIMD vectors held
 in registers (`Vector`: `load`, `load_at`, `store_at`, `fma`), a square block transposed
-in registers (`transpose_block`) and 2-D views of a flat row made without `reshape`'s
-checks (`matrix`).
+in registers (`transpose_block`), 2-D views of a flat row made without `reshape`'s
+checks (`matrix`) and an atomic counter shared by threads (`fetch_add`).
 
 numba compiles array accesses into loads and stores that LLVM may not keep in registers:
 it cannot prove that two arrays do not overlap, so an accumulator held in an array goes
@@ -235,3 +235,21 @@ if intrinsic is not None:
             return impl_ret_borrowed(context, builder, result, view._getvalue())
 
         return result(flat, offset, rows, cols), codegen
+
+    @intrinsic
+    def fetch_add(typingctx, counter, index, value):
+        """counter[index] += value as one atomic step (sequentially consistent), returning
+        the value before: threads running compiled code at once each get a different one.
+        `counter` is a C-contiguous int64 array (unchecked bounds)."""
+        if not (isinstance(counter, types.Array) and counter.dtype == types.int64
+                and counter.ndim == 1 and counter.layout == "C" and counter.mutable):
+            raise TypingError(f"intrinsics.fetch_add takes a writable 1-D int64 array, "
+                              f"not {counter}")
+
+        def codegen(context, builder, signature, args):
+            address = _address(context, builder, signature.args[0], args[0], (args[1],),
+                               (signature.args[1],))
+            amount = context.cast(builder, args[2], signature.args[2], types.int64)
+            return builder.atomic_rmw("add", address, amount, "seq_cst")
+
+        return types.int64(counter, index, value), codegen

@@ -35,7 +35,7 @@ from functools import partial
 import torch
 
 from study.engine import trial_major
-from study.engine.base import OnEval, population_key
+from study.engine.base import OnEval, Pending, population_key
 from study.engine.batched_optimizers import adaptive, make_population_optimizer
 from study.engine.fused import FusedUpdate, fusable
 from study.engine.landscape import gradient_noise_scale, sharpness
@@ -113,6 +113,41 @@ class BatchedEngine:
                 traces[i] = trace
         return traces  # type: ignore[return-value]
 
+    def start(self, trials: Sequence[TrialSpec], device: torch.device,
+              on_eval: OnEval | None = None) -> Pending:
+        """`run` in the background where it can be (`base.start`, `in_background`): the
+        population is set up here, then trained on the kernel's threads while the caller
+        goes on. Anything else trains here, as `run` trains it, and comes back done. The
+        traces are the same either way."""
+        if not self.in_background(trials, device, on_eval):
+            return Pending.done(self.run(trials, device, on_eval))
+        # `run`'s order: rows of one optimizer type contiguous
+        order = sorted(range(len(trials)), key=lambda i: type(trials[i].optimizer).__name__)
+        pending = self._start_trial_major([trials[i] for i in order])
+
+        def result() -> list[Trace]:
+            traces: list[Trace | None] = [None] * len(trials)
+            for i, trace in zip(order, pending.result(), strict=True):
+                traces[i] = trace
+            return traces  # type: ignore[return-value]
+
+        return Pending(result, pending.cancel, pending.thread_cpu_s)
+
+    def in_background(self, trials: Sequence[TrialSpec], device: torch.device,
+                      on_eval: OnEval | None = None) -> bool:
+        """Whether `start` trains `trials` in the background: one population on the
+        trial-major kernel with nothing to run between its evaluations (no `on_eval`, early
+        stopping, plateau or diagnostics: the kernel trains the whole run in one call)."""
+        if on_eval is not None or not self.trial_major or not trials:
+            return False
+        first, key = trials[0], repr(population_key(trials[0]))
+        return (all(reference_only(t) is None and repr(population_key(t)) == key
+                    for t in trials)
+                and trial_major.fits(trials, torch.device(device))
+                and first.loop.plateau_factor is None
+                and first.loop.early_stopping_patience is None
+                and not first.diagnostics.enabled)
+
     def train(self, trials: Sequence[TrialSpec], device: torch.device) -> list[Trace]:
         """Train trials that share one `population_key`.
 
@@ -139,9 +174,15 @@ class BatchedEngine:
 
     def _train_trial_major(self, trials: Sequence[TrialSpec],
                            on_eval: OnEval | None = None) -> list[Trace]:
-        """`_train` on the trial-major kernel (`trial_major.fits` holds): each trial's run
-        as one loop nest between evaluations and diagnostics, which run here as
-        `_Population` runs them; the same records."""
+        """`_train` on the trial-major kernel (`trial_major.fits` holds)."""
+        return self._start_trial_major(trials, on_eval).result()
+
+    def _start_trial_major(self, trials: Sequence[TrialSpec],
+                           on_eval: OnEval | None = None) -> Pending:
+        """Each trial's run on the trial-major kernel as one loop nest between evaluations
+        and diagnostics, which run here as `_Population` runs them; the same records. With
+        nothing to run between evaluations, the kernel trains the whole run in one call
+        that goes on in the background (`Kernel.start`)."""
         first, cpu = trials[0], torch.device("cpu")
         dtype = first.train.torch_dtype
         seeds = [seed_streams(t.seed) for t in trials]
@@ -159,17 +200,27 @@ class BatchedEngine:
                                     traces.evals.numpy())
         loop = LoopState(trials, cpu, dtype, train.steps_per_epoch(n_train), planned)
         adaptive_rows = [adaptive(t.optimizer) for t in trials]
+
+        def result() -> list[Trace]:
+            return traces.traces(trials, data.irreducible, data.input_free, adaptive_rows,
+                                 data.loss == "cross_entropy")
+
+        if not (loop.tracks_validation or on_eval is not None or diag_steps):
+            # Nothing to do between evaluations: the whole run, the first evaluation
+            # included, in one call.
+            if loop.spec.scheduled:
+                kernel.schedule(0, [loop.learning_rates(s) for s in range(planned)])
+            running = kernel.start(0, planned, eval_first=True)
+            return Pending(lambda: (running.wait(), result())[1], running.cancel,
+                           lambda: running.cpu_s)
+        # One call per evaluation or diagnostics step; the loop runs in between.
         eval_at = {s: k for k, s in enumerate(eval_steps)}
         diag_at = {s: k for k, s in enumerate(diag_steps)}
-        watched = loop.tracks_validation or on_eval is not None or diag_steps
-        # Nothing to do between evaluations: the whole run in one call. Else one call per
-        # evaluation or diagnostics step, and the loop runs in between.
-        boundaries = sorted({*eval_steps, *diag_steps}) if watched else [0, planned]
         done = 0
-        for boundary in boundaries:
+        for i, boundary in enumerate(sorted({*eval_steps, *diag_steps})):
             if loop.spec.scheduled:  # a plateau changes the rates only at an evaluation
                 kernel.schedule(done, [loop.learning_rates(s) for s in range(done, boundary)])
-            kernel.advance(done, boundary, eval_first=boundary == 0)
+            kernel.advance(done, boundary, eval_first=i == 0)
             done = boundary
             if boundary in diag_at:  # the reference's order: diagnostics, then evaluation
                 flat = torch.from_numpy(kernel.params)
@@ -189,8 +240,7 @@ class BatchedEngine:
                 kernel.stop(stopped)
             if not kernel.alive.any():
                 break
-        return traces.traces(trials, data.irreducible, data.input_free, adaptive_rows,
-                             data.loss == "cross_entropy")
+        return Pending.done(result())
 
 
 def _shifted(on_eval: OnEval | None, indices: Sequence[int]) -> OnEval | None:

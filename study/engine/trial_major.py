@@ -6,10 +6,14 @@ memory and pays torch's dispatch per operation. Here a trial is the unit of work
 thread takes a trial and runs all of it, every epoch's batches (forward, loss, backward,
 step records, freeze decision, update) and every evaluation of the full splits (losses,
 accuracy, activation health on the probe), with the trial's parameters, optimizer state and
-activations (about 100 KB for a 2 x 64 MLP) resident in its core's L1/L2 cache. Trials are
-handed to the threads (Python threads; the kernel releases the GIL) one at a time, so a
-trial that diverges early frees its thread for the next, and no thread ever waits for
-another.
+activations (about 100 KB for a 2 x 64 MLP) resident in its core's L1/L2 cache. Each
+thread (a Python thread running compiled code, without the GIL) takes the next trial from a
+shared atomic counter as it finishes one (`_rows`), so a trial that diverges early frees its
+thread for the next, no thread ever waits for another, and none comes back to Python until
+the call's trials are all taken: the caller's thread may run Python meanwhile
+(`Kernel.start`) without slowing them. A thread that needed the GIL between trials would
+wait for it up to the interpreter's switch interval (5 ms) whenever another thread runs
+Python.
 
 Numbers: the same arithmetic as the layer-major path, in the parameter dtype, with the
 update of `study.engine.fused` (torch's single-tensor optimizer formulas, in torch's order).
@@ -35,8 +39,8 @@ from __future__ import annotations
 import logging
 import math
 import threading
-from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+import time
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -55,6 +59,7 @@ try:
 
     from study.engine.fused import _adam_row, _dot, _put, _sgd_row, _sumsq
     from study.engine.intrinsics import (
+        fetch_add,
         fma,
         fma_scalar,
         lanes_of,
@@ -664,6 +669,18 @@ if njit is not None:
             _put(previous[t], last)
         prev_norm[t] = norm
 
+    @njit(cache=True, nogil=True)
+    def _rows(queue, taken, halt, *segment):
+        # `_segment` for every trial of `queue`, each taken by whichever thread running
+        # this loop asks first (`taken[0]`, an atomic counter the threads share), until all
+        # are taken or `halt[0]` is set: a thread never goes back to Python, so it needs
+        # the GIL only to start and to end, whatever the caller's thread does meanwhile.
+        while fetch_add(halt, 0, 0) == 0:
+            i = fetch_add(taken, 0, 1)
+            if i >= queue.shape[0]:
+                return
+            _segment(queue[i], *segment)
+
 
     class _CompileNotice(numba_event.Listener):
         # numba's "numba:compile" event fires when a function is compiled, not when it is
@@ -838,37 +855,53 @@ class Kernel:
         freezes (`alive` false from there). Calls move forward only: `first` is where the
         last call ended."""
         while True:  # one kernel call per window of epochs whose orders fit ORDER_BYTES
-            stop = end
-            if self.generators is not None:
-                stop = min(end, (first // self.per_epoch + self.window) * self.per_epoch)
-            self._call(first, stop, eval_first)
+            stop = self._window_end(first, end)
+            self._launch(first, stop, eval_first).wait()
             if stop >= end:
                 return
             first, eval_first = stop, False
 
-    def _call(self, first: int, end: int, eval_first: bool) -> None:
-        stride, fresh = 0, slice(0, 0)
+    def start(self, first: int, end: int, eval_first: bool = False) -> Running:
+        """`advance` on the kernel's threads, returning as soon as they have started: the
+        caller's thread is free until `Running.wait`, and nothing of the kernel's state may
+        be read or changed before it. Where one call cannot cover first ... end (the batch
+        orders of its epochs outgrow ORDER_BYTES), it advances here and returns it done."""
+        if self._window_end(first, end) < end:
+            self.advance(first, end, eval_first)
+            return Running.done()
+        return self._launch(first, end, eval_first)
+
+    def _window_end(self, first: int, end: int) -> int:
+        """Where the call from `first` must stop: `end`, or the end of the window of epochs
+        whose orders fit ORDER_BYTES."""
+        if self.generators is None:
+            return end
+        return min(end, (first // self.per_epoch + self.window) * self.per_epoch)
+
+    def _launch(self, first: int, end: int, eval_first: bool) -> Running:
+        """Draw the live rows' new batch orders here, then start `_rows` on the threads."""
+        stride = 0
+        live = np.flatnonzero(self.live).astype(np.int64)
         if self.generators is not None:
             fresh = self._orders_for(first // self.per_epoch, -(-end // self.per_epoch))
             stride = 1
-        live = np.flatnonzero(self.live).tolist()
+            if fresh.stop > fresh.start:
+                for t in live.tolist():
+                    draw_orders(self.generators[t], self.orders[t, fresh])
+        if not len(live):
+            return Running.done()
         args = (first, end, eval_first, self.eval_index, self.params, self.previous,
                 self.state1, self.state2, self.prev_norm, self.live, *self.data_args,
                 self.orders, self.epoch_base, stride, *self.layout, self.kind, self.hp,
                 self.step_lr, self.step_bc2, self.step_decay, self.steps, self.evals,
                 self.chunk)
-        if live:
-            # Loaded or compiled here, on the caller's thread, not in a worker: a first
-            # compilation forks a process (`_compile_callees`).
-            _segment.compile(tuple(numba.typeof(a) for a in (live[0], *args)))
-        orders, generators = self.orders, self.generators
-
-        def run(t: int) -> None:
-            if fresh.stop > fresh.start:  # the row's new epochs, then its training
-                draw_orders(generators[t], orders[t, fresh])
-            _segment(t, *args)
-
-        _spread(run, live, self.threads)
+        taken, halt = np.zeros(1, dtype=np.int64), np.zeros(1, dtype=np.int64)
+        # Loaded or compiled here, on the caller's thread, not in a worker: a first
+        # compilation forks a process (`_compile_callees`).
+        _rows.compile((*(numba.typeof(a) for a in (live, taken, halt)),
+                       numba.types.StarArgTuple.from_types([numba.typeof(a) for a in args])))
+        return Running(lambda: _rows(live, taken, halt, *args), min(self.threads, len(live)),
+                       halt)
 
     def _orders_for(self, low: int, high: int) -> slice:
         """Hold the batch orders of epochs low ... high - 1 (`low` never moves back): keep
@@ -903,30 +936,51 @@ class Kernel:
         return preconditioner(self.specs, step, torch.from_numpy(self.state2))
 
 
-def _spread(run, trials: Sequence[int], threads: int) -> None:
-    """`run(t)` for every trial t of `trials`, on `threads` threads that each take the next
-    trial as they finish one (runs end at different steps). The kernel releases the GIL;
-    Python threads rather than numba's `prange`, whose parallel passes take the kernel
-    minutes to compile. An exception in this thread (Ctrl-C) or in a worker stops the
-    workers after the trial each is on, and is raised here."""
-    queue = iter(trials)  # next() on a list iterator is atomic under the GIL
-    stop = threading.Event()
+class Running:
+    """A kernel call under way (`Kernel.start`): `threads` threads each running `work`
+    (`_rows` over the call's trials), which ends early once `halt[0]` is set. `cpu_s`: the
+    threads' CPU time, once `wait` has returned."""
 
-    def worker() -> None:
-        for t in queue:
-            if stop.is_set():
-                return
-            run(t)
+    def __init__(self, work: Callable[[], None], threads: int, halt: np.ndarray) -> None:
+        self._halt, self._errors, self._cpu = halt, [], []
 
-    workers = min(threads, len(trials))
-    if workers <= 1:
-        worker()
-        return
-    with ThreadPoolExecutor(workers) as pool:
-        futures = [pool.submit(worker) for _ in range(workers)]
+        def worker() -> None:
+            cpu = time.thread_time()
+            try:
+                work()
+            except BaseException as err:  # noqa: BLE001 - raised by `wait`, in the caller
+                self._errors.append(err)
+                halt[0] = 1
+            self._cpu.append(time.thread_time() - cpu)
+
+        self._threads = [threading.Thread(target=worker, name=f"study-kernel-{i}")
+                         for i in range(threads)]
+        for thread in self._threads:
+            thread.start()
+
+    @classmethod
+    def done(cls) -> Running:
+        """A call with nothing (left) to do."""
+        return cls(lambda: None, 0, np.zeros(1, dtype=np.int64))
+
+    def wait(self) -> None:
+        """Until every thread has ended; a thread's exception is raised here. Interrupted
+        while it waits (Ctrl-C), it stops the threads first (`cancel`)."""
         try:
-            for future in futures:
-                future.result()
+            for thread in self._threads:
+                thread.join()
         except BaseException:
-            stop.set()
+            self.cancel()
             raise
+        if self._errors:
+            raise self._errors[0]
+
+    def cancel(self) -> None:
+        """Stop every thread after the trial it is on, and wait for them to end."""
+        self._halt[0] = 1
+        for thread in self._threads:
+            thread.join()
+
+    @property
+    def cpu_s(self) -> float:
+        return sum(self._cpu)

@@ -6,6 +6,7 @@ trial's numbers bit-identical whatever population (and however many threads) it 
 
 from __future__ import annotations
 
+import threading
 import time
 
 import numpy as np
@@ -14,6 +15,8 @@ import torch
 
 from study import parallel
 from study.engine import BatchedEngine, ReferenceEngine
+from study.engine import population as population_module
+from study.engine import population_traces as kernel_module_traces
 from study.engine import trial_major as kernel_module
 from study.engine.population import _Population
 from study.models import ModelSpec
@@ -285,20 +288,80 @@ def test_batch_orders_drawn_window_by_window_give_the_same_bits(monkeypatch,
         assert a.equal(b)
 
 
-def test_a_failure_stops_the_other_threads_after_their_trial() -> None:
-    """An exception (a worker's, or Ctrl-C in the caller) stops every thread after the
-    trial it is on: the rest of the population is not trained before it is raised."""
+def test_a_started_population_trains_while_the_caller_runs_python(kernel_only) -> None:
+    """`start` returns with the kernel under way; the caller's thread runs Python (which
+    holds the GIL) meanwhile; the traces are `run`'s, bit for bit, in the order given
+    (rows of one optimizer type are trained together, then put back)."""
+    train = TrainSpec(batch_size=8, epochs=6, dtype="float32")
+    optimizers = [Adam(lr=1e-2), SGD(lr=0.05, momentum=0.9), AdamW(lr=3e-3), SGD(lr=40.0)]
+    trials = [_trial(o, task=CLASSIFICATION, train=train, seed=i)
+              for i, o in enumerate(optimizers * 6)]
+    want = BatchedEngine().run(trials, CPU)
+    pending = BatchedEngine().start(trials, CPU)
+    busy = time.perf_counter() + 0.3
+    while time.perf_counter() < busy:  # pure Python: never releases the GIL by itself
+        sum(range(1000))
+    got = pending.result()
+    assert any(t.divergence_step is not None for t in got)
+    for a, b in zip(want, got, strict=True):
+        assert a.equal(b)
+
+
+def test_a_population_with_an_evaluation_hook_trains_before_start_returns(kernel_only) -> None:
+    """A hook runs between evaluations, in the caller's thread: such a population trains
+    in `start` itself, as `run` trains it."""
+    trials = [_trial(SGD(lr=0.05 * (i + 1)), seed=i) for i in range(3)]
+    asked: list[int] = []
+
+    def hook(step: int, values: dict[int, float]) -> set[int]:
+        asked.append(step)
+        return set()
+
+    pending = BatchedEngine().start(trials, CPU, hook)
+    assert asked  # every evaluation asked before start returned
+    for a, b in zip(BatchedEngine().run(trials, CPU), pending.result(), strict=True):
+        assert a.equal(b)
+
+
+def test_cancel_stops_the_threads_after_the_trial_each_is_on(monkeypatch, kernel_only) -> None:
+    """`cancel` right after `start`: the kernel's threads take no trial after it (each
+    finishes the one it is on), and they have ended when it returns."""
+    made: list = []
+
+    class Seen(kernel_module_traces.TraceBuffers):
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    monkeypatch.setattr(population_module, "TraceBuffers", Seen)
+    train = TrainSpec(batch_size=4, epochs=200, dtype="float64")  # about 10 ms a trial
+    trials = [_trial(SGD(lr=0.01), train=train, seed=i) for i in range(64)]
+    BatchedEngine().start(trials, CPU).cancel()
+    trained = int(np.isfinite(made[0].steps[0, 0].numpy()).sum())
+    assert trained < len(trials) // 4  # the threads may take a few before the halt
+    assert not [t for t in threading.enumerate() if t.name.startswith("study-kernel")]
+
+
+def test_a_thread_that_fails_stops_the_others_and_is_raised_by_wait() -> None:
+    """`Running`: an exception in one thread sets the halt that every thread's loop
+    checks between trials, and `wait` raises it in the caller."""
+    halt = np.zeros(1, dtype=np.int64)
+    taken = iter(range(1000))
     done: list[int] = []
 
-    def run(t: int) -> None:
-        if t == 0:
-            raise RuntimeError("trial 0 failed")
-        time.sleep(0.002)
-        done.append(t)
+    def work() -> None:
+        for t in taken:
+            if halt[0]:
+                return
+            if t == 5:
+                raise RuntimeError("trial 5 failed")
+            time.sleep(0.001)
+            done.append(t)
 
-    with pytest.raises(RuntimeError, match="trial 0 failed"):
-        kernel_module._spread(run, list(range(200)), threads=2)
-    assert len(done) < 100
+    running = kernel_module.Running(work, 2, halt)
+    with pytest.raises(RuntimeError, match="trial 5 failed"):
+        running.wait()
+    assert halt[0] == 1 and len(done) < 100
 
 
 @pytest.mark.slow
@@ -372,4 +435,4 @@ print(json.dumps({"here": compiled_here,
         assert {n: c for n, c in counts.items() if c > 1} == {"_product": 2}
     assert loaded["here"] == []
     counts = loaded["signatures"]
-    assert counts["_segment"] == 1 and counts["_forward"] == 0  # the cache holds the rest
+    assert counts["_rows"] == 1 and counts["_forward"] == 0  # the cache holds the rest
