@@ -899,7 +899,7 @@ class Kernel:
         # Loaded or compiled here, on the caller's thread, not in a worker: a first
         # compilation forks a process (`_compile_callees`).
         _rows.compile((*(numba.typeof(a) for a in (live, taken, halt)),
-                       numba.types.StarArgTuple.from_types([numba.typeof(a) for a in args])))
+                       numba.types.BaseTuple.from_types([numba.typeof(a) for a in args])))
         return Running(lambda: _rows(live, taken, halt, *args), min(self.threads, len(live)),
                        halt)
 
