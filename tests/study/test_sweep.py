@@ -181,3 +181,68 @@ def test_a_study_written_before_numeric_distributions_is_refused(tmp_path: Path,
     study.set_user_attr(records.STORAGE_VERSION_ATTR, 1)
     with pytest.raises(records.RecordError, match="written in storage format 1"):
         open_study(tmp_path, None, "tiny", "minimize")
+
+
+def test_the_next_population_trains_while_the_last_is_told(tmp_path: Path, tiny_plan,
+                                                          monkeypatch) -> None:
+    """With the batched engine, each population is started before the one before it is
+    told (its curves written, its trials told): the calls interleave, and the trials'
+    records are those of a sweep that trains each population after the last is told."""
+    from study import sweep
+    from study.engine import BatchedEngine
+
+    calls: list[str] = []
+    for name in ("start_population", "finish_population"):
+        original = getattr(sweep, name)
+
+        def spy(*args, _original=original, _name=name, **kwargs):
+            calls.append(_name.split("_")[0])
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(sweep, name, spy)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    study = open_study(tmp_path / "a", None, "tiny", "minimize")
+    run_sweep(tiny_plan, study, BatchedEngine(), CPU, tmp_path / "a", "val_loss_final")
+    populations = calls.count("start")
+    assert populations >= 3 and calls.count("finish") == populations
+    assert calls[:3] == ["start", "start", "finish"] and calls[-2:] == ["finish", "finish"]
+    assert all(calls[i:i + 2] == ["start", "finish"] for i in range(1, len(calls) - 2, 2))
+
+    monkeypatch.setattr(BatchedEngine, "in_background", lambda self, *a, **k: False)
+    alone = open_study(tmp_path / "b", None, "tiny", "minimize")
+    run_sweep(tiny_plan, alone, BatchedEngine(), CPU, tmp_path / "b", "val_loss_final")
+    columns = ["status", "objective", "val_loss_final", "divergence_step", "grad_norm_max"]
+    got, want = (trials_frame(queue.finished(s)).set_index("key").sort_index()[columns]
+                 for s in (study, alone))
+    assert len(got) == 16 and got.equals(want)
+
+
+def test_an_error_while_telling_stops_the_population_training_behind_it(
+        tmp_path: Path, tiny_plan, monkeypatch) -> None:
+    """An exception while a population is told (a full disk, Ctrl-C) cancels the one
+    training in the background before it is raised: no kernel thread outlives the sweep."""
+    import threading
+
+    from study import sweep
+    from study.engine import BatchedEngine
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(sweep, "finish_population", fail)
+    cancelled: list[int] = []
+    original = sweep.start_population
+
+    def started(*args, **kwargs):
+        pending = original(*args, **kwargs)
+        cancel = pending.cancel
+        pending.cancel = lambda: (cancelled.append(1), cancel())[1]
+        return pending
+
+    monkeypatch.setattr(sweep, "start_population", started)
+    study = open_study(tmp_path, None, "tiny", "minimize")
+    with pytest.raises(RuntimeError, match="disk full"):
+        run_sweep(tiny_plan, study, BatchedEngine(), CPU, tmp_path, "val_loss_final")
+    assert len(cancelled) == 1  # the one behind it (the one being told had trained)
+    assert not [t for t in threading.enumerate() if t.name.startswith("study-kernel")]
