@@ -14,8 +14,10 @@ the same functions read the same files.
 Its imports run at the lowest priority, and a process cannot take that back: on a machine
 busy with other processes they get almost no CPU (a smoke sweep beside two CPU-bound
 processes waited 95 s for them). So the analyst says when its imports are done, and
-`finish` waits for that only `READY_WAIT_S`; an analyst not ready by then is ended and the
-work is done in this process, at the run's priority, as without an analyst.
+`finish` waits for that only `READY_WAIT_S`, and only while the analyst gets the CPU to
+finish them (`STARVED_SHARE` of a core, read from /proc every `STARVED_CHECK_S`); an
+analyst not ready by then, or starved, is ended and the work is done in this process, at
+the run's priority, as without an analyst.
 
 Nothing is lost when the analyst fails: an exception there, or its death (killed, out of
 memory), makes `finish` do the work in this process, where an error is raised as it would
@@ -31,6 +33,7 @@ import contextlib
 import logging
 import os
 import threading
+import time
 from collections.abc import Mapping, Sequence
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -44,6 +47,11 @@ log = logging.getLogger(__name__)
 # (about 2 CPU-seconds, started with the run) are done long before the results; an analyst
 # still importing then is starved by other processes, and this process does the work.
 READY_WAIT_S = 2.0
+# An analyst still importing that got less than this share of a core over the last
+# STARVED_CHECK_S seconds is starved (other processes hold the cores): waiting longer
+# would not make it ready. Its imports use a whole core when it gets one.
+STARVED_SHARE = 0.25
+STARVED_CHECK_S = 0.2
 
 Claims = Sequence[Mapping[str, Any]] | None
 
@@ -88,11 +96,13 @@ class Analyst:
     def finish(self, run_dir: Path, claims: Claims, report: bool,
                wait_s: float = READY_WAIT_S) -> Path | None:
         """`score_and_report(run_dir, claims, report)`, done by the analyst once its imports
-        are done (waiting at most `wait_s` seconds for them), or here when it is not ready
-        by then, failed or died (an error is raised from here, as without an analyst)."""
+        are done (waiting at most `wait_s` seconds for them, and only while it is not
+        starved), or here when it is not ready by then, starved, failed or died (an error
+        is raised from here, as without an analyst)."""
         try:
-            if not self._conn.poll(wait_s):
-                outcome, value = "not ready", f"imports not done after {wait_s:g} s"
+            unready = self._wait_ready(wait_s)
+            if unready is not None:
+                outcome, value = unready
             else:
                 self._conn.recv()  # ("ready", None)
                 self._conn.send((Path(run_dir), claims, report))
@@ -106,6 +116,24 @@ class Analyst:
         log.debug("the analyst process %s (%s); analysing here", outcome, value)
         return score_and_report(run_dir, claims, report)
 
+    def _wait_ready(self, wait_s: float) -> tuple[str, str] | None:
+        """Wait for the analyst's "ready" (None once it has come), at most `wait_s`
+        seconds and while it gets `STARVED_SHARE` of a core; else why not."""
+        end = time.monotonic() + wait_s
+        cpu = _cpu_seconds(self._pid)
+        while True:
+            left = end - time.monotonic()
+            if self._conn.poll(max(0.0, min(left, STARVED_CHECK_S))):
+                return None
+            if left <= STARVED_CHECK_S:
+                return "not ready", f"imports not done after {wait_s:g} s"
+            now = _cpu_seconds(self._pid)
+            if cpu is not None and now is not None and now - cpu < (
+                    STARVED_SHARE * STARVED_CHECK_S):
+                return "starved", (f"{now - cpu:.2f} CPU-seconds in the last "
+                                   f"{STARVED_CHECK_S:g} s of its imports")
+            cpu = now
+
     def close(self) -> None:
         """End the analyst and reap it: it holds nothing that needs an orderly end (it
         answers only once its files are written). Safe to call twice."""
@@ -113,6 +141,17 @@ class Analyst:
             return
         end_forked(self._pid, self._conn)
         self._pid = None
+
+
+def _cpu_seconds(pid: int | None) -> float | None:
+    """The CPU time (user + system, all threads) process `pid` has used, from
+    /proc/PID/stat; None where that cannot be read."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            fields = fh.read().rsplit(b")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def _serve(conn: Connection) -> int:

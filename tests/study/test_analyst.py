@@ -84,21 +84,38 @@ def test_the_work_of_an_analyst_that_died_is_done_here(two_runs) -> None:
     assert (there / "claims.parquet").read_bytes() == (here / "claims.parquet").read_bytes()
 
 
-def test_an_analyst_still_importing_is_ended_and_the_work_done_here(two_runs,
+def test_a_starved_analyst_is_ended_at_once_and_the_work_done_here(two_runs,
                                                                   caplog) -> None:
     """Its imports run at the lowest priority, which other processes can starve for
-    minutes: `finish` waits for them only so long, then ends it and works here."""
+    minutes: `finish` stops waiting as soon as the analyst gets (almost) no CPU, however
+    long it would have waited, ends it and works here."""
     there, here = two_runs
     analyst = Analyst.start()
     pid = analyst.pid
-    os.kill(pid, signal.SIGSTOP)  # as starved: it never gets to say it is ready
+    os.kill(pid, signal.SIGSTOP)  # as starved: no CPU, it never says it is ready
     started = time.perf_counter()
     with caplog.at_level(logging.DEBUG, logger="study.analyst"):
-        assert analyst.finish(there, CLAIMS, report=False, wait_s=0.3) is None
-    assert "not ready" in caplog.text and "analysing here" in caplog.text
+        assert analyst.finish(there, CLAIMS, report=False, wait_s=600) is None
+    assert "starved" in caplog.text and "analysing here" in caplog.text
     assert time.perf_counter() - started < 60 and _gone(pid)
     score_and_report(here, CLAIMS, report=False)
     assert (there / "claims.parquet").read_bytes() == (here / "claims.parquet").read_bytes()
+
+
+def test_an_analyst_not_ready_in_time_is_ended_and_the_work_done_here(two_runs, caplog,
+                                                                    monkeypatch) -> None:
+    """An analyst that gets the CPU but is not ready within `wait_s` is ended too."""
+    from study import analyst as analyst_module
+
+    monkeypatch.setattr(analyst_module, "STARVED_SHARE", 0.0)  # never judged starved
+    there, _ = two_runs
+    analyst = Analyst.start()
+    pid = analyst.pid
+    os.kill(pid, signal.SIGSTOP)
+    with caplog.at_level(logging.DEBUG, logger="study.analyst"):
+        assert analyst.finish(there, CLAIMS, report=False, wait_s=0.5) is None
+    assert "not ready" in caplog.text and "analysing here" in caplog.text and _gone(pid)
+    assert (there / "claims.parquet").exists()
 
 
 def test_an_error_of_the_analyst_is_raised_here(tmp_path: Path) -> None:
