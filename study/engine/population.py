@@ -29,7 +29,7 @@ from __future__ import annotations
 import logging
 import math
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from functools import partial
 
 import torch
@@ -105,8 +105,7 @@ class BatchedEngine:
             if traces[i] is None:
                 groups[repr(population_key(trial))].append(i)
         for indices in groups.values():
-            # Rows of one optimizer type contiguous: each type's update runs on its block.
-            indices.sort(key=lambda i: type(trials[i].optimizer).__name__)
+            indices = _optimizer_blocks(trials, indices)
             population = [trials[i] for i in indices]
             for i, trace in zip(indices, self._train(population, torch.device(device),
                                                      _shifted(on_eval, indices)), strict=True):
@@ -121,8 +120,7 @@ class BatchedEngine:
         traces are the same either way."""
         if not self.in_background(trials, device, on_eval):
             return Pending.done(self.run(trials, device, on_eval))
-        # `run`'s order: rows of one optimizer type contiguous
-        order = sorted(range(len(trials)), key=lambda i: type(trials[i].optimizer).__name__)
+        order = _optimizer_blocks(trials, range(len(trials)))  # `run`'s order
         pending = self._start_trial_major([trials[i] for i in order])
 
         def result() -> list[Trace]:
@@ -138,15 +136,12 @@ class BatchedEngine:
         """Whether `start` trains `trials` in the background: one population on the
         trial-major kernel with nothing to run between its evaluations (no `on_eval`, early
         stopping, plateau or diagnostics: the kernel trains the whole run in one call)."""
-        if on_eval is not None or not self.trial_major or not trials:
+        if not self.trial_major or not trials or _watched(trials[0], on_eval):
             return False
-        first, key = trials[0], repr(population_key(trials[0]))
+        key = repr(population_key(trials[0]))
         return (all(reference_only(t) is None and repr(population_key(t)) == key
                     for t in trials)
-                and trial_major.fits(trials, torch.device(device))
-                and first.loop.plateau_factor is None
-                and first.loop.early_stopping_patience is None
-                and not first.diagnostics.enabled)
+                and trial_major.fits(trials, torch.device(device)))
 
     def train(self, trials: Sequence[TrialSpec], device: torch.device) -> list[Trace]:
         """Train trials that share one `population_key`.
@@ -205,7 +200,7 @@ class BatchedEngine:
             return traces.traces(trials, data.irreducible, data.input_free, adaptive_rows,
                                  data.loss == "cross_entropy")
 
-        if not (loop.tracks_validation or on_eval is not None or diag_steps):
+        if not _watched(first, on_eval):
             # Nothing to do between evaluations: the whole run, the first evaluation
             # included, in one call.
             if loop.spec.scheduled:
@@ -241,6 +236,21 @@ class BatchedEngine:
             if not kernel.alive.any():
                 break
         return Pending.done(result())
+
+
+def _optimizer_blocks(trials: Sequence[TrialSpec], indices: Iterable[int]) -> list[int]:
+    """`indices` with the rows of one optimizer type contiguous (stable): each type's
+    update runs on its block."""
+    return sorted(indices, key=lambda i: type(trials[i].optimizer).__name__)
+
+
+def _watched(trial: TrialSpec, on_eval: OnEval | None) -> bool:
+    """Whether the population loop runs between evaluations of `trial`'s population: an
+    `on_eval` hook, early stopping or a plateau (`LoopState.tracks_validation`), or
+    diagnostics. Without, the kernel trains the whole run in one call."""
+    loop = trial.loop
+    return (on_eval is not None or loop.plateau_factor is not None
+            or loop.early_stopping_patience is not None or trial.diagnostics.enabled)
 
 
 def _shifted(on_eval: OnEval | None, indices: Sequence[int]) -> OnEval | None:
