@@ -936,22 +936,68 @@ class Kernel:
         return preconditioner(self.specs, step, torch.from_numpy(self.state2))
 
 
+class _Seats:
+    """The kernel threads working in this process, and a wait for a seat among them.
+
+    A call asks for `threads` threads (`torch.get_num_threads()`, the process's budget),
+    and two calls may be in flight at once (the sweep starts a population while the one
+    before it ends). A thread works only while fewer than its call's `threads` work, so
+    the two share one budget instead of doubling it (`workers=N` gives each worker a
+    core's share; `--threads 1` runs one): a thread of the call behind takes its seat as a
+    thread of the call ahead runs out of trials, so no core idles at the tail either.
+    """
+
+    def __init__(self) -> None:
+        self._changed = threading.Condition()
+        self._working = 0
+
+    def take(self, limit: int, halt: np.ndarray) -> bool:
+        """Wait until fewer than `limit` threads work, then count this one in (True);
+        False, counting nothing, once `halt[0]` is set while it waits."""
+        with self._changed:
+            while self._working >= limit:
+                if halt[0]:
+                    return False
+                self._changed.wait()
+            self._working += 1
+            return True
+
+    def leave(self) -> None:
+        """Count this thread out (it took a seat)."""
+        with self._changed:
+            self._working -= 1
+            self._changed.notify_all()
+
+    def wake(self) -> None:
+        """Have the waiting threads look at their halt flags again."""
+        with self._changed:
+            self._changed.notify_all()
+
+
+_SEATS = _Seats()
+
+
 class Running:
     """A kernel call under way (`Kernel.start`): `threads` threads each running `work`
-    (`_rows` over the call's trials), which ends early once `halt[0]` is set. `cpu_s`: the
-    threads' CPU time, once `wait` has returned."""
+    (`_rows` over the call's trials), which ends early once `halt[0]` is set; each works
+    only while fewer than `threads` kernel threads of this process work (`_Seats`).
+    `cpu_s`: the threads' CPU time, once `wait` has returned."""
 
     def __init__(self, work: Callable[[], None], threads: int, halt: np.ndarray) -> None:
         self._halt, self._errors, self._cpu = halt, [], []
 
         def worker() -> None:
+            if not _SEATS.take(threads, halt):
+                return
             cpu = time.thread_time()
             try:
                 work()
             except BaseException as err:  # noqa: BLE001 - raised by `wait`, in the caller
                 self._errors.append(err)
                 halt[0] = 1
-            self._cpu.append(time.thread_time() - cpu)
+            finally:
+                self._cpu.append(time.thread_time() - cpu)
+                _SEATS.leave()
 
         self._threads = [threading.Thread(target=worker, name=f"study-kernel-{i}")
                          for i in range(threads)]
@@ -976,8 +1022,10 @@ class Running:
             raise self._errors[0]
 
     def cancel(self) -> None:
-        """Stop every thread after the trial it is on, and wait for them to end."""
+        """Stop every thread after the trial it is on (one waiting for a seat at once),
+        and wait for them to end."""
         self._halt[0] = 1
+        _SEATS.wake()
         for thread in self._threads:
             thread.join()
 

@@ -364,6 +364,51 @@ def test_a_thread_that_fails_stops_the_others_and_is_raised_by_wait() -> None:
     assert halt[0] == 1 and len(done) < 100
 
 
+def test_two_calls_in_flight_share_one_thread_budget() -> None:
+    """`Running`: a call started while another works waits for seats, so the process never
+    has more kernel threads working than a call's budget (two populations in flight with
+    2 threads each: 2 at a time, not 4); the call behind takes each seat as the call ahead
+    frees it, and both finish."""
+    lock, working, most, done = threading.Lock(), [0], [0], []
+
+    def work(name: str):
+        def trials() -> None:
+            for _ in range(3):
+                with lock:
+                    working[0] += 1
+                    most[0] = max(most[0], working[0])
+                time.sleep(0.02)
+                with lock:
+                    working[0] -= 1
+            done.append(name)
+        return trials
+
+    ahead = kernel_module.Running(work("ahead"), 2, np.zeros(1, dtype=np.int64))
+    behind = kernel_module.Running(work("behind"), 2, np.zeros(1, dtype=np.int64))
+    ahead.wait()
+    behind.wait()
+    assert most[0] == 2
+    assert sorted(done) == ["ahead", "ahead", "behind", "behind"]
+    assert behind.cpu_s >= 0 and len(behind._cpu) == 2
+
+
+def test_a_call_waiting_for_seats_is_cancelled_at_once() -> None:
+    """`cancel` of a call whose threads wait for seats ends them without running its work,
+    however long the call ahead holds the seats."""
+    release, ran = threading.Event(), []
+    ahead = kernel_module.Running(release.wait, 1, np.zeros(1, dtype=np.int64))
+    behind = kernel_module.Running(lambda: ran.append(1), 1, np.zeros(1, dtype=np.int64))
+    timer = threading.Timer(3.0, release.set)  # the seat frees itself in 3 s at the latest
+    timer.start()
+    started = time.monotonic()
+    behind.cancel()
+    assert time.monotonic() - started < 1.0 and not ran
+    release.set()
+    ahead.wait()
+    timer.cancel()
+    assert not [t for t in threading.enumerate() if t.name.startswith("study-kernel")]
+
+
 @pytest.mark.slow
 def test_a_fresh_compilation_says_so_and_specialises_each_function_once(tmp_path) -> None:
     """Compiled from scratch (an empty numba cache), the kernel says once that it is
