@@ -201,6 +201,12 @@ class LoopSpec:
                 raise ValueError(f"loop.{name} is out of range: {getattr(self, name)!r}")
 
     @property
+    def tracks_validation(self) -> bool:
+        """Whether each evaluation's validation loss steers training (a plateau or early
+        stopping)."""
+        return self.plateau_factor is not None or self.early_stopping_patience is not None
+
+    @property
     def scheduled(self) -> bool:
         """Whether the learning rate changes during training."""
         return (self.warmup_fraction > 0 or self.step_epochs is not None or self.cosine

@@ -246,11 +246,10 @@ def _optimizer_blocks(trials: Sequence[TrialSpec], indices: Iterable[int]) -> li
 
 def _watched(trial: TrialSpec, on_eval: OnEval | None) -> bool:
     """Whether the population loop runs between evaluations of `trial`'s population: an
-    `on_eval` hook, early stopping or a plateau (`LoopState.tracks_validation`), or
+    `on_eval` hook, early stopping or a plateau (`LoopSpec.tracks_validation`), or
     diagnostics. Without, the kernel trains the whole run in one call."""
-    loop = trial.loop
-    return (on_eval is not None or loop.plateau_factor is not None
-            or loop.early_stopping_patience is not None or trial.diagnostics.enabled)
+    return (on_eval is not None or trial.loop.tracks_validation
+            or trial.diagnostics.enabled)
 
 
 def _shifted(on_eval: OnEval | None, indices: Sequence[int]) -> OnEval | None:

@@ -41,8 +41,9 @@ class LoopState:
 
     @property
     def tracks_validation(self) -> bool:
-        """Whether an evaluation's validation losses change this state (plateau, stopping)."""
-        return self.plateaus is not None or self.stoppers is not None
+        """Whether an evaluation's validation losses change this state (plateau, stopping:
+        `LoopSpec.tracks_validation`)."""
+        return self.spec.tracks_validation
 
     def learning_rates(self, step: int) -> list[float]:
         """Each row's learning rate for the update after `step` updates."""
