@@ -27,7 +27,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from study import cli, records, storage
+from study import cli, heap, records, storage
 from study.analyst import Analyst
 from study.compositions import Ahead
 from study.process_exit import exit_now
@@ -62,6 +62,8 @@ def main(cfg: DictConfig) -> None:
         from study.config import validate
         from study.plan import expand
         from study.run import check_objective, execute
+
+        heap.settle()  # the imports are done: collect from here, over what comes next
 
         typed = validate(cfg)
         plan = expand(cfg, compose, overrides, choices, typed=typed,
@@ -206,6 +208,7 @@ def run(argv: list[str] | None = None) -> None:
     `--multirun`: a launcher may wait for hours, and its own messages must show).
     """
     argv = sys.argv if argv is None else argv
+    heap.hold()  # until the imports are done (study.heap)
     storage.register_url(os.environ.get(cli.URL_VARIABLE))
     try:
         cli.check_yaml_files(argv[1:])

@@ -39,6 +39,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
+from study import heap
 from study.parallel import end_forked, fork_serving
 
 log = logging.getLogger(__name__)
@@ -159,6 +160,7 @@ def _serve(conn: Connection) -> int:
     piece of work, do it, answer."""
     def imports() -> None:
         _import_quietly()
+        heap.settle()
         with contextlib.suppress(OSError):  # the run may have given up on this process
             conn.send(("ready", None))
 

@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from study import bench_peer
+from study import bench_peer, heap
 from study.engine import BatchedEngine, ReferenceEngine, Trace
 from study.engine.planner import plan_populations, trial_steps
 from study.plan import plan_from_overrides
@@ -180,6 +180,7 @@ def bench(overrides: Sequence[str], device: torch.device, subset: int, seed: int
         ReferenceEngine().run(warm, device)
     engine = BatchedEngine(trial_major=kernel != "layer_major")
     engine.run(warm, device)
+    heap.settle()  # as a run trains: with its imports out of the collector's sight
 
     traces, batched_wall, batched_cpu, populations = run_batched(trials, device, budget_bytes,
                                                                  engine)
@@ -362,6 +363,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 def peer_main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict[str, Any]:
     """`--peer`: the peer comparison's table on stdout, its JSON in `--out`."""
+    heap.settle()  # this process only starts the others
     if args.overrides or args.seeds or args.limit or args.dtype or args.device == "cuda":
         parser.error("--peer runs the lr_batch workload on the CPU as the peers rebuild it: "
                      "it takes no overrides, --seeds, --limit, --dtype or --device cuda")
@@ -379,4 +381,5 @@ def peer_main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict
 
 
 if __name__ == "__main__":
+    heap.hold()  # until the workload is set up (study.heap)
     main()

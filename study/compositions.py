@@ -27,6 +27,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from study import heap
 from study.parallel import K, end_forked, fork_serving, run_jobs
 from study.schema import GROUPS, TRANSFORM_GROUPS, plain_config
 
@@ -185,6 +186,7 @@ class Ahead:
 
 def _compose_all(compose: Compose, wanted: list[list[str]], conn: Connection) -> int:
     """In the forked process: compose each override list in turn and send it back."""
+    heap.settle()  # each composition leaves cycles (OmegaConf's parent links) to collect
     for whole in wanted:
         try:
             plain = plain_config(compose(whole))

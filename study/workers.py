@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from study import heap
 from study.grid import SweepPlan
 from study.lease import Lease
 
@@ -80,6 +81,7 @@ class WorkerJob:
 
 def worker_main(job: WorkerJob, index: int) -> None:
     """Entry point of worker process `index`: take and train until the queue is empty."""
+    heap.hold()  # until the imports are done (study.heap)
     from study.config import resolve_device
     from study.engine import make_engine
     from study.storage import open_study
@@ -91,6 +93,7 @@ def worker_main(job: WorkerJob, index: int) -> None:
                         format=f"[worker {index}] %(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(job.threads)
     study = open_study(job.run_dir, job.url, job.study_name, job.direction, job.retries)
+    heap.settle()
     outcome = run_sweep(job.plan, study, make_engine(job.engine), resolve_device(job.device),
                         job.run_dir, job.objective, direction=job.direction,
                         leases=job.leases, enqueue=False, dashboard=job.dashboard,
