@@ -6,8 +6,8 @@
 - the claims' verdicts, one line each;
 - the stable learning-rate range per optimizer.
 
-`findings_context` returns a plain dict for the template; the numbers come from the
-tested compute functions (importance.py, sensitivity.py).
+`findings_context` returns a plain dict for the template (the report adds `claim_lines`);
+the numbers come from the tested compute functions (importance.py, sensitivity.py).
 """
 
 from __future__ import annotations
@@ -37,9 +37,10 @@ OTHER = "other interactions"
 OUTCOME_TITLES = {"diverged": "divergence", "erratic": "instability", "log_loss": "final loss"}
 
 
-def findings_context(lab: pd.DataFrame, axes: SweepAxes,
-                     claims: pd.DataFrame | None) -> dict[str, Any]:
-    """Headline sentences, the suspects table (HTML), claim lines and stable lr lines."""
+def findings_context(lab: pd.DataFrame, axes: SweepAxes) -> dict[str, Any]:
+    """Headline sentences, the suspects table (HTML) and stable lr lines; the claim lines
+    (`claim_lines`) are the report's to add, from the claims it has once the sections are
+    built."""
     names = axes.names
     counts = status_counts(lab)
     headline = [_status_sentence(counts, len(lab))]
@@ -52,7 +53,7 @@ def findings_context(lab: pd.DataFrame, axes: SweepAxes,
         suspects_html = _suspects_table(importance, order)
         n_seeds = int(importance["n_seeds"].iloc[0])
     return {"headline": headline, "suspects": suspects_html, "n_seeds": n_seeds,
-            "claims": claim_lines(claims), "stable_lr": stable_lr_lines(lab, axes)}
+            "stable_lr": stable_lr_lines(lab, axes)}
 
 
 def _lead_sentence(importance: pd.DataFrame, top: str) -> str:

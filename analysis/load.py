@@ -50,7 +50,7 @@ def load_run(run_dir: Path) -> RunData:
     trials = trials.assign(status=trials["status"].astype(str)).sort_values(
         "trial", ignore_index=True)
     return RunData(run_dir=run_dir, trials=trials, meta=meta, env=read_env(run_dir),
-                   hydra=_read_hydra(run_dir), files=_list_files(run_dir),
+                   hydra=_read_hydra(run_dir), files=list_files(run_dir),
                    claims=records.read_claims(run_dir), edges=records.read_edges(run_dir))
 
 
@@ -64,7 +64,7 @@ def _read_hydra(run_dir: Path) -> dict[str, str]:
     return texts
 
 
-def _list_files(run_dir: Path) -> tuple[tuple[str, int], ...]:
+def list_files(run_dir: Path) -> tuple[tuple[str, int], ...]:
     """Relative paths and sizes; the report itself and half-written temp files are skipped."""
     found = []
     for path in sorted(run_dir.rglob("*")):

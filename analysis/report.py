@@ -5,7 +5,8 @@ from __future__ import annotations
 import base64
 import hashlib
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import replace
 from datetime import datetime, timezone
 from importlib import resources
 from pathlib import Path
@@ -40,7 +41,7 @@ from analysis.curves import (
     trial_curves,
 )
 from analysis.edges import edge_section
-from analysis.load import RunData, load_run
+from analysis.load import RunData, list_files, load_run
 from study.parallel import run_jobs
 from study.records import (
     CURVES_DIR,
@@ -66,11 +67,14 @@ class ReportError(RecordError):
 
 
 def build_report(run_dir: Path, map_metric: str = FINAL,
-                 claims: pd.DataFrame | None = None) -> Path:
+                 claims: pd.DataFrame | None = None,
+                 scoring: Callable[[], pd.DataFrame | None] | None = None) -> Path:
     """Write `run_dir/report.html` (atomically) from the run directory's files; return its path.
 
     `map_metric` colors the stability map (median over seeds); `claims` (columns
-    `analysis.claims.COLUMNS`) overrides the claims the run directory holds, if any.
+    `analysis.claims.COLUMNS`) overrides the claims the run directory holds, if any;
+    `scoring`, claims being scored meanwhile (`study.parallel.aside`), is called once the
+    sections are drawn, and a table it returns overrides them too.
     Raises study.records.RecordError, before writing anything, when `run_dir` is missing,
     not a run directory, or holds an unreadable record, and ReportError when `map_metric`
     is not a numeric column of trials.parquet.
@@ -79,7 +83,7 @@ def build_report(run_dir: Path, map_metric: str = FINAL,
     missing = missing_curves(run)
     if missing:
         log.warning("%s", missing_curves_note(missing, run.run_dir))
-    html = render_html(run, map_metric=map_metric, claims=claims)
+    html = render_html(run, map_metric=map_metric, claims=claims, scoring=scoring)
     path = run.run_dir / REPORT
     atomic_write_bytes(path, html.encode("utf-8"))
     return path
@@ -100,8 +104,10 @@ def missing_curves_note(missing: list[int], run_dir: Path) -> str:
 
 
 def render_html(run: RunData, map_metric: str = FINAL, claims: pd.DataFrame | None = None,
-                built: datetime | None = None) -> str:
-    """The report's HTML text for `run` (reads the curves of the trials it draws).
+                built: datetime | None = None,
+                scoring: Callable[[], pd.DataFrame | None] | None = None) -> str:
+    """The report's HTML text for `run` (reads the curves of the trials it draws); `claims`
+    and `scoring` as for `build_report`.
 
     Everything but the `built` line (default: now, UTC) is a function of the run
     directory's files: rebuilding gives the same bytes.
@@ -128,12 +134,17 @@ def render_html(run: RunData, map_metric: str = FINAL, claims: pd.DataFrame | No
                 **{f"gallery {i}": (sections.gallery_entry, part)
                    for i, part in enumerate(gallery_parts)},
                 "explorer": (explorer_section, (run, lab, axes)),
-                "findings": (findings.findings_context, (lab, axes, claims)),
+                "findings": (findings.findings_context, (lab, axes)),
                 "metrics": (sections.metric_tables_section, (lab, axes)),
                 "diagnostics": (sections.diagnostics_section, (run.run_dir, lab, axes))}
     built_sections = run_jobs(jobs)
+    if scoring is not None:  # needed from here on only: scored while the sections drew
+        scored = scoring()
+        claims = scored if scored is not None else claims
+        run = replace(run, files=list_files(run.run_dir))  # claims.parquet written since
+    found = built_sections.get("findings")
     context = {
-        "findings": built_sections.get("findings"),
+        "findings": found and {**found, "claims": findings.claim_lines(claims)},
         **header_context(run, axes),
         "curves_warning": missing_curves_note(missing, run.run_dir) if missing else "",
         "built": built.strftime("%Y-%m-%d %H:%M:%S UTC"),

@@ -1,7 +1,8 @@
 """Independent pieces of work done side by side, one forked process per core.
 
 Three users: the report (`analysis.report`) draws its sections, each a pure function of
-the loaded run that returns text (PNG data URIs, tables); the grid (`study.grid`, and
+the loaded run that returns text (PNG data URIs, tables), while the analyst
+(`study.analyst`) scores the claims beside them (`aside`); the grid (`study.grid`, and
 `study.search` for its space's corners) composes the configurations of its group options,
 each a Hydra composition that returns a plain dict; and the trial-major kernel's first
 compilation (`study.engine.trial_major`) compiles its largest callees into numba's disk
@@ -28,7 +29,7 @@ import multiprocessing
 import os
 import signal
 import sys
-from collections.abc import Callable, Hashable, Mapping
+from collections.abc import Callable, Hashable, Iterator, Mapping
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from multiprocessing.connection import Connection, Pipe
@@ -38,6 +39,7 @@ log = logging.getLogger(__name__)
 
 Job = tuple[Callable[..., Any], tuple[Any, ...]]
 K = TypeVar("K", bound=Hashable)
+T = TypeVar("T")
 
 # The jobs of the `run_jobs` call in progress: forked workers inherit them.
 _JOBS: list[Job] = []
@@ -77,6 +79,59 @@ def _in_order(jobs: Mapping[K, Job]) -> dict[K, Any]:
 def _run(index: int) -> Any:
     fn, args = _JOBS[index]
     return fn(*args)
+
+
+@contextlib.contextmanager
+def aside(fn: Callable[..., T], *args: Any) -> Iterator[Callable[[], T]]:
+    """`fn(*args)` started in a forked process while the block runs; the block gets a
+    function that waits for its value (an exception of `fn` is raised there, as by a call).
+
+    Where forking is not used (`fork_serving`), `fn` runs here before the block, and a
+    process that died (killed, out of memory) has `fn` run here when the value is asked
+    for. The block's end waits for the process to finish (nothing it writes is cut short),
+    then reaps it.
+    """
+    forked = fork_serving(lambda conn: _serve_value(conn, fn, args))
+    if forked is None:
+        value = fn(*args)
+        yield lambda: value
+        return
+    pid, conn = forked
+    answer: list[tuple[str, Any]] = []
+
+    def value() -> T:
+        if not answer:
+            try:
+                answer.append(conn.recv())
+            except (EOFError, OSError):  # the process died without answering
+                log.warning("the forked process of %s died; doing its work here",
+                            getattr(fn, "__name__", fn))
+                answer.append(("value", fn(*args)))
+        kind, got = answer[0]
+        if kind == "error":
+            raise got
+        return got
+
+    try:
+        yield value
+    finally:
+        with contextlib.suppress(Exception):
+            if not answer:
+                conn.recv()  # its work done before it is ended
+        end_forked(pid, conn)
+
+
+def _serve_value(conn: Connection, fn: Callable[..., Any], args: tuple[Any, ...]) -> int:
+    """In a process of `aside`: send ("value", fn(*args)) or ("error", the exception)."""
+    try:
+        answer: tuple[str, Any] = ("value", fn(*args))
+    except Exception as err:  # noqa: BLE001  (raised by the caller of `aside`'s value)
+        answer = ("error", err)
+    try:
+        conn.send(answer)
+    except Exception as err:  # noqa: BLE001  (a value or an exception that does not pickle)
+        conn.send(("error", RuntimeError(f"{type(err).__name__}: {err}")))
+    return 0
 
 
 def fork_serving(serve: Callable[[Connection], int]) -> tuple[int, Connection] | None:

@@ -68,6 +68,25 @@ def test_the_analyst_writes_what_this_process_writes(two_runs, caplog) -> None:
     assert _html(there) == _html(here)
 
 
+@pytest.mark.slow  # two reports, about 10 s
+def test_claims_scored_beside_the_report_give_what_scoring_first_gives(two_runs) -> None:
+    """`score_and_report` scores the claims in a process of its own while the report is
+    built: the same claims.parquet and report as scoring first, claims.parquet listed among
+    the run's files included (it is written after the report has read the directory)."""
+    from analysis.claims import score_run
+    from analysis.report import build_report
+
+    beside, first = two_runs
+    (beside / "claims.parquet").unlink(missing_ok=True)
+    (first / "claims.parquet").unlink(missing_ok=True)
+    score_run(first, CLAIMS)
+    build_report(first)
+    assert score_and_report(beside, CLAIMS, report=True) == beside / "report.html"
+    assert (beside / "claims.parquet").read_bytes() == (first / "claims.parquet").read_bytes()
+    assert _html(beside) == _html(first)
+    assert "claims.parquet</code>" in _html(beside)
+
+
 def test_without_a_report_only_the_claims_are_written(two_runs) -> None:
     there, _ = two_runs
     analyst = Analyst.start()

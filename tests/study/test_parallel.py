@@ -110,3 +110,54 @@ def test_a_forked_server_answers_ignores_ctrl_c_and_is_reaped() -> None:
 def test_no_fork_where_forking_is_not_used(monkeypatch) -> None:
     monkeypatch.setattr(parallel, "workers_available", lambda: 1)
     assert parallel.fork_serving(_echo) is None
+
+
+def _write_later(path: str, text: str, delay_s: float) -> str:
+    import time
+
+    time.sleep(delay_s)
+    Path(path).write_text(text)
+    return f"{text} from {os.getpid()}"
+
+
+@forks
+def test_aside_runs_in_another_process_while_the_block_runs(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    with parallel.aside(_write_later, str(out), "done", 0.5) as value:
+        assert not out.exists()  # the block runs at once, the work goes on beside it
+        got = value()
+        assert out.read_text() == "done"
+        assert got.startswith("done from ") and got != f"done from {os.getpid()}"
+        assert value() == got  # asked again: the same value
+
+
+@forks
+def test_aside_raises_the_exception_of_its_work_where_the_value_is_asked() -> None:
+    with parallel.aside(_fail, "bad claim") as value:
+        with pytest.raises(ValueError, match="bad claim"):
+            value()
+
+
+@forks
+def test_the_end_of_an_aside_block_waits_for_its_work(tmp_path: Path) -> None:
+    """A block ended without asking (an exception in it) cuts no write short."""
+    out = tmp_path / "out"
+    with pytest.raises(KeyError), parallel.aside(_write_later, str(out), "whole", 0.5):
+        raise KeyError("the report failed")
+    assert out.read_text() == "whole"
+
+
+@forks
+def test_the_work_of_an_aside_process_that_died_is_done_here(caplog) -> None:
+    with parallel.aside(_die_in_a_worker, os.getpid()) as value:
+        assert value() == "built here"
+    assert "died" in caplog.text
+
+
+def test_aside_without_forking_runs_the_work_before_the_block(tmp_path: Path,
+                                                              monkeypatch) -> None:
+    monkeypatch.setattr(parallel, "workers_available", lambda: 1)
+    out = tmp_path / "out"
+    with parallel.aside(_write_later, str(out), "here", 0.0) as value:
+        assert out.read_text() == "here"
+        assert value() == f"here from {os.getpid()}"
