@@ -131,11 +131,11 @@ def render_html(run: RunData, map_metric: str = FINAL, claims: pd.DataFrame | No
         jobs = {"lr": (sections.lr_section, (lab, axes)),
                 "cells": (sections.cell_stats_section, (lab, stats_summary, axes)),
                 **jobs,
+                "explorer": (explorer_section, (run, lab, axes)),
+                "metrics": (sections.metric_tables_section, (lab, axes)),
                 **{f"gallery {i}": (sections.gallery_entry, part)
                    for i, part in enumerate(gallery_parts)},
-                "explorer": (explorer_section, (run, lab, axes)),
                 "findings": (findings.findings_context, (lab, axes)),
-                "metrics": (sections.metric_tables_section, (lab, axes)),
                 "diagnostics": (sections.diagnostics_section, (run.run_dir, lab, axes))}
     built_sections = run_jobs(jobs)
     if scoring is not None:  # needed from here on only: scored while the sections drew
