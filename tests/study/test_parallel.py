@@ -133,9 +133,9 @@ def test_aside_runs_in_another_process_while_the_block_runs(tmp_path: Path) -> N
 
 @forks
 def test_aside_raises_the_exception_of_its_work_where_the_value_is_asked() -> None:
-    with parallel.aside(_fail, "bad claim") as value:
-        with pytest.raises(ValueError, match="bad claim"):
-            value()
+    with parallel.aside(_fail, "bad claim") as value, pytest.raises(ValueError,
+                                                                   match="bad claim"):
+        value()
 
 
 @forks
