@@ -12,6 +12,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from study import heap
 from study.claims import ClaimError
 from study.process_exit import exit_now
 from study.records import RecordError
@@ -38,6 +39,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from analysis.report import build_report
     from study.records import write_claims
 
+    heap.settle()  # the imports are done (study.heap)
     logging.basicConfig(format="analysis: warning: %(message)s", stream=sys.stderr,
                         level=logging.WARNING)
 
@@ -57,4 +59,5 @@ if __name__ == "__main__":
     # Without the interpreter's teardown: Arrow's thread pools (parquet reads) can abort
     # there, intermittently ("terminate called without an active exception", status -6),
     # after everything was written and printed.
+    heap.hold()
     exit_now(main())
