@@ -67,7 +67,8 @@ def test_settle_without_hold_changes_nothing(tmp_path) -> None:
     assert done.stdout == "ok\n"
 
 
-@pytest.mark.parametrize("entry", ["study", "study.bench", "analysis"])
+@pytest.mark.parametrize("entry", ["study", pytest.param("study.bench", marks=pytest.mark.slow),
+                                   pytest.param("analysis", marks=pytest.mark.slow)])
 def test_the_command_line_makes_no_full_collection_of_its_imports(tmp_path, entry) -> None:
     """`python -m study` imports Hydra, torch, numba, pandas and Optuna (`python -m
     analysis` pandas, scipy and matplotlib): 150,000 and more tracked objects, which a full
