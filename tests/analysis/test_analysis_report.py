@@ -129,16 +129,17 @@ def test_not_a_run_dir_exits_2_and_writes_nothing(tmp_path, capsys, corrupt):
 
 
 def test_analysis_never_imports_torch():
-    """analysis reads files (study.records) and claim specs (study.claims), and ends as
-    study's CLI does (study.process_exit), nothing else."""
+    """analysis reads files (study.records) and claim specs (study.claims), holds the
+    collector as study's CLI does (study.heap) and ends as it does (study.process_exit),
+    nothing else."""
     code = ("import sys, analysis, analysis.__main__; "
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'study')))")
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
                             text=True, timeout=120,
                             env={**os.environ, "PYTHONPATH": str(REPO)})
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == ("['study', 'study.claims', 'study.process_exit', "
-                                     "'study.records']")
+    assert result.stdout.strip() == ("['study', 'study.claims', 'study.heap', "
+                                     "'study.process_exit', 'study.records']")
 
 
 def test_empty_table_renders(tmp_path, sweep_run):
