@@ -842,11 +842,7 @@ class Kernel:
             offset += fi * fo + fo
         as_int = lambda v: np.asarray(v, dtype=np.int64)  # noqa: E731
         sat_z = SATURATION_Z.get(net.activation, math.inf)
-        # Evaluation rows per pass: a pass's layer output of 4,096 numbers (16 KB in
-        # float32, 64 rows of 64 units) stays in L1 beside the weights; 256-row passes
-        # streamed theirs through L2 (lr_batch's kernel 5-10% slower). The order of every
-        # sum is the same whatever the rows per pass.
-        chunk = max(16, min(256, 4096 // max(max(size) for size in net.sizes)))
+        chunk = 256  # evaluation rows per pass
         self.data_args = (x_eval, yf, yi, classify, scale)
         self.layout = (batch, n_train, as_int(w_off), as_int(b_off),
                        as_int([fi for fi, _ in net.sizes]), as_int([fo for _, fo in net.sizes]),

@@ -153,20 +153,19 @@ def test_a_product_entry_is_the_same_bits_in_any_block(dtype) -> None:
             w = rng.standard_normal((inner, cols)).astype(dtype)
             b = rng.standard_normal(cols).astype(dtype)
             z = np.empty((rows, cols), dtype)
-            kernel_module._product(a, w, b, z, False)
+            kernel_module._product(a, w, b, z)
             np.testing.assert_allclose(z, b + a.astype(np.float64) @ w,
                                        rtol=1e-4 if dtype == np.float32 else 1e-12,
                                        atol=1e-4 if dtype == np.float32 else 1e-12)
             for r in range(rows):  # each row alone: the one-row loops
                 alone = np.empty((1, cols), dtype)
-                kernel_module._product(a[r:r + 1], w, b, alone, False)
+                kernel_module._product(a[r:r + 1], w, b, alone)
                 assert alone.tobytes() == z[r:r + 1].tobytes(), (rows, inner, cols, r)
             h = np.ascontiguousarray(a.T)  # the weight gradient's transposed view
-            zt = np.empty((rows, cols), dtype)
-            kernel_module._product(h.T, w, b, zt, False)
-            assert zt.tobytes() == z.tobytes(), (rows, inner, cols)
-            kernel_module._product_tall(h.T, w, b, zt)
-            assert zt.tobytes() == z.tobytes(), (rows, inner, cols)
+            for product in (kernel_module._product, kernel_module._product_tall):
+                zt = np.empty((rows, cols), dtype)
+                product(h.T, w, b, zt)
+                assert zt.tobytes() == z.tobytes(), (product, rows, inner, cols)
 
 
 def test_a_trial_is_bit_identical_alone_in_a_crowd_and_on_one_thread(kernel_only) -> None:
