@@ -1,5 +1,5 @@
 """Building blocks of the trial-major kernel that numba does not offer: SIMD vectors held
-in registers (`Vector`: `load`, `load_at`, `store_at`, `fma`, `relu`), a square block transposed
+in registers (`Vector`: `load`, `load_at`, `store_at`, `fma`), a square block transposed
 in registers (`transpose_block`), 2-D views of a flat row made without `reshape`'s
 checks (`matrix`) and an atomic counter shared by threads (`fetch_add`).
 
@@ -147,20 +147,6 @@ if intrinsic is not None:
             return builder.call(function, [args[0], spread, args[2]])
 
         return x(x, scalar, acc), codegen
-
-    @intrinsic
-    def relu(typingctx, x):
-        """x with every lane <= 0 set to 0, as torch.relu (a NaN stays NaN): a compare and a
-        select in registers, the numbers themselves unchanged."""
-        if not isinstance(x, Vector):
-            raise TypingError(f"intrinsics.relu: {x}")
-
-        def codegen(context, builder, signature, args):
-            zero = ir.Constant(context.get_value_type(x), None)
-            below = builder.fcmp_ordered("<=", args[0], zero)
-            return builder.select(below, zero, args[0])
-
-        return x(x), codegen
 
     @intrinsic
     def fma_scalar(typingctx, a, b, acc):

@@ -66,7 +66,6 @@ try:
         load,
         load_at,
         matrix,
-        relu,
         store_at,
         transpose_block,
     )
@@ -100,15 +99,13 @@ if njit is not None:
     _DOT = {"reassoc", "nsz", "contract"}
 
     @njit(cache=True)
-    def _product(a, w, b, z, rectify):
+    def _product(a, w, b, z):
         # z[i, o] = b[o] + sum_k a[i, k] * w[k, o], each entry one chain of fused
         # multiply-adds over k in order, whatever the shapes and however the entry is
-        # reached; `rectify`: relu of it instead (a hidden layer's activation, taken from
-        # the registers: the pre-activations never go to memory). Blocks of 4 rows x 2
-        # vectors of z stay in registers (`intrinsics.Vector`) for the whole k loop, so
-        # each load of w feeds four products and nothing goes back to memory until the
-        # block is done. `a` may be a transposed view (the weight gradient h^T g); w and z
-        # are C-contiguous.
+        # reached. Blocks of 4 rows x 2 vectors of z stay in registers (`intrinsics.Vector`)
+        # for the whole k loop, so each load of w feeds four products and nothing goes back
+        # to memory until the block is done. `a` may be a transposed view (the weight
+        # gradient h^T g); w and z are C-contiguous.
         rows, inner = a.shape
         n = z.shape[1]
         lanes = lanes_of(z)
@@ -130,9 +127,6 @@ if njit is not None:
                     c21 = fma(x1, a2, c21)
                     c30 = fma(x0, a3, c30)
                     c31 = fma(x1, a3, c31)
-                if rectify:
-                    c00, c01, c10, c11 = relu(c00), relu(c01), relu(c10), relu(c11)
-                    c20, c21, c30, c31 = relu(c20), relu(c21), relu(c30), relu(c31)
                 store_at(z, i, o, c00)
                 store_at(z, i, o + lanes, c01)
                 store_at(z, i + 1, o, c10)
@@ -148,8 +142,6 @@ if njit is not None:
                 for k in range(inner):
                     c0 = fma(load_at(w, k, o), a[r, k], c0)
                     c1 = fma(load_at(w, k, o + lanes), a[r, k], c1)
-                if rectify:
-                    c0, c1 = relu(c0), relu(c1)
                 store_at(z, r, o, c0)
                 store_at(z, r, o + lanes, c1)
         for r in range(rows):
@@ -157,14 +149,12 @@ if njit is not None:
                 c0 = load(b, o)
                 for k in range(inner):
                     c0 = fma(load_at(w, k, o), a[r, k], c0)
-                if rectify:
-                    c0 = relu(c0)
                 store_at(z, r, o, c0)
             for o in range(single, n):
                 s = b[o]
                 for k in range(inner):
                     s = fma_scalar(a[r, k], w[k, o], s)
-                z[r, o] = s if not (rectify and s <= 0) else z.dtype.type(0)
+                z[r, o] = s
 
     @njit(cache=True)
     def _product_tall(a, w, b, z):
@@ -177,7 +167,7 @@ if njit is not None:
         rows, inner = a.shape
         lanes = lanes_of(z)
         if z.shape[1] % (2 * lanes):  # columns left over: `_product`'s loops cover them
-            _product(a, w, b, z, False)
+            _product(a, w, b, z)
             return
         wide = z.shape[1]
         # Rows as 6p + 4q, so that an even count leaves no row to the one-row loop.
@@ -221,7 +211,7 @@ if njit is not None:
                 store_at(z, i + 5, o, c50)
                 store_at(z, i + 5, o + lanes, c51)
             i += 6
-        _product(a[i:], w, b, z[i:], False)
+        _product(a[i:], w, b, z[i:])
 
     @njit(cache=True, fastmath=_DOT)
     def _forward_narrow(h, w, b, z):
@@ -364,31 +354,26 @@ if njit is not None:
         # goes to acts[a_off[i]:] as [rows, fan_out]; `pre` is scratch for pre-activations.
         # The first `probe_rows` rows are the probe: `_health` of each hidden layer's
         # pre-activations (unit_live: all hidden units, layer after layer). Returns the
-        # output view and the probe's saturated count. A relu layer's product writes the
-        # activation itself (`_product`'s `rectify`), and its health reads that: relu(z) <= 0
-        # exactly where z <= 0, and is NaN where z is.
+        # output view and the probe's saturated count.
         h = x
         layers = len(w_off)
         saturated = 0
         base = 0  # the layer's first unit among the hidden units
         for i in range(layers):
             fo = fan_out[i]
-            hidden = i < layers - 1
-            rectify = hidden and act == _RELU and not narrow[i]
             out = matrix(acts, a_off[i], rows, fo)
-            z = matrix(pre, 0, rows, fo) if hidden and not rectify else out
+            z = matrix(pre, 0, rows, fo) if i < layers - 1 else out
             w = _layer(p, w_off[i], fan_in[i], fo, narrow[i])
             b = p[b_off[i]:b_off[i] + fo]
             if narrow[i]:
                 _forward_narrow(h, w, b, z)
             else:
-                _product(h, w, b, z, rectify)
-            if hidden:
+                _product(h, w, b, z)
+            if i < layers - 1:
                 if probe_rows > 0:
                     saturated += _health(z[:probe_rows], unit_live[base:base + fo], act,
                                          sat_z)
-                if not rectify:
-                    _activate(z, out, act)
+                _activate(z, out, act)
                 base += fo
             h = out
         return h, saturated
@@ -448,23 +433,23 @@ if njit is not None:
                     gb[o] += g[r, o]
             gw = _layer(grad, w_off[i], fi, fo, narrow[i])
             if narrow[i]:  # gw [fo, fi] = g^T h
-                _product(g.T, h, zeros[:fi], gw, False)
+                _product(g.T, h, zeros[:fi], gw)
             elif rows >= 128:
                 _product_tall(h.T, g, zeros[:fo], gw)
             else:
-                _product(h.T, g, zeros[:fo], gw, False)
+                _product(h.T, g, zeros[:fo], gw)
             if i > 0:
                 w = _layer(p, w_off[i], fi, fo, narrow[i])
                 spare = g1 if into_g1 else g0
                 gh = matrix(raw, 0, rows, fi)
                 if narrow[i]:  # w [fo, fi]: gh = g w
-                    _product(g, w, zeros[:fi], gh, False)
+                    _product(g, w, zeros[:fi], gh)
                 elif rows < 32:  # small batches: a transposed copy costs more than it saves
                     _input_grad_dot(g, w, gh)
                 else:  # g w^T as a product with w transposed
                     w_t = matrix(wt, 0, fo, fi)
                     _transpose(w, w_t)
-                    _product(g, w_t, zeros[:fi], gh, False)
+                    _product(g, w_t, zeros[:fi], gh)
                 g = matrix(spare, 0, rows, fi)
                 _activation_backward(gh, h, g, act)
                 into_g1 = not into_g1
