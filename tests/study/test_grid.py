@@ -68,3 +68,22 @@ def test_a_composition_that_fails_raises_its_own_error_the_first_in_grid_order(
         plan_from_overrides(["+sweep=layer_decay",
                              "sweep.axes.failure=[none,no_such_a,no_such_b]"])
     assert "Available options in 'failure'" in str(raised.value)
+
+
+def test_setting_axis_values_copies_only_the_path_and_leaves_the_config_alone() -> None:
+    from study.grid import _with_values
+    from study.schema import ConfigError
+
+    plain = {"optimizer": {"lr": 0.1, "betas": [0.9, 0.99]}, "train": {"batch_size": 8},
+             "task": {"dim": 2}}
+    out = _with_values(plain, {"optimizer.lr": 1.0, "train.batch_size": 32})
+    assert out == {"optimizer": {"lr": 1.0, "betas": [0.9, 0.99]},
+                   "train": {"batch_size": 32}, "task": {"dim": 2}}
+    assert plain == {"optimizer": {"lr": 0.1, "betas": [0.9, 0.99]},
+                     "train": {"batch_size": 8}, "task": {"dim": 2}}
+    assert out["task"] is plain["task"]  # untouched groups are shared, not copied
+    with pytest.raises(ConfigError, match="sweep.axes.optimizer.momentum: no such key"):
+        _with_values(plain, {"optimizer.momentum": 0.9})
+    with pytest.raises(ConfigError, match="sweep.axes.train.batch_size.x: no such key"):
+        _with_values(plain, {"train.batch_size.x": 1})
+    assert plain["optimizer"] == {"lr": 0.1, "betas": [0.9, 0.99]}
