@@ -189,8 +189,8 @@ def group_label(cfg: DictConfig, group: str, choice: Any) -> str:
 def _with_values(plain: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
     """`plain` with each dotted key of `values` set (the key must exist), `plain` itself
     unchanged. Only the dicts on the way to a set key are copied; the rest is shared with
-    `plain`, which `build_trial` only reads (a deep copy per point was most of the grid's
-    expansion: 936 trials, 312 points)."""
+    `plain`, which `build_trial` only reads (a deep copy of the whole config per point
+    would be most of the expansion's time: lr_batch has 312 points)."""
     out = dict(plain)
     for key, value in values.items():
         *parents, leaf = key.split(".")
