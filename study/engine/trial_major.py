@@ -456,11 +456,13 @@ if njit is not None:
 
     @njit(cache=True)
     def _evaluate(p, x, yf, yi, classify, scale, n_train, chunk, acts, pre, a_off, w_off,
-                  b_off, fan_in, fan_out, narrow, act, probe, sat_z, unit_live, out_rec, whole):
+                  b_off, fan_in, fan_out, narrow, act, probe, sat_z, unit_live, out_rec,
+                  train_last):
         # Train and val loss (and accuracy) over x = train rows then val rows, and activation
         # health of the hidden pre-activations on the first `probe` rows, into out_rec [6].
-        # `whole`: the training rows last, as one chunk, so that acts ends holding the
-        # forward pass of a whole-split step (the next step's, same rows, same parameters).
+        # `train_last`: the training rows last, as one chunk, so that acts ends holding the
+        # forward pass of every training row (the next step's rows, same parameters). Each
+        # split's sums run over its rows in order either way: the same numbers.
         out_rec[:] = np.nan
         layers = len(w_off)
         n = x.shape[0]
@@ -470,9 +472,9 @@ if njit is not None:
         unit_live[:] = 0
         saturated = 0
         val_chunks = (n - n_train + chunk - 1) // chunk
-        chunks = val_chunks + 1 if whole else (n + chunk - 1) // chunk
+        chunks = val_chunks + 1 if train_last else (n + chunk - 1) // chunk
         for part in range(chunks):
-            if not whole:
+            if not train_last:
                 start = part * chunk
                 rows = min(chunk, n - start)
             elif part < val_chunks:
@@ -523,6 +525,19 @@ if njit is not None:
             out_rec[4] = dead / units
         if act in (_TANH, _SIGMOID) and units > 0:
             out_rec[5] = saturated / (units * probe)
+
+    @njit(cache=True)
+    def _pick(acts, picked, rows, a_off, fan_out, n_train):
+        # picked's layers [len(rows), fan_out] = the rows `rows` of acts' layers
+        # [n_train, fan_out] (an evaluation's forward pass of the training split).
+        for i in range(len(a_off) - 1):
+            fo = fan_out[i]
+            src = matrix(acts, a_off[i], n_train, fo)
+            dst = matrix(picked, a_off[i], len(rows), fo)
+            for r in range(len(rows)):
+                e = rows[r]
+                for u in range(fo):
+                    dst[r, u] = src[e, u]
 
     @njit(cache=True, error_model="numpy")  # IEEE division, vectorised (fused._fused_step)
     def _update(kind, p, grad, new, update, state1, state2, first, lr, bc2, decay, hp):
@@ -581,6 +596,13 @@ if njit is not None:
         s1, s2 = state1[t], state2[t]
         norm = prev_norm[t]
         whole = batch >= n_train  # one batch per epoch: the split as stored
+        # A step right after an evaluation takes its forward pass from the evaluation's,
+        # whose last chunk is then the whole training split (`train_last`): as it is for a
+        # whole-split step, its rows gathered into `picked` for a smaller batch. A row's
+        # numbers do not depend on the rows computed beside it (`_product`,
+        # `_forward_narrow` and `_activate` work row by row): the same bits as computing it.
+        train_last = whole or n_train <= chunk
+        picked = np.empty(a_off[layers] if train_last and not whole else 0, dtype=dtype)
         unit_live = np.zeros(hidden, dtype=np.uint8)
         rec = np.empty(6)
         shared = False  # acts hold the coming step's forward pass (an evaluation's)
@@ -591,12 +613,12 @@ if njit is not None:
         if eval_first and k >= 0:
             _evaluate(p, x_all, yf_eval[t], yi_eval[t], classify, scale[t], n_train, chunk,
                       acts, pre, a_off, w_off, b_off, fan_in, fan_out, narrow, act, probe,
-                      sat_z, unit_live, rec, whole)
+                      sat_z, unit_live, rec, train_last)
             _put(evals_rec[k, :, t], rec)
             if not (np.isfinite(rec[0]) and np.isfinite(rec[1])):
                 live[t] = 0
                 return
-            shared = whole
+            shared = train_last
         for step in range(first_step, end_step):
             epoch, start = step // per_epoch, (step % per_epoch) * batch
             rows = min(batch, n_train - start)
@@ -611,16 +633,19 @@ if njit is not None:
                     for j in range(yf_eval.shape[2]):
                         yfb[r, j] = yf_eval[t, e, j]
             xr = xb[:rows]
-            if shared:
-                out = matrix(acts, a_off[layers - 1], rows, c)
-            else:
-                out, _ = _forward(p, xr, acts, pre, a_off, w_off, b_off, fan_in, fan_out,
-                                  narrow, act, rows, no_probe, unit_live, sat_z)
+            step_acts = acts
+            if shared and not whole:
+                _pick(acts, picked, order[start:start + rows], a_off, fan_out, n_train)
+                step_acts = picked
+            elif not shared:
+                _forward(p, xr, acts, pre, a_off, w_off, b_off, fan_in, fan_out, narrow, act,
+                         rows, no_probe, unit_live, sat_z)
             shared = False
+            out = matrix(step_acts, a_off[layers - 1], rows, c)
             gout = matrix(g0, 0, rows, c)
             loss = _loss_grad(out, yfb[:rows], yib[:rows], classify, gout)
-            _backward(p, grad, xr, acts, g0, g1, pre, wt, zeros, a_off, w_off, b_off, fan_in,
-                      fan_out, narrow, act, rows)
+            _backward(p, grad, xr, step_acts, g0, g1, pre, wt, zeros, a_off, w_off, b_off,
+                      fan_in, fan_out, narrow, act, rows)
             rs = steps_rec[step, :, t]
             rs[0] = loss
             # One pass per weight and bias, summed in storage order (the fused kernel's
@@ -658,12 +683,12 @@ if njit is not None:
             if k >= 0:
                 _evaluate(p, x_all, yf_eval[t], yi_eval[t], classify, scale[t], n_train,
                           chunk, acts, pre, a_off, w_off, b_off, fan_in, fan_out, narrow, act,
-                          probe, sat_z, unit_live, rec, whole)
+                          probe, sat_z, unit_live, rec, train_last)
                 _put(evals_rec[k, :, t], rec)
                 if not (np.isfinite(rec[0]) and np.isfinite(rec[1])):
                     live[t] = 0
                     break
-                shared = whole
+                shared = train_last
         if swapped:
             _put(params[t], p)
             _put(previous[t], last)
