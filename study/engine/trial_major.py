@@ -159,11 +159,13 @@ if njit is not None:
     @njit(cache=True)
     def _product_tall(a, w, b, z):
         # `_product` with blocks of 6 rows x 2 vectors first (12 accumulators, 2 loads of
-        # w and a broadcast of a: 15 of AVX2's 16 registers), for a weight gradient h^T g
-        # over many rows, whose operands outgrow L1: each is read a third fewer times
-        # from L2 (25% faster at 256 inner steps). Each entry is the same chain of fused
-        # multiply-adds as `_product`'s. A function of its own: inside `_product`, the
-        # 6-row loop slowed its 4-row loop at few inner steps (batch 8).
+        # w and a broadcast of a: 15 of AVX2's 16 registers), for products over many rows:
+        # a weight gradient h^T g, whose operands outgrow L1, reads each a third fewer
+        # times from L2 (25% faster at 256 inner steps), and a forward pass of 64 rows or
+        # more keeps more products in flight (10-15% faster at 128-256 x 64 x 64). Each
+        # entry is the same chain of fused multiply-adds as `_product`'s. A function of
+        # its own: inside `_product`, the 6-row loop slowed its 4-row loop at few inner
+        # steps (batch 8), and under 64 rows it is no faster.
         rows, inner = a.shape
         lanes = lanes_of(z)
         if z.shape[1] % (2 * lanes):  # columns left over: `_product`'s loops cover them
@@ -367,6 +369,8 @@ if njit is not None:
             b = p[b_off[i]:b_off[i] + fo]
             if narrow[i]:
                 _forward_narrow(h, w, b, z)
+            elif rows >= 64:  # an evaluation's chunks, large batches
+                _product_tall(h, w, b, z)
             else:
                 _product(h, w, b, z)
             if i < layers - 1:
