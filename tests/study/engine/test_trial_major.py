@@ -252,11 +252,14 @@ def test_the_kernel_and_the_layer_major_path_agree_on_the_lr_batch_shapes() -> N
         assert_equivalent(a, b, TOL["float32"])
 
 
-@pytest.mark.parametrize("batch_size", ["full", 16])
+@pytest.mark.parametrize("batch_size", ["full", 16, 64])
 def test_one_call_or_one_per_evaluation_give_the_same_bits(batch_size, kernel_only) -> None:
-    """Without a hook the kernel runs a population in one call, and a whole-split step
-    takes its forward pass from the evaluation before it; with one (stopping nothing), one
-    call per evaluation and every step's own forward pass. The same bits either way."""
+    """Without a hook the kernel runs a population in one call, and a step after an
+    evaluation takes its forward pass from the evaluation's (a whole-split step as it is,
+    a smaller batch's rows gathered from it); with one (stopping nothing), one call per
+    evaluation and every step's own forward pass. The same bits either way, whichever
+    product computed a row (an evaluation's 100 training rows and a batch of 64 take
+    `_product_tall`, the epoch's last 36 rows `_product`)."""
     train = TrainSpec(batch_size=batch_size, epochs=4, dtype="float32")
     trials = [_trial(spec, task=task, train=train, seed=s)
               for s, (spec, task) in enumerate([(SGD(lr=0.05, momentum=0.9), REGRESSION),
