@@ -159,13 +159,11 @@ if njit is not None:
     @njit(cache=True)
     def _product_tall(a, w, b, z):
         # `_product` with blocks of 6 rows x 2 vectors first (12 accumulators, 2 loads of
-        # w and a broadcast of a: 15 of AVX2's 16 registers), for products over many rows:
-        # a weight gradient h^T g, whose operands outgrow L1, reads each a third fewer
-        # times from L2 (25% faster at 256 inner steps), and a forward pass of 64 rows or
-        # more keeps more products in flight (10-15% faster at 128-256 x 64 x 64). Each
-        # entry is the same chain of fused multiply-adds as `_product`'s. A function of
-        # its own: inside `_product`, the 6-row loop slowed its 4-row loop at few inner
-        # steps (batch 8), and under 64 rows it is no faster.
+        # w and a broadcast of a: 15 of AVX2's 16 registers): more products in flight, and
+        # operands that outgrow L1 (a weight gradient h^T g over 256 rows) read a third
+        # fewer times from L2. Each entry is the same chain of fused multiply-adds as
+        # `_product`'s. A function of its own: inside `_product`, the 6-row loop slowed
+        # its 4-row loop at few inner steps (batch 8). `_product_best` says where it pays.
         rows, inner = a.shape
         lanes = lanes_of(z)
         if z.shape[1] % (2 * lanes):  # columns left over: `_product`'s loops cover them
@@ -214,6 +212,20 @@ if njit is not None:
                 store_at(z, i + 5, o + lanes, c51)
             i += 6
         _product(a[i:], w, b, z[i:])
+
+    @njit(cache=True, inline="always")
+    def _product_best(a, w, b, z):
+        # `_product_tall` where its 6-row blocks pay, else `_product` (the same bits): from
+        # 64 rows, or from 10 rows with 16 inner steps or more. Below, its slices and the
+        # rows left to `_product` cost more than the blocks save (one core, best of 11:
+        # 64 x 64 x 64 36.5 against 32.2 FLOP per cycle, 64 x 8 x 64 32.7 against 27.7,
+        # 10 x 32 x 64 29.3 against 25.3; 8 x 64 x 64 30.6 against 31.8, 16 x 10 x 64 24.7
+        # against 28.0, 2 x 8 x 64 6.6 against 10.0).
+        rows, inner = a.shape
+        if rows >= 64 or (rows >= 10 and inner >= 16):
+            _product_tall(a, w, b, z)
+        else:
+            _product(a, w, b, z)
 
     @njit(cache=True, fastmath=_DOT)
     def _forward_narrow(h, w, b, z):
@@ -369,10 +381,8 @@ if njit is not None:
             b = p[b_off[i]:b_off[i] + fo]
             if narrow[i]:
                 _forward_narrow(h, w, b, z)
-            elif rows >= 64:  # an evaluation's chunks, large batches
-                _product_tall(h, w, b, z)
             else:
-                _product(h, w, b, z)
+                _product_best(h, w, b, z)
             if i < layers - 1:
                 if probe_rows > 0:
                     saturated += _health(z[:probe_rows], unit_live[base:base + fo], act,
@@ -437,23 +447,21 @@ if njit is not None:
                     gb[o] += g[r, o]
             gw = _layer(grad, w_off[i], fi, fo, narrow[i])
             if narrow[i]:  # gw [fo, fi] = g^T h
-                _product(g.T, h, zeros[:fi], gw)
-            elif rows >= 128:
-                _product_tall(h.T, g, zeros[:fo], gw)
+                _product_best(g.T, h, zeros[:fi], gw)
             else:
-                _product(h.T, g, zeros[:fo], gw)
+                _product_best(h.T, g, zeros[:fo], gw)
             if i > 0:
                 w = _layer(p, w_off[i], fi, fo, narrow[i])
                 spare = g1 if into_g1 else g0
                 gh = matrix(raw, 0, rows, fi)
                 if narrow[i]:  # w [fo, fi]: gh = g w
-                    _product(g, w, zeros[:fi], gh)
+                    _product_best(g, w, zeros[:fi], gh)
                 elif rows < 32:  # small batches: a transposed copy costs more than it saves
                     _input_grad_dot(g, w, gh)
                 else:  # g w^T as a product with w transposed
                     w_t = matrix(wt, 0, fo, fi)
                     _transpose(w, w_t)
-                    _product(g, w_t, zeros[:fi], gh)
+                    _product_best(g, w_t, zeros[:fi], gh)
                 g = matrix(spare, 0, rows, fi)
                 _activation_backward(gh, h, g, act)
                 into_g1 = not into_g1
