@@ -258,8 +258,8 @@ def test_one_call_or_one_per_evaluation_give_the_same_bits(batch_size, kernel_on
     evaluation takes its forward pass from the evaluation's (a whole-split step as it is,
     a smaller batch's rows gathered from it); with one (stopping nothing), one call per
     evaluation and every step's own forward pass. The same bits either way, whichever
-    product computed a row (an evaluation's 100 training rows and a batch of 64 take
-    `_product_tall`, the epoch's last 36 rows `_product`)."""
+    product computed a row (an evaluation's 100 training rows take `_product_tall`; a
+    batch's first layer, 10 inputs, under 64 rows `_product`: `_product_best`)."""
     train = TrainSpec(batch_size=batch_size, epochs=4, dtype="float32")
     trials = [_trial(spec, task=task, train=train, seed=s)
               for s, (spec, task) in enumerate([(SGD(lr=0.05, momentum=0.9), REGRESSION),
