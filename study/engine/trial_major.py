@@ -611,8 +611,9 @@ if njit is not None:
         # A step right after an evaluation takes its forward pass from the evaluation's,
         # whose last chunk is then the whole training split (`train_last`): as it is for a
         # whole-split step, its rows gathered into `picked` for a smaller batch. A row's
-        # numbers do not depend on the rows computed beside it (`_product`,
-        # `_forward_narrow` and `_activate` work row by row): the same bits as computing it.
+        # numbers do not depend on the rows computed beside it (the products, whichever
+        # `_product_best` takes, `_forward_narrow` and `_activate` work row by row): the
+        # same bits as computing it.
         train_last = whole or n_train <= chunk
         picked = np.empty(a_off[layers] if train_last and not whole else 0, dtype=dtype)
         unit_live = np.zeros(hidden, dtype=np.uint8)
