@@ -8,7 +8,9 @@ import pytest
 import scipy.stats
 
 from analysis.stats import (
+    _median_iqr,
     bootstrap,
+    bootstrap_distribution,
     divergence_rate,
     generator,
     permutation_p,
@@ -95,6 +97,24 @@ def test_bootstrap_is_scipys_percentile_interval_and_resamples_units_with_replac
     assert paired.low == pytest.approx(2.0) and paired.high == pytest.approx(2.0)
     single = bootstrap((values[:1],), np.mean, generator("a"))
     assert single.low == single.high == values[0]
+
+
+@pytest.mark.parametrize("n", [2, 3, 5, 8])
+def test_bootstrap_distribution_is_scipys_bit_for_bit(n):
+    rng = np.random.default_rng(n)
+    values = rng.lognormal(size=n)
+    ties = np.round(values)  # repeated values: the quantiles' interpolation on ties
+    slopes = (rng.normal(size=n), rng.uniform(1, 2, size=n))
+    cases = [((values,), _median_iqr), ((ties,), _median_iqr), ((values,), np.mean),
+             (slopes, lambda sxy, sxx, axis: sxy.sum(axis) / sxx.sum(axis)),
+             ((np.arange(n, dtype=float),), lambda i, axis: np.stack([i.max(axis), i.min(axis)]))]
+    for samples, statistic in cases:
+        ours = bootstrap_distribution(samples, statistic, generator("case", n), 500)
+        theirs = scipy.stats.bootstrap(
+            samples, statistic, n_resamples=500, vectorized=True, paired=len(samples) > 1,
+            method="percentile", rng=generator("case", n)).bootstrap_distribution
+        assert ours.shape == theirs.shape
+        assert np.array_equal(ours, theirs, equal_nan=True)
 
 
 def test_generator_draws_depend_on_the_labels_only():
