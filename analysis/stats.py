@@ -4,9 +4,9 @@ the resampling every interval and p-value of the report and the claims is drawn 
 Resampling is scipy's (`scipy.stats.bootstrap`, `permutation_test`,
 `false_discovery_control`; the bootstrap's draws are made here as scipy makes them, the
 same bits, without its per-call overhead) behind three functions: `bootstrap`
-(percentile intervals), `sign_flip_p` (paired permutation test) and `q_values` (Benjamini-Hochberg);
-`permutation_p` scores a null drawn by the caller (a test scipy has no form for, such as
-shuffles within strata) with scipy's two-sided convention. Each resampled
+(percentile intervals), `sign_flip_p` (paired permutation test) and `q_values`
+(Benjamini-Hochberg); `permutation_p` scores a null drawn by the caller (a test scipy has
+no form for, such as shuffles within strata) with scipy's two-sided convention. Each resampled
 quantity draws from its own generator, `generator(*labels)`, seeded by BOOTSTRAP_SEED and
 the CRC32 of labels naming the quantity (a group's labels, a claim's statement): its
 interval never depends on which other groups or claims are computed, and reruns give the
