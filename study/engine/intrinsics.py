@@ -1,7 +1,7 @@
 """Building blocks of the trial-major kernel that numba does not offer: SIMD vectors held
-in registers (`Vector`: `load`, `load_at`, `store_at`, `fma`), a square block transposed
-in registers (`transpose_block`), 2-D views of a flat row made without `reshape`'s
-checks (`matrix`) and an atomic counter shared by threads (`fetch_add`).
+in registers (`Vector`: `load`, `load_at`, `store_at`, `fma`, `relu`), a square block
+transposed in registers (`transpose_block`), 2-D views of a flat row made without
+`reshape`'s checks (`matrix`) and an atomic counter shared by threads (`fetch_add`).
 
 numba compiles array accesses into loads and stores that LLVM may not keep in registers:
 it cannot prove that two arrays do not overlap, so an accumulator held in an array goes
@@ -147,6 +147,20 @@ if intrinsic is not None:
             return builder.call(function, [args[0], spread, args[2]])
 
         return x(x, scalar, acc), codegen
+
+    @intrinsic
+    def relu(typingctx, x):
+        """0 in the lanes of `x` that are <= 0, the lane itself elsewhere (NaN kept, as
+        torch.relu keeps it; -0 becomes 0): `v if not v <= 0 else 0` lane by lane, the
+        same bits."""
+        if not isinstance(x, Vector):
+            raise TypingError(f"intrinsics.relu: {x}")
+
+        def codegen(context, builder, signature, args):
+            zero = ir.Constant(context.get_value_type(signature.args[0]), None)
+            return builder.select(builder.fcmp_ordered("<=", args[0], zero), zero, args[0])
+
+        return x(x), codegen
 
     @intrinsic
     def fma_scalar(typingctx, a, b, acc):

@@ -66,6 +66,7 @@ try:
         load,
         load_at,
         matrix,
+        relu,
         store_at,
         transpose_block,
     )
@@ -98,14 +99,21 @@ if njit is not None:
     # strict order.
     _DOT = {"reassoc", "nsz", "contract"}
 
+    @njit(cache=True, inline="always")
+    def _out(v, rectify):
+        # What a product stores of a block: v, or relu(v) (`_product`'s `rectify`).
+        return relu(v) if rectify else v
+
     @njit(cache=True)
-    def _product(a, w, b, z):
+    def _product(a, w, b, z, rectify):
         # z[i, o] = b[o] + sum_k a[i, k] * w[k, o], each entry one chain of fused
         # multiply-adds over k in order, whatever the shapes and however the entry is
-        # reached. Blocks of 4 rows x 2 vectors of z stay in registers (`intrinsics.Vector`)
-        # for the whole k loop, so each load of w feeds four products and nothing goes back
-        # to memory until the block is done. `a` may be a transposed view (the weight
-        # gradient h^T g); w and z are C-contiguous.
+        # reached; with `rectify` (a literal: its own compilation), relu of that, as
+        # `_activate` computes it, applied as the block is stored. Blocks of 4 rows x 2
+        # vectors of z stay in registers (`intrinsics.Vector`) for the whole k loop, so
+        # each load of w feeds four products and nothing goes back to memory until the
+        # block is done. `a` may be a transposed view (the weight gradient h^T g); w and z
+        # are C-contiguous.
         rows, inner = a.shape
         n = z.shape[1]
         lanes = lanes_of(z)
@@ -127,14 +135,14 @@ if njit is not None:
                     c21 = fma(x1, a2, c21)
                     c30 = fma(x0, a3, c30)
                     c31 = fma(x1, a3, c31)
-                store_at(z, i, o, c00)
-                store_at(z, i, o + lanes, c01)
-                store_at(z, i + 1, o, c10)
-                store_at(z, i + 1, o + lanes, c11)
-                store_at(z, i + 2, o, c20)
-                store_at(z, i + 2, o + lanes, c21)
-                store_at(z, i + 3, o, c30)
-                store_at(z, i + 3, o + lanes, c31)
+                store_at(z, i, o, _out(c00, rectify))
+                store_at(z, i, o + lanes, _out(c01, rectify))
+                store_at(z, i + 1, o, _out(c10, rectify))
+                store_at(z, i + 1, o + lanes, _out(c11, rectify))
+                store_at(z, i + 2, o, _out(c20, rectify))
+                store_at(z, i + 2, o + lanes, _out(c21, rectify))
+                store_at(z, i + 3, o, _out(c30, rectify))
+                store_at(z, i + 3, o + lanes, _out(c31, rectify))
             i += 4
         for r in range(i, rows):
             for o in range(0, wide, 2 * lanes):
@@ -142,22 +150,22 @@ if njit is not None:
                 for k in range(inner):
                     c0 = fma(load_at(w, k, o), a[r, k], c0)
                     c1 = fma(load_at(w, k, o + lanes), a[r, k], c1)
-                store_at(z, r, o, c0)
-                store_at(z, r, o + lanes, c1)
+                store_at(z, r, o, _out(c0, rectify))
+                store_at(z, r, o + lanes, _out(c1, rectify))
         for r in range(rows):
             for o in range(wide, single, lanes):
                 c0 = load(b, o)
                 for k in range(inner):
                     c0 = fma(load_at(w, k, o), a[r, k], c0)
-                store_at(z, r, o, c0)
+                store_at(z, r, o, _out(c0, rectify))
             for o in range(single, n):
                 s = b[o]
                 for k in range(inner):
                     s = fma_scalar(a[r, k], w[k, o], s)
-                z[r, o] = s
+                z[r, o] = s if not (rectify and s <= 0) else z.dtype.type(0)
 
     @njit(cache=True)
-    def _product_tall(a, w, b, z):
+    def _product_tall(a, w, b, z, rectify):
         # `_product` with blocks of 6 rows x 2 vectors first (12 accumulators, 2 loads of
         # w and a broadcast of a: 15 of AVX2's 16 registers): more products in flight, and
         # operands that outgrow L1 (a weight gradient h^T g over 256 rows) read a third
@@ -167,7 +175,7 @@ if njit is not None:
         rows, inner = a.shape
         lanes = lanes_of(z)
         if z.shape[1] % (2 * lanes):  # columns left over: `_product`'s loops cover them
-            _product(a, w, b, z)
+            _product(a, w, b, z, rectify)
             return
         wide = z.shape[1]
         # Rows as 6p + 4q, so that an even count leaves no row to the one-row loop.
@@ -198,23 +206,23 @@ if njit is not None:
                     a5 = a[i + 5, k]
                     c50 = fma(x0, a5, c50)
                     c51 = fma(x1, a5, c51)
-                store_at(z, i, o, c00)
-                store_at(z, i, o + lanes, c01)
-                store_at(z, i + 1, o, c10)
-                store_at(z, i + 1, o + lanes, c11)
-                store_at(z, i + 2, o, c20)
-                store_at(z, i + 2, o + lanes, c21)
-                store_at(z, i + 3, o, c30)
-                store_at(z, i + 3, o + lanes, c31)
-                store_at(z, i + 4, o, c40)
-                store_at(z, i + 4, o + lanes, c41)
-                store_at(z, i + 5, o, c50)
-                store_at(z, i + 5, o + lanes, c51)
+                store_at(z, i, o, _out(c00, rectify))
+                store_at(z, i, o + lanes, _out(c01, rectify))
+                store_at(z, i + 1, o, _out(c10, rectify))
+                store_at(z, i + 1, o + lanes, _out(c11, rectify))
+                store_at(z, i + 2, o, _out(c20, rectify))
+                store_at(z, i + 2, o + lanes, _out(c21, rectify))
+                store_at(z, i + 3, o, _out(c30, rectify))
+                store_at(z, i + 3, o + lanes, _out(c31, rectify))
+                store_at(z, i + 4, o, _out(c40, rectify))
+                store_at(z, i + 4, o + lanes, _out(c41, rectify))
+                store_at(z, i + 5, o, _out(c50, rectify))
+                store_at(z, i + 5, o + lanes, _out(c51, rectify))
             i += 6
-        _product(a[i:], w, b, z[i:])
+        _product(a[i:], w, b, z[i:], rectify)
 
     @njit(cache=True, inline="always")
-    def _product_best(a, w, b, z):
+    def _product_best(a, w, b, z, rectify):
         # `_product_tall` where its 6-row blocks pay, else `_product` (the same bits): from
         # 64 rows, or from 10 rows with 16 inner steps or more. Below, its slices and the
         # rows left to `_product` cost more than the blocks save (one core, best of 11:
@@ -223,9 +231,9 @@ if njit is not None:
         # against 28.0, 2 x 8 x 64 6.6 against 10.0).
         rows, inner = a.shape
         if rows >= 64 or (rows >= 10 and inner >= 16):
-            _product_tall(a, w, b, z)
+            _product_tall(a, w, b, z, rectify)
         else:
-            _product(a, w, b, z)
+            _product(a, w, b, z, rectify)
 
     @njit(cache=True, fastmath=_DOT)
     def _forward_narrow(h, w, b, z):
@@ -376,14 +384,25 @@ if njit is not None:
         for i in range(layers):
             fo = fan_out[i]
             out = matrix(acts, a_off[i], rows, fo)
-            z = matrix(pre, 0, rows, fo) if i < layers - 1 else out
+            hidden = i < layers - 1
             w = _layer(p, w_off[i], fan_in[i], fo, narrow[i])
             b = p[b_off[i]:b_off[i] + fo]
+            if hidden and act == _RELU and not narrow[i]:
+                # relu applied as the product stores its blocks: no pass over the
+                # pre-activations. The probe reads the activations: relu(z) > 0 or NaN
+                # exactly where z > 0 or NaN, so it finds the same live units.
+                _product_best(h, w, b, out, True)
+                if probe_rows > 0:
+                    _health(out[:probe_rows], unit_live[base:base + fo], act, sat_z)
+                base += fo
+                h = out
+                continue
+            z = matrix(pre, 0, rows, fo) if hidden else out
             if narrow[i]:
                 _forward_narrow(h, w, b, z)
             else:
-                _product_best(h, w, b, z)
-            if i < layers - 1:
+                _product_best(h, w, b, z, False)
+            if hidden:
                 if probe_rows > 0:
                     saturated += _health(z[:probe_rows], unit_live[base:base + fo], act,
                                          sat_z)
@@ -458,21 +477,21 @@ if njit is not None:
                     gb[o] += g[r, o]
             gw = _layer(grad, w_off[i], fi, fo, narrow[i])
             if narrow[i]:  # gw [fo, fi] = g^T h
-                _product_best(g.T, h, zeros[:fi], gw)
+                _product_best(g.T, h, zeros[:fi], gw, False)
             else:
-                _product_best(h.T, g, zeros[:fo], gw)
+                _product_best(h.T, g, zeros[:fo], gw, False)
             if i > 0:
                 w = _layer(p, w_off[i], fi, fo, narrow[i])
                 spare = g1 if into_g1 else g0
                 gh = matrix(raw, 0, rows, fi)
                 if narrow[i]:  # w [fo, fi]: gh = g w
-                    _product_best(g, w, zeros[:fi], gh)
+                    _product_best(g, w, zeros[:fi], gh, False)
                 elif rows < 32:  # small batches: a transposed copy costs more than it saves
                     _input_grad_dot(g, w, gh)
                 else:  # g w^T as a product with w transposed
                     w_t = matrix(wt, 0, fo, fi)
                     _transpose(w, w_t)
-                    _product_best(g, w_t, zeros[:fi], gh)
+                    _product_best(g, w_t, zeros[:fi], gh, False)
                 g = matrix(spare, 0, rows, fi)
                 _activation_backward(gh, h, g, act)
                 into_g1 = not into_g1

@@ -36,7 +36,7 @@ def test_the_product_matches_numpy_on_every_path(dtype, tol, transposed):
             for inner in (1, 2, 10, 64):
                 a, w, b = _operands(rows, inner, cols, dtype, transposed)
                 z = np.full((rows, cols), np.nan, dtype=dtype)
-                _product(a, w, b, z)
+                _product(a, w, b, z, False)
                 exact = a.astype(np.float64) @ w.astype(np.float64) + b
                 scale = np.abs(a).astype(np.float64) @ np.abs(w) + np.abs(b)
                 assert np.all(np.abs(z - exact) <= tol * scale), (rows, inner, cols)
@@ -50,11 +50,12 @@ def test_each_entry_is_the_same_bits_however_it_is_reached(dtype):
     # trial's numbers cannot depend on its batch's size or its layer's width.
     a, w, b = _operands(9, 64, 70, dtype, transposed=False, seed=1)
     z = np.empty((9, 70), dtype=dtype)
-    _product(a, w, b, z)
+    _product(a, w, b, z, False)
     alone = np.empty((1, 1), dtype=dtype)
     for i in range(9):
         for o in range(70):
-            _product(a[i:i + 1], np.ascontiguousarray(w[:, o:o + 1]), b[o:o + 1], alone)
+            _product(a[i:i + 1], np.ascontiguousarray(w[:, o:o + 1]), b[o:o + 1], alone,
+                     False)
             assert z[i, o] == alone[0, 0], (i, o)
 
 
@@ -65,13 +66,13 @@ def test_each_entry_sums_over_k_in_order_rounding_once_per_multiply_add(cols):
     a = np.array([[2.0**24, 1.0, 1.0, 1.0]], dtype=np.float32)
     w = np.tile(np.array([[1.0], [0.5], [0.5], [0.5]], dtype=np.float32), (1, cols))
     z = np.empty((1, cols), dtype=np.float32)
-    _product(a, w, np.zeros(cols, dtype=np.float32), z)
+    _product(a, w, np.zeros(cols, dtype=np.float32), z, False)
     assert np.all(z == np.float32(2.0**24))
     # Once: (1 + 2**-12)**2 - 1 is 2**-11 + 2**-24 exactly (a float32); rounding the
     # product to float32 first would lose the 2**-24.
     x = np.float32(1 + 2.0**-12)
     _product(np.array([[x]], dtype=np.float32), np.full((1, cols), x, dtype=np.float32),
-             np.full(cols, -1.0, dtype=np.float32), z)
+             np.full(cols, -1.0, dtype=np.float32), z, False)
     assert np.all(z == np.float32(2.0**-11 + 2.0**-24))
 
 

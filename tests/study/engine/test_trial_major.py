@@ -153,19 +153,48 @@ def test_a_product_entry_is_the_same_bits_in_any_block(dtype) -> None:
             w = rng.standard_normal((inner, cols)).astype(dtype)
             b = rng.standard_normal(cols).astype(dtype)
             z = np.empty((rows, cols), dtype)
-            kernel_module._product(a, w, b, z)
+            kernel_module._product(a, w, b, z, False)
             np.testing.assert_allclose(z, b + a.astype(np.float64) @ w,
                                        rtol=1e-4 if dtype == np.float32 else 1e-12,
                                        atol=1e-4 if dtype == np.float32 else 1e-12)
             for r in range(rows):  # each row alone: the one-row loops
                 alone = np.empty((1, cols), dtype)
-                kernel_module._product(a[r:r + 1], w, b, alone)
+                kernel_module._product(a[r:r + 1], w, b, alone, False)
                 assert alone.tobytes() == z[r:r + 1].tobytes(), (rows, inner, cols, r)
             h = np.ascontiguousarray(a.T)  # the weight gradient's transposed view
             for product in (kernel_module._product, kernel_module._product_tall):
                 zt = np.empty((rows, cols), dtype)
-                product(h.T, w, b, zt)
+                product(h.T, w, b, zt, False)
                 assert zt.tobytes() == z.tobytes(), (product, rows, inner, cols)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_a_rectified_product_is_relu_of_the_product_bit_for_bit(dtype) -> None:
+    # The forward pass of a relu layer stores relu(z) as each block is done
+    # (`rectify`): every entry, on every path (6-row, 4-row and one-row blocks; columns in
+    # 2 vectors, 1 vector and one by one), must be `_activate`'s relu of the plain
+    # product's entry: NaN kept, -0 and negatives made +0.
+    rng = np.random.default_rng(3)
+    for rows in (1, 3, 4, 6, 7, 10, 13, 64, 70):
+        for inner, cols in ((10, 64), (64, 37), (7, 3), (20, 16)):
+            a = rng.standard_normal((rows, inner)).astype(dtype)
+            a[rng.random((rows, inner)) < 0.05] = np.nan
+            a[0] = np.abs(rng.standard_normal(inner))  # with w[:, 0] = b[0] = -0: z = -0
+            if rows > 1:
+                a[-1, 0] = np.nan
+            w = rng.standard_normal((inner, cols)).astype(dtype)
+            w[:, 0] = -0.0
+            b = rng.standard_normal(cols).astype(dtype)
+            b[0] = -0.0
+            for product in (kernel_module._product, kernel_module._product_tall):
+                z, fused = np.empty((rows, cols), dtype), np.empty((rows, cols), dtype)
+                product(a, w, b, z, False)
+                product(a, w, b, fused, True)
+                relu = np.empty_like(z)
+                kernel_module._activate(z, relu, kernel_module._RELU)
+                assert fused.tobytes() == relu.tobytes(), (product, rows, inner, cols)
+                assert (np.signbit(z) & (z == 0)).any() and not np.signbit(fused).any()
+                assert rows == 1 or np.isnan(fused).any()
 
 
 def test_a_trial_is_bit_identical_alone_in_a_crowd_and_on_one_thread(kernel_only) -> None:
@@ -478,9 +507,12 @@ print(json.dumps({"here": compiled_here,
         assert not (ahead | {"_product"}) & set(here)
         assert all(counts[n] == 1 for n in ahead)
         assert twice == {} and {n: c for n, c in counts.items() if c > 1} == {}
-    else:  # all here, in turn; `_product` twice: its `a` is a transposed view for gw
-        assert twice == {"_product": 2}
-        assert {n: c for n, c in counts.items() if c > 1} == {"_product": 2}
+    else:  # all here, in turn; the products once per layout of `a` (C: a batch; F: the
+        # transposed view h^T of a weight gradient; A: the rows of that view `_product_tall`
+        # leaves to `_product`) and per `rectify` (True: a relu layer's forward pass, C only)
+        products = {"_product": 4, "_product_tall": 3}
+        assert twice == products
+        assert {n: c for n, c in counts.items() if c > 1} == products
     assert loaded["here"] == []
     counts = loaded["signatures"]
     assert counts["_rows"] == 1 and counts["_forward"] == 0  # the cache holds the rest
