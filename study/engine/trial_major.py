@@ -104,6 +104,12 @@ if njit is not None:
         # What a product stores of a block: v, or relu(v) (`_product`'s `rectify`).
         return relu(v) if rectify else v
 
+    @njit(cache=True, inline="always")
+    def _store_pair(z, r, o, lanes, c0, c1, rectify):
+        # Row r of a block of 2 vectors: z[r, o:o + 2 * lanes] = c0, c1 (`_out`).
+        store_at(z, r, o, _out(c0, rectify))
+        store_at(z, r, o + lanes, _out(c1, rectify))
+
     @njit(cache=True)
     def _product(a, w, b, z, rectify):
         # z[i, o] = b[o] + sum_k a[i, k] * w[k, o], each entry one chain of fused
@@ -135,14 +141,10 @@ if njit is not None:
                     c21 = fma(x1, a2, c21)
                     c30 = fma(x0, a3, c30)
                     c31 = fma(x1, a3, c31)
-                store_at(z, i, o, _out(c00, rectify))
-                store_at(z, i, o + lanes, _out(c01, rectify))
-                store_at(z, i + 1, o, _out(c10, rectify))
-                store_at(z, i + 1, o + lanes, _out(c11, rectify))
-                store_at(z, i + 2, o, _out(c20, rectify))
-                store_at(z, i + 2, o + lanes, _out(c21, rectify))
-                store_at(z, i + 3, o, _out(c30, rectify))
-                store_at(z, i + 3, o + lanes, _out(c31, rectify))
+                _store_pair(z, i, o, lanes, c00, c01, rectify)
+                _store_pair(z, i + 1, o, lanes, c10, c11, rectify)
+                _store_pair(z, i + 2, o, lanes, c20, c21, rectify)
+                _store_pair(z, i + 3, o, lanes, c30, c31, rectify)
             i += 4
         for r in range(i, rows):
             for o in range(0, wide, 2 * lanes):
@@ -150,8 +152,7 @@ if njit is not None:
                 for k in range(inner):
                     c0 = fma(load_at(w, k, o), a[r, k], c0)
                     c1 = fma(load_at(w, k, o + lanes), a[r, k], c1)
-                store_at(z, r, o, _out(c0, rectify))
-                store_at(z, r, o + lanes, _out(c1, rectify))
+                _store_pair(z, r, o, lanes, c0, c1, rectify)
         for r in range(rows):
             for o in range(wide, single, lanes):
                 c0 = load(b, o)
@@ -206,18 +207,12 @@ if njit is not None:
                     a5 = a[i + 5, k]
                     c50 = fma(x0, a5, c50)
                     c51 = fma(x1, a5, c51)
-                store_at(z, i, o, _out(c00, rectify))
-                store_at(z, i, o + lanes, _out(c01, rectify))
-                store_at(z, i + 1, o, _out(c10, rectify))
-                store_at(z, i + 1, o + lanes, _out(c11, rectify))
-                store_at(z, i + 2, o, _out(c20, rectify))
-                store_at(z, i + 2, o + lanes, _out(c21, rectify))
-                store_at(z, i + 3, o, _out(c30, rectify))
-                store_at(z, i + 3, o + lanes, _out(c31, rectify))
-                store_at(z, i + 4, o, _out(c40, rectify))
-                store_at(z, i + 4, o + lanes, _out(c41, rectify))
-                store_at(z, i + 5, o, _out(c50, rectify))
-                store_at(z, i + 5, o + lanes, _out(c51, rectify))
+                _store_pair(z, i, o, lanes, c00, c01, rectify)
+                _store_pair(z, i + 1, o, lanes, c10, c11, rectify)
+                _store_pair(z, i + 2, o, lanes, c20, c21, rectify)
+                _store_pair(z, i + 3, o, lanes, c30, c31, rectify)
+                _store_pair(z, i + 4, o, lanes, c40, c41, rectify)
+                _store_pair(z, i + 5, o, lanes, c50, c51, rectify)
             i += 6
         _product(a[i:], w, b, z[i:], rectify)
 
