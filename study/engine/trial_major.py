@@ -340,15 +340,28 @@ if njit is not None:
 
     @njit(cache=True)
     def _health(z, live, act, sat_z):
-        # On a probe block z [rows, units] of pre-activations: live[u] |= some z > 0 or NaN
-        # (relu: a unit is dead when its largest pre-activation is <= 0; NaN is not dead);
-        # returns how many |z| > sat_z (tanh, sigmoid).
+        # On a probe block z [rows, units] of pre-activations (relu: or activations, > 0 or
+        # NaN where those are): live[u] |= some z > 0 or NaN (relu: a unit is dead when
+        # its largest pre-activation is <= 0; NaN is not dead); returns how many
+        # |z| > sat_z (tanh, sigmoid).
         count = 0
         if act == _RELU:
-            for r in range(z.shape[0]):
-                zr = z[r]
-                for u in range(zr.shape[0]):
-                    live[u] |= np.uint8(not zr[u] <= 0)
+            rows, units = z.shape
+            r = 0
+            while r < rows:
+                end = min(r + 8, rows)
+                for i in range(r, end):
+                    zr = z[i]
+                    for u in range(units):
+                        live[u] |= np.uint8(not zr[u] <= 0)
+                r = end
+                # Every unit found live: no later row can change a flag. A healthy layer
+                # gets there within a few rows, a layer with a dead unit never does.
+                every = np.uint8(1)
+                for u in range(units):
+                    every &= live[u]
+                if every:
+                    break
         elif act in (_TANH, _SIGMOID):
             sat = z.dtype.type(sat_z)  # compared in the dtype, as torch compares
             for r in range(z.shape[0]):

@@ -197,6 +197,27 @@ def test_a_rectified_product_is_relu_of_the_product_bit_for_bit(dtype) -> None:
                 assert rows == 1 or np.isnan(fused).any()
 
 
+def test_the_relu_probe_marks_a_unit_live_iff_some_row_is_above_zero_or_nan() -> None:
+    # `_health` stops reading rows once every unit is live: the flags must still be those
+    # of every row, with units that come alive late, dead units (all rows <= 0, -0
+    # included) and NaN (not dead), for probes shorter and longer than its 8-row steps.
+    rng = np.random.default_rng(5)
+    for rows in (1, 5, 8, 9, 17, 40):
+        for dead, late, positive in ((0, False, 0.9), (0, True, 0.3), (1, False, 0.9),
+                                     (5, True, 0.5)):
+            z = -np.abs(rng.standard_normal((rows, 24))).astype(np.float32)
+            z[rng.random(z.shape) < positive] *= -1  # positive: live
+            z[:, :dead] = -0.0 if dead == 1 else -1.0  # dead units
+            if late:  # a unit live only from the last row, by a NaN
+                z[:, 23] = -1.0
+                z[-1, 23] = np.nan
+            live = np.zeros(24, dtype=np.uint8)
+            kernel_module._health(z, live, kernel_module._RELU, 0.0)
+            expected = (~(z <= 0)).any(axis=0).astype(np.uint8)
+            assert live.tolist() == expected.tolist(), (rows, dead, late)
+            assert not live[:dead].any() and (live[23] or not late)
+
+
 def test_a_trial_is_bit_identical_alone_in_a_crowd_and_on_one_thread(kernel_only) -> None:
     rng = np.random.default_rng(0)
     crowd = [_trial(Adam(lr=float(10 ** rng.uniform(-4, 0))), task=CLASSIFICATION,
