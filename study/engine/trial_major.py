@@ -346,23 +346,10 @@ if njit is not None:
         # |z| > sat_z (tanh, sigmoid).
         count = 0
         if act == _RELU:
-            rows, units = z.shape
-            r, step = 0, 8
-            while r < rows:
-                end = min(r + step, rows)
-                for i in range(r, end):
-                    zr = z[i]
-                    for u in range(units):
-                        live[u] |= np.uint8(not zr[u] <= 0)
-                r, step = end, 2 * step
-                # Every unit found live: no later row can change a flag. A healthy layer
-                # gets there within a few rows; a layer with a dead unit never does, and
-                # pays a check after 8, 24, 56, ... rows (a few percent of the probe).
-                dead = 0
-                for u in range(units):
-                    dead += live[u] == 0
-                if dead == 0:
-                    break
+            for r in range(z.shape[0]):
+                zr = z[r]
+                for u in range(zr.shape[0]):
+                    live[u] |= np.uint8(not zr[u] <= 0)
         elif act in (_TANH, _SIGMOID):
             sat = z.dtype.type(sat_z)  # compared in the dtype, as torch compares
             for r in range(z.shape[0]):

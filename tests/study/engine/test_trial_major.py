@@ -198,9 +198,8 @@ def test_a_rectified_product_is_relu_of_the_product_bit_for_bit(dtype) -> None:
 
 
 def test_the_relu_probe_marks_a_unit_live_iff_some_row_is_above_zero_or_nan() -> None:
-    # `_health` stops reading rows once every unit is live: the flags must still be those
-    # of every row, with units that come alive late, dead units (all rows <= 0, -0
-    # included) and NaN (not dead), for probes shorter and longer than its 8-row steps.
+    # The flags are those of every row: units that come alive late, dead units (all rows
+    # <= 0, -0 included) and NaN (not dead), for probes of 1 to 40 rows.
     rng = np.random.default_rng(5)
     for rows in (1, 5, 8, 9, 17, 40):
         for dead, late, positive in ((0, False, 0.9), (0, True, 0.3), (1, False, 0.9),
