@@ -3,6 +3,7 @@ and byte-identical rebuilds."""
 
 from __future__ import annotations
 
+import io
 import re
 from datetime import datetime, timezone
 from pathlib import Path
@@ -10,10 +11,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from matplotlib.colors import LogNorm, Normalize
 
+from analysis import figures
 from analysis.__main__ import main
-from analysis.aggregate import cell_summary
-from analysis.axes import sweep_axes
+from analysis.aggregate import cell_summary, stability_map
+from analysis.axes import choose_map_layout, sweep_axes
 from analysis.gallery import pick_representatives
 from analysis.load import load_run
 from analysis.report import ReportError, map_section, render_html
@@ -214,3 +217,40 @@ def test_a_sampled_table_says_so_above_itself():
     assert sample_rows(pd.DataFrame({"x": range(312)}))[1] == ""  # 312 rows: all shown
     template = (Path(__file__).parents[2] / "analysis/templates/report.html").read_text()
     assert template.index("cells.note }}") < template.index("cells.table | safe")
+
+
+def test_map_markers_drawn_per_symbol_and_ink_give_the_pixels_of_one_per_cell(run, summary):
+    """A panel draws one line of markers per symbol and ink (`draw_stability_panel`): the
+    PNG must be the one a line per marked cell gives, with the same ink on each."""
+    axes = sweep_axes(run.trials, run.meta)
+    smap = stability_map(summary, axes, choose_map_layout(axes))
+    low, high = smap.color_limits
+    norm = LogNorm(low, high) if smap.log_color else Normalize(low, high)
+    cells = smap.cells
+    assert (cells["marker"] != "").sum() >= 2
+
+    def png(per_cell: bool) -> tuple[bytes, int]:
+        fig = figures.plt.figure(figsize=(3, 2))
+        ax = fig.gca()
+        plain = cells.assign(marker="") if per_cell else cells
+        figures.draw_stability_panel(plain, smap, norm, ax=ax)
+        if per_cell:  # as the panel drew them before: one line per marked cell
+            cmap = figures.plt.get_cmap(figures.CMAP)
+            for cell in cells[cells["marker"] != ""].itertuples():
+                drawn = np.isfinite(cell.color_value) and (
+                    cell.color_value > 0 or not smap.log_color)
+                rgba = cmap(norm(cell.color_value)) if drawn else (1, 1, 1, 1)
+                ink = "black" if figures._luminance(rgba) > 0.5 else "white"
+                ax.plot(cell.x_pos, cell.y_pos, linestyle="none",
+                        marker=figures.SYMBOLS[cell.marker], markersize=9,
+                        markeredgewidth=2, color=ink, markerfacecolor="none")
+        lines = len(ax.lines)
+        buffer = io.BytesIO()
+        fig.savefig(buffer, format="png", dpi=60, metadata={"Software": None})
+        figures.plt.close(fig)
+        return buffer.getvalue(), lines
+
+    grouped, grouped_lines = png(per_cell=False)
+    one_each, cell_lines = png(per_cell=True)
+    assert grouped == one_each
+    assert grouped_lines < cell_lines
