@@ -381,28 +381,25 @@ if njit is not None:
             fo = fan_out[i]
             out = matrix(acts, a_off[i], rows, fo)
             hidden = i < layers - 1
+            # A relu layer's product applies relu as it stores its blocks: no pass over
+            # the pre-activations. Its probe reads the activations: relu(z) > 0 or NaN
+            # exactly where z > 0 or NaN, so it finds the same live units.
+            rectified = hidden and act == _RELU and not narrow[i]
+            z = matrix(pre, 0, rows, fo) if hidden and not rectified else out
             w = _layer(p, w_off[i], fan_in[i], fo, narrow[i])
             b = p[b_off[i]:b_off[i] + fo]
-            if hidden and act == _RELU and not narrow[i]:
-                # relu applied as the product stores its blocks: no pass over the
-                # pre-activations. The probe reads the activations: relu(z) > 0 or NaN
-                # exactly where z > 0 or NaN, so it finds the same live units.
-                _product_best(h, w, b, out, True)
-                if probe_rows > 0:
-                    _health(out[:probe_rows], unit_live[base:base + fo], act, sat_z)
-                base += fo
-                h = out
-                continue
-            z = matrix(pre, 0, rows, fo) if hidden else out
             if narrow[i]:
                 _forward_narrow(h, w, b, z)
+            elif rectified:
+                _product_best(h, w, b, z, True)
             else:
                 _product_best(h, w, b, z, False)
             if hidden:
                 if probe_rows > 0:
                     saturated += _health(z[:probe_rows], unit_live[base:base + fo], act,
                                          sat_z)
-                _activate(z, out, act)
+                if not rectified:
+                    _activate(z, out, act)
                 base += fo
             h = out
         return h, saturated
