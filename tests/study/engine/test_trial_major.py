@@ -113,6 +113,16 @@ def test_float32_within_1e_4(task, kernel_only) -> None:
             _trial(Adam(lr=3e-3), task=task, train=train, seed=5)])
 
 
+@pytest.mark.parametrize("activation", ["tanh", "sigmoid"])
+def test_float32_tanh_and_sigmoid_within_1e_4(activation: str, kernel_only) -> None:
+    # float32 takes the kernel's own exp and tanh (study.engine.elementary), not the C
+    # library's; the cross-entropy's exponentials too.
+    train = TrainSpec(batch_size=16, epochs=3, dtype="float32")
+    model = ModelSpec(depth=3, width=16, activation=activation)
+    _check([_trial(SGD(lr=0.1, momentum=0.9), model=model, train=train, seed=0),
+            _trial(Adam(lr=3e-3), task=CLASSIFICATION, model=model, train=train, seed=5)])
+
+
 def test_no_shuffle_and_eval_every(kernel_only) -> None:
     train = TrainSpec(batch_size=24, epochs=2, eval_every=3, dtype="float64")
     got = _check([_trial(SGD(lr=0.05), train=train, seed=s, loop=LoopSpec(shuffle=False))
