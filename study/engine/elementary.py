@@ -108,18 +108,16 @@ if overload is not None:
         t = _F(np.copysign(t, x))
         return x if x != x else t
 
-    @overload(exp, inline="always")
-    def _exp_overload(x):
-        if x == types.float32:
-            return lambda x: _exp32(x)
-        if isinstance(x, types.Float):
-            return lambda x: np.exp(x)
-        return None
+    def _by_dtype(function, float32, library) -> None:
+        # `function` in compiled code: `float32` for a float32, the C library's `library`
+        # for a float64.
+        @overload(function, inline="always")
+        def _typed(x):
+            if x == types.float32:
+                return lambda x: float32(x)
+            if isinstance(x, types.Float):
+                return lambda x: library(x)
+            return None
 
-    @overload(tanh, inline="always")
-    def _tanh_overload(x):
-        if x == types.float32:
-            return lambda x: _tanh32(x)
-        if isinstance(x, types.Float):
-            return lambda x: np.tanh(x)
-        return None
+    _by_dtype(exp, _exp32, np.exp)
+    _by_dtype(tanh, _tanh32, np.tanh)
