@@ -421,11 +421,13 @@ if njit is not None:
         return h, saturated
 
     @njit(cache=True)
-    def _loss_grad(out, yf, yi, classify, g, spare):
-        # The batch's mean loss (float64) and its gradient wrt `out` into g [rows, C]:
-        # F.mse_loss / F.cross_entropy with mean reduction and autograd's backward kernels.
-        # `spare`: scratch of 2 * rows entries (cross-entropy).
+    def _loss_grad(out, yf, yi, classify, into, spare):
+        # The batch's mean loss (float64) and its gradient wrt `out` into into[:rows * C]
+        # as g [rows, C]: F.mse_loss / F.cross_entropy with mean reduction and autograd's
+        # backward kernels. `spare`: scratch of 2 * rows entries (cross-entropy).
         rows, c = out.shape
+        g = matrix(into, 0, rows, c)
+        flat = into[:rows * c]
         total = 0.0
         if classify:
             inv = out.dtype.type(1.0 / rows)
@@ -434,7 +436,6 @@ if njit is not None:
             # each entry's operations the same as in one pass: the exponentials run 8 lanes
             # at a time (`_exp_all`), and a row's log no longer waits on the row before.
             maxima, lses = spare[:rows], spare[rows:2 * rows]
-            flat = g.reshape(rows * c)
             for i in range(rows):
                 m = out[i, 0]
                 for j in range(1, c):
@@ -451,14 +452,16 @@ if njit is not None:
                 lses[i] = out.dtype.type(np.log(s))
             for i in range(rows):
                 for j in range(c):
-                    g[i, j] = out[i, j] - maxima[i] - lses[i]  # log p
+                    logp = out[i, j] - maxima[i] - lses[i]
+                    g[i, j] = logp
+                    if j == yi[i]:
+                        total -= logp
             _exp_all(flat)
             for i in range(rows):
                 for j in range(c):
                     g[i, j] *= inv
                     if j == yi[i]:
                         g[i, j] -= inv
-                        total -= out[i, j] - maxima[i] - lses[i]
         else:
             scale = out.dtype.type(2.0 / (rows * c))
             for i in range(rows):
@@ -713,8 +716,7 @@ if njit is not None:
                          rows, no_probe, unit_live, sat_z)
             shared = False
             out = matrix(step_acts, a_off[layers - 1], rows, c)
-            gout = matrix(g0, 0, rows, c)
-            loss = _loss_grad(out, yfb[:rows], yib[:rows], classify, gout, spare)
+            loss = _loss_grad(out, yfb[:rows], yib[:rows], classify, g0, spare)
             _backward(p, grad, xr, step_acts, g0, g1, pre, wt, zeros, a_off, w_off, b_off,
                       fan_in, fan_out, narrow, act, rows)
             rs = steps_rec[step, :, t]
@@ -822,7 +824,7 @@ def callee_signatures(segment: Sequence) -> dict[str, tuple]:
                       types.int64),
         "_update": (kind.dtype, *[vector] * 4, row(state1), row(state2), types.boolean,
                     step_lr.dtype, step_bc2.dtype, step_decay.dtype, hp.copy(ndim=1, layout="A")),
-        "_loss_grad": (matrix, matrix, types.Array(types.int64, 1, "C"), classify, matrix,
+        "_loss_grad": (matrix, matrix, types.Array(types.int64, 1, "C"), classify, vector,
                        vector),
     }
 
