@@ -96,11 +96,10 @@ if njit is not None:
     # outside the loops for the same reason; a choice that needs a second loop over the row
     # finds it in L1/L2.
     @njit(cache=True, inline="always")
-    def _sgd_row(p, g, new, upd, buf, first, neg_lr, wd, momentum, keep, grad_share,
-                 buf_share):
-        # engine.batched_optimizers.BatchedSGD, one row: grad += p * wd; buf = buf * m + grad * keep
-        # (first step: buf = grad); direction = buf or grad * share + buf * share
-        # (Nesterov); new = p + direction * -lr.
+    def _sgd_row(p, g, upd, buf, first, neg_lr, wd, momentum, keep, grad_share, buf_share):
+        # engine.batched_optimizers.BatchedSGD, one row, p in place: grad += p * wd;
+        # buf = buf * m + grad * keep (first step: buf = grad); direction = buf or
+        # grad * share + buf * share (Nesterov); p = p + direction * -lr.
         n = p.shape[0]
         if wd != 0:
             for j in range(n):
@@ -110,11 +109,11 @@ if njit is not None:
             if first:
                 for j in range(n):
                     buf[j] = g[j]
-                    _sgd_tail(j, buf, p, new, upd, neg_lr)
+                    _sgd_tail(j, buf, p, upd, neg_lr)
             else:
                 for j in range(n):
                     buf[j] = buf[j] * momentum + g[j] * keep
-                    _sgd_tail(j, buf, p, new, upd, neg_lr)
+                    _sgd_tail(j, buf, p, upd, neg_lr)
             return
         direction = g
         if momentum != 0:  # Nesterov
@@ -127,23 +126,25 @@ if njit is not None:
             for j in range(n):
                 g[j] = g[j] * grad_share + buf[j] * buf_share
         for j in range(n):
-            _sgd_tail(j, direction, p, new, upd, neg_lr)
+            _sgd_tail(j, direction, p, upd, neg_lr)
 
     @njit(cache=True, inline="always")
-    def _sgd_tail(j, direction, p, new, upd, neg_lr):
-        # Entry j of SGD's new row and update along `direction` (as stored: in the dtype).
+    def _sgd_tail(j, direction, p, upd, neg_lr):
+        # Entry j of SGD's update along `direction` and the new p[j] (as stored: in the
+        # dtype), the update first: it reads the old p[j].
         q = p[j] + direction[j] * neg_lr
-        new[j] = q
         upd[j] = q - p[j]
+        p[j] = q
 
     @njit(cache=True, inline="always")
-    def _adam_row(p, g, new, upd, m, v, decoupled, neg_step, bc2, wd, beta2, omb2, eps,
-                  decay, omb1):
+    def _adam_row(p, g, upd, m, v, decoupled, neg_step, bc2, wd, beta2, omb2, eps, decay,
+                  omb1):
         # engine.batched_optimizers.BatchedAdam, one row: L2 decay into the gradient (Adam) or a
         # decayed parameter (AdamW); m = lerp(m, grad, 1 - beta1) in torch's two-branch
         # form; v = v * beta2 + (grad * (1 - beta2)) * grad; denom = eps + sqrt(v) / bc2;
-        # new = p' + (m * -step_size) / denom. The moments and the new row in one pass
-        # over the row (a fifth to a quarter faster than a pass each), a loop per choice.
+        # p = p' + (m * -step_size) / denom, in place. The moments and the new row in one
+        # pass over the row (a fifth to a quarter faster than a pass each), a loop per
+        # choice.
         n = p.shape[0]
         if wd != 0 and not decoupled:
             for j in range(n):
@@ -153,12 +154,12 @@ if njit is not None:
             if shrink:
                 for j in range(n):
                     m[j] = m[j] + omb1 * (g[j] - m[j])
-                    _adam_tail(j, new.dtype.type(p[j] * decay), p, g, m, v, new, upd,
-                               neg_step, bc2, beta2, omb2, eps)
+                    _adam_tail(j, p.dtype.type(p[j] * decay), p, g, m, v, upd, neg_step,
+                               bc2, beta2, omb2, eps)
             else:
                 for j in range(n):
                     m[j] = m[j] + omb1 * (g[j] - m[j])
-                    _adam_tail(j, p[j], p, g, m, v, new, upd, neg_step, bc2, beta2, omb2, eps)
+                    _adam_tail(j, p[j], p, g, m, v, upd, neg_step, bc2, beta2, omb2, eps)
         else:
             # A pass of its own: w is a float64, and with the rest in the same loop the
             # float32 loop was not vectorised (2x slower).
@@ -167,23 +168,23 @@ if njit is not None:
                 m[j] = g[j] - (g[j] - m[j]) * w
             if shrink:
                 for j in range(n):
-                    _adam_tail(j, new.dtype.type(p[j] * decay), p, g, m, v, new, upd,
-                               neg_step, bc2, beta2, omb2, eps)
+                    _adam_tail(j, p.dtype.type(p[j] * decay), p, g, m, v, upd, neg_step,
+                               bc2, beta2, omb2, eps)
             else:
                 for j in range(n):
-                    _adam_tail(j, p[j], p, g, m, v, new, upd, neg_step, bc2, beta2, omb2, eps)
+                    _adam_tail(j, p[j], p, g, m, v, upd, neg_step, bc2, beta2, omb2, eps)
 
     @njit(cache=True, inline="always")
-    def _adam_tail(j, start, p, g, m, v, new, upd, neg_step, bc2, beta2, omb2, eps):
-        # Entry j of Adam's second moment, new row and update, from the new first moment
+    def _adam_tail(j, start, p, g, m, v, upd, neg_step, bc2, beta2, omb2, eps):
+        # Entry j of Adam's second moment, update and new p[j], from the new first moment
         # m[j] (read back as stored: rounded to the dtype) and `start`, the parameter
-        # (AdamW: decayed, rounded to the dtype as a stored entry).
+        # (AdamW: decayed, rounded to the dtype as a stored entry); the update first.
         gj = g[j]
         vj = v[j] * beta2 + (gj * omb2) * gj
         v[j] = vj
         q = start + (m[j] * neg_step) / (eps + np.sqrt(vj) / bc2)
-        new[j] = q
         upd[j] = q - p[j]
+        p[j] = q
 
     # IEEE division (error_model="numpy") rather than Python's ZeroDivisionError: the check
     # for a zero divisor kept Adam's division from being vectorised (about 4x slower on a
@@ -208,26 +209,22 @@ if njit is not None:
                 rec[k, r] = np.sqrt(rec[k, r])
             live = alive[r] and np.isfinite(loss[r]) and np.isfinite(rec[1, r])
             alive[r] = live
-            # The new row and its update go to scratch rows (L1/L2), then over the
-            # parameters and the previous update in place: lines already in the cache,
-            # where writing fresh buffers would first read them from memory.
-            new = np.empty(n, dtype=params.dtype)
+            # The parameters in place (lines already in the cache), the update to a
+            # scratch row (L1/L2) and then over the previous update, which the cosine
+            # reads first.
             update = np.zeros(n, dtype=params.dtype)
-            if not live:  # frozen: parameters and state keep their values, no update
-                new[:] = p
-            else:  # block by block of the gradient parts, each a slice of the row
-                for k in range(parts):
+            if live:  # frozen: parameters and state keep their values, no update
+                for k in range(parts):  # block by block of the gradient parts
                     lo, hi = offsets[k], offsets[k + 1]
                     g = _part(blocks, offsets, rows, k, r)
                     if kind[r] == _SGD:
-                        _sgd_row(p[lo:hi], g, new[lo:hi], update[lo:hi],
-                                 state1[r, lo:hi], first, step_lr[r], hp[_WD, r],
-                                 hp[_MOM_B2, r], hp[_KEEP_OMB2, r], hp[_SHARE_EPS, r],
-                                 hp[_BUFSHARE, r])
+                        _sgd_row(p[lo:hi], g, update[lo:hi], state1[r, lo:hi], first,
+                                 step_lr[r], hp[_WD, r], hp[_MOM_B2, r], hp[_KEEP_OMB2, r],
+                                 hp[_SHARE_EPS, r], hp[_BUFSHARE, r])
                     else:
-                        _adam_row(p[lo:hi], g, new[lo:hi], update[lo:hi],
-                                  state1[r, lo:hi], state2[r, lo:hi], kind[r] == _ADAMW,
-                                  step_lr[r], step_bc2[r], hp[_WD, r], hp[_MOM_B2, r],
+                        _adam_row(p[lo:hi], g, update[lo:hi], state1[r, lo:hi],
+                                  state2[r, lo:hi], kind[r] == _ADAMW, step_lr[r],
+                                  step_bc2[r], hp[_WD, r], hp[_MOM_B2, r],
                                   hp[_KEEP_OMB2, r], hp[_SHARE_EPS, r], hp[_DECAY, r],
                                   hp[_OMB1, r])
             rec[5, r] = _sumsq(update)
@@ -238,7 +235,6 @@ if njit is not None:
             else:
                 rec[6, r] = np.nan
             prev_norm[r] = rec[5, r]
-            p[:] = new
             prev[:] = update
 
 

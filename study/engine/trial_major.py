@@ -612,13 +612,14 @@ if njit is not None:
                     dst[r, u] = src[e, u]
 
     @njit(cache=True, error_model="numpy")  # IEEE division, vectorised (fused._fused_step)
-    def _update(kind, p, grad, new, update, state1, state2, first, lr, bc2, decay, hp):
-        # The fused kernel's update of one row (study.engine.fused), into new and update.
+    def _update(kind, p, grad, update, state1, state2, first, lr, bc2, decay, hp):
+        # The fused kernel's update of one row (study.engine.fused): p in place, the
+        # update into `update`.
         if kind == 0:
-            _sgd_row(p, grad, new, update, state1, first, lr, hp[0], hp[1], hp[2], hp[3], hp[4])
+            _sgd_row(p, grad, update, state1, first, lr, hp[0], hp[1], hp[2], hp[3], hp[4])
         else:
-            _adam_row(p, grad, new, update, state1, state2, kind == 2, lr, bc2, hp[0], hp[1],
-                      hp[2], hp[3], decay, hp[6])
+            _adam_row(p, grad, update, state1, state2, kind == 2, lr, bc2, hp[0], hp[1], hp[2],
+                      hp[3], decay, hp[6])
 
     @njit(cache=True, nogil=True)
     def _segment(t, first_step, end_step, eval_first, eval_index, params, previous, state1,
@@ -661,11 +662,12 @@ if njit is not None:
         spare = np.empty(max(2 * batch, max(batch, chunk) * c), dtype=dtype)
         wt = np.empty(widest * widest, dtype=dtype)
         zeros = np.zeros(widest, dtype=dtype)
-        # The new parameters and update go to scratch rows, then the rows swap roles: no
-        # copy per step; the state is written back to row t at the end.
-        p, new = params[t], np.empty(n_params, dtype=dtype)
+        # The parameters change in place (a separate new row would cost its lines' reads
+        # and write-backs); the update goes to a scratch row, then the two update rows
+        # swap roles: no copy per step; the last update is written back to row t at the end.
+        p = params[t]
         last, update = previous[t], np.empty(n_params, dtype=dtype)
-        swapped = False  # p and last are the scratch rows
+        swapped = False  # last is the scratch row
         s1, s2 = state1[t], state2[t]
         norm = prev_norm[t]
         whole = batch >= n_train  # one batch per epoch: the split as stored
@@ -739,7 +741,7 @@ if njit is not None:
             if not (np.isfinite(rs[0]) and np.isfinite(rs[1])):
                 live[t] = 0
                 break
-            _update(kind[t], p, grad, new, update, s1, s2, step == 0, step_lr[t, step],
+            _update(kind[t], p, grad, update, s1, s2, step == 0, step_lr[t, step],
                     step_bc2[t, step], step_decay[t, step], hp[:, t])
             rs[5] = _sumsq(update)
             rs[5] = np.sqrt(rs[5])
@@ -749,7 +751,6 @@ if njit is not None:
             else:
                 rs[6] = np.nan
             norm = rs[5]
-            p, new = new, p
             last, update = update, last
             swapped = not swapped
             k = eval_index[step + 1]
@@ -763,7 +764,6 @@ if njit is not None:
                     break
                 shared = train_last
         if swapped:
-            _put(params[t], p)
             _put(previous[t], last)
         prev_norm[t] = norm
 
@@ -822,7 +822,7 @@ def callee_signatures(segment: Sequence) -> dict[str, tuple]:
                       types.boolean),
         "_backward": (vector, vector, matrix, *[vector] * 6, offsets, *layout, act,
                       types.int64),
-        "_update": (kind.dtype, *[vector] * 4, row(state1), row(state2), types.boolean,
+        "_update": (kind.dtype, *[vector] * 3, row(state1), row(state2), types.boolean,
                     step_lr.dtype, step_bc2.dtype, step_decay.dtype, hp.copy(ndim=1, layout="A")),
         "_loss_grad": (matrix, matrix, types.Array(types.int64, 1, "C"), classify, vector,
                        vector),
