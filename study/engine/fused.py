@@ -59,8 +59,12 @@ def fusable(specs: Sequence[OptimizerSpec], clip: bool, zero_grad: bool) -> bool
 
 
 if njit is not None:
-    # Reductions may be reordered (vectorised); the update below keeps strict IEEE order.
-    @njit(fastmath={"reassoc", "nsz"}, cache=True)
+    # Reductions may be reordered (vectorised) and each term added with one rounding (a
+    # fused multiply-add: a third fewer cycles per entry than a multiply and an add); the
+    # update below keeps strict IEEE order.
+    _REDUCE = {"reassoc", "nsz", "contract"}
+
+    @njit(fastmath=_REDUCE, cache=True)
     def _sumsq(a):
         s = 0.0
         for j in range(a.shape[0]):
@@ -68,7 +72,7 @@ if njit is not None:
             s += x * x
         return s
 
-    @njit(fastmath={"reassoc", "nsz"}, cache=True)
+    @njit(fastmath=_REDUCE, cache=True)
     def _dot(a, b):
         s = 0.0
         for j in range(a.shape[0]):
