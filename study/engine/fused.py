@@ -217,7 +217,7 @@ if njit is not None:
             # scratch row (L1/L2) and then over the previous update, which the cosine
             # reads first.
             update = np.zeros(n, dtype=params.dtype)
-            if live:  # frozen: parameters and state keep their values, no update
+            if live:  # a frozen row keeps its parameters and state: no update
                 for k in range(parts):  # block by block of the gradient parts
                     lo, hi = offsets[k], offsets[k + 1]
                     g = _part(blocks, offsets, rows, k, r)
