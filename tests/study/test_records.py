@@ -44,6 +44,26 @@ def test_curves_filter_by_trial(tmp_path: Path) -> None:
     assert len(records.read_curves(tmp_path)) == 3
 
 
+def test_a_curves_file_keeps_every_value_bit_for_bit_in_its_encodings(tmp_path: Path) -> None:
+    """Values are byte-split, not dictionary-encoded (`records._CURVE_ENCODING`); what is read
+    back is what was written: float32 numbers widened, extremes, signed zeros, inf, NaN as
+    null."""
+    rng = np.random.default_rng(0)
+    values = np.concatenate([rng.standard_normal(5000).astype(np.float32).astype(np.float64),
+                             [0.0, -0.0, np.inf, -np.inf, np.nan, 5e-324, 1.7976931348623157e308]])
+    frame = pd.DataFrame({"trial": np.arange(len(values)) // 100, "step": np.arange(len(values)),
+                          "split": "batch", "metric": "loss", "value": values})
+    records.write_curves(tmp_path, "a", frame)
+    path = tmp_path / records.CURVES_DIR / "a.parquet"
+    column = pq.ParquetFile(path).metadata.row_group(0).column(4)
+    assert "BYTE_STREAM_SPLIT" in column.encodings
+    assert not any("DICTIONARY" in e for e in column.encodings)
+    back = records.read_curves(tmp_path)["value"].to_numpy()
+    assert np.isnan(back[-3]) and np.array_equal(np.isnan(back), np.isnan(values))
+    finite = ~np.isnan(values)
+    assert back[finite].tobytes() == values[finite].tobytes()
+
+
 def _trace(n_steps: int, diag: bool) -> SimpleNamespace:
     nan = float("nan")
     evals = np.array([0, n_steps])
