@@ -62,6 +62,12 @@ _CURVE_SCHEMA = pa.schema([
     ("trial", pa.int64()), ("step", pa.int64()), ("split", pa.string()),
     ("metric", pa.string()), ("value", pa.float64()),
 ])
+# A curves file's values are nearly all distinct, so a dictionary of them is built only to be
+# dropped; their bytes split by position (sign and exponent bytes together, the float32
+# traces' zero low bytes together) compress well instead. lr_batch's curves: written in half
+# the time, 42% smaller, read as fast.
+_CURVE_ENCODING = {"use_dictionary": ["trial", "step", "split", "metric"],
+                   "use_byte_stream_split": ["value"]}
 # trials.parquet: one row per COMPLETE trial. Fixed columns first, then the flat config
 # (`task`, `optimizer`, `task.dim`, `optimizer.lr`, `train.batch_size`, ..., `seed`), then every
 # summary metric (see study/metrics/). Schema metadata key b"study" holds JSON with
@@ -149,14 +155,6 @@ def _atomic_parquet(table: pa.Table, path: Path, **options: Any) -> None:
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink, compression="zstd", **options)
     atomic_write_bytes(path, sink.getvalue().to_pybytes())
-
-
-# A curves file's values are nearly all distinct, so a dictionary of them is built only to be
-# dropped; their bytes split by position (sign and exponent bytes together, the float32
-# traces' zero low bytes together) compress well instead. lr_batch's curves: written in half
-# the time, 42% smaller, read as fast.
-_CURVE_ENCODING = {"use_dictionary": ["trial", "step", "split", "metric"],
-                   "use_byte_stream_split": ["value"]}
 
 
 # ---------------------------------------------------------------------------------- curves
