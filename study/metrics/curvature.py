@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from study.metrics.arrays import finite, last_valid, nan_reduce
+from study.metrics.arrays import finite, last_valid, nan_median, nan_reduce
 from study.optimizers import SGD, Adagrad, Adam, OptimizerSpec, RMSprop
 
 
@@ -67,5 +67,5 @@ def ratios(curvature: np.ndarray, threshold: np.ndarray) -> dict[str, np.ndarray
         crossed = np.fmax.accumulate(np.where(np.isnan(ratio), -np.inf, ratio), axis=1) >= 1
     after = np.where(crossed, ratio, np.nan)
     return {"sharpness_ratio_max": nan_reduce(np.nanmax, ratio),
-            "sharpness_ratio_settled": nan_reduce(np.nanmedian, after),
+            "sharpness_ratio_settled": nan_median(after),
             "sharpness_ratio_final": last_valid(ratio)}

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from study.metrics.arrays import finite, last_valid, nan_reduce
+from study.metrics.arrays import finite, last_valid, nan_median, nan_reduce
 
 GROWTH_SHARE = 0.1  # first / last share of steps compared by grad_norm_growth
 
@@ -28,9 +28,9 @@ def gradient_norms(grad_norm: np.ndarray) -> dict[str, np.ndarray]:
     # The last k finite steps: finite steps form a prefix, so they are n-k .. n-1.
     tail = np.where((cols >= (n - k)[:, None]) & (cols < n[:, None]), g, np.nan)
     with np.errstate(divide="ignore", invalid="ignore"):
-        growth = np.log10(nan_reduce(np.nanmedian, tail) / nan_reduce(np.nanmedian, head))
+        growth = np.log10(nan_median(tail) / nan_median(head))
     return {
-        "grad_norm_median": nan_reduce(np.nanmedian, g),
+        "grad_norm_median": nan_median(g),
         "grad_norm_max": nan_reduce(np.nanmax, g),
         "grad_norm_final": last_valid(g),
         "grad_norm_growth": np.where(np.isfinite(growth), growth, np.nan),
@@ -43,7 +43,7 @@ def layer_ratio(first: np.ndarray, last: np.ndarray) -> np.ndarray:
     gradients vanish toward the input (deep sigmoid stacks); positive: they explode."""
     with np.errstate(divide="ignore", invalid="ignore"):
         r = np.log10(finite(first) / finite(last))
-    return nan_reduce(np.nanmedian, finite(r))
+    return nan_median(finite(r))
 
 
 def update_ratio(update_norm: np.ndarray, param_norm: np.ndarray) -> np.ndarray:
@@ -51,7 +51,7 @@ def update_ratio(update_norm: np.ndarray, param_norm: np.ndarray) -> np.ndarray:
     L2 norms); ~1e-3 is the folklore healthy value, >> 1e-2 means steps too large."""
     with np.errstate(divide="ignore", invalid="ignore"):
         r = finite(update_norm) / finite(param_norm)
-    return nan_reduce(np.nanmedian, finite(r))
+    return nan_median(finite(r))
 
 
 def update_cosine(cosines: np.ndarray) -> np.ndarray:

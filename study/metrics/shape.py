@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
-from study.metrics.arrays import finite, nan_reduce
+from study.metrics.arrays import finite, nan_median, nan_reduce
 
 # Changes of the loss smaller than this (relative) are float32 rounding, not dynamics.
 RELATIVE_NOISE = 1e-6
@@ -125,8 +125,8 @@ def _tv_ratio(log_loss: np.ndarray) -> np.ndarray:
     variance = np.zeros(len(rows))
     medians = []
     for window in (first[rows], last[rows]):
-        median = np.nanmedian(window, axis=1)
-        mad = np.nanmedian(np.abs(window - median[:, None]), axis=1)
+        median = nan_median(window)
+        mad = nan_median(np.abs(window - median[:, None]))
         variance += (1.2533 * MAD_TO_SIGMA * mad) ** 2 / w[rows]
         medians.append(median)
     net[rows] = medians[0] - medians[1]

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import pytest
 
 from study.engine.base import Trace
+from study.metrics.arrays import nan_median
 from study.metrics import objective_value, summarize, summarize_many
 from study.metrics.shape import oscillation, spikes, steps_to_fraction, window_median
 from study.metrics.status import end_level, final_blowup_step
@@ -73,6 +75,23 @@ def test_window_median_is_np_median_bit_for_bit(width: int) -> None:
         expected = np.median(windows, axis=2)
     got = window_median(windows)
     assert np.isnan(expected).any() and np.isfinite(expected).any()
+    assert got.tobytes() == expected.tobytes()
+
+
+@pytest.mark.parametrize("width", [0, 1, 2, 7, 40])
+def test_nan_median_is_np_nanmedian_bit_for_bit(width: int) -> None:
+    """The medians of NaN-padded rows: NaN skipped, an all-NaN row NaN, infinities and ties
+    ordered as np.nanmedian orders them, an even count's middle pair averaged alike."""
+    rng = np.random.default_rng(width)
+    values = rng.choice([-np.inf, np.inf, np.nan, 0.0, 1.5, -2.25, 3.0], size=(60, width),
+                        p=[0.03, 0.03, 0.3, 0.05, 0.1, 0.1, 0.39])
+    values = np.where(values == 3.0, rng.normal(size=values.shape), values)
+    values[0] = np.nan
+    with np.errstate(invalid="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN rows
+        expected = np.nanmedian(values, axis=1) if width else np.full(60, np.nan)
+    got = nan_median(values)
+    assert np.isnan(got[0])
     assert got.tobytes() == expected.tobytes()
 
 
