@@ -19,6 +19,15 @@ finish them (`STARVED_SHARE` of a core, read from /proc every `STARVED_CHECK_S`)
 analyst not ready by then, or starved, is ended and the work is done in this process, at
 the run's priority, as without an analyst.
 
+Beside other CPU-bound processes the imports are starved from the start, and doing them
+after training put about 2 CPU-seconds more on the run's last stage: it took four times
+as long beside two such processes, the other stages twice. So at the end of its start-up
+the run asks `keep_up`: an analyst still importing that got less than `STARVED_SHARE` of a
+core since it was forked is ended and a new one forked at the run's own priority, whose
+imports then take their share of the CPU beside training; `finish` waits for it as long
+as it gets the CPU (`RENEWED_WAIT_S` at most). On an idle machine the first analyst gets
+most of a core during the start-up and is kept.
+
 Nothing is lost when the analyst fails: an exception there, or its death (killed, out of
 memory), makes `finish` do the work in this process, where an error is raised as it would
 have been without an analyst (a bad record: RecordError, exit 3). `close` kills the analyst
@@ -30,6 +39,7 @@ no command leaves a process behind. Forked, so Linux only, and only with a secon
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import threading
@@ -53,6 +63,12 @@ READY_WAIT_S = 2.0
 # would not make it ready. Its imports use a whole core when it gets one.
 STARVED_SHARE = 0.25
 STARVED_CHECK_S = 0.2
+# `keep_up` judges an analyst only once it has been importing this long.
+RENEW_AFTER_S = 1.0
+# How long `finish` waits for an analyst renewed at the run's priority: as long as it gets
+# the CPU, since doing its work here would take as long and start from nothing; the limit
+# only guards against one that hangs.
+RENEWED_WAIT_S = 30.0
 
 Claims = Sequence[Mapping[str, Any]] | None
 
@@ -77,9 +93,11 @@ def score_and_report(run_dir: Path, claims: Claims, report: bool) -> Path | None
 class Analyst:
     """A forked process holding the analysis libraries, waiting for one run directory."""
 
-    def __init__(self, pid: int, conn: Connection) -> None:
+    def __init__(self, pid: int, conn: Connection, low_priority: bool = True) -> None:
         self._pid: int | None = pid
         self._conn = conn
+        self._low = low_priority  # its imports run at the lowest priority
+        self._forked = time.monotonic()
 
     @property
     def pid(self) -> int | None:
@@ -96,12 +114,38 @@ class Analyst:
             return None
         return cls(*forked)
 
+    def keep_up(self) -> None:
+        """At the end of the run's start-up: an analyst still importing that got less than
+        `STARVED_SHARE` of a core since it was forked (other processes hold the cores) is
+        ended, and a new one forked at the run's priority takes its place; see the module
+        doc. Nothing changes where forking fails or the analyst is ready, renewed already,
+        or has been importing for less than `RENEW_AFTER_S`."""
+        elapsed = time.monotonic() - self._forked
+        if self._pid is None or not self._low or elapsed < RENEW_AFTER_S:
+            return
+        if self._conn.poll():  # ready (or dead: `finish` sees which)
+            return
+        cpu = _cpu_seconds(self._pid)
+        if cpu is None or cpu >= STARVED_SHARE * elapsed:
+            return
+        forked = fork_serving(functools.partial(_serve, low_priority=False))
+        if forked is None:
+            return
+        log.debug("the analyst process got %.2f CPU-seconds in %.1f s of its imports; "
+                  "renewed at the run's priority", cpu, elapsed)
+        end_forked(self._pid, self._conn)
+        (self._pid, self._conn), self._low = forked, False
+        self._forked = time.monotonic()
+
     def finish(self, run_dir: Path, claims: Claims, report: bool,
-               wait_s: float = READY_WAIT_S) -> Path | None:
+               wait_s: float | None = None) -> Path | None:
         """`score_and_report(run_dir, claims, report)`, done by the analyst once its imports
-        are done (waiting at most `wait_s` seconds for them, and only while it is not
+        are done (waiting at most `wait_s` seconds for them, default `READY_WAIT_S`, or
+        `RENEWED_WAIT_S` for an analyst `keep_up` renewed, and only while it is not
         starved), or here when it is not ready by then, starved, failed or died (an error
         is raised from here, as without an analyst)."""
+        if wait_s is None:
+            wait_s = READY_WAIT_S if self._low else RENEWED_WAIT_S
         try:
             unready = self._wait_ready(wait_s)
             if unready is not None:
@@ -157,11 +201,11 @@ def _cpu_seconds(pid: int | None) -> float | None:
         return None
 
 
-def _serve(conn: Connection) -> int:
-    """The analyst's life: import in the background and say so when done, wait for one
-    piece of work, do it, answer."""
+def _serve(conn: Connection, low_priority: bool = True) -> int:
+    """The analyst's life: import in the background (at the lowest priority where
+    `low_priority`) and say so when done, wait for one piece of work, do it, answer."""
     def imports() -> None:
-        _import_quietly()
+        _import_quietly(low_priority)
         heap.settle()
         with contextlib.suppress(OSError):  # the run may have given up on this process
             conn.send(("ready", None))
@@ -181,13 +225,15 @@ def _serve(conn: Connection) -> int:
     return 0
 
 
-def _import_quietly() -> None:
-    """Import what the work needs, at the lowest priority (the nice value is per thread on
-    Linux): the run's own start-up and training come first, and these imports take the
-    CPU time they leave (a single-threaded start-up, the Python between populations). The
-    work itself runs on the analyst's main thread, at the run's priority."""
-    with contextlib.suppress(OSError):
-        os.setpriority(os.PRIO_PROCESS, 0, 19)
+def _import_quietly(low_priority: bool = True) -> None:
+    """Import what the work needs, where `low_priority` at the lowest priority (the nice
+    value is per thread on Linux): the run's own start-up and training come first, and
+    these imports take the CPU time they leave (a single-threaded start-up, the Python
+    between populations). The work itself runs on the analyst's main thread, at the run's
+    priority."""
+    if low_priority:
+        with contextlib.suppress(OSError):
+            os.setpriority(os.PRIO_PROCESS, 0, 19)
     with contextlib.suppress(Exception):  # an error shows again where the work imports
         import analysis.claims  # noqa: F401  (scipy.stats, pandas)
         import analysis.report  # noqa: F401  (matplotlib, jinja2, the sections)

@@ -3,6 +3,7 @@ done here when it fails or dies, and no process left behind."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -135,6 +136,68 @@ def test_an_analyst_not_ready_in_time_is_ended_and_the_work_done_here(two_runs, 
         assert analyst.finish(there, CLAIMS, report=False, wait_s=0.5) is None
     assert "not ready" in caplog.text and "analysing here" in caplog.text and _gone(pid)
     assert (there / "claims.parquet").exists()
+
+
+def _nices(pid: int, seconds: float, stop=lambda seen: False) -> set[int]:
+    """The nice values seen among the threads of `pid` (/proc/PID/task/TID/stat, field
+    19), sampled for `seconds` or until `stop(seen)`."""
+    seen: set[int] = set()
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and not stop(seen):
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            with contextlib.suppress(OSError, IndexError):
+                seen.add(int((task / "stat").read_text().rsplit(")", 1)[1].split()[16]))
+    return seen
+
+
+def test_a_starved_analyst_is_renewed_at_the_runs_priority_and_does_the_work(
+        two_runs, caplog, monkeypatch) -> None:
+    """Beside other CPU-bound processes the analyst's imports get no CPU from the start:
+    at the end of the start-up `keep_up` ends it and forks one at the run's priority, which
+    does the work (nothing is analysed here) and leaves no process behind."""
+    from study import analyst as analyst_module
+
+    monkeypatch.setattr(analyst_module, "RENEW_AFTER_S", 0.3)
+    there, here = two_runs
+    analyst = Analyst.start()
+    first = analyst.pid
+    assert 19 in _nices(first, 30, lambda seen: 19 in seen)  # imports at the lowest
+    os.kill(first, signal.SIGSTOP)  # as starved
+    time.sleep(0.5)
+    with caplog.at_level(logging.DEBUG, logger="study.analyst"):
+        analyst.keep_up()
+        renewed = analyst.pid
+        assert renewed not in (None, first) and _gone(first)
+        assert _nices(renewed, 1.0) == {os.getpriority(os.PRIO_PROCESS, 0)}
+        analyst.keep_up()  # renewed once: kept
+        assert analyst.pid == renewed
+        assert analyst.finish(there, CLAIMS, report=False) is None
+    assert "renewed" in caplog.text and "analysing here" not in caplog.text
+    assert _gone(renewed)
+    score_and_report(here, CLAIMS, report=False)
+    assert (there / "claims.parquet").read_bytes() == (here / "claims.parquet").read_bytes()
+
+
+def test_an_analyst_that_gets_the_cpu_or_is_ready_is_kept(monkeypatch) -> None:
+    """Not starved, or too soon to tell, or ready: `keep_up` keeps the analyst."""
+    from study import analyst as analyst_module
+
+    analyst = Analyst.start()
+    pid = analyst.pid
+    analyst.keep_up()  # importing for less than RENEW_AFTER_S
+    assert analyst.pid == pid
+    monkeypatch.setattr(analyst_module, "RENEW_AFTER_S", 0.0)
+    monkeypatch.setattr(analyst_module, "STARVED_SHARE", 0.0)  # never judged starved
+    analyst.keep_up()
+    assert analyst.pid == pid
+    monkeypatch.setattr(analyst_module, "STARVED_SHARE", 1e9)  # always, unless ready
+    deadline = time.monotonic() + 120
+    while not analyst._conn.poll(0.1):
+        assert time.monotonic() < deadline
+    analyst.keep_up()
+    assert analyst.pid == pid
+    analyst.close()
+    assert _gone(pid)
 
 
 def test_an_error_of_the_analyst_is_raised_here(tmp_path: Path) -> None:
