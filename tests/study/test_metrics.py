@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from study.engine.base import Trace
-from study.metrics.arrays import nan_median
 from study.metrics import objective_value, summarize, summarize_many
+from study.metrics.arrays import nan_median
 from study.metrics.shape import oscillation, spikes, steps_to_fraction, window_median
 from study.metrics.status import end_level, final_blowup_step
 
