@@ -137,8 +137,8 @@ def _serve_value(conn: Connection, fn: Callable[..., Any], args: tuple[Any, ...]
 def fork_serving(serve: Callable[[Connection], int]) -> tuple[int, Connection] | None:
     """Fork a process that runs `serve(conn)` and exits with its status, `conn` one end of
     a pipe; return its pid and the other end. None where forking is not used (not Linux,
-    one core) or fails. The child ignores Ctrl-C (the parent's to handle) and ends with
-    `os._exit`, so it runs none of the parent's exit handlers."""
+    one core) or fails. The child ignores Ctrl-C (the parent's to handle), ends on SIGTERM
+    and ends with `os._exit`, so it runs none of the parent's exit handlers."""
     if workers_available() < 2:
         return None
     mine, theirs = Pipe()
@@ -154,6 +154,8 @@ def fork_serving(serve: Callable[[Connection], int]) -> tuple[int, Connection] |
         try:
             mine.close()
             signal.signal(signal.SIGINT, signal.SIG_IGN)
+            # SIGTERM ends it, whatever handler the parent had installed when it forked.
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
             status = serve(theirs)
         finally:
             os._exit(status)

@@ -98,10 +98,10 @@ def execute(cfg: DictConfig, typed: StudyConfig, plan: SweepPlan, run_dir: Path,
              describe_edge(plan) if isinstance(plan, EdgePlan) else describe(plan.points),
              device, engine.name, f", {typed.workers} workers" if typed.workers > 1 else "")
 
-    if analyst is not None:
-        analyst.keep_up()  # the start-up is done: a starved analyst is renewed now
     bar = ProgressBar(typed.progress, runs_planned(plan), plan.name or "trial")
     stop = StopRequest().install()
+    if analyst is not None:  # the start-up is done: a starved analyst is renewed now
+        analyst.keep_up()
     started = time.perf_counter()
     try:
         with bar.logs_above():
