@@ -23,10 +23,11 @@ Beside other CPU-bound processes the imports are starved from the start, and doi
 after training put about 2 CPU-seconds more on the run's last stage: it took four times
 as long beside two such processes, the other stages twice. So at the end of its start-up
 the run asks `keep_up`: an analyst still importing that got less than `STARVED_SHARE` of a
-core since it was forked is ended and a new one forked at the run's own priority, whose
-imports then take their share of the CPU beside training; `finish` waits for it as long
-as it gets the CPU (`RENEWED_WAIT_S` at most). On an idle machine the first analyst gets
-most of a core during the start-up and is kept.
+core since it was forked, and still gets less once the start-up is done, is ended and a
+new one forked at the run's own priority, whose imports then take their share of the CPU
+beside training; `finish` waits for it as long as it gets the CPU (`RENEWED_WAIT_S` at
+most). On an idle machine the first analyst gets the CPU once the start-up is done (most
+of a core during it, unless a grid's compositions take every core) and is kept.
 
 Nothing is lost when the analyst fails: an exception there, or its death (killed, out of
 memory), makes `finish` do the work in this process, where an error is raised as it would
@@ -63,8 +64,10 @@ READY_WAIT_S = 2.0
 # would not make it ready. Its imports use a whole core when it gets one.
 STARVED_SHARE = 0.25
 STARVED_CHECK_S = 0.2
-# `keep_up` judges an analyst only once it has been importing this long.
+# `keep_up` judges an analyst only once it has been importing this long, and one starved
+# so far only if it is still starved over this much longer.
 RENEW_AFTER_S = 1.0
+RECHECK_S = 0.1
 # How long `finish` waits for an analyst renewed at the run's priority: as long as it gets
 # the CPU, since doing its work here would take as long and start from nothing; the limit
 # only guards against one that hangs.
@@ -116,10 +119,12 @@ class Analyst:
 
     def keep_up(self) -> None:
         """At the end of the run's start-up: an analyst still importing that got less than
-        `STARVED_SHARE` of a core since it was forked (other processes hold the cores) is
-        ended, and a new one forked at the run's priority takes its place; see the module
-        doc. Nothing changes where forking fails or the analyst is ready, renewed already,
-        or has been importing for less than `RENEW_AFTER_S`."""
+        `STARVED_SHARE` of a core since it was forked, and still gets less over the next
+        `RECHECK_S` (other processes hold the cores, not the run's own start-up: a grid's
+        compositions side by side take every core for a while), is ended, and a new one
+        forked at the run's priority takes its place; see the module doc. Nothing changes
+        where forking fails or the analyst is ready, renewed already, or has been importing
+        for less than `RENEW_AFTER_S`."""
         elapsed = time.monotonic() - self._forked
         if self._pid is None or not self._low or elapsed < RENEW_AFTER_S:
             return
@@ -127,6 +132,12 @@ class Analyst:
             return
         cpu = _cpu_seconds(self._pid)
         if cpu is None or cpu >= STARVED_SHARE * elapsed:
+            return
+        since = time.monotonic()
+        if self._conn.poll(RECHECK_S):
+            return
+        now = _cpu_seconds(self._pid)
+        if now is None or now - cpu >= STARVED_SHARE * (time.monotonic() - since):
             return
         forked = fork_serving(functools.partial(_serve, low_priority=False))
         if forked is None:

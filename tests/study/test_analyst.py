@@ -163,7 +163,8 @@ def test_a_starved_analyst_is_renewed_at_the_runs_priority_and_does_the_work(
     first = analyst.pid
     assert 19 in _nices(first, 30, lambda seen: 19 in seen)  # imports at the lowest
     os.kill(first, signal.SIGSTOP)  # as starved
-    time.sleep(0.5)
+    # Long enough that what it used before it stopped is under STARVED_SHARE of the time.
+    time.sleep(0.5 + 5 * analyst_module._cpu_seconds(first))
     with caplog.at_level(logging.DEBUG, logger="study.analyst"):
         analyst.keep_up()
         renewed = analyst.pid
@@ -176,6 +177,23 @@ def test_a_starved_analyst_is_renewed_at_the_runs_priority_and_does_the_work(
     assert _gone(renewed)
     score_and_report(here, CLAIMS, report=False)
     assert (there / "claims.parquet").read_bytes() == (here / "claims.parquet").read_bytes()
+
+
+def test_an_analyst_starved_until_now_but_not_now_is_kept(monkeypatch) -> None:
+    """Starved by the run's own start-up (compositions on every core), it gets the CPU once
+    the start-up is done: `keep_up` keeps it rather than throw its imports away."""
+    from study import analyst as analyst_module
+
+    monkeypatch.setattr(analyst_module, "RENEW_AFTER_S", 0.3)
+    analyst = Analyst.start()
+    pid = analyst.pid
+    os.kill(pid, signal.SIGSTOP)  # starved since it was forked
+    time.sleep(0.5)
+    os.kill(pid, signal.SIGCONT)  # importing again, on a free core
+    analyst.keep_up()
+    assert analyst.pid == pid
+    analyst.close()
+    assert _gone(pid)
 
 
 def test_an_analyst_that_gets_the_cpu_or_is_ready_is_kept(monkeypatch) -> None:
