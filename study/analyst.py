@@ -42,6 +42,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import math
 import os
 import threading
 import time
@@ -96,10 +97,10 @@ def score_and_report(run_dir: Path, claims: Claims, report: bool) -> Path | None
 class Analyst:
     """A forked process holding the analysis libraries, waiting for one run directory."""
 
-    def __init__(self, pid: int, conn: Connection, low_priority: bool = True) -> None:
+    def __init__(self, pid: int, conn: Connection) -> None:
         self._pid: int | None = pid
         self._conn = conn
-        self._low = low_priority  # its imports run at the lowest priority
+        self._low = True  # its imports run at the lowest priority (until `keep_up` renews it)
         self._forked = time.monotonic()
 
     @property
@@ -133,11 +134,8 @@ class Analyst:
         cpu = _cpu_seconds(self._pid)
         if cpu is None or cpu >= STARVED_SHARE * elapsed:
             return
-        since = time.monotonic()
-        if self._conn.poll(RECHECK_S):
-            return
-        now = _cpu_seconds(self._pid)
-        if now is None or now - cpu >= STARVED_SHARE * (time.monotonic() - since):
+        used = self._cpu_over(RECHECK_S)
+        if used is None or used >= STARVED_SHARE * RECHECK_S:
             return
         forked = fork_serving(functools.partial(_serve, low_priority=False))
         if forked is None:
@@ -178,19 +176,26 @@ class Analyst:
         """Wait for the analyst's "ready" (None once it has come), at most `wait_s`
         seconds and while it gets `STARVED_SHARE` of a core; else why not."""
         end = time.monotonic() + wait_s
-        cpu = _cpu_seconds(self._pid)
         while True:
             left = end - time.monotonic()
-            if self._conn.poll(max(0.0, min(left, STARVED_CHECK_S))):
+            used = self._cpu_over(max(0.0, min(left, STARVED_CHECK_S)))
+            if used is None:
                 return None
             if left <= STARVED_CHECK_S:
                 return "not ready", f"imports not done after {wait_s:g} s"
-            now = _cpu_seconds(self._pid)
-            if cpu is not None and now is not None and now - cpu < (
-                    STARVED_SHARE * STARVED_CHECK_S):
-                return "starved", (f"{now - cpu:.2f} CPU-seconds in the last "
+            if used < STARVED_SHARE * STARVED_CHECK_S:
+                return "starved", (f"{used:.2f} CPU-seconds in the last "
                                    f"{STARVED_CHECK_S:g} s of its imports")
-            cpu = now
+
+    def _cpu_over(self, seconds: float) -> float | None:
+        """Wait up to `seconds` for the analyst's answer: None once it has come (ready, or
+        its end of the pipe closed), else the CPU-seconds it used meanwhile (infinite where
+        /proc cannot tell, so that it is never judged starved)."""
+        before = _cpu_seconds(self._pid)
+        if self._conn.poll(seconds):
+            return None
+        after = _cpu_seconds(self._pid)
+        return math.inf if before is None or after is None else after - before
 
     def close(self) -> None:
         """End the analyst and reap it: it holds nothing that needs an orderly end (it

@@ -137,8 +137,8 @@ def _serve_value(conn: Connection, fn: Callable[..., Any], args: tuple[Any, ...]
 def fork_serving(serve: Callable[[Connection], int]) -> tuple[int, Connection] | None:
     """Fork a process that runs `serve(conn)` and exits with its status, `conn` one end of
     a pipe; return its pid and the other end. None where forking is not used (not Linux,
-    one core) or fails. The child ignores Ctrl-C (the parent's to handle), ends on SIGTERM
-    and ends with `os._exit`, so it runs none of the parent's exit handlers."""
+    one core) or fails. The child ignores Ctrl-C (the parent's to handle), dies of
+    SIGTERM, and leaves with `os._exit`, so it runs none of the parent's exit handlers."""
     if workers_available() < 2:
         return None
     mine, theirs = Pipe()

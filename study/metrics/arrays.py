@@ -104,18 +104,20 @@ def nan_median(a: np.ndarray) -> np.ndarray:
     ms on [117, 640]). An even count's middle pair is summed then halved, as `np.median`
     does; an odd count whose middle is a zero may differ from `np.nanmedian` in that zero's
     sign (0.0 and -0.0 sort as equals)."""
+    if a.shape[1] == 0:
+        return np.full(len(a), np.nan)
     ordered = np.sort(a, axis=1)
     count = np.count_nonzero(~np.isnan(a), axis=1)
     high = np.take_along_axis(ordered, np.minimum(count // 2, a.shape[1] - 1)[:, None],
-                              axis=1)[:, 0] if a.shape[1] else np.full(len(a), np.nan)
-    low = np.take_along_axis(ordered, np.maximum((count - 1) // 2, 0)[:, None],
-                             axis=1)[:, 0] if a.shape[1] else high
+                              axis=1)[:, 0]
+    low = np.take_along_axis(ordered, np.maximum((count - 1) // 2, 0)[:, None], axis=1)[:, 0]
     middle = np.where(count % 2 == 1, high, (low + high) / 2)
     return np.where(count > 0, middle, np.nan)
 
 
 def nan_reduce(fn, a: np.ndarray, axis: int = 1) -> np.ndarray:
-    """`fn` (np.nanmedian, np.nanmax, ...) over rows, NaN for all-NaN rows, no warnings."""
+    """`fn` (np.nanmax, np.nanmin, ...) over rows, NaN for all-NaN rows, no warnings (for
+    medians, `nan_median`)."""
     valid = ~np.isnan(a).all(axis=axis)
     out = np.full(a.shape[0], np.nan)
     if valid.any():
