@@ -23,6 +23,7 @@ called. Everything else, and every CUDA population, takes the eager path.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 
 import numpy as np
@@ -50,6 +51,30 @@ _KINDS = {SGD: _SGD, Adam: _ADAM, AdamW: _ADAMW}
 def available() -> bool:
     """Whether numba imported (the fused path can run)."""
     return njit is not None
+
+
+def load_implementations() -> None:
+    """Load numba's implementations of Python and numpy into its CPU target now (what its
+    first compilation or cache load does, once per process), without importing
+    scipy.linalg.
+
+    Among them are numba's numpy.linalg functions, and to learn whether a BLAS is there
+    numba imports scipy.linalg: about 0.2 CPU-seconds on the run's critical path (the
+    first population waits for its kernel), for functions the kernels never call. With
+    that import failing, numba computes `np.vdot` with a loop of its own; its `np.dot`
+    and `np.linalg` functions import scipy when a function that calls them is compiled,
+    as before. Where scipy.linalg is imported already, numba loads them as it would.
+    Calling it again does nothing more.
+    """
+    target = numba.core.registry.cpu_target.target_context
+    if "scipy.linalg" in sys.modules or "numba.np.arraymath" in sys.modules:
+        target.refresh()
+        return
+    sys.modules["scipy.linalg.cython_blas"] = None  # an import of it raises ImportError
+    try:
+        target.refresh()
+    finally:
+        del sys.modules["scipy.linalg.cython_blas"]
 
 
 def fusable(specs: Sequence[OptimizerSpec], clip: bool, zero_grad: bool) -> bool:
@@ -262,6 +287,7 @@ class FusedUpdate:
     def __init__(self, specs: Sequence[OptimizerSpec], params: Tensor) -> None:
         if not fusable(specs, clip=False, zero_grad=True):
             raise ValueError("FusedUpdate takes SGD / Adam / AdamW (no amsgrad) populations")
+        load_implementations()
         self.specs = list(specs)
         self.dtype = params.dtype
         self.t = 0

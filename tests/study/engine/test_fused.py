@@ -9,6 +9,10 @@ divergence steps.
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import textwrap
+
 import numpy as np
 import pytest
 import torch
@@ -168,3 +172,35 @@ def test_the_fused_update_keeps_torchs_thread_count() -> None:
                           timeout=300, env={**os.environ, "NUMBA_NUM_THREADS": "2"})
     assert done.returncode == 0, done.stderr
     assert done.stdout.split()[-1] == "1"
+
+
+def test_numba_loads_its_implementations_without_scipy_linalg() -> None:
+    # In a fresh process (this one may hold scipy already): numba's implementations load
+    # without importing scipy.linalg, and its BLAS functions still compile afterwards.
+    code = textwrap.dedent("""
+        import sys
+        import numpy as np
+        from numba import njit
+        from study.engine import fused
+        fused.load_implementations()
+        fused.load_implementations()
+        norm = njit(lambda a: np.sqrt((a * a).sum()))
+        assert norm(np.ones(4)) == 2.0
+        assert "scipy.linalg" not in sys.modules, "scipy.linalg was imported"
+        product = njit(lambda a, b: np.dot(a, b))
+        assert product(np.ones((2, 3)), np.ones((3, 2)))[1, 1] == 3.0
+        print("ok")
+        """)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "ok"
+
+
+def test_a_fused_update_loads_numbas_implementations_first(monkeypatch) -> None:
+    from study.engine import fused
+
+    calls = []
+    monkeypatch.setattr(fused, "load_implementations", lambda: calls.append(1))
+    fused.FusedUpdate([SGD(lr=0.1), Adam(lr=1e-3)], torch.zeros(2, 5))
+    assert calls == [1]
