@@ -621,6 +621,28 @@ if njit is not None:
             _adam_row(p, grad, update, state1, state2, kind == 2, lr, bc2, hp[0], hp[1], hp[2],
                       hp[3], decay, hp[6])
 
+    @njit(cache=True, inline="always")
+    def _private(a):
+        # A copy of the 1-D `a` with memory of its own (and its own reference count).
+        out = np.empty(a.shape[0], dtype=a.dtype)
+        _put(out, a)
+        return out
+
+    @njit(cache=True, inline="always")
+    def _private_rows(a):
+        # `_private` of a 2-D `a`.
+        out = np.empty((a.shape[0], a.shape[1]), dtype=a.dtype)
+        for i in range(a.shape[0]):
+            for j in range(a.shape[1]):
+                out[i, j] = a[i, j]
+        return out
+
+    @njit(cache=True, inline="always")
+    def _put_column(table, k, t, values):
+        # table[k, :, t] = values, entry by entry (no view of the shared table).
+        for f in range(values.shape[0]):
+            table[k, f, t] = values[f]
+
     @njit(cache=True, nogil=True)
     def _segment(t, first_step, end_step, eval_first, eval_index, params, previous, state1,
                  state2, prev_norm, live, x_eval, yf_eval, yi_eval, classify, scale, orders,
@@ -650,7 +672,15 @@ if njit is not None:
         n_in = x_eval.shape[2]
         c = fan_out[layers - 1]
         per_epoch = (n_train + batch - 1) // batch
-        x_all = x_eval[t]
+        # The trial's rows of the population's arrays are copied here and back at the end:
+        # numba counts the references to an array's memory, and every view of a row (a
+        # layer's weights, a bias, a batch's order) changed the count of the whole
+        # population's array, one cache line that the other threads' views wrote too, so
+        # it moved between the cores at every view. Private copies are counted apart.
+        x_all = _private_rows(x_eval[t])
+        yf_t, yi_t = _private_rows(yf_eval[t]), _private(yi_eval[t])
+        own_orders = _private_rows(orders[t])
+        hp_t = _private(hp[:, t])
         acts = np.empty(a_off[layers], dtype=dtype)
         g0 = np.empty(batch * widest, dtype=dtype)
         g1 = np.empty(batch * widest, dtype=dtype)
@@ -664,11 +694,10 @@ if njit is not None:
         zeros = np.zeros(widest, dtype=dtype)
         # The parameters change in place (a separate new row would cost its lines' reads
         # and write-backs); the update goes to a scratch row, then the two update rows
-        # swap roles: no copy per step; the last update is written back to row t at the end.
-        p = params[t]
-        last, update = previous[t], np.empty(n_params, dtype=dtype)
-        swapped = False  # last is the scratch row
-        s1, s2 = state1[t], state2[t]
+        # swap roles: no copy per step.
+        p = _private(params[t])
+        last, update = _private(previous[t]), np.empty(n_params, dtype=dtype)
+        s1, s2 = _private(state1[t]), _private(state2[t])
         norm = prev_norm[t]
         whole = batch >= n_train  # one batch per epoch: the split as stored
         # A step right after an evaluation takes its forward pass from the evaluation's,
@@ -681,16 +710,17 @@ if njit is not None:
         picked = np.empty(a_off[layers] if train_last and not whole else 0, dtype=dtype)
         unit_live = np.zeros(hidden, dtype=np.uint8)
         rec = np.empty(6)
+        srec = np.empty(steps_rec.shape[1], dtype=steps_rec.dtype)  # a step's records
         shared = False  # acts hold the coming step's forward pass (an evaluation's)
         # A step's forward pass has no probe; an int64, not the literal 0, so that it
         # shares the evaluation's compiled `_forward` (a literal compiles another one).
         no_probe = np.int64(0)
         k = eval_index[first_step]
         if eval_first and k >= 0:
-            _evaluate(p, x_all, yf_eval[t], yi_eval[t], classify, scale[t], n_train, chunk,
-                      acts, pre, spare, a_off, w_off, b_off, fan_in, fan_out, narrow, act, probe,
-                      sat_z, unit_live, rec, train_last)
-            _put(evals_rec[k, :, t], rec)
+            _evaluate(p, x_all, yf_t, yi_t, classify, scale[t], n_train, chunk, acts, pre,
+                      spare, a_off, w_off, b_off, fan_in, fan_out, narrow, act, probe, sat_z,
+                      unit_live, rec, train_last)
+            _put_column(evals_rec, k, t, rec)
             if not (np.isfinite(rec[0]) and np.isfinite(rec[1])):
                 live[t] = 0
                 return
@@ -698,16 +728,16 @@ if njit is not None:
         for step in range(first_step, end_step):
             epoch, start = step // per_epoch, (step % per_epoch) * batch
             rows = min(batch, n_train - start)
-            order = orders[t, (epoch - epoch_base) * epoch_stride]
+            order = own_orders[(epoch - epoch_base) * epoch_stride]
             for r in range(rows):
                 e = order[start + r]
                 for k in range(n_in):
                     xb[r, k] = x_all[e, k]
                 if classify:
-                    yib[r] = yi_eval[t, e]
+                    yib[r] = yi_t[e]
                 else:
-                    for j in range(yf_eval.shape[2]):
-                        yfb[r, j] = yf_eval[t, e, j]
+                    for j in range(yf_t.shape[1]):
+                        yfb[r, j] = yf_t[e, j]
             xr = xb[:rows]
             step_acts = acts
             if shared and not whole:
@@ -721,7 +751,7 @@ if njit is not None:
             loss = _loss_grad(out, yfb[:rows], yib[:rows], classify, g0, spare)
             _backward(p, grad, xr, step_acts, g0, g1, pre, wt, zeros, a_off, w_off, b_off,
                       fan_in, fan_out, narrow, act, rows)
-            rs = steps_rec[step, :, t]
+            rs = srec
             rs[0] = loss
             # One pass per weight and bias, summed in storage order (the fused kernel's
             # norm); a sum of squares is rounded to the dtype before its root.
@@ -738,11 +768,13 @@ if njit is not None:
             rs[4] = _sumsq(p)
             for f in range(1, 5):
                 rs[f] = np.sqrt(rs[f])
+            for f in range(5):
+                steps_rec[step, f, t] = rs[f]
             if not (np.isfinite(rs[0]) and np.isfinite(rs[1])):
                 live[t] = 0
                 break
             _update(kind[t], p, grad, update, s1, s2, step == 0, step_lr[t, step],
-                    step_bc2[t, step], step_decay[t, step], hp[:, t])
+                    step_bc2[t, step], step_decay[t, step], hp_t)
             rs[5] = _sumsq(update)
             rs[5] = np.sqrt(rs[5])
             if step > 0:  # F.cosine_similarity(eps=1e-30)
@@ -750,21 +782,24 @@ if njit is not None:
                                               * max(np.float64(norm), 1e-30))
             else:
                 rs[6] = np.nan
+            steps_rec[step, 5, t] = rs[5]
+            steps_rec[step, 6, t] = rs[6]
             norm = rs[5]
             last, update = update, last
-            swapped = not swapped
             k = eval_index[step + 1]
             if k >= 0:
-                _evaluate(p, x_all, yf_eval[t], yi_eval[t], classify, scale[t], n_train,
-                          chunk, acts, pre, spare, a_off, w_off, b_off, fan_in, fan_out, narrow,
-                          act, probe, sat_z, unit_live, rec, train_last)
-                _put(evals_rec[k, :, t], rec)
+                _evaluate(p, x_all, yf_t, yi_t, classify, scale[t], n_train, chunk, acts,
+                          pre, spare, a_off, w_off, b_off, fan_in, fan_out, narrow, act, probe,
+                          sat_z, unit_live, rec, train_last)
+                _put_column(evals_rec, k, t, rec)
                 if not (np.isfinite(rec[0]) and np.isfinite(rec[1])):
                     live[t] = 0
                     break
                 shared = train_last
-        if swapped:
-            _put(previous[t], last)
+        _put(params[t], p)
+        _put(previous[t], last)
+        _put(state1[t], s1)
+        _put(state2[t], s2)
         prev_norm[t] = norm
 
     @njit(cache=True, nogil=True)
@@ -823,7 +858,7 @@ def callee_signatures(segment: Sequence) -> dict[str, tuple]:
         "_backward": (vector, vector, matrix, *[vector] * 6, offsets, *layout, act,
                       types.int64),
         "_update": (kind.dtype, *[vector] * 3, row(state1), row(state2), types.boolean,
-                    step_lr.dtype, step_bc2.dtype, step_decay.dtype, hp.copy(ndim=1, layout="A")),
+                    step_lr.dtype, step_bc2.dtype, step_decay.dtype, hp.copy(ndim=1, layout="C")),
         "_loss_grad": (matrix, matrix, types.Array(types.int64, 1, "C"), classify, vector,
                        vector),
     }
