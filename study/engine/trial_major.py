@@ -629,15 +629,6 @@ if njit is not None:
         return out
 
     @njit(cache=True, inline="always")
-    def _private_rows(a):
-        # `_private` of a 2-D `a`.
-        out = np.empty((a.shape[0], a.shape[1]), dtype=a.dtype)
-        for i in range(a.shape[0]):
-            for j in range(a.shape[1]):
-                out[i, j] = a[i, j]
-        return out
-
-    @njit(cache=True, inline="always")
     def _put_column(table, k, t, values):
         # table[k, :, t] = values, entry by entry (no view of the shared table).
         for f in range(values.shape[0]):
@@ -672,14 +663,14 @@ if njit is not None:
         n_in = x_eval.shape[2]
         c = fan_out[layers - 1]
         per_epoch = (n_train + batch - 1) // batch
-        # The trial's rows of the population's arrays are copied here and back at the end:
-        # numba counts the references to an array's memory, and every view of a row (a
-        # layer's weights, a bias, a batch's order) changed the count of the whole
-        # population's array, one cache line that the other threads' views wrote too, so
-        # it moved between the cores at every view. Private copies are counted apart.
-        x_all = _private_rows(x_eval[t])
-        yf_t, yi_t = _private_rows(yf_eval[t]), _private(yi_eval[t])
-        own_orders = _private_rows(orders[t])
+        # numba counts the references to an array's memory, and a view of a row (a layer's
+        # weights, a bias) changes the count of the whole population's array: one cache
+        # line that the other threads' views write too, so it moved between the cores
+        # several times a step. So what a step takes views of is a private copy (counted
+        # apart), copied here and back at the end; a step reads its batch's order and
+        # writes its records entry by entry, without views.
+        x_all = x_eval[t]
+        yf_t, yi_t = yf_eval[t], yi_eval[t]
         hp_t = _private(hp[:, t])
         acts = np.empty(a_off[layers], dtype=dtype)
         g0 = np.empty(batch * widest, dtype=dtype)
@@ -710,7 +701,8 @@ if njit is not None:
         picked = np.empty(a_off[layers] if train_last and not whole else 0, dtype=dtype)
         unit_live = np.zeros(hidden, dtype=np.uint8)
         rec = np.empty(6)
-        srec = np.empty(steps_rec.shape[1], dtype=steps_rec.dtype)  # a step's records
+        rs = np.empty(steps_rec.shape[1], dtype=steps_rec.dtype)  # a step's records
+        picks = np.empty(batch, dtype=np.int64)  # a batch's rows
         shared = False  # acts hold the coming step's forward pass (an evaluation's)
         # A step's forward pass has no probe; an int64, not the literal 0, so that it
         # shares the evaluation's compiled `_forward` (a literal compiles another one).
@@ -728,9 +720,10 @@ if njit is not None:
         for step in range(first_step, end_step):
             epoch, start = step // per_epoch, (step % per_epoch) * batch
             rows = min(batch, n_train - start)
-            order = own_orders[(epoch - epoch_base) * epoch_stride]
+            o = (epoch - epoch_base) * epoch_stride
             for r in range(rows):
-                e = order[start + r]
+                e = orders[t, o, start + r]
+                picks[r] = e
                 for k in range(n_in):
                     xb[r, k] = x_all[e, k]
                 if classify:
@@ -741,7 +734,7 @@ if njit is not None:
             xr = xb[:rows]
             step_acts = acts
             if shared and not whole:
-                _pick(acts, picked, order[start:start + rows], a_off, fan_out, n_train)
+                _pick(acts, picked, picks[:rows], a_off, fan_out, n_train)
                 step_acts = picked
             elif not shared:
                 _forward(p, xr, acts, pre, a_off, w_off, b_off, fan_in, fan_out, narrow, act,
@@ -751,7 +744,6 @@ if njit is not None:
             loss = _loss_grad(out, yfb[:rows], yib[:rows], classify, g0, spare)
             _backward(p, grad, xr, step_acts, g0, g1, pre, wt, zeros, a_off, w_off, b_off,
                       fan_in, fan_out, narrow, act, rows)
-            rs = srec
             rs[0] = loss
             # One pass per weight and bias, summed in storage order (the fused kernel's
             # norm); a sum of squares is rounded to the dtype before its root.
