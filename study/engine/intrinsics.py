@@ -1,5 +1,6 @@
 """Building blocks of the trial-major kernel that numba does not offer: SIMD vectors held
-in registers (`Vector`: `load`, `load_at`, `store_at`, `fma`, `relu`), a square block
+in registers (`Vector`: `load`, `load_at`, `store_at`, `fma`, `relu`; for sums in float64,
+`load_wide`, `zero_wide`, `fma_lanes`, `add_lanes`, `lane_sum`), a square block
 transposed in registers (`transpose_block`), 2-D views of a flat row made without
 `reshape`'s checks (`matrix`), an atomic counter shared by threads (`fetch_add`) and a
 power of two made from its exponent bits (`pow2`, for `study.engine.elementary`).
@@ -148,6 +149,76 @@ if intrinsic is not None:
             return builder.call(function, [args[0], spread, args[2]])
 
         return x(x, scalar, acc), codegen
+
+    @intrinsic
+    def load_wide(typingctx, array, index):
+        """array[index:index + 4] of a 1-D float32 or float64 array as a Vector of 4
+        float64 lanes (a float32 widened, exactly; unchecked bounds): the lanes of a sum
+        kept in float64."""
+        _row(array, "load_wide")
+        wide = Vector(types.float64)
+
+        def codegen(context, builder, signature, args):
+            address = _address(context, builder, signature.args[0], args[0], args[1:],
+                               signature.args[1:])
+            narrow = ir.VectorType(context.get_value_type(array.dtype), wide.lanes)
+            value = builder.load(builder.bitcast(address, narrow.as_pointer()),
+                                 align=array.dtype.bitwidth // 8)
+            if array.dtype != types.float64:
+                value = builder.fpext(value, context.get_value_type(wide))
+            return value
+
+        return wide(array, index), codegen
+
+    @intrinsic
+    def zero_wide(typingctx):
+        """A Vector of 4 float64 zeros (`load_wide`'s type)."""
+        wide = Vector(types.float64)
+
+        def codegen(context, builder, signature, args):
+            return ir.Constant(context.get_value_type(wide), None)
+
+        return wide(), codegen
+
+    @intrinsic
+    def fma_lanes(typingctx, x, y, acc):
+        """acc + x * y lane by lane, each rounded once."""
+        if not (isinstance(x, Vector) and x == y == acc):
+            raise TypingError(f"intrinsics.fma_lanes: {x}, {y}, {acc}")
+
+        def codegen(context, builder, signature, args):
+            llvm_type = context.get_value_type(x)
+            function = _fma_function(builder, llvm_type, f"v{x.lanes}f{x.dtype.bitwidth}")
+            return builder.call(function, list(args))
+
+        return x(x, y, acc), codegen
+
+    @intrinsic
+    def add_lanes(typingctx, x, y):
+        """x + y lane by lane."""
+        if not (isinstance(x, Vector) and x == y):
+            raise TypingError(f"intrinsics.add_lanes: {x}, {y}")
+
+        def codegen(context, builder, signature, args):
+            return builder.fadd(args[0], args[1])
+
+        return x(x, y), codegen
+
+    @intrinsic
+    def lane_sum(typingctx, x):
+        """The sum of a Vector's lanes, pairwise in a fixed order: ((x0 + x1) + (x2 + x3))
+        for 4 lanes."""
+        if not isinstance(x, Vector):
+            raise TypingError(f"intrinsics.lane_sum: {x}")
+
+        def codegen(context, builder, signature, args):
+            terms = [builder.extract_element(args[0], ir.Constant(ir.IntType(32), i))
+                     for i in range(x.lanes)]
+            while len(terms) > 1:
+                terms = [builder.fadd(terms[i], terms[i + 1]) for i in range(0, len(terms), 2)]
+            return terms[0]
+
+        return x.dtype(x), codegen
 
     @intrinsic
     def relu(typingctx, x):

@@ -58,7 +58,7 @@ try:
     from numba.core import event as numba_event
 
     from study.engine.elementary import exp, tanh
-    from study.engine.fused import _adam_row, _dot, _put, _sgd_row, _sumsq
+    from study.engine.fused import _adam_row, _put, _sgd_row, _sumsq, _update_sums
     from study.engine.intrinsics import (
         fetch_add,
         fma,
@@ -707,6 +707,9 @@ if njit is not None:
         # A step's forward pass has no probe; an int64, not the literal 0, so that it
         # shares the evaluation's compiled `_forward` (a literal compiles another one).
         no_probe = np.int64(0)
+        # The parameters' sum of squares for the coming step's record: here, then from the
+        # pass after each update (`_update_sums`, the same bits as `_sumsq`).
+        square = _sumsq(p)
         k = eval_index[first_step]
         if eval_first and k >= 0:
             _evaluate(p, x_all, yf_t, yi_t, classify, scale[t], n_train, chunk, acts, pre,
@@ -757,7 +760,7 @@ if njit is not None:
                 total += part
                 total += _sumsq(grad[b_off[i]:b_off[i] + fan_out[i]])
             rs[1] = total
-            rs[4] = _sumsq(p)
+            rs[4] = square
             for f in range(1, 5):
                 rs[f] = np.sqrt(rs[f])
             for f in range(5):
@@ -767,11 +770,11 @@ if njit is not None:
                 break
             _update(kind[t], p, grad, update, s1, s2, step == 0, step_lr[t, step],
                     step_bc2[t, step], step_decay[t, step], hp_t)
-            rs[5] = _sumsq(update)
+            squares, dot, square = _update_sums(update, last, p)
+            rs[5] = squares
             rs[5] = np.sqrt(rs[5])
             if step > 0:  # F.cosine_similarity(eps=1e-30)
-                rs[6] = _dot(update, last) / (max(np.float64(rs[5]), 1e-30)
-                                              * max(np.float64(norm), 1e-30))
+                rs[6] = dot / (max(np.float64(rs[5]), 1e-30) * max(np.float64(norm), 1e-30))
             else:
                 rs[6] = np.nan
             steps_rec[step, 5, t] = rs[5]

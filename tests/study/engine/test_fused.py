@@ -204,3 +204,61 @@ def test_a_fused_update_loads_numbas_implementations_first(monkeypatch) -> None:
     monkeypatch.setattr(fused, "load_implementations", lambda: calls.append(1))
     fused.FusedUpdate([SGD(lr=0.1), Adam(lr=1e-3)], torch.zeros(2, 5))
     assert calls == [1]
+
+
+LENGTHS = [0, 1, 3, 4, 31, 32, 33, 63, 64, 100, 4929]  # rounds of 32 and the rest
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_the_norms_sums_are_float64_sums_in_one_written_order(dtype) -> None:
+    """`_sumsq` and `_dot` against math.fsum (float64, exactly rounded) on every length of
+    their rounds, and in the order they are written: eight accumulators of 4 lanes over
+    rounds of 32 entries, then the rest one by one. At 2**53 a float64 steps by 2, so
+    2**53 + 1 rounds back to 2**53 (to even): 2**53 + 1 + 1 is 2**53 + 2 where the ones
+    meet first and 2**53 where each meets 2**53."""
+    import math
+
+    from study.engine.fused import _dot, _sumsq
+
+    rng = np.random.default_rng(3)
+    for n in LENGTHS:
+        a = (rng.standard_normal(n) * 10.0 ** rng.uniform(-3, 3, n)).astype(dtype)
+        b = rng.standard_normal(n).astype(dtype)
+        square = math.fsum(float(x) * float(x) for x in a)
+        dot = math.fsum(float(x) * float(y) for x, y in zip(a, b, strict=True))
+        assert abs(_sumsq(a) - square) <= 1e-14 * square, n
+        assert abs(_dot(a, b) - dot) <= 1e-14 * math.fsum(abs(float(x) * float(y))
+                                                          for x, y in zip(a, b, strict=True))
+    big, ones = np.zeros(33), np.zeros(33)
+    big[0], ones[0] = 2.0**27, 2.0**26  # 2**53 in the first accumulator's first lane
+    for a, b, total in (
+            (8, 12, 2.0**53 + 2),  # the third and fourth accumulators: added together first
+            (4, 32, 2.0**53),  # the second accumulator, then the entry after the round
+            (2, 3, 2.0**53 + 2),  # lanes of one accumulator: (l0 + l1) + (l2 + l3)
+            (1, 2, 2.0**53)):
+        x, y = big.copy(), ones.copy()
+        x[[a, b]] = y[[a, b]] = 1.0
+        assert _dot(x, y) == total, (a, b)
+    squares = np.zeros(40, dtype=dtype)
+    squares[0], squares[8:16] = 2.0**26, 0.5  # 2**52 (steps by 1 there), then eight 0.25s:
+    assert _sumsq(squares) == 2.0**52 + 1  # lane by lane 0.5 each, lane 0's tied away
+    nan = np.ones(40, dtype=dtype)
+    nan[35] = np.nan
+    assert np.isnan(_sumsq(nan)) and np.isnan(_dot(nan, np.ones(40, dtype=dtype)))
+    inf = np.ones(40, dtype=dtype)
+    inf[3] = np.inf
+    assert _sumsq(inf) == np.inf
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_the_sums_after_an_update_are_the_norms_own_bits(dtype) -> None:
+    """`_update_sums(u, last, p)` is (_sumsq(u), _dot(u, last), _sumsq(p)) bit for bit: the
+    kernel takes a step's parameter norm from the pass after the update before it, or
+    from `_sumsq` at the start of a call, and both must give the same record."""
+    from study.engine.fused import _dot, _sumsq, _update_sums
+
+    rng = np.random.default_rng(4)
+    for n in LENGTHS:
+        u, last, p = (rng.standard_normal(n).astype(dtype) * dtype(s)
+                      for s in (1e-3, 1e-3, 1.0))
+        assert _update_sums(u, last, p) == (_sumsq(u), _dot(u, last), _sumsq(p)), n

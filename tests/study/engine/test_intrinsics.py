@@ -11,7 +11,17 @@ import pytest
 
 numba = pytest.importorskip("numba")
 
-from study.engine.intrinsics import lanes_of, load_at, matrix, transpose_block  # noqa: E402
+from study.engine.intrinsics import (  # noqa: E402
+    add_lanes,
+    fma_lanes,
+    lane_sum,
+    lanes_of,
+    load_at,
+    load_wide,
+    matrix,
+    transpose_block,
+    zero_wide,
+)
 from study.engine.trial_major import _input_grad_dot, _product, _transpose  # noqa: E402
 
 # rows: 4-row blocks and the rest; columns: blocks of 2 vectors, of 1, then one by one
@@ -143,3 +153,33 @@ def test_the_transpose_is_exact_on_every_edge(dtype):
             w_t = np.full((cols, rows), 7, dtype=dtype)
             _transpose(w, w_t)
             assert w_t.tobytes() == np.ascontiguousarray(w.T).tobytes(), (rows, cols)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_wide_lanes_hold_entries_exactly_and_sum_in_a_fixed_tree(dtype):
+    # load_wide: four entries as float64 (a float32 widened exactly); fma_lanes rounds each
+    # lane once; lane_sum adds (l0 + l1) + (l2 + l3).
+    @numba.njit
+    def wide(a, b, c, j):
+        acc = fma_lanes(load_wide(a, j), load_wide(b, j), zero_wide())
+        return lane_sum(add_lanes(acc, load_wide(c, j)))
+
+    a = np.array([9.0, 0.1, 1e-30, 3.0, 2.0**27], dtype=dtype)
+    b = np.array([2.0**26, 7.0, 1e30, 1.0, 1.0], dtype=dtype)
+    c = np.array([0.0, 1.0, 0.0, 0.0, 0.0], dtype=dtype)
+    products = [float(x) * float(y) for x, y in zip(a[1:], b[1:], strict=True)]
+    assert wide(a, b, c, 1) == (products[0] + 1.0 + products[1]) + (products[2] + products[3])
+    top = np.array([2.0**27, 1.0, 1.0, 0.0]), np.array([2.0**26, 1.0, 1.0, 0.0])
+    assert wide(*top, np.zeros(4), 0) == 2.0**53  # 2**53 + 1, tied to even, then + 1 again
+    top[0][1:3], top[1][1:3] = (0.0, 1.0), (0.0, 1.0)
+    top[0][3], top[1][3] = 1.0, 1.0
+    assert wide(*top, np.zeros(4), 0) == 2.0**53 + 2  # the two ones meet first
+
+
+def test_a_wide_load_refuses_a_strided_row_at_compile_time():
+    @numba.njit
+    def first(a):
+        return lane_sum(load_wide(a, 0))
+
+    with pytest.raises(numba.core.errors.TypingError, match="C-contiguous 1-D float array"):
+        first(np.zeros(16, dtype=np.float32)[::2])
