@@ -763,9 +763,9 @@ if njit is not None:
             rs[4] = square
             for f in range(1, 5):
                 rs[f] = np.sqrt(rs[f])
-            for f in range(5):
-                steps_rec[step, f, t] = rs[f]
             if not (np.isfinite(rs[0]) and np.isfinite(rs[1])):
+                rs[5] = rs[6] = np.nan  # frozen: no update
+                _put_column(steps_rec, step, t, rs)
                 live[t] = 0
                 break
             _update(kind[t], p, grad, update, s1, s2, step == 0, step_lr[t, step],
@@ -777,8 +777,7 @@ if njit is not None:
                 rs[6] = dot / (max(np.float64(rs[5]), 1e-30) * max(np.float64(norm), 1e-30))
             else:
                 rs[6] = np.nan
-            steps_rec[step, 5, t] = rs[5]
-            steps_rec[step, 6, t] = rs[6]
+            _put_column(steps_rec, step, t, rs)
             norm = rs[5]
             last, update = update, last
             k = eval_index[step + 1]
