@@ -18,7 +18,12 @@ import os
 # (docs/performance.md). OpenMP reads both variables once, when it loads, so they are set
 # here, before any torch import. A policy already in the environment
 # (OMP_WAIT_POLICY=ACTIVE) is kept, and so is a spin count.
+# SET_AT_IMPORT names the variables set here, not by the user: `python -m study.bench
+# --peer` starts the peers without them, in the environment the user gave.
+SET_AT_IMPORT: tuple[str, ...] = ()
 if "OMP_WAIT_POLICY" not in os.environ:
+    SET_AT_IMPORT = ("OMP_WAIT_POLICY",) + (
+        () if "GOMP_SPINCOUNT" in os.environ else ("GOMP_SPINCOUNT",))
     os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
     os.environ.setdefault("GOMP_SPINCOUNT", "1000")
 

@@ -327,7 +327,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--out", type=Path, default=None, help="write the JSON here too")
     parser.add_argument("--peer", action="store_true",
                         help="compare with the JAX/optax peer and the plain loop (bench/peers), "
-                             "each in its own process, on the lr_batch workload on the CPU")
+                             "each in its own process, on the lr_batch workload on the CPU "
+                             "(--device cuda: on the GPU; --seeds N: over seeds 0..N-1)")
     parser.add_argument("--peer-python", type=Path, default=bench_peer.DEFAULT_PEER_PYTHON,
                         help="the Python with jax and optax that runs the peers (default: "
                              "%(default)s)")
@@ -364,14 +365,23 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 def peer_main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict[str, Any]:
     """`--peer`: the peer comparison's table on stdout, its JSON in `--out`."""
     heap.settle()  # this process only starts the others
-    if args.overrides or args.seeds or args.limit or args.dtype or args.device == "cuda":
-        parser.error("--peer runs the lr_batch workload on the CPU as the peers rebuild it: "
-                     "it takes no overrides, --seeds, --limit, --dtype or --device cuda")
+    overrides, device = workload_overrides(args.overrides, args.device)
+    if overrides != ["+sweep=lr_batch"] or args.limit or args.dtype:
+        parser.error("--peer runs the lr_batch workload as the peers rebuild it: it takes "
+                     "no overrides (but device=), --limit or --dtype")
     if args.rounds < 1:
         parser.error(f"--rounds must be at least 1, got {args.rounds}")
+    if args.seeds is not None and args.seeds < 1:
+        parser.error(f"--seeds must be at least 1, got {args.seeds}")
+    if device == "cuda" and not torch.cuda.is_available():
+        print("python -m study.bench: --peer on cuda needs a CUDA device; torch sees none",
+              file=sys.stderr)
+        raise SystemExit(2)
     try:
         result = bench_peer.compare(args.peer_python, args.rounds, args.threads,
-                                    plain=not args.no_plain, jax_opt=args.jax_opt)
+                                    plain=not args.no_plain, jax_opt=args.jax_opt,
+                                    device="cuda" if device == "cuda" else "cpu",
+                                    seeds=args.seeds)
     except bench_peer.PeerError as err:
         print(f"python -m study.bench: {err}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -8,6 +8,11 @@ up as docs/performance.md says). Rounds are interleaved (study, JAX, plain loop,
 order rotated every round) so that load drifts reach every system; each figure is the
 median over rounds.
 
+On a GPU (`--device cuda`) every system trains there (JAX with float32 products, as study
+and the plain loop multiply: XLA's default on a GPU is TF32), usually over more seeds
+(`--seeds`: populations of 39 x N trials, as a GPU wants them), and the table compares rates
+per wall second: a process's CPU-seconds there are its host thread's, not the work's.
+
 Rates are planned trial-steps per second of wall time and per CPU-second (all of a
 process's threads) of the timed work: study's batched training (`python -m study.bench
 --subset 0`), the peer's timed runs (its compilation excluded, as the peer reports it), the
@@ -30,6 +35,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import study
 
 BATCHES = ("8", "32", "128", "full")
 PEERS_DIR = Path(__file__).resolve().parents[1] / "bench" / "peers"
@@ -97,6 +104,13 @@ def thread_environment(threads: int | None) -> dict[str, str]:
     return env
 
 
+def process_environment(threads: int | None) -> dict[str, str]:
+    """The environment every system starts in: the user's (less what importing `study` set:
+    its OpenMP wait policy is study's choice, not the peers'), held to `threads` threads."""
+    return {**{k: v for k, v in os.environ.items() if k not in study.SET_AT_IMPORT},
+            **thread_environment(threads)}
+
+
 def _load() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
 
@@ -111,7 +125,7 @@ def _run(command: Sequence[str], env: dict[str, str]) -> tuple[float, list[float
     """Run `command` to completion: its CPU-seconds (its own children included, one command
     at a time), and the load averages before and after it."""
     before, cpu = _load(), _children_cpu()
-    process = subprocess.run(list(command), env={**os.environ, **env},
+    process = subprocess.run(list(command), env=env,
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     cpu, after = _children_cpu() - cpu, _load()
     if process.returncode != 0:
@@ -161,27 +175,38 @@ def read_result(system: str, path: Path) -> dict[str, Any]:
     return json.loads(text if system == "study" else text.strip().splitlines()[-1])
 
 
-def run_round(index: int, python: Path, threads: int | None, plain: bool,
-              workdir: Path, jax_opt: str = "optax") -> list[Run]:
-    """One round: each system once, the order rotated by `index`. `jax_opt`: the peer's
-    update (`optax`, or `hand`: one hand-written update for every row)."""
-    env = thread_environment(threads)
+def commands(index: int, python: Path, threads: int | None, plain: bool, workdir: Path,
+             jax_opt: str = "optax", device: str = "cpu", seeds: int | None = None
+             ) -> list[tuple[str, list[str], Path]]:
+    """Each system's command line of round `index` and the file it writes, in the order
+    study, JAX, plain loop. Every system trains on `device` (JAX's platform pinned to it, so
+    that a CPU comparison stays on the CPU of a machine with a GPU) over seeds 0..`seeds`-1
+    (None: the workload's 3)."""
+    workload = ["--device", device] + ([] if seeds is None else ["--seeds", str(seeds)])
+    threading = [] if threads is None else ["--threads", str(threads)]
     study_out = workdir / f"study-{index}.json"
-    study_cmd = [sys.executable, "-m", "study.bench", "--device", "cpu", "--subset", "0",
-                 "--matmul-seconds", "0.1", "--out", str(study_out)]
-    if threads is not None:
-        study_cmd += ["--threads", str(threads)]
-    jobs: list[tuple[str, list[str], Path]] = [
-        ("study", study_cmd, study_out),
-        (f"JAX/{jax_opt}", [str(python), str(PEERS_DIR / "jax_optax.py"), "--opt", jax_opt,
-                            "--out", str(workdir / f"jax-{index}.jsonl")],
-         workdir / f"jax-{index}.jsonl")]
+    jax_out, plain_out = workdir / f"jax-{index}.jsonl", workdir / f"plain-{index}.jsonl"
+    jax_cmd = [str(python), str(PEERS_DIR / "jax_optax.py"), "--opt", jax_opt, *workload,
+               "--out", str(jax_out)]
+    if device == "cuda":  # XLA's default there is TF32; study's products are float32
+        jax_cmd += ["--precision", "float32"]
+    jobs = [("study", [sys.executable, "-m", "study.bench", *workload, "--subset", "0",
+                       "--matmul-seconds", "0.1", *threading, "--out", str(study_out)],
+             study_out),
+            (f"JAX/{jax_opt}", jax_cmd, jax_out)]
     if plain:
-        plain_cmd = [str(python), str(PEERS_DIR / "plain_loop.py"), "--out",
-                     str(workdir / f"plain-{index}.jsonl")]
-        if threads is not None:
-            plain_cmd += ["--threads", str(threads)]
-        jobs.append(("plain loop", plain_cmd, workdir / f"plain-{index}.jsonl"))
+        jobs.append(("plain loop", [str(python), str(PEERS_DIR / "plain_loop.py"), *workload,
+                                    *threading, "--out", str(plain_out)], plain_out))
+    return jobs
+
+
+def run_round(index: int, python: Path, threads: int | None, plain: bool,
+              workdir: Path, jax_opt: str = "optax", device: str = "cpu",
+              seeds: int | None = None) -> list[Run]:
+    """One round: each system once (`commands`), the order rotated by `index`. `jax_opt`:
+    the peer's update (`optax`, or `hand`: one hand-written update for every row)."""
+    env = process_environment(threads)
+    jobs = commands(index, python, threads, plain, workdir, jax_opt, device, seeds)
     shift = index % len(jobs)
     runs = []
     for system, command, out in jobs[shift:] + jobs[:shift]:
@@ -216,30 +241,37 @@ def summarize(rounds: list[list[Run]]) -> dict[str, Any]:
             "per_wall_s": study["trial_steps_per_s"] / peer["trial_steps_per_s"],
             "per_batch_per_cpu_s": {
                 b: study["per_batch_trial_steps_per_cpu_s"][b]
-                / peer["per_batch_trial_steps_per_cpu_s"][b] for b in BATCHES}}
+                / peer["per_batch_trial_steps_per_cpu_s"][b] for b in BATCHES},
+            "per_batch_per_wall_s": {
+                b: study["per_batch_trial_steps_per_s"][b]
+                / peer["per_batch_trial_steps_per_s"][b] for b in BATCHES}}
     return {"medians": medians, "study_over": ratios}
 
 
-def table(summary: dict[str, Any], rounds: list[list[Run]]) -> str:
-    """The comparison as a Markdown table (trial-steps per CPU-second, medians)."""
+def table(summary: dict[str, Any], rounds: list[list[Run]], per: str = "cpu") -> str:
+    """The comparison as a Markdown table of medians: trial-steps per CPU-second (`per`
+    "cpu", a CPU's comparison) or per wall second (`per` "wall", a GPU's), with the other
+    overall rate in the last row."""
     medians = summary["medians"]
     systems = list(medians)
+    jax = next((v for k, v in summary["study_over"].items() if k.startswith("JAX")), None)
+    # (suffix of the rates, suffix of the ratios, the unit's name)
+    cpu, wall = ("cpu_s", "cpu_s", "CPU-second"), ("s", "wall_s", "wall second")
+    main, other = (cpu, wall) if per == "cpu" else (wall, cpu)
     lines = ["| batch | " + " | ".join(systems) + " | study / JAX |",
              "|---|" + "---|" * (len(systems) + 1)]
-    jax = next((v for k, v in summary["study_over"].items() if k.startswith("JAX")), None)
     for b in BATCHES:
-        cells = [f"{medians[s]['per_batch_trial_steps_per_cpu_s'][b]:,.0f}" for s in systems]
-        ratio = f"{jax['per_batch_per_cpu_s'][b]:.2f}x" if jax else "-"
-        lines.append(f"| {b} | " + " | ".join(cells) + f" | {ratio} |")
-    cells = [f"{medians[s]['trial_steps_per_cpu_s']:,.0f}" for s in systems]
-    lines.append("| overall | " + " | ".join(cells)
-                 + (f" | {jax['per_cpu_s']:.2f}x |" if jax else " | - |"))
-    cells = [f"{medians[s]['trial_steps_per_s']:,.0f}" for s in systems]
-    lines.append("| overall, per wall second | " + " | ".join(cells)
-                 + (f" | {jax['per_wall_s']:.2f}x |" if jax else " | - |"))
+        cells = [f"{medians[s][f'per_batch_trial_steps_per_{main[0]}'][b]:,.0f}"
+                 for s in systems]
+        lines.append(f"| {b} | " + " | ".join(cells)
+                     + (f" | {jax[f'per_batch_per_{main[1]}'][b]:.2f}x |" if jax else " | - |"))
+    for (rate, ratio, _), label in ((main, "overall"), (other, f"overall, per {other[2]}")):
+        cells = [f"{medians[s][f'trial_steps_per_{rate}']:,.0f}" for s in systems]
+        lines.append(f"| {label} | " + " | ".join(cells)
+                     + (f" | {jax[f'per_{ratio}']:.2f}x |" if jax else " | - |"))
     loads = [x for one in rounds for r in one for x in (r.load_before[0], r.load_after[0])]
     lines.append("")
-    lines.append(f"trial-steps per CPU-second, medians of {len(rounds)} interleaved rounds; "
+    lines.append(f"trial-steps per {main[2]}, medians of {len(rounds)} interleaved rounds; "
                  f"1-minute load average {min(loads):.2f}-{max(loads):.2f}")
     speeds = [r.matmul_gflops for one in rounds for r in one if r.matmul_gflops is not None]
     if speeds:  # a shared machine's speed moves the systems unequally: say what it was
@@ -256,15 +288,18 @@ def table(summary: dict[str, Any], rounds: list[list[Run]]) -> str:
 
 
 def compare(python: Path, rounds: int, threads: int | None, plain: bool = True,
-            jax_opt: str = "optax") -> dict[str, Any]:
-    """Run the interleaved rounds; the JSON of every round and the summary."""
+            jax_opt: str = "optax", device: str = "cpu", seeds: int | None = None
+            ) -> dict[str, Any]:
+    """Run the interleaved rounds on `device` over seeds 0..`seeds`-1 (None: 3); the JSON
+    of every round and the summary."""
     versions = check_peer_python(python)
     with tempfile.TemporaryDirectory(prefix="study-peer-") as tmp:
-        done = [run_round(i, python, threads, plain, Path(tmp), jax_opt)
+        done = [run_round(i, python, threads, plain, Path(tmp), jax_opt, device, seeds)
                 for i in range(rounds)]
     summary = summarize(done)
+    where = f"; device {device}" + ("" if seeds is None else f", seeds 0..{seeds - 1}")
     return {"peer_python": str(python), "peer_versions": versions, "threads": threads,
-            "rounds": rounds, "jax_opt": jax_opt,
+            "rounds": rounds, "jax_opt": jax_opt, "device": device, "seeds": seeds,
             "runs": [[r.as_dict() for r in one] for one in done], **summary,
-            "table": table(summary, done) + "; peer: " + ", ".join(
-                f"{name} {version}" for name, version in versions.items())}
+            "table": table(summary, done, "wall" if device == "cuda" else "cpu") + where
+            + "; peer: " + ", ".join(f"{name} {version}" for name, version in versions.items())}

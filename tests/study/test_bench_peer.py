@@ -14,6 +14,12 @@ from study.bench import main
 from study.bench_peer import BATCHES, Run, summarize, table, thread_environment
 
 
+def torch_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def test_a_missing_peer_python_is_one_line_and_exit_2(tmp_path) -> None:
     missing = tmp_path / "no-venv" / "bin" / "python"
     done = subprocess.run([sys.executable, "-m", "study.bench", "--peer", "--peer-python",
@@ -41,12 +47,61 @@ def test_a_peer_python_without_jax_is_one_line_and_exit_2(capsys) -> None:
 
 
 @pytest.mark.parametrize("argv", [["--peer", "+sweep=smoke"], ["--peer", "--limit", "4"],
-                                  ["--peer", "--device", "cuda"], ["--peer", "--rounds", "0"]])
+                                  ["--peer", "--dtype", "float64"], ["--peer", "--rounds", "0"],
+                                  ["--peer", "--seeds", "0"], ["--peer", "train.epochs=2"]])
 def test_peer_takes_no_workload_options(argv, capsys) -> None:
     with pytest.raises(SystemExit) as stop:
         main(argv)
     assert stop.value.code == 2
-    assert "--peer" in capsys.readouterr().err or "--rounds" in " ".join(argv)
+    err = capsys.readouterr().err
+    assert "--peer" in err or "--rounds" in err or "--seeds" in err
+
+
+def test_every_system_trains_on_the_device_over_the_seeds(tmp_path) -> None:
+    """`--peer --device cuda --seeds 30`: study, JAX (its platform pinned, its products
+    float32: XLA's default on a GPU is TF32) and the plain loop all on the GPU over seeds
+    0..29; on the CPU JAX is pinned to the CPU, so that a machine with a GPU compares CPUs."""
+    python = Path("/peers/bin/python")
+    jobs = bench_peer.commands(2, python, 1, True, tmp_path, "hand", "cuda", 30)
+    assert [name for name, _, _ in jobs] == ["study", "JAX/hand", "plain loop"]
+    for _, command, out in jobs:
+        assert " --device cuda --seeds 30 " in " ".join(command) + " "
+        assert command[command.index("--out") + 1] == str(out)
+    study, jax, plain = (command for _, command, _ in jobs)
+    assert study[:3] == [sys.executable, "-m", "study.bench"] and "--threads" in study
+    assert jax[jax.index("--precision") + 1] == "float32"
+    assert jax[jax.index("--opt") + 1] == "hand" and "--threads" in plain
+    cpu = bench_peer.commands(0, python, None, False, tmp_path)
+    assert [name for name, _, _ in cpu] == ["study", "JAX/optax"]
+    for _, command, _ in cpu:
+        assert command[command.index("--device") + 1] == "cpu"
+        assert "--seeds" not in command and "--precision" not in command
+        assert "--threads" not in command
+
+
+def test_the_peers_rebuild_the_trials_of_studys_seeds() -> None:
+    """The peers' workload over seeds 0..N-1 (`common.use_seeds`) is the trials study's
+    bench trains with `--seeds N`, population by population."""
+    from study.bench import plan_from_overrides
+
+    sys.path.insert(0, str(bench_peer.PEERS_DIR))
+    try:
+        import common
+    finally:
+        sys.path.remove(str(bench_peer.PEERS_DIR))
+    saved = common.SEEDS
+    try:
+        common.use_seeds(4)
+        peers = {(t.task, t.optimizer, t.lr, t.batch, t.seed)
+                 for key in common.population_order() for t in common.population_trials(*key)}
+        with pytest.raises(ValueError, match="at least 1"):
+            common.use_seeds(0)
+    finally:
+        common.SEEDS = saved
+    points = plan_from_overrides(["+sweep=lr_batch", "sweep.seeds=[0,1,2,3]"]).points
+    ours = {(p.trial.labels["task"], p.trial.labels["optimizer"], p.trial.optimizer.lr,
+             p.trial.train.batch_size, p.trial.seed) for p in points}
+    assert len(peers) == 4 * 39 * 8 and peers == ours
 
 
 def test_the_peers_are_vendored_beside_their_readme() -> None:
@@ -64,6 +119,22 @@ def test_thread_environment_holds_every_runtime() -> None:
     assert one["OMP_NUM_THREADS"] == one["MKL_NUM_THREADS"] == one["NUMBA_NUM_THREADS"] == "1"
     assert "intra_op_parallelism_threads=1" in one["XLA_FLAGS"]
     assert "XLA_FLAGS" not in thread_environment(2)
+
+
+def test_the_systems_start_in_the_users_environment(monkeypatch) -> None:
+    """Importing study sets an OpenMP wait policy where the user set none (study/__init__):
+    the peers start without it, with the user's own variables and the thread limits."""
+    import study
+
+    monkeypatch.setattr(study, "SET_AT_IMPORT", ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT"))
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
+    monkeypatch.setenv("GOMP_SPINCOUNT", "1000")
+    monkeypatch.setenv("STUDY_PEER_TEST", "kept")
+    env = bench_peer.process_environment(1)
+    assert "OMP_WAIT_POLICY" not in env and "GOMP_SPINCOUNT" not in env
+    assert env["STUDY_PEER_TEST"] == "kept" and env["OMP_NUM_THREADS"] == "1"
+    monkeypatch.setattr(study, "SET_AT_IMPORT", ())  # the user's own policy is kept
+    assert bench_peer.process_environment(None)["OMP_WAIT_POLICY"] == "PASSIVE"
 
 
 def _run(system: str, scale: float, load: float) -> Run:
@@ -87,6 +158,30 @@ def test_summary_takes_medians_and_study_over_each_peer() -> None:
     assert "| overall | 3,000 | 1,000 | 100 | 3.00x |" in text
     assert "1-minute load average 1.00-4.00" in text
     assert "GFLOP/s" not in text  # no run measured the machine
+
+
+def test_a_gpus_table_compares_rates_per_wall_second() -> None:
+    """On a GPU the CPU-seconds are the host thread's: the rows and ratios are per wall
+    second, the overall rate per CPU-second last."""
+    rounds = [[_run("study", s, 1.0), _run("JAX/optax", 1.0, 2.0)] for s in (2.0, 3.0)]
+    summary = summarize(rounds)
+    assert summary["study_over"]["JAX/optax"]["per_batch_per_wall_s"] == {
+        b: pytest.approx(2.5) for b in BATCHES}
+    lines = table(summary, rounds, "wall").splitlines()
+    assert lines[2] == "| 8 | 2,500 | 1,000 | 2.50x |"
+    assert lines[6] == "| overall | 5,000 | 2,000 | 2.50x |"
+    assert lines[7] == "| overall, per CPU-second | 2,500 | 1,000 | 2.50x |"
+    assert lines[9].startswith("trial-steps per wall second, medians of 2 interleaved rounds")
+    assert table(summary, rounds).splitlines()[2] == "| 8 | 1,250 | 500 | 2.50x |"
+
+
+@pytest.mark.skipif(torch_cuda(), reason="this machine has a CUDA device")
+def test_a_gpu_comparison_without_a_gpu_is_one_line_and_exit_2(capsys) -> None:
+    with pytest.raises(SystemExit) as stop:
+        main(["--peer", "device=cuda", "--peer-python", sys.executable])
+    assert stop.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "python -m study.bench: --peer on cuda needs a CUDA device; torch sees none"]
 
 
 def test_the_table_says_how_fast_the_machine_was() -> None:
