@@ -526,14 +526,18 @@ def decay_mask(net: Network, layers: tuple[int, ...] | None) -> Tensor | None:
 
 def _initial_parameters(net: Network, trials: Sequence[TrialSpec], seeds: Sequence[SeedStreams]
                         ) -> Tensor:
-    """[T, P] each trial's initialization from its init seed, on the CPU."""
+    """[T, P] each trial's initialization from its init seed, on the CPU.
+
+    Trials of one model and init seed (the seeds of a grid, repeated across its other axes)
+    get the same draw: it is drawn once and shared, not drawn again per trial."""
     task = trials[0].task
-    rows = []
-    for trial, s in zip(trials, seeds, strict=True):
-        params = init_parameters(trial.model, task.input_dim, task.output_dim,
-                                 torch.Generator().manual_seed(s.init))
-        rows.append(net.flatten(params))
-    return torch.stack(rows)
+    drawn: dict[tuple, int] = {}
+    which = [drawn.setdefault((trial.model, s.init), len(drawn))
+             for trial, s in zip(trials, seeds, strict=True)]
+    rows = [net.flatten(init_parameters(model, task.input_dim, task.output_dim,
+                                        torch.Generator().manual_seed(init)))
+            for model, init in drawn]
+    return torch.stack(rows)[torch.tensor(which)]
 
 
 def activation_health(activation: str, z: Tensor) -> tuple[Tensor | None, Tensor | None, int]:

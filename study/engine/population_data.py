@@ -2,7 +2,8 @@
 
 Trials sharing a data draw (same task, data transforms and data seed) share one copy of it;
 each row indexes its draw's training rows per epoch and holds its full splits for the
-evaluations.
+evaluations. Trials sharing an order seed share its batch orders: one generator per seed
+draws each epoch's order once for all of them.
 """
 
 from __future__ import annotations
@@ -47,8 +48,9 @@ def data_key(trial: TrialSpec, seed: int) -> DataKey:
 
 class PopulationData:
     """Per row: its training rows (gathered from the distinct draws), its full splits for
-    evaluation, its batch-order generator and what its loss needs (target scale, class
-    weights). Per trial (original index, never compacted): the reference losses of its draw.
+    evaluation, its batch-order generator (`order_generators[order_index[row]]`, one per
+    distinct order seed) and what its loss needs (target scale, class weights). Per trial
+    (original index, never compacted): the reference losses of its draw.
     """
 
     def __init__(self, trials: Sequence[TrialSpec], seeds: Sequence[SeedStreams],
@@ -71,7 +73,11 @@ class PopulationData:
         self.input_free = [free[id(d)] for d in mine]
         position = {k: i for i, k in enumerate(draws)}
         self._stack_splits(data, [position[k] for k in keys])
-        self.orders = [torch.Generator().manual_seed(s.order) for s in seeds]
+        # Each row's generator would draw what every row of its order seed draws, epoch
+        # after epoch: one generator per seed, drawn once per epoch for all its rows.
+        generators: dict[int, int] = {}
+        self.order_index = [generators.setdefault(s.order, len(generators)) for s in seeds]
+        self.order_generators = [torch.Generator().manual_seed(seed) for seed in generators]
         self._loss_inputs(trials, mine)
 
     def _stack_splits(self, data: list[Dataset], which_draw: list[int]) -> None:
@@ -117,14 +123,17 @@ class PopulationData:
 
     def epoch(self, shuffle: bool) -> tuple[Tensor, Tensor]:
         """This epoch's training split per row, x [T, N, in] and y [T, N, ...]: one
-        `torch.randperm` per row from its order generator (`shuffle`), else the stored order
-        (the failure: the same order every epoch)."""
+        `torch.randperm` from each order generator, each row taking its own generator's
+        (`shuffle`), else the stored order (the failure: the same order every epoch)."""
+        rows_n = len(self.order_index)
         if shuffle:
-            perms = torch.stack([torch.randperm(self.n_train, generator=g) for g in self.orders])
+            drawn = torch.stack([torch.randperm(self.n_train, generator=g)
+                                 for g in self.order_generators])
+            perms = drawn[torch.tensor(self.order_index)]
         else:
-            perms = torch.arange(self.n_train).expand(len(self.orders), -1)
+            perms = torch.arange(self.n_train).expand(rows_n, -1)
         rows = (perms.to(self.device) + self.row_offset[:, None]).flatten()
-        shape = (len(self.orders), self.n_train)
+        shape = (rows_n, self.n_train)
         return (self.x_flat.index_select(0, rows).view(*shape, -1),
                 self.y_flat.index_select(0, rows).view(*shape, *self.y_flat.shape[1:]))
 
@@ -136,4 +145,8 @@ class PopulationData:
             self.target_scale = self.target_scale[kept]
         if self.class_weights is not None:
             self.class_weights = self.class_weights[kept]
-        self.orders = [self.orders[i] for i in index]
+        # The generators of the kept rows, renumbered in order (one no row uses is dropped)
+        mine = [self.order_index[i] for i in index]
+        used = {g: j for j, g in enumerate(sorted(set(mine)))}
+        self.order_generators = [self.order_generators[g] for g in used]
+        self.order_index = [used[g] for g in mine]

@@ -942,7 +942,8 @@ class Kernel:
         # Shuffled batches: orders drawn epoch by epoch as calls need them (`_orders_for`),
         # each row's by the thread that then trains it; else (no shuffling, or the whole
         # split as stored) one order for every epoch.
-        self.generators = data.orders if shuffle and batch < n_train else None
+        self.generators = data.order_generators if shuffle and batch < n_train else None
+        self.order_index = data.order_index  # row -> its generator
         self.per_epoch = -(-n_train // batch)
         self.epoch_base, self.drawn = 0, 0
         self.window = max(1, ORDER_BYTES // (8 * rows * n_train))
@@ -1014,8 +1015,16 @@ class Kernel:
             fresh = self._orders_for(first // self.per_epoch, -(-end // self.per_epoch))
             stride = 1
             if fresh.stop > fresh.start:
+                # Rows sharing a generator share its orders: drawn once, by the first live
+                # row of each; a generator none of whose rows is live draws nothing.
+                drew: dict[int, int] = {}
                 for t in live.tolist():
-                    draw_orders(self.generators[t], self.orders[t, fresh])
+                    g = self.order_index[t]
+                    if g in drew:
+                        self.orders[t, fresh] = self.orders[drew[g], fresh]
+                    else:
+                        draw_orders(self.generators[g], self.orders[t, fresh])
+                        drew[g] = t
         if not len(live):
             return Running.done()
         args = (first, end, eval_first, self.eval_index, self.params, self.previous,

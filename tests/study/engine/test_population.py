@@ -255,6 +255,29 @@ def test_compaction_of_diverged_rows_changes_nothing() -> None:
         assert g.equal(n)
 
 
+def test_rows_sharing_a_seed_share_its_draws_also_after_compaction(monkeypatch) -> None:
+    """Trials of one model and init seed get one initialisation draw, and trials of one
+    order seed one batch order per epoch, drawn once for them all. Each row's numbers are
+    those it gets alone, also after compaction drops every row of a seed (and its
+    generator)."""
+    from study.engine import population as population_module
+
+    train = TrainSpec(batch_size=8, epochs=3, dtype="float64")
+    lrs_seeds = [(1e3, 0), (1e-2, 1), (2e3, 0), (3e-2, 1), (5e-2, 2), (1e-2, 2)]
+    trials = [_trial(SGD(lr=lr, momentum=0.9), train=train, seed=seed)
+              for lr, seed in lrs_seeds]
+    draws = []
+    real = population_module.init_parameters
+    monkeypatch.setattr(population_module, "init_parameters",
+                        lambda *args: (draws.append(args[-1]), real(*args))[1])
+    engine = BatchedEngine(check_every=1, compact_below=1.0, trial_major=False)
+    got = engine.run(trials, CPU)
+    assert len(draws) == 3  # one per init seed
+    assert [g.divergence_step is not None for g in got] == [True, False, True] + [False] * 3
+    for trial, g in zip(trials, got, strict=True):
+        assert g.equal(engine.run([trial], CPU)[0])
+
+
 def test_the_cpu_all_alive_shortcut_changes_no_bit(monkeypatch) -> None:
     """While every row is alive the CPU skips the frozen-row masking (`mark_diverged`
     returns None); masking on every step instead must give the same bits, before and after

@@ -364,6 +364,26 @@ def test_batch_orders_drawn_window_by_window_give_the_same_bits(monkeypatch,
         assert a.equal(b)
 
 
+def test_rows_sharing_an_order_seed_draw_its_orders_once(monkeypatch, kernel_only) -> None:
+    """Rows of one order seed share its generator: the first live row of each draws a
+    window's orders, the others copy them; when that row stops, the next live one draws.
+    Every row gets the bits it gets alone."""
+    train = TrainSpec(batch_size=16, epochs=4, dtype="float32")
+    specs = [SGD(lr=30.0), SGD(lr=0.05, momentum=0.9), Adam(lr=1e-2), SGD(lr=0.02)]
+    trials = [_trial(spec, train=train, seed=seed) for spec, seed in zip(specs, [0, 0, 1, 1],
+                                                                          strict=True)]
+    draws = []
+    real = kernel_module.draw_orders
+    monkeypatch.setattr(kernel_module, "draw_orders",
+                        lambda generator, into: (draws.append(generator), real(generator, into)))
+    monkeypatch.setattr(kernel_module, "ORDER_BYTES", 1)  # a window per epoch
+    got = BatchedEngine().run(trials, CPU)
+    assert got[0].divergence_step is not None  # the first row of seed 0 stops early
+    assert len(draws) == 2 * 4 and len({id(g) for g in draws}) == 2  # per seed and epoch
+    for trial, g in zip(trials, got, strict=True):
+        assert g.equal(BatchedEngine().run([trial], CPU)[0])
+
+
 def test_a_started_population_trains_while_the_caller_runs_python(kernel_only) -> None:
     """`start` returns with the kernel under way; the caller's thread runs Python (which
     holds the GIL) meanwhile; the traces are `run`'s, bit for bit, in the order given
