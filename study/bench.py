@@ -279,15 +279,15 @@ def workload_overrides(overrides: Sequence[str], device: str) -> tuple[list[str]
 
     `device=X` is the run's `device` setting, as in `python -m study device=cuda`: it picks
     the bench's device (over `--device`) and is not part of the workload. The workload is
-    `+sweep=lr_batch` unless an override names a sweep.
+    `+sweep=lr_batch` unless an override names a sweep. ValueError for a device other than
+    auto, cpu or cuda.
     """
     rest = []
     for item in overrides:
         if item.startswith("device="):
             device = item.removeprefix("device=")
             if device not in ("auto", "cpu", "cuda"):
-                raise SystemExit(f"python -m study.bench: device must be auto, cpu or cuda, "
-                                 f"got {device!r}")
+                raise ValueError(f"device must be auto, cpu or cuda, got {device!r}")
         else:
             rest.append(item)
     if not any(item.lstrip("+").startswith("sweep=") for item in rest):
@@ -344,7 +344,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         return peer_main(args, parser)
     if args.subset < 0:
         parser.error(f"--subset must be 0 or more, got {args.subset}")
-    overrides, device_name = workload_overrides(args.overrides, args.device)
+    overrides, device_name = _checked_overrides(args)
     if args.seeds is not None:
         if args.seeds < 1:
             parser.error(f"--seeds must be at least 1, got {args.seeds}")
@@ -362,10 +362,19 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     return result
 
 
+def _checked_overrides(args: argparse.Namespace) -> tuple[list[str], str]:
+    """`workload_overrides` of the command line; bad input is one line and exit 2."""
+    try:
+        return workload_overrides(args.overrides, args.device)
+    except ValueError as err:
+        print(f"python -m study.bench: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
 def peer_main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict[str, Any]:
     """`--peer`: the peer comparison's table on stdout, its JSON in `--out`."""
     heap.settle()  # this process only starts the others
-    overrides, device = workload_overrides(args.overrides, args.device)
+    overrides, device = _checked_overrides(args)
     if overrides != ["+sweep=lr_batch"] or args.limit or args.dtype:
         parser.error("--peer runs the lr_batch workload as the peers rebuild it: it takes "
                      "no overrides (but device=), --limit or --dtype")

@@ -59,8 +59,17 @@ def test_device_override_and_default_workload() -> None:
         ["+sweep=smoke", "train.epochs=1"], "cpu")
     assert workload_overrides(["train.epochs=2"], "auto") == (
         ["+sweep=lr_batch", "train.epochs=2"], "auto")
-    with pytest.raises(SystemExit, match="device must be auto, cpu or cuda, got 'tpu'"):
+    with pytest.raises(ValueError, match="device must be auto, cpu or cuda, got 'tpu'"):
         workload_overrides(["device=tpu"], "auto")
+
+
+@pytest.mark.parametrize("argv", [["device=tpu"], ["--peer", "device=tpu"]])
+def test_a_bad_device_is_one_line_and_exit_2(argv, capsys) -> None:
+    with pytest.raises(SystemExit) as stop:
+        main(argv)
+    assert stop.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "python -m study.bench: device must be auto, cpu or cuda, got 'tpu'"]
 
 
 def test_seeds_widens_every_population(tmp_path) -> None:
