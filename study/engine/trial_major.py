@@ -940,8 +940,8 @@ class Kernel:
         scale = (np.ones((rows, c), dtype=x_eval.dtype) if data.target_scale is None
                  else data.target_scale[:, 0, :].contiguous().numpy())
         # Shuffled batches: orders drawn epoch by epoch as calls need them (`_orders_for`),
-        # each row's by the thread that then trains it; else (no shuffling, or the whole
-        # split as stored) one order for every epoch.
+        # by the caller before each call, once per order seed (`_launch`); else (no
+        # shuffling, or the whole split as stored) one order for every epoch.
         self.generators = data.order_generators if shuffle and batch < n_train else None
         self.order_index = data.order_index  # row -> its generator
         self.per_epoch = -(-n_train // batch)
