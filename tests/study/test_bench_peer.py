@@ -79,16 +79,22 @@ def test_every_system_trains_on_the_device_over_the_seeds(tmp_path) -> None:
         assert "--threads" not in command
 
 
-def test_the_peers_rebuild_the_trials_of_studys_seeds() -> None:
-    """The peers' workload over seeds 0..N-1 (`common.use_seeds`) is the trials study's
-    bench trains with `--seeds N`, population by population."""
-    from study.bench import plan_from_overrides
-
+def _peer_common():
+    """The peers' `common` module (torch and numpy only)."""
     sys.path.insert(0, str(bench_peer.PEERS_DIR))
     try:
         import common
     finally:
         sys.path.remove(str(bench_peer.PEERS_DIR))
+    return common
+
+
+def test_the_peers_rebuild_the_trials_of_studys_seeds() -> None:
+    """The peers' workload over seeds 0..N-1 (`common.use_seeds`) is the trials study's
+    bench trains with `--seeds N`, population by population."""
+    from study.bench import plan_from_overrides
+
+    common = _peer_common()
     saved = common.SEEDS
     try:
         common.use_seeds(4)
@@ -239,3 +245,41 @@ def test_the_peer_python_reports_its_versions(tmp_path) -> None:
     python.chmod(0o755)
     assert bench_peer.check_peer_python(python) == {
         "jax": "9.9.1", "optax": "0.0.7", "torch": torch.__version__}
+
+
+@pytest.mark.parametrize("task", ["blobs", "teacher_mlp"])
+def test_the_peers_rebuild_studys_data_initialisation_and_batch_orders(task: str) -> None:
+    """What the comparison rests on: a peer's population holds study's numbers, bit for
+    bit: each trial's data draw, its initialisation and its batch order of every epoch."""
+    import torch
+
+    from study.bench import plan_from_overrides
+    from study.engine.population_data import DatasetCache, PopulationData
+    from study.models import init_parameters
+    from study.seeds import seed_streams
+
+    common = _peer_common()
+    trials = [p.trial for p in plan_from_overrides(["+sweep=lr_batch"]).points
+              if p.trial.labels["task"] == task and p.trial.train.batch_size == 8
+              and p.trial.labels["optimizer"] == "adam"][::7]
+    assert {t.seed for t in trials} == {0, 1, 2}
+    seeds = [seed_streams(t.seed) for t in trials]
+    ours = PopulationData(trials, seeds, DatasetCache(), torch.device("cpu"), torch.float32)
+    peer = common.build_population(task, 8, [common.Trial(task, "adam", t.optimizer.lr, 8,
+                                                          t.seed) for t in trials])
+    n = common.N_TRAIN
+    assert torch.equal(ours.x_eval[:, :n], peer.x_train)
+    assert torch.equal(ours.x_eval[:, n:], peer.x_val)
+    assert torch.equal(ours.y_eval[:, :n], peer.y_train)
+    assert torch.equal(ours.y_eval[:, n:], peer.y_val)
+    for trial, streams in zip(trials, seeds, strict=True):
+        mine = init_parameters(trial.model, trial.task.input_dim, trial.task.output_dim,
+                               torch.Generator().manual_seed(streams.init))
+        theirs = common.init_parameters(task, common.seed_streams(trial.seed)["init"])
+        for (w, b), (pw, pb) in zip(mine, theirs, strict=True):
+            assert torch.equal(w, pw) and torch.equal(b, pb)
+    rows = torch.arange(len(trials))[:, None]
+    for epoch in range(common.EPOCHS):
+        x, y = ours.epoch(shuffle=True)
+        assert torch.equal(x, peer.x_train[rows, peer.perms[epoch]]), epoch
+        assert torch.equal(y, peer.y_train[rows, peer.perms[epoch]]), epoch
