@@ -17,7 +17,8 @@ Tensor = torch.Tensor
 
 class LoopState:
     """Per computed row (selected with the rows): clipping threshold, base learning rate,
-    plateau and early-stopping trackers, dropout generator. None where the loop has none."""
+    plateau and early-stopping trackers, dropout generator (`dropout_gens[dropout_index[row]]`,
+    one per distinct dropout seed). None where the loop has none."""
 
     def __init__(self, trials: Sequence[TrialSpec], device: torch.device, dtype: torch.dtype,
                  per_epoch: int, planned: int) -> None:
@@ -36,8 +37,16 @@ class LoopState:
         model = trials[0].model
         self.dropout = model.dropout
         self.dropout_at_eval = model.dropout_at_eval and model.dropout > 0
-        self.dropout_gens = ([torch.Generator().manual_seed(dropout_seed(t.seed)) for t in trials]
-                             if model.dropout > 0 else None)
+        # Rows of one seed draw the same masks step after step (the population shares its
+        # dropout rate): one generator per seed draws them once for all its rows.
+        self.dropout_gens: list[torch.Generator] | None = None
+        self.dropout_index: list[int] = []
+        if model.dropout > 0:
+            seeds: dict[int, int] = {}
+            self.dropout_index = [seeds.setdefault(dropout_seed(t.seed), len(seeds))
+                                  for t in trials]
+            self.dropout_gens = [torch.Generator().manual_seed(seed) for seed in seeds]
+        self._dropout_rows: dict[torch.device, torch.Tensor] = {}  # dropout_index there
 
     @property
     def tracks_validation(self) -> bool:
@@ -75,17 +84,22 @@ class LoopState:
               device: torch.device) -> list[Tensor] | None:
         """Dropout masks [T, sum(rows), width] per hidden layer of `widths`, drawn per row in
         the reference's order: for each block of `rows` examples, every hidden layer in
-        turn. None without dropout."""
+        turn (once per dropout seed, each row taking its seed's). None without dropout."""
         if self.dropout_gens is None:
             return None
-        per_row = []
+        per_seed = []
         for g in self.dropout_gens:  # drawn on the host (the trials' generators live there)
             blocks = [[dropout_mask((r, w), self.dropout, g, dtype, "cpu") for w in widths]
                       for r in rows]
-            per_row.append([torch.cat([b[layer] for b in blocks]) for layer in
-                            range(len(widths))])
-        # One copy per layer that does not wait for the device (not one per trial).
-        return [torch.stack([m[layer] for m in per_row]).to(device, non_blocking=True)
+            per_seed.append([torch.cat([b[layer] for b in blocks]) for layer in
+                             range(len(widths))])
+        device = torch.device(device)
+        if device not in self._dropout_rows:
+            self._dropout_rows[device] = torch.tensor(self.dropout_index, device=device)
+        which = self._dropout_rows[device]
+        # One copy per layer that does not wait for the device (not one per trial or seed),
+        # then each row's seed's mask, there.
+        return [torch.stack([m[layer] for m in per_seed]).to(device, non_blocking=True)[which]
                 for layer in range(len(widths))]
 
     def select(self, kept: Tensor, index: list[int]) -> None:
@@ -97,5 +111,9 @@ class LoopState:
             self.plateaus = [self.plateaus[i] for i in index]
         if self.stoppers is not None:
             self.stoppers = [self.stoppers[i] for i in index]
-        if self.dropout_gens is not None:
-            self.dropout_gens = [self.dropout_gens[i] for i in index]
+        if self.dropout_gens is not None:  # the kept rows' generators, renumbered in order
+            mine = [self.dropout_index[i] for i in index]
+            used = {g: j for j, g in enumerate(sorted(set(mine)))}
+            self.dropout_gens = [self.dropout_gens[g] for g in used]
+            self.dropout_index = [used[g] for g in mine]
+            self._dropout_rows = {}

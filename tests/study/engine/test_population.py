@@ -278,6 +278,34 @@ def test_rows_sharing_a_seed_share_its_draws_also_after_compaction(monkeypatch) 
         assert g.equal(engine.run([trial], CPU)[0])
 
 
+def test_rows_sharing_a_seed_share_its_dropout_masks_also_after_compaction(monkeypatch
+                                                                           ) -> None:
+    """Trials of one seed draw the same dropout masks: one draw per seed, layer and step,
+    each row taking its seed's; every row's numbers are those it gets alone, also after
+    compaction drops every row of a seed."""
+    from study.engine import population_loop
+
+    train = TrainSpec(batch_size=16, epochs=2, dtype="float64")
+    model = ModelSpec(depth=2, width=16, dropout=0.25)
+    lrs_seeds = [(1e3, 0), (1e-2, 1), (2e3, 0), (3e-2, 1), (5e-2, 2), (1e-2, 2)]
+    trials = [_trial(SGD(lr=lr, momentum=0.9), model=model, train=train, seed=seed)
+              for lr, seed in lrs_seeds]
+    draws = []
+    real = population_loop.dropout_mask
+    monkeypatch.setattr(population_loop, "dropout_mask",
+                        lambda *args: (draws.append(args[2]), real(*args))[1])
+    engine = BatchedEngine(check_every=1, compact_below=1.0)
+    got = engine.run(trials, CPU)
+    assert [g.divergence_step is not None for g in got] == [True, False, True] + [False] * 3
+    assert len({id(g) for g in draws}) == 3  # one generator per seed
+    steps = train.total_steps(REGRESSION.n_train)
+    assert len(draws) <= 3 * 2 * steps  # per seed, hidden layer and step, not per row
+    for trial, g in zip(trials, got, strict=True):
+        assert g.equal(engine.run([trial], CPU)[0])
+    want = ReferenceEngine().run(trials[1:2], CPU)[0]
+    assert_equivalent(got[1], want, TOL["float64"])
+
+
 def test_the_cpu_all_alive_shortcut_changes_no_bit(monkeypatch) -> None:
     """While every row is alive the CPU skips the frozen-row masking (`mark_diverged`
     returns None); masking on every step instead must give the same bits, before and after
