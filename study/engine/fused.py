@@ -414,6 +414,7 @@ class FusedUpdate:
         numba.set_num_threads(max(1, min(numba.config.NUMBA_NUM_THREADS, threads)))
         torch.set_num_threads(threads)
         self.kind = torch.tensor([_KINDS[type(s)] for s in specs], dtype=torch.int64)
+        self._scheduling_rows()
         hp = []
         for s in specs:
             if isinstance(s, SGD):
@@ -470,15 +471,25 @@ class FusedUpdate:
     def scheduled(self, t: int, lrs: Sequence[float]) -> tuple[Tensor, Tensor]:
         """([T] step size, [T] AdamW decay 1 - lr * weight_decay) of step t from each row's
         learning rate `lrs` at that step (a schedule's), in the dtype, as the eager
-        optimizers compute them."""
-        kinds = self.kind.tolist()
-        step_lr = torch.tensor([_step_lr(t, lr, k, getattr(s, "betas", (0.0, 0.0))[0])
-                                for lr, k, s in zip(lrs, kinds, self.specs, strict=True)],
-                               dtype=torch.float64).to(self.dtype)
-        decay = torch.tensor([1 - lr * s.weight_decay for lr, s in
-                              zip(lrs, self.specs, strict=True)],
-                             dtype=torch.float64).to(self.dtype)
-        return step_lr, decay
+        optimizers compute them.
+
+        Over all rows at once, with `_step_lr`'s float64 operations row by row: the bias
+        correction 1 - beta1**t per distinct beta1 in Python, then one division and one
+        negation per row (IEEE, so the same bits as Python's floats)."""
+        lr = np.asarray(lrs, dtype=np.float64)
+        correction = np.array([1 - beta1**t for beta1 in self._beta1s])[self._beta1_of]
+        step_lr = np.where(self._sgd_rows, -lr, -(lr / correction))
+        decay = 1 - lr * self._weight_decay
+        return torch.from_numpy(step_lr).to(self.dtype), torch.from_numpy(decay).to(self.dtype)
+
+    def _scheduling_rows(self) -> None:
+        """What `scheduled` needs of each row's spec, as arrays: SGD or not, the index of
+        its beta1 among the distinct ones, its weight decay."""
+        self._sgd_rows = np.array([_KINDS[type(s)] == _SGD for s in self.specs], dtype=bool)
+        beta1 = [getattr(s, "betas", (0.0, 0.0))[0] for s in self.specs]
+        self._beta1s = sorted(set(beta1))
+        self._beta1_of = np.array([self._beta1s.index(b) for b in beta1], dtype=np.int64)
+        self._weight_decay = np.array([s.weight_decay for s in self.specs], dtype=np.float64)
 
     def preconditioner(self) -> Tensor:
         """[T, P] float64: `batched_optimizers.preconditioner` of each row (NaN for SGD rows)."""
@@ -495,3 +506,4 @@ class FusedUpdate:
         self.step_lr.select(index)
         self.step_bc2.select(index)
         self.specs = [self.specs[i] for i in index.tolist()]
+        self._scheduling_rows()

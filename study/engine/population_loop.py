@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 from study.failures.loop import EarlyStopper, Plateau
@@ -29,6 +30,7 @@ class LoopState:
             self.clip = torch.tensor([t.loop.clip_norm for t in trials], dtype=torch.float64,
                                      device=device).to(dtype)
         self.base_lr = [t.optimizer.lr for t in trials]
+        self._base_lr = np.asarray(self.base_lr, dtype=np.float64)
         self.plateaus = ([Plateau(t.loop.plateau_factor, t.loop.plateau_patience,
                                   t.loop.plateau_threshold) for t in trials]
                          if loop.plateau_factor is not None else None)
@@ -54,13 +56,14 @@ class LoopState:
         `LoopSpec.tracks_validation`)."""
         return self.spec.tracks_validation
 
-    def learning_rates(self, step: int) -> list[float]:
-        """Each row's learning rate for the update after `step` updates."""
+    def learning_rates(self, step: int) -> np.ndarray:
+        """[T] float64: each row's learning rate for the update after `step` updates (its
+        base rate times the schedule's factor, times its plateau's multiplier: float64
+        products over the rows at once, the same bits as in Python's floats)."""
         factor = self.spec.lr_factor(step, self.per_epoch, self.planned)
-        lrs = [lr * factor for lr in self.base_lr]
+        lrs = self._base_lr * factor
         if self.plateaus is not None:
-            lrs = [lr * plateau.multiplier for lr, plateau in zip(lrs, self.plateaus,
-                                                                  strict=True)]
+            lrs = lrs * np.array([plateau.multiplier for plateau in self.plateaus])
         return lrs
 
     def after_eval(self, step: int, val: Sequence[float], alive: Sequence[bool],
@@ -107,6 +110,7 @@ class LoopState:
         if self.clip is not None:
             self.clip = self.clip[kept]
         self.base_lr = [self.base_lr[i] for i in index]
+        self._base_lr = np.asarray(self.base_lr, dtype=np.float64)
         if self.plateaus is not None:
             self.plateaus = [self.plateaus[i] for i in index]
         if self.stoppers is not None:

@@ -133,6 +133,38 @@ def test_a_frozen_row_keeps_params_and_state() -> None:
     assert torch.isfinite(params).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_scheduled_step_scalars_are_the_rows_own_python_floats(dtype) -> None:
+    """`FusedUpdate.scheduled` over all rows at once gives each row's `_step_lr` and
+    1 - lr * weight_decay, computed in Python floats and rounded to the dtype, bit for bit,
+    also after compaction reorders the rows."""
+    from study.engine.fused import _KINDS, _step_lr
+
+    specs = [SGD(lr=0.1, momentum=0.9), Adam(lr=1e-2), AdamW(lr=1e-2, weight_decay=0.1),
+             Adam(lr=3e-3, betas=(0.8, 0.99), weight_decay=1e-2), SGD(lr=0.05),
+             AdamW(lr=3e-4, betas=(0.95, 0.999), weight_decay=0.3)]
+    update = FusedUpdate(specs, torch.zeros(len(specs), 5, dtype=dtype))
+    rng = np.random.default_rng(5)
+
+    def check(specs) -> None:
+        for t in (1, 2, 7, 100, 5000):
+            lrs = [float(x) for x in 10 ** rng.uniform(-5, 1, len(specs))]
+            step_lr, decay = update.scheduled(t, lrs)
+            want_lr = torch.tensor([_step_lr(t, lr, _KINDS[type(s)],
+                                             getattr(s, "betas", (0.0, 0.0))[0])
+                                    for lr, s in zip(lrs, specs, strict=True)],
+                                   dtype=torch.float64).to(dtype)
+            want_decay = torch.tensor([1 - lr * s.weight_decay
+                                       for lr, s in zip(lrs, specs, strict=True)],
+                                      dtype=torch.float64).to(dtype)
+            assert torch.equal(step_lr, want_lr) and torch.equal(decay, want_decay), t
+
+    check(specs)
+    index = torch.tensor([5, 2, 0, 3])
+    update.select(index)
+    check([specs[i] for i in index.tolist()])
+
+
 def test_what_fuses() -> None:
     assert fusable([SGD(), Adam(), AdamW()], clip=False, zero_grad=True)
     assert not fusable([Adam(amsgrad=True)], clip=False, zero_grad=True)
