@@ -40,7 +40,7 @@ from study.engine.batched_optimizers import adaptive, make_population_optimizer
 from study.engine.fused import FusedUpdate, fusable
 from study.engine.landscape import gradient_noise_scale, sharpness
 from study.engine.network import Network, eval_losses, train_loss_and_grad
-from study.engine.population_data import DatasetCache, PopulationData
+from study.engine.population_data import DatasetCache, PopulationData, shared
 from study.engine.population_loop import LoopState
 from study.engine.population_params import ParameterState
 from study.engine.population_traces import DIAG_FIELDS, StepRecord, TraceBuffers
@@ -531,9 +531,8 @@ def _initial_parameters(net: Network, trials: Sequence[TrialSpec], seeds: Sequen
     Trials of one model and init seed (the seeds of a grid, repeated across its other axes)
     get the same draw: it is drawn once and shared, not drawn again per trial."""
     task = trials[0].task
-    drawn: dict[tuple, int] = {}
-    which = [drawn.setdefault((trial.model, s.init), len(drawn))
-             for trial, s in zip(trials, seeds, strict=True)]
+    drawn, which = shared([(trial.model, s.init) for trial, s in zip(trials, seeds,
+                                                                      strict=True)])
     rows = [net.flatten(init_parameters(model, task.input_dim, task.output_dim,
                                         torch.Generator().manual_seed(init)))
             for model, init in drawn]

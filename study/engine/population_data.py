@@ -23,6 +23,22 @@ Tensor = torch.Tensor
 DataKey = tuple[str, str, int]
 
 
+def shared(keys: Sequence) -> tuple[list, list[int]]:
+    """The distinct `keys` in order of first appearance, and each key's position among
+    them: what rows of one key (a seed) draw once for all of them."""
+    positions: dict = {}
+    index = [positions.setdefault(key, len(positions)) for key in keys]
+    return list(positions), index
+
+
+def kept_shares(index: Sequence[int], rows: Sequence[int]) -> tuple[list[int], list[int]]:
+    """After keeping `rows` of a `shared` index: the positions still used, in order, and
+    each kept row's position among them (a draw no kept row uses is dropped)."""
+    mine = [index[i] for i in rows]
+    used = {position: j for j, position in enumerate(sorted(set(mine)))}
+    return list(used), [used[position] for position in mine]
+
+
 class DatasetCache:
     """Trial data keyed by (task, data transforms, data seed): trials sharing them share one
     dataset."""
@@ -75,9 +91,8 @@ class PopulationData:
         self._stack_splits(data, [position[k] for k in keys])
         # Each row's generator would draw what every row of its order seed draws, epoch
         # after epoch: one generator per seed, drawn once per epoch for all its rows.
-        generators: dict[int, int] = {}
-        self.order_index = [generators.setdefault(s.order, len(generators)) for s in seeds]
-        self.order_generators = [torch.Generator().manual_seed(seed) for seed in generators]
+        order_seeds, self.order_index = shared([s.order for s in seeds])
+        self.order_generators = [torch.Generator().manual_seed(seed) for seed in order_seeds]
         self._loss_inputs(trials, mine)
 
     def _stack_splits(self, data: list[Dataset], which_draw: list[int]) -> None:
@@ -145,8 +160,5 @@ class PopulationData:
             self.target_scale = self.target_scale[kept]
         if self.class_weights is not None:
             self.class_weights = self.class_weights[kept]
-        # The generators of the kept rows, renumbered in order (one no row uses is dropped)
-        mine = [self.order_index[i] for i in index]
-        used = {g: j for j, g in enumerate(sorted(set(mine)))}
+        used, self.order_index = kept_shares(self.order_index, index)
         self.order_generators = [self.order_generators[g] for g in used]
-        self.order_index = [used[g] for g in mine]

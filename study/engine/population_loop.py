@@ -9,6 +9,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from study.engine.population_data import kept_shares, shared
 from study.failures.loop import EarlyStopper, Plateau
 from study.models import dropout_mask, dropout_seed
 from study.trial import TrialSpec
@@ -41,14 +42,14 @@ class LoopState:
         self.dropout_at_eval = model.dropout_at_eval and model.dropout > 0
         # Rows of one seed draw the same masks step after step (the population shares its
         # dropout rate): one generator per seed draws them once for all its rows.
+        self.device = device
         self.dropout_gens: list[torch.Generator] | None = None
         self.dropout_index: list[int] = []
+        self._dropout_rows: Tensor | None = None  # dropout_index on the device
         if model.dropout > 0:
-            seeds: dict[int, int] = {}
-            self.dropout_index = [seeds.setdefault(dropout_seed(t.seed), len(seeds))
-                                  for t in trials]
+            seeds, self.dropout_index = shared([dropout_seed(t.seed) for t in trials])
             self.dropout_gens = [torch.Generator().manual_seed(seed) for seed in seeds]
-        self._dropout_rows: dict[torch.device, torch.Tensor] = {}  # dropout_index there
+            self._dropout_rows = torch.tensor(self.dropout_index, device=device)
 
     @property
     def tracks_validation(self) -> bool:
@@ -96,14 +97,10 @@ class LoopState:
                       for r in rows]
             per_seed.append([torch.cat([b[layer] for b in blocks]) for layer in
                              range(len(widths))])
-        device = torch.device(device)
-        if device not in self._dropout_rows:
-            self._dropout_rows[device] = torch.tensor(self.dropout_index, device=device)
-        which = self._dropout_rows[device]
         # One copy per layer that does not wait for the device (not one per trial or seed),
         # then each row's seed's mask, there.
-        return [torch.stack([m[layer] for m in per_seed]).to(device, non_blocking=True)[which]
-                for layer in range(len(widths))]
+        stacked = [torch.stack([m[layer] for m in per_seed]) for layer in range(len(widths))]
+        return [masks.to(device, non_blocking=True)[self._dropout_rows] for masks in stacked]
 
     def select(self, kept: Tensor, index: list[int]) -> None:
         """Keep the rows `kept` (`index` on the host)."""
@@ -115,9 +112,7 @@ class LoopState:
             self.plateaus = [self.plateaus[i] for i in index]
         if self.stoppers is not None:
             self.stoppers = [self.stoppers[i] for i in index]
-        if self.dropout_gens is not None:  # the kept rows' generators, renumbered in order
-            mine = [self.dropout_index[i] for i in index]
-            used = {g: j for j, g in enumerate(sorted(set(mine)))}
+        if self.dropout_gens is not None:
+            used, self.dropout_index = kept_shares(self.dropout_index, index)
             self.dropout_gens = [self.dropout_gens[g] for g in used]
-            self.dropout_index = [used[g] for g in mine]
-            self._dropout_rows = {}
+            self._dropout_rows = torch.tensor(self.dropout_index, device=self.device)
