@@ -30,10 +30,12 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from analysis.aggregate import order_statuses
 from analysis.axes import SEED, SweepAxes, format_key, value_key
-from study.records import read_curves
+from study.records import read_curves_table
 
 MAX_BUCKETS = 200
 MIN_BUCKETS = 32
@@ -52,90 +54,72 @@ def buckets_for(n_trials: int) -> int:
     return int(np.clip(fit, MIN_BUCKETS, MAX_BUCKETS))
 
 
-def quantize(log_values: np.ndarray, lo: float, hi: float) -> np.ndarray:
-    """uint16 codes of log10 values in [lo, hi]; NaN -> MISSING."""
-    span = hi - lo if hi > lo else 1.0
+def _log10(values: np.ndarray) -> np.ndarray:
+    v = np.asarray(values, dtype=float)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(np.isfinite(v) & (v > 0), np.log10(v), np.nan)
+
+
+def _ranges(low: np.ndarray, high: np.ndarray, starts: np.ndarray, counts: np.ndarray
+            ) -> tuple[np.ndarray, np.ndarray]:
+    """Per segment [starts[i], starts[i] + counts[i]) of `low` and `high` (segments back to
+    back, covering the arrays): the least of its finite `low` values and the greatest of
+    its finite `high` values; (0, 1) for a segment with none."""
+    lo, hi = np.zeros(len(starts)), np.ones(len(starts))
+    filled = np.flatnonzero(counts > 0)
+    if len(filled):
+        least = np.fmin.reduceat(low, starts[filled])  # NaN only where all are NaN
+        most = np.fmax.reduceat(high, starts[filled])
+        some = np.isfinite(least) & np.isfinite(most)
+        lo[filled[some]], hi[filled[some]] = least[some], most[some]
+    return lo, hi
+
+
+def quantize(log_values: np.ndarray, lo: np.ndarray | float, hi: np.ndarray | float
+             ) -> np.ndarray:
+    """uint16 codes of log10 values, each in its range [lo, hi] (arrays broadcast against
+    `log_values`, or numbers); NaN -> MISSING."""
+    span = np.where(hi > lo, np.subtract(hi, lo), 1.0)
     codes = np.rint((log_values - lo) / span * (MISSING - 1))
     return np.where(np.isfinite(log_values), np.clip(codes, 0, MISSING - 1),
                     MISSING).astype("<u2")
 
 
-def _log10(values: pd.Series) -> np.ndarray:
-    v = values.to_numpy(dtype=float)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return np.where(np.isfinite(v) & (v > 0), np.log10(v), np.nan)
+def _bucket_extremes(table: pa.Table, position: np.ndarray, n_trials: int,
+                     n_buckets: int) -> dict[str, np.ndarray]:
+    """Per trial (`position` of each row's trial, -1: not drawn) its minibatch series in
+    buckets: `width` and `nb` per trial, `start` of its buckets in the flat arrays
+    `loss_min`, `loss_max`, `grad_min`, `grad_max` (log10; NaN where a bucket has none).
 
-
-def _range(*parts: np.ndarray) -> tuple[float, float]:
-    finite = np.concatenate([p[np.isfinite(p)] for p in parts]) if parts else np.array([])
-    return (float(finite.min()), float(finite.max())) if len(finite) else (0.0, 1.0)
-
-
-def bucketed(batch: pd.DataFrame, n_buckets: int) -> pd.DataFrame:
-    """Per trial and bucket: min and max log10 of `loss` and `grad_norm` (NaN if none).
-
-    `batch`: curve rows of split "batch" (trial, step, metric, value). Columns: trial,
-    bucket, width, loss_min, loss_max, grad_min, grad_max.
-    """
-    if batch.empty:
-        return pd.DataFrame(columns=["trial", "bucket", "width", "loss_min", "loss_max",
-                                     "grad_min", "grad_max"])
-    last = batch.groupby("trial")["step"].transform("max")
-    width = np.maximum(np.ceil((last + 1) / n_buckets), 1).astype(int)
-    work = pd.DataFrame({"trial": batch["trial"].to_numpy(),
-                         "bucket": (batch["step"] // width).astype(int).to_numpy(),
-                         "width": width.to_numpy(), "metric": batch["metric"].to_numpy(),
-                         "log": _log10(batch["value"])})
-    agg = work.groupby(["trial", "bucket", "width", "metric"])["log"].agg(["min", "max"])
-    wide = agg.unstack("metric")
-    out = pd.DataFrame(index=wide.index)
-    for metric, short in (("loss", "loss"), ("grad_norm", "grad")):
-        for stat in ("min", "max"):
-            out[f"{short}_{stat}"] = wide.get((stat, metric), np.nan)
-    return out.reset_index()
-
-
-def encode_trial(buckets: dict[str, np.ndarray], evals: dict[str, np.ndarray],
-                 divergence_step: float) -> str:
-    """The base64 blob of one trial (module docstring). `buckets`: its `bucketed` columns
-    as arrays (bucket, width, loss_min, ...); `evals`: its eval_frame columns (step, train,
-    val: log10 values)."""
-    at = buckets["bucket"].astype(int)
-    nb = int(at.max()) + 1 if len(at) else 0
-    width = float(buckets["width"][0]) if len(at) else 1.0
-    full = {}
-    for key in ("loss_min", "loss_max", "grad_min", "grad_max"):
-        full[key] = np.full(nb, np.nan)
-        full[key][at] = buckets[key]
-    steps = evals["step"].astype("<u4")
-    train, val = evals["train"].astype(float), evals["val"].astype(float)
-    loss_lo, loss_hi = _range(full["loss_min"], full["loss_max"])
-    grad_lo, grad_hi = _range(full["grad_min"], full["grad_max"])
-    eval_lo, eval_hi = _range(train, val)
-    header = np.array([loss_lo, loss_hi, grad_lo, grad_hi, eval_lo, eval_hi, width,
-                       divergence_step], dtype="<f4").tobytes()
-    body = [np.array([nb, len(steps)], dtype="<u2").tobytes()]
-    for key, (lo, hi) in (("loss", (loss_lo, loss_hi)), ("grad", (grad_lo, grad_hi))):
-        pairs = np.stack([full[f"{key}_min"], full[f"{key}_max"]], axis=1).ravel()  # (2 nb,)
-        body.append(quantize(pairs, lo, hi).tobytes())
-    body += [steps.tobytes(), quantize(train, eval_lo, eval_hi).tobytes(),
-             quantize(val, eval_lo, eval_hi).tobytes()]
-    return base64.b64encode(header + b"".join(body)).decode("ascii")
-
-
-def split_by_trial(frame: pd.DataFrame, ids: list[int]) -> list[dict[str, np.ndarray]]:
-    """`frame`'s columns as arrays, one dict per trial of `ids` (empty arrays if none)."""
-    frame = frame.sort_values("trial", kind="stable")
-    trial = frame["trial"].to_numpy()
-    columns = {c: frame[c].to_numpy() for c in frame.columns if c != "trial"}
-    starts = np.searchsorted(trial, ids, side="left")
-    ends = np.searchsorted(trial, ids, side="right")
-    return [{c: v[s:e] for c, v in columns.items()} for s, e in zip(starts, ends, strict=True)]
+    A trial's last step is its last minibatch record of any metric; bucket b holds steps
+    [b w, (b + 1) w), w = ceil((last + 1) / n_buckets) (at least 1)."""
+    batch = pc.equal(table.column("split"), "batch").to_numpy(zero_copy_only=False)
+    batch &= position >= 0
+    step = table.column("step").to_numpy()
+    at, steps = position[batch], step[batch]
+    last = np.full(n_trials, -1, dtype=np.int64)
+    np.maximum.at(last, at, steps)
+    has = last >= 0
+    width = np.where(has, np.maximum(np.ceil((last + 1) / n_buckets), 1), 1).astype(np.int64)
+    nb = np.where(has, last // width + 1, 0)
+    start = np.concatenate([[0], np.cumsum(nb)[:-1]]).astype(np.int64)
+    out = {"width": width, "nb": nb, "start": start}
+    metric = table.column("metric")
+    values = table.column("value").to_numpy()
+    for name, short in (("loss", "loss"), ("grad_norm", "grad")):
+        rows = batch & pc.equal(metric, name).to_numpy(zero_copy_only=False)
+        where = start[position[rows]] + step[rows] // width[position[rows]]
+        logs = _log10(values[rows])
+        for stat, ufunc in (("min", np.fmin), ("max", np.fmax)):
+            extreme = np.full(int(nb.sum()), np.nan)
+            ufunc.at(extreme, where, logs)
+            out[f"{short}_{stat}"] = extreme
+    return out
 
 
 def eval_frame(curves: pd.DataFrame) -> pd.DataFrame:
     """Per trial and evaluation step: log10 train and val loss (at most MAX_EVALS evenly
-    spaced evaluations per trial)."""
+    spaced evaluations per trial), sorted by trial and step."""
     rows = curves[(curves["metric"] == "loss") & curves["split"].isin(["train", "val"])]
     wide = rows.pivot_table(index=["trial", "step"], columns="split", values="value",
                             aggfunc="first").reset_index()
@@ -146,6 +130,70 @@ def eval_frame(curves: pd.DataFrame) -> pd.DataFrame:
     stride = np.maximum(np.ceil(count / MAX_EVALS), 1)
     keep = (rank % stride == 0) | (rank == count - 1)
     return wide.loc[keep, ["trial", "step", "train", "val"]]
+
+
+def _evaluation_rows(table: pa.Table, keep: np.ndarray) -> pd.DataFrame:
+    """The train and val loss rows of `table` (`keep`: rows of drawn trials) as
+    `read_curves` orders them."""
+    split, metric = table.column("split"), table.column("metric")
+    mask = (pc.equal(metric, "loss").to_numpy(zero_copy_only=False)
+            & pc.is_in(split, value_set=pa.array(["train", "val"])).to_numpy(
+                zero_copy_only=False) & keep)
+    rows = table.filter(pa.array(mask)).to_pandas()
+    return rows.sort_values(["trial", "split", "metric", "step"], kind="stable",
+                            ignore_index=True)
+
+
+def encode_trials(table: pa.Table, ids: list[int], divergence: np.ndarray,
+                  n_buckets: int) -> list[str]:
+    """The base64 blob of each trial of `ids` (module docstring) from the curves `table`
+    (`study.records.read_curves_table`), `divergence` its divergence step (NaN: none).
+    Each trial's minibatch series in `n_buckets` buckets at most."""
+    n = len(ids)
+    unique = np.unique(np.asarray(ids, dtype=np.int64))
+    trial = table.column("trial").to_numpy()
+    found = np.searchsorted(unique, trial).clip(max=max(len(unique) - 1, 0))
+    position = (np.where(unique[found] == trial, found, -1) if len(unique)
+                else np.full(len(trial), -1))
+    buckets = _bucket_extremes(table, position, len(unique), n_buckets)
+    evals = eval_frame(_evaluation_rows(table, position >= 0))
+    eval_trial = evals["trial"].to_numpy()
+    eval_start = np.searchsorted(eval_trial, unique, side="left")
+    eval_count = np.searchsorted(eval_trial, unique, side="right") - eval_start
+    steps = evals["step"].to_numpy().astype("<u4")
+    train = evals["train"].to_numpy(dtype=float)
+    val = evals["val"].to_numpy(dtype=float)
+
+    nb, start = buckets["nb"], buckets["start"]
+    loss_lo, loss_hi = _ranges(buckets["loss_min"], buckets["loss_max"], start, nb)
+    grad_lo, grad_hi = _ranges(buckets["grad_min"], buckets["grad_max"], start, nb)
+    eval_lo, eval_hi = _ranges(np.fmin(train, val), np.fmax(train, val), eval_start,
+                               eval_count)
+    # Each bucket's (min, max) codes side by side, in its trial's range.
+    owner = np.repeat(np.arange(len(unique)), nb)
+    codes = {}
+    for key, lo, hi in (("loss", loss_lo, loss_hi), ("grad", grad_lo, grad_hi)):
+        pairs = np.stack([buckets[f"{key}_min"], buckets[f"{key}_max"]], axis=1)
+        codes[key] = quantize(pairs, lo[owner][:, None], hi[owner][:, None]).ravel()
+    eval_owner = np.repeat(np.arange(len(unique)), eval_count)
+    train_codes = quantize(train, eval_lo[eval_owner], eval_hi[eval_owner])
+    val_codes = quantize(val, eval_lo[eval_owner], eval_hi[eval_owner])
+
+    of = np.searchsorted(unique, np.asarray(ids, dtype=np.int64))
+    header = np.stack([loss_lo[of], loss_hi[of], grad_lo[of], grad_hi[of], eval_lo[of],
+                       eval_hi[of], buckets["width"][of].astype(float),
+                       np.asarray(divergence, dtype=float)], axis=1).astype("<f4")
+    counts = np.stack([nb[of], eval_count[of]], axis=1).astype("<u2")
+    blobs = []
+    for i in range(n):
+        u = of[i]
+        b0, b1 = 2 * start[u], 2 * (start[u] + nb[u])
+        e0, e1 = eval_start[u], eval_start[u] + eval_count[u]
+        raw = b"".join((header[i].tobytes(), counts[i].tobytes(), codes["loss"][b0:b1].tobytes(),
+                        codes["grad"][b0:b1].tobytes(), steps[e0:e1].tobytes(),
+                        train_codes[e0:e1].tobytes(), val_codes[e0:e1].tobytes()))
+        blobs.append(base64.b64encode(raw).decode("ascii"))
+    return blobs
 
 
 def explorer_payload(trials: pd.DataFrame, axes: SweepAxes, run_dir: Path) -> dict[str, Any]:
@@ -165,14 +213,11 @@ def explorer_payload(trials: pd.DataFrame, axes: SweepAxes, run_dir: Path) -> di
                  else pd.Series("task", index=trials.index))
     objectives = sorted(objective.unique())
     ids = trials["trial"].astype(int).tolist()
-    curves = read_curves(run_dir, trials=ids)
-    n_buckets = buckets_for(len(ids))
-    buckets = bucketed(curves[curves["split"] == "batch"], n_buckets)
-    evals = eval_frame(curves)
     divergence = (pd.to_numeric(trials["divergence_step"], errors="coerce")
                   if "divergence_step" in trials else pd.Series(np.nan, index=trials.index))
-    blobs = [encode_trial(b, e, d) for b, e, d in zip(
-        split_by_trial(buckets, ids), split_by_trial(evals, ids), divergence, strict=True)]
+    n_buckets = buckets_for(len(ids))
+    blobs = encode_trials(read_curves_table(run_dir, trials=ids), ids,
+                          divergence.to_numpy(dtype=float), n_buckets)
     metrics = [{"name": m, "values": [_number(v) for v in trials[m]]}
                for m in METRICS if m in trials.columns]
     return {"axes": [{"name": n, "values": axis_values[n]} for n in names], "codes": codes,

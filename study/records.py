@@ -181,19 +181,24 @@ def read_curves(run_dir: Path, trials: Iterable[int] | None = None) -> pd.DataFr
     Files may hold rows of trials that never finished (a worker died between writing the
     curves and telling the storage); callers pass `trials` from trials.parquet to skip them.
     """
-    files = sorted((Path(run_dir) / CURVES_DIR).glob("*.parquet"))
-    if not files:
-        return pd.DataFrame({c: pd.Series(dtype=t) for c, t in
-                             zip(CURVE_COLUMNS, ("int64", "int64", "str", "str", "float64"),
-                                 strict=True)})
-    filters = None if trials is None else [("trial", "in", sorted(set(int(t) for t in trials)))]
-    try:
-        frames = [pq.read_table(f, filters=filters).to_pandas() for f in files]
-    except (pa.ArrowInvalid, OSError) as err:
-        raise RecordError(f"cannot read curves under {run_dir}/{CURVES_DIR}: {err}") from err
-    frame = pd.concat(frames, ignore_index=True)
+    frame = read_curves_table(run_dir, trials).to_pandas()
     return frame.sort_values(["trial", "split", "metric", "step"], kind="stable",
                              ignore_index=True)
+
+
+def read_curves_table(run_dir: Path, trials: Iterable[int] | None = None) -> pa.Table:
+    """`read_curves`' rows as one Arrow table (`CURVE_COLUMNS`), file after file in their
+    stored order, unsorted (no rows without a curves file), for readers that work on whole
+    columns: no pandas frame is built."""
+    files = sorted((Path(run_dir) / CURVES_DIR).glob("*.parquet"))
+    if not files:
+        return _CURVE_SCHEMA.empty_table()
+    filters = None if trials is None else [("trial", "in", sorted(set(int(t) for t in trials)))]
+    try:
+        return pa.concat_tables([pq.read_table(f, filters=filters).select(list(CURVE_COLUMNS))
+                                 for f in files])
+    except (pa.ArrowInvalid, KeyError, OSError) as err:
+        raise RecordError(f"cannot read curves under {run_dir}/{CURVES_DIR}: {err}") from err
 
 
 def curve_trials(run_dir: Path) -> set[int]:

@@ -122,3 +122,52 @@ def test_payload_size_per_trial_and_how_it_scales(payload):
     assert buckets_for(1000) == MAX_BUCKETS
     assert MIN_BUCKETS < buckets_for(10_000) < MAX_BUCKETS
     assert buckets_for(10_000) * 8 * 10_000 <= 8_000_000
+
+
+def test_each_blob_holds_its_own_trials_curves_whatever_the_files_hold(tmp_path):
+    """Trials listed out of order, one without curves, one whose every value is NaN, rows
+    of an unfinished trial, and curves spread over two files: each blob is its trial's."""
+    trials = pd.DataFrame({"trial": [7, 2, 4, 9], "status": "converged",
+                           "optimizer.lr": [0.1, 0.2, 0.3, 0.4], "seed": 0,
+                           "divergence_step": [np.nan, 3.0, np.nan, np.nan]})
+    write_trials(tmp_path, trials, {"sweep": "mixed", "seeds": [0],
+                                    "axes": {"optimizer.lr": [0.1, 0.2, 0.3, 0.4]}})
+
+    def rows(trial, loss, grad, evals):
+        steps = np.arange(len(loss))
+        at = np.arange(len(evals)) * 2
+        return pd.concat([
+            pd.DataFrame({"trial": trial, "step": steps, "split": "batch", "metric": m,
+                          "value": v}) for m, v in (("loss", loss), ("grad_norm", grad))]
+            + [pd.DataFrame({"trial": trial, "step": at, "split": s, "metric": "loss",
+                             "value": np.asarray(evals) * k})
+               for s, k in (("train", 1.0), ("val", 2.0))], ignore_index=True)
+
+    write_curves(tmp_path, "first", pd.concat([
+        rows(2, [4.0, 2.0, np.inf, np.nan], [1.0, 3.0, 5.0, np.nan], [4.0, np.nan]),
+        rows(5, [9.0] * 3, [9.0] * 3, [9.0])], ignore_index=True))  # never finished
+    write_curves(tmp_path, "second", pd.concat([
+        rows(9, [np.nan] * 5, [0.0] * 5, [np.nan] * 3),
+        rows(7, [1.0, 10.0, 100.0], [0.5, 0.25, 0.125], [1.0, 0.1])], ignore_index=True))
+    run = load_run(tmp_path)
+    axes = sweep_axes(run.trials, run.meta)
+    payload = explorer_payload(labeled(run.trials, axes), axes, run.run_dir)
+    assert payload["trial"] == [7, 2, 4, 9]
+    seven, two, four, nine = (decode(blob) for blob in payload["curves"])
+
+    assert seven["width"] == 1 and seven["loss"][:, 0] == pytest.approx([1, 10, 100], 1e-3)
+    assert seven["grad"][:, 1] == pytest.approx([0.5, 0.25, 0.125], rel=1e-3)
+    assert list(seven["steps"]) == [0, 2]
+    assert seven["train"] == pytest.approx([1.0, 0.1], rel=1e-3)
+    assert seven["val"] == pytest.approx([2.0, 0.2], rel=1e-3)
+
+    assert two["divergence"] == 3 and len(two["loss"]) == 4
+    assert two["loss"][:2, 0] == pytest.approx([4.0, 2.0], rel=1e-3)
+    assert np.isnan(two["loss"][2:]).all()  # inf and NaN are missing
+    assert two["grad"][:3, 1] == pytest.approx([1.0, 3.0, 5.0], rel=1e-3)
+    # an evaluation with no value at all (both losses NaN) has nothing to draw: left out
+    assert list(two["steps"]) == [0] and two["train"] == pytest.approx([4.0], rel=1e-3)
+
+    assert four["bytes"] == 36 and len(four["loss"]) == 0 and len(four["steps"]) == 0
+    assert np.isnan(nine["loss"]).all() and np.isnan(nine["grad"]).all()  # 0: not on a log axis
+    assert len(nine["steps"]) == 0
