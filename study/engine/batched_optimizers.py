@@ -26,6 +26,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 from study.optimizers import SGD, Adagrad, Adam, AdamW, OptimizerSpec, RMSprop
@@ -97,29 +98,48 @@ class BatchedOptimizer:
         self.device = params.device
         self.t = 0
         self.width = params.shape[1]
-        self.lrs: list[float] | None = None  # set_lr: this step's learning rate per row
+        self.lrs: np.ndarray | None = None  # set_lr: this step's learning rate per row
+        self._rows_of: dict[str, np.ndarray] = {}  # per_row's arrays, kept with the rows
         # [T, P] bool, True where weight decay applies (torch param groups with a zero
         # weight_decay elsewhere); None: every entry, torch's single group.
         self.decay_mask = (None if decay_mask is None
                            else decay_mask.to(self.device).expand(params.shape))
 
-    def set_lr(self, lrs: Sequence[float]) -> None:
-        """Learning rates (Python floats, one per row) for the next step, as a scheduler
-        sets `param_group["lr"]`; the family's lr-dependent scalars are computed from them
-        exactly as torch computes them from the group's lr."""
-        self.lrs = [float(v) for v in lrs]
+    def set_lr(self, lrs: Sequence[float] | np.ndarray) -> None:
+        """Learning rates (one per row) for the next step, as a scheduler sets
+        `param_group["lr"]`; the family's lr-dependent scalars are computed from them
+        exactly as torch computes them from the group's Python float: in float64, over the
+        rows at once (IEEE operations, the same bits as Python's), then rounded once to
+        the dtype (`column`)."""
+        self.lrs = np.asarray(lrs, dtype=np.float64)
 
-    def lr_column(self, fn) -> Tensor:
-        """[T, 1] column of fn(lr, spec) over this step's learning rates."""
-        return self.column([fn(lr, spec) for lr, spec in zip(self.lrs, self.specs, strict=True)])
+    def per_row(self, name: str, of=None) -> np.ndarray:
+        """float64 [T]: `of(spec)` (default: the spec's field `name`) of each row's spec,
+        made once and kept with the rows (`select`)."""
+        if name not in self._rows_of:
+            get = of or (lambda spec: getattr(spec, name))
+            self._rows_of[name] = np.array([get(spec) for spec in self.specs],
+                                           dtype=np.float64)
+        return self._rows_of[name]
 
-    def column(self, values: Sequence[float]) -> Tensor:
+    def beta1_correction(self, t: int) -> np.ndarray:
+        """float64 [T]: each row's 1 - beta1**t (Adam's step size divides by it): Python's
+        `**` once per distinct beta1, as torch computes it, not numpy's power, whose last
+        bit may differ."""
+        if "beta1 of" not in self._rows_of:
+            distinct, where = np.unique(self.per_row("beta1", lambda spec: spec.betas[0]),
+                                        return_inverse=True)
+            self._rows_of["distinct beta1"], self._rows_of["beta1 of"] = distinct, where
+        distinct = self._rows_of["distinct beta1"].tolist()  # Python floats
+        return np.array([1 - b**t for b in distinct])[self._rows_of["beta1 of"]]
+
+    def column(self, values: Sequence[float] | np.ndarray) -> Tensor:
         """Per-trial values as a [T, 1] column in the parameter dtype.
 
-        The values are Python floats rounded once to the dtype, as torch rounds a Python
-        scalar; compute derived values (`1 - beta`) in Python before calling this.
+        The values are float64 numbers rounded once to the dtype, as torch rounds a Python
+        scalar; compute derived values (`1 - beta`) in float64 before calling this.
         """
-        column = torch.tensor([float(v) for v in values], dtype=torch.float64)[:, None]
+        column = torch.tensor(np.asarray(values, dtype=np.float64))[:, None]  # a copy
         # Rounded on the host, then copied without waiting: a blocking copy to a GPU would
         # synchronise every step of a scheduled population (set_lr calls this per step).
         return column.to(self.dtype).to(self.device, non_blocking=True)
@@ -196,6 +216,7 @@ class BatchedOptimizer:
             elif isinstance(value, StepScalars):
                 value.select(index)
         self.specs = [self.specs[i] for i in index.tolist()]
+        self._rows_of = {}
 
 
 def _or(live: Tensor | None, column: Tensor, frozen: float) -> Tensor:
@@ -236,7 +257,7 @@ class BatchedSGD(BatchedOptimizer):
 
     def update(self, params: Tensor, grad: Tensor, live: Tensor | None, out: Tensor
                ) -> None:
-        neg_lr = self.neg_lr if self.lrs is None else self.lr_column(lambda lr, s: -lr)
+        neg_lr = self.neg_lr if self.lrs is None else self.column(-self.lrs)
         neg_lr = _or(live, neg_lr, 0.0)
         if self.use_decay:
             grad.addcmul_(params, self.weight_decay)
@@ -293,7 +314,7 @@ class BatchedAdam(BatchedOptimizer):
         if self.use_decay:
             if self.decoupled:
                 decay = (self.decay_factor if self.lrs is None else self.decayed(
-                    self.lr_column(lambda lr, s: 1 - lr * s.weight_decay), 1.0))
+                    self.column(1 - self.lrs * self.per_row("weight_decay")), 1.0))
                 params = params * _or(live, decay, 1.0)
             else:
                 grad.addcmul_(params, self.weight_decay)
@@ -316,8 +337,7 @@ class BatchedAdam(BatchedOptimizer):
         if self.lrs is None:
             neg_step_size = self.neg_step_size.at(self.t)
         else:
-            t = self.t
-            neg_step_size = self.lr_column(lambda lr, s: -(lr / (1 - s.betas[0] ** t)))
+            neg_step_size = self.column(-(self.lrs / self.beta1_correction(self.t)))
         neg_step_size = _or(live, neg_step_size, 0.0)
         step = torch.mul(self.exp_avg, neg_step_size, out=grad)  # grad is no longer needed
         torch.addcdiv(params, step, denom, out=out)
@@ -377,7 +397,7 @@ class BatchedRMSprop(BatchedOptimizer):
         else:
             avg = self.square_avg.sqrt()
         avg = avg.add_(self.eps)
-        neg_lr = self.neg_lr if self.lrs is None else self.lr_column(lambda lr, s: -lr)
+        neg_lr = self.neg_lr if self.lrs is None else self.column(-self.lrs)
         neg_lr = _or(live, neg_lr, 0.0)
         if not self.use_momentum:
             torch.addcdiv(params, grad * neg_lr, avg, out=out)
@@ -423,8 +443,7 @@ class BatchedAdagrad(BatchedOptimizer):
         if self.lrs is None:
             neg_clr = self.neg_clr.at(self.t)
         else:
-            t = self.t
-            neg_clr = self.lr_column(lambda lr, s: -(lr / (1 + (t - 1) * s.lr_decay)))
+            neg_clr = self.column(-(self.lrs / (1 + (self.t - 1) * self.per_row("lr_decay"))))
         neg_clr = _or(live, neg_clr, 0.0)
         torch.addcdiv(params, grad.mul_(neg_clr), std, out=out)
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import pytest
 import torch
 
@@ -43,8 +46,9 @@ def _gradients(params: torch.Tensor, step: int) -> torch.Tensor:
     return 0.7 * params + noise
 
 
-def _torch_run(spec, start: torch.Tensor) -> list[torch.Tensor]:
-    """Per-step flat parameters of one trial trained by torch.optim."""
+def _torch_run(spec, start: torch.Tensor, lrs=None) -> list[torch.Tensor]:
+    """Per-step flat parameters of one trial trained by torch.optim (`lrs[step]`: the
+    group's learning rate at each step, as a scheduler sets it)."""
     tensors, offset = [], 0
     for shape in SHAPES:
         n = torch.Size(shape).numel()
@@ -59,6 +63,8 @@ def _torch_run(spec, start: torch.Tensor) -> list[torch.Tensor]:
         for t in tensors:
             t.grad = grad[offset:offset + t.numel()].reshape(t.shape).clone()
             offset += t.numel()
+        if lrs is not None:
+            opt.param_groups[0]["lr"] = lrs[step]
         opt.step()
         out.append(torch.cat([t.detach().reshape(-1) for t in tensors]))
     return out
@@ -81,6 +87,36 @@ def test_matches_torch_optim_step_by_step(family: str, dtype: torch.dtype, mask:
         for i in range(len(specs)):
             # Same operations in the same order: equal to the last bit on the CPU.
             torch.testing.assert_close(params[i], expected[i][step], rtol=0, atol=0)
+
+
+def _schedule(spec, step: int) -> float:
+    """A learning rate that changes every step (a cosine decay of the spec's own)."""
+    return spec.lr * (0.55 + 0.45 * math.cos(math.pi * step / STEPS))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_scheduled_rates_match_torch_optim_also_after_rows_are_dropped(
+        family: str, dtype: torch.dtype) -> None:
+    """A scheduled step's lr-dependent scalars, made over the rows at once in float64
+    (`set_lr`), are the ones torch makes from the group's Python float: the same bits,
+    and they follow the rows when some are dropped."""
+    specs = FAMILIES[family]
+    start = torch.randn(len(specs), P, generator=torch.Generator().manual_seed(3),
+                        dtype=torch.float64).to(dtype)
+    expected = [_torch_run(spec, start[i], [_schedule(spec, k) for k in range(STEPS)])
+                for i, spec in enumerate(specs)]
+    params, rows = start.clone(), list(range(len(specs)))
+    opt = make_optimizer(specs, params)
+    for step in range(STEPS):
+        if step == STEPS // 2:  # keep the last row and the second, in that order
+            rows = [len(specs) - 1, 1]
+            opt.select(torch.tensor(rows))
+            params = params[rows]
+        opt.set_lr(np.array([_schedule(specs[i], step) for i in rows]))
+        params = opt.step(params, _gradients(params, step), None)
+        for k, i in enumerate(rows):
+            torch.testing.assert_close(params[k], expected[i][step], rtol=0, atol=0)
 
 
 def _state(opt) -> dict[str, torch.Tensor]:
