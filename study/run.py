@@ -95,7 +95,7 @@ def execute(cfg: DictConfig, typed: StudyConfig, plan: SweepPlan, run_dir: Path,
                                  study_name)
     log.info("%s: %s on %s with the %s engine%s", plan.name or "single configuration",
              describe_search(plan) if isinstance(plan, SearchPlan) else
-             describe_edge(plan) if isinstance(plan, EdgePlan) else describe(plan.points),
+             describe_edge(plan) if isinstance(plan, EdgePlan) else describe(plan.points, device),
              device, engine.name, f", {typed.workers} workers" if typed.workers > 1 else "")
 
     bar = ProgressBar(typed.progress, runs_planned(plan), plan.name or "trial")

@@ -32,7 +32,7 @@ from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import TrialState
 
 from study import lease, queue, records
-from study.engine import Engine, Pending, population_key, start
+from study.engine import Engine, Pending, batch_key, start
 from study.engine.base import OnEval
 from study.engine.planner import plan_populations
 from study.grid import GridPoint, SweepPlan
@@ -266,8 +266,7 @@ def write_trials_table(study: optuna.Study, plan: SweepPlan, run_dir: Path,
     return records.write_trials(run_dir, frame, meta)
 
 
-def describe(points: Sequence[GridPoint]) -> str:
-    """A one-line size of a plan, for the log."""
-    # repr, as the planner keys them: a task may hold lists (one value per feature).
-    pops = len({repr(population_key(p.trial)) for p in points})
+def describe(points: Sequence[GridPoint], device: torch.device | str) -> str:
+    """A one-line size of a plan on `device`, for the log."""
+    pops = len({batch_key(p.trial, device) for p in points})  # as the planner groups them
     return f"{len(points)} trials in {pops} populations"

@@ -6,7 +6,7 @@ PyTorch loop (the oracle and the baseline); `batched` trains a population as one
 `start` trains a population in the background where the engine can (`Pending`).
 """
 
-from study.engine.base import Engine, Pending, Trace, population_key, start
+from study.engine.base import Engine, Pending, Trace, batch_key, population_key, start
 from study.engine.population import BatchedEngine
 from study.engine.reference import ReferenceEngine
 
@@ -21,4 +21,4 @@ def make_engine(name: str) -> Engine:
 
 
 __all__ = ["ENGINES", "BatchedEngine", "Engine", "Pending", "ReferenceEngine", "Trace",
-           "make_engine", "population_key", "start"]
+           "make_engine", "batch_key", "population_key", "start"]

@@ -11,7 +11,7 @@ import torch
 from study.trace import Trace
 from study.trial import TrialSpec
 
-__all__ = ["Engine", "OnEval", "Pending", "Trace", "population_key", "start"]
+__all__ = ["Engine", "OnEval", "Pending", "Trace", "batch_key", "population_key", "start"]
 
 
 # Called after every evaluation with the validation loss of each trial still training (by
@@ -74,7 +74,8 @@ def population_key(trial: TrialSpec) -> tuple:
     dropout, training schedule and dtype, and the loop (training loss,
     zero_grad, shuffling, whether gradients are clipped, the learning-rate schedule, early
     stopping). Trials of different optimizer families share the forward and backward pass
-    and differ only in their update (`batched_optimizers.MixedOptimizer`). Numbers that differ
+    and differ only in their update (`batched_optimizers.MixedOptimizer`; on the CPU, those
+    with the fused update apart from the others: `batch_key`). Numbers that differ
     within a population: learning rate and every other optimizer hyperparameter, init scheme
     and scale, clipping threshold, seeds, and the data
     (failure modes and mitigations that transform the data keep its shapes: each trial
@@ -88,3 +89,19 @@ def population_key(trial: TrialSpec) -> tuple:
         trial.diagnostics,
         trial.loop.structure(),
     )
+
+
+def batch_key(trial: TrialSpec, device: torch.device | str) -> str:
+    """`population_key`, and on the CPU whether the trial's optimizer has the fused update
+    (`fused.fused_family`): trials with equal keys train as one population.
+
+    On the CPU a population takes the fused update (on the trial-major kernel or layer-major)
+    only when every row's optimizer has it, and the fused and eager updates round
+    differently: an Adam trial beside an RMSprop one would take the eager update, alone the
+    fused one. Apart, each trial takes the update it takes alone, so its numbers are the
+    same alone and in any population. On a GPU every population takes the eager update.
+    """
+    from study.engine.fused import fused_family  # numba's module, loaded on first use
+
+    fused = torch.device(device).type == "cpu" and fused_family(trial.optimizer)
+    return repr((population_key(trial), fused))  # repr: a task may hold lists

@@ -79,8 +79,12 @@ def load_implementations() -> None:
 
 def fusable(specs: Sequence[OptimizerSpec], clip: bool, zero_grad: bool) -> bool:
     """Whether a population with these optimizers and loop can take the fused path."""
-    return (available() and not clip and zero_grad
-            and all(type(s) in _KINDS and not getattr(s, "amsgrad", False) for s in specs))
+    return available() and not clip and zero_grad and all(map(fused_family, specs))
+
+
+def fused_family(spec: OptimizerSpec) -> bool:
+    """Whether the fused update has `spec`'s formulas (SGD, Adam, AdamW without amsgrad)."""
+    return type(spec) in _KINDS and not getattr(spec, "amsgrad", False)
 
 
 if njit is not None:

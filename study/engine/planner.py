@@ -1,6 +1,6 @@
 """Plan the work of a sweep: trials -> populations -> chunks that fit the device's memory.
 
-`plan_populations(trials, device)` groups trials by `population_key` (trials of one group
+`plan_populations(trials, device)` groups trials by `batch_key` (trials of one group
 train as one batched computation), splits a group whose estimated peak memory exceeds the
 budget into near-equal chunks (an estimate from layer sizes, never trial and error), and
 orders the chunks cheapest first, so the first results arrive within seconds and a progress
@@ -17,7 +17,7 @@ from collections.abc import Sequence
 
 import torch
 
-from study.engine.base import population_key
+from study.engine.base import batch_key
 from study.trial import TrialSpec
 
 CPU_BUDGET_CAP = 4 * 2**30  # bytes: a few GB are plenty for these models on a CPU
@@ -82,9 +82,6 @@ def default_budget(device: torch.device | str) -> int:
     return int(min(CPU_BUDGET_CAP, CPU_BUDGET_FRACTION * ram))
 
 
-def _group_key(trial: TrialSpec) -> str:
-    # repr, not hash: a task may hold a list (LinearRegression.feature_scale).
-    return repr(population_key(trial))
 
 
 def plan_populations(trials: Sequence[TrialSpec], device: torch.device | str,
@@ -92,7 +89,7 @@ def plan_populations(trials: Sequence[TrialSpec], device: torch.device | str,
                      max_trials: int | None = None) -> list[list[int]]:
     """Chunks of indices into `trials`; each chunk is one population that fits the budget.
 
-    Trials with equal `population_key` share a chunk; a group larger than
+    Trials with equal `batch_key` share a chunk; a group larger than
     `budget_bytes // estimate_trial_bytes` (or than `max_trials`) is split into near-equal
     chunks, in the trials' order. Chunks come cheapest first (estimated trial-steps times
     parameters), ties in order of first appearance. Every index appears exactly once.
@@ -104,7 +101,7 @@ def plan_populations(trials: Sequence[TrialSpec], device: torch.device | str,
         raise ValueError(f"max_trials must be >= 1, got {max_trials}")
     groups: dict[str, list[int]] = defaultdict(list)
     for i, trial in enumerate(trials):
-        groups[_group_key(trial)].append(i)
+        groups[batch_key(trial, device)].append(i)
     chunks: list[tuple[float, int, list[int]]] = []
     for order, members in enumerate(groups.values()):
         first = trials[members[0]]

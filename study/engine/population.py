@@ -35,7 +35,7 @@ from functools import partial
 import torch
 
 from study.engine import trial_major
-from study.engine.base import OnEval, Pending, population_key
+from study.engine.base import OnEval, Pending, batch_key
 from study.engine.batched_optimizers import adaptive, make_population_optimizer
 from study.engine.fused import FusedUpdate, fusable
 from study.engine.landscape import gradient_noise_scale, sharpness
@@ -103,7 +103,7 @@ class BatchedEngine:
                 traces[i] = trace
         for i, trial in enumerate(trials):
             if traces[i] is None:
-                groups[repr(population_key(trial))].append(i)
+                groups[batch_key(trial, device)].append(i)
         for indices in groups.values():
             indices = _optimizer_blocks(trials, indices)
             population = [trials[i] for i in indices]
@@ -138,13 +138,13 @@ class BatchedEngine:
         stopping, plateau or diagnostics: the kernel trains the whole run in one call)."""
         if not self.trial_major or not trials or _watched(trials[0], on_eval):
             return False
-        key = repr(population_key(trials[0]))
-        return (all(reference_only(t) is None and repr(population_key(t)) == key
+        key = batch_key(trials[0], device)
+        return (all(reference_only(t) is None and batch_key(t, device) == key
                     for t in trials)
                 and trial_major.fits(trials, torch.device(device)))
 
     def train(self, trials: Sequence[TrialSpec], device: torch.device) -> list[Trace]:
-        """Train trials that share one `population_key`.
+        """Train trials that share one `batch_key`.
 
         Note:
             A lone trial is trained next to a copy of itself: torch's CPU `bmm` takes another
@@ -152,14 +152,14 @@ class BatchedEngine:
             more gives each row the same bits. With the copy, a trial's trace is bit-identical
             whatever population it trains in (tests/study/engine/test_population.py).
         """
-        first = repr(population_key(trials[0]))
-        if any(repr(population_key(t)) != first for t in trials[1:]):
-            raise ValueError("a population's trials must share one population_key")
+        first = batch_key(trials[0], device)
+        if any(batch_key(t, device) != first for t in trials[1:]):
+            raise ValueError("a population's trials must share one batch_key")
         return self._train(trials, device)
 
     def _train(self, trials: Sequence[TrialSpec], device: torch.device,
                on_eval: OnEval | None = None) -> list[Trace]:
-        """`train` of trials already known to share one population_key."""
+        """`train` of trials already known to share one batch_key."""
         if self.trial_major and trial_major.fits(trials, device):
             return self._train_trial_major(trials, on_eval)
         if len(trials) == 1:

@@ -83,7 +83,7 @@ _IDENTITY, _RELU, _TANH, _SIGMOID = range(4)
 
 
 def fits(trials: Sequence[TrialSpec], device: torch.device) -> bool:
-    """Whether a population of `trials` (one `population_key`) can take the kernel; see the
+    """Whether a population of `trials` (one `batch_key`) can take the kernel; see the
     module doc."""
     first = trials[0]
     loop, model = first.loop, first.model

@@ -8,7 +8,7 @@ import torch
 from study.engine import population_key
 from study.engine.planner import default_budget, estimate_trial_bytes, plan_populations
 from study.models import ModelSpec
-from study.optimizers import SGD, Adam
+from study.optimizers import SGD, Adagrad, Adam, RMSprop
 from study.plan import plan_from_overrides
 from study.tasks import Blobs, LinearRegression
 from study.trial import TrainSpec, TrialSpec
@@ -51,6 +51,18 @@ def test_mixed_structures_never_share_a_chunk() -> None:
     chunks = plan_populations(trials, "cpu")
     # Optimizer families share a population (one forward/backward, per-family updates).
     assert sorted(map(sorted, chunks)) == [[0, 1, 3], [2], [4]]
+
+
+def test_on_the_cpu_optimizers_without_the_fused_update_train_apart() -> None:
+    """A trial takes the fused update alone (SGD, Adam) or the eager one (RMSprop,
+    Adagrad, amsgrad); beside each other, every row would take the eager one. On the CPU
+    they train apart, each as alone; on a GPU every row takes the eager update, so they
+    share the population."""
+    trials = [_trial(), _trial(optimizer=RMSprop()), _trial(optimizer=Adam()),
+              _trial(optimizer=Adagrad()), _trial(optimizer=Adam(amsgrad=True))]
+    assert sorted(map(sorted, plan_populations(trials, "cpu"))) == [[0, 2], [1, 3, 4]]
+    on_gpu = plan_populations(trials, "cuda", budget_bytes=2**30)
+    assert sorted(map(sorted, on_gpu)) == [[0, 1, 2, 3, 4]]
 
 
 def test_a_mixed_family_population_is_sized_for_its_hungriest_optimizer() -> None:
