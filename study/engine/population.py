@@ -192,7 +192,9 @@ class BatchedEngine:
         kernel = trial_major.Kernel(net, params, [t.optimizer for t in trials], data,
                                     train.resolved_batch_size(n_train), first.loop.shuffle,
                                     eval_steps, traces.steps.numpy(),
-                                    traces.evals.numpy())
+                                    traces.evals.numpy(),
+                                    first.loop.huber_delta if first.loop.loss == "huber"
+                                    else 0.0)
         loop = LoopState(trials, cpu, dtype, train.steps_per_epoch(n_train), planned)
         adaptive_rows = [adaptive(t.optimizer) for t in trials]
 

@@ -26,11 +26,12 @@ the thread, so a trial's numbers are bit-identical alone, in any population and 
 number of threads. Losses, norms and evaluation means are summed in float64.
 
 What it runs (`fits`): CPU populations with numba, no dropout, a ReLU / tanh / sigmoid /
-identity MLP, the task's loss (MSE or cross-entropy), zero_grad, SGD / Adam / AdamW without
-amsgrad, no clipping and no weight-decay mask. The kernel stops at every evaluation and
-opt-in diagnostics step (`Kernel.advance`), where the population engine runs its loop in
-Python as for the layer-major path: the `on_eval` hook (pruning), early stopping,
-ReduceLROnPlateau, learning-rate schedules (`Kernel.schedule`) and the diagnostics.
+identity MLP, the task's loss (MSE or cross-entropy) or Huber's on a regression, zero_grad,
+SGD / Adam / AdamW without amsgrad, no clipping and no weight-decay mask. The kernel stops
+at every evaluation and opt-in diagnostics step (`Kernel.advance`), where the population
+engine runs its loop in Python as for the layer-major path: the `on_eval` hook (pruning),
+early stopping, ReduceLROnPlateau, learning-rate schedules (`Kernel.schedule`) and the
+diagnostics.
 Everything else takes the layer-major path.
 """
 
@@ -89,7 +90,8 @@ def fits(trials: Sequence[TrialSpec], device: torch.device) -> bool:
     loop, model = first.loop, first.model
     return (device.type == "cpu" and first.train.dtype in ("float32", "float64")
             and model.activation in _ACTIVATIONS and model.dropout == 0
-            and loop.loss == "task" and loop.decay_layers is None
+            and (loop.loss == "task" or (loop.loss == "huber" and first.task.loss == "mse"))
+            and loop.decay_layers is None
             and fusable([t.optimizer for t in trials], loop.clip_norm is not None,
                         loop.zero_grad))
 
@@ -421,10 +423,12 @@ if njit is not None:
         return h, saturated
 
     @njit(cache=True)
-    def _loss_grad(out, yf, yi, classify, into, spare):
+    def _loss_grad(out, yf, yi, classify, into, spare, huber):
         # The batch's mean loss (float64) and its gradient wrt `out` into into[:rows * C]
         # as g [rows, C]: F.mse_loss / F.cross_entropy with mean reduction and autograd's
-        # backward kernels. `spare`: scratch of 2 * rows entries (cross-entropy).
+        # backward kernels, or with `huber` > 0 F.huber_loss(delta=huber) and
+        # huber_loss_backward (the gradient of d = out - y is clamp(d, -delta, delta) / n).
+        # `spare`: scratch of 2 * rows entries (cross-entropy).
         rows, c = out.shape
         g = matrix(into, 0, rows, c)
         flat = into[:rows * c]
@@ -462,6 +466,15 @@ if njit is not None:
                     g[i, j] *= inv
                     if j == yi[i]:
                         g[i, j] -= inv
+        elif huber > 0:
+            inv = out.dtype.type(1.0 / (rows * c))
+            delta = np.float64(huber)
+            for i in range(rows):
+                for j in range(c):
+                    d = out[i, j] - yf[i, j]
+                    z = abs(np.float64(d))
+                    total += 0.5 * z * z if z < delta else delta * (z - 0.5 * delta)
+                    g[i, j] = (-huber if d < -huber else huber if d > huber else d) * inv
         else:
             scale = out.dtype.type(2.0 / (rows * c))
             for i in range(rows):
@@ -639,7 +652,7 @@ if njit is not None:
                  state2, prev_norm, live, x_eval, yf_eval, yi_eval, classify, scale, orders,
                  epoch_base, epoch_stride, batch, n_train, w_off, b_off, fan_in, fan_out,
                  narrow, act, probe, sat_z, kind, hp, step_lr, step_bc2, step_decay,
-                 steps_rec, evals_rec, chunk):
+                 steps_rec, evals_rec, chunk, huber):
         # Trial t from `first_step` updates to `end_step` (each step: batch, forward, loss,
         # backward, records, freeze decision, update), with the evaluations of the full
         # splits after the steps that `eval_index` names (>= 0: which evaluation), and
@@ -744,7 +757,7 @@ if njit is not None:
                          rows, no_probe, unit_live, sat_z)
             shared = False
             out = matrix(step_acts, a_off[layers - 1], rows, c)
-            loss = _loss_grad(out, yfb[:rows], yib[:rows], classify, g0, spare)
+            loss = _loss_grad(out, yfb[:rows], yib[:rows], classify, g0, spare, huber)
             _backward(p, grad, xr, step_acts, g0, g1, pre, wt, zeros, a_off, w_off, b_off,
                       fan_in, fan_out, narrow, act, rows)
             rs[0] = loss
@@ -854,7 +867,7 @@ def callee_signatures(segment: Sequence) -> dict[str, tuple]:
         "_update": (kind.dtype, *[vector] * 3, row(state1), row(state2), types.boolean,
                     step_lr.dtype, step_bc2.dtype, step_decay.dtype, hp.copy(ndim=1, layout="C")),
         "_loss_grad": (matrix, matrix, types.Array(types.int64, 1, "C"), classify, vector,
-                       vector),
+                       vector, segment[37]),
     }
 
 
@@ -910,7 +923,7 @@ class Kernel:
 
     def __init__(self, net: Network, params: Tensor, specs: Sequence, data, batch: int,
                  shuffle: bool, eval_steps: Sequence[int], steps: np.ndarray,
-                 evals: np.ndarray) -> None:
+                 evals: np.ndarray, huber_delta: float = 0.0) -> None:
         dtype = params.dtype
         planned, n_train, rows = steps.shape[0], data.n_train, len(specs)
         self.specs, self.dtype = list(specs), dtype
@@ -958,6 +971,9 @@ class Kernel:
         sat_z = SATURATION_Z.get(net.activation, math.inf)
         chunk = 256  # evaluation rows per pass
         self.data_args = (x_eval, yf, yi, classify, scale)
+        # The training loss: Huber's with this delta (in the dtype, as torch takes it);
+        # 0: the task's loss.
+        self.huber = x_eval.dtype.type(huber_delta)
         self.layout = (batch, n_train, as_int(w_off), as_int(b_off),
                        as_int([fi for fi, _ in net.sizes]), as_int([fo for _, fo in net.sizes]),
                        np.asarray(net.narrowing, dtype=np.bool_),
@@ -1031,7 +1047,7 @@ class Kernel:
                 self.state1, self.state2, self.prev_norm, self.live, *self.data_args,
                 self.orders, self.epoch_base, stride, *self.layout, self.kind, self.hp,
                 self.step_lr, self.step_bc2, self.step_decay, self.steps, self.evals,
-                self.chunk)
+                self.chunk, self.huber)
         taken, halt = np.zeros(1, dtype=np.int64), np.zeros(1, dtype=np.int64)
         # Loaded or compiled here, on the caller's thread, not in a worker: a first
         # compilation forks a process (`_compile_callees`).

@@ -65,12 +65,14 @@ def test_what_fits_the_kernel() -> None:
     assert kernel_module.fits([base], CPU)
     assert kernel_module.fits([_trial(model=ModelSpec(depth=0, width=0,
                                                       activation="identity"))], CPU)
+    assert kernel_module.fits([_trial(loop=LoopSpec(loss="huber", huber_delta=0.5))], CPU)
     refused = [
         _trial(model=ModelSpec(depth=2, width=16, dropout=0.1)),
         _trial(model=ModelSpec(depth=2, width=16, activation="gelu")),
         _trial(loop=LoopSpec(clip_norm=1.0)),
         _trial(loop=LoopSpec(zero_grad=False)),
-        _trial(loop=LoopSpec(loss="huber")),
+        _trial(task=CLASSIFICATION, loop=LoopSpec(loss="huber")),
+        _trial(loop=LoopSpec(loss="mse_onehot")),
         _trial(loop=LoopSpec(decay_layers=(0,))),
         _trial(Adam(lr=1e-3, amsgrad=True)),
         _trial(RMSprop(lr=1e-3)),
@@ -135,6 +137,26 @@ def test_float32_tanh_and_sigmoid_within_1e_4(activation: str, kernel_only) -> N
     model = ModelSpec(depth=3, width=16, activation=activation)
     _check([_trial(SGD(lr=0.1, momentum=0.9), model=model, train=train, seed=0),
             _trial(Adam(lr=3e-3), task=CLASSIFICATION, model=model, train=train, seed=5)])
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_a_huber_training_loss_matches_the_reference(dtype: str, kernel_only) -> None:
+    """Huber's loss (the outliers mitigation): deltas small enough that some residuals are
+    past them and some not, every family, and a row far past the stable rate (Huber's
+    bounded gradient keeps it finite); the step loss recorded is the training objective's,
+    the evaluations the task's MSE."""
+    train = TrainSpec(batch_size=16, epochs=3, dtype=dtype)
+    specs = [SGD(lr=0.05, momentum=0.9), Adam(lr=1e-2), AdamW(lr=3e-3, weight_decay=0.1)]
+    for delta in (0.05, 1.0):
+        loop = LoopSpec(loss="huber", huber_delta=delta)
+        got = _check([_trial(spec, train=train, loop=loop, seed=i)
+                      for i, spec in enumerate(specs)])
+        # The same first outputs as with the task's MSE: Huber's value is at most half of it
+        mse = BatchedEngine().run([_trial(specs[0], train=train, seed=0)], CPU)[0]
+        assert got[0].val_loss[0] == mse.val_loss[0]
+        assert got[0].step_loss[0] <= 0.5 * mse.step_loss[0] * (1 + 1e-6)
+        assert got[0].step_loss[0] < 0.5 * mse.step_loss[0] * 0.99 or delta == 1.0
+        _check([_trial(SGD(lr=1e3), train=train, loop=loop, seed=5)], first=50)
 
 
 def test_no_shuffle_and_eval_every(kernel_only) -> None:
