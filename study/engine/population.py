@@ -194,7 +194,9 @@ class BatchedEngine:
                                     eval_steps, traces.steps.numpy(),
                                     traces.evals.numpy(),
                                     first.loop.huber_delta if first.loop.loss == "huber"
-                                    else 0.0)
+                                    else 0.0,
+                                    [t.loop.clip_norm for t in trials]
+                                    if first.loop.clip_norm is not None else None)
         loop = LoopState(trials, cpu, dtype, train.steps_per_epoch(n_train), planned)
         adaptive_rows = [adaptive(t.optimizer) for t in trials]
 

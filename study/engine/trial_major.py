@@ -27,11 +27,11 @@ number of threads. Losses, norms and evaluation means are summed in float64.
 
 What it runs (`fits`): CPU populations with numba, no dropout, a ReLU / tanh / sigmoid /
 identity MLP, the task's loss (MSE or cross-entropy) or Huber's on a regression, zero_grad,
-SGD / Adam / AdamW without amsgrad, no clipping and no weight-decay mask. The kernel stops
-at every evaluation and opt-in diagnostics step (`Kernel.advance`), where the population
-engine runs its loop in Python as for the layer-major path: the `on_eval` hook (pruning),
-early stopping, ReduceLROnPlateau, learning-rate schedules (`Kernel.schedule`) and the
-diagnostics.
+SGD / Adam / AdamW without amsgrad, gradient clipping or none, no weight-decay mask. The
+kernel stops at every evaluation and opt-in diagnostics step (`Kernel.advance`), where the
+population engine runs its loop in Python as for the layer-major path: the `on_eval` hook
+(pruning), early stopping, ReduceLROnPlateau, learning-rate schedules (`Kernel.schedule`)
+and the diagnostics.
 Everything else takes the layer-major path.
 """
 
@@ -92,8 +92,8 @@ def fits(trials: Sequence[TrialSpec], device: torch.device) -> bool:
             and model.activation in _ACTIVATIONS and model.dropout == 0
             and (loop.loss == "task" or (loop.loss == "huber" and first.task.loss == "mse"))
             and loop.decay_layers is None
-            and fusable([t.optimizer for t in trials], loop.clip_norm is not None,
-                        loop.zero_grad))
+            # clipping: the kernel's own (the layer-major fused update has none)
+            and fusable([t.optimizer for t in trials], False, loop.zero_grad))
 
 
 if njit is not None:
@@ -652,7 +652,7 @@ if njit is not None:
                  state2, prev_norm, live, x_eval, yf_eval, yi_eval, classify, scale, orders,
                  epoch_base, epoch_stride, batch, n_train, w_off, b_off, fan_in, fan_out,
                  narrow, act, probe, sat_z, kind, hp, step_lr, step_bc2, step_decay,
-                 steps_rec, evals_rec, chunk, huber):
+                 steps_rec, evals_rec, chunk, huber, clip):
         # Trial t from `first_step` updates to `end_step` (each step: batch, forward, loss,
         # backward, records, freeze decision, update), with the evaluations of the full
         # splits after the steps that `eval_index` names (>= 0: which evaluation), and
@@ -781,6 +781,12 @@ if njit is not None:
                 _put_column(steps_rec, step, t, rs)
                 live[t] = 0
                 break
+            # clip_grad_norm_ as the layer-major path computes it, in the dtype: the
+            # gradient times clip / (norm + 1e-6) where that is below 1 (times 1: as is).
+            coef = clip[t] / (dtype.type(rs[1]) + dtype.type(1e-6))
+            if coef < 1:
+                for j in range(n_params):
+                    grad[j] *= coef
             _update(kind[t], p, grad, update, s1, s2, step == 0, step_lr[t, step],
                     step_bc2[t, step], step_decay[t, step], hp_t)
             squares, dot, square = _update_sums(update, last, p)
@@ -923,7 +929,8 @@ class Kernel:
 
     def __init__(self, net: Network, params: Tensor, specs: Sequence, data, batch: int,
                  shuffle: bool, eval_steps: Sequence[int], steps: np.ndarray,
-                 evals: np.ndarray, huber_delta: float = 0.0) -> None:
+                 evals: np.ndarray, huber_delta: float = 0.0,
+                 clip: Sequence[float] | None = None) -> None:
         dtype = params.dtype
         planned, n_train, rows = steps.shape[0], data.n_train, len(specs)
         self.specs, self.dtype = list(specs), dtype
@@ -974,6 +981,10 @@ class Kernel:
         # The training loss: Huber's with this delta (in the dtype, as torch takes it);
         # 0: the task's loss.
         self.huber = x_eval.dtype.type(huber_delta)
+        # Each row's gradient-clipping threshold (inf: none), in the dtype as the layer-major
+        # path rounds it.
+        self.clip = np.asarray([math.inf] * rows if clip is None else clip,
+                               dtype=np.float64).astype(x_eval.dtype)
         self.layout = (batch, n_train, as_int(w_off), as_int(b_off),
                        as_int([fi for fi, _ in net.sizes]), as_int([fo for _, fo in net.sizes]),
                        np.asarray(net.narrowing, dtype=np.bool_),
@@ -1047,7 +1058,7 @@ class Kernel:
                 self.state1, self.state2, self.prev_norm, self.live, *self.data_args,
                 self.orders, self.epoch_base, stride, *self.layout, self.kind, self.hp,
                 self.step_lr, self.step_bc2, self.step_decay, self.steps, self.evals,
-                self.chunk, self.huber)
+                self.chunk, self.huber, self.clip)
         taken, halt = np.zeros(1, dtype=np.int64), np.zeros(1, dtype=np.int64)
         # Loaded or compiled here, on the caller's thread, not in a worker: a first
         # compilation forks a process (`_compile_callees`).

@@ -176,10 +176,12 @@ def test_what_fuses() -> None:
         FusedUpdate([RMSprop()], torch.zeros(1, 3))
 
 
-def test_clipping_and_accumulation_take_the_eager_path() -> None:
-    """Populations the kernel does not cover still train (eagerly) and match."""
-    trials = _trials("float64", loop=LoopSpec(clip_norm=0.5))[:4]
-    for f, e in zip(BatchedEngine().run(trials, CPU),
+@pytest.mark.parametrize("loop", [LoopSpec(clip_norm=0.5), LoopSpec(zero_grad=False)],
+                         ids=["clipping", "accumulation"])
+def test_clipping_and_accumulation_take_the_eager_update_layer_major(loop) -> None:
+    """Layer-major, populations the fused update does not cover train with the eager one."""
+    trials = _trials("float64", loop=loop)[:4]
+    for f, e in zip(BatchedEngine(trial_major=False).run(trials, CPU),
                     BatchedEngine(fused=False).run(trials, CPU), strict=True):
         assert f.equal(e)
 
