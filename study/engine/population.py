@@ -196,7 +196,8 @@ class BatchedEngine:
                                     first.loop.huber_delta if first.loop.loss == "huber"
                                     else 0.0,
                                     [t.loop.clip_norm for t in trials]
-                                    if first.loop.clip_norm is not None else None)
+                                    if first.loop.clip_norm is not None else None,
+                                    accumulate=not first.loop.zero_grad)
         loop = LoopState(trials, cpu, dtype, train.steps_per_epoch(n_train), planned)
         adaptive_rows = [adaptive(t.optimizer) for t in trials]
 

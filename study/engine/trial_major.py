@@ -26,8 +26,8 @@ the thread, so a trial's numbers are bit-identical alone, in any population and 
 number of threads. Losses, norms and evaluation means are summed in float64.
 
 What it runs (`fits`): CPU populations with numba, no dropout, a ReLU / tanh / sigmoid /
-identity MLP, the task's loss (MSE or cross-entropy) or Huber's on a regression, zero_grad,
-SGD / Adam / AdamW without amsgrad, gradient clipping or none, no weight-decay mask. The
+identity MLP, the task's loss (MSE or cross-entropy) or Huber's on a regression, SGD / Adam
+/ AdamW without amsgrad, gradient clipping or none, zero_grad or not, no weight-decay mask. The
 kernel stops at every evaluation and opt-in diagnostics step (`Kernel.advance`), where the
 population engine runs its loop in Python as for the layer-major path: the `on_eval` hook
 (pruning), early stopping, ReduceLROnPlateau, learning-rate schedules (`Kernel.schedule`)
@@ -92,8 +92,9 @@ def fits(trials: Sequence[TrialSpec], device: torch.device) -> bool:
             and model.activation in _ACTIVATIONS and model.dropout == 0
             and (loop.loss == "task" or (loop.loss == "huber" and first.task.loss == "mse"))
             and loop.decay_layers is None
-            # clipping: the kernel's own (the layer-major fused update has none)
-            and fusable([t.optimizer for t in trials], False, loop.zero_grad))
+            # its update's formulas; clipping and accumulation are the kernel's own (the
+            # layer-major fused update has neither)
+            and fusable([t.optimizer for t in trials], clip=False, zero_grad=True))
 
 
 if njit is not None:
@@ -652,7 +653,7 @@ if njit is not None:
                  state2, prev_norm, live, x_eval, yf_eval, yi_eval, classify, scale, orders,
                  epoch_base, epoch_stride, batch, n_train, w_off, b_off, fan_in, fan_out,
                  narrow, act, probe, sat_z, kind, hp, step_lr, step_bc2, step_decay,
-                 steps_rec, evals_rec, chunk, huber, clip):
+                 steps_rec, evals_rec, chunk, huber, clip, accumulated):
         # Trial t from `first_step` updates to `end_step` (each step: batch, forward, loss,
         # backward, records, freeze decision, update), with the evaluations of the full
         # splits after the steps that `eval_index` names (>= 0: which evaluation), and
@@ -702,6 +703,10 @@ if njit is not None:
         p = _private(params[t])
         last, update = _private(previous[t]), np.empty(n_params, dtype=dtype)
         s1, s2 = _private(state1[t]), _private(state2[t])
+        # zero_grad forgotten: the gradients of every step summed here (p.grad), and the
+        # update made from a copy of the sum (the optimizers write into their gradient).
+        accumulate = accumulated.shape[1] > 0
+        acc = _private(accumulated[t])
         norm = prev_norm[t]
         whole = batch >= n_train  # one batch per epoch: the split as stored
         # A step right after an evaluation takes its forward pass from the evaluation's,
@@ -760,6 +765,10 @@ if njit is not None:
             loss = _loss_grad(out, yfb[:rows], yib[:rows], classify, g0, spare, huber)
             _backward(p, grad, xr, step_acts, g0, g1, pre, wt, zeros, a_off, w_off, b_off,
                       fan_in, fan_out, narrow, act, rows)
+            if accumulate:
+                for j in range(n_params):
+                    acc[j] += grad[j]
+                    grad[j] = acc[j]
             rs[0] = loss
             # One pass per weight and bias, summed in storage order (the fused kernel's
             # norm); a sum of squares is rounded to the dtype before its root.
@@ -787,6 +796,9 @@ if njit is not None:
             if coef < 1:
                 for j in range(n_params):
                     grad[j] *= coef
+                if accumulate:  # clip_grad_norm_ scales p.grad itself
+                    for j in range(n_params):
+                        acc[j] *= coef
             _update(kind[t], p, grad, update, s1, s2, step == 0, step_lr[t, step],
                     step_bc2[t, step], step_decay[t, step], hp_t)
             squares, dot, square = _update_sums(update, last, p)
@@ -813,6 +825,7 @@ if njit is not None:
         _put(previous[t], last)
         _put(state1[t], s1)
         _put(state2[t], s2)
+        _put(accumulated[t], acc)
         prev_norm[t] = norm
 
     @njit(cache=True, nogil=True)
@@ -930,7 +943,7 @@ class Kernel:
     def __init__(self, net: Network, params: Tensor, specs: Sequence, data, batch: int,
                  shuffle: bool, eval_steps: Sequence[int], steps: np.ndarray,
                  evals: np.ndarray, huber_delta: float = 0.0,
-                 clip: Sequence[float] | None = None) -> None:
+                 clip: Sequence[float] | None = None, accumulate: bool = False) -> None:
         dtype = params.dtype
         planned, n_train, rows = steps.shape[0], data.n_train, len(specs)
         self.specs, self.dtype = list(specs), dtype
@@ -940,6 +953,9 @@ class Kernel:
         self.state1 = np.zeros_like(self.params)
         adam = any(k != 0 for k in fused.kind.tolist())
         self.state2 = np.zeros_like(self.params) if adam else self.params[:, :0].copy()
+        # zero_grad forgotten: each row's summed gradient (p.grad); none otherwise
+        self.accumulated = (np.zeros_like(self.params) if accumulate
+                            else self.params[:, :0].copy())
         self.prev_norm = np.zeros(rows)
         self.live = np.ones(rows, dtype=np.uint8)
         self.kind, self.hp = fused.kind.numpy(), fused.hp.numpy()
@@ -1058,7 +1074,7 @@ class Kernel:
                 self.state1, self.state2, self.prev_norm, self.live, *self.data_args,
                 self.orders, self.epoch_base, stride, *self.layout, self.kind, self.hp,
                 self.step_lr, self.step_bc2, self.step_decay, self.steps, self.evals,
-                self.chunk, self.huber, self.clip)
+                self.chunk, self.huber, self.clip, self.accumulated)
         taken, halt = np.zeros(1, dtype=np.int64), np.zeros(1, dtype=np.int64)
         # Loaded or compiled here, on the caller's thread, not in a worker: a first
         # compilation forks a process (`_compile_callees`).

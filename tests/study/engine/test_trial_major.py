@@ -67,10 +67,10 @@ def test_what_fits_the_kernel() -> None:
                                                       activation="identity"))], CPU)
     assert kernel_module.fits([_trial(loop=LoopSpec(loss="huber", huber_delta=0.5))], CPU)
     assert kernel_module.fits([_trial(loop=LoopSpec(clip_norm=1.0))], CPU)
+    assert kernel_module.fits([_trial(loop=LoopSpec(zero_grad=False))], CPU)
     refused = [
         _trial(model=ModelSpec(depth=2, width=16, dropout=0.1)),
         _trial(model=ModelSpec(depth=2, width=16, activation="gelu")),
-        _trial(loop=LoopSpec(zero_grad=False)),
         _trial(task=CLASSIFICATION, loop=LoopSpec(loss="huber")),
         _trial(loop=LoopSpec(loss="mse_onehot")),
         _trial(loop=LoopSpec(decay_layers=(0,))),
@@ -178,6 +178,28 @@ def test_gradient_clipping_matches_the_reference(dtype: str, kernel_only) -> Non
     wide = TrainSpec(batch_size=16, epochs=3, dtype="float64")
     _check([_trial(SGD(lr=lr), train=wide, seed=5, loop=LoopSpec(clip_norm=0.5))
             for lr in (3.0, 1e4)], first=50)
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_a_forgotten_zero_grad_matches_the_reference(dtype: str, kernel_only) -> None:
+    """Gradients summed step after step (the loop bug): every family, with weight decay
+    (added to a copy, never to the sum), with clipping (which scales the sum itself), and
+    a row that diverges."""
+    train = TrainSpec(batch_size=16, epochs=3, dtype=dtype)
+    loop = LoopSpec(zero_grad=False)
+    got = _check([_trial(SGD(lr=0.01, momentum=0.9, weight_decay=1e-2), train=train, loop=loop),
+                  _trial(Adam(lr=1e-3, weight_decay=1e-2), train=train, loop=loop, seed=1),
+                  _trial(AdamW(lr=1e-3, weight_decay=0.1), train=train, loop=loop, seed=2)])
+    plain = BatchedEngine().run([_trial(SGD(lr=0.01, momentum=0.9, weight_decay=1e-2),
+                                        train=train)], CPU)[0]
+    assert got[0].step_loss[0] == plain.step_loss[0]
+    assert got[0].grad_norm[5] != plain.grad_norm[5]  # the sum, not the step's gradient
+    clipped = LoopSpec(zero_grad=False, clip_norm=0.2)
+    _check([_trial(SGD(lr=0.01, momentum=0.9), train=train, loop=clipped, seed=s)
+            for s in range(2)])
+    wide = TrainSpec(batch_size=16, epochs=3, dtype="float64")  # see the clipping test
+    wild = _check([_trial(SGD(lr=5.0), train=wide, loop=loop, seed=3)], first=50)
+    assert wild[0].divergence_step is not None
 
 
 def test_no_shuffle_and_eval_every(kernel_only) -> None:
