@@ -27,11 +27,11 @@ number of threads. Losses, norms and evaluation means are summed in float64.
 
 What it runs (`fits`): CPU populations with numba, no dropout, a ReLU / tanh / sigmoid /
 identity MLP, the task's loss (MSE or cross-entropy) or Huber's on a regression, SGD / Adam
-/ AdamW without amsgrad, gradient clipping or none, zero_grad or not, no weight-decay mask. The
-kernel stops at every evaluation and opt-in diagnostics step (`Kernel.advance`), where the
-population engine runs its loop in Python as for the layer-major path: the `on_eval` hook
-(pruning), early stopping, ReduceLROnPlateau, learning-rate schedules (`Kernel.schedule`)
-and the diagnostics.
+/ AdamW without amsgrad, gradient clipping or none, zero_grad or not, weight decay on every
+layer or on some. The kernel stops at every evaluation and opt-in diagnostics step
+(`Kernel.advance`), where the population engine runs its loop in Python as for the
+layer-major path: the `on_eval` hook (pruning), early stopping, ReduceLROnPlateau,
+learning-rate schedules (`Kernel.schedule`) and the diagnostics.
 Everything else takes the layer-major path.
 """
 
@@ -91,7 +91,6 @@ def fits(trials: Sequence[TrialSpec], device: torch.device) -> bool:
     return (device.type == "cpu" and first.train.dtype in ("float32", "float64")
             and model.activation in _ACTIVATIONS and model.dropout == 0
             and (loop.loss == "task" or (loop.loss == "huber" and first.task.loss == "mse"))
-            and loop.decay_layers is None
             # its update's formulas; clipping and accumulation are the kernel's own (the
             # layer-major fused update has neither)
             and fusable([t.optimizer for t in trials], clip=False, zero_grad=True))
@@ -653,7 +652,7 @@ if njit is not None:
                  state2, prev_norm, live, x_eval, yf_eval, yi_eval, classify, scale, orders,
                  epoch_base, epoch_stride, batch, n_train, w_off, b_off, fan_in, fan_out,
                  narrow, act, probe, sat_z, kind, hp, step_lr, step_bc2, step_decay,
-                 steps_rec, evals_rec, chunk, huber, clip, accumulated):
+                 steps_rec, evals_rec, chunk, huber, clip, accumulated, decay_parts):
         # Trial t from `first_step` updates to `end_step` (each step: batch, forward, loss,
         # backward, records, freeze decision, update), with the evaluations of the full
         # splits after the steps that `eval_index` names (>= 0: which evaluation), and
@@ -686,6 +685,11 @@ if njit is not None:
         x_all = x_eval[t]
         yf_t, yi_t = yf_eval[t], yi_eval[t]
         hp_t = _private(hp[:, t])
+        # Weight decay on some layers only (`decay_parts`: [start, end, decayed] of the
+        # row's weights and biases): the parts it spares update with none (wd 0, AdamW's
+        # factor 1), as the layer-major path's decay mask does entry by entry.
+        spared = _private(hp[:, t])
+        spared[0] = 0
         acts = np.empty(a_off[layers], dtype=dtype)
         g0 = np.empty(batch * widest, dtype=dtype)
         g1 = np.empty(batch * widest, dtype=dtype)
@@ -799,8 +803,17 @@ if njit is not None:
                 if accumulate:  # clip_grad_norm_ scales p.grad itself
                     for j in range(n_params):
                         acc[j] *= coef
-            _update(kind[t], p, grad, update, s1, s2, step == 0, step_lr[t, step],
-                    step_bc2[t, step], step_decay[t, step], hp_t)
+            if decay_parts.shape[0] == 0:
+                _update(kind[t], p, grad, update, s1, s2, step == 0, step_lr[t, step],
+                        step_bc2[t, step], step_decay[t, step], hp_t)
+            else:
+                for k in range(decay_parts.shape[0]):
+                    a, b = decay_parts[k, 0], decay_parts[k, 1]
+                    on = decay_parts[k, 2] == 1
+                    _update(kind[t], p[a:b], grad[a:b], update[a:b], s1[a:b],
+                            s2[a:b] if s2.shape[0] else s2, step == 0, step_lr[t, step],
+                            step_bc2[t, step], step_decay[t, step] if on else dtype.type(1),
+                            hp_t if on else spared)
             squares, dot, square = _update_sums(update, last, p)
             rs[5] = squares
             rs[5] = np.sqrt(rs[5])
@@ -943,7 +956,8 @@ class Kernel:
     def __init__(self, net: Network, params: Tensor, specs: Sequence, data, batch: int,
                  shuffle: bool, eval_steps: Sequence[int], steps: np.ndarray,
                  evals: np.ndarray, huber_delta: float = 0.0,
-                 clip: Sequence[float] | None = None, accumulate: bool = False) -> None:
+                 clip: Sequence[float] | None = None, accumulate: bool = False,
+                 decay_layers: Sequence[int] | None = None) -> None:
         dtype = params.dtype
         planned, n_train, rows = steps.shape[0], data.n_train, len(specs)
         self.specs, self.dtype = list(specs), dtype
@@ -990,6 +1004,14 @@ class Kernel:
             w_off.append(offset)
             b_off.append(offset + fi * fo)
             offset += fi * fo + fo
+        # [start, end, decayed] of each weight and bias where weight decay spares some
+        # (`decay_layers`: the layers whose weights it applies to); none otherwise
+        self.decay_parts = np.asarray(
+            [] if decay_layers is None else
+            [[start, end, int(i in decay_layers and start == w_off[i])]
+             for i, (fi, fo) in enumerate(net.sizes)
+             for start, end in ((w_off[i], b_off[i]), (b_off[i], b_off[i] + fo))],
+            dtype=np.int64).reshape(-1, 3)
         as_int = lambda v: np.asarray(v, dtype=np.int64)  # noqa: E731
         sat_z = SATURATION_Z.get(net.activation, math.inf)
         chunk = 256  # evaluation rows per pass
@@ -1074,7 +1096,7 @@ class Kernel:
                 self.state1, self.state2, self.prev_norm, self.live, *self.data_args,
                 self.orders, self.epoch_base, stride, *self.layout, self.kind, self.hp,
                 self.step_lr, self.step_bc2, self.step_decay, self.steps, self.evals,
-                self.chunk, self.huber, self.clip, self.accumulated)
+                self.chunk, self.huber, self.clip, self.accumulated, self.decay_parts)
         taken, halt = np.zeros(1, dtype=np.int64), np.zeros(1, dtype=np.int64)
         # Loaded or compiled here, on the caller's thread, not in a worker: a first
         # compilation forks a process (`_compile_callees`).

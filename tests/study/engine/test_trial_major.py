@@ -68,12 +68,12 @@ def test_what_fits_the_kernel() -> None:
     assert kernel_module.fits([_trial(loop=LoopSpec(loss="huber", huber_delta=0.5))], CPU)
     assert kernel_module.fits([_trial(loop=LoopSpec(clip_norm=1.0))], CPU)
     assert kernel_module.fits([_trial(loop=LoopSpec(zero_grad=False))], CPU)
+    assert kernel_module.fits([_trial(loop=LoopSpec(decay_layers=(0,)))], CPU)
     refused = [
         _trial(model=ModelSpec(depth=2, width=16, dropout=0.1)),
         _trial(model=ModelSpec(depth=2, width=16, activation="gelu")),
         _trial(task=CLASSIFICATION, loop=LoopSpec(loss="huber")),
         _trial(loop=LoopSpec(loss="mse_onehot")),
-        _trial(loop=LoopSpec(decay_layers=(0,))),
         _trial(Adam(lr=1e-3, amsgrad=True)),
         _trial(RMSprop(lr=1e-3)),
         _trial(Adagrad(lr=0.1)),
@@ -200,6 +200,24 @@ def test_a_forgotten_zero_grad_matches_the_reference(dtype: str, kernel_only) ->
     wide = TrainSpec(batch_size=16, epochs=3, dtype="float64")  # see the clipping test
     wild = _check([_trial(SGD(lr=5.0), train=wide, loop=loop, seed=3)], first=50)
     assert wild[0].divergence_step is not None
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("layers", [(0,), (1, 2)], ids=["first", "last_two"])
+def test_weight_decay_on_some_layers_matches_the_reference(layers, dtype: str,
+                                                          kernel_only) -> None:
+    """Weight decay on the weights of `layers` only (biases and the other layers' weights
+    spared): SGD with momentum, Adam's L2 term and AdamW's decoupled factor; the spared
+    weights train as with no decay at all."""
+    train = TrainSpec(batch_size=16, epochs=3, dtype=dtype)
+    loop = LoopSpec(decay_layers=layers)
+    specs = [SGD(lr=0.05, momentum=0.9, weight_decay=0.5), Adam(lr=1e-2, weight_decay=0.5),
+             AdamW(lr=1e-2, weight_decay=0.5), SGD(lr=0.05)]
+    got = _check([_trial(spec, train=train, loop=loop, seed=i)
+                  for i, spec in enumerate(specs)])
+    everywhere = BatchedEngine().run([_trial(specs[2], train=train, seed=2)], CPU)[0]
+    assert got[2].step_loss[0] == everywhere.step_loss[0]
+    assert got[2].step_loss[-1] != everywhere.step_loss[-1]
 
 
 def test_no_shuffle_and_eval_every(kernel_only) -> None:
