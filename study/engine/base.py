@@ -8,6 +8,7 @@ from typing import Protocol
 
 import torch
 
+from study.optimizers import SGD, Adam, AdamW, OptimizerSpec
 from study.trace import Trace
 from study.trial import TrialSpec
 
@@ -93,7 +94,7 @@ def population_key(trial: TrialSpec) -> tuple:
 
 def batch_key(trial: TrialSpec, device: torch.device | str) -> str:
     """`population_key`, and on the CPU whether the trial's optimizer has the fused update
-    (`fused.fused_family`): trials with equal keys train as one population.
+    (`fused_family`): trials with equal keys train as one population.
 
     On the CPU a population takes the fused update (on the trial-major kernel or layer-major)
     only when every row's optimizer has it, and the fused and eager updates round
@@ -101,7 +102,11 @@ def batch_key(trial: TrialSpec, device: torch.device | str) -> str:
     fused one. Apart, each trial takes the update it takes alone, so its numbers are the
     same alone and in any population. On a GPU every population takes the eager update.
     """
-    from study.engine.fused import fused_family  # numba's module, loaded on first use
-
     fused = torch.device(device).type == "cpu" and fused_family(trial.optimizer)
     return repr((population_key(trial), fused))  # repr: a task may hold lists
+
+
+def fused_family(spec: OptimizerSpec) -> bool:
+    """Whether the CPU's fused update (`study.engine.fused`, and the trial-major kernel) has
+    `spec`'s formulas: SGD, Adam and AdamW without amsgrad."""
+    return type(spec) in (SGD, Adam, AdamW) and not getattr(spec, "amsgrad", False)

@@ -29,6 +29,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from study.engine.base import fused_family
 from study.engine.batched_optimizers import StepScalars, preconditioner
 from study.optimizers import SGD, Adam, AdamW, OptimizerSpec
 
@@ -45,7 +46,7 @@ _HP = ("weight_decay", "momentum_or_beta2", "keep_or_one_minus_beta2", "grad_sha
        "buf_share", "decay", "one_minus_beta1")
 (_WD, _MOM_B2, _KEEP_OMB2, _SHARE_EPS, _BUFSHARE, _DECAY, _OMB1) = range(len(_HP))
 _SGD, _ADAM, _ADAMW = 0, 1, 2
-_KINDS = {SGD: _SGD, Adam: _ADAM, AdamW: _ADAMW}
+_KINDS = {SGD: _SGD, Adam: _ADAM, AdamW: _ADAMW}  # the families of `base.fused_family`
 
 
 def available() -> bool:
@@ -80,11 +81,6 @@ def load_implementations() -> None:
 def fusable(specs: Sequence[OptimizerSpec], clip: bool, zero_grad: bool) -> bool:
     """Whether a population with these optimizers and loop can take the fused path."""
     return available() and not clip and zero_grad and all(map(fused_family, specs))
-
-
-def fused_family(spec: OptimizerSpec) -> bool:
-    """Whether the fused update has `spec`'s formulas (SGD, Adam, AdamW without amsgrad)."""
-    return type(spec) in _KINDS and not getattr(spec, "amsgrad", False)
 
 
 if njit is not None:

@@ -198,7 +198,8 @@ class BatchedEngine:
                                     [t.loop.clip_norm for t in trials]
                                     if first.loop.clip_norm is not None else None,
                                     accumulate=not first.loop.zero_grad,
-                                    decay_layers=first.loop.decay_layers)
+                                    decay_layers=first.loop.decay_layers,
+                                    onehot=first.loop.loss == "mse_onehot")
         loop = LoopState(trials, cpu, dtype, train.steps_per_epoch(n_train), planned)
         adaptive_rows = [adaptive(t.optimizer) for t in trials]
 

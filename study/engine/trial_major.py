@@ -26,12 +26,13 @@ the thread, so a trial's numbers are bit-identical alone, in any population and 
 number of threads. Losses, norms and evaluation means are summed in float64.
 
 What it runs (`fits`): CPU populations with numba, no dropout, a ReLU / tanh / sigmoid /
-identity MLP, the task's loss (MSE or cross-entropy) or Huber's on a regression, SGD / Adam
-/ AdamW without amsgrad, gradient clipping or none, zero_grad or not, weight decay on every
-layer or on some. The kernel stops at every evaluation and opt-in diagnostics step
-(`Kernel.advance`), where the population engine runs its loop in Python as for the
-layer-major path: the `on_eval` hook (pruning), early stopping, ReduceLROnPlateau,
-learning-rate schedules (`Kernel.schedule`) and the diagnostics.
+identity MLP, the task's loss (MSE or cross-entropy), Huber's on a regression or MSE on
+one-hot targets on a classification, SGD / Adam / AdamW without amsgrad, gradient
+clipping or none, zero_grad or not, weight decay on every layer or on some. The kernel
+stops at every evaluation and opt-in diagnostics step (`Kernel.advance`), where the
+population engine runs its loop in Python as for the layer-major path: the `on_eval` hook
+(pruning), early stopping, ReduceLROnPlateau, learning-rate schedules (`Kernel.schedule`)
+and the diagnostics.
 Everything else takes the layer-major path.
 """
 
@@ -90,7 +91,8 @@ def fits(trials: Sequence[TrialSpec], device: torch.device) -> bool:
     loop, model = first.loop, first.model
     return (device.type == "cpu" and first.train.dtype in ("float32", "float64")
             and model.activation in _ACTIVATIONS and model.dropout == 0
-            and (loop.loss == "task" or (loop.loss == "huber" and first.task.loss == "mse"))
+            and (loop.loss == "task" or (loop.loss == "huber" and first.task.loss == "mse")
+                 or (loop.loss == "mse_onehot" and first.task.loss == "cross_entropy"))
             # its update's formulas; clipping and accumulation are the kernel's own (the
             # layer-major fused update has neither)
             and fusable([t.optimizer for t in trials], clip=False, zero_grad=True))
@@ -423,16 +425,26 @@ if njit is not None:
         return h, saturated
 
     @njit(cache=True)
-    def _loss_grad(out, yf, yi, classify, into, spare, huber):
+    def _loss_grad(out, yf, yi, classify, into, spare, huber, onehot):
         # The batch's mean loss (float64) and its gradient wrt `out` into into[:rows * C]
         # as g [rows, C]: F.mse_loss / F.cross_entropy with mean reduction and autograd's
-        # backward kernels, or with `huber` > 0 F.huber_loss(delta=huber) and
-        # huber_loss_backward (the gradient of d = out - y is clamp(d, -delta, delta) / n).
-        # `spare`: scratch of 2 * rows entries (cross-entropy).
+        # backward kernels; with `huber` > 0 F.huber_loss(delta=huber) and
+        # huber_loss_backward (the gradient of d = out - y is clamp(d, -delta, delta) / n);
+        # with `onehot` (classification) the MSE between the raw outputs and one-hot
+        # targets. `spare`: scratch of 2 * rows entries (cross-entropy).
         rows, c = out.shape
         g = matrix(into, 0, rows, c)
         flat = into[:rows * c]
         total = 0.0
+        if classify and onehot:
+            scale = out.dtype.type(2.0 / (rows * c))
+            one, zero = out.dtype.type(1), out.dtype.type(0)
+            for i in range(rows):
+                for j in range(c):
+                    d = out[i, j] - (one if j == yi[i] else zero)
+                    total += np.float64(d) * np.float64(d)
+                    g[i, j] = d * scale
+            return total / (rows * c)
         if classify:
             inv = out.dtype.type(1.0 / rows)
             # In passes over the rows (maxima, the exponentials of all rows' entries at
@@ -652,7 +664,8 @@ if njit is not None:
                  state2, prev_norm, live, x_eval, yf_eval, yi_eval, classify, scale, orders,
                  epoch_base, epoch_stride, batch, n_train, w_off, b_off, fan_in, fan_out,
                  narrow, act, probe, sat_z, kind, hp, step_lr, step_bc2, step_decay,
-                 steps_rec, evals_rec, chunk, huber, clip, accumulated, decay_parts):
+                 steps_rec, evals_rec, chunk, huber, clip, accumulated, decay_parts,
+                 onehot):
         # Trial t from `first_step` updates to `end_step` (each step: batch, forward, loss,
         # backward, records, freeze decision, update), with the evaluations of the full
         # splits after the steps that `eval_index` names (>= 0: which evaluation), and
@@ -766,7 +779,8 @@ if njit is not None:
                          rows, no_probe, unit_live, sat_z)
             shared = False
             out = matrix(step_acts, a_off[layers - 1], rows, c)
-            loss = _loss_grad(out, yfb[:rows], yib[:rows], classify, g0, spare, huber)
+            loss = _loss_grad(out, yfb[:rows], yib[:rows], classify, g0, spare, huber,
+                              onehot)
             _backward(p, grad, xr, step_acts, g0, g1, pre, wt, zeros, a_off, w_off, b_off,
                       fan_in, fan_out, narrow, act, rows)
             if accumulate:
@@ -899,7 +913,7 @@ def callee_signatures(segment: Sequence) -> dict[str, tuple]:
         "_update": (kind.dtype, *[vector] * 3, row(state1), row(state2), types.boolean,
                     step_lr.dtype, step_bc2.dtype, step_decay.dtype, hp.copy(ndim=1, layout="C")),
         "_loss_grad": (matrix, matrix, types.Array(types.int64, 1, "C"), classify, vector,
-                       vector, segment[37]),
+                       vector, segment[37], segment[41]),
     }
 
 
@@ -957,7 +971,7 @@ class Kernel:
                  shuffle: bool, eval_steps: Sequence[int], steps: np.ndarray,
                  evals: np.ndarray, huber_delta: float = 0.0,
                  clip: Sequence[float] | None = None, accumulate: bool = False,
-                 decay_layers: Sequence[int] | None = None) -> None:
+                 decay_layers: Sequence[int] | None = None, onehot: bool = False) -> None:
         dtype = params.dtype
         planned, n_train, rows = steps.shape[0], data.n_train, len(specs)
         self.specs, self.dtype = list(specs), dtype
@@ -1019,6 +1033,7 @@ class Kernel:
         # The training loss: Huber's with this delta (in the dtype, as torch takes it);
         # 0: the task's loss.
         self.huber = x_eval.dtype.type(huber_delta)
+        self.onehot = onehot  # the training loss: MSE on one-hot targets (classification)
         # Each row's gradient-clipping threshold (inf: none), in the dtype as the layer-major
         # path rounds it.
         self.clip = np.asarray([math.inf] * rows if clip is None else clip,
@@ -1096,7 +1111,8 @@ class Kernel:
                 self.state1, self.state2, self.prev_norm, self.live, *self.data_args,
                 self.orders, self.epoch_base, stride, *self.layout, self.kind, self.hp,
                 self.step_lr, self.step_bc2, self.step_decay, self.steps, self.evals,
-                self.chunk, self.huber, self.clip, self.accumulated, self.decay_parts)
+                self.chunk, self.huber, self.clip, self.accumulated, self.decay_parts,
+                self.onehot)
         taken, halt = np.zeros(1, dtype=np.int64), np.zeros(1, dtype=np.int64)
         # Loaded or compiled here, on the caller's thread, not in a worker: a first
         # compilation forks a process (`_compile_callees`).

@@ -69,11 +69,14 @@ def test_what_fits_the_kernel() -> None:
     assert kernel_module.fits([_trial(loop=LoopSpec(clip_norm=1.0))], CPU)
     assert kernel_module.fits([_trial(loop=LoopSpec(zero_grad=False))], CPU)
     assert kernel_module.fits([_trial(loop=LoopSpec(decay_layers=(0,)))], CPU)
+    assert kernel_module.fits([_trial(task=CLASSIFICATION, loop=LoopSpec(loss="mse_onehot"))],
+                              CPU)
     refused = [
         _trial(model=ModelSpec(depth=2, width=16, dropout=0.1)),
         _trial(model=ModelSpec(depth=2, width=16, activation="gelu")),
         _trial(task=CLASSIFICATION, loop=LoopSpec(loss="huber")),
         _trial(loop=LoopSpec(loss="mse_onehot")),
+        _trial(task=CLASSIFICATION, loop=LoopSpec(loss="bce_raw")),
         _trial(Adam(lr=1e-3, amsgrad=True)),
         _trial(RMSprop(lr=1e-3)),
         _trial(Adagrad(lr=0.1)),
@@ -218,6 +221,20 @@ def test_weight_decay_on_some_layers_matches_the_reference(layers, dtype: str,
     everywhere = BatchedEngine().run([_trial(specs[2], train=train, seed=2)], CPU)[0]
     assert got[2].step_loss[0] == everywhere.step_loss[0]
     assert got[2].step_loss[-1] != everywhere.step_loss[-1]
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_mse_on_one_hot_targets_matches_the_reference(dtype: str, kernel_only) -> None:
+    """The loop bug of MSE on raw logits against one-hot targets: the step loss is that
+    MSE, the evaluations the task's cross-entropy and accuracy."""
+    train = TrainSpec(batch_size=16, epochs=3, dtype=dtype)
+    loop = LoopSpec(loss="mse_onehot")
+    specs = [SGD(lr=0.1, momentum=0.9), Adam(lr=1e-2), AdamW(lr=1e-2, weight_decay=0.1)]
+    got = _check([_trial(spec, task=CLASSIFICATION, train=train, loop=loop, seed=i)
+                  for i, spec in enumerate(specs)])
+    task = BatchedEngine().run([_trial(specs[0], task=CLASSIFICATION, train=train)], CPU)[0]
+    assert got[0].val_loss[0] == task.val_loss[0] and got[0].train_acc is not None
+    assert got[0].step_loss[0] != task.step_loss[0]
 
 
 def test_no_shuffle_and_eval_every(kernel_only) -> None:
