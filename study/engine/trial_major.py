@@ -26,13 +26,13 @@ the thread, so a trial's numbers are bit-identical alone, in any population and 
 number of threads. Losses, norms and evaluation means are summed in float64.
 
 What it runs (`fits`): CPU populations with numba, no dropout, a ReLU / tanh / sigmoid /
-identity MLP, the task's loss (MSE or cross-entropy), Huber's on a regression or MSE on
-one-hot targets on a classification, SGD / Adam / AdamW without amsgrad, gradient
-clipping or none, zero_grad or not, weight decay on every layer or on some. The kernel
-stops at every evaluation and opt-in diagnostics step (`Kernel.advance`), where the
-population engine runs its loop in Python as for the layer-major path: the `on_eval` hook
-(pruning), early stopping, ReduceLROnPlateau, learning-rate schedules (`Kernel.schedule`)
-and the diagnostics.
+identity MLP, the task's loss (MSE or cross-entropy), Huber's on a regression, MSE on
+one-hot targets or weighted cross-entropy on a classification, SGD / Adam / AdamW without
+amsgrad, gradient clipping or none, zero_grad or not, weight decay on every layer or on
+some. The kernel stops at every evaluation and opt-in diagnostics step
+(`Kernel.advance`), where the population engine runs its loop in Python as for the
+layer-major path: the `on_eval` hook (pruning), early stopping, ReduceLROnPlateau,
+learning-rate schedules (`Kernel.schedule`) and the diagnostics.
 Everything else takes the layer-major path.
 """
 
@@ -92,7 +92,8 @@ def fits(trials: Sequence[TrialSpec], device: torch.device) -> bool:
     return (device.type == "cpu" and first.train.dtype in ("float32", "float64")
             and model.activation in _ACTIVATIONS and model.dropout == 0
             and (loop.loss == "task" or (loop.loss == "huber" and first.task.loss == "mse")
-                 or (loop.loss == "mse_onehot" and first.task.loss == "cross_entropy"))
+                 or (loop.loss in ("mse_onehot", "weighted_cross_entropy")
+                     and first.task.loss == "cross_entropy"))
             # its update's formulas; clipping and accumulation are the kernel's own (the
             # layer-major fused update has neither)
             and fusable([t.optimizer for t in trials], clip=False, zero_grad=True))
@@ -425,13 +426,15 @@ if njit is not None:
         return h, saturated
 
     @njit(cache=True)
-    def _loss_grad(out, yf, yi, classify, into, spare, huber, onehot):
+    def _loss_grad(out, yf, yi, classify, into, spare, huber, onehot, weights):
         # The batch's mean loss (float64) and its gradient wrt `out` into into[:rows * C]
         # as g [rows, C]: F.mse_loss / F.cross_entropy with mean reduction and autograd's
         # backward kernels; with `huber` > 0 F.huber_loss(delta=huber) and
         # huber_loss_backward (the gradient of d = out - y is clamp(d, -delta, delta) / n);
         # with `onehot` (classification) the MSE between the raw outputs and one-hot
-        # targets. `spare`: scratch of 2 * rows entries (cross-entropy).
+        # targets; with class `weights` (not empty) F.cross_entropy(weight=weights): the
+        # rows' losses weighted by their class's weight, over the batch's sum of weights.
+        # `spare`: scratch of 2 * rows entries (cross-entropy).
         rows, c = out.shape
         g = matrix(into, 0, rows, c)
         flat = into[:rows * c]
@@ -466,13 +469,27 @@ if njit is not None:
                 for j in range(c):
                     s += g[i, j]
                 lses[i] = out.dtype.type(np.log(s))
+            weighted = weights.shape[0] > 0
             for i in range(rows):
                 for j in range(c):
                     logp = out[i, j] - maxima[i] - lses[i]
                     g[i, j] = logp
                     if j == yi[i]:
-                        total -= logp
+                        total -= logp if not weighted else np.float64(logp * weights[j])
             _exp_all(flat)
+            if weighted:
+                # log_softmax_backward of -w_y / sum(w) at each row's class: (p - onehot)
+                # times w_y / sum(w), the sum in the dtype
+                wsum = out.dtype.type(0)
+                for i in range(rows):
+                    wsum += weights[yi[i]]
+                for i in range(rows):
+                    share = weights[yi[i]] / wsum
+                    for j in range(c):
+                        g[i, j] *= share
+                        if j == yi[i]:
+                            g[i, j] -= share
+                return total / np.float64(wsum)
             for i in range(rows):
                 for j in range(c):
                     g[i, j] *= inv
@@ -665,7 +682,7 @@ if njit is not None:
                  epoch_base, epoch_stride, batch, n_train, w_off, b_off, fan_in, fan_out,
                  narrow, act, probe, sat_z, kind, hp, step_lr, step_bc2, step_decay,
                  steps_rec, evals_rec, chunk, huber, clip, accumulated, decay_parts,
-                 onehot):
+                 onehot, class_weights):
         # Trial t from `first_step` updates to `end_step` (each step: batch, forward, loss,
         # backward, records, freeze decision, update), with the evaluations of the full
         # splits after the steps that `eval_index` names (>= 0: which evaluation), and
@@ -703,6 +720,7 @@ if njit is not None:
         # factor 1), as the layer-major path's decay mask does entry by entry.
         spared = _private(hp[:, t])
         spared[0] = 0
+        weights = _private(class_weights[t])  # weighted cross-entropy's, else empty
         acts = np.empty(a_off[layers], dtype=dtype)
         g0 = np.empty(batch * widest, dtype=dtype)
         g1 = np.empty(batch * widest, dtype=dtype)
@@ -780,7 +798,7 @@ if njit is not None:
             shared = False
             out = matrix(step_acts, a_off[layers - 1], rows, c)
             loss = _loss_grad(out, yfb[:rows], yib[:rows], classify, g0, spare, huber,
-                              onehot)
+                              onehot, weights)
             _backward(p, grad, xr, step_acts, g0, g1, pre, wt, zeros, a_off, w_off, b_off,
                       fan_in, fan_out, narrow, act, rows)
             if accumulate:
@@ -913,7 +931,7 @@ def callee_signatures(segment: Sequence) -> dict[str, tuple]:
         "_update": (kind.dtype, *[vector] * 3, row(state1), row(state2), types.boolean,
                     step_lr.dtype, step_bc2.dtype, step_decay.dtype, hp.copy(ndim=1, layout="C")),
         "_loss_grad": (matrix, matrix, types.Array(types.int64, 1, "C"), classify, vector,
-                       vector, segment[37], segment[41]),
+                       vector, segment[37], segment[41], vector),
     }
 
 
@@ -1034,6 +1052,11 @@ class Kernel:
         # 0: the task's loss.
         self.huber = x_eval.dtype.type(huber_delta)
         self.onehot = onehot  # the training loss: MSE on one-hot targets (classification)
+        # Each row's class weights (weighted cross-entropy: `PopulationData.class_weights`);
+        # none otherwise
+        self.class_weights = (data.class_weights.contiguous().numpy()
+                              if data.class_weights is not None
+                              else np.zeros((rows, 0), dtype=x_eval.dtype))
         # Each row's gradient-clipping threshold (inf: none), in the dtype as the layer-major
         # path rounds it.
         self.clip = np.asarray([math.inf] * rows if clip is None else clip,
@@ -1112,7 +1135,7 @@ class Kernel:
                 self.orders, self.epoch_base, stride, *self.layout, self.kind, self.hp,
                 self.step_lr, self.step_bc2, self.step_decay, self.steps, self.evals,
                 self.chunk, self.huber, self.clip, self.accumulated, self.decay_parts,
-                self.onehot)
+                self.onehot, self.class_weights)
         taken, halt = np.zeros(1, dtype=np.int64), np.zeros(1, dtype=np.int64)
         # Loaded or compiled here, on the caller's thread, not in a worker: a first
         # compilation forks a process (`_compile_callees`).

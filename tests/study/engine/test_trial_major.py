@@ -6,6 +6,7 @@ trial's numbers bit-identical whatever population (and however many threads) it 
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 
@@ -19,6 +20,7 @@ from study.engine import population as population_module
 from study.engine import population_traces as kernel_module_traces
 from study.engine import trial_major as kernel_module
 from study.engine.population import _Population
+from study.failures import ClassImbalance
 from study.models import ModelSpec
 from study.optimizers import SGD, Adagrad, Adam, AdamW, RMSprop
 from study.tasks import Blobs, LinearRegression, TeacherMLP
@@ -69,8 +71,8 @@ def test_what_fits_the_kernel() -> None:
     assert kernel_module.fits([_trial(loop=LoopSpec(clip_norm=1.0))], CPU)
     assert kernel_module.fits([_trial(loop=LoopSpec(zero_grad=False))], CPU)
     assert kernel_module.fits([_trial(loop=LoopSpec(decay_layers=(0,)))], CPU)
-    assert kernel_module.fits([_trial(task=CLASSIFICATION, loop=LoopSpec(loss="mse_onehot"))],
-                              CPU)
+    for loss in ("mse_onehot", "weighted_cross_entropy"):
+        assert kernel_module.fits([_trial(task=CLASSIFICATION, loop=LoopSpec(loss=loss))], CPU)
     refused = [
         _trial(model=ModelSpec(depth=2, width=16, dropout=0.1)),
         _trial(model=ModelSpec(depth=2, width=16, activation="gelu")),
@@ -235,6 +237,28 @@ def test_mse_on_one_hot_targets_matches_the_reference(dtype: str, kernel_only) -
     task = BatchedEngine().run([_trial(specs[0], task=CLASSIFICATION, train=train)], CPU)[0]
     assert got[0].val_loss[0] == task.val_loss[0] and got[0].train_acc is not None
     assert got[0].step_loss[0] != task.step_loss[0]
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_weighted_cross_entropy_matches_the_reference(dtype: str, kernel_only) -> None:
+    """Class weights n / (C x count) from each trial's own training labels (the class
+    imbalance mitigation), on imbalanced classes, every family and a row far past the
+    stable rate (its loss grows to 1e47; cross-entropy's bounded gradient keeps it
+    finite)."""
+    def imbalanced(spec, **kwargs) -> TrialSpec:
+        trial = _trial(spec, task=CLASSIFICATION, **kwargs)
+        return dataclasses.replace(trial, failures=(("class_imbalance", ClassImbalance()),))
+
+    train = TrainSpec(batch_size=16, epochs=3, dtype=dtype)
+    loop = LoopSpec(loss="weighted_cross_entropy")
+    specs = [SGD(lr=0.1, momentum=0.9), Adam(lr=1e-2), AdamW(lr=1e-2, weight_decay=0.1)]
+    got = _check([imbalanced(spec, train=train, loop=loop, seed=i)
+                  for i, spec in enumerate(specs)])
+    plain = BatchedEngine().run([imbalanced(specs[0], train=train)], CPU)[0]
+    assert got[0].val_loss[0] == plain.val_loss[0]
+    assert got[0].step_loss[0] != plain.step_loss[0]
+    wide = TrainSpec(batch_size=16, epochs=3, dtype="float64")
+    _check([imbalanced(SGD(lr=1e4), train=wide, loop=loop, seed=4)], first=50)
 
 
 def test_no_shuffle_and_eval_every(kernel_only) -> None:
