@@ -123,15 +123,12 @@ class BatchedOptimizer:
         return self._rows_of[name]
 
     def beta1_correction(self, t: int) -> np.ndarray:
-        """float64 [T]: each row's 1 - beta1**t (Adam's step size divides by it): Python's
-        `**` once per distinct beta1, as torch computes it, not numpy's power, whose last
-        bit may differ."""
+        """float64 [T]: each row's 1 - beta1**t (`bias_correction1`)."""
         if "beta1 of" not in self._rows_of:
             distinct, where = np.unique(self.per_row("beta1", lambda spec: spec.betas[0]),
                                         return_inverse=True)
             self._rows_of["distinct beta1"], self._rows_of["beta1 of"] = distinct, where
-        distinct = self._rows_of["distinct beta1"].tolist()  # Python floats
-        return np.array([1 - b**t for b in distinct])[self._rows_of["beta1 of"]]
+        return bias_correction1(self._rows_of["distinct beta1"], self._rows_of["beta1 of"], t)
 
     def column(self, values: Sequence[float] | np.ndarray) -> Tensor:
         """Per-trial values as a [T, 1] column in the parameter dtype.
@@ -217,6 +214,13 @@ class BatchedOptimizer:
                 value.select(index)
         self.specs = [self.specs[i] for i in index.tolist()]
         self._rows_of = {}
+
+
+def bias_correction1(distinct: np.ndarray, where: np.ndarray, t: int) -> np.ndarray:
+    """float64 [T]: each row's 1 - beta1**t (Adam's step size divides by it), where row r's
+    beta1 is distinct[where[r]]: Python's `**` once per distinct beta1, as torch computes
+    it, not numpy's power, whose last bit may differ."""
+    return np.array([1 - b**t for b in distinct.tolist()])[where]
 
 
 def _or(live: Tensor | None, column: Tensor, frozen: float) -> Tensor:

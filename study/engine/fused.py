@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from study.engine.base import fused_family
-from study.engine.batched_optimizers import StepScalars, preconditioner
+from study.engine.batched_optimizers import StepScalars, bias_correction1, preconditioner
 from study.optimizers import SGD, Adam, AdamW, OptimizerSpec
 
 try:  # an optional accelerator: without numba the eager path runs
@@ -477,8 +477,8 @@ class FusedUpdate:
         correction 1 - beta1**t per distinct beta1 in Python, then one division and one
         negation per row (IEEE, so the same bits as Python's floats)."""
         lr = np.asarray(lrs, dtype=np.float64)
-        correction = np.array([1 - beta1**t for beta1 in self._beta1s])[self._beta1_of]
-        step_lr = np.where(self._sgd_rows, -lr, -(lr / correction))
+        step_lr = np.where(self._sgd_rows, -lr,
+                           -(lr / bias_correction1(self._beta1s, self._beta1_of, t)))
         decay = 1 - lr * self._weight_decay
         return torch.from_numpy(step_lr).to(self.dtype), torch.from_numpy(decay).to(self.dtype)
 
@@ -487,8 +487,8 @@ class FusedUpdate:
         its beta1 among the distinct ones, its weight decay."""
         self._sgd_rows = np.array([_KINDS[type(s)] == _SGD for s in self.specs], dtype=bool)
         beta1 = [getattr(s, "betas", (0.0, 0.0))[0] for s in self.specs]
-        self._beta1s = sorted(set(beta1))
-        self._beta1_of = np.array([self._beta1s.index(b) for b in beta1], dtype=np.int64)
+        self._beta1s, self._beta1_of = np.unique(np.asarray(beta1, dtype=np.float64),
+                                                 return_inverse=True)
         self._weight_decay = np.array([s.weight_decay for s in self.specs], dtype=np.float64)
 
     def preconditioner(self) -> Tensor:

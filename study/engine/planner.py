@@ -82,8 +82,6 @@ def default_budget(device: torch.device | str) -> int:
     return int(min(CPU_BUDGET_CAP, CPU_BUDGET_FRACTION * ram))
 
 
-
-
 def plan_populations(trials: Sequence[TrialSpec], device: torch.device | str,
                      budget_bytes: int | None = None,
                      max_trials: int | None = None) -> list[list[int]]:

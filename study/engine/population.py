@@ -192,14 +192,8 @@ class BatchedEngine:
         kernel = trial_major.Kernel(net, params, [t.optimizer for t in trials], data,
                                     train.resolved_batch_size(n_train), first.loop.shuffle,
                                     eval_steps, traces.steps.numpy(),
-                                    traces.evals.numpy(),
-                                    first.loop.huber_delta if first.loop.loss == "huber"
-                                    else 0.0,
-                                    [t.loop.clip_norm for t in trials]
-                                    if first.loop.clip_norm is not None else None,
-                                    accumulate=not first.loop.zero_grad,
-                                    decay_layers=first.loop.decay_layers,
-                                    onehot=first.loop.loss == "mse_onehot")
+                                    traces.evals.numpy(), first.loop,
+                                    [t.loop.clip_norm for t in trials])
         loop = LoopState(trials, cpu, dtype, train.steps_per_epoch(n_train), planned)
         adaptive_rows = [adaptive(t.optimizer) for t in trials]
 

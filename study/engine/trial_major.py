@@ -52,7 +52,7 @@ from study.engine.fused import FusedUpdate, fusable
 from study.engine.network import Network
 from study.models import PROBE_SIZE, SATURATION_Z
 from study.parallel import run_jobs
-from study.trial import TrialSpec
+from study.trial import LoopSpec, TrialSpec
 
 try:
     import numba
@@ -982,17 +982,20 @@ class Kernel:
     there, in Python.
 
     `data`: the population's `PopulationData`; `steps` [planned, STEP_FIELDS, T] and `evals`
-    [evaluations, EVAL_FIELDS, T]: `TraceBuffers`' arrays, written in place.
+    [evaluations, EVAL_FIELDS, T]: `TraceBuffers`' arrays, written in place. `loop`: the
+    population's loop (default: `LoopSpec()`), whose training loss, clipping, zero_grad and
+    decay layers the kernel follows; `clip`: each row's clipping threshold where it clips
+    (default: the loop's).
     """
 
     def __init__(self, net: Network, params: Tensor, specs: Sequence, data, batch: int,
                  shuffle: bool, eval_steps: Sequence[int], steps: np.ndarray,
-                 evals: np.ndarray, huber_delta: float = 0.0,
-                 clip: Sequence[float] | None = None, accumulate: bool = False,
-                 decay_layers: Sequence[int] | None = None, onehot: bool = False) -> None:
+                 evals: np.ndarray, loop: LoopSpec | None = None,
+                 clip: Sequence[float | None] | None = None) -> None:
         dtype = params.dtype
         planned, n_train, rows = steps.shape[0], data.n_train, len(specs)
         self.specs, self.dtype = list(specs), dtype
+        loop = loop or LoopSpec()
         fused = FusedUpdate(specs, params)  # the hyperparameter table, as the fused update's
         self.params = params.contiguous().numpy()
         self.previous = np.zeros_like(self.params)
@@ -1000,7 +1003,7 @@ class Kernel:
         adam = any(k != 0 for k in fused.kind.tolist())
         self.state2 = np.zeros_like(self.params) if adam else self.params[:, :0].copy()
         # zero_grad forgotten: each row's summed gradient (p.grad); none otherwise
-        self.accumulated = (np.zeros_like(self.params) if accumulate
+        self.accumulated = (np.zeros_like(self.params) if not loop.zero_grad
                             else self.params[:, :0].copy())
         self.prev_norm = np.zeros(rows)
         self.live = np.ones(rows, dtype=np.uint8)
@@ -1039,8 +1042,8 @@ class Kernel:
         # [start, end, decayed] of each weight and bias where weight decay spares some
         # (`decay_layers`: the layers whose weights it applies to); none otherwise
         self.decay_parts = np.asarray(
-            [] if decay_layers is None else
-            [[start, end, int(i in decay_layers and start == w_off[i])]
+            [] if loop.decay_layers is None else
+            [[start, end, int(i in loop.decay_layers and start == w_off[i])]
              for i, (fi, fo) in enumerate(net.sizes)
              for start, end in ((w_off[i], b_off[i]), (b_off[i], b_off[i] + fo))],
             dtype=np.int64).reshape(-1, 3)
@@ -1050,8 +1053,8 @@ class Kernel:
         self.data_args = (x_eval, yf, yi, classify, scale)
         # The training loss: Huber's with this delta (in the dtype, as torch takes it);
         # 0: the task's loss.
-        self.huber = x_eval.dtype.type(huber_delta)
-        self.onehot = onehot  # the training loss: MSE on one-hot targets (classification)
+        self.huber = x_eval.dtype.type(loop.huber_delta if loop.loss == "huber" else 0.0)
+        self.onehot = loop.loss == "mse_onehot"  # MSE on one-hot targets (classification)
         # Each row's class weights (weighted cross-entropy: `PopulationData.class_weights`);
         # none otherwise
         self.class_weights = (data.class_weights.contiguous().numpy()
@@ -1059,8 +1062,9 @@ class Kernel:
                               else np.zeros((rows, 0), dtype=x_eval.dtype))
         # Each row's gradient-clipping threshold (inf: none), in the dtype as the layer-major
         # path rounds it.
-        self.clip = np.asarray([math.inf] * rows if clip is None else clip,
-                               dtype=np.float64).astype(x_eval.dtype)
+        thresholds = ([math.inf] * rows if loop.clip_norm is None
+                      else clip if clip is not None else [loop.clip_norm] * rows)
+        self.clip = np.asarray(thresholds, dtype=np.float64).astype(x_eval.dtype)
         self.layout = (batch, n_train, as_int(w_off), as_int(b_off),
                        as_int([fi for fi, _ in net.sizes]), as_int([fo for _, fo in net.sizes]),
                        np.asarray(net.narrowing, dtype=np.bool_),
