@@ -8,7 +8,7 @@ from typing import Protocol
 
 import torch
 
-from study.optimizers import SGD, Adam, AdamW, OptimizerSpec
+from study.optimizers import SGD, Adagrad, Adam, AdamW, OptimizerSpec, RMSprop
 from study.trace import Trace
 from study.trial import TrialSpec
 
@@ -98,9 +98,10 @@ def batch_key(trial: TrialSpec, device: torch.device | str) -> str:
 
     On the CPU a population takes the fused update (on the trial-major kernel or layer-major)
     only when every row's optimizer has it, and the fused and eager updates round
-    differently: an Adam trial beside an RMSprop one would take the eager update, alone the
-    fused one. Apart, each trial takes the update it takes alone, so its numbers are the
-    same alone and in any population. On a GPU every population takes the eager update.
+    differently: a trial of a family with it, beside one without, would take the eager
+    update, alone the fused one. Apart, each trial takes the update it takes alone, so its
+    numbers are the same alone and in any population. Every family study ships has it;
+    the split guards one added without it. On a GPU every population takes the eager update.
     """
     fused = torch.device(device).type == "cpu" and fused_family(trial.optimizer)
     return repr((population_key(trial), fused))  # repr: a task may hold lists
@@ -108,5 +109,5 @@ def batch_key(trial: TrialSpec, device: torch.device | str) -> str:
 
 def fused_family(spec: OptimizerSpec) -> bool:
     """Whether the CPU's fused update (`study.engine.fused`, and the trial-major kernel) has
-    `spec`'s formulas: SGD, Adam and AdamW without amsgrad."""
-    return type(spec) in (SGD, Adam, AdamW) and not getattr(spec, "amsgrad", False)
+    `spec`'s formulas: torch.optim's SGD, Adam, AdamW, RMSprop and Adagrad."""
+    return type(spec) in (SGD, Adam, AdamW, RMSprop, Adagrad)

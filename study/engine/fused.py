@@ -7,7 +7,7 @@ takes one row at a time, while it sits in L1/L2, through:
 
 1. its gradient and parameter norms;
 2. the freeze decision (non-finite loss or gradient norm);
-3. the SGD / Adam / AdamW update;
+3. the SGD / Adam / AdamW / RMSprop / Adagrad update;
 4. the update, its norm and its cosine with the previous update.
 
 Numbers: the arithmetic is `batched_optimizers`'s (torch's single-tensor formulas, in the same
@@ -17,8 +17,9 @@ last place, not bit for bit (tests/study/engine/test_fused.py). Norms are summed
 Rows never interact, so a trial's numbers do not depend on its population.
 
 The population engine uses it on the CPU when numba is installed and the population fits
-(`fusable`): every trial SGD, Adam or AdamW without amsgrad, no gradient clipping, zero_grad
-called. Everything else, and every CUDA population, takes the eager path.
+(`fusable`): every trial's optimizer one of torch.optim's SGD, Adam, AdamW (amsgrad or not),
+RMSprop or Adagrad, no gradient clipping, zero_grad called. Everything else, and every
+CUDA population, takes the eager path.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import torch
 
 from study.engine.base import fused_family
 from study.engine.batched_optimizers import StepScalars, bias_correction1, preconditioner
-from study.optimizers import SGD, Adam, AdamW, OptimizerSpec
+from study.optimizers import SGD, Adagrad, Adam, AdamW, OptimizerSpec, RMSprop
 
 try:  # an optional accelerator: without numba the eager path runs
     import numba
@@ -41,12 +42,17 @@ except ImportError:  # pragma: no cover - numba is a dependency; this guards bro
 
 Tensor = torch.Tensor
 
-# Rows of the per-trial hyperparameter table [len(_HP), T].
-_HP = ("weight_decay", "momentum_or_beta2", "keep_or_one_minus_beta2", "grad_share_or_eps",
-       "buf_share", "decay", "one_minus_beta1")
-(_WD, _MOM_B2, _KEEP_OMB2, _SHARE_EPS, _BUFSHARE, _DECAY, _OMB1) = range(len(_HP))
-_SGD, _ADAM, _ADAMW = 0, 1, 2
-_KINDS = {SGD: _SGD, Adam: _ADAM, AdamW: _ADAMW}  # the families of `base.fused_family`
+# Rows of the per-trial hyperparameter table [len(_HP), T], by family: SGD (momentum,
+# keep = 1 - dampening, Nesterov's shares of gradient and buffer), Adam / AdamW (beta2,
+# 1 - beta2, eps, AdamW's decay 1 - lr * wd, 1 - beta1, amsgrad), RMSprop (alpha,
+# 1 - alpha, eps, momentum, centered), Adagrad (eps).
+_HP = ("weight_decay", "momentum_beta2_or_alpha", "keep_or_one_minus_beta2_or_alpha",
+       "grad_share_or_eps", "buf_share_or_momentum", "decay", "one_minus_beta1",
+       "amsgrad_or_centered")
+(_WD, _MOM_B2, _KEEP_OMB2, _SHARE_EPS, _BUFSHARE, _DECAY, _OMB1, _FLAG) = range(len(_HP))
+_SGD, _ADAM, _ADAMW, _RMSPROP, _ADAGRAD = range(5)
+# the families of `base.fused_family`
+_KINDS = {SGD: _SGD, Adam: _ADAM, AdamW: _ADAMW, RMSprop: _RMSPROP, Adagrad: _ADAGRAD}
 
 
 def available() -> bool:
@@ -282,14 +288,18 @@ if njit is not None:
         p[j] = q
 
     @njit(cache=True, inline="always")
-    def _adam_row(p, g, upd, m, v, decoupled, neg_step, bc2, wd, beta2, omb2, eps, decay,
-                  omb1):
+    def _adam_row(p, g, upd, m, v, top, decoupled, neg_step, bc2, wd, beta2, omb2, eps, decay,
+                  omb1, amsgrad):
         # engine.batched_optimizers.BatchedAdam, one row: L2 decay into the gradient (Adam) or a
         # decayed parameter (AdamW); m = lerp(m, grad, 1 - beta1) in torch's two-branch
         # form; v = v * beta2 + (grad * (1 - beta2)) * grad; denom = eps + sqrt(v) / bc2;
         # p = p' + (m * -step_size) / denom, in place. The moments and the new row in one
         # pass over the row (a fifth to a quarter faster than a pass each), a loop per
-        # choice.
+        # choice. amsgrad: `_amsgrad_row`, with the largest v so far in `top`.
+        if amsgrad:
+            _amsgrad_row(p, g, upd, m, v, top, decoupled, neg_step, bc2, wd, beta2, omb2,
+                         eps, decay, omb1)
+            return
         n = p.shape[0]
         if wd != 0 and not decoupled:
             for j in range(n):
@@ -331,12 +341,119 @@ if njit is not None:
         upd[j] = q - p[j]
         p[j] = q
 
+    @njit(cache=True, inline="always")
+    def _amsgrad_row(p, g, upd, m, v, top, decoupled, neg_step, bc2, wd, beta2, omb2, eps,
+                     decay, omb1):
+        # `_adam_row` with amsgrad: top = maximum(top, v) (torch.maximum: a NaN wins), and
+        # the denominator from top, eps + sqrt(top) / bc2. A pass for the first moment, one
+        # for the rest.
+        n = p.shape[0]
+        if wd != 0 and not decoupled:
+            for j in range(n):
+                g[j] = g[j] + p[j] * wd
+        _lerp_row(m, g, omb1)
+        shrink = wd != 0 and decoupled
+        for j in range(n):
+            gj = g[j]
+            vj = v[j] * beta2 + (gj * omb2) * gj
+            v[j] = vj
+            most = top[j]
+            if vj > most or vj != vj:
+                most = vj
+            top[j] = most
+            start = p.dtype.type(p[j] * decay) if shrink else p[j]
+            q = start + (m[j] * neg_step) / (eps + np.sqrt(most) / bc2)
+            upd[j] = q - p[j]
+            p[j] = q
+
+    @njit(cache=True, inline="always")
+    def _lerp_row(m, g, weight):
+        # m = torch.lerp(m, g, weight) in torch's two-branch form, in the dtype: m + weight *
+        # (g - m) for a weight below 0.5, else g - (g - m) * (1 - weight).
+        n = m.shape[0]
+        if weight < 0.5:
+            for j in range(n):
+                m[j] = m[j] + weight * (g[j] - m[j])
+        else:
+            w = m.dtype.type(1) - weight
+            for j in range(n):
+                m[j] = g[j] - (g[j] - m[j]) * w
+
+    @njit(cache=True, inline="always")
+    def _rmsprop_row(p, g, upd, buf, square, mean, neg_lr, wd, alpha, oma, eps, momentum,
+                     centered):
+        # engine.batched_optimizers.BatchedRMSprop, one row: L2 decay into the gradient;
+        # square = square * alpha + (grad * (1 - alpha)) * grad; centered: mean =
+        # lerp(mean, grad, 1 - alpha) and avg = sqrt(square - mean * mean) + eps, else
+        # sqrt(square) + eps (avg held in `upd` until the update overwrites it); momentum:
+        # buf = buf * momentum + grad / avg and p = p + buf * -lr, else p = p + (grad *
+        # -lr) / avg.
+        n = p.shape[0]
+        if wd != 0:
+            for j in range(n):
+                g[j] = g[j] + p[j] * wd
+        for j in range(n):
+            square[j] = square[j] * alpha + (g[j] * oma) * g[j]
+        if centered:
+            _lerp_row(mean, g, oma)
+            for j in range(n):
+                upd[j] = np.sqrt(square[j] - mean[j] * mean[j]) + eps
+        else:
+            for j in range(n):
+                upd[j] = np.sqrt(square[j]) + eps
+        if momentum != 0:
+            for j in range(n):
+                buf[j] = buf[j] * momentum + g[j] / upd[j]
+                _sgd_tail(j, buf, p, upd, neg_lr)
+        else:
+            for j in range(n):
+                q = p[j] + (g[j] * neg_lr) / upd[j]
+                upd[j] = q - p[j]
+                p[j] = q
+
+    @njit(cache=True, inline="always")
+    def _adagrad_row(p, g, upd, total, neg_clr, wd, eps):
+        # engine.batched_optimizers.BatchedAdagrad, one row: L2 decay into the gradient;
+        # total = total + grad * grad; p = p + (grad * -clr) / (sqrt(total) + eps), clr the
+        # step's decayed learning rate.
+        n = p.shape[0]
+        if wd != 0:
+            for j in range(n):
+                g[j] = g[j] + p[j] * wd
+        for j in range(n):
+            gj = g[j]
+            s = total[j] + gj * gj
+            total[j] = s
+            q = p[j] + (gj * neg_clr) / (np.sqrt(s) + eps)
+            upd[j] = q - p[j]
+            p[j] = q
+
+    @njit(cache=True, inline="always")
+    def _row_update(kind, p, g, upd, state1, state2, state3, first, step_lr, bc2, hp, decay):
+        # One row's update by its family (`_KINDS`), from its hyperparameters `hp` (a
+        # column of the table, `_HP`), its step's scalars and AdamW's `decay`; p in place,
+        # the update into `upd`. state1: SGD's and RMSprop's momentum buffer, Adam's first
+        # moment; state2: Adam's and RMSprop's second moment, Adagrad's sum; state3:
+        # amsgrad's largest second moment, centered RMSprop's mean gradient (else empty).
+        if kind == _SGD:
+            _sgd_row(p, g, upd, state1, first, step_lr, hp[_WD], hp[_MOM_B2], hp[_KEEP_OMB2],
+                     hp[_SHARE_EPS], hp[_BUFSHARE])
+        elif kind == _RMSPROP:
+            _rmsprop_row(p, g, upd, state1, state2, state3, step_lr, hp[_WD], hp[_MOM_B2],
+                         hp[_KEEP_OMB2], hp[_SHARE_EPS], hp[_BUFSHARE], hp[_FLAG] != 0)
+        elif kind == _ADAGRAD:
+            _adagrad_row(p, g, upd, state2, step_lr, hp[_WD], hp[_SHARE_EPS])
+        else:
+            _adam_row(p, g, upd, state1, state2, state3, kind == _ADAMW, step_lr, bc2,
+                      hp[_WD], hp[_MOM_B2], hp[_KEEP_OMB2], hp[_SHARE_EPS], decay, hp[_OMB1],
+                      hp[_FLAG] != 0)
+
     # IEEE division (error_model="numpy") rather than Python's ZeroDivisionError: the check
     # for a zero divisor kept Adam's division from being vectorised (about 4x slower on a
     # row of 4,676). Adam's divisor is at least eps > 0: the same bits either way.
     @njit(parallel=True, cache=True, error_model="numpy")
-    def _fused_step(params, blocks, offsets, previous, state1, state2, loss, alive, rec,
-                    prev_norm, has_prev, first, kind, hp, step_lr, step_bc2):
+    def _fused_step(params, blocks, offsets, previous, state1, state2, state3, loss, alive,
+                    rec, prev_norm, has_prev, first, kind, hp, step_lr, step_bc2):
         rows, n = params.shape
         parts = len(offsets) - 1
         for r in prange(rows):
@@ -361,17 +478,10 @@ if njit is not None:
             if live:  # a frozen row keeps its parameters and state: no update
                 for k in range(parts):  # block by block of the gradient parts
                     lo, hi = offsets[k], offsets[k + 1]
-                    g = _part(blocks, offsets, rows, k, r)
-                    if kind[r] == _SGD:
-                        _sgd_row(p[lo:hi], g, update[lo:hi], state1[r, lo:hi], first,
-                                 step_lr[r], hp[_WD, r], hp[_MOM_B2, r], hp[_KEEP_OMB2, r],
-                                 hp[_SHARE_EPS, r], hp[_BUFSHARE, r])
-                    else:
-                        _adam_row(p[lo:hi], g, update[lo:hi], state1[r, lo:hi],
-                                  state2[r, lo:hi], kind[r] == _ADAMW, step_lr[r],
-                                  step_bc2[r], hp[_WD, r], hp[_MOM_B2, r],
-                                  hp[_KEEP_OMB2, r], hp[_SHARE_EPS, r], hp[_DECAY, r],
-                                  hp[_OMB1, r])
+                    _row_update(kind[r], p[lo:hi], _part(blocks, offsets, rows, k, r),
+                                update[lo:hi], state1[r, lo:hi], state2[r, lo:hi],
+                                state3[r, lo:hi], first, step_lr[r], step_bc2[r], hp[:, r],
+                                hp[_DECAY, r])
             rec[5, r] = _sumsq(update)
             rec[5, r] = np.sqrt(rec[5, r])
             if has_prev:  # F.cosine_similarity(eps=1e-30)
@@ -383,14 +493,36 @@ if njit is not None:
             prev[:] = update
 
 
-def _step_lr(t: int, lr: float, kind: int, beta1: float) -> float:
-    """-lr (SGD) or torch's -(lr / (1 - beta1**t)) (Adam) for step t, in Python floats."""
-    return -lr if kind == _SGD else -(lr / (1 - beta1**t))
+def _step_lr(t: int, lr: float, kind: int, beta1: float, lr_decay: float) -> float:
+    """The signed step size of step t, in Python floats as torch computes it: -lr (SGD,
+    RMSprop), -(lr / (1 - beta1**t)) (Adam, AdamW), -(lr / (1 + (t - 1) * lr_decay))
+    (Adagrad)."""
+    if kind in (_ADAM, _ADAMW):
+        return -(lr / (1 - beta1**t))
+    if kind == _ADAGRAD:
+        return -(lr / (1 + (t - 1) * lr_decay))
+    return -lr
 
 
 def _step_bc2(t: int, kind: int, beta2: float) -> float:
-    """torch's (1 - beta2**t) ** 0.5 (Adam); 1 for SGD (unused)."""
-    return 1.0 if kind == _SGD else (1 - beta2**t) ** 0.5
+    """torch's (1 - beta2**t) ** 0.5 (Adam, AdamW); 1 for the others (unused)."""
+    return (1 - beta2**t) ** 0.5 if kind in (_ADAM, _ADAMW) else 1.0
+
+
+def _hyperparameters(spec: OptimizerSpec) -> tuple[float, ...]:
+    """`spec`'s column of the hyperparameter table, in `_HP`'s order."""
+    if isinstance(spec, SGD):
+        keep = 1 - spec.dampening if spec.momentum != 0 else 1.0
+        buf_share = spec.momentum if spec.nesterov else 1.0
+        return (spec.weight_decay, spec.momentum, keep, float(spec.nesterov), buf_share, 1.0,
+                0.0, 0.0)
+    if isinstance(spec, RMSprop):
+        return (spec.weight_decay, spec.alpha, 1 - spec.alpha, spec.eps, spec.momentum, 1.0,
+                0.0, float(spec.centered))
+    if isinstance(spec, Adagrad):
+        return (spec.weight_decay, 0.0, 0.0, spec.eps, 0.0, 1.0, 0.0, 0.0)
+    return (spec.weight_decay, spec.betas[1], 1 - spec.betas[1], spec.eps, 1.0,
+            1 - spec.lr * spec.weight_decay, 1 - spec.betas[0], float(spec.amsgrad))
 
 
 class FusedUpdate:
@@ -402,7 +534,8 @@ class FusedUpdate:
 
     def __init__(self, specs: Sequence[OptimizerSpec], params: Tensor) -> None:
         if not fusable(specs, clip=False, zero_grad=True):
-            raise ValueError("FusedUpdate takes SGD / Adam / AdamW (no amsgrad) populations")
+            raise ValueError("FusedUpdate takes populations of torch.optim's SGD, Adam, AdamW, "
+                             "RMSprop and Adagrad")
         load_implementations()
         self.specs = list(specs)
         self.dtype = params.dtype
@@ -415,26 +548,26 @@ class FusedUpdate:
         torch.set_num_threads(threads)
         self.kind = torch.tensor([_KINDS[type(s)] for s in specs], dtype=torch.int64)
         self._scheduling_rows()
-        hp = []
-        for s in specs:
-            if isinstance(s, SGD):
-                keep = 1 - s.dampening if s.momentum != 0 else 1.0
-                share = float(s.nesterov)
-                buf_share = s.momentum if s.nesterov else 1.0
-                hp.append((s.weight_decay, s.momentum, keep, share, buf_share, 1.0, 0.0))
-            else:
-                hp.append((s.weight_decay, s.betas[1], 1 - s.betas[1], s.eps, 1.0,
-                           1 - s.lr * s.weight_decay, 1 - s.betas[0]))
         # Python floats rounded once to the dtype, as torch rounds a Python scalar.
-        self.hp = torch.tensor(hp, dtype=torch.float64).T.to(self.dtype).contiguous()
-        rows = [(s.lr, _KINDS[type(s)], getattr(s, "betas", (0.0, 0.0))[0]) for s in specs]
+        self.hp = torch.tensor([_hyperparameters(s) for s in specs],
+                               dtype=torch.float64).T.to(self.dtype).contiguous()
+        rows = [(s.lr, _KINDS[type(s)], getattr(s, "betas", (0.0, 0.0))[0],
+                 getattr(s, "lr_decay", 0.0)) for s in specs]
         self.step_lr = StepScalars(_step_lr, rows, self.dtype, params.device)
         self.step_bc2 = StepScalars(
             _step_bc2, [(_KINDS[type(s)], getattr(s, "betas", (0.0, 0.0))[1]) for s in specs],
             self.dtype, params.device)
-        self.state1 = torch.zeros_like(params)  # SGD: momentum buffer; Adam: exp_avg
-        adam = any(not isinstance(s, SGD) for s in specs)  # Adam: exp_avg_sq (else unused)
-        self.state2 = torch.zeros_like(params) if adam else params.new_zeros(len(specs), 0)
+        # `_row_update`'s states: state1 for every row (unused by Adagrad's), state2 and
+        # state3 [T, 0] where no row needs them. Adagrad's sum starts at its
+        # initial_accumulator_value (in the dtype, as torch rounds it).
+        self.state1 = torch.zeros_like(params)
+        initial = [getattr(s, "initial_accumulator_value", 0.0) for s in specs]
+        self.state2 = (torch.tensor(initial, dtype=self.dtype)[:, None].expand_as(params).clone()
+                       if any(not isinstance(s, SGD) for s in specs)
+                       else params.new_zeros(len(specs), 0))
+        third = any(getattr(s, "amsgrad", False) or getattr(s, "centered", False)
+                    for s in specs)
+        self.state3 = torch.zeros_like(params) if third else params.new_zeros(len(specs), 0)
         self.prev_norm = torch.zeros(len(specs), dtype=self.dtype)
 
     def step(self, params: Tensor, blocks: Tensor, offsets: np.ndarray, previous: Tensor,
@@ -464,7 +597,8 @@ class FusedUpdate:
             step_lr, hp[_DECAY] = self.scheduled(t, lrs)
         _fused_step(params.numpy(), blocks.numpy(), offsets,
                     previous.numpy(), self.state1.numpy(), self.state2.numpy(),
-                    loss.numpy(), alive.numpy(), rec.numpy(), self.prev_norm.numpy(),
+                    self.state3.numpy(), loss.numpy(), alive.numpy(), rec.numpy(),
+                    self.prev_norm.numpy(),
                     t > 1, t == 1, self.kind.numpy(), hp.numpy(),
                     step_lr.contiguous().numpy(), self.step_bc2.at(t)[:, 0].contiguous().numpy())
 
@@ -474,18 +608,25 @@ class FusedUpdate:
         optimizers compute them.
 
         Over all rows at once, with `_step_lr`'s float64 operations row by row: the bias
-        correction 1 - beta1**t per distinct beta1 in Python, then one division and one
-        negation per row (IEEE, so the same bits as Python's floats)."""
+        correction 1 - beta1**t per distinct beta1 in Python, Adagrad's 1 + (t - 1) *
+        lr_decay, then one division and one negation per row (IEEE, so the same bits as
+        Python's floats)."""
         lr = np.asarray(lrs, dtype=np.float64)
-        step_lr = np.where(self._sgd_rows, -lr,
-                           -(lr / bias_correction1(self._beta1s, self._beta1_of, t)))
+        divisor = np.where(self._adagrad_rows, 1 + (t - 1) * self._lr_decay,
+                           bias_correction1(self._beta1s, self._beta1_of, t))
+        step_lr = np.where(self._plain_rows, -lr, -(lr / divisor))
         decay = 1 - lr * self._weight_decay
         return torch.from_numpy(step_lr).to(self.dtype), torch.from_numpy(decay).to(self.dtype)
 
     def _scheduling_rows(self) -> None:
-        """What `scheduled` needs of each row's spec, as arrays: SGD or not, the index of
-        its beta1 among the distinct ones, its weight decay."""
-        self._sgd_rows = np.array([_KINDS[type(s)] == _SGD for s in self.specs], dtype=bool)
+        """What `scheduled` needs of each row's spec, as arrays: whether its step size is
+        -lr (SGD, RMSprop), whether it is Adagrad's, its lr_decay, the index of its beta1
+        among the distinct ones, its weight decay."""
+        kinds = np.array([_KINDS[type(s)] for s in self.specs], dtype=np.int64)
+        self._plain_rows = (kinds == _SGD) | (kinds == _RMSPROP)
+        self._adagrad_rows = kinds == _ADAGRAD
+        self._lr_decay = np.array([getattr(s, "lr_decay", 0.0) for s in self.specs],
+                                  dtype=np.float64)
         beta1 = [getattr(s, "betas", (0.0, 0.0))[0] for s in self.specs]
         self._beta1s, self._beta1_of = np.unique(np.asarray(beta1, dtype=np.float64),
                                                  return_inverse=True)
@@ -493,17 +634,31 @@ class FusedUpdate:
 
     def preconditioner(self) -> Tensor:
         """[T, P] float64: `batched_optimizers.preconditioner` of each row (NaN for SGD rows)."""
-        if self.state2.shape[1] == 0:  # SGD only
-            return torch.full(self.state1.shape, float("nan"), dtype=torch.float64)
-        return preconditioner(self.specs, self.t, self.state2)
+        return state_preconditioner(self.specs, self.t, self.state1, self.state2, self.state3)
 
     def select(self, index: Tensor) -> None:
         """Keep only rows `index` (in that order)."""
         self.kind = self.kind[index]
         self.hp = self.hp[:, index].contiguous()
         self.state1, self.state2 = self.state1[index], self.state2[index]
+        self.state3 = self.state3[index]
         self.prev_norm = self.prev_norm[index]
         self.step_lr.select(index)
         self.step_bc2.select(index)
         self.specs = [self.specs[i] for i in index.tolist()]
         self._scheduling_rows()
+
+
+def state_preconditioner(specs: Sequence[OptimizerSpec], t: int, state1: Tensor,
+                         state2: Tensor, state3: Tensor) -> Tensor:
+    """[T, P] float64: `batched_optimizers.preconditioner` of each row after `t` updates
+    from the fused update's states (`_row_update`; NaN for SGD rows): the second moment is
+    state2, or state3 for an amsgrad row; a centered RMSprop row's mean gradient is state3."""
+    if state2.shape[1] == 0:  # SGD only
+        return torch.full(state1.shape, float("nan"), dtype=torch.float64)
+    second, mean = state2, None
+    if state3.shape[1]:
+        amsgrad = torch.tensor([getattr(s, "amsgrad", False) for s in specs])
+        second = torch.where(amsgrad[:, None], state3, state2)
+        mean = state3
+    return preconditioner(specs, t, second, mean)

@@ -27,10 +27,10 @@ number of threads. Losses, norms and evaluation means are summed in float64.
 
 What it runs (`fits`): CPU populations with numba, no dropout, a ReLU / tanh / sigmoid /
 identity MLP, the task's loss (MSE or cross-entropy), Huber's on a regression, MSE on
-one-hot targets or weighted cross-entropy on a classification, SGD / Adam / AdamW without
-amsgrad, gradient clipping or none, zero_grad or not, weight decay on every layer or on
-some. The kernel stops at every evaluation and opt-in diagnostics step
-(`Kernel.advance`), where the population engine runs its loop in Python as for the
+one-hot targets or weighted cross-entropy on a classification, torch.optim's SGD, Adam,
+AdamW (amsgrad or not), RMSprop or Adagrad, gradient clipping or none, zero_grad or not,
+weight decay on every layer or on some. The kernel stops at every evaluation and opt-in
+diagnostics step (`Kernel.advance`), where the population engine runs its loop in Python as for the
 layer-major path: the `on_eval` hook (pruning), early stopping, ReduceLROnPlateau,
 learning-rate schedules (`Kernel.schedule`) and the diagnostics.
 Everything else takes the layer-major path.
@@ -47,8 +47,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
-from study.engine.batched_optimizers import preconditioner
-from study.engine.fused import FusedUpdate, fusable
+from study.engine.fused import FusedUpdate, fusable, state_preconditioner
 from study.engine.network import Network
 from study.models import PROBE_SIZE, SATURATION_Z
 from study.parallel import run_jobs
@@ -60,7 +59,7 @@ try:
     from numba.core import event as numba_event
 
     from study.engine.elementary import exp, tanh
-    from study.engine.fused import _adam_row, _put, _sgd_row, _sumsq, _update_sums
+    from study.engine.fused import _put, _row_update, _sumsq, _update_sums
     from study.engine.intrinsics import (
         fetch_add,
         fma,
@@ -654,14 +653,10 @@ if njit is not None:
                     dst[r, u] = src[e, u]
 
     @njit(cache=True, error_model="numpy")  # IEEE division, vectorised (fused._fused_step)
-    def _update(kind, p, grad, update, state1, state2, first, lr, bc2, decay, hp):
+    def _update(kind, p, grad, update, state1, state2, state3, first, lr, bc2, decay, hp):
         # The fused kernel's update of one row (study.engine.fused): p in place, the
         # update into `update`.
-        if kind == 0:
-            _sgd_row(p, grad, update, state1, first, lr, hp[0], hp[1], hp[2], hp[3], hp[4])
-        else:
-            _adam_row(p, grad, update, state1, state2, kind == 2, lr, bc2, hp[0], hp[1], hp[2],
-                      hp[3], decay, hp[6])
+        _row_update(kind, p, grad, update, state1, state2, state3, first, lr, bc2, hp, decay)
 
     @njit(cache=True, inline="always")
     def _private(a):
@@ -678,7 +673,7 @@ if njit is not None:
 
     @njit(cache=True, nogil=True)
     def _segment(t, first_step, end_step, eval_first, eval_index, params, previous, state1,
-                 state2, prev_norm, live, x_eval, yf_eval, yi_eval, classify, scale, orders,
+                 state2, state3, prev_norm, live, x_eval, yf_eval, yi_eval, classify, scale, orders,
                  epoch_base, epoch_stride, batch, n_train, w_off, b_off, fan_in, fan_out,
                  narrow, act, probe, sat_z, kind, hp, step_lr, step_bc2, step_decay,
                  steps_rec, evals_rec, chunk, huber, clip, accumulated, decay_parts,
@@ -688,7 +683,8 @@ if njit is not None:
         # splits after the steps that `eval_index` names (>= 0: which evaluation), and
         # before the first step too where `eval_first`. Its state lives in row t of params,
         # previous (the last update), state1 / state2 (optimizer), prev_norm and live (0:
-        # frozen or stopped, nothing more is computed).
+        # frozen or stopped, nothing more is computed); state1 / state2 / state3: the fused
+        # update's (`fused._row_update`).
         if not live[t]:
             return
         n_params = params.shape[1]
@@ -737,7 +733,7 @@ if njit is not None:
         # swap roles: no copy per step.
         p = _private(params[t])
         last, update = _private(previous[t]), np.empty(n_params, dtype=dtype)
-        s1, s2 = _private(state1[t]), _private(state2[t])
+        s1, s2, s3 = _private(state1[t]), _private(state2[t]), _private(state3[t])
         # zero_grad forgotten: the gradients of every step summed here (p.grad), and the
         # update made from a copy of the sum (the optimizers write into their gradient).
         accumulate = accumulated.shape[1] > 0
@@ -836,14 +832,15 @@ if njit is not None:
                     for j in range(n_params):
                         acc[j] *= coef
             if decay_parts.shape[0] == 0:
-                _update(kind[t], p, grad, update, s1, s2, step == 0, step_lr[t, step],
+                _update(kind[t], p, grad, update, s1, s2, s3, step == 0, step_lr[t, step],
                         step_bc2[t, step], step_decay[t, step], hp_t)
             else:
                 for k in range(decay_parts.shape[0]):
                     a, b = decay_parts[k, 0], decay_parts[k, 1]
                     on = decay_parts[k, 2] == 1
                     _update(kind[t], p[a:b], grad[a:b], update[a:b], s1[a:b],
-                            s2[a:b] if s2.shape[0] else s2, step == 0, step_lr[t, step],
+                            s2[a:b] if s2.shape[0] else s2, s3[a:b] if s3.shape[0] else s3,
+                            step == 0, step_lr[t, step],
                             step_bc2[t, step], step_decay[t, step] if on else dtype.type(1),
                             hp_t if on else spared)
             squares, dot, square = _update_sums(update, last, p)
@@ -870,6 +867,7 @@ if njit is not None:
         _put(previous[t], last)
         _put(state1[t], s1)
         _put(state2[t], s2)
+        _put(state3[t], s3)
         _put(accumulated[t], acc)
         prev_norm[t] = norm
 
@@ -914,13 +912,14 @@ def callee_signatures(segment: Sequence) -> dict[str, tuple]:
     def row(array):  # array[t]: one dimension less, the same layout
         return array.copy(ndim=array.ndim - 1)
 
-    params, x_eval, yf_eval, yi_eval, classify, scale = (segment[5], *segment[11:16])
-    n_train, layout, act, probe, sat_z, chunk = (segment[20], segment[21:26], segment[26],
-                                                 segment[27], segment[28], segment[36])
+    params, x_eval, yf_eval, yi_eval, classify, scale = (segment[5], *segment[12:17])
+    n_train, layout, act, probe, sat_z, chunk = (segment[21], segment[22:27], segment[27],
+                                                 segment[28], segment[29], segment[37])
     vector = types.Array(params.dtype, 1, "C")  # a row of params, or a scratch array
     matrix = types.Array(params.dtype, 2, "C")  # a batch's rows
     offsets = types.Array(types.int64, 1, "C")
-    state1, state2, kind, hp, step_lr, step_bc2, step_decay = (*segment[7:9], *segment[29:34])
+    state1, state2, state3 = segment[7:10]
+    kind, hp, step_lr, step_bc2, step_decay = segment[30:35]
     return {
         "_evaluate": (vector, row(x_eval), row(yf_eval), row(yi_eval), classify, row(scale),
                       n_train, chunk, vector, vector, vector, offsets, *layout, act, probe, sat_z,
@@ -928,10 +927,11 @@ def callee_signatures(segment: Sequence) -> dict[str, tuple]:
                       types.boolean),
         "_backward": (vector, vector, matrix, *[vector] * 6, offsets, *layout, act,
                       types.int64),
-        "_update": (kind.dtype, *[vector] * 3, row(state1), row(state2), types.boolean,
+        "_update": (kind.dtype, *[vector] * 3, row(state1), row(state2), row(state3),
+                    types.boolean,
                     step_lr.dtype, step_bc2.dtype, step_decay.dtype, hp.copy(ndim=1, layout="C")),
         "_loss_grad": (matrix, matrix, types.Array(types.int64, 1, "C"), classify, vector,
-                       vector, segment[37], segment[41], vector),
+                       vector, segment[38], segment[42], vector),
     }
 
 
@@ -999,9 +999,9 @@ class Kernel:
         fused = FusedUpdate(specs, params)  # the hyperparameter table, as the fused update's
         self.params = params.contiguous().numpy()
         self.previous = np.zeros_like(self.params)
-        self.state1 = np.zeros_like(self.params)
-        adam = any(k != 0 for k in fused.kind.tolist())
-        self.state2 = np.zeros_like(self.params) if adam else self.params[:, :0].copy()
+        # the optimizer's states, as the fused update makes them (`fused._row_update`)
+        self.state1, self.state2, self.state3 = (
+            state.numpy() for state in (fused.state1, fused.state2, fused.state3))
         # zero_grad forgotten: each row's summed gradient (p.grad); none otherwise
         self.accumulated = (np.zeros_like(self.params) if not loop.zero_grad
                             else self.params[:, :0].copy())
@@ -1135,7 +1135,8 @@ class Kernel:
         if not len(live):
             return Running.done()
         args = (first, end, eval_first, self.eval_index, self.params, self.previous,
-                self.state1, self.state2, self.prev_norm, self.live, *self.data_args,
+                self.state1, self.state2, self.state3, self.prev_norm, self.live,
+                *self.data_args,
                 self.orders, self.epoch_base, stride, *self.layout, self.kind, self.hp,
                 self.step_lr, self.step_bc2, self.step_decay, self.steps, self.evals,
                 self.chunk, self.huber, self.clip, self.accumulated, self.decay_parts,
@@ -1174,11 +1175,10 @@ class Kernel:
         self.live[list(rows)] = 0
 
     def preconditioner(self, step: int) -> Tensor:
-        """[T, P] float64: each row's Adam preconditioner after `step` updates (NaN for SGD
+        """[T, P] float64: each row's preconditioner after `step` updates (NaN for SGD
         rows), as `FusedUpdate.preconditioner`."""
-        if self.state2.shape[1] == 0:
-            return torch.full(self.state1.shape, float("nan"), dtype=torch.float64)
-        return preconditioner(self.specs, step, torch.from_numpy(self.state2))
+        return state_preconditioner(self.specs, step, *(
+            torch.from_numpy(state) for state in (self.state1, self.state2, self.state3)))
 
 
 class _Seats:

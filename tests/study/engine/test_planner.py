@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -53,16 +55,23 @@ def test_mixed_structures_never_share_a_chunk() -> None:
     assert sorted(map(sorted, chunks)) == [[0, 1, 3], [2], [4]]
 
 
-def test_on_the_cpu_optimizers_without_the_fused_update_train_apart() -> None:
-    """A trial takes the fused update alone (SGD, Adam) or the eager one (RMSprop,
-    Adagrad, amsgrad); beside each other, every row would take the eager one. On the CPU
-    they train apart, each as alone; on a GPU every row takes the eager update, so they
-    share the population."""
+@dataclasses.dataclass(frozen=True)
+class Unfused(SGD):
+    """A family the CPU's fused update has no formulas for (a new one, say)."""
+
+
+def test_on_the_cpu_every_family_shares_a_population_and_one_without_the_fused_update_not(
+        ) -> None:
+    """Every family study ships takes the CPU's fused update, so they share a population.
+    A family without it would take the eager update, and beside it every row would: on the
+    CPU it trains apart (each trial as alone); on a GPU every row takes the eager update,
+    so all share the population."""
     trials = [_trial(), _trial(optimizer=RMSprop()), _trial(optimizer=Adam()),
-              _trial(optimizer=Adagrad()), _trial(optimizer=Adam(amsgrad=True))]
-    assert sorted(map(sorted, plan_populations(trials, "cpu"))) == [[0, 2], [1, 3, 4]]
+              _trial(optimizer=Adagrad()), _trial(optimizer=Adam(amsgrad=True)),
+              _trial(optimizer=Unfused())]
+    assert sorted(map(sorted, plan_populations(trials, "cpu"))) == [[0, 1, 2, 3, 4], [5]]
     on_gpu = plan_populations(trials, "cuda", budget_bytes=2**30)
-    assert sorted(map(sorted, on_gpu)) == [[0, 1, 2, 3, 4]]
+    assert sorted(map(sorted, on_gpu)) == [[0, 1, 2, 3, 4, 5]]
 
 
 def test_a_mixed_family_population_is_sized_for_its_hungriest_optimizer() -> None:

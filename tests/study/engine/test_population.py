@@ -129,12 +129,9 @@ PATHS = {"trial_major": {}, "fused": {"trial_major": False}, "eager": {"fused": 
 @pytest.mark.parametrize("task", [REGRESSION, CLASSIFICATION], ids=["regression", "classify"])
 @pytest.mark.parametrize("family", sorted(OPTIMIZERS))
 def test_every_optimizer_family_matches_the_reference(family: str, task, path: str) -> None:
-    """Every CPU path: the trial-major kernel and the layer-major fused update (where they
-    apply: SGD, Adam and AdamW without amsgrad, so the amsgrad row is left out; other
-    families take the eager optimizers) and the eager optimizers."""
-    fused = path != "eager"
-    specs = [s for s in OPTIMIZERS[family] if not (fused and getattr(s, "amsgrad", False))]
-    trials = [_trial(opt, task=task, seed=i) for i, opt in enumerate(specs)]
+    """Every CPU path: the trial-major kernel, the layer-major fused update and the eager
+    optimizers."""
+    trials = [_trial(opt, task=task, seed=i) for i, opt in enumerate(OPTIMIZERS[family])]
     _check(trials, engine=BatchedEngine(**PATHS[path]))
 
 
@@ -189,11 +186,10 @@ def test_full_batch_shares_the_evaluation_forward_and_matches_the_reference(
         assert_equivalent(g, w, TOL[dtype], None if converges else 50)
         assert (g.divergence_step is None) == converges
     # A step runs its own forward when no evaluation came just before it, or when the
-    # diverged row was dropped in between (its forward was the evaluation's). The
-    # RMSprop rows (the eager update) train apart, always layer-major; the others too
-    # where the kernel has no such activation (gelu).
+    # diverged row was dropped in between (its forward was the evaluation's). A task's
+    # rows train layer-major where the kernel has no such activation (gelu).
     after_eval = sum(s in set(train.eval_steps(100)) for s in range(12))
-    assert len(own) == (4 if activation == "gelu" else 2)
+    assert len(own) == (2 if activation == "gelu" else 0)
     for steps in own.values():
         assert len(steps) == 12
         assert steps.count(False) >= after_eval - 1 > 0
@@ -375,9 +371,9 @@ def test_opt_in_diagnostics_match_the_reference() -> None:
     assert all(t.precond_sharpness is None for t in got)  # SGD: no preconditioner
 
 
-@pytest.mark.parametrize("fused", [True, False], ids=["fused", "eager"])
+@pytest.mark.parametrize("path", sorted(PATHS))
 def test_preconditioned_sharpness_matches_the_reference_and_changes_no_training_number(
-        fused: bool) -> None:
+        path: str) -> None:
     """Every adaptive family (and SGD beside them) in one population: the preconditioned
     sharpness within the float64 bound of the reference's (NaN at step 0, None for SGD and
     without sharpness), and training numbers bit-identical to a run without diagnostics."""
@@ -386,12 +382,10 @@ def test_preconditioned_sharpness_matches_the_reference_and_changes_no_training_
     specs = [Adam(lr=1e-2), SGD(lr=1e30), AdamW(lr=3e-3, amsgrad=True), Adam(lr=1e3),
              RMSprop(lr=1e-3), RMSprop(lr=1e-3, centered=True, momentum=0.5),
              Adagrad(lr=0.05, lr_decay=0.01)]
-    if fused:  # the numba path takes SGD / Adam / AdamW without amsgrad only
-        specs = [Adam(lr=1e-2), SGD(lr=1e30), AdamW(lr=3e-3, betas=(0.8, 0.99)), Adam(lr=1e3)]
     task = TeacherMLP(n_train=48, n_val=16)
     trials = [TrialSpec(task, ModelSpec(1, 8, "tanh"), spec, train, seed,
                         diagnostics=diagnostics) for seed, spec in enumerate(specs)]
-    engine = BatchedEngine(fused=fused)
+    engine = BatchedEngine(**PATHS[path])
     got = _check(trials, first=50, engine=engine)
     for spec, trace in zip(specs, got, strict=True):
         if isinstance(spec, SGD):
@@ -457,10 +451,9 @@ def test_cuda_every_family_with_diverging_rows_matches_the_reference(task, dtype
 
 
 def test_optimizer_families_sharing_a_population_each_match_the_reference() -> None:
-    """SGD, Adam, RMSprop and Adagrad rows interleaved in the input (on the CPU, SGD and
-    Adam in one population, RMSprop and Adagrad in another: `batch_key`), with diverging
-    rows in several families, compacted often: each row is its own family's run,
-    bit-identical to training its family alone."""
+    """SGD, Adam, RMSprop and Adagrad rows interleaved in the input, in one population,
+    with diverging rows in several families, compacted often: each row is its own
+    family's run, bit-identical to training its family alone."""
     train = TrainSpec(batch_size=8, epochs=2, dtype="float64")
     specs = [Adam(lr=1e-2), SGD(lr=0.05, momentum=0.9), RMSprop(lr=1e-2), SGD(lr=1e3),
              Adam(lr=1e3), Adagrad(lr=0.1), SGD(lr=0.02), Adam(lr=3e-3), RMSprop(lr=1e2)]
@@ -477,13 +470,9 @@ def test_optimizer_families_sharing_a_population_each_match_the_reference() -> N
 
 
 @pytest.mark.parametrize("trial_major", [True, False], ids=["trial_major", "layer_major"])
-def test_a_trial_alone_equals_itself_beside_optimizers_without_the_fused_update(
-        trial_major: bool) -> None:
-    """The default engine on a grid that crosses optimizers: SGD, Adam and AdamW rows (the
-    CPU's fused update) beside RMSprop, Adagrad and amsgrad rows (the eager update), which
-    would take every row to the eager update, whose sums round differently. Each row is
-    bit-identical to itself alone: the rows that fuse train apart from those that do not
-    (`batch_key`)."""
+def test_a_trial_alone_equals_itself_beside_every_optimizer_family(trial_major: bool) -> None:
+    """The default engine on a grid that crosses optimizers: SGD, Adam, AdamW, amsgrad,
+    RMSprop and Adagrad rows in one population, each row bit-identical to itself alone."""
     train = TrainSpec(batch_size=8, epochs=2, dtype="float32")
     specs = [Adam(lr=1e-2), RMSprop(lr=1e-2), SGD(lr=0.05, momentum=0.9),
              Adagrad(lr=0.1), AdamW(lr=3e-3, weight_decay=0.1), Adam(lr=1e-2, amsgrad=True),

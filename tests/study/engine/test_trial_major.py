@@ -33,7 +33,13 @@ CLASSIFICATION = Blobs(n_train=100, n_val=64)
 FAMILIES = [SGD(lr=0.05), SGD(lr=0.02, momentum=0.9, weight_decay=1e-3),
             SGD(lr=0.03, momentum=0.5, dampening=0.5), SGD(lr=0.01, momentum=0.9, nesterov=True),
             Adam(lr=1e-2), Adam(lr=3e-3, betas=(0.8, 0.99), weight_decay=1e-2),
-            AdamW(lr=1e-2), AdamW(lr=3e-3, weight_decay=0.1, eps=1e-6)]
+            AdamW(lr=1e-2), AdamW(lr=3e-3, weight_decay=0.1, eps=1e-6),
+            Adam(lr=1e-2, amsgrad=True), AdamW(lr=3e-3, betas=(0.3, 0.9), amsgrad=True),
+            RMSprop(lr=1e-3), RMSprop(lr=3e-4, alpha=0.9, weight_decay=1e-3),
+            RMSprop(lr=1e-3, momentum=0.5), RMSprop(lr=1e-3, centered=True),
+            RMSprop(lr=3e-4, alpha=0.3, centered=True, momentum=0.9),
+            Adagrad(lr=0.05), Adagrad(lr=0.05, lr_decay=0.01, initial_accumulator_value=0.1,
+                                      weight_decay=1e-3, eps=1e-6)]
 
 
 def _trial(optimizer=None, task=REGRESSION, model=None, train=None, seed=0, loop=None,
@@ -73,20 +79,17 @@ def test_what_fits_the_kernel() -> None:
     assert kernel_module.fits([_trial(loop=LoopSpec(decay_layers=(0,)))], CPU)
     for loss in ("mse_onehot", "weighted_cross_entropy"):
         assert kernel_module.fits([_trial(task=CLASSIFICATION, loop=LoopSpec(loss=loss))], CPU)
+    assert kernel_module.fits([_trial(spec) for spec in FAMILIES], CPU)
     refused = [
         _trial(model=ModelSpec(depth=2, width=16, dropout=0.1)),
         _trial(model=ModelSpec(depth=2, width=16, activation="gelu")),
         _trial(task=CLASSIFICATION, loop=LoopSpec(loss="huber")),
         _trial(loop=LoopSpec(loss="mse_onehot")),
         _trial(task=CLASSIFICATION, loop=LoopSpec(loss="bce_raw")),
-        _trial(Adam(lr=1e-3, amsgrad=True)),
-        _trial(RMSprop(lr=1e-3)),
-        _trial(Adagrad(lr=0.1)),
     ]
     for trial in refused:
         assert not kernel_module.fits([trial], CPU), trial
     assert not kernel_module.fits([base], torch.device("cuda"))
-    assert not kernel_module.fits([base, _trial(RMSprop(lr=1e-3))], CPU)
 
 
 @pytest.mark.parametrize("task", [REGRESSION, CLASSIFICATION], ids=["regression", "classify"])
@@ -117,7 +120,11 @@ def test_batch_sizes_a_partial_last_batch_and_linear_models(batch_size, kernel_o
 def test_float32_within_1e_4(task, kernel_only) -> None:
     train = TrainSpec(batch_size=16, epochs=3, dtype="float32")
     _check([_trial(SGD(lr=0.05, momentum=0.9), task=task, train=train, seed=0),
-            _trial(Adam(lr=3e-3), task=task, train=train, seed=5)])
+            _trial(Adam(lr=3e-3), task=task, train=train, seed=5),
+            _trial(Adam(lr=3e-3, amsgrad=True), task=task, train=train, seed=6),
+            _trial(RMSprop(lr=1e-3, momentum=0.5, centered=True), task=task, train=train,
+                   seed=7),
+            _trial(Adagrad(lr=0.05, lr_decay=0.01), task=task, train=train, seed=8)])
 
 
 @pytest.mark.parametrize("activation", ["tanh", "sigmoid"])
@@ -389,7 +396,9 @@ def test_schedules_plateau_and_early_stopping_match_the_reference(kernel_only) -
     for loop in loops:
         trials = [_trial(spec, train=train, seed=i, loop=loop)
                   for i, spec in enumerate([SGD(lr=0.05, momentum=0.9), AdamW(lr=1e-2),
-                                            SGD(lr=0.5)])]
+                                            SGD(lr=0.5), Adam(lr=1e-2, amsgrad=True),
+                                            RMSprop(lr=1e-3, momentum=0.5, centered=True),
+                                            Adagrad(lr=0.05, lr_decay=0.01)])]
         got = _check(trials)
         if loop.early_stopping_patience is not None:
             assert any(len(g.eval_step) < 7 for g in got)
