@@ -42,6 +42,14 @@ except ImportError:  # pragma: no cover - numba is a dependency; this guards bro
 
 Tensor = torch.Tensor
 
+# numba keys a function's disk cache by its own file (its content or its modification time,
+# by numba's version), not by the files whose functions it inlines: this digest of those
+# (sha256 of their bytes, in this order) makes a change there a change here, so that the
+# cache misses and the kernel compiles again. The tests fail, naming the new value, until
+# it is current.
+INLINED = ("intrinsics.py",)
+INLINED_DIGEST = "18693c953c6d0745f2971494512363e8e956fc29ffb86144172f645ff787a0f9"
+
 # Rows of the per-trial hyperparameter table [len(_HP), T], by family: SGD (momentum,
 # keep = 1 - dampening, Nesterov's shares of gradient and buffer), Adam / AdamW (beta2,
 # 1 - beta2, eps, AdamW's decay 1 - lr * wd, 1 - beta1, amsgrad), RMSprop (alpha,

@@ -21,9 +21,10 @@ strides, about 60 ns each, and the kernel takes about 25 views of its flat buffe
 step: a batch-8 forward pass took 2.5 us with `reshape` and 1.7 us with `matrix`, which
 builds the same view directly.
 
-numba caches the kernel's functions by the stamp of their own file (`trial_major.py`), not
-of the intrinsics they inline: after editing this file (or `elementary.py`), delete
-`study/engine/__pycache__` (or touch `trial_major.py`) so that the kernel compiles again.
+numba caches the kernel's functions by their own file (`trial_major.py`, `fused.py`), not
+by the intrinsics they inline: those files name a digest of what they inline
+(`INLINED_DIGEST`), which the tests check, so that an edit here changes them too and the
+kernel compiles again.
 """
 
 from __future__ import annotations

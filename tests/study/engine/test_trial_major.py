@@ -7,8 +7,10 @@ trial's numbers bit-identical whatever population (and however many threads) it 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,6 +18,7 @@ import torch
 
 from study import parallel
 from study.engine import BatchedEngine, ReferenceEngine
+from study.engine import fused as fused_module
 from study.engine import population as population_module
 from study.engine import population_traces as kernel_module_traces
 from study.engine import trial_major as kernel_module
@@ -713,3 +716,15 @@ print(json.dumps({"here": compiled_here,
     assert loaded["here"] == []
     counts = loaded["signatures"]
     assert counts["_rows"] == 1 and counts["_forward"] == 0  # the cache holds the rest
+
+
+@pytest.mark.parametrize("module", [fused_module, kernel_module], ids=["fused", "trial_major"])
+def test_the_cached_kernels_name_the_digest_of_what_they_inline(module) -> None:
+    """numba's disk cache of a function is keyed by its own file alone: a change to a file
+    whose functions it inlines must change that file too (`INLINED_DIGEST`), or a stale
+    kernel would be loaded. fused.py comes before trial_major.py (whose digest covers it)."""
+    here = Path(module.__file__).parent
+    digest = hashlib.sha256(b"".join((here / name).read_bytes().replace(b"\r\n", b"\n")
+                                     for name in module.INLINED)).hexdigest()
+    assert digest == module.INLINED_DIGEST, (
+        f"{module.__name__}.INLINED_DIGEST is stale: set it to \"{digest}\"")
