@@ -18,6 +18,7 @@ from collections.abc import Sequence
 import torch
 
 from study.engine.base import batch_key
+from study.optimizers import OptimizerSpec
 from study.trial import TrialSpec
 
 CPU_BUDGET_CAP = 4 * 2**30  # bytes: a few GB are plenty for these models on a CPU
@@ -28,7 +29,7 @@ CUDA_BUDGET_FRACTION = 0.5  # of the free device memory (the rest: allocator sla
 # new), gradient (+ its per-layer parts), two temporaries of the update, and the optimizer
 # state twice (old and new, before `torch.where` picks).
 _PARAM_COPIES = 6
-_STATE = {"sgd": 1, "adam": 2, "adamw": 2, "rmsprop": 3, "adagrad": 1}
+_STATE = {"sgd": 1, "adam": 2, "adamw": 2, "rmsprop": 3, "adagrad": 1}  # amsgrad: one more
 
 
 def _split_sizes(trial: TrialSpec) -> tuple[int, int]:
@@ -38,6 +39,12 @@ def _split_sizes(trial: TrialSpec) -> tuple[int, int]:
 def trial_steps(trial: TrialSpec) -> int:
     """Planned optimizer steps of `trial`."""
     return trial.train.total_steps(_split_sizes(trial)[0])
+
+
+def _states(spec: OptimizerSpec) -> int:
+    """Parameter-sized state tensors of `spec`'s optimizer (amsgrad keeps a third, the
+    largest second moment so far)."""
+    return _STATE.get(spec.family, 3) + int(getattr(spec, "amsgrad", False))
 
 
 def estimate_trial_bytes(trial: TrialSpec) -> int:
@@ -58,7 +65,7 @@ def estimate_trial_bytes(trial: TrialSpec) -> int:
     n_all = n_train + n_val
     columns = task.input_dim + task.output_dim
     floats = (
-        (_PARAM_COPIES + 2 * _STATE.get(trial.optimizer.family, 3)) * n_params
+        (_PARAM_COPIES + 2 * _states(trial.optimizer)) * n_params
         + batch * (3 * units + task.input_dim)
         + n_all * (2 * units + task.output_dim)
         + (n_all + n_train) * columns

@@ -86,6 +86,8 @@ def test_memory_estimate_scales_with_the_work() -> None:
     base = estimate_trial_bytes(_trial())
     assert estimate_trial_bytes(_trial(width=64)) > 4 * base
     assert estimate_trial_bytes(_trial(optimizer=Adam())) > base
+    assert (estimate_trial_bytes(_trial(optimizer=Adam(amsgrad=True)))
+            > estimate_trial_bytes(_trial(optimizer=Adam())))
     assert estimate_trial_bytes(_trial(batch="full")) > base
     assert 1.8 * base < estimate_trial_bytes(_trial(dtype="float64")) < 2.2 * base
 
