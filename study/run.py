@@ -33,7 +33,14 @@ from study.preflight import check_data, check_resume, check_run_dir
 from study.schema import ConfigError, StudyConfig
 from study.search import SearchPlan, describe_search, done_runs, run_search
 from study.storage import check_same_config, open_study
-from study.sweep import SweepOutcome, describe, plan_chunks, run_sweep, write_trials_table
+from study.sweep import (
+    SweepOutcome,
+    describe,
+    kernel_note,
+    plan_chunks,
+    run_sweep,
+    write_trials_table,
+)
 from study.workers import StopRequest, WorkerJob, run_workers, threads_per_worker
 
 if TYPE_CHECKING:
@@ -93,10 +100,12 @@ def execute(cfg: DictConfig, typed: StudyConfig, plan: SweepPlan, run_dir: Path,
     save_hydra_files(cfg, run_dir, overrides, hydra_cfg)
     env, invocations = start_env(run_dir, overrides, device, engine.name, url, typed.workers,
                                  study_name)
-    log.info("%s: %s on %s with the %s engine%s", plan.name or "single configuration",
+    grid = not isinstance(plan, (SearchPlan, EdgePlan))
+    log.info("%s: %s on %s with the %s engine%s%s", plan.name or "single configuration",
              describe_search(plan) if isinstance(plan, SearchPlan) else
              describe_edge(plan) if isinstance(plan, EdgePlan) else describe(plan.points, device),
-             device, engine.name, f", {typed.workers} workers" if typed.workers > 1 else "")
+             device, engine.name, f", {typed.workers} workers" if typed.workers > 1 else "",
+             kernel_note(plan.points, device, engine) if grid else "")
 
     bar = ProgressBar(typed.progress, runs_planned(plan), plan.name or "trial")
     stop = StopRequest().install()

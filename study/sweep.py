@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections import Counter, defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +33,7 @@ from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import TrialState
 
 from study import lease, queue, records
-from study.engine import Engine, Pending, batch_key, start
+from study.engine import BatchedEngine, Engine, Pending, batch_key, start, trial_major
 from study.engine.base import OnEval
 from study.engine.planner import plan_populations
 from study.grid import GridPoint, SweepPlan
@@ -40,6 +41,7 @@ from study.metrics import objective_value, summarize_many
 from study.metrics.curvature import stability_threshold
 from study.preflight import DataNotes
 from study.queue import Taken
+from study.trial import TrialSpec
 
 log = logging.getLogger(__name__)
 
@@ -268,5 +270,33 @@ def write_trials_table(study: optuna.Study, plan: SweepPlan, run_dir: Path,
 
 def describe(points: Sequence[GridPoint], device: torch.device | str) -> str:
     """A one-line size of a plan on `device`, for the log."""
-    pops = len({batch_key(p.trial, device) for p in points})  # as the planner groups them
-    return f"{len(points)} trials in {pops} populations"
+    return f"{len(points)} trials in {len(_groups(points, device))} populations"
+
+
+def kernel_note(points: Sequence[GridPoint], device: torch.device | str,
+                engine: Engine) -> str:
+    """For the log: where `engine` takes the CPU's trial-major kernel but some of the plan's
+    populations cannot, how many trials train layer-major and why (`trial_major.unfit`),
+    as "; N of them train layer-major, without the CPU kernel (n1 for ..., n2 for ...)";
+    else ""."""
+    if not (isinstance(engine, BatchedEngine) and engine.trial_major
+            and torch.device(device).type == "cpu"):
+        return ""
+    why: Counter[str] = Counter()
+    for trials in _groups(points, device).values():
+        if (reason := trial_major.unfit(trials, device)) is not None:
+            why[reason] += len(trials)
+    if not why:
+        return ""
+    reasons = ", ".join(f"{n} for {reason}" for reason, n in why.most_common())
+    return (f"; {sum(why.values())} of them train layer-major, without the CPU kernel "
+            f"({reasons})")
+
+
+def _groups(points: Sequence[GridPoint], device: torch.device | str
+            ) -> dict[str, list[TrialSpec]]:
+    """The plan's trials by `batch_key`, as the planner groups them."""
+    groups: dict[str, list[TrialSpec]] = defaultdict(list)
+    for point in points:
+        groups[batch_key(point.trial, device)].append(point.trial)
+    return groups

@@ -94,16 +94,31 @@ _IDENTITY, _RELU, _TANH, _SIGMOID = range(4)
 def fits(trials: Sequence[TrialSpec], device: torch.device) -> bool:
     """Whether a population of `trials` (one `batch_key`) can take the kernel; see the
     module doc."""
+    return unfit(trials, device) is None
+
+
+def unfit(trials: Sequence[TrialSpec], device: torch.device) -> str | None:
+    """Why a population of `trials` (one `batch_key`) cannot take the kernel, in a few
+    words ("dropout", "the bce_raw training loss", ...); None where it can."""
     first = trials[0]
     loop, model = first.loop, first.model
-    return (device.type == "cpu" and first.train.dtype in ("float32", "float64")
-            and model.activation in _ACTIVATIONS and model.dropout == 0
-            and (loop.loss == "task" or (loop.loss == "huber" and first.task.loss == "mse")
-                 or (loop.loss in ("mse_onehot", "weighted_cross_entropy")
-                     and first.task.loss == "cross_entropy"))
-            # its update's formulas; clipping and accumulation are the kernel's own (the
-            # layer-major fused update has neither)
-            and fusable([t.optimizer for t in trials], clip=False, zero_grad=True))
+    if torch.device(device).type != "cpu":
+        return f"a {torch.device(device).type} device"
+    if first.train.dtype not in ("float32", "float64"):
+        return f"{first.train.dtype}"
+    if model.activation not in _ACTIVATIONS:
+        return f"the {model.activation} activation"
+    if model.dropout != 0:
+        return "dropout"
+    if not (loop.loss == "task" or (loop.loss == "huber" and first.task.loss == "mse")
+            or (loop.loss in ("mse_onehot", "weighted_cross_entropy")
+                and first.task.loss == "cross_entropy")):
+        return f"the {loop.loss} training loss"
+    # its update's formulas; clipping and accumulation are the kernel's own (the layer-major
+    # fused update has neither)
+    if not fusable([t.optimizer for t in trials], clip=False, zero_grad=True):
+        return "an optimizer without the fused update" if njit is not None else "no numba"
+    return None
 
 
 if njit is not None:

@@ -246,3 +246,19 @@ def test_an_error_while_telling_stops_the_population_training_behind_it(
         run_sweep(tiny_plan, study, BatchedEngine(), CPU, tmp_path, "val_loss_final")
     assert len(cancelled) == 1  # the one behind it (the one being told had trained)
     assert not [t for t in threading.enumerate() if t.name.startswith("study-kernel")]
+
+
+def test_the_log_says_which_trials_train_without_the_cpu_kernel_and_why() -> None:
+    from study.engine import BatchedEngine
+    from study.sweep import kernel_note
+
+    points = plan_from_overrides(["+sweep=smoke", "model.width=8"]).points
+    assert kernel_note(points, "cpu", BatchedEngine()) == ""
+    dropout = plan_from_overrides(["+sweep=smoke", "model.width=8", "mitigation=dropout"]).points
+    mixed = [*points, *dropout]
+    assert kernel_note(mixed, "cpu", BatchedEngine()) == (
+        f"; {len(dropout)} of them train layer-major, without the CPU kernel "
+        f"({len(dropout)} for dropout)")
+    for engine, device in ((BatchedEngine(trial_major=False), "cpu"),
+                           (ReferenceEngine(), "cpu"), (BatchedEngine(), "cuda")):
+        assert kernel_note(mixed, device, engine) == ""

@@ -83,15 +83,18 @@ def test_what_fits_the_kernel() -> None:
     for loss in ("mse_onehot", "weighted_cross_entropy"):
         assert kernel_module.fits([_trial(task=CLASSIFICATION, loop=LoopSpec(loss=loss))], CPU)
     assert kernel_module.fits([_trial(spec) for spec in FAMILIES], CPU)
-    refused = [
-        _trial(model=ModelSpec(depth=2, width=16, dropout=0.1)),
-        _trial(model=ModelSpec(depth=2, width=16, activation="gelu")),
-        _trial(task=CLASSIFICATION, loop=LoopSpec(loss="huber")),
-        _trial(loop=LoopSpec(loss="mse_onehot")),
-        _trial(task=CLASSIFICATION, loop=LoopSpec(loss="bce_raw")),
-    ]
-    for trial in refused:
+    refused = {
+        "dropout": _trial(model=ModelSpec(depth=2, width=16, dropout=0.1)),
+        "the gelu activation": _trial(model=ModelSpec(depth=2, width=16, activation="gelu")),
+        "the huber training loss": _trial(task=CLASSIFICATION, loop=LoopSpec(loss="huber")),
+        "the mse_onehot training loss": _trial(loop=LoopSpec(loss="mse_onehot")),
+        "the bce_raw training loss": _trial(task=CLASSIFICATION, loop=LoopSpec(loss="bce_raw")),
+    }
+    for reason, trial in refused.items():
         assert not kernel_module.fits([trial], CPU), trial
+        assert kernel_module.unfit([trial], CPU) == reason
+    assert kernel_module.unfit([base], CPU) is None
+    assert kernel_module.unfit([base], torch.device("cuda")) == "a cuda device"
     assert not kernel_module.fits([base], torch.device("cuda"))
 
 
