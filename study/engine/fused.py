@@ -250,10 +250,13 @@ if njit is not None:
         start = rows * offsets[k] + r * width
         return blocks[start:start + width]
 
-    # The row functions are inlined into the kernel (numba's inline="always"): compiled
-    # apart, their loops were not vectorised (4x slower). Loop-invariant choices are made
-    # outside the loops for the same reason; a choice that needs a second loop over the row
-    # finds it in L1/L2.
+    # SGD's and Adam's row functions are inlined into the kernel (numba's inline="always"):
+    # compiled apart, their loops were not vectorised (4x slower). Loop-invariant choices
+    # are made outside the loops for the same reason; a choice that needs a second loop over
+    # the row finds it in L1/L2. amsgrad's, RMSprop's and Adagrad's are compiled apart:
+    # numba copies an inlined function's IR into every call site, and inlined they took
+    # the kernel's first compilation from about 22 to 30 s, for no speed measurable on
+    # optimizer_compare (46,000-47,000 trial-steps per CPU-second either way).
     @njit(cache=True, inline="always")
     def _sgd_row(p, g, upd, buf, first, neg_lr, wd, momentum, keep, grad_share, buf_share):
         # engine.batched_optimizers.BatchedSGD, one row, p in place: grad += p * wd;
@@ -349,7 +352,7 @@ if njit is not None:
         upd[j] = q - p[j]
         p[j] = q
 
-    @njit(cache=True, inline="always")
+    @njit(cache=True, error_model="numpy")
     def _amsgrad_row(p, g, upd, m, v, top, decoupled, neg_step, bc2, wd, beta2, omb2, eps,
                      decay, omb1):
         # `_adam_row` with amsgrad: top = maximum(top, v) (torch.maximum: a NaN wins), and
@@ -374,7 +377,7 @@ if njit is not None:
             upd[j] = q - p[j]
             p[j] = q
 
-    @njit(cache=True, inline="always")
+    @njit(cache=True, error_model="numpy")
     def _lerp_row(m, g, weight):
         # m = torch.lerp(m, g, weight) in torch's two-branch form, in the dtype: m + weight *
         # (g - m) for a weight below 0.5, else g - (g - m) * (1 - weight).
@@ -387,7 +390,7 @@ if njit is not None:
             for j in range(n):
                 m[j] = g[j] - (g[j] - m[j]) * w
 
-    @njit(cache=True, inline="always")
+    @njit(cache=True, error_model="numpy")
     def _rmsprop_row(p, g, upd, buf, square, mean, neg_lr, wd, alpha, oma, eps, momentum,
                      centered):
         # engine.batched_optimizers.BatchedRMSprop, one row: L2 decay into the gradient;
@@ -419,7 +422,7 @@ if njit is not None:
                 upd[j] = q - p[j]
                 p[j] = q
 
-    @njit(cache=True, inline="always")
+    @njit(cache=True, error_model="numpy")
     def _adagrad_row(p, g, upd, total, neg_clr, wd, eps):
         # engine.batched_optimizers.BatchedAdagrad, one row: L2 decay into the gradient;
         # total = total + grad * grad; p = p + (grad * -clr) / (sqrt(total) + eps), clr the
