@@ -3,6 +3,7 @@ the same report bytes, as one after another."""
 
 from __future__ import annotations
 
+import gc
 import os
 from datetime import datetime, timezone
 from pathlib import Path
@@ -44,6 +45,20 @@ def test_jobs_run_in_other_processes_and_come_back_in_order() -> None:
     assert list(built) == ["a", "b", "c", "d"]
     assert [tag for tag, _ in built.values()] == ["a", "b", "c", "d"]
     assert os.getpid() not in {pid for _, pid in built.values()}
+
+
+def _frozen(tag: str) -> tuple[str, int]:
+    return tag, gc.get_freeze_count()
+
+
+@forks
+def test_a_worker_freezes_what_it_inherits_out_of_its_collections() -> None:
+    """Every object a worker inherits is frozen (`gc.freeze`): its collections visit only
+    what its job makes."""
+    held = gc.get_freeze_count()
+    built = parallel.run_jobs({name: (_frozen, (name,)) for name in ("a", "b")}, workers=2)
+    assert all(count > held and count > 1000 for _, count in built.values())
+    assert gc.get_freeze_count() == held  # the caller's collector is left as it was
 
 
 def test_one_worker_runs_them_here() -> None:
