@@ -36,7 +36,6 @@ from study.storage import check_same_config, open_study
 from study.sweep import (
     SweepOutcome,
     describe,
-    kernel_note,
     plan_chunks,
     run_sweep,
     write_trials_table,
@@ -100,12 +99,15 @@ def execute(cfg: DictConfig, typed: StudyConfig, plan: SweepPlan, run_dir: Path,
     save_hydra_files(cfg, run_dir, overrides, hydra_cfg)
     env, invocations = start_env(run_dir, overrides, device, engine.name, url, typed.workers,
                                  study_name)
-    grid = not isinstance(plan, (SearchPlan, EdgePlan))
-    log.info("%s: %s on %s with the %s engine%s%s", plan.name or "single configuration",
-             describe_search(plan) if isinstance(plan, SearchPlan) else
-             describe_edge(plan) if isinstance(plan, EdgePlan) else describe(plan.points, device),
+    if isinstance(plan, SearchPlan):
+        size, note = describe_search(plan), ""
+    elif isinstance(plan, EdgePlan):
+        size, note = describe_edge(plan), ""
+    else:
+        size, note = describe(plan.points, device, engine)
+    log.info("%s: %s on %s with the %s engine%s%s", plan.name or "single configuration", size,
              device, engine.name, f", {typed.workers} workers" if typed.workers > 1 else "",
-             kernel_note(plan.points, device, engine) if grid else "")
+             note)
 
     bar = ProgressBar(typed.progress, runs_planned(plan), plan.name or "trial")
     stop = StopRequest().install()

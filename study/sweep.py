@@ -268,29 +268,26 @@ def write_trials_table(study: optuna.Study, plan: SweepPlan, run_dir: Path,
     return records.write_trials(run_dir, frame, meta)
 
 
-def describe(points: Sequence[GridPoint], device: torch.device | str) -> str:
-    """A one-line size of a plan on `device`, for the log."""
-    return f"{len(points)} trials in {len(_groups(points, device))} populations"
-
-
-def kernel_note(points: Sequence[GridPoint], device: torch.device | str,
-                engine: Engine) -> str:
-    """For the log: where `engine` takes the CPU's trial-major kernel but some of the plan's
-    populations cannot, how many trials train layer-major and why (`trial_major.unfit`),
-    as "; N of them train layer-major, without the CPU kernel (n1 for ..., n2 for ...)";
-    else ""."""
+def describe(points: Sequence[GridPoint], device: torch.device | str,
+             engine: Engine | None = None) -> tuple[str, str]:
+    """For the log, a plan on `device`: its size ("N trials in M populations") and, where
+    `engine` takes the CPU's trial-major kernel but some of its populations cannot, how
+    many trials train layer-major and why (`trial_major.unfit`), as "; N of them train
+    layer-major, without the CPU kernel (n1 for ..., n2 for ...)"; else ""."""
+    groups = _groups(points, device)
+    size = f"{len(points)} trials in {len(groups)} populations"
     if not (isinstance(engine, BatchedEngine) and engine.trial_major
             and torch.device(device).type == "cpu"):
-        return ""
+        return size, ""
     why: Counter[str] = Counter()
-    for trials in _groups(points, device).values():
+    for trials in groups.values():
         if (reason := trial_major.unfit(trials, device)) is not None:
             why[reason] += len(trials)
     if not why:
-        return ""
+        return size, ""
     reasons = ", ".join(f"{n} for {reason}" for reason, n in why.most_common())
-    return (f"; {sum(why.values())} of them train layer-major, without the CPU kernel "
-            f"({reasons})")
+    return size, (f"; {sum(why.values())} of them train layer-major, without the CPU kernel "
+                  f"({reasons})")
 
 
 def _groups(points: Sequence[GridPoint], device: torch.device | str

@@ -250,15 +250,16 @@ def test_an_error_while_telling_stops_the_population_training_behind_it(
 
 def test_the_log_says_which_trials_train_without_the_cpu_kernel_and_why() -> None:
     from study.engine import BatchedEngine
-    from study.sweep import kernel_note
+    from study.sweep import describe
 
     points = plan_from_overrides(["+sweep=smoke", "model.width=8"]).points
-    assert kernel_note(points, "cpu", BatchedEngine()) == ""
+    assert describe(points, "cpu", BatchedEngine()) == (
+        f"{len(points)} trials in 4 populations", "")
     dropout = plan_from_overrides(["+sweep=smoke", "model.width=8", "mitigation=dropout"]).points
     mixed = [*points, *dropout]
-    assert kernel_note(mixed, "cpu", BatchedEngine()) == (
+    assert describe(mixed, "cpu", BatchedEngine())[1] == (
         f"; {len(dropout)} of them train layer-major, without the CPU kernel "
         f"({len(dropout)} for dropout)")
     for engine, device in ((BatchedEngine(trial_major=False), "cpu"),
                            (ReferenceEngine(), "cpu"), (BatchedEngine(), "cuda")):
-        assert kernel_note(mixed, device, engine) == ""
+        assert describe(mixed, device, engine)[1] == ""
