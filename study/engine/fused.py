@@ -379,14 +379,15 @@ if njit is not None:
 
     @njit(cache=True, error_model="numpy")
     def _lerp_row(m, g, weight):
-        # m = torch.lerp(m, g, weight) in torch's two-branch form, in the dtype: m + weight *
-        # (g - m) for a weight below 0.5, else g - (g - m) * (1 - weight).
+        # m = torch.lerp(m, g, weight) in torch's two-branch form: m + weight * (g - m) for
+        # a weight below 0.5, else g - (g - m) * (1 - weight), each branch's arithmetic
+        # `_adam_row`'s for its first moment (so that amsgrad's is the same).
         n = m.shape[0]
         if weight < 0.5:
             for j in range(n):
                 m[j] = m[j] + weight * (g[j] - m[j])
         else:
-            w = m.dtype.type(1) - weight
+            w = weight * 0 + 1 - weight
             for j in range(n):
                 m[j] = g[j] - (g[j] - m[j]) * w
 
@@ -633,7 +634,7 @@ class FusedUpdate:
         """What `scheduled` needs of each row's spec, as arrays: whether its step size is
         -lr (SGD, RMSprop), whether it is Adagrad's, its lr_decay, the index of its beta1
         among the distinct ones, its weight decay."""
-        kinds = np.array([_KINDS[type(s)] for s in self.specs], dtype=np.int64)
+        kinds = self.kind.numpy()
         self._plain_rows = (kinds == _SGD) | (kinds == _RMSPROP)
         self._adagrad_rows = kinds == _ADAGRAD
         self._lr_decay = np.array([getattr(s, "lr_decay", 0.0) for s in self.specs],

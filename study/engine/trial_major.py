@@ -30,9 +30,9 @@ identity MLP, the task's loss (MSE or cross-entropy), Huber's on a regression, M
 one-hot targets or weighted cross-entropy on a classification, torch.optim's SGD, Adam,
 AdamW (amsgrad or not), RMSprop or Adagrad, gradient clipping or none, zero_grad or not,
 weight decay on every layer or on some. The kernel stops at every evaluation and opt-in
-diagnostics step (`Kernel.advance`), where the population engine runs its loop in Python as for the
-layer-major path: the `on_eval` hook (pruning), early stopping, ReduceLROnPlateau,
-learning-rate schedules (`Kernel.schedule`) and the diagnostics.
+diagnostics step (`Kernel.advance`), where the population engine runs its loop in Python
+as for the layer-major path: the `on_eval` hook (pruning), early stopping,
+ReduceLROnPlateau, learning-rate schedules (`Kernel.schedule`) and the diagnostics.
 Everything else takes the layer-major path.
 """
 
@@ -84,7 +84,7 @@ log = logging.getLogger(__name__)
 # cache misses and the kernel compiles again. The tests fail, naming the new value, until
 # it is current.
 INLINED = ("fused.py", "intrinsics.py", "elementary.py")
-INLINED_DIGEST = "a8caf3cd4264201e3d3cbc88091c56b3cdb799dae283dd22cd21bd29a42f7b5b"
+INLINED_DIGEST = "7900908e0912406b17ba50c77a7ad25328efc30fa245bbd39ea00e9c07d7960c"
 
 # Activation codes of the kernel.
 _ACTIVATIONS = {"identity": 0, "relu": 1, "tanh": 2, "sigmoid": 3}
@@ -705,9 +705,9 @@ if njit is not None:
         # backward, records, freeze decision, update), with the evaluations of the full
         # splits after the steps that `eval_index` names (>= 0: which evaluation), and
         # before the first step too where `eval_first`. Its state lives in row t of params,
-        # previous (the last update), state1 / state2 (optimizer), prev_norm and live (0:
-        # frozen or stopped, nothing more is computed); state1 / state2 / state3: the fused
-        # update's (`fused._row_update`).
+        # previous (the last update), state1 / state2 / state3 (the optimizer's:
+        # `fused._row_update`), prev_norm and live (0: frozen or stopped, nothing more is
+        # computed).
         if not live[t]:
             return
         n_params = params.shape[1]

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 import torch
 
@@ -14,6 +12,7 @@ from study.optimizers import SGD, Adagrad, Adam, RMSprop
 from study.plan import plan_from_overrides
 from study.tasks import Blobs, LinearRegression
 from study.trial import TrainSpec, TrialSpec
+from tests.study.engine.test_fused import Unfused
 
 
 def _trial(lr=0.1, batch=32, width=16, optimizer=None, dtype="float32", seed=0, task=None):
@@ -53,11 +52,6 @@ def test_mixed_structures_never_share_a_chunk() -> None:
     chunks = plan_populations(trials, "cpu")
     # Optimizer families share a population (one forward/backward, per-family updates).
     assert sorted(map(sorted, chunks)) == [[0, 1, 3], [2], [4]]
-
-
-@dataclasses.dataclass(frozen=True)
-class Unfused(SGD):
-    """A family the CPU's fused update has no formulas for (a new one, say)."""
 
 
 def test_on_the_cpu_every_family_shares_a_population_and_one_without_the_fused_update_not(
