@@ -188,10 +188,7 @@ def _compose(extra: Sequence[str], search_path: Sequence[str] = ()) -> DictConfi
     try:
         return hydra.compose("config", overrides=[*search_path, *extra])
     except Exception as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f"{mark.name}:{mark.line + 1}:{mark.column + 1}: invalid YAML: " if mark else ""
-        problem = getattr(err, "problem", None) or str(err).strip().splitlines()[0]
-        raise ConfigError(f"{where}{problem}") from None
+        raise ConfigError(cli.composition_error(err)) from None
 
 
 def _remove_if_only_logs(run_dir: Path) -> None:

@@ -32,10 +32,11 @@ from typing import Any
 
 import torch
 
-from study import bench_peer, heap
+from study import bench_peer, cli, heap
 from study.engine import BatchedEngine, ReferenceEngine, Trace
 from study.engine.planner import plan_populations, trial_steps
-from study.plan import plan_from_overrides
+from study.plan import plan_for_command
+from study.schema import ConfigError
 from study.trial import TrialSpec
 
 
@@ -168,7 +169,7 @@ def bench(overrides: Sequence[str], device: torch.device, subset: int, seed: int
           matmul_seconds: float = 1.0, kernel: str = "auto") -> dict[str, Any]:
     if dtype is not None:
         overrides = [*overrides, f"train.dtype={dtype}"]
-    trials = [p.trial for p in plan_from_overrides(overrides).points]
+    trials = [p.trial for p in plan_for_command(overrides).points]
     if limit is not None:
         trials = random.Random(seed).sample(trials, min(limit, len(trials)))
     planned = sum(trial_steps(t) for t in trials)
@@ -353,10 +354,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         torch.set_num_threads(args.threads)
     device = torch.device("cuda" if device_name == "auto" and torch.cuda.is_available()
                           else "cpu" if device_name == "auto" else device_name)
+    try:
+        measured = bench(overrides, device, args.subset, args.seed, args.dtype,
+                         args.budget_bytes, args.limit, args.matmul_seconds, args.kernel)
+    except ConfigError as err:  # the workload's config: one line, exit 2
+        print(f"python -m study.bench: {cli.one_line(str(err))}", file=sys.stderr)
+        raise SystemExit(2) from None
     result = {"command": " ".join(["python -m study.bench", *(argv if argv is not None
                                                                else sys.argv[1:])]),
-              **bench(overrides, device, args.subset, args.seed, args.dtype,
-                      args.budget_bytes, args.limit, args.matmul_seconds, args.kernel)}
+              **measured}
     print(json.dumps(result, indent=2))
     write_json(result, args.out)
     return result

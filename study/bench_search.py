@@ -29,11 +29,13 @@ from typing import Any
 import optuna
 import torch
 
+from study import cli
 from study.bench import write_json
 from study.engine import BatchedEngine, ReferenceEngine
 from study.metrics import objective_value, summarize_many
 from study.metrics.curvature import stability_threshold
-from study.plan import plan_from_overrides
+from study.plan import plan_for_command
+from study.schema import ConfigError
 from study.search import PROPOSAL, SearchPlan, make_sampler, run_search
 from study.storage import open_study
 
@@ -83,6 +85,17 @@ def run_sequential(plan: SearchPlan, metric: str, device: torch.device) -> tuple
     return best, steps
 
 
+def _plans(overrides: Sequence[str], repeat: int, pruner: str | None) -> dict[str, SearchPlan]:
+    """The searches of one repeat (seed `repeat`): the batched one, which the sequential
+    arm runs too, and with `pruner` the pruned one."""
+    plan = plan_for_command([*overrides, f"seed={repeat}"])
+    plans = {"study": plan, "sequential": plan}
+    if pruner:
+        plans["study+pruner"] = plan_for_command(
+            [*overrides, f"seed={repeat}", f"+sweep.pruner={pruner}"])
+    return plans
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(prog="python -m study.bench_search", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -104,12 +117,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     rows = []
     arms = ["study", *(["study+pruner"] if args.pruner else []),
             *([] if args.no_sequential else ["sequential"])]
-    for repeat in range(args.repeats):
-        plan = plan_from_overrides([*args.overrides, f"seed={repeat}"])
-        plans = {"study": plan, "sequential": plan}
-        if args.pruner:
-            plans["study+pruner"] = plan_from_overrides(
-                [*args.overrides, f"seed={repeat}", f"+sweep.pruner={args.pruner}"])
+    try:  # every repeat's plan before any search: a bad override is refused at once
+        repeats = [_plans(args.overrides, repeat, args.pruner) for repeat in range(args.repeats)]
+    except ConfigError as err:
+        print(f"python -m study.bench_search: {cli.one_line(str(err))}",
+              file=sys.stderr)
+        raise SystemExit(2) from None
+    for repeat, plans in enumerate(repeats):
+        plan = plans["study"]
         for name in arms:
             fn = run_sequential if name == "sequential" else run_batched
             (best, steps), wall, cpu = _timed(

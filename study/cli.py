@@ -123,6 +123,22 @@ def _read_only(path: Path) -> bool:
         return False
 
 
+def composition_error(err: Exception) -> str:
+    """One line for an error raised while composing a config: where a YAML file is invalid
+    and why, or the first line of the message and of its cause's (Hydra's "Error merging
+    override X" says why only in its cause)."""
+    mark = getattr(err, "problem_mark", None)
+    where = f"{mark.name}:{mark.line + 1}:{mark.column + 1}: invalid YAML: " if mark else ""
+    problem = getattr(err, "problem", None) or _first_line(err)
+    cause = _first_line(err.__cause__) if err.__cause__ is not None and not mark else ""
+    return f"{where}{problem}" + (f"; {cause}" if cause and cause not in problem else "")
+
+
+def _first_line(err: BaseException) -> str:
+    lines = str(err).strip().splitlines()
+    return lines[0] if lines else type(err).__name__
+
+
 def one_line(text: str) -> str:
     """`text` on one line: its lines joined with "; ", blank ones and indentation dropped."""
     return "; ".join(line.strip() for line in text.splitlines() if line.strip())

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
+from study import cli
 from study.compositions import Compose, Ready
 from study.config import build_trial, plain_config, validate
 from study.edge import EdgePlan, expand_edge
@@ -100,3 +101,17 @@ def plan_from_overrides(overrides: Sequence[str] = (), conf_dir: Path = CONF_DIR
             return compose("config", overrides=list(extra))
 
         return expand(cfg, recompose, list(overrides), choices)
+
+
+def plan_for_command(overrides: Sequence[str] = ()) -> SweepPlan:
+    """`plan_from_overrides` for a command line (the benches'): whatever makes the
+    workload's config unusable, an error Hydra or OmegaConf raises while composing it (an
+    unknown option, a value of the wrong type) included, is a ConfigError of one line."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        return plan_from_overrides(overrides)
+    except (HydraException, OmegaConfBaseException) as err:
+        raise ConfigError(cli.composition_error(err)) from None
+

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 
 import pytest
@@ -70,6 +71,27 @@ def test_a_bad_device_is_one_line_and_exit_2(argv, capsys) -> None:
     assert stop.value.code == 2
     assert capsys.readouterr().err.strip().splitlines() == [
         "python -m study.bench: device must be auto, cpu or cuda, got 'tpu'"]
+
+
+@pytest.mark.parametrize("module, argv, message", [
+    ("bench", ["+sweep=no_such_sweep"], "In 'config': Could not find 'sweep/no_such_sweep'"),
+    ("bench", ["+sweep=smoke", "train.epochs=abc"],
+     "Error merging override train.epochs=abc; Value 'abc' of type 'str' could not be "
+     "converted to Integer"),
+    ("bench", ["+sweep=smoke", "train.epochs=0"], "train.epochs"),
+    ("bench_search", ["+sweep=no_such_sweep"], "Could not find 'sweep/no_such_sweep'"),
+    ("bench_search", ["train.epochs=abc"], "Error merging override train.epochs=abc; "),
+])
+def test_a_workload_that_does_not_compose_is_one_line_and_exit_2(module, argv, message,
+                                                                 capsys) -> None:
+    """A bad override of the benches' workload is refused before anything is measured:
+    one line naming it, exit 2, no traceback."""
+    run = importlib.import_module(f"study.{module}").main
+    with pytest.raises(SystemExit) as stop:
+        run(argv)
+    assert stop.value.code == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(f"python -m study.{module}: ") and message in line
 
 
 def test_seeds_widens_every_population(tmp_path) -> None:
