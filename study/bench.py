@@ -296,6 +296,28 @@ def workload_overrides(overrides: Sequence[str], device: str) -> tuple[list[str]
     return rest, device
 
 
+def at_least(low: float, kind: type = int):
+    """An argparse `type`: a number of `kind` no smaller than `low` (argparse's one-line
+    error and exit 2 otherwise)."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if not value >= low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {text}")
+        return value
+    return parse
+
+
+def positive_float(text: str) -> float:
+    """An argparse `type`: a float above 0."""
+    value = at_least(0.0, float)(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError(f"must be above 0, got {text}")
+    return value
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(prog="python -m study.bench", description=__doc__.split(
         "\n\n")[0])
@@ -312,14 +334,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--seeds", type=int, default=None,
                         help="train the workload over seeds 0..N-1 (sweep.seeds): N/3 times "
                              "lr_batch's populations, e.g. --seeds 30 gives 1,170 trials each")
-    parser.add_argument("--budget-bytes", type=int, default=None,
+    parser.add_argument("--budget-bytes", type=at_least(1), default=None,
                         help="memory budget of a population (default: from the device)")
-    parser.add_argument("--limit", type=int, default=None,
+    parser.add_argument("--limit", type=at_least(1), default=None,
                         help="train only this many random trials of the workload")
-    parser.add_argument("--threads", type=int, default=None,
+    parser.add_argument("--threads", type=at_least(1), default=None,
                         help="CPU threads of torch and of the fused update (with --peer: of "
                              "every system); default: one per core")
-    parser.add_argument("--matmul-seconds", type=float, default=1.0,
+    parser.add_argument("--matmul-seconds", type=positive_float, default=1.0,
                         help="how long to measure the dense matmul peak")
     parser.add_argument("--kernel", choices=["auto", "layer_major"], default="auto",
                         help="the batched engine's CPU kernel: auto (trial-major where a "

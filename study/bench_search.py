@@ -30,7 +30,7 @@ import optuna
 import torch
 
 from study import cli
-from study.bench import write_json
+from study.bench import at_least, write_json
 from study.engine import BatchedEngine, ReferenceEngine
 from study.metrics import objective_value, summarize_many
 from study.metrics.curvature import stability_threshold
@@ -101,9 +101,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("overrides", nargs="*", default=["+sweep=adam_search"],
                         help="Hydra overrides of the search (default: +sweep=adam_search)")
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=at_least(1), default=5)
     parser.add_argument("--metric", default="val_loss_final")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--threads", type=at_least(1), default=None, help="torch CPU threads")
     parser.add_argument("--pruner", default=None,
                         help="also run the batched search with this sweep.pruner override, "
                              "e.g. '{type: successive_halving, min_resource: 2}'")

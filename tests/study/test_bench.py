@@ -94,6 +94,24 @@ def test_a_workload_that_does_not_compose_is_one_line_and_exit_2(module, argv, m
     assert line.startswith(f"python -m study.{module}: ") and message in line
 
 
+@pytest.mark.parametrize("module, option, message", [
+    ("bench", "--limit=0", "argument --limit: must be at least 1, got 0"),
+    ("bench", "--threads=0", "argument --threads: must be at least 1, got 0"),
+    ("bench", "--threads=1.5", "argument --threads: not a number: '1.5'"),
+    ("bench", "--matmul-seconds=0", "argument --matmul-seconds: must be above 0, got 0"),
+    ("bench", "--budget-bytes=-5", "argument --budget-bytes: must be at least 1, got -5"),
+    ("bench_search", "--repeats=0", "argument --repeats: must be at least 1, got 0"),
+    ("bench_search", "--threads=-1", "argument --threads: must be at least 1, got -1"),
+])
+def test_a_bad_number_is_refused_by_the_parser(module, option, message, capsys) -> None:
+    run = importlib.import_module(f"study.{module}").main
+    with pytest.raises(SystemExit) as stop:
+        run(["+sweep=smoke", option])
+    assert stop.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"python -m study.{module}: error: {message}")
+
+
 def test_seeds_widens_every_population(tmp_path) -> None:
     """`--seeds N` trains the workload over seeds 0..N-1: the same populations, N/2 times
     the trials of smoke's two seeds (and options may come before the overrides)."""
