@@ -111,16 +111,19 @@ def score_claims(run_dir: Path, claims: Sequence[Mapping[str, Any]] | None = Non
     """
     run_dir = Path(run_dir)
     specs = saved_claims(run_dir) if claims is None else plain_claims(claims)
-    if claims_file is not None:
-        specs = merge_claims(specs, read_claims_file(claims_file))
+    extra = read_claims_file(claims_file) if claims_file is not None else []
+    specs = merge_claims(specs, extra)
     if not specs:
         return None
     trials, meta = records.read_trials(run_dir)
     axes = meta.get("axes") or {}
     # A claim's own axis may be any column the trials vary on: a search records only its
     # categorical keys as axes, yet a trend over its continuous lr is a claim it can make.
-    check_claims(specs, [*axes, *(c for c in trials.columns if c not in axes)],
-                 [*trials.columns, *STATUS_ORDER])
+    names = [*axes, *(c for c in trials.columns if c not in axes)]
+    metrics = [*trials.columns, *STATUS_ORDER]
+    # The file's own claims first, so that an error names the file and its own position.
+    check_claims(extra, names, metrics, source=f"{claims_file}: claims")
+    check_claims(specs, names, metrics)
     return evaluate_claims(trials, specs, axes)
 
 

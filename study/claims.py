@@ -53,10 +53,11 @@ class ClaimError(ValueError):
 
 # --------------------------------------------------------------------------- validation
 def check_claims(claims: Sequence[Mapping[str, Any]], axes: Sequence[str],
-                 metrics: Sequence[str]) -> None:
-    """Raise ClaimError naming the first bad claim key (before any training)."""
+                 metrics: Sequence[str], source: str = "sweep.claims") -> None:
+    """Raise ClaimError naming the first bad claim key (before any training), as
+    `source[i].key` (`source`: where the claims were written)."""
     for i, claim in enumerate(claims):
-        where = f"sweep.claims[{i}]"
+        where = f"{source}[{i}]"
         if not isinstance(claim, Mapping):
             raise ClaimError(f"{where}: expected a mapping, got {claim!r}")
         unknown = sorted(set(claim) - KEYS)

@@ -92,7 +92,7 @@ def test_a_bad_claim_file_is_one_line_and_changes_nothing(tiny_run: Path, tmp_pa
     done = run_analysis(str(run_dir), "--claims", str(bad))
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [
-        "analysis: error: sweep.claims[1]: give exactly one of compare or trend"]
+        f"analysis: error: {bad}: claims[0]: give exactly one of compare or trend"]
     assert (run_dir / records.CLAIMS).read_bytes() == before
     assert not (run_dir / records.REPORT).exists()
     missing = run_analysis(str(run_dir), "--claims", str(tmp_path / "nope.yaml"))
