@@ -209,6 +209,7 @@ def run(argv: list[str] | None = None) -> None:
     storage.register_url(os.environ.get(cli.URL_VARIABLE))
     try:
         cli.check_yaml_files(argv[1:])
+        cli.check_sweep_keys(argv[1:])
         if not {"--help", "-h", "--hydra-help", "--cfg", "-c", "--info"} & set(argv[1:]):
             cli.check_writable(argv[1:])
     except cli.CommandLineError as err:

@@ -91,6 +91,24 @@ def check_yaml_files(argv: Sequence[str]) -> None:
             raise CommandLineError(f"{where}: invalid YAML: {problem}", 2) from None
 
 
+def check_sweep_keys(argv: Sequence[str]) -> None:
+    """Exit 2 with one line when an argument sets a key of `sweep` (`sweep.seeds=[0,1]`) but
+    none chooses a sweep (`+sweep=NAME`): conf/config.yaml has no sweep to set it in, and
+    Hydra's report is a traceback of an assertion. A command that names another primary
+    config or config directory may have a sweep there, and is left to Hydra."""
+    if any(arg.split("=")[0] in ("--config-name", "-cn", "--config-dir", "-cd")
+           for arg in argv):
+        return
+    if any(re.match(r"\+{0,2}sweep=", arg) for arg in argv):
+        return
+    for arg in argv:
+        match = re.match(r"\+{0,2}(sweep\.[^=]+)=", arg)
+        if match:
+            sweeps = ", ".join(sorted(p.stem for p in (CONF_DIR / "sweep").glob("*.yaml")))
+            raise CommandLineError(f"{arg}: no sweep is chosen to set {match.group(1)} in; "
+                                   f"choose one first with +sweep=NAME ({sweeps})", 2)
+
+
 def check_writable(argv: Sequence[str]) -> None:
     """Exit 3 with one line when the run directory (`hydra.run.dir=`, `resume=`, else
     outputs/ in the working directory) is on a read-only filesystem or not writable:
@@ -186,4 +204,7 @@ def hydra_error(held: HeldStderr) -> str | None:
     its HYDRA_FULL_ERROR hint); None when it wrote nothing."""
     text = held.getvalue().split("Config search path:")[0]
     lines = [line for line in text.splitlines() if "HYDRA_FULL_ERROR" not in line]
+    if any(line.startswith("Traceback (most recent call last)") for line in lines):
+        # an exception Hydra did not expect: its last line says what, the trace is noise
+        lines = [line for line in lines if line.strip()][-1:]
     return one_line(storage.mask_url("\n".join(lines))) or None

@@ -124,6 +124,8 @@ def test_hydra_cfg_flag_prints_the_composed_sweep(study_cli) -> None:
         ("optimizer.lr=-0.1", "optimizer.lr is out of range"),
         ("train.batch_size=-8", "train.batch_size must be >= 1"),
         ("optimizer=adamm", "Could not find 'optimizer/adamm'"),
+        ("sweep.seeds=[0,1]", "error: sweep.seeds=[0,1]: no sweep is chosen to set "
+                              "sweep.seeds in; choose one first with +sweep=NAME (adam_search, "),
     ],
 )
 def test_bad_overrides_exit_non_zero_with_one_clear_error_and_write_nothing(
@@ -134,6 +136,19 @@ def test_bad_overrides_exit_non_zero_with_one_clear_error_and_write_nothing(
     assert done.returncode != 0
     assert message in done.stderr
     assert "Traceback" not in done.stderr
+    assert not run_dir.exists()
+
+
+def test_an_exception_hydra_did_not_expect_is_its_last_line(tmp_path: Path,
+                                                            study_cli) -> None:
+    """Hydra prints a traceback for an exception of its own composition it did not expect
+    (here: setting a key of the sweep that the named primary config does not have, which
+    `check_sweep_keys` leaves to Hydra once another config is named): one line, its last."""
+    run_dir = tmp_path / "bad"
+    done = study_cli("--config-name=config", "sweep.seeds=[0]", f"hydra.run.dir={run_dir}")
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        "error: AssertionError: Unexpected type for root: NoneType"]
     assert not run_dir.exists()
 
 
