@@ -100,6 +100,42 @@ def check_data(plan: SweepPlan) -> None:
                                   ) from None
 
 
+def check_memory(plan: SweepPlan, device: torch.device) -> None:
+    """Refuse (ConfigError) a plan with a trial that alone needs more memory than the
+    machine has (`planner.estimate_trial_bytes` against `planner.machine_bytes`): a slip
+    such as `train.epochs=1000000000` would otherwise be killed for memory mid-run, after
+    the run directory was written. Populations are sized by the planner; this is the one
+    trial that no population can hold."""
+    from study.engine.planner import (
+        HELD_BYTES_PER_STEP,
+        estimate_trial_bytes,
+        machine_bytes,
+        trial_steps,
+    )
+
+    limit = machine_bytes(device)
+    if limit is None or not plan.points:
+        return
+    need, spec = max(((estimate_trial_bytes(p.trial), p.trial) for p in plan.points),
+                     key=lambda pair: pair[0])
+    if need <= limit:
+        return
+    task = spec.task
+    params = sum(fi * fo + fo for fi, fo in spec.model.layer_sizes(task.input_dim,
+                                                                    task.output_dim))
+    # named by what takes most of it: the records of its steps, or its model
+    key = ("train.epochs" if 2 * HELD_BYTES_PER_STEP * trial_steps(spec) > need
+           else "model.width")
+    raise ConfigError(f"{key}: a trial of this plan needs about {_gib(need)} of "
+                      f"memory ({trial_steps(spec):,} steps of records, {params:,} "
+                      f"parameters), more than the {_gib(limit)} this machine has; train "
+                      f"fewer steps (train.epochs, train.batch_size) or a smaller model")
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:,.1f} GiB"
+
+
 def nonfinite_note(spec: TrialSpec) -> tuple[str, bool] | None:
     """None when the data `spec` trains on (`study.failures.trial_dataset` of its data seed)
     is finite; else a note naming the task, the data seed and how many NaN or inf each split holds,

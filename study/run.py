@@ -29,7 +29,7 @@ from study.environment import describe_environment, now_iso
 from study.grid import SweepPlan
 from study.lease import Lease
 from study.metrics import SUMMARY_METRICS
-from study.preflight import check_data, check_resume, check_run_dir
+from study.preflight import check_data, check_memory, check_resume, check_run_dir
 from study.schema import ConfigError, StudyConfig
 from study.search import SearchPlan, describe_search, done_runs, run_search
 from study.storage import check_same_config, open_study
@@ -93,6 +93,7 @@ def execute(cfg: DictConfig, typed: StudyConfig, plan: SweepPlan, run_dir: Path,
     check_resume(typed.resume, run_dir)
     check_run_dir(run_dir, study_name, url)
     check_data(plan)
+    check_memory(plan, device)
     study = open_study(run_dir, url, study_name, typed.objective.direction,
                        typed.storage.retries)
     check_same_config(study, resumable_config(config))

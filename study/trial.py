@@ -69,6 +69,12 @@ class TrainSpec:
     def total_steps(self, n_train: int) -> int:
         return self.epochs * self.steps_per_epoch(n_train)
 
+    def eval_count(self, n_train: int) -> int:
+        """len(eval_steps(n_train)), without listing them."""
+        total = self.total_steps(n_train)
+        every = self.eval_every or self.steps_per_epoch(n_train)
+        return total // every + 1 + (total % every != 0)
+
     def eval_steps(self, n_train: int) -> list[int]:
         """Steps (updates done so far) after which the full splits are evaluated."""
         total = self.total_steps(n_train)

@@ -124,6 +124,8 @@ def test_hydra_cfg_flag_prints_the_composed_sweep(study_cli) -> None:
         ("optimizer.lr=-0.1", "optimizer.lr is out of range"),
         ("train.batch_size=-8", "train.batch_size must be >= 1"),
         ("optimizer=adamm", "Could not find 'optimizer/adamm'"),
+        ("train.epochs=1000000000", "error: train.epochs: a trial of this plan needs about "
+                                    "5,006.8 GiB of memory (8,000,000,000 steps of records"),
         ("sweep.seeds=[0,1]", "error: sweep.seeds=[0,1]: no sweep is chosen to set "
                               "sweep.seeds in; choose one first with +sweep=NAME (adam_search, "),
     ],

@@ -6,7 +6,13 @@ import pytest
 import torch
 
 from study.engine import population_key
-from study.engine.planner import default_budget, estimate_trial_bytes, plan_populations
+from study.engine.planner import (
+    HELD_BYTES_PER_EVAL,
+    HELD_BYTES_PER_STEP,
+    default_budget,
+    estimate_trial_bytes,
+    plan_populations,
+)
 from study.models import ModelSpec
 from study.optimizers import SGD, Adagrad, Adam, RMSprop
 from study.plan import plan_from_overrides
@@ -15,10 +21,11 @@ from study.trial import TrainSpec, TrialSpec
 from tests.study.engine.test_fused import Unfused
 
 
-def _trial(lr=0.1, batch=32, width=16, optimizer=None, dtype="float32", seed=0, task=None):
+def _trial(lr=0.1, batch=32, width=16, optimizer=None, dtype="float32", seed=0, task=None,
+           epochs=2):
     return TrialSpec(task or Blobs(n_train=128, n_val=64), ModelSpec(depth=2, width=width),
-                     optimizer or SGD(lr=lr), TrainSpec(batch_size=batch, epochs=2, dtype=dtype),
-                     seed)
+                     optimizer or SGD(lr=lr),
+                     TrainSpec(batch_size=batch, epochs=epochs, dtype=dtype), seed)
 
 
 def test_lr_batch_plans_one_population_per_structure() -> None:
@@ -84,6 +91,29 @@ def test_memory_estimate_scales_with_the_work() -> None:
             > estimate_trial_bytes(_trial(optimizer=Adam())))
     assert estimate_trial_bytes(_trial(batch="full")) > base
     assert 1.8 * base < estimate_trial_bytes(_trial(dtype="float64")) < 2.2 * base
+
+
+def test_memory_estimate_counts_what_the_run_holds_of_each_step_and_evaluation() -> None:
+    """A long trial's records, as the run holds them until its population is written, are
+    most of its memory: 10x the epochs adds their steps' and evaluations' bytes, and a
+    population of long trials is split to fit the budget."""
+    short, long = _trial(), _trial(epochs=20)
+    steps = long.train.total_steps(128) - short.train.total_steps(128)
+    evals = long.train.eval_count(128) - short.train.eval_count(128)
+    assert (steps, evals) == (72, 18)
+    assert estimate_trial_bytes(long) - estimate_trial_bytes(short) == (
+        HELD_BYTES_PER_STEP * steps + HELD_BYTES_PER_EVAL * evals)
+    longest = [_trial(lr=0.01 * (k + 1), epochs=100_000) for k in range(6)]
+    assert estimate_trial_bytes(longest[0]) > HELD_BYTES_PER_STEP * 400_000
+    assert [len(c) for c in plan_populations(longest, "cpu", budget_bytes=2**30)] == [3, 3]
+
+
+@pytest.mark.parametrize("n_train, batch, epochs, every", [
+    (128, 32, 2, None), (100, 32, 3, None), (100, 32, 3, 5), (128, "full", 7, 3),
+    (10, 3, 1, 1), (256, 8, 20, 7), (256, 8, 20, 640)])
+def test_eval_count_is_the_number_of_eval_steps(n_train, batch, epochs, every) -> None:
+    train = TrainSpec(batch_size=batch, epochs=epochs, eval_every=every)
+    assert train.eval_count(n_train) == len(train.eval_steps(n_train))
 
 
 def test_budget_defaults_and_validation() -> None:
