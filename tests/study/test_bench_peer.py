@@ -92,7 +92,7 @@ def _peer_common():
 def test_the_peers_rebuild_the_trials_of_studys_seeds() -> None:
     """The peers' workload over seeds 0..N-1 (`common.use_seeds`) is the trials study's
     bench trains with `--seeds N`, population by population."""
-    from study.bench import plan_from_overrides
+    from study.plan import plan_from_overrides
 
     common = _peer_common()
     saved = common.SEEDS
@@ -253,7 +253,7 @@ def test_the_peers_rebuild_studys_data_initialisation_and_batch_orders(task: str
     bit: each trial's data draw, its initialisation and its batch order of every epoch."""
     import torch
 
-    from study.bench import plan_from_overrides
+    from study.plan import plan_from_overrides
     from study.engine.population_data import DatasetCache, PopulationData
     from study.models import init_parameters
     from study.seeds import seed_streams
