@@ -320,7 +320,7 @@ def read_trials(run_dir: Path) -> tuple[pd.DataFrame, dict[str, Any]]:
     """trials.parquet as a frame plus its metadata (see TRIAL_COLUMNS)."""
     path = Path(run_dir) / TRIALS
     if not path.is_file():
-        raise MissingRecordError(f"{path} not found: is {run_dir} a study run directory?")
+        raise MissingRecordError(_missing_trials(Path(run_dir), path))
     try:
         table = read_snapshot(path)
     except (pa.ArrowInvalid, OSError) as err:
@@ -340,6 +340,19 @@ def write_env(run_dir: Path, env: Mapping[str, Any]) -> Path:
     path = Path(run_dir) / ENV
     atomic_write_bytes(path, json.dumps(env, indent=2, default=str).encode())
     return path
+
+
+def _missing_trials(run_dir: Path, path: Path) -> str:
+    """Why `path` (trials.parquet) is missing from `run_dir`, and what to do: a run that
+    started (env.json or a journal) writes it when it ends."""
+    try:
+        resume = read_env(run_dir).get("resume_command")
+    except (RecordError, OSError, AttributeError):
+        resume = None
+    if resume or (run_dir / JOURNAL).is_file():
+        return (f"{path} not found: the run in {run_dir} has not finished (its trials table "
+                f"is written when it ends)" + (f"; finish it with: {resume}" if resume else ""))
+    return f"{path} not found: is {run_dir} a study run directory?"
 
 
 def read_env(run_dir: Path) -> dict[str, Any]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -126,6 +127,25 @@ def test_not_a_run_dir_exits_2_and_writes_nothing(tmp_path, capsys, corrupt):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "trials.parquet" in err[0]
     assert not (tmp_path / "report.html").exists()
+
+
+@pytest.mark.parametrize("left", ["env", "journal"])
+def test_a_run_that_has_not_finished_says_so_and_how_to_finish_it(tmp_path, capsys, left):
+    """A run stopped before its end (Ctrl-C, a kill, a worker still training) has no
+    trials.parquet yet: the line says it has not finished and, from env.json, the command
+    that finishes it."""
+    resume = f"python -m study +sweep=smoke hydra.run.dir={tmp_path}"
+    if left == "env":
+        (tmp_path / "env.json").write_text(json.dumps({"resume_command": resume}))
+    else:
+        (tmp_path / "study.journal").write_text("")
+    assert main([str(tmp_path)]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line == (f"analysis: error: {tmp_path}/trials.parquet not found: the run in "
+                    f"{tmp_path} has not finished (its trials table is written when it ends)"
+                    + (f"; finish it with: {resume}" if left == "env" else ""))
+    assert sorted(p.name for p in tmp_path.iterdir()) == (
+        ["env.json"] if left == "env" else ["study.journal"])
 
 
 def test_analysis_never_imports_torch():

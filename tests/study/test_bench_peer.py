@@ -253,9 +253,9 @@ def test_the_peers_rebuild_studys_data_initialisation_and_batch_orders(task: str
     bit: each trial's data draw, its initialisation and its batch order of every epoch."""
     import torch
 
-    from study.plan import plan_from_overrides
     from study.engine.population_data import DatasetCache, PopulationData
     from study.models import init_parameters
+    from study.plan import plan_from_overrides
     from study.seeds import seed_streams
 
     common = _peer_common()
