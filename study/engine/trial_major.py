@@ -694,13 +694,8 @@ if njit is not None:
         for f in range(values.shape[0]):
             table[k, f, t] = values[f]
 
-    @njit(cache=True, nogil=True)
-    def _segment(t, first_step, end_step, eval_first, eval_index, params, previous, state1,
-                 state2, state3, prev_norm, live, x_eval, yf_eval, yi_eval, classify, scale, orders,
-                 epoch_base, epoch_stride, batch, n_train, w_off, b_off, fan_in, fan_out,
-                 narrow, act, probe, sat_z, kind, hp, step_lr, step_bc2, step_decay,
-                 steps_rec, evals_rec, chunk, huber, clip, accumulated, decay_parts,
-                 onehot, class_weights):
+    @njit(cache=True, inline="always")
+    def _segment(t, segment):
         # Trial t from `first_step` updates to `end_step` (each step: batch, forward, loss,
         # backward, records, freeze decision, update), with the evaluations of the full
         # splits after the steps that `eval_index` names (>= 0: which evaluation), and
@@ -708,6 +703,11 @@ if njit is not None:
         # previous (the last update), state1 / state2 / state3 (the optimizer's:
         # `fused._row_update`), prev_norm and live (0: frozen or stopped, nothing more is
         # computed).
+        (first_step, end_step, eval_first, eval_index, params, previous, state1, state2,
+         state3, prev_norm, live, x_eval, yf_eval, yi_eval, classify, scale, orders,
+         epoch_base, epoch_stride, batch, n_train, w_off, b_off, fan_in, fan_out, narrow,
+         act, probe, sat_z, kind, hp, step_lr, step_bc2, step_decay, steps_rec, evals_rec,
+         chunk, huber, clip, accumulated, decay_parts, onehot, class_weights) = segment
         if not live[t]:
             return
         n_params = params.shape[1]
@@ -895,16 +895,20 @@ if njit is not None:
         prev_norm[t] = norm
 
     @njit(cache=True, nogil=True)
-    def _rows(queue, taken, halt, *segment):
+    def _rows(queue, taken, halt, segment):
         # `_segment` for every trial of `queue`, each taken by whichever thread running
         # this loop asks first (`taken[0]`, an atomic counter the threads share), until all
         # are taken or `halt[0]` is set: a thread never goes back to Python, so it needs
         # the GIL only to start and to end, whatever the caller's thread does meanwhile.
+        # `_segment` is inlined here (its arguments one tuple: numba inlines no call with
+        # *args, and Python makes a call of 40-odd arguments one), so that the kernel is
+        # compiled once: as a function of its own, LLVM compiled it and then, linked into
+        # this one, again (6 s and 5 s of a first compilation).
         while fetch_add(halt, 0, 0) == 0:
             i = fetch_add(taken, 0, 1)
             if i >= queue.shape[0]:
                 return
-            _segment(queue[i], *segment)
+            _segment(queue[i], segment)
 
 
     class _CompileNotice(numba_event.Listener):
@@ -913,11 +917,13 @@ if njit is not None:
         # about 20-30 s for the kernel with nothing else on the screen, so it says why, and
         # compiles its largest callees side by side (`_compile_callees`).
         def on_start(self, event) -> None:
-            if event.data["dispatcher"] is _segment:
+            if event.data["dispatcher"] is _rows:
+                # `_segment`'s argument types: a trial of the queue, then its `segment`
+                queue, _, _, segment = event.data["args"]
+                args = (queue.dtype, *segment.types)
                 log.info("compiling the CPU kernel for %s (first use on this machine or of "
-                         "this version: about 20-30 s, then cached on disk)",
-                         event.data["args"][5].dtype)
-                _compile_callees(event.data["args"])
+                         "this version: about 20-30 s, then cached on disk)", args[5].dtype)
+                _compile_callees(args)
 
         def on_end(self, event) -> None:
             pass
@@ -961,12 +967,12 @@ def callee_signatures(segment: Sequence) -> dict[str, tuple]:
 def _compile_callees(segment: Sequence) -> None:
     """Compile `_evaluate` in one forked process and `_backward`, `_update` and
     `_loss_grad` in another, side by side (about 9 s each, of the kernel's 28 one after
-    another), before numba compiles `_segment` (argument types `segment`): the children
-    write them to numba's disk cache, and `_segment` loads them from there. The loaded
-    code gives the same bits as compiling them in this process (lr_batch's trials and
-    curves). With one core or off Linux they are compiled here, in turn
-    (`study.parallel`); one that fails in a child is compiled again with `_segment`, as
-    it would have been."""
+    another), before numba compiles `_rows` with `_segment` inlined (`segment`:
+    `_segment`'s argument types): the children write them to numba's disk cache, and
+    `_rows` loads them from there. The loaded code gives the same bits as compiling them in
+    this process (lr_batch's trials and curves). With one core or off Linux they are
+    compiled here, in turn (`study.parallel`); one that fails in a child is compiled again
+    with `_rows`, as it would have been."""
     signatures = callee_signatures(segment)
     run_jobs({"evaluation": (_compile_each, ([(_evaluate, signatures["_evaluate"])],)),
               "step": (_compile_each, ([(_backward, signatures["_backward"]),
@@ -978,7 +984,7 @@ def _compile_each(jobs: Sequence[tuple]) -> None:
     for dispatcher, signature in jobs:
         try:
             dispatcher.compile(signature)
-        except Exception as err:  # noqa: BLE001 - `_segment`'s own compilation reports it
+        except Exception as err:  # noqa: BLE001 - `_rows`' own compilation reports it
             log.debug("compiling %s ahead of the kernel failed: %s", dispatcher, err)
             return
 
@@ -1169,7 +1175,7 @@ class Kernel:
         # compilation forks a process (`_compile_callees`).
         _rows.compile((*(numba.typeof(a) for a in (live, taken, halt)),
                        numba.types.BaseTuple.from_types([numba.typeof(a) for a in args])))
-        return Running(lambda: _rows(live, taken, halt, *args), min(self.threads, len(live)),
+        return Running(lambda: _rows(live, taken, halt, args), min(self.threads, len(live)),
                        halt)
 
     def _orders_for(self, low: int, high: int) -> slice:
