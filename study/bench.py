@@ -90,10 +90,34 @@ def load_averages() -> list[float] | None:
 
 
 def write_json(result: dict[str, Any], out: Path | None) -> None:
-    """Write `result` as indented JSON to `out` (a bench's `--out`; nothing when None)."""
-    if out is not None:
+    """Write `result` as indented JSON to `out` (a bench's `--out`; nothing when None),
+    its folder made if missing. A file that cannot be written ends the command with one
+    line and exit 3; the caller has printed the result already, so nothing is lost."""
+    if out is None:
+        return
+    try:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=2) + "\n")
+    except OSError as err:
+        print(f"error: cannot write {out}: {err.strerror or err} (the result is printed "
+              f"above)", file=sys.stderr)
+        raise SystemExit(3) from None
+
+
+def out_path(text: str) -> Path:
+    """An argparse `type` for a bench's `--out`: refused at once (argparse's one line,
+    exit 2) when it names a folder or its nearest existing folder cannot be written, not
+    after minutes of measuring."""
+    path = Path(text)
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a directory")
+    if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK) or (
+            path.exists() and not os.access(path, os.W_OK)):
+        raise argparse.ArgumentTypeError(f"cannot write {text}")
+    return path
 
 
 def population_label(trial: TrialSpec) -> str:
@@ -347,7 +371,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                         help="the batched engine's CPU kernel: auto (trial-major where a "
                              "population fits it, study.engine.trial_major) or layer_major "
                              "(always one operation over all rows at a time)")
-    parser.add_argument("--out", type=Path, default=None, help="write the JSON here too")
+    parser.add_argument("--out", type=out_path, default=None, help="write the JSON here too")
     parser.add_argument("--peer", action="store_true",
                         help="compare with the JAX/optax peer and the plain loop (bench/peers), "
                              "each in its own process, on the lr_batch workload on the CPU "

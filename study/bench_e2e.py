@@ -42,14 +42,19 @@ from pathlib import Path
 from typing import Any
 
 from study import records
-from study.bench import load_averages, write_json
+from study.bench import load_averages, out_path, write_json
 
 STAGES = ("start_up", "training", "results", "report", "exit")
 DEFAULT_OVERRIDES = ("+sweep=lr_batch",)
 
 
 class RunFailed(RuntimeError):
-    """The command exited with an error; the message is its last line on stderr."""
+    """The command exited with an error (`status`); the message is its last line on
+    stderr."""
+
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 def stages(run_dir: Path, started: float, ended: float) -> dict[str, float | None]:
@@ -89,7 +94,8 @@ def run_once(overrides: Sequence[str], checkout: Path | None) -> dict[str, Any]:
         after = resource.getrusage(resource.RUSAGE_CHILDREN)
         if done.returncode != 0:
             last = (done.stderr.strip().splitlines() or ["(nothing on stderr)"])[-1]
-            raise RunFailed(f"python -m study exited with {done.returncode}: {last}")
+            raise RunFailed(f"python -m study exited with {done.returncode}: {last}",
+                            done.returncode)
         return {"wall_s": round(ended - started, 3),
                 "cpu_s": round(after.ru_utime + after.ru_stime
                                - before.ru_utime - before.ru_stime, 3),
@@ -115,7 +121,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--against", type=Path, default=None,
                         help="another checkout of study, run in turn with this one")
-    parser.add_argument("--out", type=Path, default=None, help="write the JSON here too")
+    parser.add_argument("--out", type=out_path, default=None, help="write the JSON here too")
     parser.add_argument("--warm-up", action=argparse.BooleanOptionalAction, default=True,
                         help="run each side once, untimed, before the rounds (default: on)")
     args = parser.parse_intermixed_args(argv)
@@ -136,9 +142,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 row = run_once(args.overrides, checkout)
                 rounds[name].append(row)
                 print(json.dumps({"side": name, "round": index, **row}), file=sys.stderr)
-    except RunFailed as err:
+    except RunFailed as err:  # its bad input (2) or bad state (3) is the bench's too
         print(f"error: {err}", file=sys.stderr)
-        sys.exit(1)
+        sys.exit(err.status if err.status in (2, 3) else 1)
     result = {"command": " ".join(["python -m study", *args.overrides]),
               **({"against": str(args.against.resolve())} if args.against else {}),
               **({"warm_up_s": warm_up} if warm_up else {}),

@@ -30,7 +30,7 @@ import optuna
 import torch
 
 from study import cli
-from study.bench import at_least, write_json
+from study.bench import at_least, out_path, write_json
 from study.engine import BatchedEngine, ReferenceEngine
 from study.metrics import objective_value, summarize_many
 from study.metrics.curvature import stability_threshold
@@ -109,7 +109,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                              "e.g. '{type: successive_halving, min_resource: 2}'")
     parser.add_argument("--no-sequential", action="store_true",
                         help="skip the sequential arm (pruning comparisons only)")
-    parser.add_argument("--out", type=Path, default=None, help="write the JSON here too")
+    parser.add_argument("--out", type=out_path, default=None, help="write the JSON here too")
     args = parser.parse_intermixed_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -110,6 +111,38 @@ def test_a_bad_number_is_refused_by_the_parser(module, option, message, capsys) 
     assert stop.value.code == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         f"python -m study.{module}: error: {message}")
+
+
+@pytest.mark.parametrize("module", ["bench", "bench_search", "bench_e2e"])
+def test_an_out_that_cannot_be_written_is_refused_before_measuring(module, tmp_path,
+                                                                   capsys) -> None:
+    run = importlib.import_module(f"study.{module}").main
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    for out, message in ((tmp_path, f"{tmp_path} is a directory"),
+                         (a_file / "x.json", f"cannot write {a_file / 'x.json'}")):
+        with pytest.raises(SystemExit) as stop:
+            run(["+sweep=smoke", "--out", str(out)])
+        assert stop.value.code == 2
+        assert capsys.readouterr().err.strip().splitlines()[-1] == (
+            f"python -m study.{module}: error: argument --out: {message}")
+
+
+def test_an_out_that_fails_when_written_is_one_line_after_the_result(tmp_path, monkeypatch,
+                                                                      capsys) -> None:
+    """The disk fills while measuring: the result printed, one line, exit 3."""
+    from study.bench import write_json
+
+    def full(self, *args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", full)
+    with pytest.raises(SystemExit) as stop:
+        write_json({"x": 1}, tmp_path / "deep" / "out.json")
+    assert stop.value.code == 3
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"error: cannot write {tmp_path / 'deep' / 'out.json'}: No space left on device "
+        f"(the result is printed above)"]
 
 
 def test_seeds_widens_every_population(tmp_path) -> None:

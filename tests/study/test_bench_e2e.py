@@ -50,10 +50,11 @@ def test_medians_skip_the_empty_stages() -> None:
                                "report": None, "exit": 2.2}
 
 
-def test_a_refused_command_is_one_error_line(capsys) -> None:
+def test_a_refused_command_is_one_error_line_and_its_exit_status(capsys) -> None:
+    """The command's bad input (exit 2) is the bench's bad input too."""
     with pytest.raises(SystemExit) as stop:
         bench_e2e.main(["+sweep=smoke", "train.epochs=0", "--rounds", "1"])
-    assert stop.value.code == 1
+    assert stop.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["error: python -m study exited with 2: "
                    "error: train.epochs must be >= 1, got 0"]
