@@ -17,27 +17,43 @@ import functools
 import logging
 import os
 import shutil
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import NoReturn
 
-import hydra
-from hydra.core.hydra_config import HydraConfig
-from hydra.types import RunMode
-from omegaconf import DictConfig, OmegaConf
+NOT_STARTED = "interrupted before the run started; nothing was stored"
 
-from study import cli, heap, records, storage
-from study.analyst import Analyst
-from study.compositions import Ahead
-from study.process_exit import exit_now
-from study.schema import ConfigError, register
+
+def _interrupted_at_start(signum: int, frame: object) -> None:
+    # Ctrl-C while the command starts (the imports below, Hydra's composition): no run
+    # exists yet, and the traceback of an import says nothing to a user.
+    # the real stderr: until Hydra calls `main`, sys.stderr holds what Hydra writes
+    os.write(2, (NOT_STARTED + "\n").encode())
+    os._exit(130)
+
+
+if __name__ == "__main__":
+    signal.signal(signal.SIGINT, _interrupted_at_start)
+
+import hydra  # noqa: E402
+from hydra.core.hydra_config import HydraConfig  # noqa: E402
+from hydra.types import RunMode  # noqa: E402
+from omegaconf import DictConfig, OmegaConf  # noqa: E402
+
+from study import cli, heap, records, storage  # noqa: E402
+from study.analyst import Analyst  # noqa: E402
+from study.compositions import Ahead  # noqa: E402
+from study.process_exit import exit_now  # noqa: E402
+from study.schema import ConfigError, register  # noqa: E402
 
 register()
 
 
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # from here: `_interrupted`
     cli.release_stderr()
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
@@ -82,6 +98,13 @@ def main(cfg: DictConfig) -> None:
         if fresh:
             _remove_if_only_logs(run_dir)
         end(3)
+    except KeyboardInterrupt:
+        # Ctrl-C outside training (which stops between populations on its own): before the
+        # run was stored, or while its claims and report were made.
+        print(_interrupted(run_dir), file=sys.stderr)
+        if fresh:
+            _remove_if_only_logs(run_dir)
+        end(130)
     except OSError as err:
         # The run directory cannot be written (a full disk, a read-only filesystem): what
         # is stored is whole (atomic writes, a repairable journal tail); a resume finishes.
@@ -105,6 +128,17 @@ def _analyses(cfg: DictConfig) -> bool:
         return bool(OmegaConf.select(cfg, "report", default=True)) or (
             OmegaConf.select(cfg, "sweep", default=None) is not None)
     return False
+
+
+def _interrupted(run_dir: Path) -> str:
+    """One line for Ctrl-C outside training: what is stored and how to finish."""
+    try:
+        resume = records.read_env(run_dir).get("resume_command")
+    except (records.RecordError, OSError, AttributeError):
+        resume = None
+    if resume is None:
+        return NOT_STARTED
+    return f"interrupted; nothing stored is lost. Finish with: {resume}"
 
 
 def _os_error_message(err: OSError, run_dir: Path) -> str:

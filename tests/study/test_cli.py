@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import optuna
 import pytest
 
 from study import records
+from tests.study.conftest import ROOT, TINY
 
 
 @pytest.fixture(scope="module")
@@ -282,3 +284,58 @@ def test_a_user_config_directory_with_a_group_axis_sweep_runs_both_documented_wa
         ("none", "linear_regression"), ("none", "teacher_mlp")]
     assert (trials.loc[trials["failure"] == "heavy_outliers",
                        "failure.heavy_outliers.magnitude"] == 50.0).all()
+
+
+# ------------------------------------------------------------------------------- Ctrl-C
+def _interrupted_study(tmp_path: Path, when: str, *args: str) -> subprocess.CompletedProcess:
+    """`python -m study ARGS` in a subprocess that sends itself SIGINT (Ctrl-C) at `when`:
+    "start-up" as its entry point imports Hydra, "report" as the run hands its results to
+    the claims and the report."""
+    script = f"""
+import builtins, os, runpy, signal, sys
+sys.argv = ["study", *{list(args)!r}]
+def ctrl_c():
+    os.kill(os.getpid(), signal.SIGINT)
+if {when!r} == "start-up":
+    real = builtins.__import__
+    def importing(name, *rest, **kwargs):
+        if name == "hydra":
+            builtins.__import__ = real
+            ctrl_c()
+        return real(name, *rest, **kwargs)
+    builtins.__import__ = importing
+else:
+    import study.run
+    analyse = study.run.analyse
+    def interrupted(*rest, **kwargs):
+        ctrl_c()
+        return analyse(*rest, **kwargs)
+    study.run.analyse = interrupted
+runpy.run_module("study", run_name="__main__", alter_sys=True)
+"""
+    return subprocess.run([sys.executable, "-c", script], cwd=ROOT, text=True,
+                          capture_output=True, timeout=600)
+
+
+def test_ctrl_c_while_starting_is_one_line_and_leaves_nothing(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    done = _interrupted_study(tmp_path, "start-up", *TINY, f"hydra.run.dir={run_dir}")
+    assert done.returncode == 130
+    assert done.stderr.strip().splitlines() == [
+        "interrupted before the run started; nothing was stored"]
+    assert not run_dir.exists()
+
+
+def test_ctrl_c_while_reporting_is_one_line_and_the_resume_finishes(tmp_path: Path,
+                                                                    study_cli) -> None:
+    run_dir = tmp_path / "run"
+    args = (*TINY[:-2], f"hydra.run.dir={run_dir}")
+    done = _interrupted_study(tmp_path, "report", *args)
+    assert done.returncode == 130, done.stderr
+    resume = f"python -m study {' '.join(args)}"
+    assert done.stderr.strip().splitlines()[-1] == (
+        f"interrupted; nothing stored is lost. Finish with: {resume}")
+    assert "Traceback" not in done.stderr
+    assert (run_dir / records.TRIALS).is_file() and not (run_dir / records.REPORT).exists()
+    finished = study_cli(*args, expect=0)
+    assert "0 trials trained" in finished.stdout and (run_dir / records.REPORT).is_file()
