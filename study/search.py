@@ -124,7 +124,8 @@ def expand_search(cfg: Any, compose: Compose, overrides: Sequence[str],
     if not (isinstance(sweep.trials, int) and sweep.trials >= 1):
         raise ConfigError(f"sweep.trials: the budget must be a number of proposals >= 1, got "
                           f"{sweep.trials!r}")
-    population = sweep.population or sweep.trials
+    # unset: the whole budget in one round; 0 is no population, not "unset"
+    population = sweep.trials if sweep.population is None else sweep.population
     if not (isinstance(population, int) and population >= 1):
         raise ConfigError(f"sweep.population: must be >= 1, got {population!r}")
     space = {name: distribution(name, spec) for name, spec in sweep.space.items()}

@@ -115,6 +115,7 @@ def test_the_cli_runs_a_search_and_writes_its_records(tmp_path: Path, study_cli)
 @pytest.mark.parametrize("override, message", [
     ("sweep.sampler=annealing", "sweep.sampler: must be grid or one of"),
     ("sweep.trials=0", "sweep.trials: the budget"),
+    ("sweep.population=0", "sweep.population: must be >= 1, got 0"),
     ("+sweep.axes={optimizer.lr: [0.1]}", "sweep.axes: a sampler sweep declares sweep.space"),
     ("workers=2", "workers: a sampler sweep"),
 ])
