@@ -111,6 +111,8 @@ def oscillation(step_loss: np.ndarray) -> dict[str, np.ndarray]:
 def _tv_ratio(log_loss: np.ndarray) -> np.ndarray:
     """osc_tv_ratio (see `oscillation`) of NaN-padded [T, S] log losses."""
     n_rows, width = log_loss.shape
+    if width == 0:  # no trial took a step (each stopped at its first evaluation)
+        return np.full(n_rows, np.nan)
     valid = np.isfinite(log_loss)
     n = valid.sum(axis=1)  # (T,)
     w = np.maximum(n // 10, 1)

@@ -143,6 +143,17 @@ def test_bad_overrides_exit_non_zero_with_one_clear_error_and_write_nothing(
     assert not run_dir.exists()
 
 
+def test_a_trial_whose_data_is_not_finite_from_the_start_is_recorded_diverged_at_0(
+        tmp_path: Path, study_cli) -> None:
+    """NaN features from the start: the first evaluation's loss is not finite, the trial
+    stops before its first step, and the run records it (it ended in a traceback)."""
+    run_dir = tmp_path / "run"
+    study_cli("failure=nan_features", f"hydra.run.dir={run_dir}", "report=false", expect=0)
+    trials, _ = records.read_trials(run_dir)
+    assert trials[["status", "divergence_step", "steps"]].values.tolist() == [
+        ["diverged", 0, 0]]
+
+
 def test_an_exception_hydra_did_not_expect_is_its_last_line(tmp_path: Path,
                                                             study_cli) -> None:
     """Hydra prints a traceback for an exception of its own composition it did not expect

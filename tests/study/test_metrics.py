@@ -264,6 +264,28 @@ def test_oscillation_of_a_trial_with_no_finite_step_warns_nothing() -> None:
     assert math.isnan(out["loss_diff_autocorr"][0]) and math.isnan(out["osc_tv_ratio"][0])
 
 
+@pytest.mark.parametrize("initial", [math.nan, 1.0])
+def test_a_population_where_no_trial_took_a_step_is_summarized(initial: float) -> None:
+    """Every trial stopped at its first evaluation (NaN in the data from the start: a loss
+    that is not finite freezes it before its first step), so the step records have width
+    0: each is summarized without a warning, with no steps and no oscillation."""
+    def stopped() -> Trace:
+        return Trace(step_loss=np.array([]), grad_norm=np.array([]), eval_step=np.array([0]),
+                     train_loss=np.array([initial]), val_loss=np.array([initial]),
+                     train_acc=None, val_acc=None,
+                     divergence_step=None if math.isfinite(initial) else 0,
+                     planned_steps=160, irreducible_loss=0.0)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        rows = summarize_many([stopped(), stopped()])
+    for row in rows:
+        assert row["steps"] == 0 and math.isnan(row["osc_tv_ratio"])
+        assert row["status"] == ("diverged" if math.isnan(initial) else "no_progress")
+        assert row["divergence_step"] == 0 if math.isnan(initial) else math.isnan(
+            row["divergence_step"])
+
+
 def test_tv_ratio_reads_net_progress_between_robust_ends_not_noisy_endpoints() -> None:
     rng = np.random.default_rng(0)
     noise = rng.lognormal(0.0, 0.3, (2, 640))  # batch-8-like minibatch noise
