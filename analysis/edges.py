@@ -84,8 +84,13 @@ def plot_edges(edges: pd.DataFrame) -> Figure:
             open_top = (rows["bound"] == "above high").to_numpy()
             ax.scatter(pos[open_top], edge[open_top], marker="^", s=40, facecolors="white",
                        edgecolors=color, zorder=3)
-        ax.set_yscale("log")
-        plain_log_ticks(ax.yaxis)
+        if np.isfinite(part["edge"].to_numpy(float)).any():
+            ax.set_yscale("log")
+            plain_log_ticks(ax.yaxis)
+        else:  # a log axis has no range to show: every configuration here diverged
+            ax.set_yticks([])
+            ax.text(0.5, 0.5, "diverged at the lowest rate:\nno edge in range",
+                    transform=ax.transAxes, ha="center", va="center", color="0.35")
         ax.set_xticks(range(len(xs)), xs)
         ax.set_xlabel(x or "")
         ax.set_ylabel("largest stable lr")
@@ -128,5 +133,10 @@ def edge_section(edges: pd.DataFrame | None) -> dict[str, Any] | None:
         table[column] = table[column].map(fmt)
     for column in ("precision", "grid_precision_same_cost"):
         table[column] = table[column].map(lambda v: f"{fmt(100 * v)}%" if pd.notna(v) else "—")
-    return {"image": figure_to_data_uri(plot_edges(edges)), "caption": caption,
+    drawn = edges["edge"].notna().any()
+    if not drawn:
+        caption = ("No configuration has an edge in the searched range: every one diverged "
+                   "at its lowest rate for some seed (lower `sweep.edge.low` to find it).")
+    return {"image": figure_to_data_uri(plot_edges(edges)) if drawn else None,
+            "caption": caption,
             "table": styled(table, "edges", right=["edge", "edge_high", "trials"])}

@@ -47,3 +47,27 @@ def test_the_section_states_the_precision_reached_and_the_grid_of_the_same_cost(
 
 def test_no_section_without_edges() -> None:
     assert edge_section(None) is None and edge_section(pd.DataFrame()) is None
+
+
+def _below_low(frame: pd.DataFrame, task: str) -> pd.DataFrame:
+    """`frame` with every configuration of `task` diverged at the lowest rate tried."""
+    rows = frame["task"] == task
+    return frame.assign(**{c: frame[c].where(~rows, np.nan) for c in (
+        "edge", "precision", "seed_edge_min", "seed_edge_max")},
+        bound=frame["bound"].where(~rows, "below low"))
+
+
+def test_a_panel_where_every_configuration_diverged_at_the_lowest_rate_is_drawn_empty(
+        ) -> None:
+    """A log axis has no range without a finite edge (matplotlib raised); that panel says
+    why it is empty, and the others are drawn."""
+    section = edge_section(_below_low(_edges(), "blobs"))
+    assert section["image"].startswith("data:image/png;base64,")
+    assert "6 configurations diverged at the lowest rate" in section["caption"]
+
+
+def test_no_figure_when_no_configuration_has_an_edge_in_range() -> None:
+    section = edge_section(_below_low(_below_low(_edges(), "blobs"), "teacher_mlp"))
+    assert section["image"] is None
+    assert section["caption"].startswith("No configuration has an edge in the searched range")
+    assert section["table"].count("<tr") == len(_edges()) + 1
