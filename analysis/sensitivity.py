@@ -168,6 +168,16 @@ def draw_lr_panel(curves: pd.DataFrame, points: pd.DataFrame, line: str | None,
     if not points.empty:
         ax.plot(points["lr"], points["value"], linestyle="none", marker="x", color="black",
                 markersize=6, markeredgewidth=1.5)
+    if not (np.isfinite(curves["median"]).any() or np.isfinite(points["value"]).any()):
+        # Nothing finite drawn (every trial blew up from its start): a log axis has no
+        # range of its own, so it takes the rates'.
+        rates = pd.concat([curves["lr"], points["lr"]]).astype(float)
+        rates = rates[np.isfinite(rates) & (rates > 0)]
+        if len(rates):
+            ax.set_xlim(rates.min() / 1.5, rates.max() * 1.5)
+        ax.set_yticks([])
+        ax.text(0.5, 0.5, "no finite loss to draw", transform=ax.transAxes, ha="center",
+                va="center", color="0.35")
     ax.set_xscale("log")
     # Every decade labelled, no minor ticks: unlabelled minor ticks (8 per decade) cost
     # most of the drawing time.

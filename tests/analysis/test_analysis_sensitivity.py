@@ -96,3 +96,23 @@ def test_diverged_points_at_capped_value(trials):
     points = diverged_points(trials, GROUP)
     assert points["lr"].tolist() == [1.0, 1.0]
     assert points["value"].tolist() == [1.0, 1.0]
+
+
+def test_a_panel_with_no_finite_loss_is_drawn_on_the_rates_range() -> None:
+    """Every trial blew up from its start (its initial loss not finite, so every capped
+    loss is inf): nothing finite to draw, and a log x axis with no data had no range
+    (matplotlib raised, and the report ended in a traceback)."""
+    from analysis.figures import figure_to_data_uri
+    from analysis.sensitivity import plot_lr_sensitivity
+
+    frame = pd.DataFrame([trial(opt, lr, np.nan, "diverged", initial=np.inf)
+                          for opt in ("sgd", "adam") for lr in (0.01, 0.1, 1.0)])
+    frame = frame.assign(trial=range(len(frame)))
+    curves = lr_curves(frame, GROUP)
+    assert not np.isfinite(curves["median"]).any()
+    figure = plot_lr_sensitivity(curves, diverged_points(frame, GROUP), None, None,
+                                 "optimizer")
+    ax = figure.axes[0]
+    low, high = ax.get_xlim()
+    assert ax.get_xscale() == "log" and low < 0.01 and high > 1.0
+    assert figure_to_data_uri(figure).startswith("data:image/png;base64,")
