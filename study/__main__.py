@@ -74,7 +74,10 @@ def main(cfg: DictConfig) -> None:
         if multirun:
             _mask_file(Path(hc.sweep.dir) / "multirun.yaml")
         # Imported once Hydra has composed the config: a mistyped command line is refused
-        # without waiting for torch, numba and the engine.
+        # without waiting for torch, numba and the engine. torch gives its loggers their
+        # levels at the end of its import; one interrupted before that (Ctrl-C) logged its
+        # exit-time statistics at Hydra's INFO level.
+        logging.getLogger("torch").setLevel(logging.WARNING)
         from study.config import validate
         from study.plan import expand
         from study.run import check_objective, execute

@@ -24,6 +24,7 @@ import signal
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from multiprocessing.connection import Connection
 from pathlib import Path
 
 import torch
@@ -77,6 +78,18 @@ class WorkerJob:
     threads: int
     parent: int
     dashboard: bool = False  # storage.dashboard
+
+
+def _worker_entry(jobs: Connection, index: int) -> None:
+    """Entry point of a spawned worker: its job arrives over `jobs` (see `run_workers`);
+    none (the parent was stopped or died first) is nothing to do."""
+    try:
+        job = jobs.recv()
+    except (EOFError, OSError):  # all or part of it: the parent was stopped meanwhile
+        return
+    finally:
+        jobs.close()
+    worker_main(job, index)
 
 
 def worker_main(job: WorkerJob, index: int) -> None:
@@ -154,15 +167,26 @@ def run_workers(job: WorkerJob, workers: int, stop: StopRequest,
     """
     context = multiprocessing.get_context("spawn")
     gpus = visible_gpus(job.device)
-    processes = []
+    processes, senders = [], []
     for index in range(workers):
-        with _environment(worker_environment(job.threads, index, gpus)):
-            process = context.Process(target=worker_main, args=(job, index),
+        receive, send = context.Pipe(duplex=False)
+        with _environment(worker_environment(job.threads, index, gpus)), _sigint_ignored():
+            process = context.Process(target=_worker_entry, args=(receive, index),
                                       name=f"study-worker-{index}")
             process.start()
+        receive.close()
         processes.append(process)
+        senders.append(send)
     forwarded = 0
     try:
+        # The job (the whole plan: 200 KB for lr_batch) goes over a pipe once every worker
+        # runs, with this process's Ctrl-C handler in place: written into the spawn's own
+        # pipe, it blocked `start` until the child had imported torch to read it, and
+        # forever when the child died first (its end of that pipe stays open here).
+        for send in senders:
+            with contextlib.suppress(OSError):  # a worker already dead: its exit code tells
+                send.send(job)
+            send.close()
         while any(p.is_alive() for p in processes):
             _wait_any(processes, poll_s)
             if stop.count > forwarded:
@@ -180,6 +204,19 @@ def run_workers(job: WorkerJob, workers: int, stop: StopRequest,
         for p in processes:
             p.join()
     return [p.exitcode for p in processes]
+
+
+@contextlib.contextmanager
+def _sigint_ignored() -> Iterator[None]:
+    """SIGINT ignored while a worker is spawned: an ignored signal stays ignored across
+    exec (a handled one does not), so the worker cannot die of a Ctrl-C (sent to the whole
+    process group) in its imports, before it can ignore SIGINT itself: one that did
+    printed a traceback. A Ctrl-C within the spawn's few milliseconds is lost."""
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _wait_any(processes: list, timeout: float) -> None:

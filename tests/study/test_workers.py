@@ -131,3 +131,76 @@ def test_a_worker_starts_its_thread_pools_at_its_share_of_the_cores() -> None:
         process.join(timeout=60)
     assert workers.worker_environment(3, 5, ["0", "1"]) == {
         "NUMBA_NUM_THREADS": "3", "OMP_NUM_THREADS": "3", "CUDA_VISIBLE_DEVICES": "1"}
+
+
+def _report_sigint(queue) -> None:
+    import signal
+
+    queue.put(signal.getsignal(signal.SIGINT) == signal.SIG_IGN)
+
+
+def test_a_worker_is_spawned_deaf_to_ctrl_c_and_the_parent_keeps_its_handler() -> None:
+    """A terminal's Ctrl-C reaches the whole process group: a worker spawned with SIGINT
+    ignored cannot die of it in its imports (the parent stops it with SIGTERM), and the
+    parent's own handler is back once the worker is spawned."""
+    import signal
+
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    mine = signal.getsignal(signal.SIGINT)
+    with workers._sigint_ignored():
+        process = context.Process(target=_report_sigint, args=(queue,))
+        process.start()
+    assert signal.getsignal(signal.SIGINT) is mine
+    try:
+        assert queue.get(timeout=120) is True
+    finally:
+        process.join(timeout=60)
+
+
+@pytest.mark.parametrize("sent", [b"", b"partial"])
+def test_a_worker_whose_job_does_not_arrive_does_nothing(sent: bytes) -> None:
+    """Its parent stopped (or died) before or while sending the job: no traceback."""
+    receive, send = multiprocessing.Pipe(duplex=False)
+    if sent:
+        send.send_bytes(b"x" * 100)  # a message, then the end while reading the next
+        receive.recv_bytes()
+        os.write(send.fileno(), (1000).to_bytes(4, "big") + sent)  # a header, half a body
+    send.close()
+    assert workers._worker_entry(receive, 0) is None
+
+
+def test_ctrl_c_while_the_workers_start_stops_cleanly(tmp_path: Path) -> None:
+    """Ctrl-C to the whole process group just after a worker is spawned (a terminal's
+    Ctrl-C while `workers=2` start): the parent stops after its population and says how
+    to finish, the workers survive their imports and stop, no traceback, and nothing is
+    left running (a worker that died before reading its job hung the parent forever)."""
+    run_dir = tmp_path / "run"
+    script = f"""
+import os, runpy, signal, sys
+sys.argv = ["study", *{[*TINY, "workers=2", f"hydra.run.dir={run_dir}"]!r}]
+from study import workers
+spawning = workers._sigint_ignored
+sent = []
+class ThenCtrlC:  # once, after the first worker is spawned
+    def __init__(self):
+        self.inner = spawning()
+    def __enter__(self):
+        return self.inner.__enter__()
+    def __exit__(self, *exc):
+        self.inner.__exit__(*exc)
+        if not sent:
+            sent.append(os.killpg(0, signal.SIGINT))
+workers._sigint_ignored = ThenCtrlC
+runpy.run_module("study", run_name="__main__", alter_sys=True)
+"""
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, text=True,
+                          capture_output=True, timeout=300, start_new_session=True)
+    assert done.returncode == 130, done.stderr
+    assert "Traceback" not in done.stderr, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert lines[-1].startswith("stopped after ")
+    assert "nothing is lost. Finish with: python -m study +sweep=smoke" in lines[-1]
+    assert lines[-1].endswith(f"workers=2 hydra.run.dir={run_dir}")
+    left = subprocess.run(["pgrep", "-f", str(run_dir)], capture_output=True, text=True)
+    assert left.stdout.strip() == ""
