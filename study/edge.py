@@ -57,7 +57,8 @@ class EdgeSpec:
     candidates: int = 4
 
     def __post_init__(self) -> None:
-        checks = {"low": 0 < self.low < self.high, "high": math.isfinite(self.high),
+        checks = {"low": self.low > 0 and math.isfinite(self.low),
+                  "high": math.isfinite(self.high) and self.high > self.low,
                   "precision": self.precision > 0, "candidates": self.candidates >= 2}
         for name, ok in checks.items():
             if not ok:
@@ -152,7 +153,9 @@ def expand_edge(base: SweepPlan, edge: dict[str, Any], claims: list[Any]) -> Edg
     try:
         spec = EdgeSpec(**{k: (int(v) if k == "candidates" else float(v))
                            for k, v in edge.items()})
-    except (TypeError, ValueError) as err:
+    except ConfigError:  # a value out of range: it names its key
+        raise
+    except (TypeError, ValueError) as err:  # not a number
         raise ConfigError(f"sweep.edge: {err}") from None
     check_sweep_claims(claims, {**base.axes, AXIS: []})
     configs: dict[str, list[GridPoint]] = {}

@@ -109,7 +109,10 @@ def test_the_cli_writes_the_edges(tmp_path: Path, conf: Path, study_cli) -> None
 
 
 @pytest.mark.parametrize("override, message", [
-    ("sweep.edge.low=0", "sweep.edge.low"),
+    ("sweep.edge.low=0", r"^sweep\.edge\.low: out of range \(0 < low < high finite, "
+                         r"precision > 0, candidates >= 2\): 0\.0$"),
+    ("sweep.edge.high=-1", r"^sweep\.edge\.high: out of range .*: -1\.0$"),
+    ("sweep.edge.low=abc", r"^sweep\.edge: could not convert string to float: 'abc'$"),
     ("+sweep.edge.step=2", "sweep.edge.step: unknown key"),
     ("+sweep.axes={optimizer.lr: [0.1]}", "an edge search finds the learning rate"),
 ])
