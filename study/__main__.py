@@ -28,8 +28,8 @@ NOT_STARTED = "interrupted before the run started; nothing was stored"
 
 def _interrupted_at_start(signum: int, frame: object) -> None:
     # Ctrl-C while the command starts (the imports below, Hydra's composition): no run
-    # exists yet, and the traceback of an import says nothing to a user.
-    # the real stderr: until Hydra calls `main`, sys.stderr holds what Hydra writes
+    # exists yet, and the traceback of an import says nothing to a user. Written to the
+    # real stderr: until Hydra calls `main`, sys.stderr holds what Hydra writes.
     os.write(2, (NOT_STARTED + "\n").encode())
     os._exit(130)
 
@@ -135,10 +135,7 @@ def _analyses(cfg: DictConfig) -> bool:
 
 def _interrupted(run_dir: Path) -> str:
     """One line for Ctrl-C outside training: what is stored and how to finish."""
-    try:
-        resume = records.read_env(run_dir).get("resume_command")
-    except (records.RecordError, OSError, AttributeError):
-        resume = None
+    resume = records.resume_command(run_dir)
     if resume is None:
         return NOT_STARTED
     return f"interrupted; nothing stored is lost. Finish with: {resume}"

@@ -349,13 +349,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                         help="config overrides of the workload (+sweep=lr_batch unless one "
                              "names a sweep); device=cpu|cuda|auto picks the device")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    parser.add_argument("--subset", type=int, default=32,
+    parser.add_argument("--subset", type=at_least(0), default=32,
                         help="trials the reference engine trains (default 32; 0: none, "
                              "the batched engine alone)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the subset draw")
     parser.add_argument("--dtype", choices=["float32", "float64"], default=None,
                         help="override train.dtype of the workload")
-    parser.add_argument("--seeds", type=int, default=None,
+    parser.add_argument("--seeds", type=at_least(1), default=None,
                         help="train the workload over seeds 0..N-1 (sweep.seeds): N/3 times "
                              "lr_batch's populations, e.g. --seeds 30 gives 1,170 trials each")
     parser.add_argument("--budget-bytes", type=at_least(1), default=None,
@@ -379,7 +379,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--peer-python", type=Path, default=bench_peer.DEFAULT_PEER_PYTHON,
                         help="the Python with jax and optax that runs the peers (default: "
                              "%(default)s)")
-    parser.add_argument("--rounds", type=int, default=3,
+    parser.add_argument("--rounds", type=at_least(1), default=3,
                         help="interleaved rounds of --peer (default 3)")
     parser.add_argument("--no-plain", action="store_true",
                         help="--peer without the plain loop")
@@ -389,12 +389,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parser.parse_intermixed_args(argv)  # overrides may follow options
     if args.peer:
         return peer_main(args, parser)
-    if args.subset < 0:
-        parser.error(f"--subset must be 0 or more, got {args.subset}")
     overrides, device_name = _checked_overrides(args)
     if args.seeds is not None:
-        if args.seeds < 1:
-            parser.error(f"--seeds must be at least 1, got {args.seeds}")
         overrides.append(f"sweep.seeds=[{','.join(map(str, range(args.seeds)))}]")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -430,10 +426,6 @@ def peer_main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict
     if overrides != ["+sweep=lr_batch"] or args.limit or args.dtype:
         parser.error("--peer runs the lr_batch workload as the peers rebuild it: it takes "
                      "no overrides (but device=), --limit or --dtype")
-    if args.rounds < 1:
-        parser.error(f"--rounds must be at least 1, got {args.rounds}")
-    if args.seeds is not None and args.seeds < 1:
-        parser.error(f"--seeds must be at least 1, got {args.seeds}")
     if device == "cuda" and not torch.cuda.is_available():
         print("python -m study.bench: --peer on cuda needs a CUDA device; torch sees none",
               file=sys.stderr)

@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from study import records
-from study.bench import load_averages, out_path, write_json
+from study.bench import at_least, load_averages, out_path, write_json
 
 STAGES = ("start_up", "training", "results", "report", "exit")
 DEFAULT_OVERRIDES = ("+sweep=lr_batch",)
@@ -118,15 +118,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("overrides", nargs="*", default=list(DEFAULT_OVERRIDES),
                         help="overrides of the command (default: +sweep=lr_batch)")
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=at_least(1), default=3)
     parser.add_argument("--against", type=Path, default=None,
                         help="another checkout of study, run in turn with this one")
     parser.add_argument("--out", type=out_path, default=None, help="write the JSON here too")
     parser.add_argument("--warm-up", action=argparse.BooleanOptionalAction, default=True,
                         help="run each side once, untimed, before the rounds (default: on)")
     args = parser.parse_intermixed_args(argv)
-    if args.rounds < 1:
-        parser.error("--rounds must be at least 1")
     if args.against is not None and not (args.against / "study" / "__main__.py").is_file():
         parser.error(f"--against: {args.against} is not a checkout of study")
     sides = {"this": None, **({"against": args.against.resolve()} if args.against else {})}

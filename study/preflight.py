@@ -110,6 +110,7 @@ def check_memory(plan: SweepPlan, device: torch.device) -> None:
         HELD_BYTES_PER_STEP,
         estimate_trial_bytes,
         machine_bytes,
+        parameter_count,
         trial_steps,
     )
 
@@ -120,14 +121,11 @@ def check_memory(plan: SweepPlan, device: torch.device) -> None:
                      key=lambda pair: pair[0])
     if need <= limit:
         return
-    task = spec.task
-    params = sum(fi * fo + fo for fi, fo in spec.model.layer_sizes(task.input_dim,
-                                                                    task.output_dim))
+    steps = trial_steps(spec)
     # named by what takes most of it: the records of its steps, or its model
-    key = ("train.epochs" if 2 * HELD_BYTES_PER_STEP * trial_steps(spec) > need
-           else "model.width")
+    key = "train.epochs" if 2 * HELD_BYTES_PER_STEP * steps > need else "model.width"
     raise ConfigError(f"{key}: a trial of this plan needs about {_gib(need)} of "
-                      f"memory ({trial_steps(spec):,} steps of records, {params:,} "
+                      f"memory ({steps:,} steps of records, {parameter_count(spec):,} "
                       f"parameters), more than the {_gib(limit)} this machine has; train "
                       f"fewer steps (train.epochs, train.batch_size) or a smaller model")
 

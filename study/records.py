@@ -342,13 +342,19 @@ def write_env(run_dir: Path, env: Mapping[str, Any]) -> Path:
     return path
 
 
+def resume_command(run_dir: Path) -> str | None:
+    """The command that finishes the run in `run_dir` (env.json's `resume_command`); None
+    where env.json is missing or unreadable."""
+    try:
+        return read_env(run_dir).get("resume_command")
+    except (RecordError, OSError, AttributeError):
+        return None
+
+
 def _missing_trials(run_dir: Path, path: Path) -> str:
     """Why `path` (trials.parquet) is missing from `run_dir`, and what to do: a run that
     started (env.json or a journal) writes it when it ends."""
-    try:
-        resume = read_env(run_dir).get("resume_command")
-    except (RecordError, OSError, AttributeError):
-        resume = None
+    resume = resume_command(run_dir)
     if resume or (run_dir / JOURNAL).is_file():
         return (f"{path} not found: the run in {run_dir} has not finished (its trials table "
                 f"is written when it ends)" + (f"; finish it with: {resume}" if resume else ""))

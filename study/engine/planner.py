@@ -47,6 +47,13 @@ def trial_steps(trial: TrialSpec) -> int:
     return trial.train.total_steps(_split_sizes(trial)[0])
 
 
+def parameter_count(trial: TrialSpec) -> int:
+    """Weights and biases of `trial`'s model."""
+    task = trial.task
+    return sum(fi * fo + fo for fi, fo in trial.model.layer_sizes(task.input_dim,
+                                                                   task.output_dim))
+
+
 def _states(spec: OptimizerSpec) -> int:
     """Parameter-sized state tensors of `spec`'s optimizer (amsgrad keeps a third, the
     largest second moment so far)."""
@@ -65,9 +72,8 @@ def estimate_trial_bytes(trial: TrialSpec) -> int:
     """
     task, train = trial.task, trial.train
     n_train, n_val = _split_sizes(trial)
-    sizes = trial.model.layer_sizes(task.input_dim, task.output_dim)
-    n_params = sum(fi * fo + fo for fi, fo in sizes)
-    units = sum(fo for _, fo in sizes)  # outputs of every layer
+    n_params = parameter_count(trial)
+    units = sum(fo for _, fo in trial.model.layer_sizes(task.input_dim, task.output_dim))
     batch = train.resolved_batch_size(n_train)
     n_all = n_train + n_val
     columns = task.input_dim + task.output_dim
@@ -140,9 +146,7 @@ def plan_populations(trials: Sequence[TrialSpec], device: torch.device | str,
             cap = min(cap, max_trials)
         n_chunks = math.ceil(len(members) / cap)
         size = math.ceil(len(members) / n_chunks)
-        task = first.task
-        n_params = sum(fi * fo + fo for fi, fo in
-                       first.model.layer_sizes(task.input_dim, task.output_dim))
+        n_params = parameter_count(first)
         for start in range(0, len(members), size):
             chunk = members[start:start + size]
             work = len(chunk) * trial_steps(first) * n_params
