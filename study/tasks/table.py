@@ -71,9 +71,6 @@ class Table:
             raise ValueError(f"task.val_fraction must be in (0, 1), got {self.val_fraction}")
         object.__setattr__(self, "loss", KINDS[self.kind])
         object.__setattr__(self, "digest", self.columns().digest)
-        if len(self.columns().y) < 2:
-            raise ValueError(f"task.path: {self.path} has {len(self.columns().y)} row(s); "
-                             f"a training and a validation split need at least 2")
 
     def columns(self) -> Columns:
         """The checked table (read once per file version and cached)."""
@@ -189,6 +186,7 @@ def _npy_columns(path: str, target: str | int) -> tuple[np.ndarray, np.ndarray, 
             or not -array.shape[1] <= target < array.shape[1]:
         raise ValueError(f"task.target: a .npy table names its target by column index "
                          f"(-{array.shape[1]} to {array.shape[1] - 1}), got {target!r}")
+    _enough_rows(array.shape[0], f"task.path: {path}")
     column = target % array.shape[1]
     features = [j for j in range(array.shape[1]) if j != column]
     return (array[:, features].astype(np.float64), array[:, column],
@@ -209,6 +207,7 @@ def _frame_columns(path: str, suffix: str, target: str | int
         shown = ", ".join(names[:20]) + (", ..." if len(names) > 20 else "")
         raise ValueError(f"task.target: no column {target!r} in {path} (columns: {shown})")
     frame.columns = names
+    _enough_rows(len(frame), f"task.path: {path}")
     y = frame[str(target)].to_numpy()
     features = frame.drop(columns=[str(target)])
     if features.shape[1] == 0:
@@ -219,6 +218,14 @@ def _frame_columns(path: str, suffix: str, target: str | int
             raise ValueError(f"task.path: feature column {name!r} of {path} is not numeric "
                              f"({column.dtype}); encode it as numbers or drop it")
     return features.to_numpy(dtype=np.float64), y, list(features.columns)
+
+
+def _enough_rows(rows: int, where: str) -> None:
+    """Refuse a table too short to split (checked before its columns: an empty column
+    reads as neither numeric nor constant)."""
+    if rows < 2:
+        raise ValueError(f"{where} has {rows} row(s); a training and a validation split "
+                         f"need at least 2")
 
 
 def _checked(x: np.ndarray, y: np.ndarray, names: list[str], kind: str, where: str

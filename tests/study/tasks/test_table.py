@@ -96,6 +96,25 @@ def test_tables_that_cannot_train_are_refused_in_one_line(
     assert message.format(dir=tmp_path) in text and "\n" not in text
 
 
+@pytest.mark.parametrize("rows", [0, 1])
+@pytest.mark.parametrize("suffix", ["csv", "npy"])
+def test_a_table_too_short_to_split_is_refused_by_its_row_count(
+        tmp_path: Path, rows: int, suffix: str) -> None:
+    # Checked before the columns: a header-only CSV's columns read as text, and numpy's
+    # reductions refuse an empty array with a message that names neither file nor rows.
+    frame = _frame().drop(columns="kind").head(rows)
+    path = tmp_path / f"t.{suffix}"
+    if suffix == "csv":
+        frame.to_csv(path, index=False)
+    else:
+        np.save(path, frame.to_numpy())
+    target = "price" if suffix == "csv" else 3
+    with pytest.raises(ConfigError) as err:
+        plan_from_overrides(["task=table", f"task.path={path}", f"task.target={target}"])
+    assert str(err.value) == (f"task.path: {path} has {rows} row(s); a training and a "
+                              f"validation split need at least 2")
+
+
 def test_a_missing_path_is_named() -> None:
     with pytest.raises(ConfigError, match="task.path"):
         plan_from_overrides(["task=table"])
