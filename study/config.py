@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib
 import inspect
 import math
 import typing
 from typing import Any
 
 import torch
-from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -142,12 +142,8 @@ def instantiate_entries(plain: dict[str, Any], group: str) -> list[tuple[str, An
         if not isinstance(entry, dict) or "_target_" not in entry:
             raise ConfigError(f"{group}.{name}: expected a config with a _target_, got {entry!r}")
         target_path = entry["_target_"]
-        try:
-            target = get_class(target_path) if _is_class(target_path) else None
-        except Exception as err:
-            raise ConfigError(f"{group}.{name}._target_: cannot import {target_path!r} ({err})"
-                              ) from None
-        if target is None:
+        target = locate(target_path, f"{group}.{name}._target_")
+        if not inspect.isclass(target):
             from study.failures.base import FunctionTransform, freeze
 
             params = tuple(sorted((k, freeze(v)) for k, v in entry.items() if k != "_target_"))
@@ -157,14 +153,45 @@ def instantiate_entries(plain: dict[str, Any], group: str) -> list[tuple[str, An
     return out
 
 
-def _is_class(path: str) -> bool:
-    """Whether `path` names a class (else a function); raises if it names nothing."""
-    from hydra.utils import get_object
+def locate(path: Any, key: str) -> Any:
+    """The object a `_target_` names: its first name imported as a module, then each next
+    name an attribute, or else a submodule imported. Raises ConfigError naming `key` and
+    the reason in one line (Hydra's own lookup logs several lines and nests its reasons)."""
+    parts = path.split(".") if isinstance(path, str) else []
+    if not parts or not all(part.isidentifier() for part in parts):
+        raise ConfigError(f"{key}: expected a dotted path such as module.Class, got {path!r}")
+    found = _import(parts[0], path, key)
+    for depth in range(1, len(parts)):
+        if not hasattr(found, parts[depth]) and inspect.ismodule(found):
+            _import(".".join(parts[:depth + 1]), path, key, missing_ok=True)
+        if not hasattr(found, parts[depth]):
+            raise ConfigError(f"{key}: cannot import {path!r} ({'.'.join(parts[:depth])!r} "
+                              f"has no attribute {parts[depth]!r})")
+        found = getattr(found, parts[depth])
+    return found
 
+
+def _import(module: str, path: str, key: str, missing_ok: bool = False) -> Any:
+    """`module` imported; a module that does not exist is None where `missing_ok`, else
+    ConfigError, as is one whose own code raised (a user's module with a bug)."""
     try:
-        return inspect.isclass(get_object(path))
+        return importlib.import_module(module)
+    except ModuleNotFoundError as err:
+        if err.name == module:
+            if missing_ok:
+                return None
+            raise ConfigError(f"{key}: cannot import {path!r} (no module named {module!r})"
+                              ) from None
+        raise ConfigError(f"{key}: cannot import {path!r} (importing {module!r} failed: "
+                          f"{err})") from None
     except Exception as err:
-        raise ConfigError(f"_target_: cannot import {path!r} ({err})") from None
+        raise ConfigError(f"{key}: cannot import {path!r} (importing {module!r} raised "
+                          f"{type(err).__name__}: {_first_line(err)})") from None
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else "no message"
 
 
 def instantiate_group(plain: dict[str, Any], group: str) -> Any:
@@ -174,10 +201,10 @@ def instantiate_group(plain: dict[str, Any], group: str) -> Any:
         raise ConfigError(f"{group}: expected a config with a _target_, got {node!r}")
     values = dict(node)
     target_path = values.pop("_target_")
-    try:
-        target = get_class(target_path)
-    except Exception as err:  # hydra raises ImportError / ValueError variants
-        raise ConfigError(f"{group}._target_: cannot import {target_path!r} ({err})") from None
+    target = locate(target_path, f"{group}._target_")
+    if not inspect.isclass(target):
+        raise ConfigError(f"{group}._target_: {target_path!r} is not a class "
+                          f"({type(target).__name__})")
     known = _init_fields(target)
     unknown = sorted(set(values) - known)
     if unknown:

@@ -200,6 +200,7 @@ def _check(done: subprocess.CompletedProcess, code: int, words: str) -> None:
     assert "Traceback" not in done.stdout + done.stderr
     errors = [line for line in done.stderr.splitlines() if "error: " in line]
     assert len(errors) == 1 and words in errors[0], done.stderr
+    assert "[ERROR]" not in done.stdout + done.stderr  # no library's log lines beside it
     assert "hunter2" not in done.stdout + done.stderr
 
 

@@ -111,6 +111,46 @@ def test_bad_values_fail_with_a_message_naming_the_key(overrides, message) -> No
         plan_from_overrides(overrides)
 
 
+@pytest.mark.parametrize(("target", "message"), [
+    ("nope.Nope", "optimizer._target_: cannot import 'nope.Nope' (no module named 'nope')"),
+    ("torch.optim.Nope", "optimizer._target_: cannot import 'torch.optim.Nope' "
+                         "('torch.optim' has no attribute 'Nope')"),
+    ("torch.nope.Nope", "optimizer._target_: cannot import 'torch.nope.Nope' "
+                        "('torch' has no attribute 'nope')"),
+    ("os.system", "optimizer._target_: 'os.system' is not a class "
+                  "(builtin_function_or_method)"),
+    ("123", "optimizer._target_: expected a dotted path such as module.Class, got 123"),
+    ("buggy_target_module.Opt", "optimizer._target_: cannot import 'buggy_target_module.Opt' "
+                                "(importing 'buggy_target_module' raised NameError: name "
+                                "'undefined_name' is not defined)"),
+    ("needy_target_module.Opt", "optimizer._target_: cannot import 'needy_target_module.Opt' "
+                                "(importing 'needy_target_module' failed: No module named "
+                                "'not_installed_dependency')"),
+])
+def test_a_target_that_names_no_class_is_one_line_with_its_reason(
+        tmp_path: Path, monkeypatch, target: str, message: str) -> None:
+    # A user's module with a bug of its own, or a dependency missing, is told apart from a
+    # module that does not exist.
+    (tmp_path / "buggy_target_module.py").write_text("x = undefined_name\n")
+    (tmp_path / "needy_target_module.py").write_text("import not_installed_dependency\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ConfigError) as err:
+        plan_from_overrides([f"optimizer._target_={target}"])
+    assert str(err.value) == message
+
+
+def test_a_failure_entry_whose_target_names_nothing_is_named_by_its_entry(
+        tmp_path: Path) -> None:
+    (tmp_path / "failure").mkdir()
+    (tmp_path / "failure" / "mine.yaml").write_text(
+        "outliers:\n  _target_: study.failures.TargetOutlierz\n  fraction: 0.05\n")
+    with pytest.raises(ConfigError) as err:
+        plan_from_overrides([f"hydra.searchpath=[file://{tmp_path}]", "failure=mine"])
+    assert str(err.value) == ("failure.outliers._target_: cannot import "
+                              "'study.failures.TargetOutlierz' ('study.failures' has no "
+                              "attribute 'TargetOutlierz')")
+
+
 def test_empty_axis_and_unknown_axis_key_are_rejected(tmp_path: Path) -> None:
     conf = tmp_path / "conf"
     import shutil
