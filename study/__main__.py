@@ -267,6 +267,16 @@ def run(argv: list[str] | None = None) -> None:
             else:
                 print(f"error: {message}", file=sys.stderr)
                 status = 2
+    except Exception as err:
+        cli.remove_empty(new_dirs)
+        held = sys.stderr
+        if not isinstance(held, cli.HeldStderr):  # raised in main, or a launcher's job
+            raise
+        # Hydra failed after composing, before calling main: resolving its own keys
+        # (hydra.run.dir's ${oc.env:...}, or a sweep.name new_run_dir refuses)
+        sys.stderr = held.real
+        print(f"error: {storage.mask_url(cli.resolution_error(err))}", file=sys.stderr)
+        status = 2
     except BaseException:
         cli.remove_empty(new_dirs)
         raise

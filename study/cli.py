@@ -54,13 +54,19 @@ def hide_url_arguments(argv: list[str]) -> None:
 
 
 def _config_dirs(argv: Sequence[str]) -> list[Path]:
-    """conf/ and the directories of `--config-dir DIR` / `-cd DIR` arguments."""
+    """conf/ and the directories of `--config-dir DIR` / `-cd DIR` arguments and of
+    `hydra.searchpath=[file://DIR,...]` (its `pkg://` entries are packages: left to Hydra)."""
     dirs = [CONF_DIR]
     for i, arg in enumerate(argv):
         if arg in ("--config-dir", "-cd") and i + 1 < len(argv):
             dirs.append(Path(argv[i + 1]))
         elif arg.startswith("--config-dir="):
             dirs.append(Path(arg.partition("=")[2]))
+        elif arg.lstrip("+").partition("=")[0] == "hydra.searchpath":
+            for entry in arg.partition("=")[2].strip("[]").split(","):
+                entry = entry.strip().strip("'\"")
+                if entry and "://" not in entry.removeprefix("file://"):
+                    dirs.append(Path(entry.removeprefix("file://")))
     return dirs
 
 
@@ -83,12 +89,19 @@ def check_yaml_files(argv: Sequence[str]) -> None:
         except OSError:
             continue  # not an option file (a scalar key, a missing option: Hydra names it)
         try:
-            yaml.load(text, Loader=get_yaml_loader())
+            content = yaml.load(text, Loader=get_yaml_loader())
         except yaml.YAMLError as err:
             mark = getattr(err, "problem_mark", None)
             where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
             problem = getattr(err, "problem", None) or str(err).splitlines()[0]
             raise CommandLineError(f"{where}: invalid YAML: {problem}", 2) from None
+        if path.parent.name == "sweep" and isinstance(content, dict) and "sweep" in content \
+                and not re.search(r"^#\s*@package\s+_global_\s*$", text, re.MULTILINE):
+            # Without the header the file's keys land under sweep: (sweep.sweep), and
+            # Hydra's report names a key of its schema, not the missing line.
+            raise CommandLineError(f"{path}: a sweep file with a sweep: node starts with "
+                                   f"the line '# @package _global_' (README, Writing a "
+                                   f"sweep)", 2)
 
 
 def check_sweep_keys(argv: Sequence[str]) -> None:
@@ -150,6 +163,15 @@ def composition_error(err: Exception) -> str:
     problem = getattr(err, "problem", None) or _first_line(err)
     cause = _first_line(err.__cause__) if err.__cause__ is not None and not mark else ""
     return f"{where}{problem}" + (f"; {cause}" if cause and cause not in problem else "")
+
+
+def resolution_error(err: Exception) -> str:
+    """One line for an error raised while resolving a composed config's value: the key, and
+    the reason without OmegaConf's "X raised while resolving interpolation:" wrapper."""
+    reason = re.sub(r"^\w+ raised while resolving interpolation: ", "", _first_line(err))
+    key = getattr(err, "full_key", None)
+    return reason if not key or reason.startswith(f"{key}:") or ":" in reason.split()[0] \
+        else f"{key}: {reason}"
 
 
 def _first_line(err: BaseException) -> str:

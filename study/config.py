@@ -29,6 +29,7 @@ from study.schema import (  # noqa: F401  (GROUPS and plain_config: imported fro
     ConfigError,
     StudyConfig,
     plain_config,
+    sweep_name_problem,
 )
 from study.trial import DiagnosticsSpec, TrainSpec, TrialSpec
 
@@ -73,6 +74,8 @@ def validate_plain(plain: dict[str, Any]) -> StudyConfig:
     if typed.storage.retries < 1:
         raise ConfigError(f"storage.retries: must be >= 1, got {typed.storage.retries}")
     if typed.sweep is not None:
+        if sweep_name_problem(typed.sweep.name):
+            raise ConfigError(sweep_name_problem(typed.sweep.name))
         if not typed.sweep.seeds:
             raise ConfigError(f"sweep.seeds: sweep {typed.sweep.name!r} has no seeds (empty grid)")
         if any(s < 0 for s in typed.sweep.seeds):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import re
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -161,6 +162,16 @@ def int_range(start: int, stop: int | None = None, step: int = 1) -> list[int]:
 
 
 _NEW_RUN_DIRS: dict[str, str] = {}
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*")
+
+
+def sweep_name_problem(name: Any) -> str | None:
+    """Why `name` cannot be a sweep's name, or None. The name is a folder of outputs/ and
+    the study's name in the storage: a path such as ../x would put a run elsewhere."""
+    if isinstance(name, str) and _PLAIN_NAME.fullmatch(name):
+        return None
+    return (f"sweep.name: expected a plain name (letters, digits, '.', '_', '-'; not "
+            f"starting with '.' or '-'), got {name!r}")
 
 
 def new_run_dir(resume: str | None, sweep_name: str) -> str:
@@ -170,6 +181,9 @@ def new_run_dir(resume: str | None, sweep_name: str) -> str:
     second never share a directory. The same value for every call in one process."""
     if resume is not None:
         return str(resume)
+    problem = sweep_name_problem(sweep_name)
+    if problem:
+        raise ValueError(problem)
     if sweep_name not in _NEW_RUN_DIRS:
         parent = Path("outputs") / sweep_name
         parent.mkdir(parents=True, exist_ok=True)

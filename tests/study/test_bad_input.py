@@ -360,6 +360,47 @@ def test_a_config_file_that_is_not_yaml_is_named_with_line_and_column(
     assert not run_dir.exists()
 
 
+def test_a_sweep_file_of_a_search_path_is_checked_like_one_of_a_config_dir(
+        tmp_path: Path, study_cli) -> None:
+    """`hydra.searchpath=[file://DIR]` is the README's other way to a user's configs: its
+    invalid YAML is named with line and column (Hydra's own report lost the reason), and
+    a sweep file without its package header is named by what it lacks (Hydra's report
+    named `sweep.sweep`, a key of its schema)."""
+    conf = tmp_path / "conf"
+    (conf / "sweep").mkdir(parents=True)
+    broken = conf / "sweep" / "broken.yaml"
+    broken.write_text("# @package _global_\nsweep:\n  name: [unclosed\n")
+    headless = conf / "sweep" / "headless.yaml"
+    headless.write_text("sweep:\n  name: mine\n  seeds: [0]\n  axes:\n"
+                        "    optimizer.lr: [0.1]\n")
+    run_dir = tmp_path / "run"
+    for name, message in [("broken", f"{broken}:4:1: invalid YAML: expected ',' or ']'"),
+                          ("headless", f"{headless}: a sweep file with a sweep: node "
+                                       f"starts with the line '# @package _global_'")]:
+        done = study_cli(f"hydra.searchpath=[file://{conf}]", f"+sweep={name}",
+                         "progress=false", f"hydra.run.dir={run_dir}")
+        one_line_error(done, 2, message)
+        assert not run_dir.exists()
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["+sweep=smoke", "sweep.name=../elsewhere"], "error: sweep.name: expected a plain name "
+     "(letters, digits, '.', '_', '-'; not starting with '.' or '-'), got '../elsewhere'"),
+    (["hydra.run.dir=${oc.env:STUDY_TEST_UNSET_VARIABLE}"],
+     "error: hydra.run.dir: \"Environment variable 'STUDY_TEST_UNSET_VARIABLE' not found\""),
+])
+def test_a_value_hydra_resolves_before_the_run_is_one_line_and_leaves_nothing(
+        tmp_path: Path, study_cli, overrides: list[str], message: str) -> None:
+    """Hydra resolves its run directory after composing and before the run starts: a sweep
+    name that is a path (it would put the run outside outputs/) or an interpolation that
+    cannot resolve ended in a traceback there."""
+    done = study_cli(*overrides, "progress=false", cwd=tmp_path)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip().splitlines() == [message]
+    assert list(tmp_path.iterdir()) == [] or [p.name for p in tmp_path.iterdir()] == [
+        "outputs"] and not any((tmp_path / "outputs").iterdir())
+
+
 # ----------------------------------------------------------------------- 12, 14: stored state
 @pytest.mark.parametrize(("line", "at"), [
     (b'{"op_code": 8}\n', 11),

@@ -104,6 +104,8 @@ def test_single_run_overrides_reach_the_specs() -> None:
         (["+sweep=smoke", "+sweep.axes.model={}"], "sweep.axes.model"),
         (["engine=fast"], "engine: must be one of"),
         (["task.n_train=0"], "task.n_train must be > 0"),
+        (["+sweep=smoke", "sweep.name=a/b", "hydra.run.dir=x"], "sweep.name: expected a plain "
+                                                                 "name"),
     ],
 )
 def test_bad_values_fail_with_a_message_naming_the_key(overrides, message) -> None:
