@@ -170,8 +170,8 @@ def resolution_error(err: Exception) -> str:
     the reason without OmegaConf's "X raised while resolving interpolation:" wrapper."""
     reason = re.sub(r"^\w+ raised while resolving interpolation: ", "", _first_line(err))
     key = getattr(err, "full_key", None)
-    return reason if not key or reason.startswith(f"{key}:") or ":" in reason.split()[0] \
-        else f"{key}: {reason}"
+    keyed = re.match(r"[\w.]+: ", reason)  # the reason names its key already (sweep.name)
+    return reason if keyed or not key else f"{key}: {reason}"
 
 
 def _first_line(err: BaseException) -> str:

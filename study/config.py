@@ -166,6 +166,7 @@ def locate(path: Any, key: str) -> Any:
     found = _import(parts[0], path, key)
     for depth in range(1, len(parts)):
         if not hasattr(found, parts[depth]) and inspect.ismodule(found):
+            # a submodule not imported yet: importing it binds it on its parent
             _import(".".join(parts[:depth + 1]), path, key, missing_ok=True)
         if not hasattr(found, parts[depth]):
             raise ConfigError(f"{key}: cannot import {path!r} ({'.'.join(parts[:depth])!r} "
@@ -188,13 +189,9 @@ def _import(module: str, path: str, key: str, missing_ok: bool = False) -> Any:
         raise ConfigError(f"{key}: cannot import {path!r} (importing {module!r} failed: "
                           f"{err})") from None
     except Exception as err:
+        reason = (str(err).strip().splitlines() or ["no message"])[0]
         raise ConfigError(f"{key}: cannot import {path!r} (importing {module!r} raised "
-                          f"{type(err).__name__}: {_first_line(err)})") from None
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else "no message"
+                          f"{type(err).__name__}: {reason})") from None
 
 
 def instantiate_group(plain: dict[str, Any], group: str) -> Any:
