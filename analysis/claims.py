@@ -81,6 +81,7 @@ from study.claims import (
     compared_axes,
     kind_of,
     plain_claims,
+    selected_columns,
 )
 
 ALPHA = 0.05
@@ -121,10 +122,27 @@ def score_claims(run_dir: Path, claims: Sequence[Mapping[str, Any]] | None = Non
     # categorical keys as axes, yet a trend over its continuous lr is a claim it can make.
     names = [*axes, *(c for c in trials.columns if c not in axes)]
     metrics = [*trials.columns, *STATUS_ORDER]
-    # The file's own claims first, so that an error names the file and its own position.
-    check_claims(extra, names, metrics, source=f"{claims_file}: claims")
+    # The file's own claims first, so that an error names the file and its own position;
+    # their values against the trials' (a run's own claims had theirs checked against its
+    # plan where it knew them, a grid's, and must not fail once it has trained).
+    check_claims(extra, names, metrics, source=f"{claims_file}: claims",
+                 values=_taken_values(trials, extra))
     check_claims(specs, names, metrics)
     return evaluate_claims(trials, specs, axes)
+
+
+def _taken_values(trials: pd.DataFrame, specs: Sequence[Mapping[str, Any]]
+                  ) -> dict[str, list[Any]]:
+    """The values the trials take in each column a claim selects on (`selected_columns`),
+    for `check_claims`: a value no trial has selects nothing."""
+    columns = selected_columns(specs)
+    values = {}
+    for column in sorted(c for c in columns if c in trials.columns):
+        try:
+            values[column] = trials[column].dropna().unique().tolist()
+        except TypeError:  # unhashable cells (lists): not checked
+            continue
+    return values
 
 
 def saved_claims(run_dir: Path) -> list[dict[str, Any]]:

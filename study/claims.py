@@ -38,6 +38,7 @@ p-value, verdict) is `analysis.claims`: a function of trials.parquet and these s
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -53,9 +54,15 @@ class ClaimError(ValueError):
 
 # --------------------------------------------------------------------------- validation
 def check_claims(claims: Sequence[Mapping[str, Any]], axes: Sequence[str],
-                 metrics: Sequence[str], source: str = "sweep.claims") -> None:
+                 metrics: Sequence[str], source: str = "sweep.claims",
+                 values: Mapping[str, Sequence[Any]] | None = None) -> None:
     """Raise ClaimError naming the first bad claim key (before any training), as
-    `source[i].key` (`source`: where the claims were written)."""
+    `source[i].key` (`source`: where the claims were written).
+
+    `values`: the values each axis takes, where known (a grid's): an arm, a baseline or a
+    `where` value of such an axis must be one of them, and an arm must differ from its
+    baseline. A claim that selects no trial would otherwise read `inconclusive` with
+    n_trials 0, as if its evidence had been weighed."""
     for i, claim in enumerate(claims):
         where = f"{source}[{i}]"
         if not isinstance(claim, Mapping):
@@ -80,6 +87,7 @@ def check_claims(claims: Sequence[Mapping[str, Any]], axes: Sequence[str],
         for axis in compared:
             if axis not in axes:
                 raise ClaimError(f"{where}: {axis!r} is not an axis of the sweep ({list(axes)})")
+        _check_values(claim, kind, dict(values or {}), where)
         margin = claim.get("margin")
         if claim["expect"] == SAME:
             if isinstance(margin, bool) or not isinstance(margin, (int, float)) \
@@ -89,6 +97,61 @@ def check_claims(claims: Sequence[Mapping[str, Any]], axes: Sequence[str],
         elif margin is not None:
             raise ClaimError(f"{where}.margin: only an equivalence claim (expect: same) has "
                              f"a margin")
+
+
+def _check_values(claim: Mapping[str, Any], kind: str, values: dict[str, Sequence[Any]],
+                  where: str) -> None:
+    """The values a claim selects exist on their axes (`check_claims`)."""
+    filters = claim.get("where") or {}
+    if not isinstance(filters, Mapping):
+        raise ClaimError(f"{where}.where: expected a mapping of column -> value(s), got "
+                         f"{filters!r}")
+    for column, wanted in filters.items():
+        for value in wanted if isinstance(wanted, (list, tuple)) else [wanted]:
+            if values.get(column) and not takes(values[column], value):
+                raise ClaimError(f"{where}.where.{column}: no trial has {column}={value!r} "
+                                 f"(its values: {list(values[column])}); the claim would "
+                                 f"select nothing")
+    if kind != "compare":
+        return
+    arm, baseline = arms(claim["compare"])
+    for side, chosen in (("arm", arm), ("baseline", baseline)):
+        for axis, value in chosen.items():
+            if values.get(axis) and not takes(values[axis], value):
+                raise ClaimError(f"{where}.compare.{side}: no trial has {axis}={value!r} "
+                                 f"(its values: {list(values[axis])}); the claim would "
+                                 f"compare nothing")
+    if all(takes([baseline[axis]], value) for axis, value in arm.items()):
+        raise ClaimError(f"{where}.compare: the arm and the baseline are the same trials "
+                         f"({arm!r})")
+
+
+def selected_columns(claims: Sequence[Any]) -> set[str]:
+    """The trials columns `claims` select on: their `where` keys and their arms' axes
+    (of well-formed parts; `check_claims` names the rest)."""
+    columns: set[str] = set()
+    for claim in claims:
+        if not isinstance(claim, Mapping):
+            continue
+        where = claim.get("where")
+        columns |= set(where) if isinstance(where, Mapping) else set()
+        compare = claim.get("compare")
+        if isinstance(compare, Mapping):
+            for side in (compare.get("arm"), compare.get("baseline")):
+                columns |= set(side) if isinstance(side, Mapping) else set()
+            if isinstance(compare.get("axis"), str):
+                columns.add(compare["axis"])
+    return columns
+
+
+def takes(options: Sequence[Any], value: Any) -> bool:
+    """Whether `value` is one of `options` as a trials column matches it: numbers within
+    1e-9 relative (an axis written 1e-1 in YAML and 0.1 in a claim), else as text."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return any(isinstance(o, (int, float)) and not isinstance(o, bool)
+                   and math.isclose(o, value, rel_tol=1e-9) for o in options) \
+            or str(value) in {str(o) for o in options}
+    return str(value) in {str(o) for o in options}
 
 
 def compared_axes(spec: Any, where: str) -> list[str]:

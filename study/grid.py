@@ -95,6 +95,7 @@ def expand_grid(cfg: DictConfig, compose: Compose, overrides: Sequence[str],
                  "apply to the task (sweep.skip_inapplicable)", typed.sweep.name, skipped)
     if not points:
         raise ConfigError("sweep.axes: every point was skipped as inapplicable (empty grid)")
+    check_sweep_claims(typed.sweep.claims, axes, planned_values(typed.sweep.claims, points))
     return SweepPlan(typed.sweep.name, axes, seeds, points,
                      numeric_distributions({a: axes[a] for a in scalar_axes}))
 
@@ -163,14 +164,38 @@ def _check_overrides(overrides: Sequence[str], axes: dict[str, list[Any]], sweep
             )
 
 
-def check_sweep_claims(claims: list[Any], axes: dict[str, list[Any]]) -> None:
+def check_sweep_claims(claims: list[Any], axes: dict[str, list[Any]],
+                       values: dict[str, list[Any]] | None = None) -> None:
+    """`study.claims.check_claims` of a sweep's claims, as ConfigError; `values`: the
+    values the planned trials take in the columns the claims select on (`planned_values`),
+    where the plan knows them."""
     from study.claims import ClaimError, check_claims
     from study.metrics import STATUSES, SUMMARY_METRICS
 
     try:
-        check_claims(claims, list(axes), [*SUMMARY_METRICS, *STATUSES, "objective"])
+        check_claims(claims, list(axes), [*SUMMARY_METRICS, *STATUSES, "objective"],
+                     values=values)
     except ClaimError as err:
         raise ConfigError(str(err)) from None
+
+
+def planned_values(claims: list[Any], points: Sequence[GridPoint]) -> dict[str, list[Any]]:
+    """The values `points` take in each column of trials.parquet (their params and
+    configs) that a claim selects on: its `where` keys and its arms' axes."""
+    from study.claims import selected_columns
+
+    columns = selected_columns(claims)
+    if not columns:
+        return {}
+    taken: dict[str, dict[str, Any]] = {c: {} for c in columns}
+    for point in points:
+        # a point's config record only where a column is not one of its axes
+        row = point.params if columns <= point.params.keys() else {
+            **point.trial.flat(), **point.params}
+        for column in columns:
+            if column in row:
+                taken[column].setdefault(repr(row[column]), row[column])
+    return {c: list(v.values()) for c, v in taken.items() if v}
 
 
 def group_label(cfg: DictConfig, group: str, choice: Any) -> str:

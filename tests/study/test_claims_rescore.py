@@ -97,3 +97,11 @@ def test_a_bad_claim_file_is_one_line_and_changes_nothing(tiny_run: Path, tmp_pa
     assert not (run_dir / records.REPORT).exists()
     missing = run_analysis(str(run_dir), "--claims", str(tmp_path / "nope.yaml"))
     assert missing.returncode == 2 and "does not exist" in missing.stderr
+    # A value no trial of the run has (checked against the trials' own values).
+    bad.write_text(yaml.safe_dump([{**ADDED, "where": {"task": "blob"}}]))
+    done = run_analysis(str(run_dir), "--claims", str(bad))
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        f"analysis: error: {bad}: claims[0].where.task: no trial has task='blob' (its values: "
+        f"['blobs', 'teacher_mlp']); the claim would select nothing"]
+    assert (run_dir / records.CLAIMS).read_bytes() == before

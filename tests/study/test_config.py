@@ -153,6 +153,24 @@ def test_a_failure_entry_whose_target_names_nothing_is_named_by_its_entry(
                               "attribute 'TargetOutlierz')")
 
 
+def test_a_claim_that_selects_no_planned_trial_is_refused_before_training(
+        tmp_path: Path) -> None:
+    # `optimizer` is no axis here: its values come from the planned trials' configs.
+    (tmp_path / "sweep").mkdir()
+    (tmp_path / "sweep" / "mine.yaml").write_text(
+        "# @package _global_\nsweep:\n  name: mine\n  seeds: [0]\n  axes:\n"
+        "    optimizer.lr: [0.01, 0.1]\n  claims:\n    - statement: s\n"
+        "      metric: diverged\n      where: {optimizer: adam}\n"
+        "      trend: optimizer.lr\n      expect: increasing\n")
+    with pytest.raises(ConfigError) as err:
+        plan_from_overrides([f"hydra.searchpath=[file://{tmp_path}]", "+sweep=mine"])
+    assert str(err.value) == ("sweep.claims[0].where.optimizer: no trial has optimizer='adam' "
+                              "(its values: ['sgd']); the claim would select nothing")
+    plan = plan_from_overrides([f"hydra.searchpath=[file://{tmp_path}]", "+sweep=mine",
+                                "optimizer=adam"])
+    assert len(plan.points) == 2
+
+
 def test_empty_axis_and_unknown_axis_key_are_rejected(tmp_path: Path) -> None:
     conf = tmp_path / "conf"
     import shutil
