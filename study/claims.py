@@ -101,7 +101,8 @@ def check_claims(claims: Sequence[Mapping[str, Any]], axes: Sequence[str],
 
 def _check_values(claim: Mapping[str, Any], kind: str, values: dict[str, Sequence[Any]],
                   where: str) -> None:
-    """The values a claim selects exist on their axes (`check_claims`)."""
+    """The values a claim selects exist on their axes, and its `where` keeps its arm and
+    baseline, or two values of its trend's axis (`check_claims`)."""
     filters = claim.get("where") or {}
     if not isinstance(filters, Mapping):
         raise ClaimError(f"{where}.where: expected a mapping of column -> value(s), got "
@@ -112,11 +113,20 @@ def _check_values(claim: Mapping[str, Any], kind: str, values: dict[str, Sequenc
                 raise ClaimError(f"{where}.where.{column}: no trial has {column}={value!r} "
                                  f"(its values: {list(values[column])}); the claim would "
                                  f"select nothing")
+    listed = {column: wanted if isinstance(wanted, (list, tuple)) else [wanted]
+              for column, wanted in filters.items()}
     if kind != "compare":
+        axis = claim["trend"]
+        if axis in listed and len({repr(v) for v in listed[axis]}) < 2:
+            raise ClaimError(f"{where}.where.{axis}: a trend over {axis} needs at least two "
+                             f"of its values, the claim keeps {listed[axis]!r}")
         return
     arm, baseline = arms(claim["compare"])
     for side, chosen in (("arm", arm), ("baseline", baseline)):
         for axis, value in chosen.items():
+            if axis in listed and not takes(listed[axis], value):
+                raise ClaimError(f"{where}.where.{axis}: keeps {listed[axis]!r}, without "
+                                 f"the {side}'s {value!r}; the claim would compare nothing")
             if values.get(axis) and not takes(values[axis], value):
                 raise ClaimError(f"{where}.compare.{side}: no trial has {axis}={value!r} "
                                  f"(its values: {list(values[axis])}); the claim would "

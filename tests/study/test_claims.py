@@ -97,3 +97,20 @@ def test_values_match_as_the_trials_columns_do() -> None:
                                       "baseline": "full"}}
     check_claims([batch], ["train.batch_size"], ["val_loss_final"],
                  values={"train.batch_size": ["8", "full"]})
+
+
+@pytest.mark.parametrize(("claim", "message"), [
+    ({**CLAIMS[0], "where": {"mitigation": "none"}},
+     "sweep.claims[0].where.mitigation: keeps ['none'], without the arm's 'fix'; the claim "
+     "would compare nothing"),
+    ({**CLAIMS[3], "where": {"optimizer.lr": 0.1}},
+     "sweep.claims[0].where.optimizer.lr: a trend over optimizer.lr needs at least two of "
+     "its values, the claim keeps [0.1]"),
+])
+def test_a_where_that_removes_what_the_claim_compares_is_refused(claim, message) -> None:
+    with pytest.raises(ClaimError) as err:
+        check_claims([claim], list(AXES), ["val_loss_final", "diverged"])
+    assert str(err.value) == message
+    check_claims([{**claim, "where": {**claim["where"], **(
+        {"mitigation": ["none", "fix"]} if "compare" in claim else
+        {"optimizer.lr": [0.1, 1.0]})}}], list(AXES), ["val_loss_final", "diverged"])
