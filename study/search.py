@@ -29,8 +29,10 @@ failed and their params queued again (`study.lease`, `study.queue`).
 from __future__ import annotations
 
 import copy
+import importlib.util
 import logging
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -129,6 +131,15 @@ def expand_search(cfg: Any, compose: Compose, overrides: Sequence[str],
     if not (isinstance(population, int) and population >= 1):
         raise ConfigError(f"sweep.population: must be >= 1, got {population!r}")
     space = {name: distribution(name, spec) for name, spec in sweep.space.items()}
+    if sweep.sampler == "cmaes":
+        if importlib.util.find_spec("cmaes") is None:
+            raise ConfigError("sweep.sampler: cmaes needs the cmaes package (pip install "
+                              "cmaes)")
+        categorical = [n for n, d in space.items() if isinstance(d, CategoricalDistribution)]
+        if categorical:  # said once here; Optuna would warn at every proposal
+            log.info("%s: CMA-ES samples no categorical key; %s drawn at random for each "
+                     "proposal (Optuna's independent sampling)", sweep.name,
+                     ", ".join(categorical))
     base_labels = {g: group_label(cfg, g, choices.get(g)) for g in GROUPS}
     base = plain_config(cfg)
     composed: dict[tuple[tuple[str, Any], ...], dict[str, Any]] = {}
@@ -217,9 +228,12 @@ def make_sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
     if name == "gp":
         return optuna.samplers.GPSampler(seed=seed)
     if name == "qmc":
-        return optuna.samplers.QMCSampler(seed=seed, scramble=True)
+        with warnings.catch_warnings():  # chosen by name: its "experimental" note is noise
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.samplers.QMCSampler(seed=seed, scramble=True)
     if name == "cmaes":
-        return optuna.samplers.CmaEsSampler(seed=seed)
+        # its categorical keys' fallback is said once, by expand_search
+        return optuna.samplers.CmaEsSampler(seed=seed, warn_independent_sampling=False)
     return optuna.samplers.RandomSampler(seed=seed)
 
 

@@ -7,6 +7,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import optuna
 import pytest
 import torch
 from hydra.errors import MissingConfigException
@@ -72,6 +73,43 @@ def test_every_proposal_trains_once_per_seed_and_is_told_once(tmp_path: Path, pl
     assert {"optimizer.betas.0", "optimizer.lr", "seed", "status"} <= set(frame.columns)
     again = run_search(plan, study, make_engine("batched"), CPU, tmp_path, "val_loss_final")
     assert again.trained == 0 and len(_told(study)) == 12  # the budget is spent
+
+
+@pytest.mark.parametrize("sampler", ["gp", "qmc", "cmaes", "random"])
+def test_every_sampler_spends_its_budget_once_and_says_nothing_per_proposal(
+        tmp_path: Path, sampler: str, caplog, recwarn) -> None:
+    # Optuna's own samplers, as a user picks them: each proposal once per seed. CMA-ES draws
+    # the categorical batch size at random, which the plan says once (Optuna would warn at
+    # every proposal), and QMC's "experimental" warning is not shown.
+    with caplog.at_level("INFO"):
+        plan = plan_from_overrides([*SMALL, f"sweep.sampler={sampler}"])
+    study = open_study(tmp_path, None, "search", "minimize")
+    optuna.logging.enable_propagation()  # Optuna's records reach caplog
+    try:
+        with caplog.at_level("WARNING", logger="optuna"):
+            outcome = run_search(plan, study, make_engine("batched"), CPU, tmp_path,
+                                 "val_loss_final")
+    finally:
+        optuna.logging.disable_propagation()
+    told = _told(study)
+    assert outcome.trained == len(told) == 12
+    assert len({(t.user_attrs[PROPOSAL], t.user_attrs[SEED]) for t in told}) == 12
+    fallback = [r for r in caplog.records if "CMA-ES samples no categorical key" in r.message]
+    assert len(fallback) == (1 if sampler == "cmaes" else 0)
+    assert not [r for r in caplog.records if r.name.startswith("optuna")
+                and "sampled independently" in r.getMessage()]
+    assert not [w for w in recwarn if "experimental" in str(w.message)]
+
+
+def test_cmaes_without_its_package_is_refused_before_anything_is_written(monkeypatch) -> None:
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "cmaes" else real(name, *a))
+    with pytest.raises(ConfigError, match=re.escape(
+            "sweep.sampler: cmaes needs the cmaes package (pip install cmaes)")):
+        plan_from_overrides([*SMALL, "sweep.sampler=cmaes"])
 
 
 def test_a_stopped_search_resumes_without_losing_or_duplicating_a_run(tmp_path: Path,
