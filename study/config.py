@@ -74,6 +74,11 @@ def validate_plain(plain: dict[str, Any]) -> StudyConfig:
     if typed.storage.retries < 1:
         raise ConfigError(f"storage.retries: must be >= 1, got {typed.storage.retries}")
     if typed.sweep is not None:
+        # `+sweep.axes.model.depth=[1,4]` on a command line nests, as Hydra reads dots
+        typed.sweep.axes = _flat_keys(typed.sweep.axes, "sweep.axes",
+                                      lambda v: not isinstance(v, dict))
+        typed.sweep.space = _flat_keys(typed.sweep.space, "sweep.space", lambda v: not (
+            isinstance(v, dict) and v and not {"low", "high"} & set(v)))
         if sweep_name_problem(typed.sweep.name):
             raise ConfigError(sweep_name_problem(typed.sweep.name))
         if not typed.sweep.seeds:
@@ -83,6 +88,29 @@ def validate_plain(plain: dict[str, Any]) -> StudyConfig:
         if len(set(typed.sweep.seeds)) != len(typed.sweep.seeds):
             raise ConfigError(f"sweep.seeds: duplicate seeds in {typed.sweep.seeds}")
     return typed
+
+
+def _flat_keys(node: Any, where: str, is_leaf: typing.Callable[[Any], bool]
+               ) -> Any:
+    """`node` ({key: leaf or nested mapping}) with nested keys joined by dots, in order
+    ({"model": {"depth": [1, 4]}} -> {"model.depth": [1, 4]}); not a mapping: as it is
+    (validation names it). A key given both ways is refused."""
+    if not isinstance(node, dict):
+        return node
+    out: dict[str, Any] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if is_leaf(value) or not value:
+            if prefix in out:
+                raise ConfigError(f"{where}.{prefix}: given twice (as {prefix} and nested)")
+            out[prefix] = value
+        else:
+            for key, child in value.items():
+                walk(f"{prefix}.{key}", child)
+
+    for key, value in node.items():
+        walk(str(key), value)
+    return out
 
 
 def resolve_device(name: str) -> torch.device:

@@ -171,6 +171,19 @@ def test_a_claim_that_selects_no_planned_trial_is_refused_before_training(
     assert len(plan.points) == 2
 
 
+def test_an_axis_or_a_space_key_added_on_the_command_line_is_a_dotted_key() -> None:
+    # Hydra nests `+sweep.axes.model.depth=[1,2]` under model: it is the axis model.depth.
+    plan = plan_from_overrides(["+sweep=smoke", "+sweep.axes.model.depth=[1,2]"])
+    assert plan.axes["model.depth"] == [1, 2]
+    assert sorted({p.trial.model.depth for p in plan.points}) == [1, 2]
+    search = plan_from_overrides(["+sweep=adam_search", "+sweep.space.model.depth={low:1,high:4}",
+                                  "sweep.trials=2"])
+    assert search.space["model.depth"].low == 1 and "model" not in search.space
+    with pytest.raises(ConfigError, match=r"sweep.axes.model.depth: given twice"):
+        plan_from_overrides(["+sweep=smoke", "+sweep.axes.model.depth=[1,2]",
+                             "+sweep.axes={model.depth: [3]}"])
+
+
 def test_empty_axis_and_unknown_axis_key_are_rejected(tmp_path: Path) -> None:
     conf = tmp_path / "conf"
     import shutil
