@@ -44,6 +44,25 @@ def test_status_output_logging_and_atexit_handlers_survive(tmp_path, status, cod
     assert not (tmp_path / "after").exists()
 
 
+def test_a_ctrl_c_during_the_clean_up_changes_nothing(tmp_path) -> None:
+    """Everything is written when exit_now runs: a Ctrl-C in an atexit handler (a user's
+    at the very end of a run) neither prints a traceback nor stops the other handlers."""
+    done = _run("""
+        import atexit, os, signal, sys, time
+        from pathlib import Path
+        from study.process_exit import exit_now
+        out = Path(sys.argv[1])
+        atexit.register(lambda: (out / "second").write_text("ran"))  # runs last
+        def ctrl_c():
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.2)  # the signal is handled here
+        atexit.register(ctrl_c)
+        exit_now(0)
+        """, tmp_path)
+    assert done.returncode == 0 and done.stderr == ""
+    assert (tmp_path / "second").read_text() == "ran"
+
+
 def test_a_message_status_is_printed_with_status_1(tmp_path) -> None:
     done = _run("""
         from study.process_exit import exit_now
