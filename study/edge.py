@@ -193,7 +193,8 @@ def run_edge(plan: EdgePlan, study: optuna.Study, engine: Engine, device: torch.
     from study.sweep import SweepOutcome, run_sweep
 
     leases = leases or Lease()
-    trained, reclaimed, done_before, wall = 0, 0, None, 0.0
+    trained, reclaimed, wall = 0, 0, 0.0
+    done_before = len(told(study))  # runs of earlier invocations (a resume's)
     stopped = False
     while not stop():
         results = told(study)
@@ -206,7 +207,6 @@ def run_edge(plan: EdgePlan, study: optuna.Study, engine: Engine, device: torch.
         outcome = run_sweep(round_plan, study, engine, device, run_dir, objective,
                             on_progress=None, direction=direction, leases=leases, stop=stop,
                             dashboard=dashboard)
-        done_before = outcome.already_done if done_before is None else done_before
         trained, reclaimed = trained + outcome.trained, reclaimed + outcome.reclaimed
         wall += outcome.wall_time_s
         stopped = outcome.stopped
@@ -214,7 +214,7 @@ def run_edge(plan: EdgePlan, study: optuna.Study, engine: Engine, device: torch.
             on_progress(len(told(study)), max(plan.total, len(told(study))))
         if stopped:
             break
-    return SweepOutcome(len(told(study)), trained, done_before or 0, wall, reclaimed,
+    return SweepOutcome(len(told(study)), trained, done_before, wall, reclaimed,
                         stopped or stop())
 
 
