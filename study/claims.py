@@ -32,7 +32,9 @@ A claim (one entry of `sweep.claims`) names a metric, a comparison and the expec
       margin: 0.05                  # in the effect's unit (here log10 ratio: +-12%)
 
 Validation (`check_claims`) runs with the sweep, before any training, and again when
-`python -m analysis` scores claims given after the run. Scoring (effect, interval,
+`python -m analysis` scores claims given after the run: keys, metric and axes, and where
+the values are known (a grid's planned trials, a run's trials), that every value a claim
+selects is one some trial has. Scoring (effect, interval,
 p-value, verdict) is `analysis.claims`: a function of trials.parquet and these specs.
 """
 
