@@ -41,7 +41,19 @@ def check_run_dir(run_dir: Path, study_name: str, url: str | None) -> None:
     """Refuse a run directory that belongs to another run: another version of study wrote
     its trials.parquet (RecordError), or it holds another study or another storage's
     (ConfigError: their trial numbers, and so their curve files, would collide). An
-    unreadable trials.parquet is not refused: it is derived, and rebuilt at the end."""
+    unreadable trials.parquet is not refused: it is derived, and rebuilt at the end.
+
+    Refuse too a directory that is no run (neither a journal nor an env.json of a run) but
+    holds a file of a name a run writes (env.json, report.html, trials.parquet,
+    claims.parquet, edges.parquet, curves/): the run would write over the user's, and a run
+    whose journal was deleted would number its trials from 0 again over the curve files it
+    left. Other files (a user's notes, Hydra's multirun.yaml and logs) are left alone."""
+    if not _is_run(run_dir):
+        taken = [name for name in RUN_FILES if (run_dir / name).exists()]
+        if taken:
+            raise ConfigError(f"hydra.run.dir: {run_dir} is not a study run and holds "
+                              f"{', '.join(taken)}, which a run would write over: choose a "
+                              f"new or empty directory")
     try:
         records.read_trials(run_dir)
     except records.UnreadableRecordError as err:
@@ -66,6 +78,23 @@ def check_run_dir(run_dir: Path, study_name: str, url: str | None) -> None:
         raise ConfigError(
             f"{run_dir} holds a study stored in {stored}; this command's storage is {where}. "
             f"A run directory holds one study: use a new run directory, or the same storage")
+
+
+# What a run writes into its directory, other than its journal and `.hydra/`.
+RUN_FILES = (records.ENV, records.REPORT, records.TRIALS, records.CLAIMS, records.EDGES,
+             records.CURVES_DIR)
+
+
+def _is_run(run_dir: Path) -> bool:
+    """Whether `run_dir` holds a run: its journal, or an env.json that a run wrote (a file
+    of that name of the user's own is not one)."""
+    if (run_dir / records.JOURNAL).is_file():
+        return True
+    try:
+        env = records.read_env(run_dir)
+    except records.RecordError:
+        return False
+    return isinstance(env, dict) and "resume_command" in env
 
 
 def check_data(plan: SweepPlan) -> None:

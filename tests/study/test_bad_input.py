@@ -401,6 +401,20 @@ def test_a_value_hydra_resolves_before_the_run_is_one_line_and_leaves_nothing(
         "outputs"] and not any((tmp_path / "outputs").iterdir())
 
 
+def test_a_new_run_in_a_directory_of_other_files_is_refused_and_they_are_kept(
+        tmp_path: Path, study_cli) -> None:
+    """`hydra.run.dir=.` in a folder of one's own: the run wrote its report.html and
+    env.json over the folder's."""
+    own = {"report.html": "<html>my page</html>", "env.json": '{"my": "settings"}'}
+    for name, text in own.items():
+        (tmp_path / name).write_text(text)
+    done = study_cli("hydra.run.dir=.", "progress=false", cwd=tmp_path)
+    one_line_error(done, 2, f"hydra.run.dir: {tmp_path} is not a study run and holds "
+                            f"env.json, report.html, which a run would write over")
+    assert {name: (tmp_path / name).read_text() for name in own} == own
+    assert not (tmp_path / "study.journal").exists() and not (tmp_path / ".hydra").exists()
+
+
 # ----------------------------------------------------------------------- 12, 14: stored state
 @pytest.mark.parametrize(("line", "at"), [
     (b'{"op_code": 8}\n', 11),

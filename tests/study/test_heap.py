@@ -75,11 +75,11 @@ def test_the_command_line_makes_no_full_collection_of_its_imports(tmp_path, entr
     collection visits every one of (0.1-0.4 s). From the command line's `hold` on, no
     collection visits them: none runs until they are frozen, and the ones after see only
     what was made since."""
-    args = ({"study": ["+sweep=smoke", f"hydra.run.dir={tmp_path / 'run'}", "progress=false",
-                       "report=false"],
-             "study.bench": ["+sweep=smoke", "--subset", "0", "--limit", "8",
-                             "--matmul-seconds", "0.05"],
-             "analysis": [str(write_sweep_run(tmp_path / "run"))]}[entry])
+    args = {"study": lambda: ["+sweep=smoke", f"hydra.run.dir={tmp_path / 'run'}",
+                              "progress=false", "report=false"],
+            "study.bench": lambda: ["+sweep=smoke", "--subset", "0", "--limit", "8",
+                                    "--matmul-seconds", "0.05"],
+            "analysis": lambda: [str(write_sweep_run(tmp_path / "run"))]}[entry]()
     log = tmp_path / "collections.log"
     done = _python(f"""
         import gc, os, runpy, sys

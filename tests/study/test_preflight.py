@@ -29,3 +29,31 @@ def test_a_trial_larger_than_the_machine_is_refused_naming_what_makes_it_large(
         preflight.check_memory(long, cpu)
     monkeypatch.setattr(planner, "machine_bytes", lambda device: None)  # unknown: no check
     preflight.check_memory(long, cpu)
+
+
+@pytest.mark.parametrize("held", [["report.html"], ["notes.txt", "curves/trials-000000.parquet"],
+                                  ["trials.parquet"], ["env.json"]])
+def test_a_directory_that_is_no_run_is_refused_where_a_run_would_write_over_a_file(
+        tmp_path, held) -> None:
+    # A run would write over the user's files of the same names, or (a run whose journal
+    # was deleted) number its trials from 0 again over the curve files it left.
+    for name in held:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text("the user's")
+    with pytest.raises(ConfigError) as err:
+        preflight.check_run_dir(tmp_path, "single", None)
+    taken = [n.split("/")[0] for n in held if n != "notes.txt"]
+    assert str(err.value) == (f"hydra.run.dir: {tmp_path} is not a study run and holds "
+                              f"{', '.join(taken)}, which a run would write over: choose a "
+                              f"new or empty directory")
+
+
+def test_a_directory_of_other_files_or_a_run_is_not_refused(tmp_path) -> None:
+    for name in ("__main__.log", "multirun.yaml", "notes.txt"):  # Hydra's, the user's
+        (tmp_path / name).write_text("")
+    (tmp_path / ".hydra").mkdir()
+    preflight.check_run_dir(tmp_path, "single", None)
+    (tmp_path / "env.json").write_text('{"study_name": "single", "storage": "study.journal", '
+                                       '"resume_command": "python -m study"}')
+    (tmp_path / "report.html").write_text("a run's")
+    preflight.check_run_dir(tmp_path, "single", None)
