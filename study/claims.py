@@ -109,14 +109,14 @@ def _check_values(claim: Mapping[str, Any], kind: str, values: dict[str, Sequenc
     if not isinstance(filters, Mapping):
         raise ClaimError(f"{where}.where: expected a mapping of column -> value(s), got "
                          f"{filters!r}")
-    for column, wanted in filters.items():
-        for value in wanted if isinstance(wanted, (list, tuple)) else [wanted]:
+    listed = {column: wanted if isinstance(wanted, (list, tuple)) else [wanted]
+              for column, wanted in filters.items()}
+    for column, wanted in listed.items():
+        for value in wanted:
             if values.get(column) and not takes(values[column], value):
                 raise ClaimError(f"{where}.where.{column}: no trial has {column}={value!r} "
                                  f"(its values: {list(values[column])}); the claim would "
                                  f"select nothing")
-    listed = {column: wanted if isinstance(wanted, (list, tuple)) else [wanted]
-              for column, wanted in filters.items()}
     if kind != "compare":
         axis = claim["trend"]
         if axis in listed and len({repr(v) for v in listed[axis]}) < 2:
@@ -159,10 +159,12 @@ def selected_columns(claims: Sequence[Any]) -> set[str]:
 def takes(options: Sequence[Any], value: Any) -> bool:
     """Whether `value` is one of `options` as a trials column matches it: numbers within
     1e-9 relative (an axis written 1e-1 in YAML and 0.1 in a claim), else as text."""
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return any(isinstance(o, (int, float)) and not isinstance(o, bool)
-                   and math.isclose(o, value, rel_tol=1e-9) for o in options) \
-            or str(value) in {str(o) for o in options}
+    def number(v: Any) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+    if number(value) and any(number(o) and math.isclose(o, value, rel_tol=1e-9)
+                             for o in options):
+        return True
     return str(value) in {str(o) for o in options}
 
 

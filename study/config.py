@@ -77,10 +77,11 @@ def validate_plain(plain: dict[str, Any]) -> StudyConfig:
         # `+sweep.axes.model.depth=[1,4]` on a command line nests, as Hydra reads dots
         typed.sweep.axes = _flat_keys(typed.sweep.axes, "sweep.axes",
                                       lambda v: not isinstance(v, dict))
-        typed.sweep.space = _flat_keys(typed.sweep.space, "sweep.space", lambda v: not (
-            isinstance(v, dict) and v and not {"low", "high"} & set(v)))
-        if sweep_name_problem(typed.sweep.name):
-            raise ConfigError(sweep_name_problem(typed.sweep.name))
+        typed.sweep.space = _flat_keys(typed.sweep.space, "sweep.space", lambda v: (
+            not isinstance(v, dict) or bool({"low", "high"} & set(v))))
+        problem = sweep_name_problem(typed.sweep.name)
+        if problem:
+            raise ConfigError(problem)
         if not typed.sweep.seeds:
             raise ConfigError(f"sweep.seeds: sweep {typed.sweep.name!r} has no seeds (empty grid)")
         if any(s < 0 for s in typed.sweep.seeds):

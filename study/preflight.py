@@ -88,13 +88,7 @@ RUN_FILES = (records.ENV, records.REPORT, records.TRIALS, records.CLAIMS, record
 def _is_run(run_dir: Path) -> bool:
     """Whether `run_dir` holds a run: its journal, or an env.json that a run wrote (a file
     of that name of the user's own is not one)."""
-    if (run_dir / records.JOURNAL).is_file():
-        return True
-    try:
-        env = records.read_env(run_dir)
-    except records.RecordError:
-        return False
-    return isinstance(env, dict) and "resume_command" in env
+    return (run_dir / records.JOURNAL).is_file() or records.resume_command(run_dir) is not None
 
 
 def check_data(plan: SweepPlan) -> None:
