@@ -55,6 +55,7 @@ Scoring:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -82,6 +83,7 @@ from study.claims import (
     kind_of,
     plain_claims,
     selected_columns,
+    selects,
 )
 
 ALPHA = 0.05
@@ -294,10 +296,11 @@ def _filter(trials: pd.DataFrame, where: Mapping[str, Any]) -> pd.DataFrame:
 
 
 def _matches(series: pd.Series, value: Any) -> np.ndarray:
-    if pd.api.types.is_numeric_dtype(series) and isinstance(value, (int, float)) \
-            and not isinstance(value, bool):
-        return np.isclose(series.to_numpy(dtype=float), float(value), rtol=1e-9, atol=0)
-    return (series.astype(str) == str(value)).to_numpy()
+    """Which rows of `series` `value` selects (`study.claims.selects`, once per distinct
+    value of the column)."""
+    codes, options = pd.factorize(series)  # a missing value's code is -1: the last hit
+    hits = np.array([selects(o, value) for o in options] + [selects(math.nan, value)])
+    return hits[codes]
 
 
 def _metric(frame: pd.DataFrame, metric: str, log: bool) -> np.ndarray:

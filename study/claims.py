@@ -41,6 +41,7 @@ p-value, verdict) is `analysis.claims`: a function of trials.parquet and these s
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -157,15 +158,21 @@ def selected_columns(claims: Sequence[Any]) -> set[str]:
 
 
 def takes(options: Sequence[Any], value: Any) -> bool:
-    """Whether `value` is one of `options` as a trials column matches it: numbers within
-    1e-9 relative (an axis written 1e-1 in YAML and 0.1 in a claim), else as text."""
-    def number(v: Any) -> bool:
-        return isinstance(v, (int, float)) and not isinstance(v, bool)
+    """Whether `value` is one of `options` (`selects` one of them)."""
+    return any(selects(option, value) for option in options)
 
-    if number(value) and any(number(o) and math.isclose(o, value, rel_tol=1e-9)
-                             for o in options):
+
+def selects(option: Any, value: Any) -> bool:
+    """Whether a claim's `value` selects a trial whose column holds `option`: numbers
+    within 1e-9 relative (an axis written 1e-1 in YAML and 0.1 in a claim), else as text
+    (8 selects "8"). The one matching rule of the plan's checks and of the scoring."""
+    if _number(value) and _number(option) and math.isclose(option, value, rel_tol=1e-9):
         return True
-    return str(value) in {str(o) for o in options}
+    return str(option) == str(value)
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
 
 
 def compared_axes(spec: Any, where: str) -> list[str]:

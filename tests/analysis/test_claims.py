@@ -156,3 +156,16 @@ def test_claims_files_in_three_shapes_and_merging_by_statement(tmp_path) -> None
     (tmp_path / "bad.yaml").write_text("claims: {statement: not a list}")
     with pytest.raises(ClaimError, match="expected a list of claims"):
         read_claims_file(tmp_path / "bad.yaml")
+
+
+@pytest.mark.parametrize("value", [8, 8.0, "8"])
+def test_a_value_selects_the_trials_the_plan_said_it_would(value) -> None:
+    """The plan's check (`takes`) and the scoring select by one rule: a batch-size axis of
+    numbers and "full" (a column of text) is selected by 8, 8.0 and "8" alike."""
+    trials = _fixture()
+    trials["train.batch_size"] = [8 if seed % 2 == 0 else "full" for seed in trials["seed"]]
+    claim = {**CLAIMS[0], "where": {"train.batch_size": value}}
+    check_claims([claim], [*AXES, "train.batch_size"], ["val_loss_final", "diverged"],
+                 values={"train.batch_size": [8, "full"]})  # raises if the plan says no
+    out = evaluate_claims(trials, [claim], AXES)
+    assert out.loc[0, "n_trials"] == 60 and out.loc[0, "verdict"] == "supported"
