@@ -10,8 +10,10 @@ import pandas as pd
 
 from analysis.axes import MapLayout, SweepAxes, format_key, ordered_labels, value_key
 
-# Known statuses from best to worst; unknown ones follow, alphabetically.
-STATUS_ORDER = ("converged", "slow", "unstable", "recovered", "no_progress", "diverged")
+# Known statuses from best to worst, then `pruned` (stopped by a search, not judged);
+# unknown ones follow, alphabetically.
+STATUS_ORDER = ("converged", "slow", "unstable", "recovered", "no_progress", "diverged",
+                "pruned")
 FINAL = "val_loss_final"
 INITIAL = "val_loss_initial"
 # Cell markers (drawn as symbols over the heatmap) and what they mean.

@@ -56,9 +56,11 @@ def order_keys(keys: Iterable[Key], declared: Sequence[Any] = ()) -> list[Key]:
 
 @dataclass(frozen=True)
 class SweepAxes:
-    """The axes that vary in a run (seed excluded), each with its ordered keys."""
+    """The axes that vary in a run (seed excluded), each with its ordered keys, and
+    `searched`: the numeric keys a search drew (every proposal its own value; no levels)."""
 
     values: Mapping[str, tuple[Key, ...]]
+    searched: tuple[str, ...] = ()
 
     @property
     def names(self) -> list[str]:
@@ -72,11 +74,14 @@ def sweep_axes(trials: pd.DataFrame, meta: Mapping[str, Any]) -> SweepAxes:
     """Axes with more than one value among `trials`, in declared order.
 
     Declared axes (`meta["axes"]`) that are table columns come first; when none is
-    declared, group-label and dotted config columns that vary are used instead.
+    declared, group-label and dotted config columns that vary are used instead. A search's
+    numeric keys (`meta["searched"]`) that vary are `searched`.
     """
     declared: Mapping[str, Sequence[Any]] = meta.get("axes") or {}
+    searched = tuple(k for k in meta.get("searched") or () if k in trials.columns
+                     and trials[k].nunique() > 1)
     names = [a for a in declared if a in trials.columns and a != SEED]
-    if not declared:
+    if not declared and not searched:
         names = [c for c in trials.columns
                  if c != SEED and (c in GROUP_LABELS or "." in c)]
     values: dict[str, tuple[Key, ...]] = {}
@@ -84,7 +89,7 @@ def sweep_axes(trials: pd.DataFrame, meta: Mapping[str, Any]) -> SweepAxes:
         keys = order_keys(trials[name].dropna().map(value_key), declared.get(name, ()))
         if len(keys) > 1:
             values[name] = tuple(keys)
-    return SweepAxes(values)
+    return SweepAxes(values, searched)
 
 
 @dataclass(frozen=True)

@@ -41,10 +41,11 @@ def findings_context(lab: pd.DataFrame, axes: SweepAxes) -> dict[str, Any]:
     """Headline sentences, the suspects table (HTML) and stable lr lines; the claim lines
     (`claim_lines`) are the report's to add, from the claims it has once the sections are
     built."""
-    names = axes.names
+    names = [*axes.names, *axes.searched]
     counts = status_counts(lab)
     headline = [_status_sentence(counts, len(lab))]
-    importance = axis_importance(lab, names) if names else pd.DataFrame()
+    importance = (axis_importance(lab, axes.names, searched=axes.searched) if names
+                  else pd.DataFrame())
     suspects_html, n_seeds = "", 0
     if names and not importance.empty:
         order = ranked_axes(importance, names)
@@ -53,7 +54,7 @@ def findings_context(lab: pd.DataFrame, axes: SweepAxes) -> dict[str, Any]:
         suspects_html = _suspects_table(importance, order)
         n_seeds = int(importance["n_seeds"].iloc[0])
     return {"headline": headline, "suspects": suspects_html, "n_seeds": n_seeds,
-            "stable_lr": stable_lr_lines(lab, axes)}
+            "searched": list(axes.searched), "stable_lr": stable_lr_lines(lab, axes)}
 
 
 def _lead_sentence(importance: pd.DataFrame, top: str) -> str:

@@ -20,6 +20,12 @@ seeded, the first-order Sobol index of the axis over the grid's uniform design).
 add up to 1; on an unbalanced grid the interaction term can come out slightly negative
 and is then reported as is.
 
+A search's numeric keys (`searched`: every proposal draws its own value) have no levels
+to average over: each enters as the quarters of its proposals' distinct values (its
+levels), and a configuration is one proposal (its exact values, trained once per seed). So
+"seed" stays what differs between seeds of one configuration, and what a searched key's
+values explain within a quarter counts under the interactions.
+
 Intervals: the seed is the replicate (each seed runs the whole grid), so the bootstrap
 resamples whole seeds with replacement (`analysis.stats.bootstrap`, N_RESAMPLES times, one
 generator for every outcome) and recomputes every share; the interval is the 2.5% and
@@ -120,14 +126,21 @@ def variance_shares(y: np.ndarray, levels: dict[str, np.ndarray], cell: np.ndarr
 
 
 def axis_importance(trials: pd.DataFrame, axes: Sequence[str],
-                    n_resamples: int = N_RESAMPLES) -> pd.DataFrame:
+                    n_resamples: int = N_RESAMPLES, searched: Sequence[str] = ()
+                    ) -> pd.DataFrame:
     """Share of each outcome's variance explained by each axis, with bootstrap intervals.
 
-    Long format: `outcome` (OUTCOMES key), `source` (an axis, INTERACTIONS or SEED_NOISE),
+    `searched`: a search's numeric columns (their quarters are their levels, their exact
+    values part of the configuration; module docstring). Long format: `outcome`
+    (OUTCOMES key), `source` (an axis or searched column, INTERACTIONS or SEED_NOISE),
     `share`, `ci_low`, `ci_high`, `n` (trials with a finite outcome), `n_seeds`. Trials
     whose outcome is NaN are left out of that outcome. Intervals are NaN with one seed.
     """
     values = outcomes(trials)
+    codes = {a: pd.factorize(trials[a].astype(str))[0] for a in axes}
+    codes.update({k: quarters(trials[k]) for k in searched})
+    configuration = [*codes, *(f"= {k}" for k in searched)]  # a search: its exact values
+    exact = {f"= {k}": pd.factorize(trials[k].astype(str))[0] for k in searched}
     seeds = (trials[SEED].astype(str) if SEED in trials.columns
              else pd.Series("0", index=trials.index))
     rows = []
@@ -138,11 +151,11 @@ def axis_importance(trials: pd.DataFrame, axes: Sequence[str],
         if keep.sum() < 2:
             continue
         y = y_all[keep]
-        part = trials.loc[keep]
-        levels = {a: pd.factorize(part[a].astype(str))[0] for a in axes}
-        # A cell: one combination of the axes' levels, numbered in order of first appearance
-        cell = (pd.DataFrame(levels).groupby(list(axes), sort=False).ngroup().to_numpy()
-                if axes else np.zeros(len(y), dtype=int))
+        levels = {a: pd.factorize(code[keep])[0] for a, code in codes.items()}
+        # A cell: one configuration, numbered in order of first appearance
+        cell = (pd.DataFrame({**levels, **{k: c[keep] for k, c in exact.items()}})
+                .groupby(configuration, sort=False).ngroup().to_numpy()
+                if configuration else np.zeros(len(y), dtype=int))
         seed_idx = np.searchsorted(unique_seeds, seeds[keep].to_numpy())
         point = variance_shares(y, levels, cell, seed_idx, np.ones((1, len(unique_seeds))))
         low = high = np.full(len(point), np.nan)
@@ -160,6 +173,17 @@ def axis_importance(trials: pd.DataFrame, axes: Sequence[str],
                          "n_seeds": len(unique_seeds)})
     return pd.DataFrame(rows, columns=["outcome", "source", "share", "ci_low", "ci_high",
                                        "n", "n_seeds"])
+
+
+def quarters(values: pd.Series) -> np.ndarray:
+    """[n] level of each value: which quarter of the distinct values it falls in, by rank
+    (0-3; as many levels as distinct values when fewer than four; missing values one level
+    of their own after them)."""
+    numbers = pd.to_numeric(values, errors="coerce")
+    distinct = np.unique(numbers.dropna().to_numpy(dtype=float))
+    n = len(distinct)
+    rank = np.searchsorted(distinct, numbers.fillna(np.inf).to_numpy(dtype=float))
+    return np.where(numbers.isna(), min(4, n), rank * min(4, n) // max(n, 1))
 
 
 def _shares_of_resampled_seeds(y: np.ndarray, levels: dict[str, np.ndarray],

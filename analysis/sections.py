@@ -122,7 +122,8 @@ def gallery_parts(run_dir, lab: pd.DataFrame, axes: SweepAxes) -> list[tuple]:
 def gallery_entry(status: str, mine: pd.DataFrame, frame: pd.DataFrame) -> dict[str, Any]:
     """The gallery's figure of one status: its picked trials `mine` and their curves."""
     n = int(mine["n_status"].iloc[0])
-    caption = (f"{n} trial{'s' if n != 1 else ''} ended {status}; "
+    ended = "were pruned" if status == "pruned" else f"ended {status}"
+    caption = (f"{n} trial{'s' if n != 1 else ''} {ended}; "
                + (f"showing {len(mine)}, evenly spread from the best to the worst final / "
                   f"initial validation loss. " if n > len(mine) else "showing all. ")
                + "Top: minibatch loss (gray), train and validation evaluations in the "

@@ -115,6 +115,11 @@ class EdgePlan:
     claims: list[Any] = field(default_factory=list)
 
     @property
+    def searched(self) -> list[str]:
+        """The learning rate: each configuration tries rates of its own (no axis levels)."""
+        return [AXIS]
+
+    @property
     def total(self) -> int:
         """Training runs of a full search (an estimate: configurations resolved early cost
         fewer)."""

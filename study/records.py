@@ -71,7 +71,8 @@ _CURVE_ENCODING = {"use_dictionary": ["trial", "step", "split", "metric"],
 # trials.parquet: one row per COMPLETE trial. Fixed columns first, then the flat config
 # (`task`, `optimizer`, `task.dim`, `optimizer.lr`, `train.batch_size`, ..., `seed`), then every
 # summary metric (see study/metrics/). Schema metadata key b"study" holds JSON with
-# "schema_version", "sweep" (name), "axes" ({axis: [values]}), "objective".
+# "schema_version", "sweep" (name), "axes" ({axis: [values]}), "objective", and for a search
+# "searched" (its numeric keys, whose every proposal draws its own value: no axis levels).
 TRIAL_COLUMNS = ("trial", "key", "status", "objective")
 # Summary metrics also stored as trial user attributes of their own with
 # `storage.dashboard` (a dashboard lists attributes, not the members of one).

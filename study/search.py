@@ -88,6 +88,13 @@ class SearchPlan:
                 if isinstance(d, CategoricalDistribution)}
 
     @property
+    def searched(self) -> list[str]:
+        """The space's numeric keys: each proposal draws its own value, so they are no
+        axes with levels (trials.parquet's metadata names them apart)."""
+        return [name for name, d in self.space.items()
+                if not isinstance(d, CategoricalDistribution)]
+
+    @property
     def total(self) -> int:
         """Training runs the budget buys: proposals x seeds."""
         return self.trials * len(self.seeds)

@@ -183,7 +183,8 @@ def finish_population(study: optuna.Study, run_dir: Path, taken: list[Taken],
     records.write_curves(run_dir, f"trials-{min(numbers):06d}-{max(numbers):06d}",
                          records.curves_table(numbers, traces))
     summaries = summarize_many(traces, [stability_threshold(point.trial.optimizer)
-                                        for _, point in taken])
+                                        for _, point in taken],
+                               pruned=[i in pruned for i in range(len(taken))])
     told = 0
     with queue.batched(study):  # one append for the population's results
         for i, ((trial, _), summary) in enumerate(zip(taken, summaries, strict=True)):
@@ -261,10 +262,13 @@ def _note_bad_data(taken: list[Taken], notes: DataNotes) -> None:
 
 def write_trials_table(study: optuna.Study, plan: SweepPlan, run_dir: Path,
                        objective: dict[str, str]) -> Path:
-    """trials.parquet from the storage, with the sweep's axes in its metadata."""
+    """trials.parquet from the storage, with the sweep's axes (and a search's numeric
+    keys, `searched`) in its metadata."""
     frame = records.trials_frame(queue.finished(study))
     meta = {"sweep": plan.name, "axes": plan.axes, "seeds": plan.seeds, "objective": objective,
             "study_name": study.study_name}
+    if getattr(plan, "searched", None):
+        meta["searched"] = plan.searched
     return records.write_trials(run_dir, frame, meta)
 
 

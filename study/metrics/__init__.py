@@ -75,12 +75,13 @@ __all__ = ["STATUSES", "SUMMARY_METRICS", "final_blowup_step", "objective_value"
 
 
 def summarize_many(traces: Sequence[Trace],
-                   thresholds: Sequence[curvature.Threshold] | None = None
-                   ) -> list[dict[str, Any]]:
+                   thresholds: Sequence[curvature.Threshold] | None = None,
+                   pruned: Sequence[bool] | None = None) -> list[dict[str, Any]]:
     """`status` and every metric of `SUMMARY_METRICS` for each trace (vectorized).
 
     `thresholds` (one per trace, `curvature.stability_threshold` of its optimizer) is only
-    needed for the `sharpness_ratio_*` columns."""
+    needed for the `sharpness_ratio_*` columns; `pruned` (one per trace) marks the traces a
+    search's pruner stopped (status `pruned` unless they diverged first)."""
     if not traces:
         return []
     a = TraceArrays.stack(traces)
@@ -91,7 +92,8 @@ def summarize_many(traces: Sequence[Trace],
     rises = shape.eval_rises(a.val_loss, a.irreducible_loss)
     verdict = classify(engine_divergence=engine_div, eval_step=a.eval_step, loss=a.val_loss,
                        floor=a.irreducible_loss, input_free=a.input_free_loss,
-                       spike_count=np.nan_to_num(spikes["spike_count"]), eval_rises=rises)
+                       spike_count=np.nan_to_num(spikes["spike_count"]), eval_rises=rises,
+                       pruned=np.zeros(t, bool) if pruned is None else np.asarray(pruned, bool))
     cols = _loss_columns(a, stopped=~np.isnan(engine_div), verdict=verdict)
     cols["steps"] = np.array([_updates(tr) for tr in traces], dtype=float)
     cols["planned_steps"] = np.array([tr.planned_steps for tr in traces], dtype=float)

@@ -19,23 +19,26 @@ evaluation does not decide the status:
    `DIVERGENCE_EVALS` evaluations (all of them after step 0 when fewer) are above
    `DIVERGENCE_FACTOR` x L_0 (the divergence step is the first evaluation of that final
    streak).
-2. `no_progress`: E - r >= `NO_PROGRESS_FRACTION` x (S - r) with S = min(L_0, B) (B only
+2. `pruned`: a search's pruner stopped the trial (`pruned_step`; README, "Searching"):
+   its curves end where the pruner judged it worse than its peers, so they cannot say how
+   the run would have ended; its metrics describe the curve up to there.
+3. `no_progress`: E - r >= `NO_PROGRESS_FRACTION` x (S - r) with S = min(L_0, B) (B only
    when it is above f) and r = min(f, S): the run ends where it started, above it, or no
    better than ignoring the inputs (a classifier that settles on the class frequencies,
    whatever its initial loss, or a regressor that predicts the mean) learned nothing. r is
    the floor unless the floor lies above the start (pure-noise targets, whose floor is
    estimated from a finite split): then the run must end below its start to make progress.
-3. `recovered`: the loss blew up, an evaluation rose above `BLOWUP_FACTOR` x L_0
+4. `recovered`: the loss blew up, an evaluation rose above `BLOWUP_FACTOR` x L_0
    (`loss_blowup_max`), and came back down far enough to make progress: a catapult
    (Lewkowycz et al. 2020), not a divergence.
-4. `unstable`: at least `UNSTABLE_SPIKES` minibatch-loss spikes (`shape.spikes`), or at
+5. `unstable`: at least `UNSTABLE_SPIKES` minibatch-loss spikes (`shape.spikes`), or at
    least `UNSTABLE_RISES` evaluations whose validation loss rose by more than 10% over the
    previous evaluation and by more than 2% of the initial excess L_0 - f
    (`shape.eval_rises`).
-5. `slow`: still far from the floor (E - f > `SLOW_FAR` x (L_0 - f)) and still clearly
+6. `slow`: still far from the floor (E - f > `SLOW_FAR` x (L_0 - f)) and still clearly
    descending: the last quarter of the evaluations brought more than `SLOW_DESCENT` of
    the run's whole decrease L_0 - E (a curve that has flattened out brings almost none).
-6. `converged`: otherwise (settled: near the floor, or no longer improving).
+7. `converged`: otherwise (settled: near the floor, or no longer improving).
 """
 
 from __future__ import annotations
@@ -56,7 +59,7 @@ UNSTABLE_SPIKES = 2
 UNSTABLE_RISES = 2
 SLOW_FAR = 0.25
 SLOW_DESCENT = 0.1
-STATUSES = ("converged", "slow", "unstable", "recovered", "no_progress", "diverged")
+STATUSES = ("converged", "slow", "unstable", "recovered", "no_progress", "diverged", "pruned")
 
 
 @dataclass(frozen=True)
@@ -117,12 +120,14 @@ def final_blowup_step(eval_step: np.ndarray, loss: np.ndarray) -> np.ndarray:
 
 def classify(*, engine_divergence: np.ndarray, eval_step: np.ndarray, loss: np.ndarray,
              floor: np.ndarray, spike_count: np.ndarray, eval_rises: np.ndarray,
-             input_free: np.ndarray | float = np.nan) -> Verdict:
+             input_free: np.ndarray | float = np.nan,
+             pruned: np.ndarray | bool = False) -> Verdict:
     """The module's rules applied to T trials.
 
     `loss` [T, E]: the judged signal (validation loss at each evaluation, NaN-padded);
     `engine_divergence` [T]: the step at which the engine stopped each trial (NaN if it ran
-    to the end); `input_free` [T]: B (NaN: unknown, only L_0 counts)."""
+    to the end); `input_free` [T]: B (NaN: unknown, only L_0 counts); `pruned` [T]: the
+    trials a search's pruner stopped."""
     loss = finite(np.atleast_2d(loss))
     blowup_step = final_blowup_step(eval_step, loss)
     divergence = np.where(np.isnan(engine_divergence), blowup_step, engine_divergence)
@@ -146,7 +151,9 @@ def classify(*, engine_divergence: np.ndarray, eval_step: np.ndarray, loss: np.n
         slow = (excess_end > SLOW_FAR * excess_initial) & (end < initial) & (
             at_quarter - end > SLOW_DESCENT * (initial - end))
     status = np.select(
-        [~np.isnan(divergence), no_progress, recovered, unstable, slow],
-        ["diverged", "no_progress", "recovered", "unstable", "slow"], default="converged",
+        [~np.isnan(divergence), np.broadcast_to(pruned, divergence.shape), no_progress,
+         recovered, unstable, slow],
+        ["diverged", "pruned", "no_progress", "recovered", "unstable", "slow"],
+        default="converged",
     )
     return Verdict(status=status, divergence_step=divergence, end_level=end, blowup_max=peak)

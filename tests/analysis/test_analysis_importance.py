@@ -154,3 +154,33 @@ def test_stable_lr_when_no_lr_is_stable_in_every_group(sweep_run):
     sgd = stable_lr_lines(labeled(trials, axes), axes)[0]
     assert sgd.startswith("sgd: no learning rate is stable in all 4 groups")
     assert "stable in the most groups: lr 0.001 (3 of 4), lr 0.01 (3 of 4)" in sgd
+
+
+def _search(seeds: int = 3, proposals: int = 40) -> pd.DataFrame:
+    """A search: each proposal draws its own log-uniform lr and a batch size (no effect);
+    every seed runs every proposal; a proposal diverges on every seed iff its lr > 1."""
+    rng = np.random.default_rng(1)
+    lr = 10.0 ** rng.uniform(-4, 1, proposals)
+    batch = rng.choice(["8", "32"], proposals)
+    frame = pd.DataFrame([{"optimizer.lr": lr[p], "train.batch_size": batch[p], "seed": s}
+                          for p in range(proposals) for s in range(seeds)])
+    status = np.where(frame["optimizer.lr"] > 1, "diverged", "converged")
+    return trials_where(status, frame, pd.Series(0.1, index=frame.index))
+
+
+def test_a_searched_key_is_credited_with_its_effect_not_the_seeds() -> None:
+    """Left out, the lr's effect would be "seed" noise: every proposal is its own value."""
+    out = axis_importance(_search(), ["train.batch_size"], n_resamples=50,
+                          searched=["optimizer.lr"])
+    share = out[out["outcome"] == "diverged"].set_index("source")["share"]
+    assert share["optimizer.lr"] > 0.5
+    assert share[SEED_NOISE] == pytest.approx(0.0, abs=1e-12)  # seeds agree on each proposal
+    assert share["train.batch_size"] < 0.1
+    assert ranked_axes(out, ["train.batch_size", "optimizer.lr"])[0] == "optimizer.lr"
+
+
+def test_quarters_rank_a_searched_keys_values() -> None:
+    from analysis.importance import quarters
+    values = pd.Series([1e-5, 1e-4, 1e-3, 1e-2, 0.1, 1.0, 10.0, 10.0, np.nan])
+    assert quarters(values).tolist() == [0, 0, 1, 1, 2, 2, 3, 3, 4]
+    assert quarters(pd.Series([3.0, 1.0, 1.0])).tolist() == [1, 0, 0]

@@ -7,7 +7,8 @@ above 10x its initial loss; a converged trial's E is not above its initial loss;
 no_progress trial's E did not fall by more than 5% of its initial excess, or of the
 excess of the input-free loss (the targets' mean or class frequencies) when that is lower;
 a recovered
-trial went above 2x its initial loss and came back. Measured finals are never overwritten.
+trial went above 2x its initial loss and came back; a pruned trial was stopped by a
+search's pruner (`pruned_step`, where its curves end). Measured finals are never overwritten.
 """
 
 from __future__ import annotations
@@ -77,6 +78,11 @@ def check_agreement(run_dir: Path) -> int:
                 assert row.divergence_step in set(finite[:, 0]), where
         else:
             assert not stopped and math.isnan(row.divergence_step), where
+        pruned_step = getattr(row, "pruned_step", math.nan)
+        if row.status == "pruned":
+            assert pruned_step == val[-1, 0] < row.planned_steps, where
+        elif not math.isnan(pruned_step):  # the pruner stopped a run that had blown up
+            assert row.status == "diverged", where
         if row.status == "converged":
             assert end <= initial, where
         if row.status == "no_progress":
@@ -101,6 +107,19 @@ def _run(study_cli, tmp_path: Path, sweep: str) -> Path:
 @pytest.mark.parametrize("sweep", FAST)
 def test_every_status_agrees_with_its_curves(sweep: str, tmp_path: Path, study_cli) -> None:
     assert check_agreement(_run(study_cli, tmp_path, sweep)) > 0
+
+
+def test_a_pruned_trial_reads_pruned_not_the_status_of_its_cut_curve(tmp_path: Path,
+                                                                      study_cli) -> None:
+    """A search's pruner stops trials at an evaluation; their curves end there."""
+    run_dir = tmp_path / "pruned"
+    done = study_cli("+sweep=adam_search", "+sweep.pruner={type:median}", "sweep.trials=32",
+                     f"hydra.run.dir={run_dir}", "progress=false", "report=false",
+                     timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert check_agreement(run_dir) == 96
+    trials, _ = records.read_trials(run_dir)
+    assert (trials["status"] == "pruned").sum() > 0
 
 
 @pytest.mark.slow

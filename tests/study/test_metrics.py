@@ -357,3 +357,15 @@ def test_the_input_free_loss_is_the_targets_mean_or_class_frequencies() -> None:
     unseen = Dataset(x, torch.tensor([0, 0, 1, 1]), x, torch.tensor([0, 2, 1, 0]),
                      "cross_entropy", 0.0)
     assert unseen.input_free_loss() == math.inf
+
+
+def test_a_pruned_trial_reads_pruned_unless_it_had_blown_up() -> None:
+    """A cut curve does not say how the run would have ended: no_progress, slow or
+    converged would each describe a run the pruner did not let finish."""
+    flat = _trace([1.0, 1.0, 1.0])  # alone: no_progress
+    falling = _trace([1.0, 0.5, 0.3])
+    blown = _trace([1.0, 20.0, 30.0, 40.0])  # ended blown up before the pruner stopped it
+    rows = summarize_many([flat, falling, blown, flat], pruned=[True, True, True, False])
+    assert [r["status"] for r in rows] == ["pruned", "pruned", "diverged", "no_progress"]
+    assert rows[0]["val_loss_final"] == 1.0 and math.isnan(rows[0]["divergence_step"])
+    assert rows[2]["divergence_step"] == 10

@@ -147,6 +147,7 @@ def test_the_cli_runs_a_search_and_writes_its_records(tmp_path: Path, study_cli)
     trials, meta = records.read_trials(run_dir)
     assert len(trials) == 12 and trials["objective"].notna().all()
     assert meta["axes"] == {"train.batch_size": [8, 32, 128]}
+    assert meta["searched"] == ["optimizer.lr", "optimizer.betas.0"]  # no axis levels
     assert records.read_claims(run_dir) is not None
 
 
@@ -196,6 +197,9 @@ def test_a_pruner_stops_rows_inside_the_population_and_they_are_told_pruned(
     assert pruned and complete
     frame = trials_frame(queue.finished(study))
     assert len(frame) == 16 and frame["pruned_step"].notna().sum() == len(pruned)
+    cut = frame["pruned_step"].notna()
+    assert set(frame.loc[cut, "status"]) <= {"pruned", "diverged"}
+    assert "pruned" not in set(frame.loc[~cut, "status"])
     curves = records.read_curves(tmp_path)
     for t in pruned:
         step = t.user_attrs["pruned_step"]
