@@ -8,7 +8,14 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from analysis.axes import MapLayout, SweepAxes, format_key, ordered_labels, value_key
+from analysis.axes import (
+    MapLayout,
+    SweepAxes,
+    format_key,
+    joined,
+    ordered_labels,
+    value_key,
+)
 
 # Known statuses from best to worst, then `pruned` (stopped by a search, not judged);
 # unknown ones follow, alphabetically.
@@ -177,8 +184,7 @@ def stability_map(summary: pd.DataFrame, axes: SweepAxes, layout: MapLayout,
     normalized = metric == FINAL and bool(summary["reference"].notna().any())
     cells = summary.copy()
     cells["row"] = cells[layout.row] if layout.row else ""
-    cells["col"] = (cells[list(layout.cols)].astype(str).agg(", ".join, axis=1)
-                    if layout.cols else "")
+    cells["col"] = joined(cells, layout.cols)
     cells["x"], cells["y"] = cells[layout.x], cells[layout.y]
     x_labels = [format_key(k) for k in axes.values[layout.x]]
     y_labels = [format_key(k) for k in axes.values[layout.y]]

@@ -92,6 +92,17 @@ def sweep_axes(trials: pd.DataFrame, meta: Mapping[str, Any]) -> SweepAxes:
     return SweepAxes(values, searched)
 
 
+def joined(frame: pd.DataFrame, columns: Sequence[str]) -> pd.Series | str:
+    """Each row's values of `columns` as text joined by ", " (a Series, also of no rows:
+    pandas' row-wise join of no rows gives a frame); "" without columns."""
+    if not columns:
+        return ""
+    text = frame[columns[0]].astype(str)
+    for column in columns[1:]:
+        text = text + ", " + frame[column].astype(str)
+    return text
+
+
 @dataclass(frozen=True)
 class MapLayout:
     """Which axis goes where in the stability map: x, y, panel rows, panel columns."""

@@ -12,7 +12,7 @@ import pandas as pd
 
 from analysis import diagnostics, figures, gallery, tables
 from analysis.aggregate import FINAL, INITIAL, capped_loss, label_series
-from analysis.axes import LR, SEED, SweepAxes, format_key
+from analysis.axes import LR, SEED, SweepAxes, format_key, joined
 from analysis.curves import curve_facets, line_axis, select_curve_trials
 from analysis.sensitivity import (
     diverged_points,
@@ -62,7 +62,7 @@ def lr_section(lab: pd.DataFrame, axes: SweepAxes) -> dict[str, Any]:
     rest = [g for g in group if g not in (row, line)]
     curves, points = curves.copy(), diverged_points(lab, group)
     for frame in (curves, points):
-        frame["panel"] = frame[rest].astype(str).agg(", ".join, axis=1) if rest else ""
+        frame["panel"] = joined(frame, rest)
     curves, points, shown = _cap_panels(curves, points, row)
     image = figures.figure_to_data_uri(plot_lr_sensitivity(
         curves, points, row, "panel" if rest else None, line))

@@ -167,3 +167,15 @@ def test_empty_table_renders(tmp_path, sweep_run):
     write_trials(tmp_path, trials.iloc[:0], meta)
     html = build_report(tmp_path).read_text()
     assert "0 finished trials" in html and "No finished trials" in html
+
+
+def test_a_sweep_where_nothing_diverged_renders_with_two_panel_axes(sweep_run, tmp_path):
+    """The LR section's panels join the axes besides task, optimizer and lr: with none
+    diverged, its diverged points are no rows, where pandas' row-wise join gives a frame."""
+    trials, meta = read_trials(sweep_run)
+    trials = trials[trials["status"] != "diverged"].assign(
+        **{"model.depth": lambda t: 1 + t["trial"] % 2})
+    write_trials(tmp_path, trials, {**meta, "axes": {**meta["axes"], "model.depth": [1, 2]}})
+    shutil.copytree(sweep_run / "curves", tmp_path / "curves")
+    html = build_report(tmp_path).read_text()
+    assert "panels: task x train.batch_size, model.depth" in html
