@@ -16,7 +16,8 @@ Losses:
 - `loss_blowup_max`: the largest finite validation eval / the initial one (>= 1): how far
   the run blew up, whether or not it came back (`status.blowup_max`).
 - `train_loss_best`, `val_loss_best`: minimum over the finite evals.
-- `train_acc_final`, `val_acc_final`: accuracy in [0, 1] at the last finite eval.
+- `train_acc_final`, `val_acc_final`: accuracy in [0, 1] at the last eval whose loss (of
+  that split) is finite; NaN when none is.
 - `gen_gap`: val_loss_final - train_loss_final (generalization gap).
 - `irreducible_loss`: the task's noise floor, which holds for the validation split (failure
   modes corrupt the training split only); `excess_loss_final`: val_loss_final - floor.
@@ -132,7 +133,10 @@ def _loss_columns(a: TraceArrays, stopped: np.ndarray, verdict) -> dict[str, np.
         cols[f"{split}_loss_final"] = np.where(stopped, np.inf, last_valid(loss))
         best = nan_reduce(np.nanmin, finite(loss))
         cols[f"{split}_loss_best"] = np.where(np.isnan(best), initial, best)
-        cols[f"{split}_acc_final"] = last_valid(finite(getattr(a, f"{split}_acc")))
+        # An accuracy is always a number, also of NaN logits: only an eval whose loss is
+        # finite measured one.
+        acc = np.where(np.isfinite(loss), finite(getattr(a, f"{split}_acc")), np.nan)
+        cols[f"{split}_acc_final"] = last_valid(acc)
     cols["val_loss_end"] = np.where(stopped, np.inf, verdict.end_level)
     cols["loss_blowup_max"] = verdict.blowup_max
     with np.errstate(invalid="ignore"):

@@ -26,8 +26,8 @@ def _trace(train_loss, *, step_loss=None, val_loss=None, divergence_step=None, f
         eval_step=np.arange(len(train)) * every,
         train_loss=train,
         val_loss=np.asarray(val_loss if val_loss is not None else train, dtype=float),
-        train_acc=None, val_acc=None, divergence_step=divergence_step,
-        planned_steps=n_steps, irreducible_loss=floor, **extra,
+        divergence_step=divergence_step, planned_steps=n_steps, irreducible_loss=floor,
+        **{"train_acc": None, "val_acc": None, **extra},
     )
 
 
@@ -369,3 +369,15 @@ def test_a_pruned_trial_reads_pruned_unless_it_had_blown_up() -> None:
     assert [r["status"] for r in rows] == ["pruned", "pruned", "diverged", "no_progress"]
     assert rows[0]["val_loss_final"] == 1.0 and math.isnan(rows[0]["divergence_step"])
     assert rows[2]["divergence_step"] == 10
+
+
+def test_final_accuracy_is_read_at_the_last_eval_whose_loss_is_finite() -> None:
+    """NaN logits still have an argmax: the accuracy of an eval with a non-finite loss is
+    no measurement."""
+    stopped = _trace([1.0, 0.8, np.nan], val_loss=[1.0, 0.7, np.nan], divergence_step=20,
+                     train_acc=np.array([0.3, 0.5, 0.9]), val_acc=np.array([0.3, 0.6, 0.1]))
+    never = _trace([np.inf, np.nan], divergence_step=0,
+                   train_acc=np.array([0.3, 0.2]), val_acc=np.array([0.35, 0.2]))
+    rows = summarize_many([stopped, never])
+    assert rows[0]["val_acc_final"] == 0.6 and rows[0]["train_acc_final"] == 0.5
+    assert math.isnan(rows[1]["val_acc_final"]) and math.isnan(rows[1]["train_acc_final"])
