@@ -26,7 +26,8 @@ Losses:
 - `divergence_step` (update index, NaN if not diverged); `steps` (updates applied);
   `planned_steps`.
 
-Opt-in diagnostics (NaN unless the trial recorded them, see `study.engine.landscape`):
+Opt-in diagnostics (NaN unless the trial recorded them, see `study.engine.landscape`;
+`sharpness_threshold`, a property of the optimizer, is every trial's):
 - `sharpness_final`, `sharpness_max`: top Hessian eigenvalue of the full-batch training
   loss at the last measurement / its maximum over the run (loss units per parameter^2).
 - `precond_sharpness_final`, `precond_sharpness_max`: the same for the preconditioned
@@ -104,7 +105,7 @@ def summarize_many(traces: Sequence[Trace],
     cols["steps_to_90pct"] = shape.steps_to_fraction(a.eval_step, a.train_loss, 0.9)
     cols["plateau_steps"] = shape.plateau_steps(a.eval_step, a.train_loss)
     cols.update(shape.oscillation(a.step_loss))
-    cols["update_cosine_mean"] = gradients.update_cosine(a.update_cosine)
+    cols["update_cosine_mean"] = gradients.update_cosine(a.update_cosine, a.update_norm)
     cols.update(spikes)
     cols["eval_rise_count"] = rises
     cols.update(gradients.gradient_norms(a.grad_norm))

@@ -54,11 +54,18 @@ def update_ratio(update_norm: np.ndarray, param_norm: np.ndarray) -> np.ndarray:
     return nan_median(finite(r))
 
 
-def update_cosine(cosines: np.ndarray) -> np.ndarray:
+def update_cosine(cosines: np.ndarray, update_norm: np.ndarray | None = None) -> np.ndarray:
     """`update_cosine_mean`: mean over steps of cos(delta_k, delta_k-1) between successive
     parameter updates; near -1 the iterate bounces across a valley (even when the loss
-    moves monotonically), near +1 it moves steadily in one direction."""
-    return nan_reduce(np.nanmean, finite(cosines))
+    moves monotonically), near +1 it moves steadily in one direction. A step where either
+    update is exactly zero (`update_norm` [T, S], |delta_k|) has no angle: the engines
+    record 0 there, which is left out (NaN when no step has one)."""
+    cosines = finite(cosines)
+    if update_norm is not None and update_norm.shape == cosines.shape:
+        zero = update_norm == 0
+        zero[:, 1:] |= zero[:, :-1]  # delta_k-1 is zero too
+        cosines = np.where(zero, np.nan, cosines)
+    return nan_reduce(np.nanmean, cosines)
 
 
 def final_activation_stats(dead: np.ndarray, saturated: np.ndarray) -> dict[str, np.ndarray]:

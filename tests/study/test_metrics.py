@@ -381,3 +381,16 @@ def test_final_accuracy_is_read_at_the_last_eval_whose_loss_is_finite() -> None:
     rows = summarize_many([stopped, never])
     assert rows[0]["val_acc_final"] == 0.6 and rows[0]["train_acc_final"] == 0.5
     assert math.isnan(rows[1]["val_acc_final"]) and math.isnan(rows[1]["train_acc_final"])
+
+
+def test_a_step_whose_update_is_zero_has_no_update_angle() -> None:
+    """cos(delta_k, delta_k-1) is 0/0 when either update is zero: the engines record 0
+    there, which would read as orthogonal updates."""
+    n = 5
+    moving = _trace([1.0, 0.5], every=n, update_norm=np.array([1.0, 1.0, 0.0, 1.0, 1.0]),
+                    update_cosine=np.array([np.nan, 0.5, 0.0, 0.0, 0.7]))
+    frozen = _trace([1.0, 1.0], every=n, update_norm=np.zeros(n),
+                    update_cosine=np.array([np.nan, 0.0, 0.0, 0.0, 0.0]))
+    rows = summarize_many([moving, frozen])
+    assert rows[0]["update_cosine_mean"] == pytest.approx(0.6)
+    assert math.isnan(rows[1]["update_cosine_mean"])
