@@ -127,9 +127,10 @@ def score_claims(run_dir: Path, claims: Sequence[Mapping[str, Any]] | None = Non
     # The file's own claims first, so that an error names the file and its own position;
     # their values against the trials' (a run's own claims had theirs checked against its
     # plan where it knew them, a grid's, and must not fail once it has trained).
+    searched = meta.get("searched") or ()
     check_claims(extra, names, metrics, source=f"{claims_file}: claims",
-                 values=_taken_values(trials, extra))
-    check_claims(specs, names, metrics)
+                 values=_taken_values(trials, extra), searched=searched)
+    check_claims(specs, names, metrics, searched=searched)
     return evaluate_claims(trials, specs, axes)
 
 

@@ -58,14 +58,18 @@ class ClaimError(ValueError):
 # --------------------------------------------------------------------------- validation
 def check_claims(claims: Sequence[Mapping[str, Any]], axes: Sequence[str],
                  metrics: Sequence[str], source: str = "sweep.claims",
-                 values: Mapping[str, Sequence[Any]] | None = None) -> None:
+                 values: Mapping[str, Sequence[Any]] | None = None,
+                 searched: Sequence[str] = ()) -> None:
     """Raise ClaimError naming the first bad claim key (before any training), as
     `source[i].key` (`source`: where the claims were written).
 
     `values`: the values each axis takes, where known (a grid's): an arm, a baseline or a
     `where` value of such an axis must be one of them, and an arm must differ from its
     baseline. A claim that selects no trial would otherwise read `inconclusive` with
-    n_trials 0, as if its evidence had been weighed."""
+    n_trials 0, as if its evidence had been weighed. `searched`: a search's numeric keys
+    (every proposal draws its own values): its trials have no pairs, so a compare claim is
+    refused (pairing by seed would set the means of proposals the sampler chose apart for
+    each arm against each other, one pair per seed)."""
     for i, claim in enumerate(claims):
         where = f"{source}[{i}]"
         if not isinstance(claim, Mapping):
@@ -85,6 +89,11 @@ def check_claims(claims: Sequence[Mapping[str, Any]], axes: Sequence[str],
                              f"{kind} claim, got {claim['expect']!r}")
         if kind == "compare":
             compared = compared_axes(claim["compare"], f"{where}.compare")
+            if searched:
+                raise ClaimError(
+                    f"{where}.compare: a search's trials have no pairs (each proposal draws "
+                    f"its own {', '.join(searched)}), so a compare claim needs a grid "
+                    f"(sweep.axes); a trend over a searched key is a claim a search can make")
         else:
             compared = [claim["trend"]]
         for axis in compared:

@@ -162,7 +162,7 @@ def expand_edge(base: SweepPlan, edge: dict[str, Any], claims: list[Any]) -> Edg
         raise
     except (TypeError, ValueError) as err:  # not a number
         raise ConfigError(f"sweep.edge: {err}") from None
-    check_sweep_claims(claims, {**base.axes, AXIS: []})
+    check_sweep_claims(claims, {**base.axes, AXIS: []}, searched=[AXIS])
     configs: dict[str, list[GridPoint]] = {}
     for point in base.points:
         label = repr({k: v for k, v in point.params.items() if k != "seed"})

@@ -165,16 +165,17 @@ def _check_overrides(overrides: Sequence[str], axes: dict[str, list[Any]], sweep
 
 
 def check_sweep_claims(claims: list[Any], axes: dict[str, list[Any]],
-                       values: dict[str, list[Any]] | None = None) -> None:
+                       values: dict[str, list[Any]] | None = None,
+                       searched: Sequence[str] = ()) -> None:
     """`study.claims.check_claims` of a sweep's claims, as ConfigError; `values`: the
     values the planned trials take in the columns the claims select on (`planned_values`),
-    where the plan knows them."""
+    where the plan knows them; `searched`: a search's numeric keys."""
     from study.claims import ClaimError, check_claims
     from study.metrics import STATUSES, SUMMARY_METRICS
 
     try:
         check_claims(claims, list(axes), [*SUMMARY_METRICS, *STATUSES, "objective"],
-                     values=values)
+                     values=values, searched=searched)
     except ClaimError as err:
         raise ConfigError(str(err)) from None
 

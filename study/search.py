@@ -176,7 +176,7 @@ def expand_search(cfg: Any, compose: Compose, overrides: Sequence[str],
     make_pruner(pruner)  # a bad pruner fails now
     plan = SearchPlan(sweep.name, sweep.sampler, space, list(sweep.seeds), sweep.trials,
                       population, typed.seed, build, list(sweep.claims), pruner)
-    check_sweep_claims(plan.claims, {name: [] for name in space})
+    check_sweep_claims(plan.claims, {name: [] for name in space}, searched=plan.searched)
     # The corners' group options composed side by side (study.compositions.compose_plain); a
     # proposal that picks another combination composes it when it is built.
     composed.update(compose_plain(compose, overrides, wanted(plan.corners())))

@@ -169,3 +169,22 @@ def test_a_value_selects_the_trials_the_plan_said_it_would(value) -> None:
                  values={"train.batch_size": [8, "full"]})  # raises if the plan says no
     out = evaluate_claims(trials, [claim], AXES)
     assert out.loc[0, "n_trials"] == 60 and out.loc[0, "verdict"] == "supported"
+
+
+def test_a_compare_claim_on_a_searchs_run_is_refused(tmp_path) -> None:
+    """A search's proposals each draw their own numeric keys: no arm has a pair."""
+    from analysis.claims import score_claims
+    from study import records
+    from study.claims import ClaimError
+
+    trials = _fixture().assign(trial=lambda t: range(len(t)), status="converged")
+    records.write_trials(tmp_path, trials, {"sweep": "s", "axes": {"mitigation": []},
+                                            "searched": ["optimizer.lr"], "seeds": [0]})
+    (tmp_path / "claims.yaml").write_text(
+        "- {statement: s, metric: val_loss_final, expect: lower,\n"
+        "   compare: {axis: mitigation, arm: fix, baseline: none}}\n")
+    with pytest.raises(ClaimError, match=r"claims\[0\]\.compare: a search's trials have no "
+                                         r"pairs \(each proposal draws its own optimizer\.lr\)"):
+        score_claims(tmp_path, claims=[], claims_file=tmp_path / "claims.yaml")
+    trend = {**CLAIMS[3], "where": {}}  # a trend over the searched key is scored
+    assert score_claims(tmp_path, claims=[trend]) is not None

@@ -157,6 +157,9 @@ def test_the_cli_runs_a_search_and_writes_its_records(tmp_path: Path, study_cli)
     ("sweep.population=0", "sweep.population: must be >= 1, got 0"),
     ("+sweep.axes={optimizer.lr: [0.1]}", "sweep.axes: a sampler sweep declares sweep.space"),
     ("workers=2", "workers: a sampler sweep"),
+    ("+sweep.claims=[{statement: s, metric: diverged, expect: higher, compare: {axis: "
+     "train.batch_size, arm: 8, baseline: 128}}]",
+     "compare: a search's trials have no pairs"),
 ])
 def test_a_bad_search_is_refused_before_training(override: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
