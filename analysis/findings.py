@@ -186,6 +186,8 @@ def stable_lr_lines(lab: pd.DataFrame, axes: SweepAxes) -> list[str]:
         if np.isfinite(low) and np.isfinite(high) and low <= high:
             upper = f"≥ {high:.3g}" if part["upper_open"].all() else f"{high:.3g}"
             text = f"{prefix}stable{where} from lr {low:.3g} to {upper}"
+            mine = curves[curves[by] == name] if by else curves
+            text += _no_progress_inside(mine, low, high, n)
         else:
             text = f"{prefix}no learning rate is stable{where}"
             counts = _groups_stable_at(curves[curves[by] == name] if by else curves,
@@ -202,6 +204,19 @@ def stable_lr_lines(lab: pd.DataFrame, axes: SweepAxes) -> list[str]:
                      + f") to {edges.max():.3g}")
         lines.append(text + ".")
     return lines
+
+
+def _no_progress_inside(curves: pd.DataFrame, low: float, high: float, n: int) -> str:
+    """Where, inside a range no seed diverged in, some seed made no progress (a range's
+    upper end is where divergence starts, not where progress stops): "" when nowhere."""
+    lr = curves["lr"].to_numpy(dtype=float)
+    stalled = curves[(lr >= low) & (lr <= high) & (curves["n_no_progress"] > 0)]
+    counts = stalled.groupby("lr", sort=True).size()
+    if counts.empty:
+        return ""
+    of = f" of {n} groups" if n > 1 else ""
+    return "; inside it some seeds made no progress at " + ", ".join(
+        f"lr {v:.3g} ({k}{of})" if n > 1 else f"lr {v:.3g}" for v, k in counts.items())
 
 
 def _groups_stable_at(curves: pd.DataFrame, ranges: pd.DataFrame,

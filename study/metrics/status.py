@@ -11,8 +11,10 @@ objective of every step (the optimizer's own dynamics).
 Writing L_0 for the initial validation loss (step 0), f for the floor, B for the
 input-free loss (the validation loss of the best predictor that ignores the inputs: the
 training targets' mean or class frequencies) and E for the end level, the median of the
-last `END_FRACTION` of the finite evaluations (at least one), so a single spike at the last
-evaluation does not decide the status:
+last `END_FRACTION` of the finite evaluations (at least one), so that in a run of 21 or more
+evaluations a single spike at the last one does not decide the status (in a shorter run
+the last one or two evaluations decide: with so few, a spike cannot be told from where the
+run ended):
 
 1. `diverged`: the engine stopped the trial at a non-finite minibatch loss, gradient norm or
    eval loss (the divergence step is that step); or the run ended blown up: its last

@@ -156,6 +156,26 @@ def test_stable_lr_when_no_lr_is_stable_in_every_group(sweep_run):
     assert "stable in the most groups: lr 0.001 (3 of 4), lr 0.01 (3 of 4)" in sgd
 
 
+def test_a_stable_range_says_where_inside_it_seeds_made_no_progress(sweep_run):
+    """The range's upper end is where divergence starts: an lr below it can still have
+    stalled, and a reader picking the top of the range must be told."""
+    from analysis.axes import sweep_axes
+    from analysis.findings import stable_lr_lines
+    from analysis.load import load_run
+    from analysis.sections import labeled
+
+    run = load_run(sweep_run)
+    trials = run.trials.copy()
+    stuck = ((trials["optimizer"] == "sgd") & (trials["task"] == "blobs")
+             & (trials["train.batch_size"] == "full") & (trials["optimizer.lr"] == 0.01)
+             & (trials["seed"] == 0))
+    trials.loc[stuck, "status"] = "no_progress"
+    axes = sweep_axes(trials, run.meta)
+    assert stable_lr_lines(labeled(trials, axes), axes)[0] == (
+        "sgd: stable in all 4 groups (task x train.batch_size) from lr 0.001 to 0.01; inside "
+        "it some seeds made no progress at lr 0.01 (1 of 4 groups).")
+
+
 def _search(seeds: int = 3, proposals: int = 40) -> pd.DataFrame:
     """A search: each proposal draws its own log-uniform lr and a batch size (no effect);
     every seed runs every proposal; a proposal diverges on every seed iff its lr > 1."""
