@@ -24,12 +24,13 @@ run ended):
 2. `pruned`: a search's pruner stopped the trial (`pruned_step`; README, "Searching"):
    its curves end where the pruner judged it worse than its peers, so they cannot say how
    the run would have ended; its metrics describe the curve up to there.
-3. `no_progress`: E - r >= `NO_PROGRESS_FRACTION` x (S - r) with S = min(L_0, B) (B only
-   when it is above f) and r = min(f, S): the run ends where it started, above it, or no
-   better than ignoring the inputs (a classifier that settles on the class frequencies,
-   whatever its initial loss, or a regressor that predicts the mean) learned nothing. r is
-   the floor unless the floor lies above the start (pure-noise targets, whose floor is
-   estimated from a finite split): then the run must end below its start to make progress.
+3. `no_progress`: E - r >= `NO_PROGRESS_FRACTION` x (S - r) with S = min(L_0, B) and
+   r = min(f, S): the run ends where it started, above it, or no better than ignoring the
+   inputs (a classifier that settles on the class frequencies, whatever its initial loss,
+   or a regressor that predicts the mean) learned nothing. r is the floor unless the
+   floor lies above the start (pure-noise targets: their floor is exact, log C, or
+   estimated on the validation split, and B, estimated from the training split, falls on
+   either side of it by chance): then the run must end below its start to make progress.
 4. `recovered`: the loss blew up, an evaluation rose above `BLOWUP_FACTOR` x L_0
    (`loss_blowup_max`), and came back down far enough to make progress: a catapult
    (Lewkowycz et al. 2020), not a divergence.
@@ -142,8 +143,7 @@ def classify(*, engine_divergence: np.ndarray, eval_step: np.ndarray, loss: np.n
     with np.errstate(invalid="ignore"):
         excess_initial = initial - floor
         excess_end = end - floor
-        start = np.where(np.asarray(input_free) > floor,
-                         np.fmin(initial, input_free), initial)
+        start = np.fmin(initial, input_free)  # fmin: an unknown B leaves L_0
         # A floor above the start (an estimate, on a finite validation split) cannot be
         # reached for: the run is judged against its start alone.
         reach = np.fmin(floor, start)

@@ -63,7 +63,7 @@ def check_agreement(run_dir: Path) -> int:
         assert row.val_loss_initial == initial, where
         assert row.loss_blowup_max == pytest.approx(finite[:, 1].max() / initial), where
         free = getattr(row, "input_free_loss", math.nan)
-        start = min(initial, free) if free > floor else initial
+        start = min(initial, free) if np.isfinite(free) else initial
         floor = min(floor, start)  # a floor above the start cannot be reached for
         excess_fell = (start - floor) - (end - floor)
         if row.status == "diverged":
