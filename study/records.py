@@ -202,6 +202,16 @@ def read_curves_table(run_dir: Path, trials: Iterable[int] | None = None) -> pa.
         raise RecordError(f"cannot read curves under {run_dir}/{CURVES_DIR}: {err}") from err
 
 
+def held_results(run_dir: Path) -> list[str]:
+    """The results of a run `run_dir` holds: trials.parquet, and curves/ when it holds a
+    curves file (what a run numbered from 0 again would write over)."""
+    run_dir = Path(run_dir)
+    held = [TRIALS] if (run_dir / TRIALS).is_file() else []
+    if any((run_dir / CURVES_DIR).glob("*.parquet")):
+        held.append(f"{CURVES_DIR}/")
+    return held
+
+
 def curve_trials(run_dir: Path) -> set[int]:
     """The trial numbers that have rows in the run's curves files (reads that column only)."""
     found: set[int] = set()

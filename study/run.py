@@ -95,7 +95,7 @@ def execute(cfg: DictConfig, typed: StudyConfig, plan: SweepPlan, run_dir: Path,
     check_data(plan)
     check_memory(plan, device)
     study = open_study(run_dir, url, study_name, typed.objective.direction,
-                       typed.storage.retries)
+                       typed.storage.retries, results=records.held_results(run_dir))
     check_same_config(study, resumable_config(config))
     save_hydra_files(cfg, run_dir, overrides, hydra_cfg)
     env, invocations = start_env(run_dir, overrides, device, engine.name, url, typed.workers,

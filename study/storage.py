@@ -15,7 +15,7 @@ import importlib.util
 import logging
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -252,12 +252,26 @@ def open_rdb(url: str, attempts: int = 4, outage_s: float = 30.0) -> BaseStorage
 
 # -------------------------------------------------------------------------------- study
 def open_study(run_dir: Path, url: str | None, study_name: str,
-               direction: str, retries: int = 4) -> optuna.Study:
+               direction: str, retries: int = 4, results: Sequence[str] = ()) -> optuna.Study:
     """Create or load the study: the journal `study.journal` in `run_dir`, or the RDB `url`.
 
     The journal is validated and a partial last line repaired (logged); a study written in
     another storage format (`records.STORAGE_VERSION`) is refused (RecordError).
+    `results`: the run's files `run_dir` holds (`records.held_results`); with any, the study
+    must exist (RecordError, before a journal is created): a new one would number its trials
+    from 0 again and write its curves over theirs.
     """
+    where = mask_url(url) if url else str(Path(run_dir) / records.JOURNAL)
+
+    def lost() -> RecordError:
+        return RecordError(
+            f"{run_dir} holds a run's results ({', '.join(results)}), but its storage "
+            f"{where} holds no study {study_name!r} (its journal was deleted or moved, or "
+            f"the database lost it): a run would number its trials from 0 again and write "
+            f"over them. Restore the storage, or use a new run directory")
+
+    if results and url is None and not (Path(run_dir) / records.JOURNAL).is_file():
+        raise lost()
     if url is None:
         backend, note = open_journal(Path(run_dir) / records.JOURNAL)
         if note:
@@ -272,6 +286,8 @@ def open_study(run_dir: Path, url: str | None, study_name: str,
         try:  # loading first: create_study appends a record even when the study exists
             return optuna.load_study(study_name=study_name, storage=backend, sampler=sampler)
         except KeyError:
+            if results:
+                raise lost() from None
             return optuna.create_study(storage=backend, study_name=study_name,
                                        direction=direction, load_if_exists=True,
                                        sampler=sampler)

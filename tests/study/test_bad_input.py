@@ -415,6 +415,20 @@ def test_a_new_run_in_a_directory_of_other_files_is_refused_and_they_are_kept(
     assert not (tmp_path / "study.journal").exists() and not (tmp_path / ".hydra").exists()
 
 
+def test_a_run_whose_storage_lost_its_study_is_refused_and_its_results_kept(
+        tiny_run: Path, tmp_path: Path, study_cli) -> None:
+    """A deleted journal (or a database that lost the study) with the run's env.json still
+    there: another config's run was accepted and numbered its trials from 0 over the
+    finished run's curves and trials.parquet."""
+    run_dir = copy_run(tiny_run, tmp_path)
+    (run_dir / records.JOURNAL).unlink()
+    before = snapshot(run_dir)
+    done = study_cli(*TINY, "train.epochs=2", f"hydra.run.dir={run_dir}")
+    one_line_error(done, 3, f"{run_dir} holds a run's results (trials.parquet, curves/), but "
+                            f"its storage {run_dir / records.JOURNAL} holds no study 'smoke'")
+    assert snapshot(run_dir) == before and not (run_dir / records.JOURNAL).exists()
+
+
 # ----------------------------------------------------------------------- 12, 14: stored state
 @pytest.mark.parametrize(("line", "at"), [
     (b'{"op_code": 8}\n', 11),

@@ -297,3 +297,14 @@ def test_a_run_directory_written_before_the_queue_module_resumes(
                        atol=1e-6, equal_nan=True)
     exact = (got[numbers].fillna(0) == want[numbers].fillna(0)).all(axis=1)
     assert exact.sum() >= 8  # at least the points trained after the resume
+
+
+def test_a_database_that_lost_the_study_of_a_run_with_results_is_refused(tmp_path: Path
+                                                                         ) -> None:
+    url = f"sqlite:///{tmp_path / 'runs.db'}"
+    storage.open_study(tmp_path, url, "other", "minimize")  # the database holds another
+    with pytest.raises(records.RecordError, match="holds no study 'mine'"):
+        storage.open_study(tmp_path, url, "mine", "minimize", results=["trials.parquet"])
+    names = [s.study_name for s in optuna.get_all_study_summaries(url)]
+    assert names == ["other"]  # nothing created
+    assert storage.open_study(tmp_path, url, "mine", "minimize").study_name == "mine"
