@@ -96,7 +96,7 @@ def execute(cfg: DictConfig, typed: StudyConfig, plan: SweepPlan, run_dir: Path,
     check_memory(plan, device)
     study = open_study(run_dir, url, study_name, typed.objective.direction,
                        typed.storage.retries, results=records.held_results(run_dir))
-    check_same_config(study, resumable_config(config))
+    check_same_config(study, {**resumable_config(config), **data_digests(plan)})
     save_hydra_files(cfg, run_dir, overrides, hydra_cfg)
     env, invocations = start_env(run_dir, overrides, device, engine.name, url, typed.workers,
                                  study_name)
@@ -165,6 +165,15 @@ def resumable_config(config: dict[str, Any]) -> dict[str, Any]:
     """The plain config as dotted keys, without the keys that say how to run (`RUN_ONLY`):
     what a resumed run must share with the run that created the study."""
     return {k: v for k, v in _flatten(config).items() if k.split(".")[0] not in RUN_ONLY}
+
+
+def data_digests(plan: SweepPlan) -> dict[str, str]:
+    """{"data digest of PATH": digest} of every table file the plan's trials read
+    (`study.tasks.table`): a resumed run must read the data its study was started on. A
+    changed file gives its points new trial keys, and the grid would train again beside
+    the trials of the old data, into one trials.parquet."""
+    return {f"{storage.DATA_DIGEST} {point.trial.task.path}": point.trial.task.digest
+            for point in plan.points if getattr(point.trial.task, "digest", None)}
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict:

@@ -309,13 +309,21 @@ def open_study(run_dir: Path, url: str | None, study_name: str,
     return study
 
 
+# The key prefix of a table file's digest in a study's config (`run.data_digests`).
+DATA_DIGEST = "data digest of"
+
+
 def check_same_config(study: optuna.Study, config: dict[str, Any]) -> None:
-    """Record `config` on a new study; refuse to mix trials of a different config into it."""
+    """Record `config` on a new study; refuse to mix trials of a different config into it.
+    A study recorded before its data digests were (no `DATA_DIGEST` key) is not refused for
+    lacking them."""
     stored = study.user_attrs.get("config")
     if stored is None:
         study.set_user_attr("config", config)
         return
-    differing = sorted(k for k in set(stored) | set(config) if stored.get(k) != config.get(k))
+    digests = any(k.startswith(DATA_DIGEST) for k in stored)
+    differing = sorted(k for k in set(stored) | set(config) if stored.get(k) != config.get(k)
+                       and (digests or not k.startswith(DATA_DIGEST)))
     if differing:
         shown = ", ".join(f"{k} (was {stored.get(k)!r}, now {config.get(k)!r})"
                           for k in differing[:5])

@@ -429,6 +429,24 @@ def test_a_run_whose_storage_lost_its_study_is_refused_and_its_results_kept(
     assert snapshot(run_dir) == before and not (run_dir / records.JOURNAL).exists()
 
 
+def test_a_resume_on_a_changed_table_file_is_refused_and_nothing_changes(
+        tmp_path: Path, study_cli) -> None:
+    """A changed file gives its points new trial keys: the grid trained again beside the
+    old data's trials, into one trials.parquet."""
+    table = tmp_path / "t.csv"
+    rows = [f"{i % 7},{(i * 3) % 5},{i % 7 + 2 * ((i * 3) % 5)}" for i in range(40)]
+    table.write_text("a,b,y\n" + "\n".join(rows) + "\n")
+    run_dir = tmp_path / "run"
+    command = ("task=table", f"task.path={table}", "task.target=y", "train.epochs=1",
+               "model.width=8", f"hydra.run.dir={run_dir}", "progress=false", "report=false")
+    study_cli(*command, expect=0)
+    table.write_text("a,b,y\n" + "\n".join(rows[:30]) + "\n")
+    before = snapshot(run_dir)
+    done = study_cli(*command)
+    one_line_error(done, 2, f"differing keys: data digest of {table} (was ")
+    assert snapshot(run_dir) == before
+
+
 # ----------------------------------------------------------------------- 12, 14: stored state
 @pytest.mark.parametrize(("line", "at"), [
     (b'{"op_code": 8}\n', 11),

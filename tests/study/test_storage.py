@@ -308,3 +308,15 @@ def test_a_database_that_lost_the_study_of_a_run_with_results_is_refused(tmp_pat
     names = [s.study_name for s in optuna.get_all_study_summaries(url)]
     assert names == ["other"]  # nothing created
     assert storage.open_study(tmp_path, url, "mine", "minimize").study_name == "mine"
+
+
+def test_a_study_recorded_without_data_digests_resumes_with_them(tmp_path: Path) -> None:
+    study = storage.open_study(tmp_path, None, "s", "minimize")
+    storage.check_same_config(study, {"task": "table"})
+    digest = {f"{storage.DATA_DIGEST} /d.csv": "abc"}
+    storage.check_same_config(study, {"task": "table", **digest})  # recorded before digests
+    (tmp_path / "b").mkdir()
+    fresh = storage.open_study(tmp_path / "b", None, "s", "minimize")
+    storage.check_same_config(fresh, {"task": "table", **digest})
+    with pytest.raises(ConfigError, match=r"data digest of /d\.csv \(was 'abc', now 'xyz'\)"):
+        storage.check_same_config(fresh, {"task": "table", f"{storage.DATA_DIGEST} /d.csv": "xyz"})
