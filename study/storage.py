@@ -116,6 +116,12 @@ def _parse(url: str) -> tuple[str, str, str]:
             f"file in the run directory)"
         )
     _check_port(match.group(3), url)
+    if dialect == "sqlite" and re.sub(r"\?.*$", "", match.group(3), flags=re.DOTALL) in (
+            "", "/", "/:memory:"):
+        raise ConfigError(
+            f"storage.url: {mask_url(url)!r} is an in-memory SQLite database: nothing it "
+            f"holds outlives the process, so a run could not be resumed; give a file "
+            f"(sqlite:///PATH) or leave storage.url null for the journal file")
     named = match.group(2)
     candidates = [c for c in SCHEMES[dialect] if named in (None, c[0])] or [(named, named, named)]
     for driver, module, _ in candidates:

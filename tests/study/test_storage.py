@@ -171,6 +171,15 @@ def test_an_unknown_url_scheme_is_a_config_error() -> None:
         storage.url_scheme("redis://u:secret@h/0")
 
 
+@pytest.mark.parametrize("url", ["sqlite://", "sqlite:///:memory:", "sqlite://?cache=shared"])
+def test_an_in_memory_sqlite_database_is_refused(url: str) -> None:
+    """Nothing it holds outlives the process: a stopped run said "nothing is lost" and its
+    resume trained everything again (and the heartbeat's own connection found no tables)."""
+    with pytest.raises(ConfigError, match="is an in-memory SQLite database"):
+        storage.url_scheme(url)
+    assert storage.url_scheme("sqlite:///runs.db") == "sqlite"
+
+
 def test_sqlite_is_refused_for_several_workers() -> None:
     storage.check_workers("sqlite:///x.db", 1)
     with pytest.raises(ConfigError, match="workers: SQLite cannot serve 2 workers"):
