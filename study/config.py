@@ -133,6 +133,8 @@ def _omegaconf_message(err: OmegaConfBaseException) -> str:
 def build_trial(plain: dict[str, Any], seed: int, labels: dict[str, str]) -> TrialSpec:
     """Instantiate the groups of a validated config (see `plain_config`) into a `TrialSpec`."""
     specs = {group: instantiate_group(plain, group) for group in SPEC_GROUPS}
+    for group, spec in specs.items():
+        check_kind(group, spec, plain[group]["_target_"])
     transforms = {group: instantiate_entries(plain, group) for group in TRANSFORM_GROUPS}
     check_values("train", plain["train"], _hints(TrainSpec))
     check_values("diagnostics", plain.get("diagnostics", {}), _hints(DiagnosticsSpec))
@@ -248,6 +250,31 @@ def instantiate_group(plain: dict[str, Any], group: str) -> Any:
         raise ConfigError(str(err)) from None
     except TypeError as err:
         raise ConfigError(f"{group}: {err}") from None
+    except Exception as err:  # noqa: BLE001  (a user's class may raise anything)
+        raise ConfigError(f"{group}: {target_path} raised {type(err).__name__}: {err}"
+                          ) from None
+
+
+# What the engines ask of each spec group's object: a base class, or a task's protocol.
+TASK_MEMBERS = ("loss", "input_dim", "output_dim", "n_train", "n_val", "generate")
+
+
+def check_kind(group: str, spec: Any, target_path: str) -> None:
+    """Refuse a spec of the wrong kind (a task class as the optimizer): the engines would
+    fail on it mid-run."""
+    from study.models import ModelSpec
+    from study.optimizers import OptimizerSpec
+
+    bases = {"optimizer": OptimizerSpec, "model": ModelSpec}
+    if group in bases and not isinstance(spec, bases[group]):
+        base = bases[group]
+        raise ConfigError(f"{group}._target_: {target_path} is no {group} spec (not a "
+                          f"subclass of {base.__module__}.{base.__name__})")
+    if group == "task":
+        missing = [m for m in TASK_MEMBERS if not hasattr(spec, m)]
+        if missing:
+            raise ConfigError(f"task._target_: {target_path} is not a task (it lacks "
+                              f"{', '.join(missing)}: see study.tasks.base.Task)")
 
 
 def _init_fields(target: type) -> set[str]:

@@ -36,7 +36,11 @@ import torch
 
 from study.engine import trial_major
 from study.engine.base import OnEval, Pending, batch_key
-from study.engine.batched_optimizers import adaptive, make_population_optimizer
+from study.engine.batched_optimizers import (
+    OPTIMIZERS,
+    adaptive,
+    make_population_optimizer,
+)
 from study.engine.fused import FusedUpdate, fusable
 from study.engine.landscape import gradient_noise_scale, sharpness
 from study.engine.network import Network, eval_losses, train_loss_and_grad
@@ -57,7 +61,11 @@ Tensor = torch.Tensor
 
 
 def reference_only(trial: TrialSpec) -> str | None:
-    """Why `trial` cannot train batched (None: it can)."""
+    """Why `trial` cannot train batched (None: it can): a transform that edits the module,
+    or an optimizer spec of a class with no batched update (a user's own; also a subclass
+    of one of study's, whose changes the batched update would not make)."""
+    if type(trial.optimizer) not in OPTIMIZERS:
+        return f"{type(trial.optimizer).__name__} has no batched update"
     for transform in trial.transforms:
         if isinstance(transform, ModuleTransform):
             return f"{type(transform).__name__} edits the nn.Module"

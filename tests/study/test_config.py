@@ -141,6 +141,60 @@ def test_a_target_that_names_no_class_is_one_line_with_its_reason(
     assert str(err.value) == message
 
 
+KIND_MODULE = """
+import dataclasses
+
+
+@dataclasses.dataclass(frozen=True)
+class NotAnOptimizer:
+    lr: float = 0.01
+    momentum: float = 0.0
+    dampening: float = 0.0
+    weight_decay: float = 0.0
+    nesterov: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class Refuses(NotAnOptimizer):
+    def __post_init__(self):
+        raise RuntimeError("cannot build")
+
+
+@dataclasses.dataclass(frozen=True)
+class Asserts(NotAnOptimizer):
+    def __post_init__(self):
+        assert self.lr < 0.001, "lr too big"
+"""
+
+
+@pytest.mark.parametrize(("target", "message"), [
+    ("kind_module.NotAnOptimizer", "optimizer._target_: kind_module.NotAnOptimizer is no "
+                                   "optimizer spec (not a subclass of "
+                                   "study.optimizers.OptimizerSpec)"),
+    ("kind_module.Refuses", "optimizer: kind_module.Refuses raised RuntimeError: cannot "
+                            "build"),
+    ("kind_module.Asserts", "optimizer: kind_module.Asserts raised AssertionError: lr too "
+                            "big"),
+])
+def test_a_user_class_of_the_wrong_kind_or_that_raises_is_one_line(
+        tmp_path: Path, monkeypatch, target: str, message: str) -> None:
+    """They ended in a traceback: a spec of the wrong kind when an engine used it, a
+    constructor's own error (not a ValueError or TypeError) at once."""
+    (tmp_path / "kind_module.py").write_text(KIND_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ConfigError) as err:
+        plan_from_overrides([f"optimizer._target_={target}"])
+    assert str(err.value) == message
+
+
+def test_a_task_class_that_is_no_task_is_one_line(tmp_path: Path) -> None:
+    (tmp_path / "task").mkdir()
+    (tmp_path / "task" / "notask.yaml").write_text("_target_: study.models.ModelSpec\n")
+    with pytest.raises(ConfigError) as err:
+        plan_from_overrides([f"hydra.searchpath=[file://{tmp_path}]", "task=notask"])
+    assert str(err.value).startswith("task._target_: study.models.ModelSpec is not a task")
+
+
 def test_a_failure_entry_whose_target_names_nothing_is_named_by_its_entry(
         tmp_path: Path) -> None:
     (tmp_path / "failure").mkdir()

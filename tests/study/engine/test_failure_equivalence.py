@@ -7,6 +7,9 @@ thresholds, schedules, plateaus, early stopping, dropout masks) never leaks acro
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import ClassVar
+
 import numpy as np
 import pytest
 import torch
@@ -15,7 +18,7 @@ import study.failures as f
 from study.engine import BatchedEngine, ReferenceEngine
 from study.failures import apply_transforms
 from study.models import ModelSpec
-from study.optimizers import SGD, Adagrad, Adam, AdamW, RMSprop
+from study.optimizers import SGD, Adagrad, Adam, AdamW, OptimizerSpec, RMSprop
 from study.tasks import Blobs, TeacherMLP
 from tests.study.engine.test_population import TOL, assert_equivalent
 
@@ -234,3 +237,33 @@ def test_a_module_edit_falls_back_to_the_reference_engine(caplog) -> None:
     assert got[0].equal(want[0])
     assert_equivalent(got[1], want[1], TOL["float64"])
     assert not np.allclose(got[0].step_loss, got[1].step_loss)
+
+
+@dataclass(frozen=True)
+class Adamax(OptimizerSpec):
+    """A user's optimizer class: torch's Adamax, which the batched engine has no update for."""
+
+    family: ClassVar[str] = "adamax"
+    torch_class: ClassVar[type] = torch.optim.Adamax
+    lr: float = 2e-3
+    weight_decay: float = 0.0
+
+
+@dataclass(frozen=True)
+class MySGD(SGD):
+    """A user's subclass of study's SGD (whose changes the batched update would not make)."""
+
+
+def test_an_optimizer_with_no_batched_update_falls_back_to_the_reference_engine(
+        caplog) -> None:
+    """A user's optimizer class crashed the batched engine with "no batched optimizer"."""
+    trials = [_trial(REGRESSION, optimizer=Adamax(lr=0.01), seed=0),
+              _trial(REGRESSION, optimizer=MySGD(lr=0.05), seed=1),
+              _trial(REGRESSION, optimizer=SGD(lr=0.05), seed=2)]
+    with caplog.at_level("WARNING"):
+        got = BatchedEngine().run(trials, CPU)
+    want = ReferenceEngine().run(trials, CPU)
+    assert "Adamax has no batched update" in caplog.text
+    assert "MySGD has no batched update" in caplog.text
+    assert got[0].equal(want[0]) and got[1].equal(want[1])
+    assert_equivalent(got[2], want[2], TOL["float64"])
