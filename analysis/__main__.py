@@ -51,6 +51,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (RecordError, ClaimError) as err:
         print(f"analysis: error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # bad state: the run directory cannot be written
+        print(f"analysis: error: cannot write {err.filename or args.run_dir}: "
+              f"{err.strerror or err}", file=sys.stderr)
+        return 3
     print(path)
     return 0
 

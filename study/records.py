@@ -129,8 +129,8 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         os.replace(tmp, path)
     except BaseException as err:
         Path(tmp).unlink(missing_ok=True)
-        if isinstance(err, OSError):  # a full disk: say which file and how much it needed
-            err.filename = err.filename or str(path)
+        if isinstance(err, OSError):  # say which file (not the temporary one), and how
+            err.filename = str(path)  # much a full disk needed
             err.needed_bytes = len(data)
         raise
 

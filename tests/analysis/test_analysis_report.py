@@ -119,6 +119,14 @@ def test_cli_missing_dir_exits_2_with_one_line(tmp_path):
     assert not missing.exists()
 
 
+def test_a_report_that_cannot_be_written_exits_3_with_one_line(sweep_run, tmp_path, capsys):
+    run_dir = shutil.copytree(sweep_run, tmp_path / "run")
+    (run_dir / "report.html").mkdir()
+    assert main([str(run_dir)]) == 3
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"analysis: error: cannot write {run_dir / 'report.html'}: Is a directory"]
+
+
 @pytest.mark.parametrize("corrupt", [False, True])
 def test_not_a_run_dir_exits_2_and_writes_nothing(tmp_path, capsys, corrupt):
     if corrupt:
