@@ -204,7 +204,7 @@ def _exit_multirun(status: int) -> NoReturn:
     """End a launcher's job with an exception, not SystemExit: a launcher records an
     exception as the job's failure (submitit pickles it for the submitting process), while
     SystemExit escapes it, and submitit is then left to ask SLURM's accounting."""
-    raise JobFailed(status)
+    raise JobFailed(status) from None  # not chained to the error its stderr line named
 
 
 def _search_path(hydra_overrides: Sequence[str]) -> list[str]:

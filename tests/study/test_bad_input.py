@@ -237,6 +237,17 @@ def test_a_password_on_a_multirun_command_line_reaches_no_file_and_no_line(
     assert "storage.url=" in overrides and "STUDY_STORAGE_URL" in overrides
 
 
+def test_a_multirun_job_with_bad_input_has_its_line_and_one_traceback(tmp_path: Path,
+                                                                     study_cli) -> None:
+    """Hydra reports a failed job with its exception (JobFailed, documented); chained to
+    the ConfigError its line already named, it printed two tracebacks."""
+    done = study_cli("--multirun", "optimizer.lr=-1", f"hydra.sweep.dir={tmp_path}",
+                     "progress=false", "report=false")
+    assert done.returncode == 1
+    assert "error: optimizer.lr is out of range: -1" in done.stderr
+    assert done.stderr.count("Traceback") == 1 and "During handling" not in done.stderr
+
+
 @SLOW
 def test_a_password_written_into_a_config_file_is_masked_in_multirun_yaml(
         odd_database: str, tmp_path: Path, study_cli, monkeypatch) -> None:
