@@ -8,6 +8,7 @@ import shlex
 import socket
 import subprocess
 import sys
+from collections.abc import Sequence
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
@@ -67,16 +68,30 @@ def device_info(device: torch.device) -> dict[str, Any]:
 _NOT_REPRODUCED = ("resume=", "hydra.", "progress=", "report=")
 
 
-def reproduce_command(overrides: list[str]) -> str:
-    """`python -m study ...` with the overrides that determine the results."""
+def reproduce_command(overrides: list[str], sources: Sequence[str] = ()) -> str:
+    """`python -m study ...` with the overrides that determine the results, after
+    `sources` (`config_sources`: where the user's config groups are)."""
     kept = [o for o in overrides if not o.lstrip("+~").startswith(_NOT_REPRODUCED)]
-    return " ".join(["python -m study", *(shlex.quote(o) for o in kept)])
+    return " ".join(["python -m study", *(shlex.quote(o) for o in [*sources, *kept])])
+
+
+def config_sources(hydra_cfg: Any) -> list[str]:
+    """The arguments of the command line that told Hydra where configs are:
+    `--config-dir=DIR` (absolute) and `hydra.searchpath=[...]`. Without them a resume
+    command could not find a sweep or option of the user's own."""
+    runtime = getattr(hydra_cfg, "runtime", None)
+    dirs = [f"--config-dir={source.path}" for source in getattr(runtime, "config_sources", ())
+            if source.provider == "command-line"]
+    overrides = getattr(getattr(hydra_cfg, "overrides", None), "hydra", ())
+    return [*dirs, *(o for o in overrides
+                     if o.lstrip("+~").partition("=")[0] == "hydra.searchpath")]
 
 
 def describe_environment(overrides: list[str], run_dir: Path, device: torch.device,
-                         engine: str) -> dict[str, Any]:
-    """The env.json of one invocation (timing fields are added by the caller)."""
-    command = reproduce_command(overrides)
+                         engine: str, sources: Sequence[str] = ()) -> dict[str, Any]:
+    """The env.json of one invocation (timing fields are added by the caller); `sources`:
+    `config_sources` of its command line."""
+    command = reproduce_command(overrides, sources)
     return {
         "command": command,
         "resume_command": f"{command} hydra.run.dir={shlex.quote(str(run_dir))}",

@@ -15,6 +15,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -25,7 +26,7 @@ from study.analyst import Analyst, score_and_report
 from study.config import plain_config, resolve_device
 from study.edge import EdgePlan, describe_edge, edges_frame, run_edge
 from study.engine import make_engine
-from study.environment import describe_environment, now_iso
+from study.environment import config_sources, describe_environment, now_iso
 from study.grid import SweepPlan
 from study.lease import Lease
 from study.metrics import SUMMARY_METRICS
@@ -99,7 +100,7 @@ def execute(cfg: DictConfig, typed: StudyConfig, plan: SweepPlan, run_dir: Path,
     check_same_config(study, {**resumable_config(config), **data_digests(plan)})
     save_hydra_files(cfg, run_dir, overrides, hydra_cfg)
     env, invocations = start_env(run_dir, overrides, device, engine.name, url, typed.workers,
-                                 study_name)
+                                 study_name, config_sources(hydra_cfg))
     if isinstance(plan, SearchPlan):
         size, note = describe_search(plan), ""
     elif isinstance(plan, EdgePlan):
@@ -204,17 +205,19 @@ def save_hydra_files(cfg: DictConfig, run_dir: Path, overrides: list[str],
 
 
 def start_env(run_dir: Path, overrides: list[str], device: torch.device, engine_name: str,
-              url: str | None, workers: int, study_name: str
+              url: str | None, workers: int, study_name: str, sources: Sequence[str] = ()
               ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Write env.json for the start of this invocation; return (env, invocations) for
-    `finish_env`.
+    `finish_env`. `sources`: where its command line told Hydra configs are
+    (`environment.config_sources`), kept in the commands.
 
     A resumed run keeps the command, resume command and start time of the invocation that
     created it, and its list of earlier invocations; the storage URL is masked. Invocations
     that share the run directory at once (workers on several machines) read and write
     env.json in turn (`records.run_lock`), so none is lost.
     """
-    env = storage.redact(describe_environment(overrides, run_dir, device, engine_name))
+    env = storage.redact(describe_environment(overrides, run_dir, device, engine_name,
+                                              sources))
     with records.run_lock(run_dir):
         previous = records.read_env(run_dir)
         for key in ("command", "resume_command", "started"):

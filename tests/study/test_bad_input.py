@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -456,6 +457,27 @@ def test_a_resume_on_a_changed_table_file_is_refused_and_nothing_changes(
     done = study_cli(*command)
     one_line_error(done, 2, f"differing keys: data digest of {table} (was ")
     assert snapshot(run_dir) == before
+
+
+@pytest.mark.parametrize("where", ["--config-dir", "hydra.searchpath"])
+def test_the_resume_command_finds_a_sweep_of_ones_own(tmp_path: Path, study_cli,
+                                                      where: str) -> None:
+    """The recorded and printed resume command dropped --config-dir and hydra.searchpath:
+    run as given, it could not find the sweep ("Could not find 'sweep/mine'")."""
+    conf = tmp_path / "conf"
+    (conf / "sweep").mkdir(parents=True)
+    (conf / "sweep" / "mine.yaml").write_text(
+        "# @package _global_\nsweep:\n  name: mine\n  seeds: [0]\n  axes:\n"
+        "    optimizer.lr: [0.01, 0.1]\ntrain:\n  epochs: 1\nmodel:\n  width: 8\n")
+    source = (f"--config-dir={conf}" if where == "--config-dir"
+              else f"hydra.searchpath=[file://{conf}]")
+    run_dir = tmp_path / "run"
+    study_cli(source, "+sweep=mine", f"hydra.run.dir={run_dir}", "progress=false",
+              "report=false", expect=0)
+    resume = records.resume_command(run_dir)
+    assert source in resume
+    again = study_cli(*shlex.split(resume)[3:], "progress=false", "report=false", expect=0)
+    assert "0 trials trained, 2 already done" in again.stdout
 
 
 # ----------------------------------------------------------------------- 12, 14: stored state
