@@ -101,10 +101,11 @@ def main(cfg: DictConfig) -> None:
         if fresh:
             _remove_if_only_logs(run_dir)
         end(3)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as err:
         # Ctrl-C outside training (which stops between populations on its own): before the
-        # run was stored, or while its claims and report were made.
-        print(_interrupted(run_dir), file=sys.stderr)
+        # run was stored, as it was stored (the error says how to start it), or while its
+        # claims and report were made.
+        print(str(err) or _interrupted(run_dir), file=sys.stderr)
         if fresh:
             _remove_if_only_logs(run_dir)
         end(130)

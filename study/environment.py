@@ -75,6 +75,11 @@ def reproduce_command(overrides: list[str], sources: Sequence[str] = ()) -> str:
     return " ".join(["python -m study", *(shlex.quote(o) for o in [*sources, *kept])])
 
 
+def resume_command(overrides: list[str], run_dir: Path, sources: Sequence[str] = ()) -> str:
+    """`reproduce_command` into `run_dir`: what finishes the run there."""
+    return f"{reproduce_command(overrides, sources)} hydra.run.dir={shlex.quote(str(run_dir))}"
+
+
 def config_sources(hydra_cfg: Any) -> list[str]:
     """The arguments of the command line that told Hydra where configs are:
     `--config-dir=DIR` (absolute) and `hydra.searchpath=[...]`. Without them a resume
@@ -91,10 +96,9 @@ def describe_environment(overrides: list[str], run_dir: Path, device: torch.devi
                          engine: str, sources: Sequence[str] = ()) -> dict[str, Any]:
     """The env.json of one invocation (timing fields are added by the caller); `sources`:
     `config_sources` of its command line."""
-    command = reproduce_command(overrides, sources)
     return {
-        "command": command,
-        "resume_command": f"{command} hydra.run.dir={shlex.quote(str(run_dir))}",
+        "command": reproduce_command(overrides, sources),
+        "resume_command": resume_command(overrides, run_dir, sources),
         "argv": sys.argv,
         "cwd": str(Path.cwd()),
         "run_dir": str(run_dir),

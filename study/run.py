@@ -26,7 +26,7 @@ from study.analyst import Analyst, score_and_report
 from study.config import plain_config, resolve_device
 from study.edge import EdgePlan, describe_edge, edges_frame, run_edge
 from study.engine import make_engine
-from study.environment import config_sources, describe_environment, now_iso
+from study.environment import config_sources, describe_environment, now_iso, resume_command
 from study.grid import SweepPlan
 from study.lease import Lease
 from study.metrics import SUMMARY_METRICS
@@ -70,6 +70,11 @@ def check_objective(metric: str, plan: SweepPlan) -> None:
         raise ConfigError(f"objective.metric: {metric} is undefined for regression tasks")
 
 
+class InterruptedBeforeTraining(KeyboardInterrupt):
+    """Ctrl-C once the study may be stored (its journal written) and before training: the
+    message says how to start it (a run of another config there would be refused)."""
+
+
 def execute(cfg: DictConfig, typed: StudyConfig, plan: SweepPlan, run_dir: Path,
             overrides: list[str], hydra_cfg: Any, analyst: Analyst | None = None) -> int:
     """Train the missing points of `plan` into `run_dir`, record them and report; return
@@ -95,12 +100,18 @@ def execute(cfg: DictConfig, typed: StudyConfig, plan: SweepPlan, run_dir: Path,
     check_run_dir(run_dir, study_name, url)
     check_data(plan)
     check_memory(plan, device)
-    study = open_study(run_dir, url, study_name, typed.objective.direction,
-                       typed.storage.retries, results=records.held_results(run_dir))
-    check_same_config(study, {**resumable_config(config), **data_digests(plan)})
-    save_hydra_files(cfg, run_dir, overrides, hydra_cfg)
-    env, invocations = start_env(run_dir, overrides, device, engine.name, url, typed.workers,
-                                 study_name, config_sources(hydra_cfg))
+    sources = config_sources(hydra_cfg)
+    try:  # from here on the study may be stored, before env.json says how to go on
+        study = open_study(run_dir, url, study_name, typed.objective.direction,
+                           typed.storage.retries, results=records.held_results(run_dir))
+        check_same_config(study, {**resumable_config(config), **data_digests(plan)})
+        save_hydra_files(cfg, run_dir, overrides, hydra_cfg)
+        env, invocations = start_env(run_dir, overrides, device, engine.name, url,
+                                     typed.workers, study_name, sources)
+    except KeyboardInterrupt:
+        raise InterruptedBeforeTraining(
+            f"interrupted before training started; nothing was trained. Start it with: "
+            f"{resume_command(overrides, run_dir, sources)}") from None
     if isinstance(plan, SearchPlan):
         size, note = describe_search(plan), ""
     elif isinstance(plan, EdgePlan):

@@ -300,8 +300,9 @@ def test_a_user_config_directory_with_a_group_axis_sweep_runs_both_documented_wa
 # ------------------------------------------------------------------------------- Ctrl-C
 def _interrupted_study(tmp_path: Path, when: str, *args: str) -> subprocess.CompletedProcess:
     """`python -m study ARGS` in a subprocess that sends itself SIGINT (Ctrl-C) at `when`:
-    "start-up" as its entry point imports Hydra, "report" as the run hands its results to
-    the claims and the report."""
+    "start-up" as its entry point imports Hydra, "stored" as it writes .hydra/ (its study
+    stored, env.json not yet), "report" as the run hands its results to the claims and the
+    report."""
     script = f"""
 import builtins, os, runpy, signal, sys
 sys.argv = ["study", *{list(args)!r}]
@@ -317,11 +318,12 @@ if {when!r} == "start-up":
     builtins.__import__ = importing
 else:
     import study.run
-    analyse = study.run.analyse
+    name = "save_hydra_files" if {when!r} == "stored" else "analyse"
+    wrapped = getattr(study.run, name)
     def interrupted(*rest, **kwargs):
         ctrl_c()
-        return analyse(*rest, **kwargs)
-    study.run.analyse = interrupted
+        return wrapped(*rest, **kwargs)
+    setattr(study.run, name, interrupted)
 runpy.run_module("study", run_name="__main__", alter_sys=True)
 """
     return subprocess.run([sys.executable, "-c", script], cwd=ROOT, text=True,
@@ -335,6 +337,21 @@ def test_ctrl_c_while_starting_is_one_line_and_leaves_nothing(tmp_path: Path) ->
     assert done.stderr.strip().splitlines() == [
         "interrupted before the run started; nothing was stored"]
     assert not run_dir.exists()
+
+
+def test_ctrl_c_once_the_study_is_stored_says_how_to_start_it(tmp_path: Path,
+                                                              study_cli) -> None:
+    """Its journal written, env.json not yet: "nothing was stored" was false, and the
+    journal claims the directory (a run of another config there is refused)."""
+    run_dir = tmp_path / "run"
+    done = _interrupted_study(tmp_path, "stored", *TINY, f"hydra.run.dir={run_dir}")
+    assert done.returncode == 130
+    resume = (f"python -m study {' '.join(TINY[:3])} hydra.run.dir={run_dir}")
+    assert done.stderr.strip().splitlines() == [
+        f"interrupted before training started; nothing was trained. Start it with: {resume}"]
+    assert (run_dir / records.JOURNAL).exists()
+    again = study_cli(*TINY, f"hydra.run.dir={run_dir}", expect=0)
+    assert "16 trials trained, 0 already done" in again.stdout
 
 
 def test_ctrl_c_while_reporting_is_one_line_and_the_resume_finishes(tmp_path: Path,
