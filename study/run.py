@@ -106,8 +106,8 @@ def execute(cfg: DictConfig, typed: StudyConfig, plan: SweepPlan, run_dir: Path,
                            typed.storage.retries, results=records.held_results(run_dir))
         check_same_config(study, {**resumable_config(config), **data_digests(plan)})
         save_hydra_files(cfg, run_dir, overrides, hydra_cfg)
-        env, invocations = start_env(run_dir, overrides, device, engine.name, url,
-                                     typed.workers, study_name, sources)
+        env, invocations, mine = start_env(run_dir, overrides, device, engine.name, url,
+                                           typed.workers, study_name, sources)
     except KeyboardInterrupt:
         raise InterruptedBeforeTraining(
             f"interrupted before training started; nothing was trained. Start it with: "
@@ -147,7 +147,7 @@ def execute(cfg: DictConfig, typed: StudyConfig, plan: SweepPlan, run_dir: Path,
     # the study after the one before it wrote, so the last files written hold every trial.
     with records.run_lock(run_dir):
         write_results(study, plan, run_dir, typed)
-        finish_env(run_dir, env, invocations, outcome,
+        finish_env(run_dir, env, invocations, mine, outcome,
                    round(time.perf_counter() - started, 3))
         print_outcome(outcome, study, plan, env["resume_command"])
         analyse(run_dir, typed, analyst)
@@ -217,13 +217,15 @@ def save_hydra_files(cfg: DictConfig, run_dir: Path, overrides: list[str],
 
 def start_env(run_dir: Path, overrides: list[str], device: torch.device, engine_name: str,
               url: str | None, workers: int, study_name: str, sources: Sequence[str] = ()
-              ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Write env.json for the start of this invocation; return (env, invocations) for
-    `finish_env`. `sources`: where its command line told Hydra configs are
-    (`environment.config_sources`), kept in the commands.
+              ) -> tuple[dict[str, Any], list[dict[str, Any]], dict[str, Any]]:
+    """Write env.json for the start of this invocation; return (env, invocations, this
+    invocation's record: argv, engine, device) for `finish_env`. `sources`: where its
+    command line told Hydra configs are (`environment.config_sources`), kept in the
+    commands.
 
-    A resumed run keeps the command, resume command and start time of the invocation that
-    created it, and its list of earlier invocations; the storage URL is masked. Invocations
+    A resumed run keeps the command, resume command, start time, engine and device of the
+    invocation that created it (each invocation's own are in its record), and its list of
+    earlier invocations; the storage URL is masked. Invocations
     that share the run directory at once (workers on several machines) read and write
     env.json in turn (`records.run_lock`), so none is lost.
     """
@@ -231,7 +233,8 @@ def start_env(run_dir: Path, overrides: list[str], device: torch.device, engine_
                                               sources))
     with records.run_lock(run_dir):
         previous = records.read_env(run_dir)
-        for key in ("command", "resume_command", "started"):
+        mine = {"argv": env["argv"], "engine": env["engine"], "device": env["device"]}
+        for key in ("command", "resume_command", "started", "engine", "device"):
             env[key] = previous.get(key, env.get(key))
         env["started"] = env["started"] or now_iso()
         env["storage"] = storage.mask_url(url) if url else records.JOURNAL
@@ -239,7 +242,7 @@ def start_env(run_dir: Path, overrides: list[str], device: torch.device, engine_
         env["workers"] = workers
         invocations = previous.get("invocations", [])
         records.write_env(run_dir, {**env, "invocations": invocations})
-    return env, invocations
+    return env, invocations, mine
 
 
 def train(typed: StudyConfig, plan: SweepPlan, study: optuna.Study, study_name: str,
@@ -300,13 +303,13 @@ def write_results(study: optuna.Study, plan: SweepPlan, run_dir: Path,
 
 
 def finish_env(run_dir: Path, env: dict[str, Any], invocations: list[dict[str, Any]],
-               outcome: SweepOutcome, wall_s: float) -> None:
-    """Append this invocation (argv, finish time, `wall_s`, trials trained) to the
+               mine: dict[str, Any], outcome: SweepOutcome, wall_s: float) -> None:
+    """Append this invocation (`mine`, finish time, `wall_s`, trials trained) to the
     invocations env.json holds now (others may have finished meanwhile; `invocations` is
     what it held at the start) and write the final env.json: finish time, trials in the
     plan, the invocations and their summed wall time. The caller holds
     `records.run_lock(run_dir)`."""
-    mine = {"argv": env["argv"], "finished": now_iso(), "wall_time_s": wall_s,
+    mine = {**mine, "finished": now_iso(), "wall_time_s": wall_s,
             "trials_trained": outcome.trained}
     invocations = [*records.read_env(run_dir).get("invocations", invocations), mine]
     env.update(finished=now_iso(), trials_total=outcome.total, invocations=invocations,

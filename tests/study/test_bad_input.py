@@ -138,6 +138,18 @@ def test_invocations_sharing_a_run_directory_on_purpose_are_all_recorded(
     assert sum(i["trials_trained"] for i in invocations) == 16
 
 
+def test_a_resume_on_another_engine_keeps_the_record_of_what_trained(tiny_run: Path,
+                                                                     tmp_path: Path,
+                                                                     study_cli) -> None:
+    """env.json said `engine: reference` after a resume that trained nothing."""
+    run_dir = copy_run(tiny_run, tmp_path)
+    study_cli(*TINY, "engine=reference", f"hydra.run.dir={run_dir}", expect=0)
+    env = json.loads((run_dir / records.ENV).read_text())
+    assert env["engine"] == "batched"
+    assert [(i["engine"], i["trials_trained"]) for i in env["invocations"]][-1] == (
+        "reference", 0)
+
+
 @SLOW
 def test_an_invocation_writes_its_results_only_while_no_other_is_writing(
         tmp_path: Path) -> None:
