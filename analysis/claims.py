@@ -29,7 +29,8 @@ Scoring:
   trial that blew up counts as no better than its initialization, so it stays in the
   comparison without making the effect infinite. The columns keep the measured values; the
   claim's unit says "capped at initial". Pairs or trials with any other non-finite value
-  are left out (n says how many remain).
+  are left out (n says how many remain); so are the trials a search's pruner stopped
+  (status `pruned`: their runs were cut), but in a claim about the share pruned.
 - `unit`: the effect's unit in words (e.g. "log10 ratio of val_loss_final (arm /
   baseline)", "change in share diverged per decade of optimizer.lr").
 - 95% interval: percentile bootstrap (`analysis.stats.bootstrap`: 2,000 resamples of the
@@ -315,6 +316,8 @@ def _metric(frame: pd.DataFrame, metric: str, log: bool) -> np.ndarray:
         values = (frame["status"].astype(str) == metric).to_numpy(dtype=float)
     else:
         raise ClaimError(f"metric: no column {metric!r} in the trials")
+    if "status" in frame.columns and metric != "pruned":  # a cut run's outcome is unknown
+        values = np.where(frame["status"].astype(str) == "pruned", np.nan, values)
     if log:
         with np.errstate(divide="ignore", invalid="ignore"):
             values = np.where(values > 0, np.log10(values), np.nan)

@@ -59,7 +59,8 @@ OUTCOMES = {
 def outcomes(trials: pd.DataFrame) -> pd.DataFrame:
     """Per trial: `diverged` (0/1), `erratic` (0/1: status unstable or recovered) and
     `log_loss` = log10(min(final, initial) val loss / the task's median initial val loss);
-    NaN where the losses are missing."""
+    NaN where the losses are missing, and every outcome NaN for a trial a search's pruner
+    stopped (status `pruned`: how its run would have ended is unknown)."""
     status = trials["status"].astype(str)
     out = pd.DataFrame({"diverged": (status == "diverged").astype(float),
                         "erratic": status.isin(["unstable", "recovered"]).astype(float)},
@@ -70,6 +71,7 @@ def outcomes(trials: pd.DataFrame) -> pd.DataFrame:
             out["log_loss"] = np.log10(ratio.where(ratio > 0))
     else:
         out["log_loss"] = np.nan
+    out.loc[status == "pruned"] = np.nan
     return out
 
 

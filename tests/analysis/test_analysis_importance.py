@@ -204,3 +204,14 @@ def test_quarters_rank_a_searched_keys_values() -> None:
     values = pd.Series([1e-5, 1e-4, 1e-3, 1e-2, 0.1, 1.0, 10.0, 10.0, np.nan])
     assert quarters(values).tolist() == [0, 0, 1, 1, 2, 2, 3, 3, 4]
     assert quarters(pd.Series([3.0, 1.0, 1.0])).tolist() == [1, 0, 0]
+
+
+def test_a_pruned_trial_has_no_outcome() -> None:
+    from analysis.importance import outcomes
+
+    trials = pd.DataFrame({"status": ["diverged", "pruned", "converged"],
+                           "val_loss_initial": [1.0, 1.0, 1.0],
+                           "val_loss_final": [np.inf, 0.5, 0.1], "task": "t"})
+    out = outcomes(trials)
+    assert out.loc[1].isna().all()
+    assert out.loc[0, "diverged"] == 1 and out.loc[2, "log_loss"] == pytest.approx(-1)

@@ -188,3 +188,18 @@ def test_a_compare_claim_on_a_searchs_run_is_refused(tmp_path) -> None:
         score_claims(tmp_path, claims=[], claims_file=tmp_path / "claims.yaml")
     trend = {**CLAIMS[3], "where": {}}  # a trend over the searched key is scored
     assert score_claims(tmp_path, claims=[trend]) is not None
+
+
+def test_a_pruned_trial_counts_in_no_claim_but_one_about_pruning() -> None:
+    """A cut run's divergence and final loss are unknown: counted as not diverged, a
+    pruner that stops the high-lr runs early would hide the trend."""
+    trials = _fixture()
+    cut = (trials["optimizer.lr"] == 1.0) & (trials["seed"] < 10)
+    trials.loc[cut, "status"] = "pruned"
+    out = evaluate_claims(trials, [CLAIMS[3]], AXES)
+    # The cut seeds keep lr 0.01 and 0.1 (no divergence: slope 0, Sxx 0.5 each); the
+    # others 0, 0, 1 (Sxy 1, Sxx 2): pooled 10 / 25. Counted as not diverged: 10 / 40.
+    assert out.loc[0, "effect"] == pytest.approx(0.4)
+    assert out.loc[0, "n_trials"] == 60 - 10
+    share = {**CLAIMS[3], "metric": "pruned"}
+    assert evaluate_claims(trials, [share], AXES).loc[0, "n_trials"] == 60
