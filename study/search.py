@@ -30,7 +30,9 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import inspect
 import logging
+import math
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -246,10 +248,28 @@ def make_sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
 
 PRUNERS = {"successive_halving": "SuccessiveHalvingPruner", "hyperband": "HyperbandPruner",
            "median": "MedianPruner", "percentile": "PercentilePruner"}
+# The least value of each integer argument of a pruner. Optuna checks some of them only
+# when the pruner first decides, mid-training (a hyperband min_resource of 0 divides by
+# zero there), and takes floats where it counts in integers; all are checked at the plan.
+_MEDIAN_INTS = {"n_startup_trials": 0, "n_warmup_steps": 0, "interval_steps": 1,
+                "n_min_trials": 1}
+PRUNER_INTS = {
+    "successive_halving": {"min_resource": 1, "reduction_factor": 2,
+                           "min_early_stopping_rate": 0, "bootstrap_count": 0},
+    "hyperband": {"min_resource": 1, "max_resource": 1, "reduction_factor": 2,
+                  "bootstrap_count": 0},
+    "median": _MEDIAN_INTS,
+    "percentile": _MEDIAN_INTS,
+}
+# Integer arguments that may also be "auto" (estimated from the first trials told).
+PRUNER_AUTO = {"successive_halving": ("min_resource",), "hyperband": ("max_resource",)}
 
 
 def make_pruner(spec: dict[str, Any] | None) -> optuna.pruners.BasePruner:
-    """Optuna's pruner for `sweep.pruner` ({type, ...its keyword arguments}); none: Nop."""
+    """Optuna's pruner for `sweep.pruner` ({type, ...its keyword arguments}); none: Nop.
+
+    Its arguments are checked first (`check_pruner`): Optuna checks some only when the
+    pruner first decides, mid-training."""
     if not spec:
         return optuna.pruners.NopPruner()
     spec = dict(spec)
@@ -257,10 +277,67 @@ def make_pruner(spec: dict[str, Any] | None) -> optuna.pruners.BasePruner:
     if kind not in PRUNERS:
         raise ConfigError(f"sweep.pruner.type: must be one of {', '.join(PRUNERS)}, got "
                           f"{kind!r}")
+    check_pruner(kind, spec)
     try:
         return getattr(optuna.pruners, PRUNERS[kind])(**spec)
     except (TypeError, ValueError) as err:
         raise ConfigError(f"sweep.pruner: {err}") from None
+
+
+def check_pruner(kind: str, args: dict[str, Any]) -> None:
+    """Raise ConfigError naming `sweep.pruner.<key>` for an argument of pruner `kind` that
+    Optuna would refuse, or fail on, once it decides: an unknown or missing key, an integer
+    argument that is not an integer at least its least value (or "auto" where allowed), a
+    percentile outside [0, 100]; for hyperband, a max_resource below min_resource (no
+    bracket: nothing would ever be pruned) or so far above it that Optuna's bracket count
+    overflows, and bootstrap_count with max_resource auto. Successive halving's
+    bootstrap_count needs an integer min_resource."""
+    cls = getattr(optuna.pruners, PRUNERS[kind])
+    params = inspect.signature(cls).parameters
+    for key in args:
+        if key not in params:
+            raise ConfigError(f"sweep.pruner.{key}: unknown key for {kind} (known keys: type, "
+                              f"{', '.join(params)})")
+    for key, param in params.items():
+        if param.default is inspect.Parameter.empty and key not in args:
+            raise ConfigError(f"sweep.pruner.{key}: the {kind} pruner needs it")
+    for key, least in PRUNER_INTS[kind].items():
+        if key not in args:
+            continue
+        value = args[key]
+        auto = key in PRUNER_AUTO.get(kind, ())
+        if auto and value == "auto":
+            continue
+        if not (isinstance(value, int) and not isinstance(value, bool) and value >= least):
+            also = " or 'auto'" if auto else ""
+            raise ConfigError(f"sweep.pruner.{key}: must be an integer >= {least}{also}, got "
+                              f"{value!r}")
+    if kind == "percentile":
+        value = args["percentile"]
+        if not (isinstance(value, (int, float)) and not isinstance(value, bool)
+                and 0 <= value <= 100):
+            raise ConfigError(f"sweep.pruner.percentile: must be a number from 0 to 100, got "
+                              f"{value!r}")
+    auto_key = {"hyperband": "max_resource", "successive_halving": "min_resource"}.get(kind)
+    if auto_key and args.get("bootstrap_count", 0) > 0 and args.get(
+            auto_key, params[auto_key].default) == "auto":
+        raise ConfigError(f"sweep.pruner.bootstrap_count: > 0 needs an integer {auto_key}, "
+                          f"not auto")
+    if kind == "hyperband":
+        low = args.get("min_resource", params["min_resource"].default)
+        high = args.get("max_resource", params["max_resource"].default)
+        factor = args.get("reduction_factor", params["reduction_factor"].default)
+        if high == "auto":
+            return
+        if high < low:
+            raise ConfigError(f"sweep.pruner.max_resource: must be >= min_resource ({low}), "
+                              f"got {high} (hyperband would have no bracket)")
+        try:  # Optuna's bracket count (HyperbandPruner._try_initialization)
+            math.log(high / low, factor)
+        except OverflowError:
+            raise ConfigError(f"sweep.pruner.max_resource: too large: hyperband's brackets "
+                              f"need max_resource / min_resource below 1.8e308, got {high}"
+                              ) from None
 
 
 # ------------------------------------------------------------------------------ driver

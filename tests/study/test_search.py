@@ -25,6 +25,7 @@ from study.search import (
     SEED,
     SearchPlan,
     distribution,
+    make_pruner,
     proposals_spent,
     run_search,
     set_key,
@@ -212,6 +213,48 @@ def test_a_pruner_stops_rows_inside_the_population_and_they_are_told_pruned(
     assert proposals_spent(study) == 8
     again = run_search(plan, study, make_engine("batched"), CPU, tmp_path, "val_loss_final")
     assert again.trained == 0
+
+
+@pytest.mark.parametrize("pruner, message", [
+    # Optuna's HyperbandPruner takes these and fails when it first decides, mid-training.
+    ("{type: hyperband, min_resource: 0, max_resource: 10}",
+     "sweep.pruner.min_resource: must be an integer >= 1, got 0"),
+    ("{type: hyperband, min_resource: -3}",
+     "sweep.pruner.min_resource: must be an integer >= 1, got -3"),
+    ("{type: hyperband, min_resource: auto}",
+     "sweep.pruner.min_resource: must be an integer >= 1, got 'auto'"),
+    ("{type: hyperband, reduction_factor: 1}",
+     "sweep.pruner.reduction_factor: must be an integer >= 2, got 1"),
+    ("{type: hyperband, min_resource: 5, max_resource: 2}",
+     "sweep.pruner.max_resource: must be >= min_resource (5), got 2"),
+    ("{type: hyperband, max_resource: 0}",
+     "sweep.pruner.max_resource: must be an integer >= 1 or 'auto', got 0"),
+    ("{type: successive_halving, min_resource: 0}",
+     "sweep.pruner.min_resource: must be an integer >= 1 or 'auto', got 0"),
+    ("{type: successive_halving, reduction_factor: 2.5}",
+     "sweep.pruner.reduction_factor: must be an integer >= 2, got 2.5"),
+    ("{type: median, interval_steps: 0}",
+     "sweep.pruner.interval_steps: must be an integer >= 1, got 0"),
+    ("{type: median, n_warmup: 3}", "sweep.pruner.n_warmup: unknown key for median"),
+    ("{type: percentile}", "sweep.pruner.percentile: the percentile pruner needs it"),
+    ("{type: percentile, percentile: 101}",
+     "sweep.pruner.percentile: must be a number from 0 to 100, got 101"),
+])
+def test_a_pruner_argument_optuna_checks_only_when_deciding_is_refused_at_the_plan(
+        pruner: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=f"^{re.escape(message)}"):
+        plan_from_overrides([*SMALL, f"+sweep.pruner={pruner}"])
+
+
+def test_a_hyperband_pruner_in_range_is_planned_and_decides(tmp_path: Path) -> None:
+    plan = plan_from_overrides([*SMALL, "+sweep.pruner={type: hyperband, min_resource: 1, "
+                                "max_resource: 4, reduction_factor: 2}"])
+    study = open_study(tmp_path, None, "hyperband", "minimize")
+    study.pruner = make_pruner(plan.pruner)
+    for value in (1.0, 2.0, 3.0):
+        trial = study.ask()
+        trial.report(value, 2)
+        trial.should_prune()  # Optuna counts its brackets here
 
 
 @pytest.mark.slow  # a PostgreSQL server and two CLI runs: ~40 s
