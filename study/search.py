@@ -51,7 +51,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from study import lease, queue
 from study.compositions import Compose, compose_plain, group_override
-from study.config import GROUPS, TRANSFORM_GROUPS, build_trial, plain_config
+from study.config import GROUPS, TRANSFORM_GROUPS, TRIAL_KEYS, build_trial, plain_config
 from study.engine import Engine
 from study.grid import GridPoint, check_sweep_claims, group_label
 from study.schema import ConfigError, StudyConfig
@@ -139,6 +139,8 @@ def expand_search(cfg: Any, compose: Compose, overrides: Sequence[str],
     population = sweep.trials if sweep.population is None else sweep.population
     if not (isinstance(population, int) and population >= 1):
         raise ConfigError(f"sweep.population: must be >= 1, got {population!r}")
+    for name in sweep.space:
+        check_space_key(name)
     space = {name: distribution(name, spec) for name, spec in sweep.space.items()}
     if sweep.sampler == "cmaes":
         if importlib.util.find_spec("cmaes") is None:
@@ -184,6 +186,22 @@ def expand_search(cfg: Any, compose: Compose, overrides: Sequence[str],
     composed.update(compose_plain(compose, overrides, wanted(plan.corners())))
     plan.points  # noqa: B018 - every categorical choice builds (bad options fail now)
     return plan
+
+
+def check_space_key(name: str) -> None:
+    """Raise ConfigError unless `name` is a key of a trial's configuration: a config group
+    or a dotted key under one of `TRIAL_KEYS` (a trial would ignore any other key, its
+    seed included: it comes from sweep.seeds)."""
+    where = f"sweep.space.{name}"
+    top = name.split(".")[0]
+    if top == "seed":
+        raise ConfigError(f"{where}: seeds are declared by sweep.seeds, not searched")
+    if top not in TRIAL_KEYS:
+        raise ConfigError(f"{where}: not part of a trial's configuration (a space searches "
+                          f"keys of {', '.join(TRIAL_KEYS)})")
+    if name not in GROUPS and "." not in name:
+        raise ConfigError(f"{where}: not a config group ({', '.join(GROUPS)}) nor a dotted "
+                          f"key such as train.epochs")
 
 
 def distribution(name: str, spec: Any) -> BaseDistribution:

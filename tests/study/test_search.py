@@ -178,6 +178,22 @@ def test_a_bad_space_entry_names_its_key(spec, message) -> None:
         distribution("optimizer.lr", spec)
 
 
+@pytest.mark.parametrize("entry, message", [
+    # Each is in the composed config, so a trial's sampled value was set and then ignored.
+    ("seed={low: 0, high: 5}", "sweep.space.seed: seeds are declared by sweep.seeds"),
+    ("workers=[1, 2]", "sweep.space.workers: not part of a trial's configuration"),
+    ("storage.grace_s=[60, 120]", "sweep.space.storage.grace_s: not part of a trial's"),
+    ("objective.metric=[val_loss_final, train_loss_final]",
+     "sweep.space.objective.metric: not part of a trial's"),
+    ("sweep.trials=[2, 3]", "sweep.space.sweep.trials: not part of a trial's"),
+    ("train=[1, 2]", "sweep.space.train: not a config group"),
+])
+def test_a_space_key_outside_a_trials_configuration_is_refused(entry: str,
+                                                              message: str) -> None:
+    with pytest.raises(ConfigError, match=f"^{re.escape(message)}"):
+        plan_from_overrides([*SMALL, f"++sweep.space.{entry}"])
+
+
 def test_a_space_key_that_the_config_lacks_is_refused() -> None:
     plain = {"optimizer": {"lr": 0.1, "betas": [0.9, 0.999]}}
     set_key(plain, "optimizer.betas.0", 0.5)
