@@ -31,6 +31,7 @@ from __future__ import annotations
 import copy
 import importlib.util
 import inspect
+import json
 import logging
 import math
 import time
@@ -83,11 +84,15 @@ class SearchPlan:
     build: Callable[[dict[str, Any], int], GridPoint] = field(repr=False, compare=False)
     claims: list[Any] = field(default_factory=list)
     pruner: dict[str, Any] | None = None  # `sweep.pruner`; None: every run trains to the end
+    # {key: {stored choice: config value}} of the choices stored as text (`choice_values`)
+    values: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def axes(self) -> dict[str, list[Any]]:
-        return {name: list(d.choices) for name, d in self.space.items()
-                if isinstance(d, CategoricalDistribution)}
+        """Each categorical key's choices as config values (a list choice as the list that
+        trials.parquet's column holds, not the text Optuna stores)."""
+        return {name: [self.values.get(name, {}).get(c, c) for c in d.choices]
+                for name, d in self.space.items() if isinstance(d, CategoricalDistribution)}
 
     @property
     def searched(self) -> list[str]:
@@ -153,6 +158,7 @@ def expand_search(cfg: Any, compose: Compose, overrides: Sequence[str],
                      ", ".join(categorical))
     base_labels = {g: group_label(cfg, g, choices.get(g)) for g in GROUPS}
     base = plain_config(cfg)
+    values = choice_values(sweep.space)
     composed: dict[tuple[tuple[str, Any], ...], dict[str, Any]] = {}
 
     def groups(params: dict[str, Any]) -> tuple[tuple[str, Any], ...]:
@@ -172,14 +178,14 @@ def expand_search(cfg: Any, compose: Compose, overrides: Sequence[str],
         plain = copy.deepcopy(composed[picked] if picked else base)
         for name, value in params.items():
             if name not in GROUPS:
-                set_key(plain, name, value)
+                set_key(plain, name, values.get(name, {}).get(value, value))
         labels = {**base_labels, **{g: str(v) for g, v in picked}}
         return GridPoint({**params, SEED: seed}, build_trial(plain, seed, labels))
 
     pruner = dict(sweep.pruner) if sweep.pruner else None
     make_pruner(pruner)  # a bad pruner fails now
     plan = SearchPlan(sweep.name, sweep.sampler, space, list(sweep.seeds), sweep.trials,
-                      population, typed.seed, build, list(sweep.claims), pruner)
+                      population, typed.seed, build, list(sweep.claims), pruner, values)
     check_sweep_claims(plan.claims, {name: [] for name in space}, searched=plan.searched)
     # The corners' group options composed side by side (study.compositions.compose_plain); a
     # proposal that picks another combination composes it when it is built.
@@ -205,13 +211,17 @@ def check_space_key(name: str) -> None:
 
 
 def distribution(name: str, spec: Any) -> BaseDistribution:
-    """The Optuna distribution of one `sweep.space` entry (ConfigError names the key)."""
+    """The Optuna distribution of one `sweep.space` entry (ConfigError names the key): a
+    list is categorical over its choices as stored (`stored_choice`); {low, high[, log,
+    step, int]} a finite range, with a step > 0, integer where low and high are integers
+    (and no step is a float) or `int` is set."""
     where = f"sweep.space.{name}"
     if isinstance(spec, (list, tuple)):
         if not spec:
             raise ConfigError(f"{where}: no choices")
-        values = [str(v) if name in TRANSFORM_GROUPS and isinstance(v, list) else v
-                  for v in spec]
+        values = [stored_choice(name, v) for v in spec]
+        if len(set(map(repr, values))) != len(values):
+            raise ConfigError(f"{where}: duplicate choices in {list(spec)}")
         return CategoricalDistribution(values)
     if not isinstance(spec, dict) or not {"low", "high"} <= set(spec):
         raise ConfigError(f"{where}: expected {{low, high[, log, step]}} or a list of "
@@ -220,15 +230,52 @@ def distribution(name: str, spec: Any) -> BaseDistribution:
     if unknown:
         raise ConfigError(f"{where}.{sorted(unknown)[0]}: unknown key (low, high, log, step, "
                           f"int)")
-    low, high, log_scale = spec["low"], spec["high"], bool(spec.get("log", False))
+    low, high, step = spec["low"], spec["high"], spec.get("step")
+    log_scale = bool(spec.get("log", False))
+    integer = bool(spec.get("int")) or (isinstance(low, int) and isinstance(high, int)
+                                         and not isinstance(step, float))
+    for key in ("low", "high", "step"):
+        value = spec.get(key)
+        if key == "step" and value is None:
+            continue
+        try:
+            number = float(value) if not isinstance(value, bool) else math.nan
+        except (ValueError, TypeError, OverflowError):
+            number = math.nan
+        if not math.isfinite(number):
+            raise ConfigError(f"{where}.{key}: must be a finite number, got {value!r}")
+        if integer and not number.is_integer():
+            raise ConfigError(f"{where}.{key}: expected an integer, got {value!r}")
+    # `step: 0` is no step of 1: a proposal would never be asked for it
+    if step is not None and float(step) <= 0:
+        raise ConfigError(f"{where}.step: must be > 0, got {step!r}")
     try:
-        if spec.get("int") or (isinstance(low, int) and isinstance(high, int)
-                               and not isinstance(spec.get("step"), float)):
+        if integer:
             return IntDistribution(int(low), int(high), log=log_scale,
-                                   step=int(spec.get("step") or 1))
-        return FloatDistribution(float(low), float(high), log=log_scale, step=spec.get("step"))
+                                   step=1 if step is None else int(step))
+        return FloatDistribution(float(low), float(high), log=log_scale,
+                                 step=None if step is None else float(step))
     except (ValueError, TypeError) as err:
         raise ConfigError(f"{where}: {err}") from None
+
+
+def stored_choice(name: str, value: Any) -> Any:
+    """How a choice of space key `name` is stored in Optuna: as it is where Optuna stores it
+    (None, bool, int, float, str); a list or mapping as text, JSON (`choice_values` reads it
+    back), or for a failure/mitigation key its Hydra list ("[a, b]" selects both)."""
+    if not isinstance(value, (list, tuple, dict)):
+        return value
+    return str(value) if name in TRANSFORM_GROUPS else json.dumps(value)
+
+
+def choice_values(space: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """{key: {stored choice: config value}} of the `sweep.space` entries whose choices are
+    stored as text (`stored_choice`), the failure/mitigation keys' aside (Hydra reads
+    theirs)."""
+    return {name: {stored_choice(name, v): v for v in spec
+                   if isinstance(v, (list, tuple, dict))}
+            for name, spec in space.items()
+            if isinstance(spec, (list, tuple)) and name not in GROUPS}
 
 
 def set_key(plain: dict[str, Any], key: str, value: Any) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import time
 from collections import Counter
@@ -11,7 +12,11 @@ import optuna
 import pytest
 import torch
 from hydra.errors import MissingConfigException
-from optuna.distributions import CategoricalDistribution, FloatDistribution
+from optuna.distributions import (
+    CategoricalDistribution,
+    FloatDistribution,
+    IntDistribution,
+)
 from optuna.trial import TrialState
 
 from study import parallel, queue, records
@@ -172,6 +177,15 @@ def test_a_bad_search_is_refused_before_training(override: str, message: str) ->
     ({"low": 0.1}, "expected {low, high"),
     ({"low": 0.1, "high": 1, "logg": True}, "logg: unknown key"),
     ([], "no choices"),
+    ([[1, 2], [1, 2]], "duplicate choices in [[1, 2], [1, 2]]"),
+    # a step of 0 ran as 1; the others are no range a sampler can draw from
+    ({"low": 2, "high": 8, "step": 0}, "sweep.space.optimizer.lr.step: must be > 0, got 0"),
+    ({"low": 0.1, "high": 1, "step": -0.1}, "optimizer.lr.step: must be > 0, got -0.1"),
+    ({"low": 0.1, "high": 1, "step": float("inf")}, "optimizer.lr.step: must be a finite"),
+    ({"low": float("-inf"), "high": 1}, "optimizer.lr.low: must be a finite number, got -inf"),
+    ({"low": 0.1, "high": float("nan")}, "optimizer.lr.high: must be a finite number, got nan"),
+    ({"low": 1, "high": 10**400}, "optimizer.lr.high: must be a finite number"),
+    ({"low": 1.5, "high": 8, "int": True}, "optimizer.lr.low: expected an integer, got 1.5"),
 ])
 def test_a_bad_space_entry_names_its_key(spec, message) -> None:
     with pytest.raises(ConfigError, match=re.escape(message)):
@@ -192,6 +206,38 @@ def test_a_space_key_outside_a_trials_configuration_is_refused(entry: str,
                                                               message: str) -> None:
     with pytest.raises(ConfigError, match=f"^{re.escape(message)}"):
         plan_from_overrides([*SMALL, f"++sweep.space.{entry}"])
+
+
+def test_a_space_range_takes_its_step() -> None:
+    assert distribution("train.epochs", {"low": 2, "high": 8, "step": 2}) == IntDistribution(
+        2, 8, step=2)
+    assert distribution("train.epochs", {"low": 2, "high": 8}) == IntDistribution(2, 8)
+    assert distribution("optimizer.lr", {"low": 0.1, "high": 0.5, "step": 0.1}
+                        ) == FloatDistribution(0.1, 0.5, step=0.1)
+
+
+def test_list_choices_are_stored_as_text_and_trained_as_the_lists(tmp_path: Path,
+                                                                  recwarn) -> None:
+    # Optuna warns once per choice of a list, at every invocation (it stores only None,
+    # bool, int, float and str).
+    plan = plan_from_overrides([*SMALL, "sweep.trials=2", "sweep.population=2",
+                                "sweep.seeds=[0]", "task=linear_regression", "task.dim=2",
+                                "++sweep.space.task.feature_scale=[[1, 3], [1, 10]]"])
+    assert plan.space["task.feature_scale"] == CategoricalDistribution(["[1, 3]", "[1, 10]"])
+    assert plan.axes["task.feature_scale"] == [[1, 3], [1, 10]]
+    study = open_study(tmp_path, None, "lists", "minimize")
+    run_search(plan, study, make_engine("batched"), CPU, tmp_path, "val_loss_final")
+    assert not [w for w in recwarn if "categorical distribution" in str(w.message)]
+    told = _told(study)
+    assert len(told) == 2
+    for t in told:  # each trained its list: its config record (JSON text) and its key
+        scale = {"[1, 3]": [1, 3], "[1, 10]": [1, 10]}[t.params["task.feature_scale"]]
+        assert t.user_attrs["config"]["task.feature_scale"] == json.dumps(scale)
+        built = plan.build(dict(t.params), 0).trial
+        assert list(built.task.feature_scale) == scale and built.key() == t.user_attrs["key"]
+    frame = trials_frame(queue.finished(study))  # the column holds the config record
+    assert sorted(frame["task.feature_scale"]) == sorted(
+        t.user_attrs["config"]["task.feature_scale"] for t in told)
 
 
 def test_a_space_key_that_the_config_lacks_is_refused() -> None:
