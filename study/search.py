@@ -29,6 +29,7 @@ failed and their params queued again (`study.lease`, `study.queue`).
 from __future__ import annotations
 
 import copy
+import functools
 import importlib.util
 import inspect
 import json
@@ -108,9 +109,13 @@ class SearchPlan:
 
     @property
     def points(self) -> list[GridPoint]:
-        """One point per `corners()`: what validation and the objective check look at
-        before any proposal exists."""
-        return [self.build(params, self.seeds[0]) for params in self.corners()]
+        """One point per `corners()`, then the `peak()` where it is none of them: what
+        validation, the data, objective and memory checks look at before any proposal
+        exists."""
+        corners = self.corners()
+        peak = self.peak
+        params = corners if peak is None or peak in corners else [*corners, peak]
+        return [self.build(p, self.seeds[0]) for p in params]
 
     def corners(self) -> list[dict[str, Any]]:
         """The params of the space's lower corner with each categorical key set to each of
@@ -120,6 +125,26 @@ class SearchPlan:
         corners = [{**corner, name: c} for name, dist in self.space.items()
                    if isinstance(dist, CategoricalDistribution) for c in dist.choices]
         return corners or [corner]
+
+    @functools.cached_property
+    def peak(self) -> dict[str, Any] | None:
+        """The params of the largest trial a proposal can draw by its estimated memory
+        (`planner.estimate_trial_bytes`), each categorical key at its first choice: every
+        numeric key at its high end, then each in turn at its low end where that is larger
+        (fewer examples per batch are more steps); None without a numeric key. Computed
+        once: 1 + len(searched) trials built."""
+        from study.engine.planner import estimate_trial_bytes
+
+        if not self.searched:
+            return None
+        peak = {**self.corners()[0], **{n: self.space[n].high for n in self.searched}}
+        largest = estimate_trial_bytes(self.build(peak, self.seeds[0]).trial)
+        for name in self.searched:
+            other = {**peak, name: self.space[name].low}
+            size = estimate_trial_bytes(self.build(other, self.seeds[0]).trial)
+            if size > largest:
+                peak, largest = other, size
+        return peak
 
 
 # ------------------------------------------------------------------------------ expand

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import time
@@ -23,6 +24,7 @@ from study import parallel, queue, records
 from study.engine import make_engine
 from study.lease import Lease
 from study.plan import plan_from_overrides
+from study.preflight import check_memory
 from study.records import trials_frame
 from study.schema import ConfigError
 from study.search import (
@@ -238,6 +240,53 @@ def test_list_choices_are_stored_as_text_and_trained_as_the_lists(tmp_path: Path
     frame = trials_frame(queue.finished(study))  # the column holds the config record
     assert sorted(frame["task.feature_scale"]) == sorted(
         t.user_attrs["config"]["task.feature_scale"] for t in told)
+
+
+def test_the_memory_check_sees_the_largest_trial_a_proposal_can_draw(plan) -> None:
+    # The space's lower corner trains 1 epoch; a proposal may draw 10**10 (TBs of records).
+    huge = plan_from_overrides([*SMALL, "++sweep.space.train.epochs={low: 1, high: "
+                                "10000000000}"])
+    with pytest.raises(ConfigError, match=r"^train\.epochs: a trial of this plan needs about"):
+        check_memory(huge, CPU)
+    assert huge.peak["train.epochs"] == 10**10
+    # Fewer examples per batch are more steps: the peak takes each numeric key's end that
+    # makes the larger trial.
+    wide = dataclasses.replace(plan, space={
+        **plan.space, "train.epochs": IntDistribution(1, 1000),
+        "train.batch_size": IntDistribution(1, 64), "model.width": IntDistribution(2, 512)})
+    assert {k: wide.peak[k] for k in ("train.epochs", "train.batch_size", "model.width")} == {
+        "train.epochs": 1000, "train.batch_size": 1, "model.width": 512}
+    largest = wide.points[-1].trial
+    assert (largest.train.epochs, largest.train.batch_size, largest.model.width) == (
+        1000, 1, 512)
+    assert [p.params for p in wide.points[:-1]] == [  # the corners, as before
+        {**c, SEED: 0} for c in wide.corners()]
+
+
+def test_a_trial_too_large_is_refused_before_its_data_is_drawn(tmp_path: Path,
+                                                               monkeypatch) -> None:
+    # A proposal may draw 10**12 training rows: the memory check, which draws no data,
+    # refuses it before the data check would try to draw them.
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from study import run
+    from study.config import validate
+    from study.grid import CONF_DIR
+
+    overrides = [*SMALL, "++sweep.space.task.n_train={low: 64, high: 1000000000000}"]
+    plan = plan_from_overrides(overrides)
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=overrides)
+
+    def drawn(_plan) -> None:
+        raise AssertionError("the data was drawn before the memory check")
+
+    monkeypatch.setattr(run, "check_data", drawn)
+    with pytest.raises(ConfigError, match=r"a trial of this plan needs about"):
+        run.execute(cfg, validate(cfg), plan, tmp_path / "run", overrides, None)
+    assert not (tmp_path / "run").exists()
 
 
 def test_a_space_key_that_the_config_lacks_is_refused() -> None:
