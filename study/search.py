@@ -171,6 +171,13 @@ def expand_search(cfg: Any, compose: Compose, overrides: Sequence[str],
         raise ConfigError(f"sweep.population: must be >= 1, got {population!r}")
     for name in sweep.space:
         check_space_key(name)
+    for name in sweep.space:
+        # a key under another non-group key: whichever is set last overwrites the other
+        over = next((o for o in sweep.space if o not in GROUPS
+                     and name.startswith(f"{o}.")), None)
+        if over is not None:
+            raise ConfigError(f"sweep.space.{name}: lies under sweep.space.{over}, which sets "
+                              f"it too; search one of the two")
     space = {name: distribution(name, spec) for name, spec in sweep.space.items()}
     if sweep.sampler == "cmaes":
         if importlib.util.find_spec("cmaes") is None:

@@ -203,6 +203,9 @@ def test_a_bad_space_entry_names_its_key(spec, message) -> None:
      "sweep.space.objective.metric: not part of a trial's"),
     ("sweep.trials=[2, 3]", "sweep.space.sweep.trials: not part of a trial's"),
     ("train=[1, 2]", "sweep.space.train: not a config group"),
+    # adam_search searches optimizer.betas.0: a list of betas overwrote its draw
+    ("optimizer.betas=[[0.9, 0.99], [0.5, 0.9]]", "sweep.space.optimizer.betas.0: lies under "
+                                                  "sweep.space.optimizer.betas"),
 ])
 def test_a_space_key_outside_a_trials_configuration_is_refused(entry: str,
                                                               message: str) -> None:
