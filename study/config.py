@@ -130,8 +130,15 @@ def _omegaconf_message(err: OmegaConfBaseException) -> str:
     return f"{key}: {first}" if key else first
 
 
+# The top-level keys of a config that `build_trial` reads: a trial's configuration. The
+# others say how to run (engine, device, workers, storage, ...), what is told (objective),
+# or are the sweep's own; the trial's seed is an argument (a sweep's `sweep.seeds`).
+TRIAL_KEYS = (*GROUPS, "train", "diagnostics")
+
+
 def build_trial(plain: dict[str, Any], seed: int, labels: dict[str, str]) -> TrialSpec:
-    """Instantiate the groups of a validated config (see `plain_config`) into a `TrialSpec`."""
+    """Instantiate the groups of a validated config (see `plain_config`) into a `TrialSpec`;
+    of `plain` it reads the `TRIAL_KEYS` only."""
     specs = {group: instantiate_group(plain, group) for group in SPEC_GROUPS}
     for group, spec in specs.items():
         check_kind(group, spec, plain[group]["_target_"])

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -43,6 +44,9 @@ from study.grid import GridPoint, SweepPlan, check_sweep_claims
 from study.schema import ConfigError
 
 AXIS = "optimizer.lr"
+# The finest relative precision an edge search takes: a bracket of width hi / lo - 1 below
+# about 1e-15 has no float64 rate inside it, so a finer precision could never be reached.
+MIN_PRECISION = 1e-12
 EDGE_COLUMNS = ["edge", "edge_high", "precision", "resolved", "bound", "rates_tried",
                 "trials", "seed_edge_min", "seed_edge_max", "grid_precision_same_cost"]
 
@@ -57,13 +61,35 @@ class EdgeSpec:
     candidates: int = 4
 
     def __post_init__(self) -> None:
+        """Raise ConfigError naming `sweep.edge.<key>` unless candidates is an integer >= 2,
+        0 < low < high, both finite, low a normal float and high / low a float above 1 and
+        finite (the rounds are counted from its logarithm), and the precision finite and at
+        least MIN_PRECISION."""
+        if not (isinstance(self.candidates, int) and not isinstance(self.candidates, bool)
+                and self.candidates >= 2):
+            raise ConfigError(f"sweep.edge.candidates: expected an integer >= 2, got "
+                              f"{self.candidates!r}")
         checks = {"low": self.low > 0 and math.isfinite(self.low),
                   "high": math.isfinite(self.high) and self.high > self.low,
-                  "precision": self.precision > 0, "candidates": self.candidates >= 2}
+                  "precision": self.precision > 0}
         for name, ok in checks.items():
             if not ok:
                 raise ConfigError(f"sweep.edge.{name}: out of range (0 < low < high finite, "
                                   f"precision > 0, candidates >= 2): {getattr(self, name)!r}")
+        if not math.isfinite(self.precision):
+            raise ConfigError(f"sweep.edge.precision: must be a finite number, got "
+                              f"{self.precision!r}")
+        if self.precision < MIN_PRECISION:
+            raise ConfigError(f"sweep.edge.precision: must be >= {MIN_PRECISION:g} (finer "
+                              f"brackets hold rates that float64 cannot tell apart), got "
+                              f"{self.precision!r}")
+        if self.low < sys.float_info.min:
+            raise ConfigError(f"sweep.edge.low: must be >= {sys.float_info.min:.4g} (the "
+                              f"smallest normal float64), got {self.low!r}")
+        if not 1 < self.high / self.low < math.inf:
+            raise ConfigError(f"sweep.edge.high: high / low must be a float above 1 and "
+                              f"below {sys.float_info.max:.4g}, got high {self.high!r} for "
+                              f"low {self.low!r}")
 
     def first_round(self) -> list[float]:
         return np.geomspace(self.low, self.high, self.candidates).tolist()
@@ -156,7 +182,7 @@ def expand_edge(base: SweepPlan, edge: dict[str, Any], claims: list[Any]) -> Edg
     if not {"low", "high"} <= set(edge):
         raise ConfigError("sweep.edge: needs low and high (the learning-rate range)")
     try:
-        spec = EdgeSpec(**{k: (int(v) if k == "candidates" else float(v))
+        spec = EdgeSpec(**{k: (v if k == "candidates" else float(v))
                            for k, v in edge.items()})
     except ConfigError:  # a value out of range: it names its key
         raise

@@ -98,8 +98,8 @@ def execute(cfg: DictConfig, typed: StudyConfig, plan: SweepPlan, run_dir: Path,
     study_name = typed.storage.study_name or (plan.name or "single")
     check_resume(typed.resume, run_dir)
     check_run_dir(run_dir, study_name, url)
-    check_data(plan)
-    check_memory(plan, device)
+    check_memory(plan, device)  # first: it draws no data, and a trial too large to train
+    check_data(plan)  # may have data too large to draw (task.n_train)
     sources = config_sources(hydra_cfg)
     try:  # from here on the study may be stored, before env.json says how to go on
         study = open_study(run_dir, url, study_name, typed.objective.direction,

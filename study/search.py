@@ -29,8 +29,12 @@ failed and their params queued again (`study.lease`, `study.queue`).
 from __future__ import annotations
 
 import copy
+import functools
 import importlib.util
+import inspect
+import json
 import logging
+import math
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -49,7 +53,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from study import lease, queue
 from study.compositions import Compose, compose_plain, group_override
-from study.config import GROUPS, TRANSFORM_GROUPS, build_trial, plain_config
+from study.config import GROUPS, TRANSFORM_GROUPS, TRIAL_KEYS, build_trial, plain_config
 from study.engine import Engine
 from study.grid import GridPoint, check_sweep_claims, group_label
 from study.schema import ConfigError, StudyConfig
@@ -81,11 +85,15 @@ class SearchPlan:
     build: Callable[[dict[str, Any], int], GridPoint] = field(repr=False, compare=False)
     claims: list[Any] = field(default_factory=list)
     pruner: dict[str, Any] | None = None  # `sweep.pruner`; None: every run trains to the end
+    # {key: {stored choice: config value}} of the choices stored as text (`choice_values`)
+    values: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def axes(self) -> dict[str, list[Any]]:
-        return {name: list(d.choices) for name, d in self.space.items()
-                if isinstance(d, CategoricalDistribution)}
+        """Each categorical key's choices as config values (a list choice as the list that
+        trials.parquet's column holds, not the text Optuna stores)."""
+        return {name: [self.values.get(name, {}).get(c, c) for c in d.choices]
+                for name, d in self.space.items() if isinstance(d, CategoricalDistribution)}
 
     @property
     def searched(self) -> list[str]:
@@ -101,9 +109,13 @@ class SearchPlan:
 
     @property
     def points(self) -> list[GridPoint]:
-        """One point per `corners()`: what validation and the objective check look at
-        before any proposal exists."""
-        return [self.build(params, self.seeds[0]) for params in self.corners()]
+        """One point per `corners()`, then the `peak()` where it is none of them: what
+        validation, the data, objective and memory checks look at before any proposal
+        exists."""
+        corners = self.corners()
+        peak = self.peak
+        params = corners if peak is None or peak in corners else [*corners, peak]
+        return [self.build(p, self.seeds[0]) for p in params]
 
     def corners(self) -> list[dict[str, Any]]:
         """The params of the space's lower corner with each categorical key set to each of
@@ -113,6 +125,26 @@ class SearchPlan:
         corners = [{**corner, name: c} for name, dist in self.space.items()
                    if isinstance(dist, CategoricalDistribution) for c in dist.choices]
         return corners or [corner]
+
+    @functools.cached_property
+    def peak(self) -> dict[str, Any] | None:
+        """The params of the largest trial a proposal can draw by its estimated memory
+        (`planner.estimate_trial_bytes`), each categorical key at its first choice: every
+        numeric key at its high end, then each in turn at its low end where that is larger
+        (fewer examples per batch are more steps); None without a numeric key. Computed
+        once: 1 + len(searched) trials built."""
+        from study.engine.planner import estimate_trial_bytes
+
+        if not self.searched:
+            return None
+        peak = {**self.corners()[0], **{n: self.space[n].high for n in self.searched}}
+        largest = estimate_trial_bytes(self.build(peak, self.seeds[0]).trial)
+        for name in self.searched:
+            other = {**peak, name: self.space[name].low}
+            size = estimate_trial_bytes(self.build(other, self.seeds[0]).trial)
+            if size > largest:
+                peak, largest = other, size
+        return peak
 
 
 # ------------------------------------------------------------------------------ expand
@@ -137,6 +169,15 @@ def expand_search(cfg: Any, compose: Compose, overrides: Sequence[str],
     population = sweep.trials if sweep.population is None else sweep.population
     if not (isinstance(population, int) and population >= 1):
         raise ConfigError(f"sweep.population: must be >= 1, got {population!r}")
+    for name in sweep.space:
+        check_space_key(name)
+    for name in sweep.space:
+        # a key under another non-group key: whichever is set last overwrites the other
+        over = next((o for o in sweep.space if o not in GROUPS
+                     and name.startswith(f"{o}.")), None)
+        if over is not None:
+            raise ConfigError(f"sweep.space.{name}: lies under sweep.space.{over}, which sets "
+                              f"it too; search one of the two")
     space = {name: distribution(name, spec) for name, spec in sweep.space.items()}
     if sweep.sampler == "cmaes":
         if importlib.util.find_spec("cmaes") is None:
@@ -149,6 +190,7 @@ def expand_search(cfg: Any, compose: Compose, overrides: Sequence[str],
                      ", ".join(categorical))
     base_labels = {g: group_label(cfg, g, choices.get(g)) for g in GROUPS}
     base = plain_config(cfg)
+    values = choice_values(sweep.space)
     composed: dict[tuple[tuple[str, Any], ...], dict[str, Any]] = {}
 
     def groups(params: dict[str, Any]) -> tuple[tuple[str, Any], ...]:
@@ -168,14 +210,14 @@ def expand_search(cfg: Any, compose: Compose, overrides: Sequence[str],
         plain = copy.deepcopy(composed[picked] if picked else base)
         for name, value in params.items():
             if name not in GROUPS:
-                set_key(plain, name, value)
+                set_key(plain, name, values.get(name, {}).get(value, value))
         labels = {**base_labels, **{g: str(v) for g, v in picked}}
         return GridPoint({**params, SEED: seed}, build_trial(plain, seed, labels))
 
     pruner = dict(sweep.pruner) if sweep.pruner else None
     make_pruner(pruner)  # a bad pruner fails now
     plan = SearchPlan(sweep.name, sweep.sampler, space, list(sweep.seeds), sweep.trials,
-                      population, typed.seed, build, list(sweep.claims), pruner)
+                      population, typed.seed, build, list(sweep.claims), pruner, values)
     check_sweep_claims(plan.claims, {name: [] for name in space}, searched=plan.searched)
     # The corners' group options composed side by side (study.compositions.compose_plain); a
     # proposal that picks another combination composes it when it is built.
@@ -184,14 +226,34 @@ def expand_search(cfg: Any, compose: Compose, overrides: Sequence[str],
     return plan
 
 
+def check_space_key(name: str) -> None:
+    """Raise ConfigError unless `name` is a key of a trial's configuration: a config group
+    or a dotted key under one of `TRIAL_KEYS` (a trial would ignore any other key, its
+    seed included: it comes from sweep.seeds)."""
+    where = f"sweep.space.{name}"
+    top = name.split(".")[0]
+    if top == "seed":
+        raise ConfigError(f"{where}: seeds are declared by sweep.seeds, not searched")
+    if top not in TRIAL_KEYS:
+        raise ConfigError(f"{where}: not part of a trial's configuration (a space searches "
+                          f"keys of {', '.join(TRIAL_KEYS)})")
+    if name not in GROUPS and "." not in name:
+        raise ConfigError(f"{where}: not a config group ({', '.join(GROUPS)}) nor a dotted "
+                          f"key such as train.epochs")
+
+
 def distribution(name: str, spec: Any) -> BaseDistribution:
-    """The Optuna distribution of one `sweep.space` entry (ConfigError names the key)."""
+    """The Optuna distribution of one `sweep.space` entry (ConfigError names the key): a
+    list is categorical over its choices as stored (`stored_choice`); {low, high[, log,
+    step, int]} a finite range, with a step > 0, integer where low and high are integers
+    (and no step is a float) or `int` is set."""
     where = f"sweep.space.{name}"
     if isinstance(spec, (list, tuple)):
         if not spec:
             raise ConfigError(f"{where}: no choices")
-        values = [str(v) if name in TRANSFORM_GROUPS and isinstance(v, list) else v
-                  for v in spec]
+        values = [stored_choice(name, v) for v in spec]
+        if len(set(map(repr, values))) != len(values):
+            raise ConfigError(f"{where}: duplicate choices in {list(spec)}")
         return CategoricalDistribution(values)
     if not isinstance(spec, dict) or not {"low", "high"} <= set(spec):
         raise ConfigError(f"{where}: expected {{low, high[, log, step]}} or a list of "
@@ -200,15 +262,52 @@ def distribution(name: str, spec: Any) -> BaseDistribution:
     if unknown:
         raise ConfigError(f"{where}.{sorted(unknown)[0]}: unknown key (low, high, log, step, "
                           f"int)")
-    low, high, log_scale = spec["low"], spec["high"], bool(spec.get("log", False))
+    low, high, step = spec["low"], spec["high"], spec.get("step")
+    log_scale = bool(spec.get("log", False))
+    integer = bool(spec.get("int")) or (isinstance(low, int) and isinstance(high, int)
+                                         and not isinstance(step, float))
+    for key in ("low", "high", "step"):
+        value = spec.get(key)
+        if key == "step" and value is None:
+            continue
+        try:
+            number = float(value) if not isinstance(value, bool) else math.nan
+        except (ValueError, TypeError, OverflowError):
+            number = math.nan
+        if not math.isfinite(number):
+            raise ConfigError(f"{where}.{key}: must be a finite number, got {value!r}")
+        if integer and not number.is_integer():
+            raise ConfigError(f"{where}.{key}: expected an integer, got {value!r}")
+    # `step: 0` is no step of 1: a proposal would never be asked for it
+    if step is not None and float(step) <= 0:
+        raise ConfigError(f"{where}.step: must be > 0, got {step!r}")
     try:
-        if spec.get("int") or (isinstance(low, int) and isinstance(high, int)
-                               and not isinstance(spec.get("step"), float)):
+        if integer:
             return IntDistribution(int(low), int(high), log=log_scale,
-                                   step=int(spec.get("step") or 1))
-        return FloatDistribution(float(low), float(high), log=log_scale, step=spec.get("step"))
+                                   step=1 if step is None else int(step))
+        return FloatDistribution(float(low), float(high), log=log_scale,
+                                 step=None if step is None else float(step))
     except (ValueError, TypeError) as err:
         raise ConfigError(f"{where}: {err}") from None
+
+
+def stored_choice(name: str, value: Any) -> Any:
+    """How a choice of space key `name` is stored in Optuna: as it is where Optuna stores it
+    (None, bool, int, float, str); a list or mapping as text, JSON (`choice_values` reads it
+    back), or for a failure/mitigation key its Hydra list ("[a, b]" selects both)."""
+    if not isinstance(value, (list, tuple, dict)):
+        return value
+    return str(value) if name in TRANSFORM_GROUPS else json.dumps(value)
+
+
+def choice_values(space: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """{key: {stored choice: config value}} of the `sweep.space` entries whose choices are
+    stored as text (`stored_choice`), the failure/mitigation keys' aside (Hydra reads
+    theirs)."""
+    return {name: {stored_choice(name, v): v for v in spec
+                   if isinstance(v, (list, tuple, dict))}
+            for name, spec in space.items()
+            if isinstance(spec, (list, tuple)) and name not in GROUPS}
 
 
 def set_key(plain: dict[str, Any], key: str, value: Any) -> None:
@@ -246,10 +345,28 @@ def make_sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
 
 PRUNERS = {"successive_halving": "SuccessiveHalvingPruner", "hyperband": "HyperbandPruner",
            "median": "MedianPruner", "percentile": "PercentilePruner"}
+# The least value of each integer argument of a pruner. Optuna checks some of them only
+# when the pruner first decides, mid-training (a hyperband min_resource of 0 divides by
+# zero there), and takes floats where it counts in integers; all are checked at the plan.
+_MEDIAN_INTS = {"n_startup_trials": 0, "n_warmup_steps": 0, "interval_steps": 1,
+                "n_min_trials": 1}
+PRUNER_INTS = {
+    "successive_halving": {"min_resource": 1, "reduction_factor": 2,
+                           "min_early_stopping_rate": 0, "bootstrap_count": 0},
+    "hyperband": {"min_resource": 1, "max_resource": 1, "reduction_factor": 2,
+                  "bootstrap_count": 0},
+    "median": _MEDIAN_INTS,
+    "percentile": _MEDIAN_INTS,
+}
+# Integer arguments that may also be "auto" (estimated from the first trials told).
+PRUNER_AUTO = {"successive_halving": ("min_resource",), "hyperband": ("max_resource",)}
 
 
 def make_pruner(spec: dict[str, Any] | None) -> optuna.pruners.BasePruner:
-    """Optuna's pruner for `sweep.pruner` ({type, ...its keyword arguments}); none: Nop."""
+    """Optuna's pruner for `sweep.pruner` ({type, ...its keyword arguments}); none: Nop.
+
+    Its arguments are checked first (`check_pruner`): Optuna checks some only when the
+    pruner first decides, mid-training."""
     if not spec:
         return optuna.pruners.NopPruner()
     spec = dict(spec)
@@ -257,10 +374,67 @@ def make_pruner(spec: dict[str, Any] | None) -> optuna.pruners.BasePruner:
     if kind not in PRUNERS:
         raise ConfigError(f"sweep.pruner.type: must be one of {', '.join(PRUNERS)}, got "
                           f"{kind!r}")
+    check_pruner(kind, spec)
     try:
         return getattr(optuna.pruners, PRUNERS[kind])(**spec)
     except (TypeError, ValueError) as err:
         raise ConfigError(f"sweep.pruner: {err}") from None
+
+
+def check_pruner(kind: str, args: dict[str, Any]) -> None:
+    """Raise ConfigError naming `sweep.pruner.<key>` for an argument of pruner `kind` that
+    Optuna would refuse, or fail on, once it decides: an unknown or missing key, an integer
+    argument that is not an integer at least its least value (or "auto" where allowed), a
+    percentile outside [0, 100]; for hyperband, a max_resource below min_resource (no
+    bracket: nothing would ever be pruned) or so far above it that Optuna's bracket count
+    overflows, and bootstrap_count with max_resource auto. Successive halving's
+    bootstrap_count needs an integer min_resource."""
+    cls = getattr(optuna.pruners, PRUNERS[kind])
+    params = inspect.signature(cls).parameters
+    for key in args:
+        if key not in params:
+            raise ConfigError(f"sweep.pruner.{key}: unknown key for {kind} (known keys: type, "
+                              f"{', '.join(params)})")
+    for key, param in params.items():
+        if param.default is inspect.Parameter.empty and key not in args:
+            raise ConfigError(f"sweep.pruner.{key}: the {kind} pruner needs it")
+    for key, least in PRUNER_INTS[kind].items():
+        if key not in args:
+            continue
+        value = args[key]
+        auto = key in PRUNER_AUTO.get(kind, ())
+        if auto and value == "auto":
+            continue
+        if not (isinstance(value, int) and not isinstance(value, bool) and value >= least):
+            also = " or 'auto'" if auto else ""
+            raise ConfigError(f"sweep.pruner.{key}: must be an integer >= {least}{also}, got "
+                              f"{value!r}")
+    if kind == "percentile":
+        value = args["percentile"]
+        if not (isinstance(value, (int, float)) and not isinstance(value, bool)
+                and 0 <= value <= 100):
+            raise ConfigError(f"sweep.pruner.percentile: must be a number from 0 to 100, got "
+                              f"{value!r}")
+    auto_key = {"hyperband": "max_resource", "successive_halving": "min_resource"}.get(kind)
+    if auto_key and args.get("bootstrap_count", 0) > 0 and args.get(
+            auto_key, params[auto_key].default) == "auto":
+        raise ConfigError(f"sweep.pruner.bootstrap_count: > 0 needs an integer {auto_key}, "
+                          f"not auto")
+    if kind == "hyperband":
+        low = args.get("min_resource", params["min_resource"].default)
+        high = args.get("max_resource", params["max_resource"].default)
+        factor = args.get("reduction_factor", params["reduction_factor"].default)
+        if high == "auto":
+            return
+        if high < low:
+            raise ConfigError(f"sweep.pruner.max_resource: must be >= min_resource ({low}), "
+                              f"got {high} (hyperband would have no bracket)")
+        try:  # Optuna's bracket count (HyperbandPruner._try_initialization)
+            math.log(high / low, factor)
+        except OverflowError:
+            raise ConfigError(f"sweep.pruner.max_resource: too large: hyperband's brackets "
+                              f"need max_resource / min_resource below 1.8e308, got {high}"
+                              ) from None
 
 
 # ------------------------------------------------------------------------------ driver

@@ -115,10 +115,29 @@ def test_the_cli_writes_the_edges(tmp_path: Path, conf: Path, study_cli) -> None
     ("sweep.edge.low=abc", r"^sweep\.edge: could not convert string to float: 'abc'$"),
     ("+sweep.edge.step=2", "sweep.edge.step: unknown key"),
     ("+sweep.axes={optimizer.lr: [0.1]}", "an edge search finds the learning rate"),
+    # Each passed the range checks and failed counting the rounds, after the run directory
+    # was written (candidates 2.7 ran as 2).
+    ("sweep.edge.precision=inf", r"^sweep\.edge\.precision: must be a finite number, got inf$"),
+    ("sweep.edge.precision=1e-320", r"^sweep\.edge\.precision: must be >= 1e-12 "),
+    ("sweep.edge.high=1e308", r"^sweep\.edge\.high: high / low must be a float above 1 and "
+                              r"below 1\.798e\+308, got high 1e\+308 for low 1e-05$"),
+    ("sweep.edge.low=1e-320", r"^sweep\.edge\.low: must be >= 2\.225e-308 \(the smallest "
+                              r"normal float64\), got 1e-320$"),
+    ("sweep.edge.candidates=2.7", r"^sweep\.edge\.candidates: expected an integer >= 2, got "
+                                  r"2\.7$"),
+    ("sweep.edge.candidates=1", r"^sweep\.edge\.candidates: expected an integer >= 2, got 1$"),
 ])
 def test_a_bad_edge_search_is_refused(override: str, message: str, conf: Path) -> None:
     with pytest.raises(ConfigError, match=message):
         plan_from_overrides([*LINEAR, override], conf)
+
+
+@pytest.mark.parametrize("edge", [{"low": 1e-300, "high": 1e8, "precision": 1e-12},
+                                  {"low": 1e-4, "high": 1e300, "precision": 1e300},
+                                  {"low": 2.3e-308, "high": 1.0, "candidates": 50}])
+def test_an_edge_spec_it_accepts_counts_its_rounds(edge) -> None:
+    spec = EdgeSpec(**edge)
+    assert spec.rounds_needed() >= 0 and len(spec.first_round()) == spec.candidates
 
 
 def test_edges_with_a_mixed_axis_are_written(tmp_path: Path) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import re
 import time
 from collections import Counter
@@ -11,13 +13,18 @@ import optuna
 import pytest
 import torch
 from hydra.errors import MissingConfigException
-from optuna.distributions import CategoricalDistribution, FloatDistribution
+from optuna.distributions import (
+    CategoricalDistribution,
+    FloatDistribution,
+    IntDistribution,
+)
 from optuna.trial import TrialState
 
 from study import parallel, queue, records
 from study.engine import make_engine
 from study.lease import Lease
 from study.plan import plan_from_overrides
+from study.preflight import check_memory
 from study.records import trials_frame
 from study.schema import ConfigError
 from study.search import (
@@ -25,6 +32,7 @@ from study.search import (
     SEED,
     SearchPlan,
     distribution,
+    make_pruner,
     proposals_spent,
     run_search,
     set_key,
@@ -171,10 +179,117 @@ def test_a_bad_search_is_refused_before_training(override: str, message: str) ->
     ({"low": 0.1}, "expected {low, high"),
     ({"low": 0.1, "high": 1, "logg": True}, "logg: unknown key"),
     ([], "no choices"),
+    ([[1, 2], [1, 2]], "duplicate choices in [[1, 2], [1, 2]]"),
+    # a step of 0 ran as 1; the others are no range a sampler can draw from
+    ({"low": 2, "high": 8, "step": 0}, "sweep.space.optimizer.lr.step: must be > 0, got 0"),
+    ({"low": 0.1, "high": 1, "step": -0.1}, "optimizer.lr.step: must be > 0, got -0.1"),
+    ({"low": 0.1, "high": 1, "step": float("inf")}, "optimizer.lr.step: must be a finite"),
+    ({"low": float("-inf"), "high": 1}, "optimizer.lr.low: must be a finite number, got -inf"),
+    ({"low": 0.1, "high": float("nan")}, "optimizer.lr.high: must be a finite number, got nan"),
+    ({"low": 1, "high": 10**400}, "optimizer.lr.high: must be a finite number"),
+    ({"low": 1.5, "high": 8, "int": True}, "optimizer.lr.low: expected an integer, got 1.5"),
 ])
 def test_a_bad_space_entry_names_its_key(spec, message) -> None:
     with pytest.raises(ConfigError, match=re.escape(message)):
         distribution("optimizer.lr", spec)
+
+
+@pytest.mark.parametrize("entry, message", [
+    # Each is in the composed config, so a trial's sampled value was set and then ignored.
+    ("seed={low: 0, high: 5}", "sweep.space.seed: seeds are declared by sweep.seeds"),
+    ("workers=[1, 2]", "sweep.space.workers: not part of a trial's configuration"),
+    ("storage.grace_s=[60, 120]", "sweep.space.storage.grace_s: not part of a trial's"),
+    ("objective.metric=[val_loss_final, train_loss_final]",
+     "sweep.space.objective.metric: not part of a trial's"),
+    ("sweep.trials=[2, 3]", "sweep.space.sweep.trials: not part of a trial's"),
+    ("train=[1, 2]", "sweep.space.train: not a config group"),
+    # adam_search searches optimizer.betas.0: a list of betas overwrote its draw
+    ("optimizer.betas=[[0.9, 0.99], [0.5, 0.9]]", "sweep.space.optimizer.betas.0: lies under "
+                                                  "sweep.space.optimizer.betas"),
+])
+def test_a_space_key_outside_a_trials_configuration_is_refused(entry: str,
+                                                              message: str) -> None:
+    with pytest.raises(ConfigError, match=f"^{re.escape(message)}"):
+        plan_from_overrides([*SMALL, f"++sweep.space.{entry}"])
+
+
+def test_a_space_range_takes_its_step() -> None:
+    assert distribution("train.epochs", {"low": 2, "high": 8, "step": 2}) == IntDistribution(
+        2, 8, step=2)
+    assert distribution("train.epochs", {"low": 2, "high": 8}) == IntDistribution(2, 8)
+    assert distribution("optimizer.lr", {"low": 0.1, "high": 0.5, "step": 0.1}
+                        ) == FloatDistribution(0.1, 0.5, step=0.1)
+
+
+def test_list_choices_are_stored_as_text_and_trained_as_the_lists(tmp_path: Path,
+                                                                  recwarn) -> None:
+    # Optuna warns once per choice of a list, at every invocation (it stores only None,
+    # bool, int, float and str).
+    plan = plan_from_overrides([*SMALL, "sweep.trials=2", "sweep.population=2",
+                                "sweep.seeds=[0]", "task=linear_regression", "task.dim=2",
+                                "++sweep.space.task.feature_scale=[[1, 3], [1, 10]]"])
+    assert plan.space["task.feature_scale"] == CategoricalDistribution(["[1, 3]", "[1, 10]"])
+    assert plan.axes["task.feature_scale"] == [[1, 3], [1, 10]]
+    study = open_study(tmp_path, None, "lists", "minimize")
+    run_search(plan, study, make_engine("batched"), CPU, tmp_path, "val_loss_final")
+    assert not [w for w in recwarn if "categorical distribution" in str(w.message)]
+    told = _told(study)
+    assert len(told) == 2
+    for t in told:  # each trained its list: its config record (JSON text) and its key
+        scale = {"[1, 3]": [1, 3], "[1, 10]": [1, 10]}[t.params["task.feature_scale"]]
+        assert t.user_attrs["config"]["task.feature_scale"] == json.dumps(scale)
+        built = plan.build(dict(t.params), 0).trial
+        assert list(built.task.feature_scale) == scale and built.key() == t.user_attrs["key"]
+    frame = trials_frame(queue.finished(study))  # the column holds the config record
+    assert sorted(frame["task.feature_scale"]) == sorted(
+        t.user_attrs["config"]["task.feature_scale"] for t in told)
+
+
+def test_the_memory_check_sees_the_largest_trial_a_proposal_can_draw(plan) -> None:
+    # The space's lower corner trains 1 epoch; a proposal may draw 10**10 (TBs of records).
+    huge = plan_from_overrides([*SMALL, "++sweep.space.train.epochs={low: 1, high: "
+                                "10000000000}"])
+    with pytest.raises(ConfigError, match=r"^train\.epochs: a trial of this plan needs about"):
+        check_memory(huge, CPU)
+    assert huge.peak["train.epochs"] == 10**10
+    # Fewer examples per batch are more steps: the peak takes each numeric key's end that
+    # makes the larger trial.
+    wide = dataclasses.replace(plan, space={
+        **plan.space, "train.epochs": IntDistribution(1, 1000),
+        "train.batch_size": IntDistribution(1, 64), "model.width": IntDistribution(2, 512)})
+    assert {k: wide.peak[k] for k in ("train.epochs", "train.batch_size", "model.width")} == {
+        "train.epochs": 1000, "train.batch_size": 1, "model.width": 512}
+    largest = wide.points[-1].trial
+    assert (largest.train.epochs, largest.train.batch_size, largest.model.width) == (
+        1000, 1, 512)
+    assert [p.params for p in wide.points[:-1]] == [  # the corners, as before
+        {**c, SEED: 0} for c in wide.corners()]
+
+
+def test_a_trial_too_large_is_refused_before_its_data_is_drawn(tmp_path: Path,
+                                                               monkeypatch) -> None:
+    # A proposal may draw 10**12 training rows: the memory check, which draws no data,
+    # refuses it before the data check would try to draw them.
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from study import run
+    from study.config import validate
+    from study.grid import CONF_DIR
+
+    overrides = [*SMALL, "++sweep.space.task.n_train={low: 64, high: 1000000000000}"]
+    plan = plan_from_overrides(overrides)
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=overrides)
+
+    def drawn(_plan) -> None:
+        raise AssertionError("the data was drawn before the memory check")
+
+    monkeypatch.setattr(run, "check_data", drawn)
+    with pytest.raises(ConfigError, match=r"a trial of this plan needs about"):
+        run.execute(cfg, validate(cfg), plan, tmp_path / "run", overrides, None)
+    assert not (tmp_path / "run").exists()
 
 
 def test_a_space_key_that_the_config_lacks_is_refused() -> None:
@@ -212,6 +327,48 @@ def test_a_pruner_stops_rows_inside_the_population_and_they_are_told_pruned(
     assert proposals_spent(study) == 8
     again = run_search(plan, study, make_engine("batched"), CPU, tmp_path, "val_loss_final")
     assert again.trained == 0
+
+
+@pytest.mark.parametrize("pruner, message", [
+    # Optuna's HyperbandPruner takes these and fails when it first decides, mid-training.
+    ("{type: hyperband, min_resource: 0, max_resource: 10}",
+     "sweep.pruner.min_resource: must be an integer >= 1, got 0"),
+    ("{type: hyperband, min_resource: -3}",
+     "sweep.pruner.min_resource: must be an integer >= 1, got -3"),
+    ("{type: hyperband, min_resource: auto}",
+     "sweep.pruner.min_resource: must be an integer >= 1, got 'auto'"),
+    ("{type: hyperband, reduction_factor: 1}",
+     "sweep.pruner.reduction_factor: must be an integer >= 2, got 1"),
+    ("{type: hyperband, min_resource: 5, max_resource: 2}",
+     "sweep.pruner.max_resource: must be >= min_resource (5), got 2"),
+    ("{type: hyperband, max_resource: 0}",
+     "sweep.pruner.max_resource: must be an integer >= 1 or 'auto', got 0"),
+    ("{type: successive_halving, min_resource: 0}",
+     "sweep.pruner.min_resource: must be an integer >= 1 or 'auto', got 0"),
+    ("{type: successive_halving, reduction_factor: 2.5}",
+     "sweep.pruner.reduction_factor: must be an integer >= 2, got 2.5"),
+    ("{type: median, interval_steps: 0}",
+     "sweep.pruner.interval_steps: must be an integer >= 1, got 0"),
+    ("{type: median, n_warmup: 3}", "sweep.pruner.n_warmup: unknown key for median"),
+    ("{type: percentile}", "sweep.pruner.percentile: the percentile pruner needs it"),
+    ("{type: percentile, percentile: 101}",
+     "sweep.pruner.percentile: must be a number from 0 to 100, got 101"),
+])
+def test_a_pruner_argument_optuna_checks_only_when_deciding_is_refused_at_the_plan(
+        pruner: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=f"^{re.escape(message)}"):
+        plan_from_overrides([*SMALL, f"+sweep.pruner={pruner}"])
+
+
+def test_a_hyperband_pruner_in_range_is_planned_and_decides(tmp_path: Path) -> None:
+    plan = plan_from_overrides([*SMALL, "+sweep.pruner={type: hyperband, min_resource: 1, "
+                                "max_resource: 4, reduction_factor: 2}"])
+    study = open_study(tmp_path, None, "hyperband", "minimize")
+    study.pruner = make_pruner(plan.pruner)
+    for value in (1.0, 2.0, 3.0):
+        trial = study.ask()
+        trial.report(value, 2)
+        trial.should_prune()  # Optuna counts its brackets here
 
 
 @pytest.mark.slow  # a PostgreSQL server and two CLI runs: ~40 s
