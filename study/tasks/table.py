@@ -152,8 +152,10 @@ def split_rows(columns: Columns, loss: LossName, n_val: int, seed: int) -> Datas
     """A Dataset of `columns`: rows permuted by a generator seeded with `seed`, the first
     `n_val` the validation split. The floor is 0 (unknown for real data)."""
     order = torch.randperm(len(columns.y), generator=torch.Generator().manual_seed(seed))
-    x = torch.from_numpy(columns.x)[order]
-    y = torch.from_numpy(columns.y)[order]
+    # Permuted in numpy: the gathered copies are writable, where the cached columns may be
+    # read-only views of pandas' data (torch warns on wrapping those).
+    x = torch.from_numpy(columns.x[order.numpy()])
+    y = torch.from_numpy(columns.y[order.numpy()])
     if loss == "mse":
         y = y[:, None]
     return Dataset(x[n_val:], y[n_val:], x[:n_val], y[:n_val], loss, 0.0)

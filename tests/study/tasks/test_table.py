@@ -3,6 +3,9 @@ and one-line refusals of tables that cannot train."""
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +16,8 @@ import torch
 from study.plan import plan_from_overrides
 from study.schema import ConfigError
 from study.tasks import SklearnData, Table
+
+ROOT = Path(__file__).resolve().parents[3]
 
 
 def _frame(n: int = 40) -> pd.DataFrame:
@@ -153,3 +158,21 @@ def test_the_cli_trains_a_csv_and_refuses_a_missing_one_in_one_line(
     assert done.stderr.strip().count("\n") == 0
     assert done.stderr.startswith(f"error: task.path: cannot read {tmp_path / 'absent.csv'}")
     assert not missing.exists()
+
+
+def test_a_single_feature_table_draws_without_a_warning(tmp_path: Path) -> None:
+    # pandas hands a one-feature frame over as a read-only view, which torch warned about
+    # when wrapping it (once per process: hence a fresh interpreter).
+    frame = _frame().drop(columns="kind")[["a", "price"]]
+    frame.to_csv(tmp_path / "t.csv", index=False)
+    code = ("import torch\nfrom study.tasks import Table\n"
+            f"data = Table({str(tmp_path / 't.csv')!r}, 'price').generate(0)\n"
+            "x = torch.cat([data.x_train, data.x_val])[:, 0]\n"
+            "y = torch.cat([data.y_train, data.y_val])[:, 0]\n"
+            "print(json.dumps(sorted(zip(x.tolist(), y.tolist(), strict=True))))\n")
+    done = subprocess.run([sys.executable, "-c", "import json\n" + code], cwd=ROOT,
+                          text=True, capture_output=True, timeout=120)
+    assert done.returncode == 0 and done.stderr == "", done.stderr
+    stored = pd.read_csv(tmp_path / "t.csv")
+    assert json.loads(done.stdout) == sorted(
+        [a, price] for a, price in zip(stored["a"], stored["price"], strict=True))
