@@ -53,8 +53,9 @@ class Table:
     permutation from the data seed; the rest train. Classification labels (any values) are
     encoded as 0..C-1 in sorted order. Refused with one line (ValueError, naming the key):
     a missing or unreadable file, an unknown format, a missing target column, a
-    non-numeric feature column, missing values, a constant target, and a classification
-    target with more classes than half the rows (a regression target, most likely).
+    non-numeric feature column, complex values, missing values (NaN, None, pandas' NA), a
+    constant target, and a classification target with more classes than half the rows (a
+    regression target, most likely).
     """
 
     path: str
@@ -180,6 +181,9 @@ def _npy_columns(path: str, target: str | int) -> tuple[np.ndarray, np.ndarray, 
         array = np.load(path, allow_pickle=False)
     except (OSError, ValueError) as err:
         raise ValueError(f"task.path: cannot read {path} ({err})") from None
+    if np.issubdtype(array.dtype, np.complexfloating):
+        raise ValueError(f"task.path: {path} holds complex numbers ({array.dtype}); a "
+                         f"table's values must be real")
     if array.ndim != 2 or array.shape[1] < 2 or not np.issubdtype(array.dtype, np.number):
         raise ValueError(f"task.path: {path} must hold a 2-D numeric array with a target "
                          f"and at least one feature column, got {array.dtype} "

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -176,3 +177,15 @@ def test_a_single_feature_table_draws_without_a_warning(tmp_path: Path) -> None:
     stored = pd.read_csv(tmp_path / "t.csv")
     assert json.loads(done.stdout) == sorted(
         [a, price] for a, price in zip(stored["a"], stored["price"], strict=True))
+
+
+def test_a_complex_npy_table_is_refused_as_not_real(tmp_path: Path) -> None:
+    # It was read with its imaginary parts dropped (numpy's ComplexWarning lines).
+    values = _frame().drop(columns="kind").to_numpy()
+    np.save(tmp_path / "t.npy", values + 1j * values)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(ConfigError) as err:
+            plan_from_overrides(["task=table", f"task.path={tmp_path / 't.npy'}"])
+    assert str(err.value) == (f"task.path: {tmp_path / 't.npy'} holds complex numbers "
+                              f"(complex128); a table's values must be real")
