@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -223,7 +222,9 @@ def _frame_columns(path: str, suffix: str, target: str | int
         if not (pd.api.types.is_numeric_dtype(column) or pd.api.types.is_bool_dtype(column)):
             raise ValueError(f"task.path: feature column {name!r} of {path} is not numeric "
                              f"({column.dtype}); encode it as numbers or drop it")
-    return features.to_numpy(dtype=np.float64), y, list(features.columns)
+    # pandas' NA in a nullable column becomes NaN, refused as missing by `_checked`
+    return (features.to_numpy(dtype=np.float64, na_value=np.nan), y,
+            list(features.columns))
 
 
 def _enough_rows(rows: int, where: str) -> None:
@@ -255,8 +256,7 @@ def _checked(x: np.ndarray, y: np.ndarray, names: list[str], kind: str, where: s
             raise ValueError(f"{where}: the target is constant ({y[0]}): nothing to learn")
         n_classes = 0
     else:
-        if (y.dtype.kind == "f" and np.isnan(y).any()) or (y.dtype == object and any(
-                v is None or (isinstance(v, float) and math.isnan(v)) for v in y)):
+        if _missing(y).any():
             raise ValueError(f"{where}: the target has missing values; fill or drop them")
         labels, y = np.unique(y.astype(str) if y.dtype == object else y, return_inverse=True)
         n_classes = len(labels)
@@ -271,6 +271,14 @@ def _checked(x: np.ndarray, y: np.ndarray, names: list[str], kind: str, where: s
     digest = hashlib.sha256(np.ascontiguousarray(x).tobytes()
                             + np.ascontiguousarray(y).tobytes()).hexdigest()[:16]
     return Columns(np.ascontiguousarray(x), np.ascontiguousarray(y), n_classes, digest)
+
+
+def _missing(values: np.ndarray) -> np.ndarray:
+    """Which of `values` are missing: NaN, None, or pandas' NA or NaT (a nullable or string
+    column of a Parquet file holds pd.NA, which `astype(str)` would make a class "<NA>")."""
+    import pandas as pd
+
+    return np.asarray(pd.isna(values), dtype=bool)
 
 
 @functools.lru_cache(maxsize=8)

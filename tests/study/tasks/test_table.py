@@ -189,3 +189,24 @@ def test_a_complex_npy_table_is_refused_as_not_real(tmp_path: Path) -> None:
             plan_from_overrides(["task=table", f"task.path={tmp_path / 't.npy'}"])
     assert str(err.value) == (f"task.path: {tmp_path / 't.npy'} holds complex numbers "
                               f"(complex128); a table's values must be real")
+
+
+@pytest.mark.parametrize(("column", "dtype", "message"), [
+    ("kind", "string", "the target has missing values; fill or drop them"),
+    ("kind", "object", "the target has missing values; fill or drop them"),
+    ("a", "Float64", "feature 'a' has 1 missing value(s); fill or drop them first"),
+    ("grams", "Int64", "feature 'grams' has 1 missing value(s); fill or drop them first"),
+])
+def test_pandas_missing_values_in_a_parquet_table_are_refused(
+        tmp_path: Path, column: str, dtype: str, message: str) -> None:
+    # A string target's pd.NA became a third class "<NA>"; NaN in an object target was
+    # refused already.
+    frame = _frame().drop(columns="price")
+    frame["grams"] = frame["grams"].round()
+    frame[column] = frame[column].astype(dtype)
+    frame.loc[4, column] = pd.NA if dtype != "object" else np.nan
+    frame.to_parquet(tmp_path / "t.parquet")
+    with pytest.raises(ConfigError) as err:
+        plan_from_overrides(["task=table", f"task.path={tmp_path / 't.parquet'}",
+                             "task.target=kind", "task.kind=classification"])
+    assert str(err.value) == f"task.path: {tmp_path / 't.parquet'}: {message}"
