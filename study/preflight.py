@@ -18,6 +18,7 @@ from study.grid import SweepPlan
 from study.journal import journal_study_names
 from study.schema import ConfigError
 from study.seeds import seed_streams
+from study.tasks.base import InvalidData, check_dataset
 from study.trial import TrialSpec
 
 log = logging.getLogger("study")
@@ -93,8 +94,11 @@ def _is_run(run_dir: Path) -> bool:
 
 def check_data(plan: SweepPlan) -> None:
     """Draw one seed's data for every task and data transform (failure mode or
-    mitigation) of `plan` before anything is written: a transform that raises is a
-    ConfigError naming it, not a traceback in the middle of training."""
+    mitigation) of `plan` before anything is written, and check each draw and each
+    transform's output (`study.tasks.base.check_dataset`: tensors of the task's shapes and
+    dtypes, class labels in 0..output_dim-1, a finite floor >= 0). A task or transform that
+    raises, or returns data its task cannot train on, is a ConfigError naming it, not a
+    traceback in the middle of training nor a run on invalid data."""
     from study.failures import apply_data_transforms
 
     seen: set[str] = set()
@@ -112,15 +116,21 @@ def check_data(plan: SweepPlan) -> None:
         except Exception as err:
             raise ConfigError(f"task {where}: drawing its data (seed {seed}) raised "
                               f"{type(err).__name__}: {err}") from None
+        try:
+            check_dataset(data, spec.task)
+        except InvalidData as err:
+            raise ConfigError(f"task {where}: generate(seed {seed}) returned invalid data: "
+                              f"{err}") from None
         for transform in transforms:
             try:
-                data = apply_data_transforms(data, [transform], seed)
+                data = apply_data_transforms(data, [transform], seed, spec.task)
             except Exception as err:
                 name = getattr(transform, "target", None) or type(transform).__name__
                 groups = "+".join(spec.labels.get(g) or "none" for g in TRANSFORM_GROUPS)
-                raise ConfigError(f"{groups}: {name} raised {type(err).__name__}: {err} "
-                                  f"(applied to the data of task {where}, seed {seed})"
-                                  ) from None
+                did = (f"returned invalid data: {err}" if isinstance(err, InvalidData)
+                       else f"raised {type(err).__name__}: {err}")
+                raise ConfigError(f"{groups}: {name} {did} (applied to the data of task "
+                                  f"{where}, seed {seed})") from None
 
 
 def check_memory(plan: SweepPlan, device: torch.device) -> None:

@@ -29,7 +29,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from study.tasks import Dataset
+from study.tasks import Dataset, Task
+from study.tasks.base import InvalidData, check_dataset
 from study.transform import Applicability, SpecTransform
 from study.trial import TrialSpec
 
@@ -46,27 +47,38 @@ def transform_generator(data_seed: int, transform: Any) -> torch.Generator:
     return torch.Generator().manual_seed(int(state[0]) >> 1)
 
 
-def apply_data_transforms(data: Dataset, transforms: Sequence[Any], data_seed: int) -> Dataset:
-    """`data` after each transform's `apply_data`, in order; shapes are checked."""
+def apply_data_transforms(data: Dataset, transforms: Sequence[Any], data_seed: int,
+                          task: Task | None = None) -> Dataset:
+    """`data` after each transform's `apply_data`, in order. Each output is checked: a
+    Dataset of the input's shapes and dtypes and, given the `task`, one it can train on
+    (`check_dataset`: class labels in range, a valid floor); InvalidData otherwise."""
     for transform in transforms:
         out = transform.apply_data(data, transform_generator(data_seed, transform))
+        if not isinstance(out, Dataset):
+            raise InvalidData(f"got {type(out).__name__}, not a study.tasks.Dataset")
         for name in ("x_train", "y_train", "x_val", "y_val"):
             before, after = getattr(data, name), getattr(out, name)
+            if not isinstance(after, torch.Tensor):
+                raise InvalidData(f"{name} is a {type(after).__name__}, not a torch.Tensor")
             if before.shape != after.shape or before.dtype != after.dtype:
-                raise ValueError(
+                raise InvalidData(
                     f"{type(transform).__name__} changed {name} from {tuple(before.shape)} "
                     f"{before.dtype} to {tuple(after.shape)} {after.dtype}: data transforms "
                     f"must keep shapes and dtypes"
                 )
+        if task is not None:
+            check_dataset(out, task)
         data = out
     return data
 
 
 def trial_dataset(trial: TrialSpec, data_seed: int) -> Dataset:
     """The data `trial` trains on: its task's draw for `data_seed` after every data transform
-    it carries, in order (deterministic)."""
-    return apply_data_transforms(trial.task.generate(data_seed), trial.data_transforms,
-                                 data_seed)
+    it carries, in order (deterministic). Raises InvalidData (`check_dataset`) when the draw
+    or a transform's output is not valid data of the task: nothing trains on it."""
+    data = trial.task.generate(data_seed)
+    check_dataset(data, trial.task)
+    return apply_data_transforms(data, trial.data_transforms, data_seed, trial.task)
 
 
 def apply_transforms(trial: TrialSpec, failures: Sequence[tuple[str, Any]],

@@ -1,7 +1,10 @@
-"""What every task produces: a `Dataset`, and the `Task` protocol."""
+"""What every task produces: a `Dataset`, and the `Task` protocol; `check_dataset`, the
+check that a draw is one."""
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
@@ -80,6 +83,54 @@ class Task(Protocol):
     def generate(self, seed: int) -> Dataset:
         """Draw a dataset; the same seed gives bit-identical tensors."""
         ...
+
+
+class InvalidData(ValueError):
+    """A task's draw, or a data transform's output, is not a valid `Dataset` of its task."""
+
+
+def check_dataset(data: object, task: Task) -> None:
+    """Raise InvalidData (one line, naming the field) unless `data` is a `Dataset` that `task`
+    can train on as its `Dataset` and `Task` docstrings say: tensors on the CPU, features
+    float64 `[rows, input_dim]`, targets float64 `[rows, output_dim]` (`mse`) or int64 `[rows]`
+    class labels in 0..output_dim-1 (`cross_entropy`), `n_train` and `n_val` rows, the task's
+    loss, and a finite `irreducible_loss` >= 0 (every status is judged against it)."""
+    if not isinstance(data, Dataset):
+        raise InvalidData(f"got {type(data).__name__}, not a study.tasks.Dataset")
+    if data.loss != task.loss:
+        raise InvalidData(f"its loss is {data.loss!r}; the task's is {task.loss!r}")
+    classes = data.loss == "cross_entropy"
+    out_dim = int(task.output_dim)
+    for split, rows in (("train", task.n_train), ("val", task.n_val)):
+        x, y = getattr(data, f"x_{split}"), getattr(data, f"y_{split}")
+        dims = f"n_{split}={rows}"
+        want = {f"x_{split}": (x, torch.float64, (rows, task.input_dim),
+                               f"{dims}, input_dim={task.input_dim}"),
+                f"y_{split}": (y, torch.int64, (rows,), dims) if classes else
+                (y, torch.float64, (rows, out_dim), f"{dims}, output_dim={out_dim}")}
+        for name, (t, dtype, shape, declared) in want.items():
+            if not isinstance(t, torch.Tensor):
+                raise InvalidData(f"{name} is a {type(t).__name__}, not a torch.Tensor")
+            if t.dtype != dtype or t.device.type != "cpu":
+                raise InvalidData(f"{name} is {t.dtype} on {t.device}; a Dataset of a "
+                                  f"{data.loss} task holds {dtype} on the CPU")
+            if tuple(t.shape) != shape:
+                raise InvalidData(f"{name} has shape {tuple(t.shape)}; the task declares "
+                                  f"{shape} ({declared})")
+        if classes and len(y) and not (int(y.min()) >= 0 and int(y.max()) < out_dim):
+            raise InvalidData(f"y_{split} holds class labels {int(y.min())}..{int(y.max())}; "
+                              f"the task has {out_dim} classes, labelled 0..{out_dim - 1}")
+    floor = data.irreducible_loss
+    if isinstance(floor, bool) or not isinstance(floor, numbers.Real) \
+            or not (math.isfinite(float(floor)) and floor >= 0):
+        raise InvalidData(f"irreducible_loss is {floor!r}; it must be a finite number >= 0 "
+                          f"(the noise floor every status is judged against; 0 if unknown)")
+    scale = data.target_scale
+    if scale is not None and not (isinstance(scale, torch.Tensor)
+                                  and tuple(scale.shape) == (out_dim,)):
+        raise InvalidData(f"target_scale is {type(scale).__name__} "
+                          f"{tuple(getattr(scale, 'shape', ()))}; it must be None or a "
+                          f"tensor of shape ({out_dim},)")
 
 
 def check_positive(owner: str, **values: float) -> None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -53,8 +52,9 @@ class Table:
     permutation from the data seed; the rest train. Classification labels (any values) are
     encoded as 0..C-1 in sorted order. Refused with one line (ValueError, naming the key):
     a missing or unreadable file, an unknown format, a missing target column, a
-    non-numeric feature column, missing values, a constant target, and a classification
-    target with more classes than half the rows (a regression target, most likely).
+    non-numeric feature column, complex values, missing values (NaN, None, pandas' NA), a
+    constant target, and a classification target with more classes than half the rows (a
+    regression target, most likely).
     """
 
     path: str
@@ -152,8 +152,10 @@ def split_rows(columns: Columns, loss: LossName, n_val: int, seed: int) -> Datas
     """A Dataset of `columns`: rows permuted by a generator seeded with `seed`, the first
     `n_val` the validation split. The floor is 0 (unknown for real data)."""
     order = torch.randperm(len(columns.y), generator=torch.Generator().manual_seed(seed))
-    x = torch.from_numpy(columns.x)[order]
-    y = torch.from_numpy(columns.y)[order]
+    # Permuted in numpy: the gathered copies are writable, where the cached columns may be
+    # read-only views of pandas' data (torch warns on wrapping those).
+    x = torch.from_numpy(columns.x[order.numpy()])
+    y = torch.from_numpy(columns.y[order.numpy()])
     if loss == "mse":
         y = y[:, None]
     return Dataset(x[n_val:], y[n_val:], x[:n_val], y[:n_val], loss, 0.0)
@@ -178,6 +180,9 @@ def _npy_columns(path: str, target: str | int) -> tuple[np.ndarray, np.ndarray, 
         array = np.load(path, allow_pickle=False)
     except (OSError, ValueError) as err:
         raise ValueError(f"task.path: cannot read {path} ({err})") from None
+    if np.issubdtype(array.dtype, np.complexfloating):
+        raise ValueError(f"task.path: {path} holds complex numbers ({array.dtype}); a "
+                         f"table's values must be real")
     if array.ndim != 2 or array.shape[1] < 2 or not np.issubdtype(array.dtype, np.number):
         raise ValueError(f"task.path: {path} must hold a 2-D numeric array with a target "
                          f"and at least one feature column, got {array.dtype} "
@@ -217,7 +222,9 @@ def _frame_columns(path: str, suffix: str, target: str | int
         if not (pd.api.types.is_numeric_dtype(column) or pd.api.types.is_bool_dtype(column)):
             raise ValueError(f"task.path: feature column {name!r} of {path} is not numeric "
                              f"({column.dtype}); encode it as numbers or drop it")
-    return features.to_numpy(dtype=np.float64), y, list(features.columns)
+    # pandas' NA in a nullable column becomes NaN, refused as missing by `_checked`
+    return (features.to_numpy(dtype=np.float64, na_value=np.nan), y,
+            list(features.columns))
 
 
 def _enough_rows(rows: int, where: str) -> None:
@@ -249,8 +256,7 @@ def _checked(x: np.ndarray, y: np.ndarray, names: list[str], kind: str, where: s
             raise ValueError(f"{where}: the target is constant ({y[0]}): nothing to learn")
         n_classes = 0
     else:
-        if (y.dtype.kind == "f" and np.isnan(y).any()) or (y.dtype == object and any(
-                v is None or (isinstance(v, float) and math.isnan(v)) for v in y)):
+        if _missing(y).any():
             raise ValueError(f"{where}: the target has missing values; fill or drop them")
         labels, y = np.unique(y.astype(str) if y.dtype == object else y, return_inverse=True)
         n_classes = len(labels)
@@ -265,6 +271,14 @@ def _checked(x: np.ndarray, y: np.ndarray, names: list[str], kind: str, where: s
     digest = hashlib.sha256(np.ascontiguousarray(x).tobytes()
                             + np.ascontiguousarray(y).tobytes()).hexdigest()[:16]
     return Columns(np.ascontiguousarray(x), np.ascontiguousarray(y), n_classes, digest)
+
+
+def _missing(values: np.ndarray) -> np.ndarray:
+    """Which of `values` are missing: NaN, None, or pandas' NA or NaT (a nullable or string
+    column of a Parquet file holds pd.NA, which `astype(str)` would make a class "<NA>")."""
+    import pandas as pd
+
+    return np.asarray(pd.isna(values), dtype=bool)
 
 
 @functools.lru_cache(maxsize=8)

@@ -358,6 +358,26 @@ def test_a_failure_mode_that_raises_is_named_before_anything_is_written(
     assert not run_dir.exists()
 
 
+@pytest.mark.parametrize("engine", [pytest.param("batched", marks=SLOW), "reference"])
+def test_a_failure_mode_whose_labels_are_out_of_range_is_refused_before_anything_is_written(
+        tmp_path: Path, study_cli, engine: str) -> None:
+    # The batched CPU kernel trained on them silently; the reference engine raised
+    # IndexError after the run directory was written.
+    (tmp_path / "shifted.py").write_text(
+        "import dataclasses\n\ndef classes(data, generator):\n"
+        "    return dataclasses.replace(data, y_train=data.y_train + 10)\n")
+    conf = tmp_path / "conf" / "failure"
+    conf.mkdir(parents=True)
+    (conf / "u_classes.yaml").write_text("classes:\n  _target_: shifted.classes\n")
+    run_dir = tmp_path / "run"
+    done = study_cli("--config-dir", str(tmp_path / "conf"), "failure=u_classes",
+                     "task=blobs", f"engine={engine}", *TINY[1:], f"hydra.run.dir={run_dir}",
+                     env={"PYTHONPATH": f"{tmp_path}{os.pathsep}{ROOT}"})
+    one_line_error(done, 2, "u_classes+none: shifted.classes returned invalid data: y_train "
+                            "holds class labels 10..13; the task has 4 classes, labelled 0..3")
+    assert not run_dir.exists()
+
+
 @pytest.mark.parametrize("where", ["selected", pytest.param("axis", marks=SLOW)])
 def test_a_config_file_that_is_not_yaml_is_named_with_line_and_column(
         tmp_path: Path, study_cli, where: str) -> None:

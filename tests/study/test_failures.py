@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import study.failures as f
+from study import preflight
 from study.engine import BatchedEngine
 from study.failures import apply_transforms, transform_generator
 from study.grid import CONF_DIR
@@ -373,3 +374,31 @@ def test_adam_trials_with_a_plateau_keep_their_own_state() -> None:
     alone = [BatchedEngine().run([t], torch.device("cpu"))[0] for t in trials]
     for a, b in zip(together, alone, strict=True):
         assert a.equal(b)
+
+
+@pytest.mark.parametrize("shift", [10, -1])
+def test_a_failure_mode_that_puts_labels_out_of_range_is_refused_before_training(
+        tmp_path: Path, monkeypatch, shift: int) -> None:
+    # The batched CPU kernel indexed past the logits silently (a loss and an accuracy of
+    # invalid labels); the reference engine raised IndexError mid-run.
+    (tmp_path / "labelshift.py").write_text(
+        "import dataclasses\n\n"
+        "def shift(data, generator, by):\n"
+        "    return dataclasses.replace(data, y_train=data.y_train + by)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    conf = tmp_path / "conf"
+    shutil.copytree(CONF_DIR, conf)
+    (conf / "failure" / "shifted.yaml").write_text(
+        f"shifted:\n  _target_: labelshift.shift\n  by: {shift}\n")
+    plan = plan_from_overrides(["task=blobs", "task.n_classes=4", "failure=shifted"],
+                               conf_dir=conf)
+    low, high = (10, 13) if shift > 0 else (-1, 2)
+    with pytest.raises(ConfigError) as err:
+        preflight.check_data(plan)
+    assert str(err.value).startswith(
+        f"shifted+none: labelshift.shift returned invalid data: y_train holds class labels "
+        f"{low}..{high}; the task has 4 classes, labelled 0..3 (applied to the data of task "
+        f"blobs, seed ")
+    # Every draw is checked, not only the one preflight draws: nothing trains on it.
+    with pytest.raises(ValueError, match="y_train holds class labels"):
+        f.trial_dataset(plan.points[0].trial, 12345)

@@ -3,6 +3,10 @@ and one-line refusals of tables that cannot train."""
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +17,8 @@ import torch
 from study.plan import plan_from_overrides
 from study.schema import ConfigError
 from study.tasks import SklearnData, Table
+
+ROOT = Path(__file__).resolve().parents[3]
 
 
 def _frame(n: int = 40) -> pd.DataFrame:
@@ -153,3 +159,54 @@ def test_the_cli_trains_a_csv_and_refuses_a_missing_one_in_one_line(
     assert done.stderr.strip().count("\n") == 0
     assert done.stderr.startswith(f"error: task.path: cannot read {tmp_path / 'absent.csv'}")
     assert not missing.exists()
+
+
+def test_a_single_feature_table_draws_without_a_warning(tmp_path: Path) -> None:
+    # pandas hands a one-feature frame over as a read-only view, which torch warned about
+    # when wrapping it (once per process: hence a fresh interpreter).
+    frame = _frame().drop(columns="kind")[["a", "price"]]
+    frame.to_csv(tmp_path / "t.csv", index=False)
+    code = ("import torch\nfrom study.tasks import Table\n"
+            f"data = Table({str(tmp_path / 't.csv')!r}, 'price').generate(0)\n"
+            "x = torch.cat([data.x_train, data.x_val])[:, 0]\n"
+            "y = torch.cat([data.y_train, data.y_val])[:, 0]\n"
+            "print(json.dumps(sorted(zip(x.tolist(), y.tolist(), strict=True))))\n")
+    done = subprocess.run([sys.executable, "-c", "import json\n" + code], cwd=ROOT,
+                          text=True, capture_output=True, timeout=120)
+    assert done.returncode == 0 and done.stderr == "", done.stderr
+    stored = pd.read_csv(tmp_path / "t.csv")
+    assert json.loads(done.stdout) == sorted(
+        [a, price] for a, price in zip(stored["a"], stored["price"], strict=True))
+
+
+def test_a_complex_npy_table_is_refused_as_not_real(tmp_path: Path) -> None:
+    # It was read with its imaginary parts dropped (numpy's ComplexWarning lines).
+    values = _frame().drop(columns="kind").to_numpy()
+    np.save(tmp_path / "t.npy", values + 1j * values)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(ConfigError) as err:
+            plan_from_overrides(["task=table", f"task.path={tmp_path / 't.npy'}"])
+    assert str(err.value) == (f"task.path: {tmp_path / 't.npy'} holds complex numbers "
+                              f"(complex128); a table's values must be real")
+
+
+@pytest.mark.parametrize(("column", "dtype", "message"), [
+    ("kind", "string", "the target has missing values; fill or drop them"),
+    ("kind", "object", "the target has missing values; fill or drop them"),
+    ("a", "Float64", "feature 'a' has 1 missing value(s); fill or drop them first"),
+    ("grams", "Int64", "feature 'grams' has 1 missing value(s); fill or drop them first"),
+])
+def test_pandas_missing_values_in_a_parquet_table_are_refused(
+        tmp_path: Path, column: str, dtype: str, message: str) -> None:
+    # A string target's pd.NA became a third class "<NA>"; NaN in an object target was
+    # refused already.
+    frame = _frame().drop(columns="price")
+    frame["grams"] = frame["grams"].round()
+    frame[column] = frame[column].astype(dtype)
+    frame.loc[4, column] = pd.NA if dtype != "object" else np.nan
+    frame.to_parquet(tmp_path / "t.parquet")
+    with pytest.raises(ConfigError) as err:
+        plan_from_overrides(["task=table", f"task.path={tmp_path / 't.parquet'}",
+                             "task.target=kind", "task.kind=classification"])
+    assert str(err.value) == f"task.path: {tmp_path / 't.parquet'}: {message}"
