@@ -138,6 +138,7 @@ def test_invocations_sharing_a_run_directory_on_purpose_are_all_recorded(
     assert sum(i["trials_trained"] for i in invocations) == 16
 
 
+@SLOW
 def test_a_resume_on_another_engine_keeps_the_record_of_what_trained(tiny_run: Path,
                                                                      tmp_path: Path,
                                                                      study_cli) -> None:
@@ -250,6 +251,7 @@ def test_a_password_on_a_multirun_command_line_reaches_no_file_and_no_line(
     assert "storage.url=" in overrides and "STUDY_STORAGE_URL" in overrides
 
 
+@SLOW
 def test_a_multirun_job_with_bad_input_has_its_line_and_one_traceback(tmp_path: Path,
                                                                      study_cli) -> None:
     """Hydra reports a failed job with its exception (JobFailed, documented); chained to
@@ -473,6 +475,7 @@ def test_a_run_whose_storage_lost_its_study_is_refused_and_its_results_kept(
     assert snapshot(run_dir) == before and not (run_dir / records.JOURNAL).exists()
 
 
+@SLOW
 def test_a_resume_on_a_changed_table_file_is_refused_and_nothing_changes(
         tmp_path: Path, study_cli) -> None:
     """A changed file gives its points new trial keys: the grid trained again beside the
@@ -491,7 +494,8 @@ def test_a_resume_on_a_changed_table_file_is_refused_and_nothing_changes(
     assert snapshot(run_dir) == before
 
 
-@pytest.mark.parametrize("where", ["--config-dir", "hydra.searchpath"])
+@pytest.mark.parametrize("where", ["--config-dir", pytest.param("hydra.searchpath",
+                                                                marks=SLOW)])
 def test_the_resume_command_finds_a_sweep_of_ones_own(tmp_path: Path, study_cli,
                                                       where: str) -> None:
     """The recorded and printed resume command dropped --config-dir and hydra.searchpath:

@@ -339,6 +339,7 @@ def test_ctrl_c_while_starting_is_one_line_and_leaves_nothing(tmp_path: Path) ->
     assert not run_dir.exists()
 
 
+@pytest.mark.slow  # a run, interrupted, then started
 def test_ctrl_c_once_the_study_is_stored_says_how_to_start_it(tmp_path: Path,
                                                               study_cli) -> None:
     """Its journal written, env.json not yet: "nothing was stored" was false, and the
