@@ -160,7 +160,8 @@ def check_memory(plan: SweepPlan, device: torch.device) -> None:
     raise ConfigError(f"{key}: a trial of this plan needs about {_gib(need)} of "
                       f"memory ({steps:,} steps of records, {parameter_count(spec):,} "
                       f"parameters), more than the {_gib(limit)} this machine has; train "
-                      f"fewer steps (train.epochs, train.batch_size) or a smaller model")
+                      f"fewer steps (train.epochs, train.batch_size, task.n_train) or a "
+                      f"smaller model")
 
 
 def _gib(n: int) -> str:
