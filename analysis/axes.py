@@ -92,6 +92,24 @@ def sweep_axes(trials: pd.DataFrame, meta: Mapping[str, Any]) -> SweepAxes:
     return SweepAxes(values, searched)
 
 
+def searched_values(trials: pd.DataFrame, axes: SweepAxes) -> dict[str, str]:
+    """{searched key: "N values from LOW to HIGH"} of a search's numeric keys (`searched`)."""
+    out = {}
+    for name in axes.searched:
+        values = pd.to_numeric(trials[name], errors="coerce").dropna()
+        out[name] = (f"searched: {values.nunique()} values from {values.min():.3g} to "
+                     f"{values.max():.3g}")
+    return out
+
+
+def pooled_note(axes: SweepAxes) -> str:
+    """What a configuration's statistics pool besides its seeds in a search: "" in a grid."""
+    if not axes.searched:
+        return ""
+    return (f" and over every searched value of {', '.join(axes.searched)} (a configuration "
+            f"of a search pools its proposals; of an edge search, its candidate rates)")
+
+
 def joined(frame: pd.DataFrame, columns: Sequence[str]) -> pd.Series | str:
     """Each row's values of `columns` as text joined by ", " (a Series, also of no rows:
     pandas' row-wise join of no rows gives a frame); "" without columns."""

@@ -199,9 +199,11 @@ def stable_lr_lines(lab: pd.DataFrame, axes: SweepAxes) -> list[str]:
         edges = part["lr_max_stable"][np.isfinite(part["lr_max_stable"])]
         if others and n > 1 and len(edges) and edges.min() < edges.max():
             worst = part.loc[edges.idxmin(), others].astype(str)
+            # a group where no seed diverged has its edge beyond the grid: at least its top
+            top = "≥ " if part.loc[edges.idxmax(), "upper_open"] else ""
             text += (f"; the largest stable lr per group ranges from {edges.min():.3g} ("
                      + ", ".join(f"{k}={v}" for k, v in worst.items())
-                     + f") to {edges.max():.3g}")
+                     + f") to {top}{edges.max():.3g}")
         lines.append(text + ".")
     return lines
 

@@ -30,6 +30,8 @@ from analysis.axes import (
     SweepAxes,
     choose_map_layout,
     format_key,
+    pooled_note,
+    searched_values,
     sweep_axes,
     value_key,
 )
@@ -153,6 +155,7 @@ def render_html(run: RunData, map_metric: str = FINAL, claims: pd.DataFrame | No
         "curves": built_sections["curves"],
         "gallery": [built_sections[f"gallery {i}"] for i in range(len(gallery_parts))],
         "cells": built_sections.get("cells"),
+        "pooled": pooled_note(axes),
         "metrics": built_sections.get("metrics"),
         "diagnostics": built_sections.get("diagnostics"),
         "claims": sections.claims_section(claims),
@@ -187,6 +190,8 @@ def header_context(run: RunData, axes: SweepAxes) -> dict[str, Any]:
     declared = run.meta.get("axes") or {}
     varied = [{"name": name, "labels": ", ".join(format_key(k) for k in keys)}
               for name, keys in axes.values.items()]
+    varied += [{"name": name, "labels": text}
+               for name, text in searched_values(run.trials, axes).items()]
     constant = [name for name in declared if name not in axes.values]
     held = [(c, format_key(value_key(run.trials[c].iloc[0]))) for c in HELD_COLUMNS
             if c in run.trials and c not in axes.values and len(run.trials)
@@ -282,14 +287,18 @@ def map_section(summary: pd.DataFrame | None, axes: SweepAxes,
     color = ("median over seeds of the final validation loss, capped at each trial's "
              "initial loss (a trial that blew up or stopped counts as no better than its "
              "initialization), divided by the median initial validation loss of the same "
-             "task (tasks have different loss scales; 1 = no better than at initialization, "
-             "below 1 = learned)" if smap.normalized
+             "task (tasks have different loss scales: 1 = the task's typical initial loss; "
+             "a trial that started below it and learned nothing reads below 1, the statuses "
+             "and symbols say whether a cell learned)" if smap.normalized
              else f"share of the configuration's seeds that ended {metric}, 0 to 1"
              if smap.share else f"median over seeds of {smap.metric}")
     scale = "log scale" if smap.log_color else "linear scale"
     symbols = "; ".join(f'"{figures.SYMBOLS[m]}" = {text}' for m, text in MARKERS.items())
     caption = (f"x: {layout.x}; y: {layout.y}; panels: {facets}. Color ({scale}): {color}. "
                f"Symbols: {symbols}. Gray: no trials.")
+    if axes.searched:
+        caption += (f" Every cell's median and symbols are over its seeds{pooled_note(axes)}:"
+                    f" \"seeds\" there means its trials.")
     if smap.n_below or smap.n_above:
         low, high = smap.color_limits
         caption += (f" The color scale spans {low:.3g} to {high:.3g} (robust limits: the "
@@ -323,7 +332,10 @@ def curves_section(run: RunData, axes: SweepAxes) -> dict[str, Any]:
     if frame.empty:
         return _section(note="No curves recorded for the selected trials.")
     line = line_axis(axes, [a for a in (row, *cols) if a]) or "trial"
-    held = "; ".join(f"{k} = {v}" for k, v in fixed.items()) or "nothing else varies"
+    held = "; ".join(f"{k} = {v}" for k, v in fixed.items()) or (
+        "nothing else of the grid" if axes.searched else "nothing else varies")
+    if axes.searched:
+        held += f"; searched, and different in every curve: {', '.join(axes.searched)}"
     facets = list(dict.fromkeys(zip(frame["row"], frame["col"], strict=True)))
     shown = ""
     if len(facets) > MAX_CURVE_PANELS:

@@ -50,7 +50,11 @@ def labeled(trials: pd.DataFrame, axes: SweepAxes) -> pd.DataFrame:
 def lr_section(lab: pd.DataFrame, axes: SweepAxes) -> dict[str, Any]:
     """Final loss vs learning rate with seed bands, plus the sensitivity/stable-range table."""
     if LR not in axes.values:
-        return {"note": "No learning-rate sensitivity: the learning rate does not vary.",
+        why = ("the learning rate was searched (each proposal, or each configuration's "
+               "candidates, drew its own), not swept over a grid: the trial explorer, and "
+               "an edge search's stability edge, show it" if LR in axes.searched
+               else "the learning rate does not vary")
+        return {"note": f"No learning-rate sensitivity: {why}.",
                 "image": None, "caption": "", "table": "", "table_note": ""}
     group = [a for a in axes.names if a != LR]
     curves = lr_curves(lab, group)

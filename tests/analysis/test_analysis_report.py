@@ -187,3 +187,19 @@ def test_a_sweep_where_nothing_diverged_renders_with_two_panel_axes(sweep_run, t
     shutil.copytree(sweep_run / "curves", tmp_path / "curves")
     html = build_report(tmp_path).read_text()
     assert "panels: task x train.batch_size, model.depth" in html
+
+
+def test_a_searchs_report_says_its_searched_key_varied(sweep_run, tmp_path):
+    """A search's lr is no axis (every proposal draws its own): the report said "the
+    learning rate does not vary", "held fixed: nothing else varies", and described cells
+    pooling every lr as "over seeds"."""
+    trials, meta = read_trials(sweep_run)
+    axes = {k: v for k, v in meta["axes"].items() if k != "optimizer.lr"}
+    write_trials(tmp_path, trials, {**meta, "axes": axes, "searched": ["optimizer.lr"]})
+    shutil.copytree(sweep_run / "curves", tmp_path / "curves")
+    text = re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", build_report(tmp_path).read_text()))
+    assert "the learning rate does not vary" not in text
+    assert "No learning-rate sensitivity: the learning rate was searched" in text
+    assert "optimizer.lr searched: 3 values from 0.001 to 0.1" in text
+    assert "searched, and different in every curve: optimizer.lr" in text
+    assert "Per configuration, over seeds and over every searched value of optimizer.lr" in text
