@@ -26,8 +26,8 @@ INITIAL = "val_loss_initial"
 # Cell markers (drawn as symbols over the heatmap) and what they mean.
 MARKERS = {
     "diverged": "majority of seeds diverged",
-    "no_progress": "majority of seeds made no progress",
-    "unstable": "majority of seeds unstable or recovered",
+    "no_progress": "majority of seeds made no progress (none diverged)",
+    "unstable": "majority of seeds unstable or recovered (none diverged)",
     "some_diverged": "some seeds (not a majority) diverged",
 }
 ERRATIC = ("unstable", "recovered")
@@ -56,15 +56,19 @@ def status_counts(trials: pd.DataFrame) -> pd.DataFrame:
 
 
 def cell_marker(n: int, n_diverged: int, n_no_progress: int, n_erratic: int = 0) -> str:
-    """Majority diverged, else majority no progress, else majority unstable or recovered,
-    else any diverged, else ""."""
+    """Majority diverged, else any diverged, else majority no progress, else majority
+    unstable or recovered, else "". A divergence shows before a majority of another status:
+    only the symbols say a seed diverged (its capped loss colours it as one that did not
+    learn), where the colour already shows a cell that learned nothing."""
     if 2 * n_diverged > n:
         return "diverged"
+    if n_diverged:
+        return "some_diverged"
     if 2 * n_no_progress > n:
         return "no_progress"
     if 2 * n_erratic > n:
         return "unstable"
-    return "some_diverged" if n_diverged else ""
+    return ""
 
 
 def is_status_share(metric: str) -> bool:

@@ -97,6 +97,16 @@ def test_markers_follow_seed_majorities(summary):
     assert (summary["marker"] == "diverged").sum() == 2
 
 
+def test_a_minority_divergence_shows_before_a_majority_of_another_status() -> None:
+    """A cell of 2 no_progress seeds and 1 diverged drew "o": nothing said a seed diverged."""
+    from analysis.aggregate import cell_marker
+
+    assert cell_marker(3, 1, 2) == "some_diverged"
+    assert cell_marker(3, 1, 0, 2) == "some_diverged"
+    assert cell_marker(3, 2, 1) == "diverged"
+    assert cell_marker(3, 0, 2, 1) == "no_progress" and cell_marker(3, 0, 0, 2) == "unstable"
+
+
 def test_summary_rows_follow_axis_order(summary):
     assert summary["task"].unique().tolist() == ["teacher_mlp", "blobs"]
     first = summary.iloc[:2]
