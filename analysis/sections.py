@@ -161,7 +161,9 @@ def cell_stats_section(lab: pd.DataFrame, summary: pd.DataFrame,
     display = pd.DataFrame({a: cells[a] for a in names})
     display["trials"] = cells["n"]
     for column in [c for c in summary.columns if c.startswith("n_")]:
-        display[column[2:]] = cells[column]
+        # n_defined counts the trials with a finite (capped) metric, not a status
+        label = f"{metric} finite" if column == "n_defined" else column[2:]
+        display[label] = cells[column]
     display["diverged % [95% CI]"] = [tables.fmt_interval(r, lo, hi, percent=True) for r, lo, hi
                                       in zip(cells["rate"], cells["ci_low"], cells["ci_high"],
                                              strict=True)]
