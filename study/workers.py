@@ -97,7 +97,8 @@ def worker_main(job: WorkerJob, index: int) -> None:
     heap.hold()  # until the imports are done (study.heap)
     from study.config import resolve_device
     from study.engine import make_engine
-    from study.storage import open_study
+    from study.records import RecordError
+    from study.storage import StorageError, mask_url, open_study
     from study.sweep import run_sweep
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides; it sends SIGTERM
@@ -105,12 +106,19 @@ def worker_main(job: WorkerJob, index: int) -> None:
     logging.basicConfig(level=logging.WARNING,
                         format=f"[worker {index}] %(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(job.threads)
-    study = open_study(job.run_dir, job.url, job.study_name, job.direction, job.retries)
-    heap.settle()
-    outcome = run_sweep(job.plan, study, make_engine(job.engine), resolve_device(job.device),
-                        job.run_dir, job.objective, direction=job.direction,
-                        leases=job.leases, enqueue=False, dashboard=job.dashboard,
-                        stop=lambda: stop.requested or os.getppid() != job.parent)
+    try:
+        study = open_study(job.run_dir, job.url, job.study_name, job.direction, job.retries)
+        heap.settle()
+        outcome = run_sweep(job.plan, study, make_engine(job.engine),
+                            resolve_device(job.device), job.run_dir, job.objective,
+                            direction=job.direction, leases=job.leases, enqueue=False,
+                            dashboard=job.dashboard,
+                            stop=lambda: stop.requested or os.getppid() != job.parent)
+    except (OSError, RecordError, StorageError) as err:
+        # Bad state (a full disk, an unreachable database): one line, as the parent's; what
+        # it held is reclaimed and re-run (`study.lease`).
+        log.error("%s", mask_url(f"{type(err).__name__}: {err}"))
+        sys.exit(3)
     sys.exit(130 if outcome.stopped else 0)
 
 

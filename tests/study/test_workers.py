@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import pickle
 import subprocess
 import sys
 import time
@@ -204,3 +205,24 @@ runpy.run_module("study", run_name="__main__", alter_sys=True)
     assert lines[-1].endswith(f"workers=2 hydra.run.dir={run_dir}")
     left = subprocess.run(["pgrep", "-f", str(run_dir)], capture_output=True, text=True)
     assert left.stdout.strip() == ""
+
+
+def test_a_worker_in_bad_state_exits_3_without_a_traceback(tmp_path: Path) -> None:
+    """A worker that cannot write its storage (a full disk, here a run directory that is a
+    file) printed multiprocessing's traceback before the parent's one line."""
+    from study.lease import Lease
+    from study.plan import plan_from_overrides
+
+    plan = plan_from_overrides(list(TINY))
+    blocked = tmp_path / "not_a_directory"
+    blocked.write_text("")
+    job = workers.WorkerJob(plan, blocked, None, "smoke", "minimize", "val_loss_final",
+                            "batched", "cpu", Lease(5.0, 30.0), 1, 1, os.getpid())
+    script = ("import pickle, sys; from study import workers; "
+              "workers.worker_main(pickle.loads(sys.stdin.buffer.read()), 0)")
+    done = subprocess.run([sys.executable, "-c", script], input=pickle.dumps(job), cwd=ROOT,
+                          capture_output=True, timeout=300)
+    err = done.stderr.decode()
+    assert done.returncode == 3, err
+    assert "Traceback" not in err and err.count("\n") == 1
+    assert err.startswith("[worker 0] ERROR study.workers: NotADirectoryError")
