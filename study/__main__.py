@@ -21,7 +21,7 @@ import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import NoReturn
+from typing import NoReturn, TextIO
 
 NOT_STARTED = "interrupted before the run started; nothing was stored"
 
@@ -34,8 +34,39 @@ def _interrupted_at_start(signum: int, frame: object) -> None:
     os._exit(130)
 
 
+class _Stdout:
+    """sys.stdout that goes on without a reader: a closed pipe (`| head`, `| true`) sends
+    what is left to /dev/null instead of ending the run before its claims and report (the
+    run's results are its files; stdout only tells about them)."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except BrokenPipeError:
+            self._to_null()
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            self._to_null()
+
+    def _to_null(self) -> None:
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, self._stream.fileno())
+        os.close(null)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._stream, name)
+
+
 if __name__ == "__main__":
     signal.signal(signal.SIGINT, _interrupted_at_start)
+    sys.stdout = _Stdout(sys.stdout)  # before Hydra's logging takes it
 
 import hydra  # noqa: E402
 from hydra.core.hydra_config import HydraConfig  # noqa: E402

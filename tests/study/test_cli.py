@@ -368,3 +368,16 @@ def test_ctrl_c_while_reporting_is_one_line_and_the_resume_finishes(tmp_path: Pa
     assert (run_dir / records.TRIALS).is_file() and not (run_dir / records.REPORT).exists()
     finished = study_cli(*args, expect=0)
     assert "0 trials trained" in finished.stdout and (run_dir / records.REPORT).is_file()
+
+
+def test_a_closed_stdout_does_not_end_the_run_before_its_report(tmp_path: Path) -> None:
+    """`python -m study ... | true`: the first line printed after the reader had gone read
+    "cannot write RUN_DIR: Broken pipe", exit 3, and the claims and report were never made."""
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "study", "+sweep=smoke", "train.epochs=1",
+                             "model.width=8", "progress=false", f"hydra.run.dir={run_dir}"],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # the reader is gone before the run prints anything
+    assert proc.wait(timeout=300) == 0, proc.stderr.read().decode()
+    assert proc.stderr.read() == b""
+    assert (run_dir / records.CLAIMS).is_file() and (run_dir / records.REPORT).is_file()
