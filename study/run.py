@@ -140,6 +140,9 @@ def execute(cfg: DictConfig, typed: StudyConfig, plan: SweepPlan, run_dir: Path,
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
     bar.close()
     if outcome.stopped:
+        with records.run_lock(run_dir):  # this invocation's trials and time are recorded
+            finish_env(run_dir, env, invocations, mine, outcome,
+                       round(time.perf_counter() - started, 3), stopped=True)
         print(f"stopped after {outcome.trained} trials; nothing is lost. "
               f"Finish with: {env['resume_command']}", file=sys.stderr)
         return 130
@@ -303,17 +306,24 @@ def write_results(study: optuna.Study, plan: SweepPlan, run_dir: Path,
 
 
 def finish_env(run_dir: Path, env: dict[str, Any], invocations: list[dict[str, Any]],
-               mine: dict[str, Any], outcome: SweepOutcome, wall_s: float) -> None:
+               mine: dict[str, Any], outcome: SweepOutcome, wall_s: float,
+               stopped: bool = False) -> None:
     """Append this invocation (`mine`, finish time, `wall_s`, trials trained) to the
     invocations env.json holds now (others may have finished meanwhile; `invocations` is
     what it held at the start) and write the final env.json: finish time, trials in the
-    plan, the invocations and their summed wall time. The caller holds
-    `records.run_lock(run_dir)`."""
+    plan, the invocations and their summed wall time; `stopped` (Ctrl-C, SIGTERM): the
+    invocation is recorded as such and the run's finish time left as it was. The caller
+    holds `records.run_lock(run_dir)`."""
     mine = {**mine, "finished": now_iso(), "wall_time_s": wall_s,
-            "trials_trained": outcome.trained}
-    invocations = [*records.read_env(run_dir).get("invocations", invocations), mine]
-    env.update(finished=now_iso(), trials_total=outcome.total, invocations=invocations,
+            "trials_trained": outcome.trained, **({"stopped": True} if stopped else {})}
+    now = records.read_env(run_dir)
+    invocations = [*now.get("invocations", invocations), mine]
+    env.update(trials_total=outcome.total, invocations=invocations,
                wall_time_s=round(sum(i["wall_time_s"] for i in invocations), 3))
+    # a stopped invocation finishes no run: the run's finish time stays what it was
+    env.update(finished=now.get("finished") if stopped else now_iso())
+    if env["finished"] is None:
+        env.pop("finished")
     records.write_env(run_dir, env)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import os
 import pickle
@@ -205,6 +206,12 @@ runpy.run_module("study", run_name="__main__", alter_sys=True)
     assert lines[-1].endswith(f"workers=2 hydra.run.dir={run_dir}")
     left = subprocess.run(["pgrep", "-f", str(run_dir)], capture_output=True, text=True)
     assert left.stdout.strip() == ""
+    # The stopped invocation is recorded (it was not: its trials and time went missing).
+    env = json.loads((run_dir / records.ENV).read_text())
+    stopped = int(lines[-1].split()[2])
+    assert [(i["stopped"], i["trials_trained"]) for i in env["invocations"]] == [
+        (True, stopped)]
+    assert "finished" not in env
 
 
 def test_a_worker_in_bad_state_exits_3_without_a_traceback(tmp_path: Path) -> None:
