@@ -64,8 +64,15 @@ class _Stdout:
         return getattr(self._stream, name)
 
 
+def _terminated(signum: int, frame: object) -> None:
+    # SIGTERM (kill, SLURM) outside training ends the command as Ctrl-C does: one line, the
+    # forked processes ended, a directory of nothing but logs removed.
+    raise KeyboardInterrupt
+
+
 if __name__ == "__main__":
     signal.signal(signal.SIGINT, _interrupted_at_start)
+    signal.signal(signal.SIGTERM, _interrupted_at_start)
     sys.stdout = _Stdout(sys.stdout)  # before Hydra's logging takes it
 
 import hydra  # noqa: E402
@@ -85,6 +92,7 @@ register()
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     signal.signal(signal.SIGINT, signal.default_int_handler)  # from here: `_interrupted`
+    signal.signal(signal.SIGTERM, _terminated)
     cli.release_stderr()
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)

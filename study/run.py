@@ -123,6 +123,7 @@ def execute(cfg: DictConfig, typed: StudyConfig, plan: SweepPlan, run_dir: Path,
              note)
 
     bar = ProgressBar(typed.progress, runs_planned(plan), plan.name or "trial")
+    outside = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
     stop = StopRequest().install()
     if analyst is not None:  # the start-up is done: a starved analyst is renewed now
         analyst.keep_up()
@@ -135,9 +136,9 @@ def execute(cfg: DictConfig, typed: StudyConfig, plan: SweepPlan, run_dir: Path,
         bar.close()
         print(f"\ninterrupted. Finish with: {env['resume_command']}", file=sys.stderr)
         return 130
-    finally:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    finally:  # outside training, the command's own handlers (Ctrl-C ends it at once)
+        for signum, handler in outside.items():
+            signal.signal(signum, handler)
     bar.close()
     if outcome.stopped:
         with records.run_lock(run_dir):  # this invocation's trials and time are recorded

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import optuna
@@ -298,7 +300,8 @@ def test_a_user_config_directory_with_a_group_axis_sweep_runs_both_documented_wa
 
 
 # ------------------------------------------------------------------------------- Ctrl-C
-def _interrupted_study(tmp_path: Path, when: str, *args: str) -> subprocess.CompletedProcess:
+def _interrupted_study(tmp_path: Path, when: str, *args: str,
+                       signum: int = signal.SIGINT) -> subprocess.CompletedProcess:
     """`python -m study ARGS` in a subprocess that sends itself SIGINT (Ctrl-C) at `when`:
     "start-up" as its entry point imports Hydra, "stored" as it writes .hydra/ (its study
     stored, env.json not yet), "report" as the run hands its results to the claims and the
@@ -307,7 +310,7 @@ def _interrupted_study(tmp_path: Path, when: str, *args: str) -> subprocess.Comp
 import builtins, os, runpy, signal, sys
 sys.argv = ["study", *{list(args)!r}]
 def ctrl_c():
-    os.kill(os.getpid(), signal.SIGINT)
+    os.kill(os.getpid(), {int(signum)})
 if {when!r} == "start-up":
     real = builtins.__import__
     def importing(name, *rest, **kwargs):
@@ -330,9 +333,13 @@ runpy.run_module("study", run_name="__main__", alter_sys=True)
                           capture_output=True, timeout=600)
 
 
-def test_ctrl_c_while_starting_is_one_line_and_leaves_nothing(tmp_path: Path) -> None:
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_while_starting_is_one_line_and_leaves_nothing(tmp_path: Path,
+                                                              signum: int) -> None:
+    """SIGTERM (kill, SLURM) too: it ended with 143, no line, and a directory of logs."""
     run_dir = tmp_path / "run"
-    done = _interrupted_study(tmp_path, "start-up", *TINY, f"hydra.run.dir={run_dir}")
+    done = _interrupted_study(tmp_path, "start-up", *TINY, f"hydra.run.dir={run_dir}",
+                              signum=signum)
     assert done.returncode == 130
     assert done.stderr.strip().splitlines() == [
         "interrupted before the run started; nothing was stored"]
@@ -355,17 +362,23 @@ def test_ctrl_c_once_the_study_is_stored_says_how_to_start_it(tmp_path: Path,
     assert "16 trials trained, 0 already done" in again.stdout
 
 
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_ctrl_c_while_reporting_is_one_line_and_the_resume_finishes(tmp_path: Path,
-                                                                    study_cli) -> None:
+                                                                    study_cli,
+                                                                    signum: int) -> None:
+    """SIGTERM too: it ended with 143 and no line, and the forked analyst wrote the
+    claims and report after the command had ended."""
     run_dir = tmp_path / "run"
     args = (*TINY[:-2], f"hydra.run.dir={run_dir}")
-    done = _interrupted_study(tmp_path, "report", *args)
+    done = _interrupted_study(tmp_path, "report", *args, signum=signum)
     assert done.returncode == 130, done.stderr
     resume = f"python -m study {' '.join(args)}"
     assert done.stderr.strip().splitlines()[-1] == (
         f"interrupted; nothing stored is lost. Finish with: {resume}")
     assert "Traceback" not in done.stderr
     assert (run_dir / records.TRIALS).is_file() and not (run_dir / records.REPORT).exists()
+    time.sleep(2)  # nothing left running writes it later
+    assert not (run_dir / records.REPORT).exists() and not (run_dir / records.CLAIMS).exists()
     finished = study_cli(*args, expect=0)
     assert "0 trials trained" in finished.stdout and (run_dir / records.REPORT).is_file()
 
