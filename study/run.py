@@ -104,7 +104,9 @@ def execute(cfg: DictConfig, typed: StudyConfig, plan: SweepPlan, run_dir: Path,
     try:  # from here on the study may be stored, before env.json says how to go on
         study = open_study(run_dir, url, study_name, typed.objective.direction,
                            typed.storage.retries, results=records.held_results(run_dir))
-        check_same_config(study, {**resumable_config(config), **data_digests(plan)})
+        with records.run_lock(run_dir):  # read and record the config as one step: of two
+            # commands started into a new directory at once, the second sees the first's
+            check_same_config(study, {**resumable_config(config), **data_digests(plan)})
         save_hydra_files(cfg, run_dir, overrides, hydra_cfg)
         env, invocations, mine = start_env(run_dir, overrides, device, engine.name, url,
                                            typed.workers, study_name, sources)

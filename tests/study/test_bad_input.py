@@ -620,3 +620,33 @@ def test_a_read_only_run_directory_is_refused_in_one_line(
         assert snapshot(disk) == before
     finally:
         subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+@SLOW
+def test_two_configs_started_into_one_directory_at_once_do_not_both_train(
+        tmp_path: Path) -> None:
+    """The stored config was read, then written: two commands that both read before either
+    wrote both trained into one study (reproduced with the write delayed, as here)."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    script = """
+import runpy, sys, time, optuna
+write = optuna.Study.set_user_attr
+def slowly(self, key, value):
+    if key == "config":
+        time.sleep(3)  # the window between reading the stored config and writing it
+    return write(self, key, value)
+optuna.Study.set_user_attr = slowly
+sys.argv = ["study", *sys.argv[1:]]
+runpy.run_module("study", run_name="__main__", alter_sys=True)
+"""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    others = [a for a in TINY if not a.startswith("train.epochs=")]
+    procs = [subprocess.Popen([sys.executable, "-c", script, *others, f"train.epochs={epochs}",
+                               f"hydra.run.dir={run_dir}"], cwd=ROOT, env=env, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+             for epochs in (1, 2)]
+    codes = sorted(p.wait(timeout=300) for p in procs)
+    errors = "".join(p.stderr.read() for p in procs)
+    assert codes == [0, 2], errors
+    assert "was started with a different config; differing keys: train.epochs" in errors
