@@ -283,8 +283,8 @@ def run_with_workers(job: WorkerJob, workers: int, study: optuna.Study, stop: St
     done_before, reclaimed = queue.prepare(study, job.plan,
                                            plan_chunks(job.plan, device, engine), job.leases)
     bar(done_before, total)
-    codes = run_workers(job, workers, stop,
-                        poll=lambda: bar(queue.done_points(study, job.plan), total))
+    codes, trained = run_workers(job, workers, stop,
+                                 poll=lambda: bar(queue.done_points(study, job.plan), total))
     crashed = [i for i, c in enumerate(codes) if c not in (0, 130)]
     if crashed:
         log.warning("workers %s exited with codes %s; their trials are re-run",
@@ -294,8 +294,7 @@ def run_with_workers(job: WorkerJob, workers: int, study: optuna.Study, stop: St
         last = run_sweep(job.plan, study, engine, device, job.run_dir, job.objective,
                          on_progress=bar, direction=job.direction, leases=job.leases,
                          stop=lambda: stop.requested, dashboard=job.dashboard)
-    done = queue.done_points(study, job.plan)
-    return SweepOutcome(total, done - done_before, done_before,
+    return SweepOutcome(total, trained + last.trained, done_before,
                         time.perf_counter() - started, reclaimed + last.reclaimed, last.stopped)
 
 

@@ -81,19 +81,20 @@ class WorkerJob:
 
 
 def _worker_entry(jobs: Connection, index: int) -> None:
-    """Entry point of a spawned worker: its job arrives over `jobs` (see `run_workers`);
-    none (the parent was stopped or died first) is nothing to do."""
+    """Entry point of a spawned worker: its job arrives over `jobs` (see `run_workers`),
+    which then carries back how many trials it trained; no job (the parent was stopped or
+    died first) is nothing to do."""
     try:
         job = jobs.recv()
     except (EOFError, OSError):  # all or part of it: the parent was stopped meanwhile
-        return
-    finally:
         jobs.close()
-    worker_main(job, index)
+        return
+    worker_main(job, index, jobs)
 
 
-def worker_main(job: WorkerJob, index: int) -> None:
-    """Entry point of worker process `index`: take and train until the queue is empty."""
+def worker_main(job: WorkerJob, index: int, report: Connection | None = None) -> None:
+    """Entry point of worker process `index`: take and train until the queue is empty;
+    send the number of trials it trained over `report`, where given."""
     heap.hold()  # until the imports are done (study.heap)
     from study.config import resolve_device
     from study.engine import make_engine
@@ -119,6 +120,9 @@ def worker_main(job: WorkerJob, index: int) -> None:
         # it held is reclaimed and re-run (`study.lease`).
         log.error("%s", mask_url(f"{type(err).__name__}: {err}"))
         sys.exit(3)
+    if report is not None:
+        with contextlib.suppress(OSError):  # a parent gone meanwhile reads nothing
+            report.send(outcome.trained)
     sys.exit(130 if outcome.stopped else 0)
 
 
@@ -167,8 +171,11 @@ def _environment(extra: dict[str, str]) -> Iterator[None]:
 
 
 def run_workers(job: WorkerJob, workers: int, stop: StopRequest,
-                poll: Callable[[], None] = lambda: None, poll_s: float = 1.0) -> list[int]:
-    """Start `workers` processes on `job`, wait for all, return their exit codes.
+                poll: Callable[[], None] = lambda: None, poll_s: float = 1.0
+                ) -> tuple[list[int], int]:
+    """Start `workers` processes on `job`, wait for all, return their exit codes and how
+    many trials they trained (each sends its count as it ends: the storage's count of
+    trials done would include other invocations' on the same study).
 
     `poll()` runs every `poll_s` seconds while they work (progress). A stop request is
     forwarded (SIGTERM: stop after the current population; a second Ctrl-C: SIGKILL).
@@ -177,7 +184,7 @@ def run_workers(job: WorkerJob, workers: int, stop: StopRequest,
     gpus = visible_gpus(job.device)
     processes, senders = [], []
     for index in range(workers):
-        receive, send = context.Pipe(duplex=False)
+        send, receive = context.Pipe()  # the job goes out, the worker's count comes back
         with _environment(worker_environment(job.threads, index, gpus)), _sigint_ignored():
             process = context.Process(target=_worker_entry, args=(receive, index),
                                       name=f"study-worker-{index}")
@@ -194,7 +201,6 @@ def run_workers(job: WorkerJob, workers: int, stop: StopRequest,
         for send in senders:
             with contextlib.suppress(OSError):  # a worker already dead: its exit code tells
                 send.send(job)
-            send.close()
         while any(p.is_alive() for p in processes):
             _wait_any(processes, poll_s)
             if stop.count > forwarded:
@@ -211,7 +217,13 @@ def run_workers(job: WorkerJob, workers: int, stop: StopRequest,
     finally:
         for p in processes:
             p.join()
-    return [p.exitcode for p in processes]
+        trained = 0
+        for send in senders:
+            with contextlib.suppress(EOFError, OSError):  # a worker that died sent nothing
+                if send.poll():
+                    trained += send.recv()
+            send.close()
+    return [p.exitcode for p in processes], trained
 
 
 @contextlib.contextmanager

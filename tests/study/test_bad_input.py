@@ -124,11 +124,15 @@ def test_two_runs_started_at_once_get_two_directories(tmp_path: Path) -> None:
 
 
 @SLOW
+@pytest.mark.parametrize("workers", [1, pytest.param(2, marks=SLOW)])
 def test_invocations_sharing_a_run_directory_on_purpose_are_all_recorded(
-        tmp_path: Path) -> None:
+        tmp_path: Path, workers: int) -> None:
+    """Each invocation counts what it trained (with workers it counted the storage's new
+    trials, the other invocation's too: [704, 936] for a sweep of 936)."""
     run_dir = tmp_path / "shared"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    procs = [subprocess.Popen([sys.executable, "-m", "study", *TINY, f"hydra.run.dir={run_dir}"],
+    procs = [subprocess.Popen([sys.executable, "-m", "study", *TINY, f"workers={workers}",
+                               f"hydra.run.dir={run_dir}"],
                               cwd=ROOT, env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for _ in range(2)]
     for proc in procs:
