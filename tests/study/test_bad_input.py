@@ -124,7 +124,7 @@ def test_two_runs_started_at_once_get_two_directories(tmp_path: Path) -> None:
 
 
 @SLOW
-@pytest.mark.parametrize("workers", [1, pytest.param(2, marks=SLOW)])
+@pytest.mark.parametrize("workers", [1, 2])
 def test_invocations_sharing_a_run_directory_on_purpose_are_all_recorded(
         tmp_path: Path, workers: int) -> None:
     """Each invocation counts what it trained (with workers it counted the storage's new
