@@ -498,8 +498,8 @@ def test_a_resume_on_a_changed_table_file_is_refused_and_nothing_changes(
     assert snapshot(run_dir) == before
 
 
-@pytest.mark.parametrize("where", ["--config-dir", pytest.param("hydra.searchpath",
-                                                                marks=SLOW)])
+@SLOW
+@pytest.mark.parametrize("where", ["--config-dir", "hydra.searchpath"])
 def test_the_resume_command_finds_a_sweep_of_ones_own(tmp_path: Path, study_cli,
                                                       where: str) -> None:
     """The recorded and printed resume command dropped --config-dir and hydra.searchpath:

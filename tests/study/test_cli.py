@@ -362,7 +362,8 @@ def test_ctrl_c_once_the_study_is_stored_says_how_to_start_it(tmp_path: Path,
     assert "16 trials trained, 0 already done" in again.stdout
 
 
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+@pytest.mark.parametrize("signum", [signal.SIGINT,
+                                    pytest.param(signal.SIGTERM, marks=pytest.mark.slow)])
 def test_ctrl_c_while_reporting_is_one_line_and_the_resume_finishes(tmp_path: Path,
                                                                     study_cli,
                                                                     signum: int) -> None:
@@ -383,6 +384,7 @@ def test_ctrl_c_while_reporting_is_one_line_and_the_resume_finishes(tmp_path: Pa
     assert "0 trials trained" in finished.stdout and (run_dir / records.REPORT).is_file()
 
 
+@pytest.mark.slow  # a whole run with its report
 def test_a_closed_stdout_does_not_end_the_run_before_its_report(tmp_path: Path) -> None:
     """`python -m study ... | true`: the first line printed after the reader had gone read
     "cannot write RUN_DIR: Broken pipe", exit 3, and the claims and report were never made."""

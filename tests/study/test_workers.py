@@ -214,6 +214,7 @@ runpy.run_module("study", run_name="__main__", alter_sys=True)
     assert "finished" not in env
 
 
+@pytest.mark.slow  # a worker process's imports
 def test_a_worker_in_bad_state_exits_3_without_a_traceback(tmp_path: Path) -> None:
     """A worker that cannot write its storage (a full disk, here a run directory that is a
     file) printed multiprocessing's traceback before the parent's one line."""
