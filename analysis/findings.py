@@ -216,9 +216,8 @@ def _no_progress_inside(curves: pd.DataFrame, low: float, high: float, n: int) -
     counts = stalled.groupby("lr", sort=True).size()
     if counts.empty:
         return ""
-    of = f" of {n} groups" if n > 1 else ""
     return "; inside it some seeds made no progress at " + ", ".join(
-        f"lr {v:.3g} ({k}{of})" if n > 1 else f"lr {v:.3g}" for v, k in counts.items())
+        f"lr {v:.3g}" + (f" ({k} of {n} groups)" if n > 1 else "") for v, k in counts.items())
 
 
 def _groups_stable_at(curves: pd.DataFrame, ranges: pd.DataFrame,

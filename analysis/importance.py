@@ -140,9 +140,10 @@ def axis_importance(trials: pd.DataFrame, axes: Sequence[str],
     """
     values = outcomes(trials)
     codes = {a: pd.factorize(trials[a].astype(str))[0] for a in axes}
+    # A configuration: its axes' values and, in a search, its exact searched values (one
+    # proposal); a searched key's level is its quarter.
+    identity = [*codes.values(), *(pd.factorize(trials[k].astype(str))[0] for k in searched)]
     codes.update({k: quarters(trials[k]) for k in searched})
-    configuration = [*codes, *(f"= {k}" for k in searched)]  # a search: its exact values
-    exact = {f"= {k}": pd.factorize(trials[k].astype(str))[0] for k in searched}
     seeds = (trials[SEED].astype(str) if SEED in trials.columns
              else pd.Series("0", index=trials.index))
     rows = []
@@ -155,9 +156,9 @@ def axis_importance(trials: pd.DataFrame, axes: Sequence[str],
         y = y_all[keep]
         levels = {a: pd.factorize(code[keep])[0] for a, code in codes.items()}
         # A cell: one configuration, numbered in order of first appearance
-        cell = (pd.DataFrame({**levels, **{k: c[keep] for k, c in exact.items()}})
-                .groupby(configuration, sort=False).ngroup().to_numpy()
-                if configuration else np.zeros(len(y), dtype=int))
+        cell = (pd.DataFrame([c[keep] for c in identity]).T
+                .groupby(list(range(len(identity))), sort=False).ngroup().to_numpy()
+                if identity else np.zeros(len(y), dtype=int))
         seed_idx = np.searchsorted(unique_seeds, seeds[keep].to_numpy())
         point = variance_shares(y, levels, cell, seed_idx, np.ones((1, len(unique_seeds))))
         low = high = np.full(len(point), np.nan)

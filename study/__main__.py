@@ -104,7 +104,7 @@ def main(cfg: DictConfig) -> None:
     _mask_logs()
     with contextlib.suppress(Exception):  # an unresolvable value: validate() names it
         storage.register_url(OmegaConf.select(cfg, "storage.url", default=None))
-    compose = functools.partial(_compose, search_path=_search_path(hc.overrides.hydra))
+    compose = functools.partial(_compose, search_path=cli.search_path_overrides(hc.overrides.hydra))
     # Forked before torch is imported: they import the analysis libraries and compose the
     # grid's configurations meanwhile.
     analyst = Analyst.start() if _analyses(cfg) else None
@@ -144,7 +144,7 @@ def main(cfg: DictConfig) -> None:
         # Ctrl-C outside training (which stops between populations on its own): before the
         # run was stored, as it was stored (the error says how to start it), or while its
         # claims and report were made.
-        print(str(err) or _interrupted(run_dir), file=sys.stderr)
+        print(storage.mask_url(str(err)) or _interrupted(run_dir), file=sys.stderr)
         if fresh:
             _remove_if_only_logs(run_dir)
         end(130)
@@ -245,14 +245,6 @@ def _exit_multirun(status: int) -> NoReturn:
     exception as the job's failure (submitit pickles it for the submitting process), while
     SystemExit escapes it, and submitit is then left to ask SLURM's accounting."""
     raise JobFailed(status) from None  # not chained to the error its stderr line named
-
-
-def _search_path(hydra_overrides: Sequence[str]) -> list[str]:
-    """The command line's `hydra.searchpath` overrides: a recomposition must see the user's
-    config directories too (`--config-dir` is in Hydra's global state already; a search
-    path given as an override is not)."""
-    return [o for o in hydra_overrides
-            if o.lstrip("+~").partition("=")[0] == "hydra.searchpath"]
 
 
 def _compose(extra: Sequence[str], search_path: Sequence[str] = ()) -> DictConfig:

@@ -53,6 +53,14 @@ def hide_url_arguments(argv: list[str]) -> None:
         argv[i] = f"{match.group(1)}${{oc.env:{URL_VARIABLE}}}"
 
 
+def search_path_overrides(hydra_overrides: Sequence[str]) -> list[str]:
+    """The `hydra.searchpath` overrides among Hydra's own: where a recomposition and a
+    resume command must find the user's config directories too (`--config-dir` is in
+    Hydra's global state and its runtime config sources; an override is not)."""
+    return [o for o in hydra_overrides
+            if o.lstrip("+~").partition("=")[0] == "hydra.searchpath"]
+
+
 def _config_dirs(argv: Sequence[str]) -> list[Path]:
     """conf/ and the directories of `--config-dir DIR` / `-cd DIR` arguments and of
     `hydra.searchpath=[file://DIR,...]` (its `pkg://` entries are packages: left to Hydra)."""

@@ -87,9 +87,10 @@ def config_sources(hydra_cfg: Any) -> list[str]:
     runtime = getattr(hydra_cfg, "runtime", None)
     dirs = [f"--config-dir={source.path}" for source in getattr(runtime, "config_sources", ())
             if source.provider == "command-line"]
-    overrides = getattr(getattr(hydra_cfg, "overrides", None), "hydra", ())
-    return [*dirs, *(o for o in overrides
-                     if o.lstrip("+~").partition("=")[0] == "hydra.searchpath")]
+    from study.cli import search_path_overrides
+
+    return [*dirs, *search_path_overrides(
+        getattr(getattr(hydra_cfg, "overrides", None), "hydra", ()))]
 
 
 def describe_environment(overrides: list[str], run_dir: Path, device: torch.device,

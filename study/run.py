@@ -323,9 +323,9 @@ def finish_env(run_dir: Path, env: dict[str, Any], invocations: list[dict[str, A
     env.update(trials_total=outcome.total, invocations=invocations,
                wall_time_s=round(sum(i["wall_time_s"] for i in invocations), 3))
     # a stopped invocation finishes no run: the run's finish time stays what it was
-    env.update(finished=now.get("finished") if stopped else now_iso())
-    if env["finished"] is None:
-        env.pop("finished")
+    finished = now.get("finished") if stopped else now_iso()
+    if finished is not None:
+        env["finished"] = finished
     records.write_env(run_dir, env)
 
 
